@@ -1,0 +1,596 @@
+//! The manifest language: one file per service, one directive per line.
+//!
+//! [`parse`] turns the bytes of a `<service>.manifest` file into a typed
+//! [`Manifest`] with every default filled in, or into the list of all its
+//! [`Diagnostic`]s (line, column, message). [`Manifest::canonical`] renders a
+//! manifest back as text that parses to the same value, and
+//! [`Manifest::version`] is a short hash of that canonical text: comments,
+//! blank lines, spacing and the order of `env` lines do not change it, any
+//! change of meaning does.
+//!
+//! The canonical text leaves out every directive that holds its default, so a
+//! directive added to the language later (with a default) does not change the
+//! version of manifests that do not use it.
+
+mod parse;
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use crate::name::ServiceName;
+
+pub use parse::parse;
+
+/// Largest accepted `replicas`.
+pub const MAX_REPLICAS: u32 = 1000;
+/// Longest accepted line, in bytes.
+pub const MAX_LINE: usize = 4096;
+/// Largest accepted manifest file, in bytes.
+pub const MAX_SIZE: usize = 1 << 20;
+/// Longest accepted duration.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// Largest accepted `health_retries`.
+pub const MAX_RETRIES: u32 = 100;
+/// Shortest accepted `health_interval`: a shorter one would be a busy loop.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A service's manifest with every default resolved.
+///
+/// Two manifests are equal exactly when they mean the same thing, and then
+/// they have the same [`version`](Manifest::version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Command line each instance runs through `/bin/sh -c`.
+    pub exec: String,
+    /// Working directory, relative to the manifest's folder; `None` is the folder itself.
+    pub dir: Option<String>,
+    /// Extra environment, sorted by key; keys are unique.
+    pub env: Vec<(String, String)>,
+    /// Number of instances.
+    pub replicas: u32,
+    /// Public TCP port deployd serves and routes to healthy instances.
+    pub port: Option<u16>,
+    /// How deployd forwards traffic on `port`.
+    pub proxy: Proxy,
+    /// Readiness and health probe.
+    pub health: Health,
+    /// Time between probes.
+    pub health_interval: Duration,
+    /// Limit of one probe.
+    pub health_timeout: Duration,
+    /// Consecutive failed probes that make a healthy instance unhealthy.
+    pub health_retries: u32,
+    /// After start, failed probes don't count for this long.
+    pub health_grace: Duration,
+    /// A new instance must be ready within this, or the rollout fails.
+    pub health_deadline: Duration,
+    /// A new instance must stay healthy this long before it counts as ready.
+    pub min_healthy: Duration,
+    /// How a new version replaces the running one.
+    pub update: Strategy,
+    /// Instances replaced at a time.
+    pub update_batch: u32,
+    /// Wait between batches.
+    pub update_pause: Duration,
+    /// After a failed rollout, roll back to the previous version.
+    pub auto_rollback: bool,
+    /// What happens when an instance exits outside a rollout.
+    pub restart: RestartPolicy,
+    /// Signal that asks an instance to stop.
+    pub stop_signal: Signal,
+    /// Time between `stop_signal` and SIGKILL.
+    pub stop_timeout: Duration,
+    /// Time an instance routed out may finish its open requests before it is stopped.
+    pub drain: Duration,
+    /// How long a request waits for an instance when none is routed in.
+    pub queue_timeout: Duration,
+}
+
+/// The readiness and health probe of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// No probe: an instance that runs is healthy.
+    None,
+    /// A TCP connect to the instance's `$PORT`.
+    Tcp,
+    /// An HTTP GET of this path on the instance's `$PORT`; 2xx is healthy.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+    /// A command run through `/bin/sh -c`; exit status 0 is healthy.
+    Exec {
+        /// The command line.
+        command: String,
+    },
+}
+
+/// How a rollout replaces instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Start new instances first (surge), replace a batch at a time.
+    Rolling,
+    /// Stop every old instance, then start every new one.
+    Replace,
+}
+
+/// What happens when an instance exits between rollouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    /// Restart it, whatever its exit status.
+    Always,
+    /// Restart it if it exited with a non-zero status or was killed by a signal.
+    OnFailure,
+    /// Leave it exited.
+    Never,
+}
+
+/// How deployd forwards the traffic of a service's public port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proxy {
+    /// HTTP/1.1: each request goes to one routed-in instance.
+    Http,
+    /// TCP: each connection goes to one routed-in instance.
+    Tcp,
+}
+
+/// The signals a manifest may name as `stop_signal`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM
+    Term,
+    /// SIGINT
+    Int,
+    /// SIGQUIT
+    Quit,
+    /// SIGHUP
+    Hup,
+    /// SIGUSR1
+    Usr1,
+    /// SIGUSR2
+    Usr2,
+    /// SIGKILL
+    Kill,
+}
+
+impl Signal {
+    /// Every signal with its manifest spelling.
+    pub const ALL: [(Signal, &'static str); 7] = [
+        (Signal::Term, "TERM"),
+        (Signal::Int, "INT"),
+        (Signal::Quit, "QUIT"),
+        (Signal::Hup, "HUP"),
+        (Signal::Usr1, "USR1"),
+        (Signal::Usr2, "USR2"),
+        (Signal::Kill, "KILL"),
+    ];
+
+    /// The manifest spelling, e.g. `TERM`.
+    pub fn name(self) -> &'static str {
+        Signal::ALL
+            .iter()
+            .find(|(s, _)| *s == self)
+            .map_or("TERM", |(_, n)| n)
+    }
+
+    /// The Linux signal number.
+    pub fn number(self) -> i32 {
+        match self {
+            Signal::Hup => 1,
+            Signal::Int => 2,
+            Signal::Quit => 3,
+            Signal::Kill => 9,
+            Signal::Usr1 => 10,
+            Signal::Usr2 => 12,
+            Signal::Term => 15,
+        }
+    }
+}
+
+impl Strategy {
+    /// The manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Rolling => "rolling",
+            Strategy::Replace => "replace",
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
+impl Proxy {
+    /// The manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proxy::Http => "http",
+            Proxy::Tcp => "tcp",
+        }
+    }
+}
+
+impl Health {
+    /// The default probe: `tcp` when the service has a port, else `none`.
+    pub fn default_for(port: Option<u16>) -> Health {
+        if port.is_some() {
+            Health::Tcp
+        } else {
+            Health::None
+        }
+    }
+
+    /// Whether the probe connects to the instance's `$PORT`.
+    pub fn needs_port(&self) -> bool {
+        matches!(self, Health::Tcp | Health::Http { .. })
+    }
+}
+
+impl Proxy {
+    /// The default proxy mode: `http` when the probe is `health http`, else `tcp`.
+    pub fn default_for(health: &Health) -> Proxy {
+        match health {
+            Health::Http { .. } => Proxy::Http,
+            _ => Proxy::Tcp,
+        }
+    }
+}
+
+impl Manifest {
+    /// A manifest running `exec` with every other directive at its default.
+    pub fn new(exec: impl Into<String>) -> Manifest {
+        Manifest {
+            exec: exec.into(),
+            dir: None,
+            env: Vec::new(),
+            replicas: 1,
+            port: None,
+            proxy: Proxy::Tcp,
+            health: Health::None,
+            health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(1),
+            health_retries: 3,
+            health_grace: Duration::ZERO,
+            health_deadline: Duration::from_secs(30),
+            min_healthy: Duration::ZERO,
+            update: Strategy::Rolling,
+            update_batch: 1,
+            update_pause: Duration::ZERO,
+            auto_rollback: false,
+            restart: RestartPolicy::Always,
+            stop_signal: Signal::Term,
+            stop_timeout: Duration::from_secs(10),
+            drain: Duration::from_secs(5),
+            queue_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Whether instances get a `$PORT`: when the service has a public port or
+    /// a probe that connects to the instance.
+    pub fn needs_instance_port(&self) -> bool {
+        self.port.is_some() || self.health.needs_port()
+    }
+
+    /// Whether `other` runs the same processes, so that changing from one to
+    /// the other only adds or removes instances: they differ in `replicas` only.
+    pub fn same_but_replicas(&self, other: &Manifest) -> bool {
+        let mut o = other.clone();
+        o.replicas = self.replicas;
+        *self == o
+    }
+
+    /// The canonical text: one directive per line in a fixed order, defaults
+    /// left out, durations in their largest exact unit. It parses back to an
+    /// equal manifest.
+    pub fn canonical(&self) -> String {
+        use std::fmt::Write;
+        let d = Manifest::new(String::new());
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let mut line = |args: fmt::Arguments| {
+            let _ = out.write_fmt(args);
+            out.push('\n');
+        };
+        line(format_args!("exec {}", self.exec));
+        if let Some(dir) = &self.dir {
+            line(format_args!("dir {dir}"));
+        }
+        for (k, v) in &self.env {
+            line(format_args!("env {k}={v}"));
+        }
+        if self.replicas != d.replicas {
+            line(format_args!("replicas {}", self.replicas));
+        }
+        if let Some(port) = self.port {
+            line(format_args!("port {port}"));
+        }
+        if self.proxy != Proxy::default_for(&self.health) {
+            line(format_args!("proxy {}", self.proxy.name()));
+        }
+        if self.health != Health::default_for(self.port) {
+            match &self.health {
+                Health::None => line(format_args!("health none")),
+                Health::Tcp => line(format_args!("health tcp")),
+                Health::Http { path } => line(format_args!("health http {path}")),
+                Health::Exec { command } => line(format_args!("health exec {command}")),
+            }
+        }
+        let durations = [
+            ("health_interval", self.health_interval, d.health_interval),
+            ("health_timeout", self.health_timeout, d.health_timeout),
+        ];
+        for (name, v, default) in durations {
+            if v != default {
+                line(format_args!("{name} {}", format_duration(v)));
+            }
+        }
+        if self.health_retries != d.health_retries {
+            line(format_args!("health_retries {}", self.health_retries));
+        }
+        let durations = [
+            ("health_grace", self.health_grace, d.health_grace),
+            ("health_deadline", self.health_deadline, d.health_deadline),
+            ("min_healthy", self.min_healthy, d.min_healthy),
+        ];
+        for (name, v, default) in durations {
+            if v != default {
+                line(format_args!("{name} {}", format_duration(v)));
+            }
+        }
+        if self.update != d.update {
+            line(format_args!("update {}", self.update.name()));
+        }
+        if self.update_batch != d.update_batch {
+            line(format_args!("update_batch {}", self.update_batch));
+        }
+        if self.update_pause != d.update_pause {
+            line(format_args!(
+                "update_pause {}",
+                format_duration(self.update_pause)
+            ));
+        }
+        if self.auto_rollback != d.auto_rollback {
+            line(format_args!("auto_rollback on"));
+        }
+        if self.restart != d.restart {
+            line(format_args!("restart {}", self.restart.name()));
+        }
+        if self.stop_signal != d.stop_signal {
+            line(format_args!("stop_signal {}", self.stop_signal.name()));
+        }
+        let durations = [
+            ("stop_timeout", self.stop_timeout, d.stop_timeout),
+            ("drain", self.drain, d.drain),
+            ("queue_timeout", self.queue_timeout, d.queue_timeout),
+        ];
+        for (name, v, default) in durations {
+            if v != default {
+                line(format_args!("{name} {}", format_duration(v)));
+            }
+        }
+        out
+    }
+
+    /// The version: the first 12 hex digits of the SHA-256 of the canonical text.
+    pub fn version(&self) -> Version {
+        let digest = Sha256::digest(self.canonical().as_bytes());
+        let mut v = 0u64;
+        for b in &digest[..6] {
+            v = (v << 8) | u64::from(*b);
+        }
+        Version(v)
+    }
+}
+
+/// A manifest's version: 48 bits of the hash of its canonical text, written
+/// as 12 lowercase hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Version(u64);
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:012x}", self.0)
+    }
+}
+
+impl FromStr for Version {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Version, String> {
+        let ok = s.len() == 12 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        match u64::from_str_radix(s, 16) {
+            Ok(v) if ok => Ok(Version(v)),
+            _ => Err(format!("'{s}' is not a version (12 hex digits)")),
+        }
+    }
+}
+
+impl serde::Serialize for Version {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Version {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Version, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Formats a duration in its largest exact unit: `2m`, `10s`, `500ms`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".to_string()
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// One problem in a manifest, at a 1-based line and column (in characters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1, counted in characters.
+    pub col: usize,
+    /// What is wrong, and where it can be said, what would be right.
+    pub message: String,
+}
+
+impl Diagnostic {
+    /// The diagnostic as `file:line:col: message`.
+    pub fn display<'a>(&'a self, file: &'a str) -> impl fmt::Display + 'a {
+        struct D<'a>(&'a str, &'a Diagnostic);
+        impl fmt::Display for D<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(
+                    f,
+                    "{}:{}:{}: {}",
+                    self.0, self.1.line, self.1.col, self.1.message
+                )
+            }
+        }
+        D(file, self)
+    }
+}
+
+/// A manifest file read from disk and parsed.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The service, from the file's stem.
+    pub service: ServiceName,
+    /// The parsed manifest.
+    pub manifest: Manifest,
+    /// The file's text as written.
+    pub text: String,
+}
+
+/// Why a manifest file could not be loaded; `Display` gives one line per problem.
+#[derive(Debug, Clone)]
+pub enum LoadError {
+    /// The file could not be read.
+    Io {
+        /// The file as named.
+        file: String,
+        /// The OS error.
+        error: String,
+        /// Whether the file does not exist.
+        not_found: bool,
+    },
+    /// The file name is not `<service>.manifest` with a valid service name.
+    Name {
+        /// The file as named.
+        file: String,
+        /// Why.
+        error: String,
+    },
+    /// The text has errors.
+    Invalid {
+        /// The file as named.
+        file: String,
+        /// Every problem found.
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Io { file, error, .. } => write!(f, "{file}: {error}"),
+            LoadError::Name { file, error } => write!(f, "{file}: {error}"),
+            LoadError::Invalid { file, diagnostics } => {
+                for (i, d) in diagnostics.iter().enumerate() {
+                    if i > 0 {
+                        writeln!(f)?;
+                    }
+                    write!(f, "{}", d.display(file))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Reads and parses a `<service>.manifest` file. Errors name the file as given.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let file = path.display().to_string();
+    let service = service_of(path).map_err(|error| LoadError::Name {
+        file: file.clone(),
+        error,
+    })?;
+    let io = |e: std::io::Error| LoadError::Io {
+        file: file.clone(),
+        not_found: e.kind() == std::io::ErrorKind::NotFound,
+        error: e.to_string(),
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.is_dir() {
+        return Err(LoadError::Io {
+            file: file.clone(),
+            error: "is a directory".into(),
+            not_found: false,
+        });
+    }
+    if meta.len() > MAX_SIZE as u64 {
+        return Err(LoadError::Invalid {
+            file: file.clone(),
+            diagnostics: vec![too_large(meta.len() as usize)],
+        });
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    match parse(&bytes) {
+        Ok(manifest) => Ok(Loaded {
+            service,
+            manifest,
+            // parse accepted it, so it is UTF-8.
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        }),
+        Err(diagnostics) => Err(LoadError::Invalid {
+            file: file.clone(),
+            diagnostics,
+        }),
+    }
+}
+
+fn too_large(len: usize) -> Diagnostic {
+    Diagnostic {
+        line: 1,
+        col: 1,
+        message: format!("manifest is {len} bytes; the limit is {MAX_SIZE}"),
+    }
+}
+
+/// The service a manifest file describes: its stem, if the name is
+/// `<service>.manifest` and the service name is valid.
+pub fn service_of(path: &Path) -> Result<ServiceName, String> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| "file name must be SERVICE.manifest".to_string())?;
+    let stem = name
+        .strip_suffix(".manifest")
+        .ok_or_else(|| format!("file name '{name}' must end in .manifest"))?;
+    ServiceName::new(stem)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,614 @@
+//! The manifest parser: each line is parsed on its own with nom into a
+//! [`Directive`]; a second pass assembles the directives into a [`Manifest`],
+//! checking repetitions and the rules that involve two directives. Every
+//! problem of every line is collected, so one run of `deploy check` shows them
+//! all.
+//!
+//! Comments: a line whose first non-blank character is `#` is a comment. After
+//! a one-word value (`replicas 3  # three`) a `#` also starts a comment; the
+//! directives that take the rest of the line (`exec`, `health exec`, `env`,
+//! `dir`) take it as written, so a shell command keeps its own `#`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use nom::branch::alt;
+use nom::bytes::complete::{tag, take_till1};
+use nom::character::complete::{digit1, space0, space1};
+use nom::combinator::{all_consuming, opt};
+use nom::{IResult, Parser};
+
+use super::{
+    Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_REPLICAS, MAX_RETRIES, MAX_SIZE,
+    MIN_HEALTH_INTERVAL, Manifest, Proxy, RestartPolicy, Signal, Strategy, format_duration,
+};
+
+/// Every directive of the language, for suggestions and repetition checks.
+const DIRECTIVES: [&str; 22] = [
+    "exec",
+    "dir",
+    "env",
+    "replicas",
+    "port",
+    "proxy",
+    "health",
+    "health_interval",
+    "health_timeout",
+    "health_retries",
+    "health_grace",
+    "health_deadline",
+    "min_healthy",
+    "update",
+    "update_batch",
+    "update_pause",
+    "auto_rollback",
+    "restart",
+    "stop_signal",
+    "stop_timeout",
+    "drain",
+    "queue_timeout",
+];
+
+/// Environment variables deployd sets itself for every instance.
+const RESERVED_ENV: [&str; 4] = ["PORT", "SERVICE", "INSTANCE", "VERSION"];
+
+/// Parses a manifest. On error, returns every diagnostic found, in line order.
+pub fn parse(src: &[u8]) -> Result<Manifest, Vec<Diagnostic>> {
+    if src.len() > MAX_SIZE {
+        return Err(vec![super::too_large(src.len())]);
+    }
+    let mut b = Builder::default();
+    for (i, raw) in src.split(|&c| c == b'\n').enumerate() {
+        let lineno = i + 1;
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.len() > MAX_LINE {
+            b.error(
+                lineno,
+                1,
+                format!("line is {} bytes long; the limit is {MAX_LINE}", raw.len()),
+            );
+            continue;
+        }
+        let line = match std::str::from_utf8(raw) {
+            Ok(line) => line,
+            Err(e) => {
+                let valid = String::from_utf8_lossy(&raw[..e.valid_up_to()]);
+                b.error(lineno, valid.chars().count() + 1, "invalid UTF-8".into());
+                continue;
+            }
+        };
+        match parse_line(line) {
+            Ok(None) => {}
+            Ok(Some(parsed)) => b.add(lineno, parsed),
+            Err(err) => {
+                if err.directive == Some("exec") {
+                    b.exec_attempted = true;
+                }
+                b.error(lineno, err.col, err.message)
+            }
+        }
+    }
+    b.finish()
+}
+
+/// A directive as written on one line.
+#[derive(Debug)]
+enum Directive {
+    Exec(String),
+    Dir(String),
+    Env(String, String),
+    Replicas(u32),
+    Port(u16),
+    Proxy(Proxy),
+    Health(Health),
+    Duration(&'static str, Duration),
+    HealthRetries(u32),
+    Update(Strategy),
+    UpdateBatch(u32),
+    AutoRollback(bool),
+    Restart(RestartPolicy),
+    StopSignal(Signal),
+}
+
+/// A parsed line: the directive's canonical name, its column, the column of
+/// its value, and the value.
+struct Parsed {
+    name: &'static str,
+    col: usize,
+    value_col: usize,
+    directive: Directive,
+}
+
+/// An error on one line, before the line number is attached.
+struct LineError {
+    col: usize,
+    message: String,
+    /// The directive, when the line named a known one.
+    directive: Option<&'static str>,
+}
+
+/// The column (1-based, in characters) where `sub`, a slice of `line`, starts.
+fn col(line: &str, sub: &str) -> usize {
+    let offset = (sub.as_ptr() as usize).saturating_sub(line.as_ptr() as usize);
+    line.get(..offset).map_or(1, |p| p.chars().count() + 1)
+}
+
+fn is_blank(c: char) -> bool {
+    c == ' ' || c == '\t'
+}
+
+/// A run of non-blank characters.
+fn word(i: &str) -> IResult<&str, &str> {
+    take_till1(is_blank).parse(i)
+}
+
+/// Leading blanks, then a word.
+fn next_word(i: &str) -> IResult<&str, &str> {
+    let (i, _) = space0.parse(i)?;
+    word(i)
+}
+
+fn parse_line(line: &str) -> Result<Option<Parsed>, LineError> {
+    let Ok((rest, name)) = next_word(line) else {
+        return Ok(None); // blank line
+    };
+    if name.starts_with('#') {
+        return Ok(None);
+    }
+    let name_col = col(line, name);
+    let Some(canonical) = DIRECTIVES.iter().copied().find(|d| *d == name) else {
+        return Err(LineError {
+            col: name_col,
+            message: format!("unknown directive '{name}'{}", suggest(name, &DIRECTIVES)),
+            directive: None,
+        });
+    };
+    let value = Value::new(line, rest, canonical, name_col + name.chars().count());
+    let directive = parse_value(canonical, &value)?;
+    Ok(Some(Parsed {
+        name: canonical,
+        col: name_col,
+        value_col: value.col(),
+        directive,
+    }))
+}
+
+/// The part of a line after the directive's name.
+struct Value<'a> {
+    line: &'a str,
+    /// Everything after the name and its separating blanks.
+    text: &'a str,
+    name: &'static str,
+    /// Column just after the name, where a missing value is reported.
+    end_of_name: usize,
+}
+
+impl<'a> Value<'a> {
+    fn new(line: &'a str, rest: &'a str, name: &'static str, end_of_name: usize) -> Value<'a> {
+        let text = match space1::<&str, nom::error::Error<&str>>.parse(rest) {
+            Ok((text, _)) => text,
+            Err(_) => rest, // empty: the name ends the line
+        };
+        Value {
+            line,
+            text,
+            name,
+            end_of_name,
+        }
+    }
+
+    fn col(&self) -> usize {
+        if self.text.is_empty() {
+            self.end_of_name
+        } else {
+            col(self.line, self.text)
+        }
+    }
+
+    fn err(&self, at: &str, message: String) -> LineError {
+        LineError {
+            col: if at.is_empty() {
+                self.col()
+            } else {
+                col(self.line, at)
+            },
+            message,
+            directive: Some(self.name),
+        }
+    }
+
+    /// The rest of the line as written, without trailing blanks.
+    fn rest_of_line(&self, what: &str) -> Result<&'a str, LineError> {
+        let text = self.text.trim_end_matches(is_blank);
+        if text.is_empty() {
+            Err(self.err("", format!("{} needs {what}", self.name)))
+        } else {
+            Ok(text)
+        }
+    }
+
+    /// The only word of the value, which may be followed by a comment.
+    fn one_word(&self, what: &str) -> Result<&'a str, LineError> {
+        let Ok((after, w)) = word(self.text) else {
+            return Err(self.err("", format!("{} needs {what}", self.name)));
+        };
+        if w.starts_with('#') {
+            return Err(self.err(w, format!("{} needs {what}", self.name)));
+        }
+        self.end(after)?;
+        Ok(w)
+    }
+
+    /// Checks that nothing but blanks and a comment follow.
+    fn end(&self, after: &str) -> Result<(), LineError> {
+        match next_word(after) {
+            Ok((_, extra)) if !extra.starts_with('#') => Err(self.err(
+                extra,
+                format!("unexpected '{extra}' after the value of {}", self.name),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
+    Ok(match name {
+        "exec" => Directive::Exec(v.rest_of_line("a command line")?.to_string()),
+        "dir" => Directive::Dir(v.rest_of_line("a path")?.to_string()),
+        "env" => {
+            let text = v.rest_of_line("KEY=VALUE")?;
+            let Some((key, value)) = text.split_once('=') else {
+                return Err(v.err(text, format!("env needs KEY=VALUE, got '{text}'")));
+            };
+            check_env_key(key).map_err(|m| v.err(text, m))?;
+            Directive::Env(key.to_string(), value.to_string())
+        }
+        "replicas" => Directive::Replicas(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
+        "port" => Directive::Port(number(v, 1, 65535)? as u16),
+        "health_retries" => Directive::HealthRetries(number(v, 1, u64::from(MAX_RETRIES))? as u32),
+        "update_batch" => Directive::UpdateBatch(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
+        "proxy" => Directive::Proxy(choice(v, &[("http", Proxy::Http), ("tcp", Proxy::Tcp)])?),
+        "update" => Directive::Update(choice(
+            v,
+            &[
+                ("rolling", Strategy::Rolling),
+                ("replace", Strategy::Replace),
+            ],
+        )?),
+        "auto_rollback" => Directive::AutoRollback(choice(v, &[("on", true), ("off", false)])?),
+        "restart" => Directive::Restart(choice(
+            v,
+            &[
+                ("always", RestartPolicy::Always),
+                ("on-failure", RestartPolicy::OnFailure),
+                ("never", RestartPolicy::Never),
+            ],
+        )?),
+        "stop_signal" => Directive::StopSignal(signal(v)?),
+        "health" => Directive::Health(health(v)?),
+        _ => Directive::Duration(name, duration(v)?),
+    })
+}
+
+fn check_env_key(key: &str) -> Result<(), String> {
+    let valid = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid {
+        return Err(format!(
+            "env key '{key}' must be letters, digits and '_', not starting with a digit"
+        ));
+    }
+    if RESERVED_ENV.contains(&key) {
+        return Err(format!("env {key} is set by deployd for each instance"));
+    }
+    Ok(())
+}
+
+fn number(v: &Value, min: u64, max: u64) -> Result<u64, LineError> {
+    let w = v.one_word("a number")?;
+    let digits: IResult<&str, &str> = all_consuming(digit1).parse(w);
+    if digits.is_err() {
+        return Err(v.err(w, format!("{} needs a number, got '{w}'", v.name)));
+    }
+    match w.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(v.err(
+            w,
+            format!("{} must be between {min} and {max}, got {w}", v.name),
+        )),
+    }
+}
+
+fn duration_word(i: &str) -> IResult<&str, (&str, Option<&str>)> {
+    all_consuming((digit1, opt(alt((tag("ms"), tag("s"), tag("m"), tag("h")))))).parse(i)
+}
+
+fn duration(v: &Value) -> Result<Duration, LineError> {
+    const WHAT: &str = "a duration like 10, 10s, 500ms or 2m";
+    let w = v.one_word(WHAT)?;
+    let Ok((_, (digits, unit))) = duration_word(w) else {
+        return Err(v.err(w, format!("{} needs {WHAT}, got '{w}'", v.name)));
+    };
+    let ms_per_unit: u64 = match unit {
+        Some("ms") => 1,
+        Some("m") => 60_000,
+        Some("h") => 3_600_000,
+        _ => 1000,
+    };
+    let ms = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(ms_per_unit));
+    match ms {
+        Some(ms) if ms <= MAX_DURATION.as_millis() as u64 => Ok(Duration::from_millis(ms)),
+        _ => Err(v.err(
+            w,
+            format!(
+                "{} must be at most {}, got {w}",
+                v.name,
+                format_duration(MAX_DURATION)
+            ),
+        )),
+    }
+}
+
+fn choice<T: Copy>(v: &Value, options: &[(&'static str, T)]) -> Result<T, LineError> {
+    let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+    let expected = one_of(&names);
+    let w = v.one_word(&expected)?;
+    match options.iter().find(|(n, _)| *n == w) {
+        Some((_, t)) => Ok(*t),
+        None => Err(v.err(
+            w,
+            format!(
+                "{} must be {expected}, got '{w}'{}",
+                v.name,
+                suggest(w, &names)
+            ),
+        )),
+    }
+}
+
+fn signal(v: &Value) -> Result<Signal, LineError> {
+    let names: Vec<&str> = Signal::ALL.iter().map(|(_, n)| *n).collect();
+    let expected = one_of(&names);
+    let w = v.one_word(&expected)?;
+    let bare = w.strip_prefix("SIG").unwrap_or(w);
+    match Signal::ALL.iter().find(|(_, n)| *n == bare) {
+        Some((s, _)) => Ok(*s),
+        None => Err(v.err(
+            w,
+            format!(
+                "unknown stop_signal '{w}'{}; expected {expected}",
+                suggest(bare, &names)
+            ),
+        )),
+    }
+}
+
+fn health(v: &Value) -> Result<Health, LineError> {
+    const WHAT: &str = "one of: http PATH, tcp, exec CMDLINE, none";
+    let Ok((after, kind)) = word(v.text) else {
+        return Err(v.err("", format!("health needs {WHAT}")));
+    };
+    match kind {
+        "none" | "tcp" => {
+            v.end(after)?;
+            Ok(if kind == "none" {
+                Health::None
+            } else {
+                Health::Tcp
+            })
+        }
+        "http" => {
+            let Ok((after_path, path)) = next_word(after) else {
+                return Err(v.err(
+                    "",
+                    "health http needs a path, e.g. health http /healthz".into(),
+                ));
+            };
+            if !path.starts_with('/') {
+                return Err(v.err(
+                    path,
+                    format!("health http path must start with '/', got '{path}'"),
+                ));
+            }
+            v.end(after_path)?;
+            Ok(Health::Http {
+                path: path.to_string(),
+            })
+        }
+        "exec" => {
+            let command = after.trim_matches(is_blank);
+            if command.is_empty() {
+                return Err(v.err(kind, "health exec needs a command line".into()));
+            }
+            Ok(Health::Exec {
+                command: command.to_string(),
+            })
+        }
+        other => Err(v.err(
+            other,
+            format!(
+                "unknown health check '{other}'{}; expected {WHAT}",
+                suggest(other, &["http", "tcp", "exec", "none"])
+            ),
+        )),
+    }
+}
+
+/// "'a', 'b' or 'c'"
+fn one_of(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => format!("'{one}'"),
+        [init @ .., last] => {
+            let init: Vec<String> = init.iter().map(|n| format!("'{n}'")).collect();
+            format!("{} or '{last}'", init.join(", "))
+        }
+    }
+}
+
+/// " (did you mean 'x'?)" when a known word is close to `word`.
+fn suggest(word: &str, known: &[&str]) -> String {
+    let lower = word.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| {
+            (
+                strsim::damerau_levenshtein(&lower, &k.to_ascii_lowercase()),
+                *k,
+            )
+        })
+        .filter(|(d, k)| *d <= (k.len() / 3).max(1) || (*d == 0))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| format!(" (did you mean '{k}'?)"))
+        .unwrap_or_default()
+}
+
+/// Assembles directives into a manifest and checks the rules across lines.
+#[derive(Default)]
+struct Builder {
+    exec: Option<String>,
+    /// An exec line was there but had an error of its own.
+    exec_attempted: bool,
+    m: Option<Manifest>,
+    /// First line and value column of each directive seen (env: of each key).
+    seen: HashMap<String, (usize, usize)>,
+    health: Option<Health>,
+    proxy: Option<Proxy>,
+    errors: Vec<Diagnostic>,
+}
+
+impl Builder {
+    fn error(&mut self, line: usize, col: usize, message: String) {
+        self.errors.push(Diagnostic { line, col, message });
+    }
+
+    fn manifest(&mut self) -> &mut Manifest {
+        self.m.get_or_insert_with(|| Manifest::new(String::new()))
+    }
+
+    fn add(&mut self, line: usize, p: Parsed) {
+        let key = match &p.directive {
+            Directive::Env(k, _) => format!("env {k}"),
+            _ => p.name.to_string(),
+        };
+        if let Some((first, _)) = self.seen.get(&key) {
+            let message = format!("{key} given twice (first on line {first})");
+            self.error(line, p.col, message);
+            return;
+        }
+        self.seen.insert(key, (line, p.value_col));
+        let m = self.manifest();
+        match p.directive {
+            Directive::Exec(s) => self.exec = Some(s),
+            Directive::Dir(s) => m.dir = Some(s),
+            Directive::Env(k, v) => m.env.push((k, v)),
+            Directive::Replicas(n) => m.replicas = n,
+            Directive::Port(n) => m.port = Some(n),
+            Directive::Proxy(x) => self.proxy = Some(x),
+            Directive::Health(h) => self.health = Some(h),
+            Directive::HealthRetries(n) => m.health_retries = n,
+            Directive::Update(s) => m.update = s,
+            Directive::UpdateBatch(n) => m.update_batch = n,
+            Directive::AutoRollback(b) => m.auto_rollback = b,
+            Directive::Restart(r) => m.restart = r,
+            Directive::StopSignal(s) => m.stop_signal = s,
+            Directive::Duration(name, d) => {
+                let field = match name {
+                    "health_interval" => &mut m.health_interval,
+                    "health_timeout" => &mut m.health_timeout,
+                    "health_grace" => &mut m.health_grace,
+                    "health_deadline" => &mut m.health_deadline,
+                    "min_healthy" => &mut m.min_healthy,
+                    "update_pause" => &mut m.update_pause,
+                    "stop_timeout" => &mut m.stop_timeout,
+                    "drain" => &mut m.drain,
+                    _ => &mut m.queue_timeout,
+                };
+                *field = d;
+            }
+        }
+    }
+
+    /// Where a directive's value was, for errors that involve two directives.
+    fn at(&self, name: &str) -> Option<(usize, usize)> {
+        self.seen.get(name).copied()
+    }
+
+    fn finish(mut self) -> Result<Manifest, Vec<Diagnostic>> {
+        let mut m = self
+            .m
+            .take()
+            .unwrap_or_else(|| Manifest::new(String::new()));
+        match self.exec.take() {
+            Some(exec) => m.exec = exec,
+            None if self.exec_attempted => {}
+            None => self.error(
+                1,
+                1,
+                "missing exec: every manifest needs an exec line".into(),
+            ),
+        }
+        m.health = self
+            .health
+            .take()
+            .unwrap_or_else(|| Health::default_for(m.port));
+        m.proxy = self.proxy.unwrap_or_else(|| Proxy::default_for(&m.health));
+        m.env.sort();
+
+        if m.update_batch > m.replicas {
+            if let Some((line, col)) = self.at("update_batch") {
+                let message = format!(
+                    "update_batch must be at most replicas ({}), got {}",
+                    m.replicas, m.update_batch
+                );
+                self.error(line, col, message);
+            }
+        }
+        for name in ["health_timeout", "health_deadline"] {
+            let zero = match name {
+                "health_timeout" => m.health_timeout.is_zero(),
+                _ => m.health_deadline.is_zero(),
+            };
+            if let (true, Some((line, col))) = (zero, self.at(name)) {
+                self.error(line, col, format!("{name} must be longer than 0"));
+            }
+        }
+        if !m.health_deadline.is_zero() && m.min_healthy >= m.health_deadline {
+            if let Some((line, col)) = self.at("min_healthy").or(self.at("health_deadline")) {
+                let message = format!(
+                    "min_healthy ({}) must be shorter than health_deadline ({})",
+                    format_duration(m.min_healthy),
+                    format_duration(m.health_deadline)
+                );
+                self.error(line, col, message);
+            }
+        }
+        if m.health_interval < MIN_HEALTH_INTERVAL {
+            if let Some((line, col)) = self.at("health_interval") {
+                let message = format!(
+                    "health_interval must be at least {}, got {}",
+                    format_duration(MIN_HEALTH_INTERVAL),
+                    format_duration(m.health_interval)
+                );
+                self.error(line, col, message);
+            }
+        }
+        if m.port.is_none() {
+            if let Some((line, col)) = self.at("proxy") {
+                self.error(line, col, "proxy needs a port to serve".into());
+            }
+        }
+        if self.errors.is_empty() {
+            Ok(m)
+        } else {
+            self.errors.sort_by_key(|d| (d.line, d.col));
+            Err(self.errors)
+        }
+    }
+}

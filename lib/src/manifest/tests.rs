@@ -1,0 +1,743 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+use proptest::strategy::Strategy as Gen;
+
+use super::Strategy;
+use super::*;
+
+fn ok(src: &str) -> Manifest {
+    match parse(src.as_bytes()) {
+        Ok(m) => m,
+        Err(d) => panic!("{src:?} should parse, got {d:?}"),
+    }
+}
+
+/// The diagnostics of `src` as `line:col: message` strings.
+fn errors(src: &str) -> Vec<String> {
+    match parse(src.as_bytes()) {
+        Ok(m) => panic!("{src:?} should fail, parsed to {m:?}"),
+        Err(d) => d
+            .iter()
+            .map(|d| format!("{}:{}: {}", d.line, d.col, d.message))
+            .collect(),
+    }
+}
+
+fn error(src: &str) -> String {
+    let e = errors(src);
+    assert_eq!(e.len(), 1, "{src:?} should have one error, got {e:?}");
+    e[0].clone()
+}
+
+#[test]
+fn minimal_manifest_takes_every_default() {
+    let m = ok("exec ./app\n");
+    assert_eq!(m, Manifest::new("./app"));
+    assert_eq!(m.replicas, 1);
+    assert_eq!(m.health, Health::None);
+    assert_eq!(m.health_interval, Duration::from_secs(1));
+    assert_eq!(m.health_timeout, Duration::from_secs(1));
+    assert_eq!(m.health_retries, 3);
+    assert_eq!(m.health_grace, Duration::ZERO);
+    assert_eq!(m.health_deadline, Duration::from_secs(30));
+    assert_eq!(m.min_healthy, Duration::ZERO);
+    assert_eq!(m.update, Strategy::Rolling);
+    assert_eq!(m.update_batch, 1);
+    assert_eq!(m.update_pause, Duration::ZERO);
+    assert!(!m.auto_rollback);
+    assert_eq!(m.restart, RestartPolicy::Always);
+    assert_eq!(m.stop_signal, Signal::Term);
+    assert_eq!(m.stop_timeout, Duration::from_secs(10));
+    assert_eq!(m.drain, Duration::from_secs(5));
+    assert_eq!(m.queue_timeout, Duration::from_secs(10));
+    assert_eq!(m.proxy, Proxy::Tcp);
+}
+
+#[test]
+fn every_directive_sets_its_field() {
+    let m = ok("\
+exec exec ./server --port $PORT   # the shell sees this comment
+dir  app/current
+env GREETING=hello world
+env A_1=x=y
+replicas 3
+port 8080
+proxy tcp
+health http /healthz?full=1
+health_interval 500ms
+health_timeout 2s
+health_retries 5
+health_grace 3
+health_deadline 1m
+min_healthy 10s
+update replace
+update_batch 2
+update_pause 1h
+auto_rollback on
+restart on-failure
+stop_signal INT
+stop_timeout 20s
+drain 0
+queue_timeout 3s
+");
+    assert_eq!(
+        m.exec,
+        "exec ./server --port $PORT   # the shell sees this comment"
+    );
+    assert_eq!(m.dir.as_deref(), Some("app/current"));
+    assert_eq!(
+        m.env,
+        vec![
+            ("A_1".to_string(), "x=y".to_string()),
+            ("GREETING".to_string(), "hello world".to_string())
+        ]
+    );
+    assert_eq!(m.replicas, 3);
+    assert_eq!(m.port, Some(8080));
+    assert_eq!(m.proxy, Proxy::Tcp);
+    assert_eq!(
+        m.health,
+        Health::Http {
+            path: "/healthz?full=1".into()
+        }
+    );
+    assert_eq!(m.health_interval, Duration::from_millis(500));
+    assert_eq!(m.health_timeout, Duration::from_secs(2));
+    assert_eq!(m.health_retries, 5);
+    assert_eq!(m.health_grace, Duration::from_secs(3));
+    assert_eq!(m.health_deadline, Duration::from_secs(60));
+    assert_eq!(m.min_healthy, Duration::from_secs(10));
+    assert_eq!(m.update, Strategy::Replace);
+    assert_eq!(m.update_batch, 2);
+    assert_eq!(m.update_pause, Duration::from_secs(3600));
+    assert!(m.auto_rollback);
+    assert_eq!(m.restart, RestartPolicy::OnFailure);
+    assert_eq!(m.stop_signal, Signal::Int);
+    assert_eq!(m.stop_timeout, Duration::from_secs(20));
+    assert_eq!(m.drain, Duration::ZERO);
+    assert_eq!(m.queue_timeout, Duration::from_secs(3));
+}
+
+#[test]
+fn health_forms_and_their_defaults() {
+    assert_eq!(ok("exec a\nport 80\n").health, Health::Tcp);
+    assert_eq!(ok("exec a\nport 80\nhealth none\n").health, Health::None);
+    assert_eq!(ok("exec a\nhealth tcp\n").health, Health::Tcp);
+    assert_eq!(
+        ok("exec a\nhealth exec  curl -fs localhost:$PORT/ # shell comment \n").health,
+        Health::Exec {
+            command: "curl -fs localhost:$PORT/ # shell comment".into()
+        }
+    );
+    // The proxy follows the probe unless set.
+    assert_eq!(ok("exec a\nport 80\nhealth http /\n").proxy, Proxy::Http);
+    assert_eq!(ok("exec a\nport 80\n").proxy, Proxy::Tcp);
+    assert_eq!(
+        ok("exec a\nport 80\nhealth http /\nproxy tcp\n").proxy,
+        Proxy::Tcp
+    );
+}
+
+#[test]
+fn restart_and_signal_spellings() {
+    for (word, policy) in [
+        ("always", RestartPolicy::Always),
+        ("on-failure", RestartPolicy::OnFailure),
+        ("never", RestartPolicy::Never),
+    ] {
+        assert_eq!(ok(&format!("exec a\nrestart {word}\n")).restart, policy);
+    }
+    for (signal, name) in Signal::ALL {
+        assert_eq!(
+            ok(&format!("exec a\nstop_signal {name}\n")).stop_signal,
+            signal
+        );
+        assert_eq!(
+            ok(&format!("exec a\nstop_signal SIG{name}\n")).stop_signal,
+            signal
+        );
+        assert_eq!(signal.name(), name);
+    }
+    assert_eq!(Signal::Term.number(), 15);
+    assert_eq!(Signal::Kill.number(), 9);
+    assert!(!ok("exec a\nauto_rollback off\n").auto_rollback);
+}
+
+#[test]
+fn duration_forms() {
+    for (text, ms) in [
+        ("10", 10_000),
+        ("10s", 10_000),
+        ("500ms", 500),
+        ("2m", 120_000),
+        ("1h", 3_600_000),
+        ("0", 0),
+        ("0ms", 0),
+        ("86400", 86_400_000),
+    ] {
+        let m = ok(&format!("exec a\nupdate_pause {text}\n"));
+        assert_eq!(m.update_pause, Duration::from_millis(ms), "{text}");
+    }
+    for (d, text) in [
+        (Duration::ZERO, "0s"),
+        (Duration::from_millis(1500), "1500ms"),
+        (Duration::from_secs(90), "90s"),
+        (Duration::from_secs(120), "2m"),
+        (Duration::from_secs(7200), "2h"),
+    ] {
+        assert_eq!(format_duration(d), text);
+    }
+}
+
+#[test]
+fn blank_lines_comments_indentation_and_crlf_are_ignored() {
+    let m = ok("\r\n# a comment\n   \n\texec ./app\r\n  replicas   2   # two\r\n#\n");
+    assert_eq!(m.exec, "./app");
+    assert_eq!(m.replicas, 2);
+}
+
+#[test]
+fn unknown_directive_suggests_the_closest() {
+    assert_eq!(
+        error("exec a\n\n\n\n\n\nupdate_bach 1\n"),
+        "7:1: unknown directive 'update_bach' (did you mean 'update_batch'?)"
+    );
+    assert_eq!(
+        error("exec a\n  Replicas 2\n"),
+        "2:3: unknown directive 'Replicas' (did you mean 'replicas'?)"
+    );
+    assert_eq!(
+        error("exec a\nfrobnicate yes\n"),
+        "2:1: unknown directive 'frobnicate'"
+    );
+}
+
+#[test]
+fn number_errors() {
+    assert_eq!(
+        error("exec a\n\nreplicas 0\n"),
+        "3:10: replicas must be between 1 and 1000, got 0"
+    );
+    assert_eq!(
+        error("exec a\nreplicas 1001\n"),
+        "2:10: replicas must be between 1 and 1000, got 1001"
+    );
+    assert_eq!(
+        error("exec a\nreplicas 99999999999999999999999\n"),
+        "2:10: replicas must be between 1 and 1000, got 99999999999999999999999"
+    );
+    assert_eq!(
+        error("exec a\nreplicas three\n"),
+        "2:10: replicas needs a number, got 'three'"
+    );
+    assert_eq!(
+        error("exec a\nreplicas -1\n"),
+        "2:10: replicas needs a number, got '-1'"
+    );
+    assert_eq!(error("exec a\nreplicas\n"), "2:9: replicas needs a number");
+    assert_eq!(
+        error("exec a\nreplicas # none\n"),
+        "2:10: replicas needs a number"
+    );
+    assert_eq!(
+        error("exec a\nreplicas 3 4\n"),
+        "2:12: unexpected '4' after the value of replicas"
+    );
+    assert_eq!(
+        error("exec a\nport 65536\n"),
+        "2:6: port must be between 1 and 65535, got 65536"
+    );
+    assert_eq!(
+        error("exec a\nhealth_retries 0\n"),
+        "2:16: health_retries must be between 1 and 100, got 0"
+    );
+}
+
+#[test]
+fn duration_errors() {
+    assert_eq!(
+        error("exec a\nupdate_pause 10x\n"),
+        "2:14: update_pause needs a duration like 10, 10s, 500ms or 2m, got '10x'"
+    );
+    assert_eq!(
+        error("exec a\ndrain 1.5s\n"),
+        "2:7: drain needs a duration like 10, 10s, 500ms or 2m, got '1.5s'"
+    );
+    assert_eq!(
+        error("exec a\ndrain\n"),
+        "2:6: drain needs a duration like 10, 10s, 500ms or 2m"
+    );
+    assert_eq!(
+        error("exec a\nstop_timeout 25h\n"),
+        "2:14: stop_timeout must be at most 24h, got 25h"
+    );
+    assert_eq!(
+        error("exec a\nstop_timeout 99999999999999999999h\n"),
+        "2:14: stop_timeout must be at most 24h, got 99999999999999999999h"
+    );
+    assert_eq!(
+        error("exec a\nhealth_interval 5ms\n"),
+        "2:17: health_interval must be at least 10ms, got 5ms"
+    );
+    assert_eq!(
+        error("exec a\nhealth_timeout 0\n"),
+        "2:16: health_timeout must be longer than 0"
+    );
+    assert_eq!(
+        error("exec a\nhealth_deadline 0\n"),
+        "2:17: health_deadline must be longer than 0"
+    );
+    assert_eq!(
+        error("exec a\nmin_healthy 40s\n"),
+        "2:13: min_healthy (40s) must be shorter than health_deadline (30s)"
+    );
+    // A deadline longer than the default min_healthy (0) is fine.
+    assert_eq!(
+        ok("exec a\nhealth_deadline 5s\n").health_deadline,
+        Duration::from_secs(5)
+    );
+}
+
+#[test]
+fn keyword_errors() {
+    assert_eq!(
+        error("exec a\nupdate rolin\n"),
+        "2:8: update must be 'rolling' or 'replace', got 'rolin' (did you mean 'rolling'?)"
+    );
+    assert_eq!(
+        error("exec a\nauto_rollback yes\n"),
+        "2:15: auto_rollback must be 'on' or 'off', got 'yes'"
+    );
+    assert_eq!(
+        error("exec a\nrestart on_failure\n"),
+        "2:9: restart must be 'always', 'on-failure' or 'never', got 'on_failure' (did you mean 'on-failure'?)"
+    );
+    assert_eq!(
+        error("exec a\nstop_signal TREM\n"),
+        "2:13: unknown stop_signal 'TREM' (did you mean 'TERM'?); expected 'TERM', 'INT', 'QUIT', 'HUP', 'USR1', 'USR2' or 'KILL'"
+    );
+    assert_eq!(
+        error("exec a\nstop_signal 9\n"),
+        "2:13: unknown stop_signal '9'; expected 'TERM', 'INT', 'QUIT', 'HUP', 'USR1', 'USR2' or 'KILL'"
+    );
+    assert_eq!(
+        error("exec a\nport 80\nproxy udp\n"),
+        "3:7: proxy must be 'http' or 'tcp', got 'udp'"
+    );
+    assert_eq!(
+        error("exec a\nproxy http\n"),
+        "2:7: proxy needs a port to serve"
+    );
+}
+
+#[test]
+fn health_errors() {
+    assert_eq!(
+        error("exec a\nhealth\n"),
+        "2:7: health needs one of: http PATH, tcp, exec CMDLINE, none"
+    );
+    assert_eq!(
+        error("exec a\nhealth htp /\n"),
+        "2:8: unknown health check 'htp' (did you mean 'http'?); expected one of: http PATH, tcp, exec CMDLINE, none"
+    );
+    assert_eq!(
+        error("exec a\nhealth http\n"),
+        "2:8: health http needs a path, e.g. health http /healthz"
+    );
+    assert_eq!(
+        error("exec a\nhealth http healthz\n"),
+        "2:13: health http path must start with '/', got 'healthz'"
+    );
+    assert_eq!(
+        error("exec a\nhealth http / extra\n"),
+        "2:15: unexpected 'extra' after the value of health"
+    );
+    assert_eq!(
+        error("exec a\nhealth exec   \n"),
+        "2:8: health exec needs a command line"
+    );
+    assert_eq!(
+        error("exec a\nhealth tcp now\n"),
+        "2:12: unexpected 'now' after the value of health"
+    );
+}
+
+#[test]
+fn exec_dir_and_env_errors() {
+    assert_eq!(error("exec   \n"), "1:5: exec needs a command line");
+    assert_eq!(error("exec a\ndir\n"), "2:4: dir needs a path");
+    assert_eq!(
+        error("exec a\nenv FOO\n"),
+        "2:5: env needs KEY=VALUE, got 'FOO'"
+    );
+    assert_eq!(
+        error("exec a\nenv 1X=2\n"),
+        "2:5: env key '1X' must be letters, digits and '_', not starting with a digit"
+    );
+    assert_eq!(
+        error("exec a\nenv PORT=80\n"),
+        "2:5: env PORT is set by deployd for each instance"
+    );
+    assert_eq!(
+        error("exec a\nenv A=1\nenv A=2\n"),
+        "3:1: env A given twice (first on line 2)"
+    );
+    // An empty value is allowed.
+    assert_eq!(
+        ok("exec a\nenv A=\n").env,
+        vec![("A".into(), String::new())]
+    );
+}
+
+#[test]
+fn repeated_directive() {
+    assert_eq!(
+        error("exec a\nreplicas 2\n\n  replicas 3\n"),
+        "4:3: replicas given twice (first on line 2)"
+    );
+    assert_eq!(
+        error("exec a\nexec b\n"),
+        "2:1: exec given twice (first on line 1)"
+    );
+}
+
+#[test]
+fn missing_exec() {
+    assert_eq!(
+        error("replicas 2\n"),
+        "1:1: missing exec: every manifest needs an exec line"
+    );
+    assert_eq!(
+        error(""),
+        "1:1: missing exec: every manifest needs an exec line"
+    );
+}
+
+#[test]
+fn batch_larger_than_replicas() {
+    assert_eq!(
+        error("exec a\nreplicas 3\nupdate_batch 5\n"),
+        "3:14: update_batch must be at most replicas (3), got 5"
+    );
+    assert_eq!(
+        error("exec a\nupdate_batch 2\n"),
+        "2:14: update_batch must be at most replicas (1), got 2"
+    );
+}
+
+#[test]
+fn non_utf8_and_long_lines() {
+    let mut src = b"exec a\nenv A=caf".to_vec();
+    src.extend_from_slice(&[0xff, b'\n']);
+    let d = parse(&src).unwrap_err();
+    assert_eq!(d.len(), 1);
+    assert_eq!(
+        (d[0].line, d[0].col, d[0].message.as_str()),
+        (2, 10, "invalid UTF-8")
+    );
+
+    let long = format!("exec a\nenv A={}\n", "x".repeat(MAX_LINE));
+    assert_eq!(
+        error(&long),
+        format!(
+            "2:1: line is {} bytes long; the limit is 4096",
+            MAX_LINE + 6
+        )
+    );
+
+    let huge = vec![b'#'; MAX_SIZE + 1];
+    let d = parse(&huge).unwrap_err();
+    assert_eq!(
+        d[0].message,
+        format!(
+            "manifest is {} bytes; the limit is {MAX_SIZE}",
+            MAX_SIZE + 1
+        )
+    );
+}
+
+#[test]
+fn all_errors_of_a_file_are_reported_in_line_order() {
+    let e = errors("replicas 0\nupdate_bach 1\nstop_signal TREM\ndrain 5y\n");
+    assert_eq!(
+        e,
+        vec![
+            "1:1: missing exec: every manifest needs an exec line",
+            "1:10: replicas must be between 1 and 1000, got 0",
+            "2:1: unknown directive 'update_bach' (did you mean 'update_batch'?)",
+            "3:13: unknown stop_signal 'TREM' (did you mean 'TERM'?); expected 'TERM', 'INT', 'QUIT', 'HUP', 'USR1', 'USR2' or 'KILL'",
+            "4:7: drain needs a duration like 10, 10s, 500ms or 2m, got '5y'",
+        ]
+    );
+}
+
+#[test]
+fn columns_count_characters() {
+    assert_eq!(
+        error("exec é\n# é\nenv É=1\n"),
+        "3:5: env key 'É' must be letters, digits and '_', not starting with a digit"
+    );
+    assert_eq!(
+        error("exec a\n\treplicas\tx\n"),
+        "2:11: replicas needs a number, got 'x'"
+    );
+}
+
+#[test]
+fn diagnostics_render_with_the_file_name() {
+    let d = parse(b"exec a\nreplicas 0\n").unwrap_err();
+    assert_eq!(
+        d[0].display("web.manifest").to_string(),
+        "web.manifest:2:10: replicas must be between 1 and 1000, got 0"
+    );
+}
+
+#[test]
+fn version_ignores_comments_spacing_order_and_explicit_defaults() {
+    let a = ok("exec ./app\nreplicas 3\nenv A=1\nenv B=2\nport 80\n");
+    let b = ok("# web\n\n   exec ./app   \nenv B=2\n  env A=1\nport   80 # public\nreplicas 3\n\n");
+    let c = ok(
+        "exec ./app\nreplicas 3\nenv A=1\nenv B=2\nport 80\nhealth tcp\nupdate rolling\nupdate_batch 1\ndrain 5s\nstop_timeout 10\nhealth_interval 1000ms\nproxy tcp\n",
+    );
+    assert_eq!(a, b);
+    assert_eq!(a, c);
+    assert_eq!(a.version(), b.version());
+    assert_eq!(a.version(), c.version());
+    assert_eq!(a.version().to_string().len(), 12);
+}
+
+#[test]
+fn version_changes_with_every_semantic_change() {
+    let base = "exec ./app\nreplicas 3\nport 80\n";
+    let v = ok(base).version();
+    let changes = [
+        "exec ./app2\nreplicas 3\nport 80\n",
+        "exec ./app\nreplicas 4\nport 80\n",
+        "exec ./app\nreplicas 3\nport 81\n",
+        "exec ./app\nreplicas 3\n",
+        "exec ./app\nreplicas 3\nport 80\ndir x\n",
+        "exec ./app\nreplicas 3\nport 80\nenv A=1\n",
+        "exec ./app\nreplicas 3\nport 80\nproxy http\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth none\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth http /\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth exec true\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth_interval 2s\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth_timeout 2s\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth_retries 4\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth_grace 1s\n",
+        "exec ./app\nreplicas 3\nport 80\nhealth_deadline 31s\n",
+        "exec ./app\nreplicas 3\nport 80\nmin_healthy 1s\n",
+        "exec ./app\nreplicas 3\nport 80\nupdate replace\n",
+        "exec ./app\nreplicas 3\nport 80\nupdate_batch 2\n",
+        "exec ./app\nreplicas 3\nport 80\nupdate_pause 1s\n",
+        "exec ./app\nreplicas 3\nport 80\nauto_rollback on\n",
+        "exec ./app\nreplicas 3\nport 80\nrestart never\n",
+        "exec ./app\nreplicas 3\nport 80\nstop_signal INT\n",
+        "exec ./app\nreplicas 3\nport 80\nstop_timeout 11s\n",
+        "exec ./app\nreplicas 3\nport 80\ndrain 6s\n",
+        "exec ./app\nreplicas 3\nport 80\nqueue_timeout 6s\n",
+    ];
+    let mut seen = std::collections::HashSet::new();
+    seen.insert(v);
+    for c in changes {
+        let w = ok(c).version();
+        assert!(seen.insert(w), "{c:?} should have a version of its own");
+    }
+}
+
+#[test]
+fn version_text_round_trips() {
+    let v = ok("exec a\n").version();
+    assert_eq!(v.to_string().parse::<Version>(), Ok(v));
+    assert!("xyz".parse::<Version>().is_err());
+    assert!("ABCDEF012345".parse::<Version>().is_err());
+    assert!("+bcdef012345".parse::<Version>().is_err());
+}
+
+#[test]
+fn same_but_replicas_is_a_scale() {
+    let a = ok("exec a\nreplicas 2\n");
+    assert!(a.same_but_replicas(&ok("exec a\nreplicas 5\n")));
+    assert!(!a.same_but_replicas(&ok("exec b\nreplicas 5\n")));
+    assert!(!a.same_but_replicas(&ok("exec a\nreplicas 5\nupdate_pause 1\n")));
+}
+
+#[test]
+fn service_of_checks_the_file_name() {
+    use std::path::Path;
+    assert_eq!(
+        service_of(Path::new("dir/web.manifest")).unwrap().as_str(),
+        "web"
+    );
+    assert_eq!(
+        service_of(Path::new("web.txt")).unwrap_err(),
+        "file name 'web.txt' must end in .manifest"
+    );
+    assert!(
+        service_of(Path::new("Web.manifest"))
+            .unwrap_err()
+            .contains("is not a service name")
+    );
+}
+
+// ---- properties ----
+
+fn duration_strategy() -> impl Gen<Value = Duration> {
+    prop_oneof![
+        (0u64..100_000).prop_map(Duration::from_millis),
+        (0u64..86_400).prop_map(Duration::from_secs),
+        (0u64..1440).prop_map(|m| Duration::from_secs(m * 60)),
+    ]
+}
+
+fn text_strategy() -> impl Gen<Value = String> {
+    // Printable text that does not start or end with a blank and has no newline.
+    "[!-~]([ -~]{0,30}[!-~])?"
+}
+
+fn manifest_strategy() -> impl Gen<Value = Manifest> {
+    let health = prop_oneof![
+        Just(Health::None),
+        Just(Health::Tcp),
+        "/[!-~]{0,20}".prop_map(|path| Health::Http { path }),
+        text_strategy().prop_map(|command| Health::Exec { command }),
+    ];
+    let env = proptest::collection::btree_map("[A-Z_][A-Z0-9_]{0,8}", "[ -~]{0,20}", 0..4)
+        .prop_map(|m| {
+            m.into_iter()
+                .filter(|(k, _)| !["PORT", "SERVICE", "INSTANCE", "VERSION"].contains(&k.as_str()))
+                .map(|(k, v)| (k, v.trim_end().to_string()))
+                .collect::<Vec<_>>()
+        });
+    (
+        (
+            text_strategy(),
+            proptest::option::of(text_strategy()),
+            env,
+            1u32..=MAX_REPLICAS,
+        ),
+        (
+            proptest::option::of(1u16..),
+            prop_oneof![Just(Proxy::Http), Just(Proxy::Tcp)],
+            health,
+        ),
+        (
+            duration_strategy(),
+            duration_strategy(),
+            1u32..=MAX_RETRIES,
+            duration_strategy(),
+        ),
+        (
+            1u64..86_400_000,
+            any::<prop::sample::Index>(),
+            any::<bool>(),
+            duration_strategy(),
+        ),
+        (
+            any::<bool>(),
+            any::<prop::sample::Index>(),
+            any::<prop::sample::Index>(),
+            duration_strategy(),
+            duration_strategy(),
+            duration_strategy(),
+        ),
+        any::<prop::sample::Index>(),
+    )
+        .prop_map(|(a, b, c, d, e, batch)| {
+            let (exec, dir, env, replicas) = a;
+            let (port, proxy, health) = b;
+            let (interval, timeout, retries, grace) = c;
+            let (deadline_ms, min_healthy_ix, replace, pause) = d;
+            let (rollback, restart_ix, signal_ix, stop_timeout, drain, queue) = e;
+            let mut m = Manifest::new(exec);
+            m.dir = dir;
+            m.env = env;
+            m.replicas = replicas;
+            m.port = port;
+            // A proxy is only meaningful (and allowed) with a port.
+            m.health = health;
+            m.proxy = if port.is_some() {
+                proxy
+            } else {
+                Proxy::default_for(&m.health)
+            };
+            m.health_interval = interval.max(MIN_HEALTH_INTERVAL);
+            m.health_timeout = timeout.max(Duration::from_millis(1));
+            m.health_retries = retries;
+            m.health_grace = grace;
+            m.health_deadline = Duration::from_millis(deadline_ms);
+            m.min_healthy =
+                Duration::from_millis(min_healthy_ix.index(deadline_ms as usize) as u64);
+            m.update = if replace {
+                Strategy::Replace
+            } else {
+                Strategy::Rolling
+            };
+            m.update_batch = batch.index(replicas as usize) as u32 + 1;
+            m.update_pause = pause;
+            m.auto_rollback = rollback;
+            m.restart = [
+                RestartPolicy::Always,
+                RestartPolicy::OnFailure,
+                RestartPolicy::Never,
+            ][restart_ix.index(3)];
+            m.stop_signal = Signal::ALL[signal_ix.index(Signal::ALL.len())].0;
+            m.stop_timeout = stop_timeout;
+            m.drain = drain;
+            m.queue_timeout = queue;
+            m
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn canonical_parses_back_to_the_same_manifest(m in manifest_strategy()) {
+        let text = m.canonical();
+        let back = parse(text.as_bytes());
+        prop_assert_eq!(back.as_ref(), Ok(&m), "canonical text:\n{}", text);
+        // Canonical form is a fixed point.
+        prop_assert_eq!(back.map(|b| b.canonical()), Ok(text));
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(src in proptest::collection::vec(any::<u8>(), 0..600)) {
+        let _ = parse(&src);
+    }
+
+    #[test]
+    fn arbitrary_directive_soup_never_panics(
+        lines in proptest::collection::vec(
+            (
+                prop::sample::select(vec![
+                    "exec", "dir", "env", "replicas", "port", "proxy", "health", "health_interval",
+                    "health_timeout", "health_retries", "health_grace", "health_deadline",
+                    "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
+                    "restart", "stop_signal", "stop_timeout", "drain", "queue_timeout", "#", "",
+                ]),
+                "[ \t]{0,2}",
+                "[ -~\t]{0,12}",
+            ),
+            0..20,
+        )
+    ) {
+        let src: String = lines
+            .iter()
+            .map(|(d, ws, v)| format!("{ws}{d} {v}\n"))
+            .collect();
+        match parse(src.as_bytes()) {
+            Ok(m) => {
+                // Whatever parses has a canonical form that parses back to it.
+                prop_assert_eq!(parse(m.canonical().as_bytes()), Ok(m));
+            }
+            Err(d) => {
+                prop_assert!(!d.is_empty());
+                for diag in d {
+                    prop_assert!(diag.line >= 1 && diag.col >= 1);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Service names: the stem of `<service>.manifest`, a directory name in the
+//! namespace and in the state directory, so they must be safe as a path
+//! component. Validating them here is what keeps `../x` out of every path.
+
+use std::fmt;
+
+/// A valid service name: `[a-z0-9][a-z0-9-]{0,62}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceName(String);
+
+impl ServiceName {
+    /// Validates `name`; the error says what a name may be.
+    pub fn new(name: &str) -> Result<ServiceName, String> {
+        let b = name.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 63
+            && matches!(b[0], b'a'..=b'z' | b'0'..=b'9')
+            && b.iter()
+                .all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'-'));
+        if ok {
+            Ok(ServiceName(name.to_string()))
+        } else {
+            let shown: String = name.chars().take(80).collect();
+            Err(format!(
+                "'{}' is not a service name: use 1 to 63 of a-z, 0-9 and '-', starting with a letter or digit",
+                shown.escape_debug()
+            ))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl AsRef<str> for ServiceName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_documented_alphabet() {
+        for ok in ["web", "a", "0", "api-v2", &"a".repeat(63)] {
+            assert!(ServiceName::new(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn rejects_anything_that_could_escape_a_directory() {
+        for bad in [
+            "",
+            "-web",
+            "Web",
+            "../x",
+            "a/b",
+            ".",
+            "..",
+            "a b",
+            "wéb",
+            &"a".repeat(64),
+        ] {
+            let err = ServiceName::new(bad).unwrap_err();
+            assert!(err.contains("is not a service name"), "{bad}: {err}");
+        }
+    }
+}
