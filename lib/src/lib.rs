@@ -5,6 +5,10 @@
 //! - [`manifest`]: the manifest language: parse, typed manifest, canonical
 //!   rendering and the version hash.
 //! - [`name`]: service names, the one check that keeps user input out of paths.
+//! - [`ctl`]: the language of the namespace's `ctl` files.
+//! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
 
+pub mod ctl;
 pub mod manifest;
 pub mod name;
+pub mod rollout;

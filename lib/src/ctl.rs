@@ -1,0 +1,354 @@
+//! The language of the namespace's `ctl` files.
+//!
+//! A write to `/deploy/active/SERVICE/ctl` is one line: a verb and its
+//! arguments (`rollback 3f2a9c1e04b7`). A write to `/deploy/ctl` names the
+//! service first (`apply web`). Verbs and argument counts come from one table,
+//! [`COMMANDS`]; the two errors are the Plan 9 ones, an unknown control
+//! message and a bad number of arguments.
+
+use std::fmt;
+
+use nom::bytes::complete::take_till1;
+use nom::character::complete::space0;
+use nom::multi::many0;
+use nom::sequence::preceded;
+use nom::{IResult, Parser};
+
+use crate::manifest::Version;
+use crate::name::ServiceName;
+
+/// Longest accepted control message, in bytes.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// What a ctl write asks of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verb {
+    /// Roll out the service's manifest from the manifests directory.
+    Apply,
+    /// Hold the rollout after the batch in flight.
+    Pause,
+    /// Go on with a paused rollout.
+    Resume,
+    /// Roll back to the previous version, or to the given one from history.
+    Rollback(Option<Version>),
+    /// Replace every instance with a fresh process of the same version.
+    Restart,
+    /// Stop every instance; the service stays known, and stopped.
+    Stop,
+    /// Start a stopped service again.
+    Start,
+    /// Stop every instance and forget the service.
+    Remove,
+}
+
+/// One row of the command table: the verb, and how many arguments it takes
+/// after the service (at least, at most).
+pub struct CommandSpec {
+    /// The verb as written.
+    pub name: &'static str,
+    /// Fewest arguments.
+    pub min_args: usize,
+    /// Most arguments.
+    pub max_args: usize,
+    /// Arguments, for usage text.
+    pub usage: &'static str,
+}
+
+/// Every verb.
+pub const COMMANDS: [CommandSpec; 8] = [
+    CommandSpec {
+        name: "apply",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+    },
+    CommandSpec {
+        name: "pause",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+    },
+    CommandSpec {
+        name: "resume",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+    },
+    CommandSpec {
+        name: "rollback",
+        min_args: 0,
+        max_args: 1,
+        usage: " [VERSION]",
+    },
+    CommandSpec {
+        name: "restart",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+    },
+    CommandSpec {
+        name: "stop",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+    },
+    CommandSpec {
+        name: "start",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+    },
+    CommandSpec {
+        name: "remove",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+    },
+];
+
+impl Verb {
+    /// The verb as written in a ctl file.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verb::Apply => "apply",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::Rollback(_) => "rollback",
+            Verb::Restart => "restart",
+            Verb::Stop => "stop",
+            Verb::Start => "start",
+            Verb::Remove => "remove",
+        }
+    }
+}
+
+impl fmt::Display for Verb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Verb::Rollback(Some(v)) => write!(f, "rollback {v}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+/// Why a control message was not understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtlError(pub String);
+
+impl fmt::Display for CtlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One line of usage per verb, for a service's ctl file.
+pub fn usage() -> String {
+    COMMANDS
+        .iter()
+        .map(|c| format!("{}{}", c.name, c.usage))
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+/// Parses a write to a service's `ctl` file.
+pub fn parse_service(msg: &[u8]) -> Result<Verb, CtlError> {
+    let words = words(msg)?;
+    let (verb, args) = words.split_first().ok_or_else(empty)?;
+    verb_with_args(verb, args)
+}
+
+/// Parses a write to the root `ctl` file: `VERB SERVICE [ARGS]`.
+pub fn parse_root(msg: &[u8]) -> Result<(ServiceName, Verb), CtlError> {
+    let words = words(msg)?;
+    let (verb, rest) = words.split_first().ok_or_else(empty)?;
+    let spec = spec(verb)?;
+    let Some((service, args)) = rest.split_first() else {
+        return Err(CtlError(format!(
+            "bad # args to command: {} needs a service: {} SERVICE{}",
+            spec.name, spec.name, spec.usage
+        )));
+    };
+    let service = ServiceName::new(service).map_err(CtlError)?;
+    Ok((service, verb_with_args(verb, args)?))
+}
+
+fn empty() -> CtlError {
+    CtlError(format!("empty control message; commands: {}", usage()))
+}
+
+fn spec(verb: &str) -> Result<&'static CommandSpec, CtlError> {
+    COMMANDS.iter().find(|c| c.name == verb).ok_or_else(|| {
+        let shown: String = verb.chars().take(40).collect();
+        let close = COMMANDS
+            .iter()
+            .map(|c| (strsim::damerau_levenshtein(verb, c.name), c.name))
+            .filter(|(d, n)| *d <= (n.len() / 3).max(1))
+            .min_by_key(|(d, _)| *d)
+            .map(|(_, n)| format!(" (did you mean '{n}'?)"))
+            .unwrap_or_default();
+        CtlError(format!(
+            "unknown control message '{}'{close}; commands: {}",
+            shown.escape_debug(),
+            usage()
+        ))
+    })
+}
+
+fn verb_with_args(verb: &str, args: &[&str]) -> Result<Verb, CtlError> {
+    let spec = spec(verb)?;
+    if args.len() < spec.min_args || args.len() > spec.max_args {
+        return Err(CtlError(format!(
+            "bad # args to command: {}{} takes {}, got {}",
+            spec.name,
+            spec.usage,
+            match spec.max_args {
+                0 => "no arguments".to_string(),
+                1 => "at most one argument".to_string(),
+                n => format!("at most {n} arguments"),
+            },
+            args.len()
+        )));
+    }
+    Ok(match spec.name {
+        "apply" => Verb::Apply,
+        "pause" => Verb::Pause,
+        "resume" => Verb::Resume,
+        "rollback" => match args.first() {
+            None => Verb::Rollback(None),
+            Some(v) => Verb::Rollback(Some(v.parse().map_err(CtlError)?)),
+        },
+        "restart" => Verb::Restart,
+        "stop" => Verb::Stop,
+        "start" => Verb::Start,
+        _ => Verb::Remove,
+    })
+}
+
+fn word(i: &str) -> IResult<&str, &str> {
+    preceded(space0, take_till1(|c: char| c == ' ' || c == '\t')).parse(i)
+}
+
+/// Splits a one-line message into words. A trailing newline is allowed.
+fn words(msg: &[u8]) -> Result<Vec<&str>, CtlError> {
+    if msg.len() > MAX_MESSAGE {
+        return Err(CtlError(format!(
+            "control message is {} bytes; the limit is {MAX_MESSAGE}",
+            msg.len()
+        )));
+    }
+    let text =
+        std::str::from_utf8(msg).map_err(|_| CtlError("control message is not UTF-8".into()))?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.contains('\n') {
+        return Err(CtlError("one command per write".into()));
+    }
+    let parsed: IResult<&str, Vec<&str>> = many0(word).parse(text);
+    match parsed {
+        Ok((rest, words)) if rest.trim().is_empty() => Ok(words),
+        _ => Err(CtlError(
+            "control message has characters that are not words".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_verb_parses() {
+        for (text, verb) in [
+            ("apply\n", Verb::Apply),
+            ("pause", Verb::Pause),
+            ("  resume  \n", Verb::Resume),
+            ("rollback\n", Verb::Rollback(None)),
+            ("restart\r\n", Verb::Restart),
+            ("stop", Verb::Stop),
+            ("start", Verb::Start),
+            ("remove", Verb::Remove),
+        ] {
+            assert_eq!(parse_service(text.as_bytes()), Ok(verb));
+        }
+        let v: Version = "0123456789ab".parse().unwrap();
+        assert_eq!(
+            parse_service(b"rollback 0123456789ab\n"),
+            Ok(Verb::Rollback(Some(v)))
+        );
+        assert_eq!(Verb::Rollback(Some(v)).to_string(), "rollback 0123456789ab");
+    }
+
+    #[test]
+    fn root_ctl_names_the_service_first() {
+        let (s, v) = parse_root(b"apply web\n").unwrap();
+        assert_eq!((s.as_str(), v), ("web", Verb::Apply));
+        let (s, v) = parse_root(b"rollback api 0123456789ab").unwrap();
+        assert_eq!(s.as_str(), "api");
+        assert!(matches!(v, Verb::Rollback(Some(_))));
+        assert_eq!(
+            parse_root(b"apply\n").unwrap_err().0,
+            "bad # args to command: apply needs a service: apply SERVICE"
+        );
+        assert!(
+            parse_root(b"apply ../etc\n")
+                .unwrap_err()
+                .0
+                .contains("is not a service name")
+        );
+    }
+
+    #[test]
+    fn the_two_plan9_errors() {
+        assert_eq!(
+            parse_service(b"bogus\n").unwrap_err().0,
+            "unknown control message 'bogus'; commands: apply | pause | resume | rollback [VERSION] | restart | stop | start | remove"
+        );
+        assert!(
+            parse_service(b"puase")
+                .unwrap_err()
+                .0
+                .contains("(did you mean 'pause'?)")
+        );
+        assert_eq!(
+            parse_service(b"pause now\n").unwrap_err().0,
+            "bad # args to command: pause takes no arguments, got 1"
+        );
+        assert_eq!(
+            parse_service(b"rollback a b\n").unwrap_err().0,
+            "bad # args to command: rollback [VERSION] takes at most one argument, got 2"
+        );
+    }
+
+    #[test]
+    fn bad_messages_are_refused() {
+        assert!(
+            parse_service(b"")
+                .unwrap_err()
+                .0
+                .starts_with("empty control message")
+        );
+        assert!(
+            parse_service(b"\n")
+                .unwrap_err()
+                .0
+                .starts_with("empty control message")
+        );
+        assert_eq!(
+            parse_service(b"pause\nresume\n").unwrap_err().0,
+            "one command per write"
+        );
+        assert_eq!(
+            parse_service(&[0xff]).unwrap_err().0,
+            "control message is not UTF-8"
+        );
+        let huge = vec![b'a'; MAX_MESSAGE + 1];
+        assert_eq!(
+            parse_service(&huge).unwrap_err().0,
+            "control message is 1025 bytes; the limit is 1024"
+        );
+        assert_eq!(
+            parse_service(b"rollback xyz").unwrap_err().0,
+            "'xyz' is not a version (12 hex digits)"
+        );
+    }
+}

@@ -1,0 +1,1349 @@
+//! The state machine against a simulated world: processes that start, get
+//! healthy (or never do), crash, drain and stop on a simulated clock. Every
+//! strategy × replicas 1..5 × batch size runs with a fault injected at every
+//! step of a clean run, and the invariants are checked after every input.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::time::Duration;
+
+use super::*;
+use crate::manifest::{Health, Manifest, Strategy};
+
+const MS: Duration = Duration::from_millis(1);
+
+fn spec(exec: &str, replicas: u32, batch: u32, strategy: Strategy) -> Spec {
+    let mut m = Manifest::new(exec);
+    m.replicas = replicas;
+    m.update_batch = batch;
+    m.update = strategy;
+    m.port = Some(8080);
+    m.health = Health::Http {
+        path: "/healthz".into(),
+    };
+    m.health_interval = 100 * MS;
+    m.health_deadline = Duration::from_secs(5);
+    m.drain = Duration::from_secs(2);
+    m.stop_timeout = Duration::from_secs(3);
+    let text = m.canonical();
+    Spec::new(m, text)
+}
+
+/// How a simulated process of a given version behaves.
+#[derive(Clone, Copy, Debug)]
+struct Behaviour {
+    start: Duration,
+    /// Healthy this long after start; `None`: never.
+    healthy_after: Option<Duration>,
+    /// Time from the stop signal to exit.
+    stop: Duration,
+    /// Time from route-out to no open request.
+    drain: Duration,
+}
+
+const GOOD: Behaviour = Behaviour {
+    start: Duration::from_millis(20),
+    healthy_after: Some(Duration::from_millis(300)),
+    stop: Duration::from_millis(50),
+    drain: Duration::from_millis(150),
+};
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum SimEvent {
+    Started(u64),
+    Probe(u64),
+    Exit(u64, i32),
+    Drained(u64),
+}
+
+struct Proc {
+    pid: u32,
+    started: Option<Instant>,
+    alive: bool,
+    behaviour: Behaviour,
+    version: Version,
+}
+
+struct Sim {
+    svc: Service,
+    now: Instant,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Instant, u64, SimEvent)>>,
+    procs: HashMap<u64, Proc>,
+    behaviours: HashMap<Version, Behaviour>,
+    routed: HashSet<u64>,
+    stopped: HashSet<u64>,
+    events: Vec<String>,
+    next_pid: u32,
+    /// Minimum routed instances to keep at every step (capacity invariant).
+    capacity: usize,
+    steps: usize,
+}
+
+/// Steps of a clean rollout v1 → v2 of this shape.
+fn clean_steps(st: Strategy, n: u32, b: u32) -> usize {
+    let mut sim = Sim::new(spec("v1", n, b, st));
+    let s0 = sim.steps;
+    sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
+    sim.settle();
+    sim.steps - s0
+}
+
+impl Sim {
+    /// A service created at `s` and run until it is converged.
+    fn new(s: Spec) -> Sim {
+        let mut sim = Sim {
+            svc: Service::create(Instant::default(), s.clone()).0,
+            now: Instant::default(),
+            seq: 0,
+            queue: BinaryHeap::new(),
+            procs: HashMap::new(),
+            behaviours: HashMap::new(),
+            routed: HashSet::new(),
+            stopped: HashSet::new(),
+            events: Vec::new(),
+            next_pid: 1000,
+            capacity: 0,
+            steps: 0,
+        };
+        sim.behaviours.insert(s.version, GOOD);
+        // Re-create so the first actions go through the simulator.
+        let (svc, actions) = Service::create(sim.now, s);
+        sim.svc = svc;
+        sim.apply(actions);
+        sim.settle();
+        assert_eq!(
+            sim.svc.update_status(),
+            UpdateStatus::None,
+            "{:#?}",
+            sim.events
+        );
+        sim.check_converged();
+        sim.events.clear();
+        sim
+    }
+
+    fn at(&mut self, delay: Duration, e: SimEvent) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + delay, self.seq, e)));
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Start { id, spec, .. } => {
+                    assert!(!self.procs.contains_key(&id.0), "instance id {id} reused");
+                    let behaviour = *self.behaviours.get(&spec.version).unwrap_or(&GOOD);
+                    self.next_pid += 1;
+                    self.procs.insert(
+                        id.0,
+                        Proc {
+                            pid: self.next_pid,
+                            started: None,
+                            alive: true,
+                            behaviour,
+                            version: spec.version,
+                        },
+                    );
+                    self.at(behaviour.start, SimEvent::Started(id.0));
+                }
+                Action::Stop {
+                    id,
+                    signal,
+                    timeout,
+                } => {
+                    let p = self.procs.get(&id.0).expect("stop of an unknown instance");
+                    assert!(self.stopped.insert(id.0), "instance {id} stopped twice");
+                    if p.alive {
+                        let delay = p.behaviour.stop.min(timeout);
+                        self.at(delay, SimEvent::Exit(id.0, signal.number()));
+                    }
+                }
+                Action::RouteIn { id } => {
+                    let p = &self.procs[&id.0];
+                    assert!(p.alive, "route in of a dead instance {id}");
+                    assert!(self.routed.insert(id.0), "instance {id} routed in twice");
+                }
+                Action::RouteOut { id } => {
+                    assert!(
+                        self.routed.remove(&id.0),
+                        "route out of {id}, not routed in"
+                    );
+                    let drain = self.procs[&id.0].behaviour.drain;
+                    self.at(drain, SimEvent::Drained(id.0));
+                }
+                Action::Event(e) => {
+                    assert!(!e.starts_with("internal:"), "{e}");
+                    self.events.push(e)
+                }
+            }
+        }
+    }
+
+    fn feed(&mut self, input: Input) -> Result<String, Refusal> {
+        let handled = self.svc.handle(self.now, input);
+        // A step is an input the machine acted on; probes that change
+        // nothing are not steps.
+        if !handled.actions.is_empty() {
+            self.steps += 1;
+        }
+        self.apply(handled.actions);
+        self.check_invariants();
+        handled.result
+    }
+
+    fn command(&mut self, cmd: Command) -> Result<String, Refusal> {
+        self.feed(Input::Command(cmd))
+    }
+
+    /// Advances to the next thing that happens; false when nothing will.
+    fn step(&mut self) -> bool {
+        let next_event = self.queue.peek().map(|Reverse((t, _, _))| *t);
+        let next_tick = self.svc.next_deadline();
+        let t = match (next_event, next_tick) {
+            (None, None) => return false,
+            (Some(e), Some(d)) => e.min(d),
+            (Some(e), None) => e,
+            (None, Some(d)) => d,
+        };
+        assert!(t >= self.now, "time went backwards");
+        self.now = t;
+        if next_event == Some(t) {
+            let Some(Reverse((_, _, e))) = self.queue.pop() else {
+                return false;
+            };
+            self.deliver(e);
+        } else {
+            let _ = self.feed(Input::Tick);
+        }
+        true
+    }
+
+    fn deliver(&mut self, e: SimEvent) {
+        match e {
+            SimEvent::Started(id) => {
+                let Some(p) = self.procs.get_mut(&id) else {
+                    return;
+                };
+                if !p.alive {
+                    return;
+                }
+                p.started = Some(self.now);
+                let pid = p.pid;
+                let _ = self.feed(Input::Started {
+                    id: InstanceId(id),
+                    pid,
+                });
+                self.at(Duration::ZERO, SimEvent::Probe(id));
+            }
+            SimEvent::Probe(id) => {
+                let Some(p) = self.procs.get(&id) else { return };
+                if !p.alive {
+                    return;
+                }
+                let since = p.started.map(|s| self.now.since(s)).unwrap_or_default();
+                let result = match p.behaviour.healthy_after {
+                    Some(after) if since >= after => Ok(()),
+                    _ => Err("connection refused".to_string()),
+                };
+                let _ = self.feed(Input::Probe {
+                    id: InstanceId(id),
+                    result,
+                });
+                self.at(100 * MS, SimEvent::Probe(id));
+            }
+            SimEvent::Exit(id, sig) => {
+                let Some(p) = self.procs.get_mut(&id) else {
+                    return;
+                };
+                if !p.alive {
+                    return;
+                }
+                p.alive = false;
+                let exit = if sig == 0 {
+                    Exit::Code(1)
+                } else {
+                    Exit::Signal(sig)
+                };
+                let _ = self.feed(Input::Exited {
+                    id: InstanceId(id),
+                    exit,
+                });
+            }
+            SimEvent::Drained(id) => {
+                let _ = self.feed(Input::Drained { id: InstanceId(id) });
+            }
+        }
+    }
+
+    /// Runs until nothing is in flight (probes go on forever, so: until the
+    /// rollout is over and the instances are settled), or a limit.
+    fn settle(&mut self) {
+        let limit = self.now + Duration::from_secs(600);
+        while self.now < limit {
+            if self.svc.wait_line().is_some() && self.quiet() {
+                return;
+            }
+            if !self.step() {
+                return;
+            }
+        }
+        panic!("did not settle: {:#?}", self.events);
+    }
+
+    /// No instance is on its way in or out.
+    fn quiet(&self) -> bool {
+        self.svc.instances().iter().all(|i| {
+            matches!(i.state(), State::Ready | State::Exited | State::Unhealthy)
+                && i.role() == Role::Serving
+        }) && self.svc.slots.iter().all(|s| s.restart_at.is_none())
+    }
+
+    /// Kills a live process now, as if it crashed.
+    fn crash(&mut self, id: u64) {
+        self.deliver(SimEvent::Exit(id, 0));
+    }
+
+    fn check_invariants(&self) {
+        let svc = &self.svc;
+        // The routing table is exactly the Ready instances.
+        let ready: HashSet<u64> = svc
+            .instances()
+            .iter()
+            .filter(|i| i.state() == State::Ready)
+            .map(|i| i.id().0)
+            .collect();
+        assert_eq!(
+            ready, self.routed,
+            "routing table out of step: {:#?}",
+            self.events
+        );
+        // Every routed instance is alive and healthy.
+        for id in &self.routed {
+            assert!(self.procs[id].alive);
+        }
+        // At most one live serving instance per slot; numbers are unique.
+        let mut slots = HashSet::new();
+        let mut numbers = HashSet::new();
+        for i in svc.instances() {
+            if i.role() == Role::Serving && i.state() != State::Exited {
+                assert!(
+                    slots.insert(i.slot()),
+                    "two serving instances in slot {}",
+                    i.slot()
+                );
+            }
+            assert!(
+                numbers.insert(i.number()),
+                "number {} used twice",
+                i.number()
+            );
+        }
+        // Capacity.
+        assert!(
+            self.routed.len() >= self.capacity,
+            "capacity fell to {} (< {}) at {:?}: {:#?}",
+            self.routed.len(),
+            self.capacity,
+            self.now,
+            self.events
+        );
+        // A status line for wait exists exactly when nothing is in flight.
+        let in_flight = svc
+            .rollout
+            .as_ref()
+            .is_some_and(|r| !r.paused || r.batch.is_some());
+        assert_eq!(svc.wait_line().is_none(), in_flight);
+    }
+
+    fn check_converged(&self) {
+        let svc = &self.svc;
+        let n = svc.target().manifest.replicas;
+        assert_eq!(
+            svc.update_status(),
+            UpdateStatus::None,
+            "{:#?}",
+            self.events
+        );
+        assert_eq!(svc.progress(), (n, n), "{:#?}", self.events);
+        let mut numbers: Vec<u32> = svc.instances().iter().map(|i| i.number()).collect();
+        numbers.sort();
+        assert_eq!(numbers, (0..n).collect::<Vec<_>>(), "{:#?}", self.events);
+        for i in svc.instances() {
+            assert_eq!(i.spec().version, svc.version());
+            assert_eq!(i.state(), State::Ready);
+            assert_eq!(i.number(), i.slot());
+        }
+        assert_eq!(self.routed.len(), n as usize);
+        // Every process deployd no longer knows of is gone.
+        let known: HashSet<u64> = svc.instances().iter().map(|i| i.id().0).collect();
+        for (id, p) in &self.procs {
+            assert_eq!(
+                p.alive,
+                known.contains(id),
+                "process of instance {id}: {:#?}",
+                self.events
+            );
+        }
+    }
+
+    /// Live serving instance ids by slot.
+    fn serving(&self) -> BTreeMap<u32, (u64, Version)> {
+        self.svc
+            .instances()
+            .iter()
+            .filter(|i| i.role() == Role::Serving && i.state() != State::Exited)
+            .map(|i| (i.slot(), (i.id().0, i.spec().version)))
+            .collect()
+    }
+}
+
+fn strategies() -> [Strategy; 2] {
+    [Strategy::Rolling, Strategy::Replace]
+}
+
+/// Every (strategy, replicas, batch) the exhaustive tests cover.
+fn shapes() -> Vec<(Strategy, u32, u32)> {
+    let mut v = Vec::new();
+    for st in strategies() {
+        for n in 1..=5 {
+            for b in 1..=n {
+                v.push((st, n, b));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn create_starts_every_instance_and_converges() {
+    for (st, n, b) in shapes() {
+        let sim = Sim::new(spec("v1", n, b, st));
+        assert_eq!(
+            sim.svc.wait_line(),
+            Some(format!("none {}", sim.svc.version()))
+        );
+    }
+}
+
+/// A clean rollout: new instances replace old a batch at a time; capacity
+/// never drops (rolling), events come in order, the end is converged.
+#[test]
+fn clean_rollout_every_shape() {
+    for (st, n, b) in shapes() {
+        let mut sim = Sim::new(spec("v1", n, b, st));
+        let old: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
+        if st == Strategy::Rolling {
+            sim.capacity = n as usize;
+        }
+        let v2 = spec("v2", n, b, st);
+        let msg = sim.command(Command::Apply(v2.clone())).unwrap();
+        assert!(msg.contains("started"), "{msg}");
+        assert_eq!(sim.svc.update_status(), UpdateStatus::Rolling);
+        assert_eq!(sim.svc.wait_line(), None);
+        sim.settle();
+        sim.check_converged();
+        assert_eq!(sim.svc.version(), v2.version);
+        assert_eq!(
+            sim.svc.previous().map(|p| p.version),
+            Some(spec("v1", n, b, st).version)
+        );
+        for id in old {
+            assert!(!sim.procs[&id].alive);
+        }
+        // The story, in order.
+        let first = &sim.events[0];
+        assert!(first.contains("update started"), "{first}");
+        assert!(
+            sim.events.last().unwrap().contains("complete"),
+            "{:#?}",
+            sim.events
+        );
+        if st == Strategy::Rolling && n.div_ceil(b) > 1 {
+            let batches = sim.events.iter().filter(|e| e.contains(" done (")).count();
+            assert_eq!(batches as u32, n.div_ceil(b), "{:#?}", sim.events);
+        }
+    }
+}
+
+/// Rolling updates never run more than n + batch instances, and replace one
+/// batch at a time: the slots at the new version grow by at most `b` per batch.
+#[test]
+fn rolling_surge_is_bounded_by_the_batch() {
+    for (_, n, b) in shapes().into_iter().filter(|s| s.0 == Strategy::Rolling) {
+        let mut sim = Sim::new(spec("v1", n, b, Strategy::Rolling));
+        sim.command(Command::Apply(spec("v2", n, b, Strategy::Rolling)))
+            .unwrap();
+        let limit = sim.now + Duration::from_secs(120);
+        while sim.now < limit && sim.step() {
+            let alive = sim.procs.values().filter(|p| p.alive).count() as u32;
+            assert!(alive <= n + b, "{alive} processes for n={n} b={b}");
+            if sim.svc.wait_line().is_some() {
+                break;
+            }
+        }
+        sim.settle();
+        sim.check_converged();
+    }
+}
+
+/// A version that never gets healthy fails after health_deadline, stops its
+/// instances, leaves every old instance untouched, and reports why.
+#[test]
+fn bad_version_fails_and_old_instances_are_untouched() {
+    for (st, n, b) in shapes() {
+        let mut sim = Sim::new(spec("v1", n, b, st));
+        let before = sim.serving();
+        let v2 = spec("bad", n, b, st);
+        sim.behaviours.insert(
+            v2.version,
+            Behaviour {
+                healthy_after: None,
+                ..GOOD
+            },
+        );
+        if st == Strategy::Rolling {
+            sim.capacity = n as usize;
+        }
+        let t0 = sim.now;
+        sim.command(Command::Apply(v2)).unwrap();
+        sim.settle();
+        assert_eq!(
+            sim.svc.update_status(),
+            UpdateStatus::Failed,
+            "{:#?}",
+            sim.events
+        );
+        let line = sim.svc.wait_line().unwrap();
+        assert!(line.starts_with("failed: instance "), "{line}");
+        assert!(
+            line.contains("not healthy within health_deadline 5s (last probe: connection refused)"),
+            "{line}"
+        );
+        // It failed at the deadline, not later.
+        assert!(
+            sim.now.since(t0) <= Duration::from_secs(6),
+            "{:?}",
+            sim.now.since(t0)
+        );
+        // No bad instance is left running.
+        for p in sim.procs.values() {
+            if p.version != before.values().next().unwrap().1 {
+                assert!(!p.alive);
+            }
+        }
+        if st == Strategy::Rolling {
+            // Rolling: the first batch failed, so every old instance still runs.
+            assert_eq!(sim.serving(), before);
+            for (id, _) in before.values() {
+                assert!(!sim.stopped.contains(id), "old instance {id} was stopped");
+            }
+        }
+    }
+}
+
+/// Faults injected at every step of a rollout: a new instance crashes. The
+/// rollout fails (or, for a crash after commit, the instance restarts); old
+/// instances that were not yet replaced are untouched; capacity holds.
+#[test]
+fn new_instance_crash_at_every_step() {
+    for (st, n, b) in shapes() {
+        for k in 0..=clean_steps(st, n, b) {
+            let mut sim = Sim::new(spec("v1", n, b, st));
+            if st == Strategy::Rolling {
+                sim.capacity = n as usize;
+            }
+            let v1 = sim.svc.version();
+            let s0 = sim.steps;
+            sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
+            while sim.steps - s0 < k && sim.step() {}
+            // Crash the newest instance of the new version, if one runs.
+            let victim = sim
+                .svc
+                .instances()
+                .iter()
+                .filter(|i| i.spec().version != v1 && i.state() != State::Exited)
+                .map(|i| (i.id().0, i.role()))
+                .max();
+            let untouched: Vec<u64> = sim
+                .svc
+                .instances()
+                .iter()
+                .filter(|i| i.spec().version == v1 && i.role() == Role::Serving)
+                .map(|i| i.id().0)
+                .collect();
+            let Some((id, role)) = victim else { continue };
+            if role == Role::Serving {
+                // A routed-in instance crashing takes its capacity with it.
+                sim.capacity = sim.capacity.saturating_sub(1);
+            }
+            sim.crash(id);
+            sim.settle();
+            match role {
+                Role::Candidate => {
+                    assert_eq!(
+                        sim.svc.update_status(),
+                        UpdateStatus::Failed,
+                        "k={k} {st:?} n={n} b={b}: {:#?}",
+                        sim.events
+                    );
+                    assert!(
+                        sim.svc
+                            .wait_line()
+                            .unwrap()
+                            .contains("exited while starting")
+                    );
+                    if st == Strategy::Rolling {
+                        for old in untouched {
+                            assert!(!sim.stopped.contains(&old), "old {old} stopped, k={k}");
+                        }
+                    }
+                    // Nothing restarts in a loop: the failed candidate stays gone.
+                    assert!(!sim.procs[&id].alive);
+                    assert!(
+                        sim.svc
+                            .instances()
+                            .iter()
+                            .all(|i| i.role() != Role::Candidate)
+                    );
+                }
+                _ => {
+                    // A committed instance crashed: restarted, rollout completes.
+                    sim.check_converged();
+                }
+            }
+        }
+    }
+}
+
+/// An old instance crashes at every step: it is restarted (at its own
+/// version) or replaced, and the rollout still converges.
+#[test]
+fn old_instance_crash_at_every_step_still_converges() {
+    for (st, n, b) in shapes() {
+        for k in 0..=clean_steps(st, n, b) {
+            let mut sim = Sim::new(spec("v1", n, b, st));
+            let v1 = sim.svc.version();
+            let s0 = sim.steps;
+            sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
+            while sim.steps - s0 < k && sim.step() {}
+            let victim = sim
+                .svc
+                .instances()
+                .iter()
+                .filter(|i| i.spec().version == v1 && i.state() != State::Exited)
+                .map(|i| i.id().0)
+                .min();
+            if let Some(id) = victim {
+                sim.crash(id);
+            }
+            sim.settle();
+            sim.check_converged();
+        }
+    }
+}
+
+/// Pause at every step: the batch in flight finishes, then nothing moves
+/// until resume; resume completes the rollout.
+#[test]
+fn pause_at_every_step_holds_then_resume_completes() {
+    for (st, n, b) in shapes() {
+        for k in 0..=clean_steps(st, n, b) {
+            let mut sim = Sim::new(spec("v1", n, b, st));
+            if st == Strategy::Rolling {
+                sim.capacity = n as usize;
+            }
+            let s0 = sim.steps;
+            sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
+            while sim.steps - s0 < k && sim.step() && sim.svc.rollout.is_some() {}
+            if let Err(r) = sim.command(Command::Pause) {
+                assert!(
+                    sim.svc.rollout.is_none(),
+                    "pause refused mid-rollout: {r:?}"
+                );
+                assert_eq!(r.kind, RefusalKind::Invalid);
+                continue;
+            }
+            assert_eq!(sim.svc.update_status(), UpdateStatus::Paused);
+            sim.settle();
+            let line = sim.svc.wait_line().unwrap();
+            assert!(line.starts_with("paused "), "{line}");
+            assert!(sim.svc.batch().is_none(), "held with a batch in flight");
+            let held = sim.serving();
+            let progress = sim.svc.progress();
+            // Nothing moves while paused, however long.
+            let until = sim.now + Duration::from_secs(60);
+            while sim.now < until && sim.step() {}
+            assert_eq!(sim.serving(), held);
+            assert_eq!(sim.svc.progress(), progress);
+            assert_eq!(
+                sim.command(Command::Pause).unwrap_err().message,
+                "already paused"
+            );
+            sim.command(Command::Resume).unwrap();
+            sim.settle();
+            sim.check_converged();
+        }
+    }
+}
+
+/// Rollback at every step of a rollout goes back to v1 with the same health
+/// gates: capacity never drops (rolling), and versions are swapped.
+#[test]
+fn rollback_at_every_step() {
+    for (st, n, b) in shapes() {
+        for k in 0..=clean_steps(st, n, b) {
+            let mut sim = Sim::new(spec("v1", n, b, st));
+            if st == Strategy::Rolling {
+                sim.capacity = n as usize;
+            }
+            let v1 = sim.svc.version();
+            let v2 = spec("v2", n, b, st);
+            let s0 = sim.steps;
+            sim.command(Command::Apply(v2.clone())).unwrap();
+            while sim.steps - s0 < k && sim.step() {}
+            sim.command(Command::Rollback(None)).unwrap();
+            sim.settle();
+            sim.check_converged();
+            assert_eq!(sim.svc.version(), v1);
+            assert_eq!(sim.svc.previous().map(|p| p.version), Some(v2.version));
+        }
+    }
+}
+
+/// deployd killed at every step: the record restores the service, the rollout
+/// comes back paused, and resume finishes it.
+#[test]
+fn restore_at_every_step_comes_back_paused_and_resume_finishes() {
+    for (st, n, b) in shapes() {
+        for k in 0..=clean_steps(st, n, b) {
+            let mut sim = Sim::new(spec("v1", n, b, st));
+            let v1 = spec("v1", n, b, st);
+            let v2 = spec("v2", n, b, st);
+            let s0 = sim.steps;
+            sim.command(Command::Apply(v2.clone())).unwrap();
+            while sim.steps - s0 < k && sim.step() {}
+            let record = sim.svc.record();
+            let was = sim.svc.update_status();
+            // Everything the old deployd ran is gone.
+            let mut fresh = Sim {
+                svc: sim.svc.clone(),
+                now: sim.now,
+                seq: 0,
+                queue: BinaryHeap::new(),
+                procs: HashMap::new(),
+                behaviours: HashMap::new(),
+                routed: HashSet::new(),
+                stopped: HashSet::new(),
+                events: Vec::new(),
+                next_pid: 1,
+                capacity: 0,
+                steps: 0,
+            };
+            let resolve = |v: Version| {
+                [v1.clone(), v2.clone()]
+                    .into_iter()
+                    .find(|s| s.version == v)
+            };
+            let (svc, actions) = Service::restore(fresh.now, &record, resolve).unwrap();
+            fresh.svc = svc;
+            fresh.apply(actions);
+            fresh.settle();
+            match was {
+                UpdateStatus::Rolling => {
+                    assert_eq!(fresh.svc.update_status(), UpdateStatus::Paused);
+                    assert!(
+                        fresh.events[0].starts_with("deployd restarted during"),
+                        "{:?}",
+                        fresh.events
+                    );
+                    fresh.command(Command::Resume).unwrap();
+                    fresh.settle();
+                }
+                other => assert_eq!(fresh.svc.update_status(), other),
+            }
+            fresh.check_converged();
+            assert_eq!(fresh.svc.version(), v2.version);
+        }
+    }
+}
+
+#[test]
+fn auto_rollback_returns_to_the_previous_version_and_reports_failure() {
+    for (st, n, b) in shapes() {
+        let mut sim = Sim::new(spec("v1", n, b, st));
+        let v1 = sim.svc.version();
+        let mut bad = spec("bad", n, b, st);
+        let mut m = (*bad.manifest).clone();
+        m.auto_rollback = true;
+        bad = Spec::new(m, "auto");
+        sim.behaviours.insert(
+            bad.version,
+            Behaviour {
+                healthy_after: None,
+                ..GOOD
+            },
+        );
+        sim.command(Command::Apply(bad.clone())).unwrap();
+        sim.settle();
+        sim.check_converged();
+        assert_eq!(sim.svc.version(), v1);
+        assert_eq!(sim.svc.previous().map(|p| p.version), Some(bad.version));
+        let line = sim.svc.wait_line().unwrap();
+        assert!(line.starts_with("failed: instance "), "{line}");
+        assert!(line.ends_with(&format!("rolled back to {v1}")), "{line}");
+        assert!(
+            sim.events
+                .iter()
+                .any(|e| e.starts_with("automatic rollback started"))
+        );
+    }
+}
+
+#[test]
+fn a_failed_automatic_rollback_does_not_trigger_another() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    let mut m = (*spec("v2", 3, 1, Strategy::Rolling).manifest).clone();
+    m.auto_rollback = true;
+    let v2 = Spec::new(m, "v2");
+    sim.command(Command::Apply(v2.clone())).unwrap();
+    sim.settle();
+    sim.check_converged();
+    // Now v1 turns bad too (its processes will never get healthy), and v3 is bad.
+    let v1 = sim.svc.previous().unwrap().clone();
+    let mut m3 = (*v2.manifest).clone();
+    m3.exec = "v3".into();
+    let v3 = Spec::new(m3, "v3");
+    sim.behaviours.insert(
+        v1.version,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    sim.behaviours.insert(
+        v3.version,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    sim.command(Command::Apply(v3)).unwrap();
+    sim.settle();
+    // v3 failed, rolled back to v2 (its previous) which is still good.
+    sim.check_converged();
+    assert_eq!(sim.svc.version(), v2.version);
+    // Roll v2 → v1 manually: v1 is bad, it fails, and no automatic rollback follows.
+    sim.command(Command::Rollback(Some(v1.clone()))).unwrap();
+    sim.settle();
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+    let autos = sim
+        .events
+        .iter()
+        .filter(|e| e.starts_with("automatic rollback started"))
+        .count();
+    assert_eq!(autos, 1, "{:#?}", sim.events);
+}
+
+#[test]
+fn rollback_from_a_failed_rollout_and_to_a_version_in_history() {
+    let mut sim = Sim::new(spec("v1", 3, 2, Strategy::Rolling));
+    let v1 = sim.svc.target().clone();
+    let v2 = spec("v2", 3, 2, Strategy::Rolling);
+    sim.command(Command::Apply(v2.clone())).unwrap();
+    sim.settle();
+    let bad = spec("bad", 3, 2, Strategy::Rolling);
+    sim.behaviours.insert(
+        bad.version,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    sim.command(Command::Apply(bad.clone())).unwrap();
+    sim.settle();
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+    sim.capacity = 3;
+    sim.command(Command::Rollback(None)).unwrap();
+    sim.settle();
+    sim.check_converged();
+    assert_eq!(sim.svc.version(), v2.version);
+    assert_eq!(sim.svc.previous().unwrap().version, bad.version);
+    // Any version from history.
+    sim.command(Command::Rollback(Some(v1.clone()))).unwrap();
+    sim.settle();
+    sim.check_converged();
+    assert_eq!(sim.svc.version(), v1.version);
+    assert_eq!(sim.svc.previous().unwrap().version, v2.version);
+}
+
+#[test]
+fn restart_replaces_every_process_one_batch_at_a_time() {
+    for (st, n, b) in shapes() {
+        let mut sim = Sim::new(spec("v1", n, b, st));
+        let before: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
+        if st == Strategy::Rolling {
+            sim.capacity = n as usize;
+        }
+        sim.command(Command::Restart).unwrap();
+        sim.settle();
+        sim.check_converged();
+        let after: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
+        for id in &before {
+            assert!(!after.contains(id), "instance {id} was not replaced");
+            assert!(!sim.procs[id].alive);
+        }
+        assert!(sim.svc.previous().is_none(), "restart keeps the version");
+    }
+}
+
+#[test]
+fn scale_only_starts_or_stops_without_replacing() {
+    for (from, to) in [(1, 3), (3, 5), (5, 2), (3, 1), (2, 2)] {
+        let mut sim = Sim::new(spec("v1", from, 1, Strategy::Rolling));
+        let before = sim.serving();
+        sim.capacity = from.min(to) as usize;
+        let r = sim.command(Command::Apply(spec("v1", to, 1, Strategy::Rolling)));
+        sim.settle();
+        sim.check_converged();
+        let after = sim.serving();
+        for s in 0..from.min(to) {
+            assert_eq!(
+                before[&s].0, after[&s].0,
+                "slot {s} was replaced, {from} -> {to}"
+            );
+        }
+        if from == to {
+            assert!(r.unwrap().starts_with("unchanged"));
+        } else {
+            assert!(sim.events[0].starts_with("scaling to"), "{:?}", sim.events);
+        }
+    }
+}
+
+#[test]
+fn replicas_and_version_change_together() {
+    for (from, to) in [(1, 3), (3, 5), (5, 2), (3, 1)] {
+        for st in strategies() {
+            let mut sim = Sim::new(spec("v1", from, 1, st));
+            sim.command(Command::Apply(spec("v2", to, 1, st))).unwrap();
+            sim.settle();
+            sim.check_converged();
+        }
+    }
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    let record = sim.svc.record();
+    let r = sim.command(Command::Pause).unwrap_err();
+    assert_eq!(
+        (r.kind, r.message.as_str()),
+        (
+            RefusalKind::Invalid,
+            "nothing to pause: no rollout in progress"
+        )
+    );
+    let r = sim.command(Command::Resume).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Invalid);
+    let r = sim.command(Command::Rollback(None)).unwrap_err();
+    assert_eq!(
+        (r.kind, r.message.as_str()),
+        (RefusalKind::NotFound, "no previous version to roll back to")
+    );
+    let r = sim.command(Command::Start).unwrap_err();
+    assert_eq!(r.message, "already running");
+    assert_eq!(sim.svc.record(), record);
+
+    sim.command(Command::Apply(spec("v2", 3, 1, Strategy::Rolling)))
+        .unwrap();
+    let during = sim.svc.record();
+    let r = sim
+        .command(Command::Apply(spec("v3", 3, 1, Strategy::Rolling)))
+        .unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Busy);
+    assert!(
+        r.message.starts_with("a rolling update to "),
+        "{}",
+        r.message
+    );
+    let r = sim.command(Command::Restart).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Busy);
+    assert_eq!(sim.svc.record(), during);
+    sim.settle();
+    sim.check_converged();
+}
+
+#[test]
+fn apply_unchanged_is_a_noop_and_failed_apply_can_be_retried() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let before = sim.serving();
+    let r = sim
+        .command(Command::Apply(spec("v1", 2, 1, Strategy::Rolling)))
+        .unwrap();
+    assert_eq!(r, format!("unchanged: already at {}", sim.svc.version()));
+    assert_eq!(
+        sim.svc.wait_line(),
+        Some(format!("none {}", sim.svc.version()))
+    );
+    assert_eq!(sim.serving(), before);
+
+    let bad = spec("flaky", 2, 1, Strategy::Rolling);
+    sim.behaviours.insert(
+        bad.version,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    sim.command(Command::Apply(bad.clone())).unwrap();
+    sim.settle();
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+    // The cause is fixed; the same manifest is applied again.
+    sim.behaviours.insert(bad.version, GOOD);
+    let r = sim.command(Command::Apply(bad.clone())).unwrap();
+    assert!(r.starts_with("retrying"), "{r}");
+    sim.settle();
+    sim.check_converged();
+}
+
+#[test]
+fn steady_state_crash_loop_backs_off_exponentially() {
+    let mut sim = Sim::new(spec("v1", 1, 1, Strategy::Rolling));
+    let v = sim.svc.version();
+    // From now on every process of v1 dies at once after starting.
+    sim.behaviours.insert(
+        v,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    let id = sim.serving()[&0].0;
+    sim.crash(id);
+    let mut restarts = Vec::new();
+    let until = sim.now + Duration::from_secs(120);
+    while sim.now < until && sim.step() {
+        // Kill every new process as soon as it starts.
+        let live: Vec<u64> = sim
+            .procs
+            .iter()
+            .filter(|(_, p)| p.alive && p.started.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in live {
+            sim.crash(id);
+        }
+        if let Some(e) = sim.events.last() {
+            if e.contains("restarting in") && restarts.last() != Some(e) {
+                restarts.push(e.clone());
+            }
+        }
+    }
+    let delays: Vec<&str> = restarts
+        .iter()
+        .map(|e| e.rsplit("restarting in ").next().unwrap())
+        .collect();
+    assert_eq!(
+        &delays[..6],
+        ["0.1s", "0.2s", "0.4s", "0.8s", "1.6s", "3.2s"],
+        "{restarts:?}"
+    );
+    assert!(
+        delays
+            .iter()
+            .all(|d| d.trim_end_matches('s').parse::<f64>().unwrap() <= 30.0)
+    );
+    // Bounded: 120s of a crash loop is about a dozen restarts, not thousands.
+    assert!(restarts.len() < 20, "{}", restarts.len());
+}
+
+#[test]
+fn restart_policies() {
+    for (policy, code, restarted) in [
+        (RestartPolicy::Always, 0, true),
+        (RestartPolicy::Always, 1, true),
+        (RestartPolicy::OnFailure, 0, false),
+        (RestartPolicy::OnFailure, 1, true),
+        (RestartPolicy::Never, 1, false),
+    ] {
+        let mut m = (*spec("v1", 2, 1, Strategy::Rolling).manifest).clone();
+        m.restart = policy;
+        let mut sim = Sim::new(Spec::new(m, "x"));
+        let id = sim.serving()[&1].0;
+        sim.procs.get_mut(&id).unwrap().alive = false;
+        sim.feed(Input::Exited {
+            id: InstanceId(id),
+            exit: Exit::Code(code),
+        })
+        .unwrap();
+        let until = sim.now + Duration::from_secs(5);
+        while sim.now < until && sim.step() {}
+        let slot1 = sim.serving().get(&1).map(|(id, _)| *id);
+        assert_eq!(
+            slot1.is_some(),
+            restarted,
+            "{policy:?} exit {code}: {:#?}",
+            sim.events
+        );
+        if !restarted {
+            let rec = sim.svc.instances().iter().find(|i| i.slot() == 1).unwrap();
+            assert_eq!(rec.state(), State::Exited);
+            assert_eq!(rec.exit(), Some(&Exit::Code(code)));
+            assert_eq!(sim.svc.progress(), (1, 2));
+        }
+    }
+}
+
+#[test]
+fn unhealthy_instance_is_routed_out_and_replaced() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let id = sim.serving()[&0].0;
+    for _ in 0..3 {
+        sim.feed(Input::Probe {
+            id: InstanceId(id),
+            result: Err("HTTP 500".into()),
+        })
+        .unwrap();
+    }
+    assert!(!sim.routed.contains(&id));
+    let e = sim.events.iter().find(|e| e.contains("unhealthy")).unwrap();
+    assert_eq!(
+        e,
+        "instance 0 unhealthy after 3 failed probes (last probe: HTTP 500); replacing it"
+    );
+    // Stop the simulated probes of the sick one from reviving it.
+    sim.procs.get_mut(&id).unwrap().behaviour.healthy_after = None;
+    sim.settle();
+    sim.check_converged();
+    assert!(!sim.procs[&id].alive);
+}
+
+#[test]
+fn grace_and_retries_decide_when_failures_count() {
+    let mut m = (*spec("v1", 1, 1, Strategy::Rolling).manifest).clone();
+    m.health_grace = Duration::from_secs(10);
+    m.health_retries = 2;
+    let mut sim = Sim::new(Spec::new(m, "g"));
+    let id = InstanceId(sim.serving()[&0].0);
+    // Inside the grace period failures don't count.
+    for _ in 0..5 {
+        sim.feed(Input::Probe {
+            id,
+            result: Err("x".into()),
+        })
+        .unwrap();
+    }
+    assert!(sim.routed.contains(&id.0));
+    sim.now = sim.now + Duration::from_secs(11);
+    sim.feed(Input::Probe {
+        id,
+        result: Err("x".into()),
+    })
+    .unwrap();
+    assert!(
+        sim.routed.contains(&id.0),
+        "one failure is not enough with retries 2"
+    );
+    sim.feed(Input::Probe { id, result: Ok(()) }).unwrap();
+    sim.feed(Input::Probe {
+        id,
+        result: Err("x".into()),
+    })
+    .unwrap();
+    assert!(sim.routed.contains(&id.0), "a success resets the count");
+    sim.feed(Input::Probe {
+        id,
+        result: Err("x".into()),
+    })
+    .unwrap();
+    assert!(!sim.routed.contains(&id.0));
+}
+
+#[test]
+fn min_healthy_holds_the_batch_and_flapping_resets_it() {
+    let mut m = (*spec("v1", 1, 1, Strategy::Rolling).manifest).clone();
+    m.min_healthy = Duration::from_secs(2);
+    let mut sim = Sim::new(Spec::new(m.clone(), "a"));
+    m.exec = "v2".into();
+    let v2 = Spec::new(m, "b");
+    sim.command(Command::Apply(v2)).unwrap();
+    // Run until the candidate is healthy, then check it is not routed in early.
+    while sim
+        .svc
+        .instances()
+        .iter()
+        .all(|i| !(i.role() == Role::Candidate && i.state() == State::Healthy))
+    {
+        assert!(sim.step());
+    }
+    let healthy_at = sim.now;
+    while sim.svc.batch().is_some_and(|b| b.phase == Phase::Starting) {
+        assert!(sim.step());
+    }
+    assert!(sim.now.since(healthy_at) >= Duration::from_secs(2));
+    sim.settle();
+    sim.check_converged();
+}
+
+#[test]
+fn replace_stops_all_old_before_starting_new() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Replace));
+    let old: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
+    sim.command(Command::Apply(spec("v2", 3, 1, Strategy::Replace)))
+        .unwrap();
+    let mut first_new_start: Option<Instant> = None;
+    let mut last_old_exit: Option<Instant> = None;
+    while sim.svc.wait_line().is_none() && sim.step() {
+        if first_new_start.is_none() && sim.procs.keys().any(|id| !old.contains(id)) {
+            first_new_start = Some(sim.now);
+        }
+        if last_old_exit.is_none() && old.iter().all(|id| !sim.procs[id].alive) {
+            last_old_exit = Some(sim.now);
+        }
+    }
+    assert!(
+        last_old_exit.unwrap() <= first_new_start.unwrap(),
+        "{last_old_exit:?} {first_new_start:?} {:#?}",
+        sim.events
+    );
+    sim.settle();
+    sim.check_converged();
+}
+
+#[test]
+fn stop_and_start() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    sim.command(Command::Stop).unwrap();
+    sim.settle();
+    assert!(sim.procs.values().all(|p| !p.alive));
+    assert!(sim.svc.instances().is_empty());
+    assert!(sim.svc.record().stopped);
+    assert_eq!(
+        sim.command(Command::Stop).unwrap_err().message,
+        "already stopped"
+    );
+    let r = sim
+        .command(Command::Apply(spec("v2", 3, 1, Strategy::Rolling)))
+        .unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Busy);
+    sim.command(Command::Start).unwrap();
+    sim.settle();
+    sim.check_converged();
+}
+
+#[test]
+fn stop_during_a_rollout_cancels_it() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    sim.command(Command::Apply(spec("v2", 3, 1, Strategy::Rolling)))
+        .unwrap();
+    for _ in 0..5 {
+        sim.step();
+    }
+    sim.command(Command::Stop).unwrap();
+    assert!(sim.svc.wait_line().unwrap().contains("cancelled"));
+    sim.settle();
+    assert!(sim.procs.values().all(|p| !p.alive));
+}
+
+#[test]
+fn remove_stops_everything_then_reports_removed() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    sim.command(Command::Remove).unwrap();
+    assert!(!sim.svc.is_removed());
+    sim.settle();
+    assert!(sim.svc.is_removed());
+    assert!(sim.procs.values().all(|p| !p.alive));
+}
+
+#[test]
+fn numbers_are_contiguous_after_every_rollout() {
+    let mut sim = Sim::new(spec("v1", 4, 3, Strategy::Rolling));
+    for v in ["v2", "v3", "v4"] {
+        sim.command(Command::Apply(spec(v, 4, 3, Strategy::Rolling)))
+            .unwrap();
+        sim.settle();
+        sim.check_converged();
+    }
+    let renames = sim
+        .events
+        .iter()
+        .filter(|e| e.contains(" is now instance "))
+        .count();
+    assert!(renames > 0);
+}
+
+#[test]
+fn drain_waits_for_requests_up_to_the_drain_limit() {
+    // Requests that never finish: drain ends at the manifest's limit (2s).
+    let mut sim = Sim::new(spec("v1", 1, 1, Strategy::Rolling));
+    let v1 = sim.svc.version();
+    let slow = Behaviour {
+        drain: Duration::from_secs(3600),
+        ..GOOD
+    };
+    for p in sim.procs.values_mut() {
+        p.behaviour = slow;
+    }
+    sim.behaviours.insert(v1, slow);
+    let old = sim.serving()[&0].0;
+    sim.command(Command::Apply(spec("v2", 1, 1, Strategy::Rolling)))
+        .unwrap();
+    let mut routed_out_at = None;
+    while sim.procs[&old].alive && sim.step() {
+        if routed_out_at.is_none() && !sim.routed.contains(&old) && sim.routed.len() == 1 {
+            routed_out_at = Some(sim.now);
+        }
+    }
+    let took = sim.now.since(routed_out_at.unwrap());
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn update_pause_waits_between_batches() {
+    let mut m = (*spec("v1", 3, 1, Strategy::Rolling).manifest).clone();
+    m.update_pause = Duration::from_secs(10);
+    let mut sim = Sim::new(Spec::new(m.clone(), "a"));
+    m.exec = "v2".into();
+    let t0 = sim.now;
+    sim.command(Command::Apply(Spec::new(m, "b"))).unwrap();
+    sim.settle();
+    sim.check_converged();
+    // Two pauses between three batches.
+    assert!(sim.now.since(t0) >= Duration::from_secs(20));
+    assert!(sim.now.since(t0) < Duration::from_secs(25));
+    assert!(sim.events.iter().any(|e| e.ends_with("; next in 10s")));
+}
+
+#[test]
+fn stale_and_unknown_inputs_are_ignored() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let record = sim.svc.record();
+    for input in [
+        Input::Started {
+            id: InstanceId(999),
+            pid: 1,
+        },
+        Input::Probe {
+            id: InstanceId(999),
+            result: Ok(()),
+        },
+        Input::Exited {
+            id: InstanceId(999),
+            exit: Exit::Code(0),
+        },
+        Input::Drained {
+            id: InstanceId(999),
+        },
+        Input::Drained { id: InstanceId(0) },
+        Input::Tick,
+    ] {
+        sim.feed(input).unwrap();
+    }
+    assert_eq!(sim.svc.record(), record);
+    sim.check_converged();
+}
