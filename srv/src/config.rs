@@ -88,7 +88,9 @@ impl Config {
             allow_other: raw.allow_other.unwrap_or(false),
             log_level,
         };
-        if config.state.starts_with(&config.mountpoint) || config.manifests.starts_with(&config.mountpoint) {
+        if config.state.starts_with(&config.mountpoint)
+            || config.manifests.starts_with(&config.mountpoint)
+        {
             return Err("state and manifests must not be inside the mountpoint".into());
         }
         Ok(config)
@@ -101,7 +103,11 @@ mod tests {
 
     #[test]
     fn relative_paths_are_relative_to_the_file_and_defaults_apply() {
-        let c = Config::parse("manifests = \"m\"\nstate = \"/var/s\"\n", Path::new("/etc/x")).unwrap();
+        let c = Config::parse(
+            "manifests = \"m\"\nstate = \"/var/s\"\n",
+            Path::new("/etc/x"),
+        )
+        .unwrap();
         assert_eq!(c.manifests, PathBuf::from("/etc/x/m"));
         assert_eq!(c.state, PathBuf::from("/var/s"));
         assert_eq!(c.mountpoint, PathBuf::from("/deploy"));
@@ -129,12 +135,16 @@ mod tests {
         assert!(e.contains("line 1, column 1"), "{e}");
         assert!(e.contains("unknown field `mountpont`"), "{e}");
         let e = Config::parse("bind = \"localhost\"\n", Path::new("/")).unwrap_err();
-        assert_eq!(e, "bind: 'localhost' is not an IP address (e.g. 127.0.0.1 or ::1)");
+        assert_eq!(
+            e,
+            "bind: 'localhost' is not an IP address (e.g. 127.0.0.1 or ::1)"
+        );
         let e = Config::parse("allow_other = \"yes\"\n", Path::new("/")).unwrap_err();
         assert!(e.contains("invalid type"), "{e}");
         let e = Config::parse("log_level = \"loud\"\n", Path::new("/")).unwrap_err();
         assert!(e.starts_with("log_level: 'loud'"), "{e}");
-        let e = Config::parse("mountpoint = \"/d\"\nstate = \"/d/s\"\n", Path::new("/")).unwrap_err();
+        let e =
+            Config::parse("mountpoint = \"/d\"\nstate = \"/d/s\"\n", Path::new("/")).unwrap_err();
         assert_eq!(e, "state and manifests must not be inside the mountpoint");
         let e = Config::parse("[x\n", Path::new("/")).unwrap_err();
         assert!(e.contains("line 1"), "{e}");

@@ -119,14 +119,13 @@ impl fmt::Display for Exit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Exit::Code(c) => write!(f, "exit status {c}"),
-            Exit::Signal(s) => {
-                let name = crate::manifest::Signal::ALL
-                    .iter()
-                    .find(|(sig, _)| sig.number() == *s)
-                    .map(|(_, n)| format!(" ({n})"))
-                    .unwrap_or_default();
-                write!(f, "killed by signal {s}{name}")
-            }
+            Exit::Signal(s) => match crate::manifest::Signal::ALL
+                .iter()
+                .find(|(sig, _)| sig.number() == *s)
+            {
+                Some((_, name)) => write!(f, "killed by SIG{name}"),
+                None => write!(f, "killed by signal {s}"),
+            },
             Exit::SpawnFailed(e) => write!(f, "could not start: {e}"),
         }
     }

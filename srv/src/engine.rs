@@ -1,0 +1,842 @@
+//! The engine: one task that owns the truth.
+//!
+//! It holds every service's state machine and runtime handles, and runs the
+//! loop: take a message (a ctl command from the namespace, a probe result, an
+//! exit from the reaper, a drained instance) or a due timer, feed it to the
+//! service's machine, execute the actions it returns (spawn, signal, route,
+//! log), persist what changed, publish a fresh snapshot for the namespace.
+//! Data flows one way: command → machine → actions → effects → events →
+//! snapshot → files.
+//!
+//! A ctl command is acknowledged only after its effects are persisted, so a
+//! command that `write(2)` reported as done survives a kill -9.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use deployd_lib::ctl::Verb;
+use deployd_lib::manifest::{self, Health, LoadError, Version};
+use deployd_lib::name::ServiceName;
+use deployd_lib::rollout::{
+    Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Service, Spec,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::AbortHandle;
+
+use crate::config::Config;
+use crate::probe;
+use crate::process::{self, Children, Spawn, Waiter};
+use crate::store::{HISTORY, Saved, Store};
+use crate::view::{self, EventLog, Runtime, ServiceView, Views};
+
+/// How a ctl command's result gets back to its writer.
+pub type CtlDone = Box<dyn FnOnce(Result<String, Refusal>) + Send>;
+
+/// What the engine is told.
+pub enum Msg {
+    /// A ctl command for a service.
+    Ctl {
+        /// The service.
+        service: ServiceName,
+        /// The command.
+        verb: Verb,
+        /// Called with the result once it is persisted.
+        done: CtlDone,
+    },
+    /// A line for a service's event log (a ctl write that did not parse).
+    Note {
+        /// The service.
+        service: ServiceName,
+        /// The line.
+        line: String,
+    },
+    /// A probe result.
+    Probe {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+        /// The result.
+        result: Result<(), String>,
+    },
+    /// An instance's process ended.
+    Exited {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+        /// How.
+        exit: Exit,
+    },
+}
+
+/// Called with every published snapshot (the namespace answers parked reads).
+pub type OnPublish = Arc<dyn Fn(&Arc<ServiceView>) + Send + Sync>;
+
+struct Inst {
+    pid: u32,
+    start_time: u64,
+    port: Option<u16>,
+    log: PathBuf,
+    prober: Option<AbortHandle>,
+    exited: Arc<AtomicBool>,
+    stop_signal: i32,
+    stop_timeout: Duration,
+}
+
+struct Entry {
+    name: ServiceName,
+    machine: Service,
+    runtime: HashMap<InstanceId, Inst>,
+    /// Manifests of the history, oldest first.
+    history: Vec<(Version, Arc<str>)>,
+    events: Arc<EventLog>,
+    saved: Option<Saved>,
+    pids: Vec<(u32, u64)>,
+    view: Option<Arc<ServiceView>>,
+}
+
+/// The engine's state. See the module documentation.
+pub struct Engine {
+    config: Arc<Config>,
+    store: Store,
+    views: Views,
+    on_publish: OnPublish,
+    children: Children,
+    tx: mpsc::UnboundedSender<Msg>,
+    services: HashMap<u32, Entry>,
+    names: HashMap<ServiceName, u32>,
+    next_sid: u32,
+    epoch: tokio::time::Instant,
+    /// Distinguishes this run's log files from earlier runs'.
+    generation: u64,
+    timers: BTreeSet<(Instant, u32)>,
+    deadline_of: HashMap<u32, Instant>,
+    ports: HashSet<u16>,
+    pending: VecDeque<(u32, Input)>,
+    dirty: HashSet<u32>,
+    replies: Vec<(CtlDone, Result<String, Refusal>)>,
+}
+
+impl Engine {
+    /// An engine on a locked store; `tx` is the sending side of its queue.
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        views: Views,
+        on_publish: OnPublish,
+        children: Children,
+        tx: mpsc::UnboundedSender<Msg>,
+    ) -> Engine {
+        let generation = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Engine {
+            config,
+            store,
+            views,
+            on_publish,
+            children,
+            tx,
+            services: HashMap::new(),
+            names: HashMap::new(),
+            next_sid: 1,
+            epoch: tokio::time::Instant::now(),
+            generation,
+            timers: BTreeSet::new(),
+            deadline_of: HashMap::new(),
+            ports: HashSet::new(),
+            pending: VecDeque::new(),
+            dirty: HashSet::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_epoch(self.epoch.elapsed())
+    }
+
+    /// Brings back every recorded service, or on a clean start applies every
+    /// manifest of the manifests directory. First kills what a previous
+    /// deployd left running.
+    pub fn start(&mut self) {
+        let leftovers = self.store.all_pids();
+        if !leftovers.is_empty() {
+            let n = process::kill_leftovers(&leftovers);
+            tracing::info!("killed {n} process groups left by a previous deployd");
+        }
+        let recorded = self.store.services();
+        if recorded.is_empty() {
+            self.apply_manifests_dir();
+        }
+        for name in recorded {
+            if let Err(e) = self.restore(&name) {
+                tracing::error!("{name}: cannot restore: {e}");
+            }
+        }
+        self.flush();
+    }
+
+    fn apply_manifests_dir(&mut self) {
+        let dir = self.config.manifests.clone();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!("manifests directory {}: {e}", dir.display());
+                return;
+            }
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "manifest"))
+            .collect();
+        files.sort();
+        for file in files {
+            match manifest::load(&file) {
+                Ok(loaded) => {
+                    let spec = Spec::new(loaded.manifest, loaded.text);
+                    if let Err(e) = self.create(loaded.service.clone(), spec) {
+                        tracing::error!("{}: {e}", loaded.service);
+                    }
+                }
+                Err(e) => tracing::error!("not applied: {e}"),
+            }
+        }
+    }
+
+    fn restore(&mut self, name: &ServiceName) -> Result<(), String> {
+        let saved = self.store.load(name)?;
+        let mut history = Vec::new();
+        for v in &saved.history {
+            match self.store.load_manifest(name, *v) {
+                Ok(text) => history.push((*v, Arc::<str>::from(text))),
+                Err(e) => tracing::warn!("{name}: manifest {v}: {e}"),
+            }
+        }
+        let resolve = |v: Version| {
+            let (_, text) = history.iter().find(|(hv, _)| *hv == v)?;
+            let m = manifest::parse(text.as_bytes()).ok()?;
+            Some(Spec::new(m, text.clone()))
+        };
+        let (machine, actions) = Service::restore(self.now(), &saved.record, resolve)?;
+        let sid = self.add_entry(name.clone(), machine, history);
+        if let Some(e) = self.services.get_mut(&sid) {
+            e.saved = Some(saved);
+        }
+        self.execute(sid, actions);
+        Ok(())
+    }
+
+    fn add_entry(
+        &mut self,
+        name: ServiceName,
+        machine: Service,
+        history: Vec<(Version, Arc<str>)>,
+    ) -> u32 {
+        let sid = self.next_sid;
+        self.next_sid += 1;
+        let events = Arc::new(EventLog::new(self.store.load_events(&name)));
+        self.names.insert(name.clone(), sid);
+        self.services.insert(
+            sid,
+            Entry {
+                name,
+                machine,
+                runtime: HashMap::new(),
+                history,
+                events,
+                saved: None,
+                pids: Vec::new(),
+                view: None,
+            },
+        );
+        self.dirty.insert(sid);
+        sid
+    }
+
+    fn create(&mut self, name: ServiceName, spec: Spec) -> Result<String, Refusal> {
+        self.store.create(&name).map_err(|e| Refusal {
+            kind: RefusalKind::Invalid,
+            message: format!("cannot create the state of {name}: {e}"),
+        })?;
+        let history = vec![(spec.version, spec.text.clone())];
+        self.store
+            .save_manifest(&name, spec.version, &spec.text)
+            .map_err(|e| Refusal {
+                kind: RefusalKind::Invalid,
+                message: format!("cannot save the manifest: {e}"),
+            })?;
+        let (machine, actions) = Service::create(self.now(), spec);
+        let msg = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Event(e) => Some(e.clone()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        let sid = self.add_entry(name, machine, history);
+        self.execute(sid, actions);
+        Ok(msg)
+    }
+
+    /// Runs until the queue closes or `shutdown` fires, then stops every
+    /// instance gracefully.
+    pub async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let wake = self
+                .timers
+                .first()
+                .map(|(t, _)| self.epoch + t.as_duration());
+            tokio::select! {
+                msg = rx.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.on_msg(msg);
+                    // Take what else is queued before flushing once.
+                    for _ in 0..1024 {
+                        match rx.try_recv() {
+                            Ok(m) => self.on_msg(m),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_until(wake) => self.on_timers(),
+                _ = &mut shutdown => break,
+            }
+            self.flush();
+        }
+        self.shutdown(&mut rx).await;
+    }
+
+    fn on_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Ctl {
+                service,
+                verb,
+                done,
+            } => {
+                let result = self.ctl(&service, verb);
+                if let Err(r) = &result {
+                    if let Some(&sid) = self.names.get(&service) {
+                        let line = format!("refused: {}", r.message.lines().next().unwrap_or(""));
+                        self.log(sid, &line);
+                    }
+                }
+                self.replies.push((done, result));
+            }
+            Msg::Note { service, line } => {
+                if let Some(&sid) = self.names.get(&service) {
+                    self.log(sid, &line);
+                }
+            }
+            Msg::Probe { sid, id, result } => {
+                let _ = self.handle(sid, Input::Probe { id, result });
+            }
+            Msg::Exited { sid, id, exit } => {
+                if let Some(inst) = self
+                    .services
+                    .get_mut(&sid)
+                    .and_then(|e| e.runtime.remove(&id))
+                {
+                    self.release(inst);
+                    self.dirty.insert(sid);
+                }
+                let _ = self.handle(sid, Input::Exited { id, exit });
+            }
+        }
+    }
+
+    fn on_timers(&mut self) {
+        let now = self.now();
+        while let Some(&(t, sid)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.remove(&(t, sid));
+            self.deadline_of.remove(&sid);
+            let _ = self.handle(sid, Input::Tick);
+        }
+    }
+
+    fn ctl(&mut self, service: &ServiceName, verb: Verb) -> Result<String, Refusal> {
+        let sid = self.names.get(service).copied();
+        let unknown = || Refusal {
+            kind: RefusalKind::NotFound,
+            message: format!("no service '{service}'; start it with: deploy apply {service}"),
+        };
+        let command = match verb {
+            Verb::Apply => {
+                let spec = self.load_manifest(service)?;
+                match sid {
+                    None => return self.create(service.clone(), spec),
+                    Some(_) => Command::Apply(spec),
+                }
+            }
+            Verb::Rollback(Some(v)) => {
+                let e = sid
+                    .and_then(|s| self.services.get(&s))
+                    .ok_or_else(unknown)?;
+                let (_, text) = e.history.iter().find(|(hv, _)| *hv == v).ok_or_else(|| Refusal {
+                    kind: RefusalKind::NotFound,
+                    message: format!(
+                        "version {v} is not in the history of {service} (see its history/ directory)"
+                    ),
+                })?;
+                let m = manifest::parse(text.as_bytes()).map_err(|_| Refusal {
+                    kind: RefusalKind::Invalid,
+                    message: format!("the manifest of {v} no longer parses"),
+                })?;
+                Command::Rollback(Some(Spec::new(m, text.clone())))
+            }
+            Verb::Rollback(None) => Command::Rollback(None),
+            Verb::Pause => Command::Pause,
+            Verb::Resume => Command::Resume,
+            Verb::Restart => Command::Restart,
+            Verb::Stop => Command::Stop,
+            Verb::Start => Command::Start,
+            Verb::Remove => Command::Remove,
+        };
+        let sid = sid.ok_or_else(unknown)?;
+        let result = self.handle(sid, Input::Command(command));
+        if result.is_ok() {
+            self.remember_versions(sid);
+        }
+        result
+    }
+
+    fn load_manifest(&self, service: &ServiceName) -> Result<Spec, Refusal> {
+        let path = self.config.manifests.join(format!("{service}.manifest"));
+        match manifest::load(&path) {
+            Ok(loaded) => Ok(Spec::new(loaded.manifest, loaded.text)),
+            Err(LoadError::Io {
+                not_found: true, ..
+            }) => Err(Refusal {
+                kind: RefusalKind::NotFound,
+                message: format!(
+                    "no manifest for {service}: {} does not exist",
+                    path.display()
+                ),
+            }),
+            Err(e) => Err(Refusal {
+                kind: RefusalKind::Invalid,
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Keeps the target and previous manifests in the history, trimmed to
+    /// [`HISTORY`] but never dropping a version still running.
+    fn remember_versions(&mut self, sid: u32) {
+        let Some(e) = self.services.get_mut(&sid) else {
+            return;
+        };
+        let mut specs = vec![e.machine.target().clone()];
+        specs.extend(e.machine.previous().cloned());
+        for spec in specs {
+            if let Some(pos) = e.history.iter().position(|(v, _)| *v == spec.version) {
+                let item = e.history.remove(pos);
+                e.history.push(item);
+                continue;
+            }
+            if let Err(err) = self.store.save_manifest(&e.name, spec.version, &spec.text) {
+                tracing::error!("{}: cannot save manifest {}: {err}", e.name, spec.version);
+            }
+            e.history.push((spec.version, spec.text.clone()));
+        }
+        // The target is newest; the previous version just before it.
+        let target = e.machine.version();
+        if let Some(pos) = e.history.iter().position(|(v, _)| *v == target) {
+            let item = e.history.remove(pos);
+            e.history.push(item);
+        }
+        let mut in_use = e.machine.versions_in_use();
+        in_use.push(target);
+        in_use.extend(e.machine.previous().map(|p| p.version));
+        while e.history.len() > HISTORY {
+            match e.history.iter().position(|(v, _)| !in_use.contains(v)) {
+                Some(pos) => {
+                    e.history.remove(pos);
+                }
+                None => break,
+            }
+        }
+        let keep: Vec<Version> = e.history.iter().map(|(v, _)| *v).collect();
+        self.store.prune_history(&e.name, &keep);
+        self.dirty.insert(sid);
+    }
+
+    fn handle(&mut self, sid: u32, input: Input) -> Result<String, Refusal> {
+        let now = self.now();
+        let Some(e) = self.services.get_mut(&sid) else {
+            return Err(Refusal {
+                kind: RefusalKind::NotFound,
+                message: "no such service".into(),
+            });
+        };
+        let handled = e.machine.handle(now, input);
+        if !handled.actions.is_empty() {
+            self.dirty.insert(sid);
+        }
+        self.execute(sid, handled.actions);
+        self.schedule(sid);
+        handled.result
+    }
+
+    fn execute(&mut self, sid: u32, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Start { id, slot, spec } => self.start_instance(sid, id, slot, &spec),
+                Action::Stop {
+                    id,
+                    signal,
+                    timeout,
+                } => self.stop_instance(sid, id, signal.number(), timeout),
+                Action::RouteIn { .. } => {}
+                Action::RouteOut { id } => {
+                    // Nothing is routed through deployd yet: nothing to drain.
+                    self.pending.push_back((sid, Input::Drained { id }));
+                }
+                Action::Event(msg) => self.log(sid, &msg),
+            }
+        }
+    }
+
+    fn start_instance(&mut self, sid: u32, id: InstanceId, slot: u32, spec: &Spec) {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        let name = e.name.clone();
+        let m = spec.manifest.clone();
+        let port = if m.needs_instance_port() {
+            match self.alloc_port() {
+                Ok(p) => Some(p),
+                Err(err) => {
+                    let exit = Exit::SpawnFailed(format!("no free port: {err}"));
+                    self.pending.push_back((sid, Input::Exited { id, exit }));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let dir = match &m.dir {
+            Some(d) => self.config.manifests.join(d),
+            None => self.config.manifests.clone(),
+        };
+        let mut env: Vec<(String, String)> = m.env.clone();
+        if let Some(p) = port {
+            env.push(("PORT".into(), p.to_string()));
+        }
+        env.push(("SERVICE".into(), name.to_string()));
+        env.push(("INSTANCE".into(), slot.to_string()));
+        env.push(("VERSION".into(), spec.version.to_string()));
+        let log = self.store.log_path(&name, self.generation, id.0);
+        let spawned = process::log_pipe().and_then(|(read, write)| {
+            let pid = process::spawn(Spawn {
+                command: &m.exec,
+                dir: &dir,
+                env: env.clone(),
+                output: Some(write),
+            })?;
+            Ok((pid, read))
+        });
+        let (pid, read) = match spawned {
+            Ok(x) => x,
+            Err(err) => {
+                if let Some(p) = port {
+                    self.ports.remove(&p);
+                }
+                let exit = Exit::SpawnFailed(format!("{err} (dir {})", dir.display()));
+                self.pending.push_back((sid, Input::Exited { id, exit }));
+                return;
+            }
+        };
+        tokio::spawn(process::pump_log(read, log.clone()));
+        let exited = Arc::new(AtomicBool::new(false));
+        let tx = self.tx.clone();
+        let flag = exited.clone();
+        self.children.watch(
+            pid,
+            Waiter::Notify(Box::new(move |exit| {
+                flag.store(true, Ordering::SeqCst);
+                let _ = tx.send(Msg::Exited { sid, id, exit });
+            })),
+        );
+        let prober = if m.health != Health::None {
+            let target = probe::Target {
+                health: m.health.clone(),
+                port,
+                interval: m.health_interval,
+                timeout: m.health_timeout,
+                dir: dir.clone(),
+                env,
+            };
+            let tx = self.tx.clone();
+            let report = move |result| {
+                let _ = tx.send(Msg::Probe { sid, id, result });
+            };
+            let task = tokio::spawn(probe::run(
+                target,
+                self.children.clone(),
+                Arc::new(Notify::new()),
+                report,
+            ));
+            Some(task.abort_handle())
+        } else {
+            None
+        };
+        let inst = Inst {
+            pid,
+            start_time: process::start_time(pid).unwrap_or(0),
+            port,
+            log,
+            prober,
+            exited,
+            stop_signal: m.stop_signal.number(),
+            stop_timeout: m.stop_timeout,
+        };
+        if let Some(e) = self.services.get_mut(&sid) {
+            e.runtime.insert(id, inst);
+        }
+        self.pending.push_back((sid, Input::Started { id, pid }));
+    }
+
+    fn stop_instance(&mut self, sid: u32, id: InstanceId, signal: i32, timeout: Duration) {
+        let Some(inst) = self.services.get(&sid).and_then(|e| e.runtime.get(&id)) else {
+            return;
+        };
+        stop_group(inst.pid, signal, timeout, inst.exited.clone());
+    }
+
+    /// Frees what an exited instance held.
+    fn release(&mut self, inst: Inst) {
+        if let Some(p) = inst.prober {
+            p.abort();
+        }
+        if let Some(port) = inst.port {
+            self.ports.remove(&port);
+        }
+    }
+
+    /// A free loopback port, not held by another instance.
+    fn alloc_port(&mut self) -> std::io::Result<u16> {
+        for _ in 0..64 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            if self.ports.insert(port) {
+                return Ok(port);
+            }
+        }
+        Err(std::io::Error::other("every port tried is taken"))
+    }
+
+    /// Appends a line to a service's event log, in memory and on disk.
+    fn log(&mut self, sid: u32, msg: &str) {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        tracing::info!(service = %e.name, "{msg}");
+        let line = format!("{} {msg}\n", clock());
+        e.events.append(&line);
+        if let Err(err) = self.store.append_event(&e.name, &line) {
+            tracing::warn!("{}: event log: {err}", e.name);
+        }
+        self.dirty.insert(sid);
+    }
+
+    /// Feeds the inputs that actions produced, then persists and publishes
+    /// every service that changed, then answers ctl writers.
+    fn flush(&mut self) {
+        while let Some((sid, input)) = self.pending.pop_front() {
+            let _ = self.handle(sid, input);
+        }
+        let dirty: Vec<u32> = self.dirty.drain().collect();
+        for sid in dirty {
+            self.persist(sid);
+            if self
+                .services
+                .get(&sid)
+                .is_some_and(|e| e.machine.is_removed())
+            {
+                self.forget(sid);
+                continue;
+            }
+            self.publish(sid);
+        }
+        for (done, result) in self.replies.drain(..) {
+            done(result);
+        }
+    }
+
+    fn persist(&mut self, sid: u32) {
+        let Some(e) = self.services.get_mut(&sid) else {
+            return;
+        };
+        let saved = Saved {
+            record: e.machine.record(),
+            history: e.history.iter().map(|(v, _)| *v).collect(),
+        };
+        if e.saved.as_ref() != Some(&saved) {
+            match self.store.save(&e.name, &saved) {
+                Ok(()) => e.saved = Some(saved),
+                Err(err) => tracing::error!("{}: cannot save state: {err}", e.name),
+            }
+        }
+        let mut pids: Vec<(u32, u64)> = e.runtime.values().map(|i| (i.pid, i.start_time)).collect();
+        pids.sort();
+        if pids != e.pids {
+            if let Err(err) = self.store.save_pids(&e.name, &pids) {
+                tracing::warn!("{}: cannot save pids: {err}", e.name);
+            }
+            e.pids = pids;
+            let live: Vec<PathBuf> = e.runtime.values().map(|i| i.log.clone()).collect();
+            self.store.prune_logs(&e.name, &live);
+        }
+    }
+
+    fn publish(&mut self, sid: u32) {
+        let Some(e) = self.services.get_mut(&sid) else {
+            return;
+        };
+        let runtime = |id: InstanceId| {
+            e.runtime.get(&id).map(|i| Runtime {
+                port: i.port,
+                log: Some(i.log.clone()),
+            })
+        };
+        let view = Arc::new(view::build(
+            view::Parts {
+                sid,
+                name: &e.name,
+                machine: &e.machine,
+                history: &e.history,
+                events: &e.events,
+                runtime: &runtime,
+            },
+            e.view.as_deref(),
+            SystemTime::now(),
+        ));
+        e.view = Some(view.clone());
+        self.views.publish(view.clone());
+        (self.on_publish)(&view);
+    }
+
+    fn schedule(&mut self, sid: u32) {
+        if let Some(old) = self.deadline_of.remove(&sid) {
+            self.timers.remove(&(old, sid));
+        }
+        if let Some(t) = self
+            .services
+            .get(&sid)
+            .and_then(|e| e.machine.next_deadline())
+        {
+            self.timers.insert((t, sid));
+            self.deadline_of.insert(sid, t);
+        }
+    }
+
+    fn forget(&mut self, sid: u32) {
+        if let Some(old) = self.deadline_of.remove(&sid) {
+            self.timers.remove(&(old, sid));
+        }
+        let Some(e) = self.services.remove(&sid) else {
+            return;
+        };
+        self.names.remove(&e.name);
+        self.views.remove(sid);
+        if let Err(err) = self.store.remove(&e.name) {
+            tracing::warn!("{}: cannot delete its state: {err}", e.name);
+        }
+        tracing::info!(service = %e.name, "removed");
+    }
+
+    /// Stops every instance (stop signal, SIGKILL after its stop_timeout) and
+    /// waits for them, refusing commands meanwhile. Records stay as they
+    /// are, so a rollout in flight comes back paused.
+    async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
+        let mut longest = Duration::ZERO;
+        for e in self.services.values() {
+            for inst in e.runtime.values() {
+                if let Some(p) = &inst.prober {
+                    p.abort();
+                }
+                stop_group(
+                    inst.pid,
+                    inst.stop_signal,
+                    inst.stop_timeout,
+                    inst.exited.clone(),
+                );
+                longest = longest.max(inst.stop_timeout);
+            }
+        }
+        let until = tokio::time::Instant::now() + longest + Duration::from_secs(2);
+        while self.services.values().any(|e| !e.runtime.is_empty()) {
+            let msg = tokio::select! {
+                m = rx.recv() => m,
+                _ = tokio::time::sleep_until(until) => break,
+            };
+            match msg {
+                Some(Msg::Exited { sid, id, .. }) => {
+                    if let Some(e) = self.services.get_mut(&sid) {
+                        e.runtime.remove(&id);
+                    }
+                }
+                Some(Msg::Ctl { done, .. }) => done(Err(Refusal {
+                    kind: RefusalKind::Busy,
+                    message: "deployd is shutting down".into(),
+                })),
+                Some(_) => {}
+                None => break,
+            }
+        }
+        for e in self.services.values_mut() {
+            e.runtime.clear();
+            let _ = self.store.save_pids(&e.name, &[]);
+        }
+        tracing::info!("every instance stopped");
+    }
+}
+
+/// Sends `signal` to a process group, and SIGKILL after `timeout` unless it
+/// exited by then.
+fn stop_group(pid: u32, signal: i32, timeout: Duration, exited: Arc<AtomicBool>) {
+    process::signal_group(pid, signal);
+    if signal == libc::SIGKILL {
+        return;
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        if !exited.load(Ordering::SeqCst) {
+            process::signal_group(pid, libc::SIGKILL);
+        }
+    });
+}
+
+async fn sleep_until(t: Option<tokio::time::Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The local time of day, `HH:MM:SS`.
+fn clock() -> String {
+    // SAFETY: time and localtime_r write only to the struct we pass.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return "00:00:00".into();
+        }
+        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+    }
+}

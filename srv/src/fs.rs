@@ -1,0 +1,859 @@
+//! The namespace, served through FUSE: a view of the engine's snapshots.
+//!
+//! ```text
+//! /ctl  /status  /active/SERVICE/{ctl,version,previous_version,update_status,
+//!   update_progress,state,events,manifest,wait}
+//! /active/SERVICE/history/VERSION  /active/SERVICE/instances/N/{pid,state,version,port,log}
+//! ```
+//!
+//! A directory is a static table; an inode number packs which service, which
+//! instance and which file ([`Node`]), so a lookup is arithmetic. Each
+//! `Filesystem` method is a thin adapter: the work is in functions returning
+//! `Result<_, Errno>`, ending in one `match` into the reply.
+//!
+//! A status file is copied out of the snapshot when it is opened, so every
+//! read of one open sees the same content. Reads of `wait` while a rollout is
+//! in flight are parked and answered when it settles (or when the reader is
+//! gone: fuser does not deliver interrupts, so a sweeper checks). Writes to a
+//! `ctl` file are parsed here (with lib's parser) and sent to the engine; the
+//! write is answered once the engine has acted and persisted, and the result
+//! can be read back on the same file descriptor.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use deployd_lib::ctl;
+use deployd_lib::name::ServiceName;
+use deployd_lib::rollout::{Refusal, RefusalKind};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use crate::engine::{CtlDone, Msg};
+use crate::view::{INST_FILES, InstFile, SVC_FILES, ServiceView, SvcFile, Views};
+
+/// Attributes and entries are never cached: everything here changes.
+const TTL: Duration = Duration::ZERO;
+
+/// A file or directory of the namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    /// `/`
+    Root,
+    /// `/ctl`
+    RootCtl,
+    /// `/status`
+    Status,
+    /// `/active`
+    Active,
+    /// `/active/SERVICE`
+    Service(u32),
+    /// `/active/SERVICE/FILE`
+    SvcFile(u32, SvcFile),
+    /// `/active/SERVICE/history`
+    History(u32),
+    /// `/active/SERVICE/history/VERSION`, by position in the history.
+    HistoryFile(u32, u32),
+    /// `/active/SERVICE/instances`
+    Instances(u32),
+    /// `/active/SERVICE/instances/N`
+    Instance(u32, u32),
+    /// `/active/SERVICE/instances/N/FILE`
+    InstFile(u32, u32, InstFile),
+}
+
+const TAG_SERVICE: u64 = 1;
+const TAG_HISTORY: u64 = 2;
+const TAG_INSTANCES: u64 = 3;
+const TAG_INSTANCE: u64 = 4;
+const MAX_SUB: u32 = (1 << 24) - 1;
+
+impl Node {
+    /// The inode number: `tag << 56 | service << 32 | sub << 8 | file`.
+    pub fn ino(self) -> u64 {
+        let pack = |tag: u64, sid: u32, sub: u32, file: u64| {
+            (tag << 56) | (u64::from(sid) << 32) | (u64::from(sub & MAX_SUB) << 8) | file
+        };
+        let svc_file = |f: SvcFile| {
+            SVC_FILES
+                .iter()
+                .position(|(_, x)| *x == f)
+                .map_or(0, |i| i as u64 + 1)
+        };
+        let inst_file = |f: InstFile| {
+            INST_FILES
+                .iter()
+                .position(|(_, x)| *x == f)
+                .map_or(0, |i| i as u64 + 1)
+        };
+        match self {
+            Node::Root => 1,
+            Node::RootCtl => 2,
+            Node::Status => 3,
+            Node::Active => 4,
+            Node::Service(s) => pack(TAG_SERVICE, s, 0, 0),
+            Node::SvcFile(s, f) => pack(TAG_SERVICE, s, 0, svc_file(f)),
+            Node::History(s) => pack(TAG_HISTORY, s, 0, 0),
+            Node::HistoryFile(s, i) => pack(TAG_HISTORY, s, i, 1),
+            Node::Instances(s) => pack(TAG_INSTANCES, s, 0, 0),
+            Node::Instance(s, n) => pack(TAG_INSTANCE, s, n, 0),
+            Node::InstFile(s, n, f) => pack(TAG_INSTANCE, s, n, inst_file(f)),
+        }
+    }
+
+    /// The node of an inode number, if it is one.
+    pub fn from_ino(ino: u64) -> Option<Node> {
+        let (tag, sid, sub, file) = (
+            ino >> 56,
+            ((ino >> 32) & 0xff_ffff) as u32,
+            ((ino >> 8) & 0xff_ffff) as u32,
+            (ino & 0xff) as usize,
+        );
+        Some(match (tag, file) {
+            (0, _) => match ino {
+                1 => Node::Root,
+                2 => Node::RootCtl,
+                3 => Node::Status,
+                4 => Node::Active,
+                _ => return None,
+            },
+            (TAG_SERVICE, 0) => Node::Service(sid),
+            (TAG_SERVICE, f) => Node::SvcFile(sid, SVC_FILES.get(f - 1)?.1),
+            (TAG_HISTORY, 0) => Node::History(sid),
+            (TAG_HISTORY, 1) => Node::HistoryFile(sid, sub),
+            (TAG_INSTANCES, 0) => Node::Instances(sid),
+            (TAG_INSTANCE, 0) => Node::Instance(sid, sub),
+            (TAG_INSTANCE, f) => Node::InstFile(sid, sub, INST_FILES.get(f - 1)?.1),
+            _ => return None,
+        })
+    }
+
+    fn is_dir(self) -> bool {
+        matches!(
+            self,
+            Node::Root
+                | Node::Active
+                | Node::Service(_)
+                | Node::History(_)
+                | Node::Instances(_)
+                | Node::Instance(..)
+        )
+    }
+
+    fn writable(self) -> bool {
+        matches!(self, Node::RootCtl | Node::SvcFile(_, SvcFile::Ctl))
+    }
+}
+
+/// What an open file holds.
+enum Open {
+    /// A snapshot taken at open.
+    Bytes(Arc<[u8]>),
+    /// The service's live event log.
+    Events(Arc<crate::view::EventLog>),
+    /// An instance's output file.
+    Log(File),
+    /// A ctl file; holds the result of the last command written through it.
+    Ctl {
+        service: Option<ServiceName>,
+        last: Arc<Mutex<Option<String>>>,
+    },
+    /// A wait file; holds its answer once there is one.
+    Wait {
+        sid: u32,
+        answer: Arc<Mutex<Option<Arc<[u8]>>>>,
+    },
+}
+
+/// A read of `wait` waiting for its rollout.
+struct Parked {
+    sid: u32,
+    pid: u32,
+    offset: u64,
+    size: u32,
+    answer: Arc<Mutex<Option<Arc<[u8]>>>>,
+    reply: ReplyData,
+}
+
+/// Parked reads of `wait` files.
+#[derive(Default)]
+pub struct Waiters {
+    parked: Mutex<Vec<Parked>>,
+}
+
+impl Waiters {
+    /// Answers the reads parked on `view`'s service if its rollout settled.
+    /// The engine calls this after publishing, so a read that checked the
+    /// old snapshot under this lock is answered here.
+    pub fn release(&self, view: &ServiceView) {
+        let Some(answer) = view.wait.clone() else {
+            return;
+        };
+        let ready: Vec<Parked> = {
+            let mut parked = self.parked.lock();
+            let (ready, rest) = std::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|p| p.sid == view.sid);
+            *parked = rest;
+            ready
+        };
+        for p in ready {
+            *p.answer.lock() = Some(answer.clone());
+            p.reply.data(slice(&answer, p.offset, p.size));
+        }
+    }
+
+    /// Answers reads whose reader died (EINTR) or whose service is gone
+    /// (ENOENT). Runs every second.
+    pub fn sweep(&self, views: &Views) {
+        let gone: Vec<(Parked, Errno)> = {
+            let mut parked = self.parked.lock();
+            let (gone, rest): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut *parked)
+                .into_iter()
+                .partition(|p| !alive(p.pid) || views.get(p.sid).is_none());
+            *parked = rest;
+            gone.into_iter()
+                .map(|p| {
+                    let e = if alive(p.pid) {
+                        Errno::ENOENT
+                    } else {
+                        Errno::EINTR
+                    };
+                    (p, e)
+                })
+                .collect()
+        };
+        for (p, e) in gone {
+            p.reply.error(e);
+        }
+    }
+
+    /// Answers every parked read: deployd is stopping.
+    pub fn shutdown(&self) {
+        for p in std::mem::take(&mut *self.parked.lock()) {
+            p.reply.error(Errno::EIO);
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    pid == 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+fn slice(data: &[u8], offset: u64, size: u32) -> &[u8] {
+    let start = (offset as usize).min(data.len());
+    let end = start.saturating_add(size as usize).min(data.len());
+    &data[start..end]
+}
+
+/// The file system.
+pub struct Fs {
+    views: Views,
+    engine: mpsc::UnboundedSender<Msg>,
+    waiters: Arc<Waiters>,
+    open: Mutex<HashMap<u64, Arc<Open>>>,
+    next_fh: AtomicU64,
+    uid: u32,
+    gid: u32,
+    started: SystemTime,
+}
+
+impl Fs {
+    /// A file system over `views`, sending commands to `engine`.
+    pub fn new(views: Views, engine: mpsc::UnboundedSender<Msg>, waiters: Arc<Waiters>) -> Fs {
+        Fs {
+            views,
+            engine,
+            waiters,
+            open: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            started: SystemTime::now(),
+        }
+    }
+
+    fn view(&self, sid: u32) -> Result<Arc<ServiceView>, Errno> {
+        self.views.get(sid).ok_or(Errno::ENOENT)
+    }
+
+    /// The text of `/status`: one line per service.
+    fn status(&self) -> Arc<[u8]> {
+        self.views.with(|ns| {
+            let mut out = String::new();
+            for sid in ns.by_name.values() {
+                if let Some(v) = ns.by_sid.get(sid) {
+                    out.push_str(&v.summary);
+                }
+            }
+            Arc::from(out.into_bytes())
+        })
+    }
+
+    fn attr(&self, node: Node) -> Result<FileAttr, Errno> {
+        let (size, mtime, ctime) = match node {
+            Node::Root | Node::RootCtl => (0, self.started, self.started),
+            Node::Status => {
+                let m = self.views.with(|ns| ns.mtime).unwrap_or(self.started);
+                (
+                    self.status().len() as u64,
+                    SystemTime::now().max(m),
+                    self.started,
+                )
+            }
+            Node::Active => {
+                let m = self.views.with(|ns| ns.mtime).unwrap_or(self.started);
+                (0, m, m)
+            }
+            Node::Service(s) | Node::History(s) | Node::Instances(s) => {
+                let v = self.view(s)?;
+                (0, v.mtime, v.created)
+            }
+            Node::SvcFile(s, f) => {
+                let v = self.view(s)?;
+                match f {
+                    SvcFile::Events => {
+                        let (len, m) = v.events.stat();
+                        (len, m, v.created)
+                    }
+                    SvcFile::Ctl | SvcFile::Wait => (0, v.mtime, v.created),
+                    f => {
+                        let d = v.file(f).ok_or(Errno::ENOENT)?;
+                        (d.data.len() as u64, d.mtime, v.created)
+                    }
+                }
+            }
+            Node::HistoryFile(s, i) => {
+                let v = self.view(s)?;
+                let (_, d) = v.history.get(i as usize).ok_or(Errno::ENOENT)?;
+                (d.data.len() as u64, d.mtime, d.mtime)
+            }
+            Node::Instance(s, n) => {
+                let v = self.view(s)?;
+                let i = v.instance(n).ok_or(Errno::ENOENT)?;
+                (0, i.created, i.created)
+            }
+            Node::InstFile(s, n, f) => {
+                let v = self.view(s)?;
+                let i = v.instance(n).ok_or(Errno::ENOENT)?;
+                match (f, i.file(f)) {
+                    (_, Some(d)) => (d.data.len() as u64, d.mtime, i.created),
+                    (InstFile::Log, _) => {
+                        let meta = i.log.as_ref().and_then(|p| std::fs::metadata(p).ok());
+                        let len = meta.as_ref().map_or(0, |m| m.len());
+                        let m = meta.and_then(|m| m.modified().ok()).unwrap_or(i.created);
+                        (len, m, i.created)
+                    }
+                    _ => return Err(Errno::ENOENT),
+                }
+            }
+        };
+        let (kind, perm, nlink) = if node.is_dir() {
+            (FileType::Directory, 0o555, 2)
+        } else if node.writable() {
+            (FileType::RegularFile, 0o644, 1)
+        } else {
+            (FileType::RegularFile, 0o444, 1)
+        };
+        Ok(FileAttr {
+            ino: INodeNo(node.ino()),
+            size,
+            blocks: size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: ctime.max(mtime),
+            crtime: ctime,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        })
+    }
+
+    fn lookup_node(&self, parent: Node, name: &str) -> Result<Node, Errno> {
+        let node = match parent {
+            Node::Root => match name {
+                "ctl" => Node::RootCtl,
+                "status" => Node::Status,
+                "active" => Node::Active,
+                _ => return Err(Errno::ENOENT),
+            },
+            Node::Active => {
+                let v = self.views.by_name(name).ok_or(Errno::ENOENT)?;
+                Node::Service(v.sid)
+            }
+            Node::Service(s) => match name {
+                "history" => Node::History(s),
+                "instances" => Node::Instances(s),
+                _ => {
+                    let (_, f) = SVC_FILES
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .ok_or(Errno::ENOENT)?;
+                    Node::SvcFile(s, *f)
+                }
+            },
+            Node::History(s) => {
+                let v = self.view(s)?;
+                let i = v
+                    .history
+                    .iter()
+                    .position(|(ver, _)| ver.to_string() == name)
+                    .ok_or(Errno::ENOENT)?;
+                Node::HistoryFile(s, i as u32)
+            }
+            Node::Instances(s) => {
+                let n: u32 = name.parse().map_err(|_| Errno::ENOENT)?;
+                if n.to_string() != name {
+                    return Err(Errno::ENOENT);
+                }
+                Node::Instance(s, n)
+            }
+            Node::Instance(s, n) => {
+                let (_, f) = INST_FILES
+                    .iter()
+                    .find(|(x, _)| *x == name)
+                    .ok_or(Errno::ENOENT)?;
+                Node::InstFile(s, n, *f)
+            }
+            _ => return Err(Errno::ENOTDIR),
+        };
+        Ok(node)
+    }
+
+    /// Directory entries after `.` and `..`: name, node.
+    fn entries(&self, node: Node) -> Result<Vec<(String, Node)>, Errno> {
+        Ok(match node {
+            Node::Root => vec![
+                ("ctl".into(), Node::RootCtl),
+                ("status".into(), Node::Status),
+                ("active".into(), Node::Active),
+            ],
+            Node::Active => self.views.with(|ns| {
+                ns.by_name
+                    .iter()
+                    .map(|(n, s)| (n.to_string(), Node::Service(*s)))
+                    .collect()
+            }),
+            Node::Service(s) => {
+                self.view(s)?;
+                let mut v: Vec<(String, Node)> = SVC_FILES
+                    .iter()
+                    .map(|(n, f)| (n.to_string(), Node::SvcFile(s, *f)))
+                    .collect();
+                v.push(("history".into(), Node::History(s)));
+                v.push(("instances".into(), Node::Instances(s)));
+                v
+            }
+            Node::History(s) => self
+                .view(s)?
+                .history
+                .iter()
+                .enumerate()
+                .map(|(i, (ver, _))| (ver.to_string(), Node::HistoryFile(s, i as u32)))
+                .collect(),
+            Node::Instances(s) => self
+                .view(s)?
+                .instances
+                .iter()
+                .map(|i| (i.number.to_string(), Node::Instance(s, i.number)))
+                .collect(),
+            Node::Instance(s, n) => {
+                self.view(s)?.instance(n).ok_or(Errno::ENOENT)?;
+                INST_FILES
+                    .iter()
+                    .map(|(name, f)| (name.to_string(), Node::InstFile(s, n, *f)))
+                    .collect()
+            }
+            _ => return Err(Errno::ENOTDIR),
+        })
+    }
+
+    fn parent(node: Node) -> Node {
+        match node {
+            Node::Root | Node::RootCtl | Node::Status | Node::Active => Node::Root,
+            Node::Service(_) => Node::Active,
+            Node::SvcFile(s, _) | Node::History(s) | Node::Instances(s) => Node::Service(s),
+            Node::HistoryFile(s, _) => Node::History(s),
+            Node::Instance(s, _) => Node::Instances(s),
+            Node::InstFile(s, n, _) => Node::Instance(s, n),
+        }
+    }
+
+    fn do_open(&self, node: Node, flags: OpenFlags) -> Result<Open, Errno> {
+        let writing = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        if node.is_dir() {
+            return Err(Errno::EISDIR);
+        }
+        if writing && !node.writable() {
+            return Err(Errno::EACCES);
+        }
+        Ok(match node {
+            Node::RootCtl => Open::Ctl {
+                service: None,
+                last: Arc::default(),
+            },
+            Node::Status => Open::Bytes(self.status()),
+            Node::SvcFile(s, f) => {
+                let v = self.view(s)?;
+                match f {
+                    SvcFile::Ctl => Open::Ctl {
+                        service: Some(v.name.clone()),
+                        last: Arc::default(),
+                    },
+                    SvcFile::Events => Open::Events(v.events.clone()),
+                    SvcFile::Wait => Open::Wait {
+                        sid: s,
+                        answer: Arc::default(),
+                    },
+                    f => Open::Bytes(v.file(f).ok_or(Errno::ENOENT)?.data.clone()),
+                }
+            }
+            Node::HistoryFile(s, i) => {
+                let v = self.view(s)?;
+                let (_, d) = v.history.get(i as usize).ok_or(Errno::ENOENT)?;
+                Open::Bytes(d.data.clone())
+            }
+            Node::InstFile(s, n, f) => {
+                let v = self.view(s)?;
+                let i = v.instance(n).ok_or(Errno::ENOENT)?;
+                match (f, i.file(f)) {
+                    (_, Some(d)) => Open::Bytes(d.data.clone()),
+                    (InstFile::Log, _) => match i.log.as_ref().map(File::open) {
+                        Some(Ok(file)) => Open::Log(file),
+                        // No output yet.
+                        _ => Open::Bytes(Arc::from(Vec::new())),
+                    },
+                    _ => return Err(Errno::ENOENT),
+                }
+            }
+            _ => return Err(Errno::ENOENT),
+        })
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, Errno> {
+        self.open.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Reads that can be answered now; `Ok(None)` means the read was parked.
+    fn do_read(&self, open: &Open, offset: u64, size: u32, pid: u32, reply: ReplyData) {
+        let data: Vec<u8> = match open {
+            Open::Bytes(b) => slice(b, offset, size).to_vec(),
+            Open::Events(log) => log.read(offset, size as usize),
+            Open::Log(f) => {
+                let mut buf = vec![0u8; size as usize];
+                match f.read_at(&mut buf, offset) {
+                    Ok(n) => {
+                        buf.truncate(n);
+                        buf
+                    }
+                    Err(_) => return reply.error(Errno::EIO),
+                }
+            }
+            Open::Ctl { service, last } => {
+                let text = last.lock().clone().unwrap_or_else(|| match service {
+                    None => format!(
+                        "commands: {}\n",
+                        ctl::COMMANDS
+                            .iter()
+                            .map(|c| format!("{} SERVICE{}", c.name, c.usage))
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    ),
+                    Some(_) => format!("commands: {}\n", ctl::usage()),
+                });
+                slice(text.as_bytes(), offset, size).to_vec()
+            }
+            Open::Wait { sid, answer } => {
+                if let Some(a) = answer.lock().clone() {
+                    return reply.data(slice(&a, offset, size));
+                }
+                let mut parked = self.waiters.parked.lock();
+                match self.views.get(*sid) {
+                    None => return reply.error(Errno::ENOENT),
+                    Some(v) => match &v.wait {
+                        Some(a) => {
+                            *answer.lock() = Some(a.clone());
+                            slice(a, offset, size).to_vec()
+                        }
+                        None => {
+                            parked.push(Parked {
+                                sid: *sid,
+                                pid,
+                                offset,
+                                size,
+                                answer: answer.clone(),
+                                reply,
+                            });
+                            return;
+                        }
+                    },
+                }
+            }
+        };
+        reply.data(&data)
+    }
+
+    fn do_write(&self, open: &Open, data: &[u8], reply: ReplyWrite) {
+        let Open::Ctl { service, last } = open else {
+            return reply.error(Errno::EBADF);
+        };
+        let parsed = match service {
+            None => ctl::parse_root(data),
+            Some(s) => ctl::parse_service(data).map(|v| (s.clone(), v)),
+        };
+        let (svc, verb) = match parsed {
+            Ok(x) => x,
+            Err(e) => {
+                *last.lock() = Some(format!("error: {e}\n"));
+                if let Some(s) = service {
+                    let shown: String = String::from_utf8_lossy(data).chars().take(60).collect();
+                    let _ = self.engine.send(Msg::Note {
+                        service: s.clone(),
+                        line: format!("refused '{}': {e}", shown.trim_end().escape_debug()),
+                    });
+                }
+                return reply.error(Errno::EINVAL);
+            }
+        };
+        let len = data.len() as u32;
+        let last = last.clone();
+        let done: CtlDone = Box::new(move |result: Result<String, Refusal>| match result {
+            Ok(msg) => {
+                *last.lock() = Some(format!("ok: {msg}\n"));
+                reply.written(len);
+            }
+            Err(r) => {
+                *last.lock() = Some(format!("error: {}\n", r.message));
+                reply.error(match r.kind {
+                    RefusalKind::Invalid => Errno::EINVAL,
+                    RefusalKind::Busy => Errno::EBUSY,
+                    RefusalKind::NotFound => Errno::ENOENT,
+                });
+            }
+        });
+        if let Err(mpsc::error::SendError(Msg::Ctl { done, .. })) = self.engine.send(Msg::Ctl {
+            service: svc,
+            verb,
+            done,
+        }) {
+            done(Err(Refusal {
+                kind: RefusalKind::Busy,
+                message: "deployd is shutting down".into(),
+            }));
+        }
+    }
+}
+
+fn node(ino: INodeNo) -> Result<Node, Errno> {
+    Node::from_ino(ino.0).ok_or(Errno::ENOENT)
+}
+
+impl Filesystem for Fs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = node(parent).and_then(|p| {
+            let name = name.to_str().ok_or(Errno::ENOENT)?;
+            self.attr(self.lookup_node(p, name)?)
+        });
+        match r {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match node(ino).and_then(|n| self.attr(n)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // `echo cmd > ctl` truncates first: that is accepted and does nothing.
+        let r = node(ino).and_then(|n| match size {
+            Some(0) if n.writable() => self.attr(n),
+            _ => Err(Errno::EACCES),
+        });
+        match r {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match node(ino).and_then(|n| self.do_open(n, flags)) {
+            Ok(open) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.open.lock().insert(fh, Arc::new(open));
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.handle(fh) {
+            Ok(open) => self.do_read(&open, offset, size, req.pid(), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.handle(fh) {
+            Ok(open) => self.do_write(&open, data, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.open.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = node(ino).and_then(|n| Ok((n, self.entries(n)?)));
+        let (dir, entries) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [(".".to_string(), dir), ("..".to_string(), Fs::parent(dir))];
+        for (i, (name, n)) in dots
+            .into_iter()
+            .chain(entries)
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let kind = if n.is_dir() {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            if reply.add(INodeNo(n.ino()), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_round_trip() {
+        let mut nodes = vec![Node::Root, Node::RootCtl, Node::Status, Node::Active];
+        for s in [1, 2, 1000, MAX_SUB] {
+            nodes.push(Node::Service(s));
+            nodes.push(Node::History(s));
+            nodes.push(Node::Instances(s));
+            for (_, f) in SVC_FILES {
+                nodes.push(Node::SvcFile(s, f));
+            }
+            for n in [0, 1, 999, MAX_SUB] {
+                nodes.push(Node::HistoryFile(s, n));
+                nodes.push(Node::Instance(s, n));
+                for (_, f) in INST_FILES {
+                    nodes.push(Node::InstFile(s, n, f));
+                }
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in nodes {
+            assert_eq!(Node::from_ino(n.ino()), Some(n), "{n:?}");
+            assert!(seen.insert(n.ino()), "{n:?} shares an inode");
+        }
+        assert_eq!(Node::from_ino(0), None);
+        assert_eq!(Node::from_ino(5), None);
+        assert_eq!(Node::from_ino((TAG_SERVICE << 56) | 200), None);
+        assert_eq!(Node::from_ino(9 << 56), None);
+    }
+
+    #[test]
+    fn only_ctl_files_are_writable() {
+        assert!(Node::RootCtl.writable());
+        assert!(Node::SvcFile(1, SvcFile::Ctl).writable());
+        for (_, f) in SVC_FILES.iter().filter(|(_, f)| *f != SvcFile::Ctl) {
+            assert!(!Node::SvcFile(1, *f).writable());
+        }
+        assert!(!Node::InstFile(1, 0, InstFile::Log).writable());
+    }
+}

@@ -1,0 +1,198 @@
+//! `deployd`: runs the instances of services on one host, rolls out new
+//! versions with health checks, and serves it all as a file namespace.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration.
+//! - [`engine`]: the one loop that owns every service's state machine and
+//!   turns its actions into effects.
+//! - [`process`]: spawning, reaping, signalling and logging child processes.
+//! - [`probe`]: health probes (http, tcp, exec).
+//! - [`store`]: the state directory: atomic records, history, event logs.
+//! - [`view`]: the snapshots the engine publishes for the namespace.
+//! - [`fs`]: the namespace, served through FUSE.
+//!
+//! Exit codes: 0 after a clean shutdown (SIGTERM or SIGINT), 1 when it
+//! cannot run (bad configuration, mount failed, state directory locked).
+
+mod config;
+mod engine;
+mod fs;
+mod probe;
+mod process;
+mod store;
+mod view;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::engine::{Engine, OnPublish};
+use crate::fs::{Fs, Waiters};
+use crate::process::Children;
+use crate::store::Store;
+use crate::view::Views;
+
+#[derive(Parser)]
+#[command(
+    name = "deployd",
+    version,
+    about = "Deployment server with a file namespace"
+)]
+struct Args {
+    /// Configuration file
+    #[arg(long, short, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match try_main(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("deployd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main(args: &Args) -> Result<(), String> {
+    let config = Config::load(&args.config)?;
+    tracing_subscriber::fmt()
+        .with_max_level(config.log_level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    process::raise_fd_limit();
+    process::become_subreaper();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    rt.block_on(run(Arc::new(config)))
+}
+
+async fn run(config: Arc<Config>) -> Result<(), String> {
+    let store = Store::open(&config.state)?;
+    prepare_mountpoint(&config.mountpoint)?;
+
+    let views = Views::default();
+    let waiters = Arc::new(Waiters::default());
+    let children = Children::default();
+    tokio::spawn(children.clone().run_reaper());
+    let (tx, rx) = mpsc::unbounded_channel();
+
+    let fs = Fs::new(views.clone(), tx.clone(), waiters.clone());
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
+        fuser::MountOption::FSName("deployd".into()),
+        fuser::MountOption::Subtype("deployd".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoExec,
+    ];
+    options.acl = if config.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
+    options.n_threads = Some(2);
+    let session = fuser::spawn_mount(fs, &config.mountpoint, &options)
+        .map_err(|e| format!("cannot mount {}: {e}", config.mountpoint.display()))?;
+    tracing::info!("namespace mounted at {}", config.mountpoint.display());
+
+    let w = waiters.clone();
+    let on_publish: OnPublish = Arc::new(move |v| w.release(v));
+    let mut engine = Engine::new(
+        config.clone(),
+        store,
+        views.clone(),
+        on_publish,
+        children,
+        tx,
+    );
+    engine.start();
+
+    let sweeper = {
+        let (waiters, views) = (waiters.clone(), views.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                waiters.sweep(&views);
+            }
+        })
+    };
+
+    engine.run(rx, shutdown_signal()).await;
+    sweeper.abort();
+    waiters.shutdown();
+    session
+        .umount_and_join()
+        .map_err(|e| format!("cannot unmount {}: {e}", config.mountpoint.display()))?;
+    tracing::info!("unmounted; bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot watch SIGTERM/SIGINT");
+        return std::future::pending().await;
+    };
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!("{which}: stopping every instance");
+}
+
+/// Makes sure the mountpoint is an empty directory to mount on: creates it,
+/// and detaches the dead mount a killed deployd left behind.
+fn prepare_mountpoint(path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => {
+            if mounted(path) {
+                return Err(format!(
+                    "{shown} is already mounted (is another deployd running?)"
+                ));
+            }
+            Ok(())
+        }
+        Ok(_) => Err(format!("{shown} is not a directory")),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            tracing::info!("{shown}: detaching the mount of a deployd that died");
+            nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
+                .map_err(|e| format!("cannot detach the dead mount on {shown}: {e}"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(path).map_err(|e| format!("cannot create {shown}: {e}"))
+        }
+        Err(e) => Err(format!("{shown}: {e}")),
+    }
+}
+
+/// Whether something is mounted exactly on `path`.
+fn mounted(path: &Path) -> bool {
+    let Ok(path) = path.canonicalize() else {
+        return false;
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    // Field 5 is the mount point, with spaces escaped as \040.
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m.replace("\\040", " ") == want)
+}

@@ -1,0 +1,283 @@
+//! Health probes. One task per instance runs its manifest's probe and sends
+//! every result to the engine, which owns what they mean (grace, retries,
+//! deadlines: see `deployd_lib::rollout`).
+//!
+//! Until an instance is first healthy it is probed every [`STARTING_HTTP`]
+//! (or [`STARTING_EXEC`] for exec probes), or `health_interval` if shorter,
+//! so a rollout learns of a new instance's health within milliseconds
+//! instead of waiting out a whole interval.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deployd_lib::manifest::Health;
+use deployd_lib::rollout::Exit;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, oneshot};
+
+use crate::process::{self, Children, Spawn, Waiter};
+
+/// Probe period of a starting instance, for http and tcp probes.
+pub const STARTING_HTTP: Duration = Duration::from_millis(20);
+/// Probe period of a starting instance, for exec probes.
+pub const STARTING_EXEC: Duration = Duration::from_millis(100);
+
+/// What one instance's prober needs.
+pub struct Target {
+    /// The probe.
+    pub health: Health,
+    /// The instance's `$PORT`.
+    pub port: Option<u16>,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Limit of one probe.
+    pub timeout: Duration,
+    /// For exec probes: working directory and environment of the instance.
+    pub dir: PathBuf,
+    /// For exec probes.
+    pub env: Vec<(String, String)>,
+}
+
+/// Probes forever, sending each result through `report`; `poke` asks for a
+/// probe now (the proxy failed to connect). Cancelled by aborting the task.
+pub async fn run(
+    target: Target,
+    children: Children,
+    poke: Arc<Notify>,
+    report: impl Fn(Result<(), String>),
+) {
+    let starting = match target.health {
+        Health::Exec { .. } => STARTING_EXEC,
+        _ => STARTING_HTTP,
+    };
+    let mut healthy_once = false;
+    loop {
+        let result = probe(&target, &children).await;
+        healthy_once |= result.is_ok();
+        report(result);
+        let period = if healthy_once {
+            target.interval
+        } else {
+            starting.min(target.interval)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = poke.notified() => {}
+        }
+    }
+}
+
+/// Runs one probe.
+pub async fn probe(target: &Target, children: &Children) -> Result<(), String> {
+    let work = async {
+        match (&target.health, target.port) {
+            (Health::None, _) => Ok(()),
+            (Health::Tcp, Some(port)) => tcp(port).await.map(|_| ()),
+            (Health::Http { path }, Some(port)) => http(port, path).await,
+            (Health::Exec { command }, _) => exec(command, target, children).await,
+            (_, None) => Err("the instance has no port".to_string()),
+        }
+    };
+    match tokio::time::timeout(target.timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "timed out after {}",
+            deployd_lib::manifest::format_duration(target.timeout)
+        )),
+    }
+}
+
+async fn tcp(port: u16) -> Result<TcpStream, String> {
+    TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
+            _ => e.to_string(),
+        })
+}
+
+/// GET `path`; a 2xx status line is healthy. Only the status line is read.
+async fn http(port: u16, path: &str) -> Result<(), String> {
+    let mut s = tcp(port).await?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: deployd-probe\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    while len < 12 {
+        match s.read(&mut buf[len..]).await {
+            Ok(0) => return Err("connection closed before a response".into()),
+            Ok(n) => len += n,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..len]);
+    let status = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse::<u16>().ok())
+        .ok_or_else(|| "not an HTTP response".to_string())?;
+    if (200..300).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
+    }
+}
+
+async fn exec(command: &str, target: &Target, children: &Children) -> Result<(), String> {
+    let pid = process::spawn(Spawn {
+        command,
+        dir: &target.dir,
+        env: target.env.clone(),
+        output: None,
+    })
+    .map_err(|e| format!("cannot run the probe: {e}"))?;
+    let (tx, rx) = oneshot::channel();
+    children.watch(pid, Waiter::Channel(tx));
+    // Killed with its group if the probe times out (the future is dropped).
+    let guard = KillOnDrop(pid);
+    let exit = rx.await.map_err(|_| "probe lost".to_string())?;
+    std::mem::forget(guard);
+    match exit {
+        Exit::Code(0) => Ok(()),
+        other => Err(format!("probe command: {other}")),
+    }
+}
+
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        process::signal_group(self.0, libc::SIGKILL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn target(health: Health, port: Option<u16>) -> Target {
+        Target {
+            health,
+            port,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(500),
+            dir: PathBuf::from("/"),
+            env: vec![],
+        }
+    }
+
+    /// A one-shot HTTP server answering `status`.
+    async fn server(status: &'static str) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn http_probe_reads_the_status() {
+        let children = Children::default();
+        let ok = server("204 No Content").await;
+        let bad = server("503 Service Unavailable").await;
+        let h = Health::Http {
+            path: "/healthz".into(),
+        };
+        assert_eq!(probe(&target(h.clone(), Some(ok)), &children).await, Ok(()));
+        assert_eq!(
+            probe(&target(h.clone(), Some(bad)), &children).await,
+            Err("HTTP 503".into())
+        );
+        // Nothing listens on a port we just freed.
+        let free = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        assert_eq!(
+            probe(&target(h, Some(free)), &children).await,
+            Err("connection refused".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn http_probe_times_out_on_a_silent_server() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _keep = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        let mut t = target(Health::Http { path: "/".into() }, Some(port));
+        t.timeout = Duration::from_millis(100);
+        assert_eq!(
+            probe(&t, &Children::default()).await,
+            Err("timed out after 100ms".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn tcp_probe() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_eq!(
+            probe(&target(Health::Tcp, Some(port)), &Children::default()).await,
+            Ok(())
+        );
+        drop(l);
+        assert!(
+            probe(&target(Health::Tcp, Some(port)), &Children::default())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn exec_probe_uses_the_exit_status_and_the_environment() {
+        let children = Children::default();
+        let reaper = tokio::spawn(children.clone().run_reaper());
+        let mut t = target(
+            Health::Exec {
+                command: "test \"$PORT\" = 4242".into(),
+            },
+            Some(4242),
+        );
+        t.env = vec![("PORT".into(), "4242".into())];
+        assert_eq!(probe(&t, &children).await, Ok(()));
+        t.health = Health::Exec {
+            command: "exit 3".into(),
+        };
+        assert_eq!(
+            probe(&t, &children).await,
+            Err("probe command: exit status 3".into())
+        );
+        t.health = Health::Exec {
+            command: "sleep 5".into(),
+        };
+        t.timeout = Duration::from_millis(100);
+        let started = std::time::Instant::now();
+        assert_eq!(
+            probe(&t, &children).await,
+            Err("timed out after 100ms".into())
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        reaper.abort();
+    }
+}

@@ -1,0 +1,359 @@
+//! The state directory: what survives a restart of deployd.
+//!
+//! ```text
+//! STATE/deployd.lock                 one deployd per state directory (flock)
+//! STATE/services/SERVICE/state.json  the service's record (atomic, fsync)
+//! STATE/services/SERVICE/history/VERSION.manifest   last manifests (atomic, fsync)
+//! STATE/services/SERVICE/events.log  the event log (appended, rotated at 4 MiB)
+//! STATE/services/SERVICE/pids        process groups to kill after a crash (atomic)
+//! STATE/services/SERVICE/logs/       instance output
+//! ```
+//!
+//! Records and manifests are written to a temporary file, fsynced and renamed
+//! over the old one, so a kill -9 (or a power cut) leaves either the old or
+//! the new file. The pid file is not fsynced: after a power cut there is
+//! nothing left to kill. Event lines are appended with one write each.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use deployd_lib::manifest::Version;
+use deployd_lib::name::ServiceName;
+use deployd_lib::rollout::Record;
+use serde::{Deserialize, Serialize};
+
+/// Event log size on disk past which it is moved to `events.log.1`.
+pub const EVENTS_MAX: u64 = 4 << 20;
+/// How much of the event log is loaded at start.
+pub const EVENTS_LOADED: u64 = 1 << 20;
+/// Manifests kept per service.
+pub const HISTORY: usize = 10;
+/// Instance log files kept per service.
+pub const LOGS_KEPT: usize = 64;
+
+/// What `state.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saved {
+    /// The state machine's record.
+    pub record: Record,
+    /// Versions in `history/`, oldest first.
+    pub history: Vec<Version>,
+}
+
+/// The state directory, locked for this deployd.
+pub struct Store {
+    root: PathBuf,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating) the state directory and takes its lock.
+    pub fn open(root: &Path) -> Result<Store, String> {
+        let services = root.join("services");
+        fs::create_dir_all(&services).map_err(|e| format!("{}: {e}", services.display()))?;
+        let lock_path = root.join("deployd.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = (&lock).read_to_string(&mut holder);
+            return Err(format!(
+                "another deployd (pid {}) uses the state directory {}",
+                holder.trim(),
+                root.display()
+            ));
+        }
+        let mut f = &lock;
+        let _ = f.set_len(0);
+        let _ = f.seek(SeekFrom::Start(0));
+        let _ = writeln!(f, "{}", std::process::id());
+        Ok(Store {
+            root: root.to_path_buf(),
+            _lock: lock,
+        })
+    }
+
+    fn dir(&self, service: &ServiceName) -> PathBuf {
+        self.root.join("services").join(service.as_str())
+    }
+
+    /// The services that have a record.
+    pub fn services(&self) -> Vec<ServiceName> {
+        let Ok(entries) = fs::read_dir(self.root.join("services")) else {
+            return Vec::new();
+        };
+        let mut v: Vec<ServiceName> = entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join("state.json").exists())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| ServiceName::new(n).ok())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Creates a service's directories.
+    pub fn create(&self, service: &ServiceName) -> std::io::Result<()> {
+        let dir = self.dir(service);
+        fs::create_dir_all(dir.join("history"))?;
+        fs::create_dir_all(dir.join("logs"))
+    }
+
+    /// Reads a service's record.
+    pub fn load(&self, service: &ServiceName) -> Result<Saved, String> {
+        let path = self.dir(service).join("state.json");
+        let text = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Writes a service's record, atomically and durably.
+    pub fn save(&self, service: &ServiceName, saved: &Saved) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
+        write_atomic(&self.dir(service).join("state.json"), &bytes, true)
+    }
+
+    /// Stores a manifest of the service's history.
+    pub fn save_manifest(
+        &self,
+        service: &ServiceName,
+        version: Version,
+        text: &str,
+    ) -> std::io::Result<()> {
+        let path = self.history_path(service, version);
+        if path.exists() {
+            return Ok(());
+        }
+        write_atomic(&path, text.as_bytes(), true)
+    }
+
+    /// Reads a manifest of the service's history.
+    pub fn load_manifest(
+        &self,
+        service: &ServiceName,
+        version: Version,
+    ) -> std::io::Result<String> {
+        fs::read_to_string(self.history_path(service, version))
+    }
+
+    /// Deletes the history manifests not in `keep`.
+    pub fn prune_history(&self, service: &ServiceName, keep: &[Version]) {
+        let Ok(entries) = fs::read_dir(self.dir(service).join("history")) else {
+            return;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let name = e.file_name();
+            let Some(v) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".manifest"))
+                .and_then(|n| n.parse::<Version>().ok())
+            else {
+                continue;
+            };
+            if !keep.contains(&v) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    fn history_path(&self, service: &ServiceName, version: Version) -> PathBuf {
+        self.dir(service)
+            .join("history")
+            .join(format!("{version}.manifest"))
+    }
+
+    /// Appends one line (with its newline) to the event log.
+    pub fn append_event(&self, service: &ServiceName, line: &str) -> std::io::Result<()> {
+        let path = self.dir(service).join("events.log");
+        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
+        f.write_all(line.as_bytes())?;
+        if f.metadata()?.len() > EVENTS_MAX {
+            fs::rename(&path, self.dir(service).join("events.log.1"))?;
+        }
+        Ok(())
+    }
+
+    /// The end of the event log, up to [`EVENTS_LOADED`], from a line start.
+    pub fn load_events(&self, service: &ServiceName) -> Vec<u8> {
+        let Ok(mut f) = File::open(self.dir(service).join("events.log")) else {
+            return Vec::new();
+        };
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = len.saturating_sub(EVENTS_LOADED);
+        let mut buf = Vec::new();
+        if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut buf).is_err() {
+            return Vec::new();
+        }
+        if start > 0 {
+            let cut = buf
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(buf.len(), |p| p + 1);
+            buf.drain(..cut);
+        }
+        // A line torn by a crash mid-write is completed, not glued to the next.
+        if buf.last().is_some_and(|&b| b != b'\n') {
+            buf.push(b'\n');
+        }
+        buf
+    }
+
+    /// Records the process groups of the service's live instances.
+    pub fn save_pids(&self, service: &ServiceName, groups: &[(u32, u64)]) -> std::io::Result<()> {
+        let text: String = groups.iter().map(|(p, t)| format!("{p} {t}\n")).collect();
+        write_atomic(&self.dir(service).join("pids"), text.as_bytes(), false)
+    }
+
+    /// The process groups recorded by [`Store::save_pids`], of every service.
+    pub fn all_pids(&self) -> Vec<(u32, u64)> {
+        let mut v = Vec::new();
+        let Ok(entries) = fs::read_dir(self.root.join("services")) else {
+            return v;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            let Ok(text) = fs::read_to_string(e.path().join("pids")) else {
+                continue;
+            };
+            for line in text.lines() {
+                let mut it = line.split(' ').map(|w| w.parse::<u64>());
+                if let (Some(Ok(p)), Some(Ok(t))) = (it.next(), it.next()) {
+                    if let Ok(p) = u32::try_from(p) {
+                        v.push((p, t));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// Where an instance's output goes.
+    pub fn log_path(&self, service: &ServiceName, generation: u64, id: u64) -> PathBuf {
+        self.dir(service)
+            .join("logs")
+            .join(format!("{generation}-{id}.log"))
+    }
+
+    /// Deletes all but the newest [`LOGS_KEPT`] log files, keeping `live`.
+    pub fn prune_logs(&self, service: &ServiceName, live: &[PathBuf]) {
+        let Ok(entries) = fs::read_dir(self.dir(service).join("logs")) else {
+            return;
+        };
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if files.len() <= LOGS_KEPT {
+            return;
+        }
+        files.sort();
+        let excess = files.len() - LOGS_KEPT;
+        for (_, path) in files.into_iter().take(excess) {
+            let base = path.with_extension("log");
+            if !live.contains(&path) && !live.contains(&base) {
+                let _ = fs::remove_file(path);
+            }
+        }
+    }
+
+    /// Forgets a service: deletes its directory.
+    pub fn remove(&self, service: &ServiceName) -> std::io::Result<()> {
+        fs::remove_dir_all(self.dir(service))
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory,
+/// fsynced if `durable`, then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    if durable {
+        tmp.as_file().sync_all()?;
+    }
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deployd_lib::rollout::UpdateStatus;
+
+    fn name(n: &str) -> ServiceName {
+        ServiceName::new(n).unwrap()
+    }
+
+    #[test]
+    fn record_round_trips_and_the_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).err().unwrap();
+        assert!(
+            err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        let web = name("web");
+        store.create(&web).unwrap();
+        let v: Version = "0123456789ab".parse().unwrap();
+        let saved = Saved {
+            record: Record {
+                version: v,
+                previous: None,
+                update_status: UpdateStatus::Rolling,
+                failure: Some("x".into()),
+                rollout: Some(deployd_lib::rollout::Kind::Apply),
+                stopped: false,
+                slots: vec![Some(v), None],
+            },
+            history: vec![v],
+        };
+        store.save(&web, &saved).unwrap();
+        assert_eq!(store.load(&web).unwrap(), saved);
+        assert_eq!(store.services(), vec![web.clone()]);
+        store.save_manifest(&web, v, "exec a\n").unwrap();
+        assert_eq!(store.load_manifest(&web, v).unwrap(), "exec a\n");
+        store.prune_history(&web, &[]);
+        assert!(store.load_manifest(&web, v).is_err());
+        drop(store);
+        // The lock goes with the store.
+        Store::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn events_are_appended_and_a_torn_line_is_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let web = name("web");
+        store.create(&web).unwrap();
+        store.append_event(&web, "12:00:00 one\n").unwrap();
+        store.append_event(&web, "12:00:01 two\n").unwrap();
+        store.append_event(&web, "12:00:02 torn").unwrap();
+        assert_eq!(
+            String::from_utf8(store.load_events(&web)).unwrap(),
+            "12:00:00 one\n12:00:01 two\n12:00:02 torn\n"
+        );
+    }
+
+    #[test]
+    fn pids_of_every_service() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for (s, p) in [("a", 10u32), ("b", 20)] {
+            store.create(&name(s)).unwrap();
+            store.save_pids(&name(s), &[(p, 99)]).unwrap();
+        }
+        let mut all = store.all_pids();
+        all.sort();
+        assert_eq!(all, vec![(10, 99), (20, 99)]);
+    }
+}

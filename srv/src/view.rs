@@ -1,0 +1,444 @@
+//! Snapshots of the engine's state, which the namespace serves.
+//!
+//! The engine owns the truth; after each change it builds a [`ServiceView`]
+//! with every status file already rendered, and publishes it in [`Views`].
+//! The file system only clones `Arc`s out of it, so a read never waits on the
+//! engine and never sees a half-updated service: `update_progress` is never
+//! torn. A file's mtime is the time its content last changed.
+//!
+//! The event log is the exception: it is append-only, so the engine appends
+//! to a shared [`EventLog`] and readers read it at their own offsets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use deployd_lib::manifest::Version;
+use deployd_lib::name::ServiceName;
+use deployd_lib::rollout::{InstanceId, Service};
+use parking_lot::RwLock;
+
+/// Event log bytes kept in memory; past it, the older half is dropped.
+pub const EVENTS_IN_MEMORY: usize = 1 << 20;
+
+/// A rendered file and when its content last changed.
+#[derive(Debug, Clone)]
+pub struct FileData {
+    /// The bytes.
+    pub data: Arc<[u8]>,
+    /// When they last changed.
+    pub mtime: SystemTime,
+}
+
+impl FileData {
+    fn new(text: &str, now: SystemTime, prev: Option<&FileData>) -> FileData {
+        match prev {
+            Some(p) if &*p.data == text.as_bytes() => p.clone(),
+            _ => FileData {
+                data: Arc::from(text.as_bytes()),
+                mtime: now,
+            },
+        }
+    }
+}
+
+/// The files of `/deploy/active/SERVICE/` besides directories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SvcFile {
+    /// `ctl`: commands.
+    Ctl,
+    /// `version`
+    Version,
+    /// `previous_version`
+    PreviousVersion,
+    /// `update_status`
+    UpdateStatus,
+    /// `update_progress`
+    UpdateProgress,
+    /// `state`: running or stopped.
+    State,
+    /// `events`: the event log.
+    Events,
+    /// `manifest`: the target manifest's text.
+    Manifest,
+    /// `wait`: blocks while a rollout is in flight.
+    Wait,
+}
+
+/// The service directory's files, in listing order: name, file.
+pub const SVC_FILES: [(&str, SvcFile); 9] = [
+    ("ctl", SvcFile::Ctl),
+    ("version", SvcFile::Version),
+    ("previous_version", SvcFile::PreviousVersion),
+    ("update_status", SvcFile::UpdateStatus),
+    ("update_progress", SvcFile::UpdateProgress),
+    ("state", SvcFile::State),
+    ("events", SvcFile::Events),
+    ("manifest", SvcFile::Manifest),
+    ("wait", SvcFile::Wait),
+];
+
+/// The files of `/deploy/active/SERVICE/instances/N/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstFile {
+    /// `pid`
+    Pid,
+    /// `state`
+    State,
+    /// `version`
+    Version,
+    /// `port`
+    Port,
+    /// `log`: the instance's output.
+    Log,
+}
+
+/// The instance directory's files, in listing order.
+pub const INST_FILES: [(&str, InstFile); 5] = [
+    ("pid", InstFile::Pid),
+    ("state", InstFile::State),
+    ("version", InstFile::Version),
+    ("port", InstFile::Port),
+    ("log", InstFile::Log),
+];
+
+/// One instance as the namespace shows it.
+#[derive(Debug, Clone)]
+pub struct InstanceView {
+    /// Its identity (not shown).
+    pub id: InstanceId,
+    /// Its directory name.
+    pub number: u32,
+    /// `pid`
+    pub pid: FileData,
+    /// `state`
+    pub state: FileData,
+    /// `version`
+    pub version: FileData,
+    /// `port`
+    pub port: FileData,
+    /// The output file behind `log`.
+    pub log: Option<PathBuf>,
+    /// When the instance appeared.
+    pub created: SystemTime,
+}
+
+impl InstanceView {
+    /// A rendered file.
+    pub fn file(&self, f: InstFile) -> Option<&FileData> {
+        match f {
+            InstFile::Pid => Some(&self.pid),
+            InstFile::State => Some(&self.state),
+            InstFile::Version => Some(&self.version),
+            InstFile::Port => Some(&self.port),
+            InstFile::Log => None,
+        }
+    }
+}
+
+/// One service as the namespace shows it.
+#[derive(Debug, Clone)]
+pub struct ServiceView {
+    /// Its number in inode numbers.
+    pub sid: u32,
+    /// Its name.
+    pub name: ServiceName,
+    /// `version`
+    pub version: FileData,
+    /// `previous_version`
+    pub previous_version: FileData,
+    /// `update_status`
+    pub update_status: FileData,
+    /// `update_progress`
+    pub update_progress: FileData,
+    /// `state`
+    pub state: FileData,
+    /// `manifest`
+    pub manifest: FileData,
+    /// What `wait` returns; `None` while a rollout is in flight.
+    pub wait: Option<Arc<[u8]>>,
+    /// `history/VERSION`, oldest first.
+    pub history: Vec<(Version, FileData)>,
+    /// `instances/N`, by number.
+    pub instances: Vec<InstanceView>,
+    /// `events`
+    pub events: Arc<EventLog>,
+    /// The line of `/deploy/status`.
+    pub summary: String,
+    /// When the service appeared.
+    pub created: SystemTime,
+    /// When anything in it last changed.
+    pub mtime: SystemTime,
+}
+
+impl ServiceView {
+    /// A pre-rendered status file; `None` for files rendered elsewhere.
+    pub fn file(&self, f: SvcFile) -> Option<&FileData> {
+        match f {
+            SvcFile::Version => Some(&self.version),
+            SvcFile::PreviousVersion => Some(&self.previous_version),
+            SvcFile::UpdateStatus => Some(&self.update_status),
+            SvcFile::UpdateProgress => Some(&self.update_progress),
+            SvcFile::State => Some(&self.state),
+            SvcFile::Manifest => Some(&self.manifest),
+            SvcFile::Ctl | SvcFile::Events | SvcFile::Wait => None,
+        }
+    }
+
+    /// The instance with this number.
+    pub fn instance(&self, number: u32) -> Option<&InstanceView> {
+        self.instances.iter().find(|i| i.number == number)
+    }
+}
+
+/// What the engine knows of an instance beyond the state machine.
+pub struct Runtime {
+    /// `$PORT`
+    pub port: Option<u16>,
+    /// Its output file.
+    pub log: Option<PathBuf>,
+}
+
+/// Everything a [`ServiceView`] is built from.
+pub struct Parts<'a> {
+    /// The service's number.
+    pub sid: u32,
+    /// Its name.
+    pub name: &'a ServiceName,
+    /// Its state machine.
+    pub machine: &'a Service,
+    /// The manifests of its history, oldest first.
+    pub history: &'a [(Version, Arc<str>)],
+    /// Its event log.
+    pub events: &'a Arc<EventLog>,
+    /// Per-instance runtime data.
+    pub runtime: &'a dyn Fn(InstanceId) -> Option<Runtime>,
+}
+
+/// Renders a service; files whose content did not change keep `prev`'s mtime.
+pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> ServiceView {
+    let m = p.machine;
+    let pf = |f: SvcFile| prev.and_then(|v| v.file(f));
+    let (k, n) = m.progress();
+    let status = m.update_status().name();
+    let state = if m.is_stopped() { "stopped" } else { "running" };
+    let previous = m
+        .previous()
+        .map(|s| format!("{}\n", s.version))
+        .unwrap_or_default();
+    let mut instances: Vec<InstanceView> = m
+        .instances()
+        .iter()
+        .map(|i| {
+            let pi = prev.and_then(|v| v.instances.iter().find(|x| x.id == i.id()));
+            let rt = (p.runtime)(i.id());
+            let pid = i.pid().map(|p| format!("{p}\n")).unwrap_or_default();
+            let port = rt
+                .as_ref()
+                .and_then(|r| r.port)
+                .map(|p| format!("{p}\n"))
+                .unwrap_or_default();
+            InstanceView {
+                id: i.id(),
+                number: i.number(),
+                pid: FileData::new(&pid, now, pi.map(|x| &x.pid)),
+                state: FileData::new(
+                    &format!("{}\n", i.state().name()),
+                    now,
+                    pi.map(|x| &x.state),
+                ),
+                version: FileData::new(
+                    &format!("{}\n", i.spec().version),
+                    now,
+                    pi.map(|x| &x.version),
+                ),
+                port: FileData::new(&port, now, pi.map(|x| &x.port)),
+                log: rt.and_then(|r| r.log),
+                created: pi.map_or(now, |x| x.created),
+            }
+        })
+        .collect();
+    instances.sort_by_key(|i| i.number);
+    let history = p
+        .history
+        .iter()
+        .map(|(v, text)| {
+            let old = prev.and_then(|pv| pv.history.iter().find(|(pv, _)| pv == v));
+            (*v, FileData::new(text, now, old.map(|(_, f)| f)))
+        })
+        .collect();
+    let summary = format!(
+        "{} {} {status} {k}/{n} {}/{n} {state}\n",
+        p.name,
+        m.version(),
+        m.healthy()
+    );
+    let mut view = ServiceView {
+        sid: p.sid,
+        name: p.name.clone(),
+        version: FileData::new(&format!("{}\n", m.version()), now, pf(SvcFile::Version)),
+        previous_version: FileData::new(&previous, now, pf(SvcFile::PreviousVersion)),
+        update_status: FileData::new(&format!("{status}\n"), now, pf(SvcFile::UpdateStatus)),
+        update_progress: FileData::new(&format!("{k}/{n}\n"), now, pf(SvcFile::UpdateProgress)),
+        state: FileData::new(&format!("{state}\n"), now, pf(SvcFile::State)),
+        manifest: FileData::new(&m.target().text, now, pf(SvcFile::Manifest)),
+        wait: m
+            .wait_line()
+            .map(|l| Arc::from(format!("{l}\n").into_bytes())),
+        history,
+        instances,
+        events: p.events.clone(),
+        summary,
+        created: prev.map_or(now, |v| v.created),
+        mtime: now,
+    };
+    let unchanged = prev.is_some_and(|pv| {
+        pv.instances.len() == view.instances.len()
+            && pv
+                .instances
+                .iter()
+                .zip(&view.instances)
+                .all(|(a, b)| a.id == b.id && a.number == b.number)
+            && pv.history.len() == view.history.len()
+    });
+    if let (true, Some(pv)) = (unchanged, prev) {
+        view.mtime = pv.mtime;
+    }
+    view
+}
+
+/// The published snapshots, shared by the engine (writer) and the file
+/// system (readers).
+#[derive(Clone, Default)]
+pub struct Views {
+    inner: Arc<RwLock<Namespace>>,
+}
+
+/// Every service's latest snapshot.
+#[derive(Default)]
+pub struct Namespace {
+    /// Service number by name, in name order.
+    pub by_name: BTreeMap<ServiceName, u32>,
+    /// Snapshot by service number.
+    pub by_sid: HashMap<u32, Arc<ServiceView>>,
+    /// When a service last appeared or went.
+    pub mtime: Option<SystemTime>,
+}
+
+impl Views {
+    /// Publishes a service's new snapshot.
+    pub fn publish(&self, view: Arc<ServiceView>) {
+        let mut ns = self.inner.write();
+        if ns.by_name.insert(view.name.clone(), view.sid).is_none() {
+            ns.mtime = Some(SystemTime::now());
+        }
+        ns.by_sid.insert(view.sid, view);
+    }
+
+    /// Takes a service out of the namespace.
+    pub fn remove(&self, sid: u32) {
+        let mut ns = self.inner.write();
+        if let Some(v) = ns.by_sid.remove(&sid) {
+            ns.by_name.remove(&v.name);
+            ns.mtime = Some(SystemTime::now());
+        }
+    }
+
+    /// A service's snapshot.
+    pub fn get(&self, sid: u32) -> Option<Arc<ServiceView>> {
+        self.inner.read().by_sid.get(&sid).cloned()
+    }
+
+    /// A service's snapshot, by name.
+    pub fn by_name(&self, name: &str) -> Option<Arc<ServiceView>> {
+        let ns = self.inner.read();
+        let sid = ns
+            .by_name
+            .iter()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, s)| *s)?;
+        ns.by_sid.get(&sid).cloned()
+    }
+
+    /// Runs `f` on the whole namespace under the read lock; keep it short.
+    pub fn with<T>(&self, f: impl FnOnce(&Namespace) -> T) -> T {
+        f(&self.inner.read())
+    }
+}
+
+/// A service's event log in memory: the end of the log on disk plus what
+/// was appended since.
+#[derive(Debug)]
+pub struct EventLog {
+    inner: RwLock<(Vec<u8>, SystemTime)>,
+}
+
+impl EventLog {
+    /// A log holding `initial`.
+    pub fn new(initial: Vec<u8>) -> EventLog {
+        EventLog {
+            inner: RwLock::new((initial, SystemTime::now())),
+        }
+    }
+
+    /// Appends a complete line. Past [`EVENTS_IN_MEMORY`], the older half is
+    /// dropped at a line boundary (readers see the file shrink, as with a
+    /// rotated log).
+    pub fn append(&self, line: &str) {
+        let mut g = self.inner.write();
+        let (data, mtime) = &mut *g;
+        data.extend_from_slice(line.as_bytes());
+        *mtime = SystemTime::now();
+        if data.len() > EVENTS_IN_MEMORY {
+            let half = data.len() / 2;
+            let cut = data[half..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(data.len(), |p| half + p + 1);
+            data.drain(..cut);
+        }
+    }
+
+    /// Length in bytes and last change.
+    pub fn stat(&self) -> (u64, SystemTime) {
+        let g = self.inner.read();
+        (g.0.len() as u64, g.1)
+    }
+
+    /// Up to `size` bytes from `offset`.
+    pub fn read(&self, offset: u64, size: usize) -> Vec<u8> {
+        let g = self.inner.read();
+        let start = (offset as usize).min(g.0.len());
+        let end = start.saturating_add(size).min(g.0.len());
+        g.0[start..end].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unchanged_files_keep_their_mtime() {
+        let t0 = SystemTime::UNIX_EPOCH;
+        let t1 = t0 + std::time::Duration::from_secs(5);
+        let a = FileData::new("2/3\n", t0, None);
+        assert_eq!(FileData::new("2/3\n", t1, Some(&a)).mtime, t0);
+        assert_eq!(FileData::new("3/3\n", t1, Some(&a)).mtime, t1);
+    }
+
+    #[test]
+    fn event_log_trims_at_a_line_boundary() {
+        let log = EventLog::new(Vec::new());
+        let line = format!("{}\n", "x".repeat(99));
+        for _ in 0..(EVENTS_IN_MEMORY / 100 + 10) {
+            log.append(&line);
+        }
+        let (len, _) = log.stat();
+        assert!(len as usize <= EVENTS_IN_MEMORY);
+        assert_eq!(len % 100, 0, "whole lines only");
+        assert_eq!(log.read(0, 100), line.as_bytes());
+        assert_eq!(log.read(len, 10), b"");
+    }
+}
