@@ -5,14 +5,23 @@
 //! `cat` and `echo`. `deploy check` works offline.
 //!
 //! Exit codes: 0 success; 1 the operation failed (invalid manifest, failed
-//! rollout); 2 usage error; see [`Exit`] for the rest.
+//! or paused rollout); 2 usage error; 3 deployd is not running; 4 no such
+//! service; 5 deployd refused the command.
 
 mod check;
+mod follow;
+mod ns;
+mod status;
+mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+
+use crate::follow::What;
+use crate::ns::Ns;
 
 #[derive(Parser)]
 #[command(
@@ -21,12 +30,77 @@ use clap::{Parser, Subcommand};
     about = "Drive deployd through its /deploy namespace"
 )]
 struct Args {
+    /// Where deployd's namespace is mounted
+    #[arg(long, global = true, env = "DEPLOY_ROOT", default_value = "/deploy")]
+    root: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Roll the service out to its manifest and follow the rollout to its end
+    Apply {
+        /// The service (its manifest is SERVICE.manifest in deployd's manifests directory)
+        service: String,
+        /// Return once the rollout has started
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Every service as a table, or one service with its instances
+    Status {
+        /// One service
+        service: Option<String>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hold the rollout after the batch in flight
+    Pause { service: String },
+    /// Go on with a paused rollout and follow it
+    Resume {
+        service: String,
+        /// Return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Roll back to the previous version (or to VERSION from history) and follow it
+    Rollback {
+        service: String,
+        /// A version from the service's history/
+        version: Option<String>,
+        /// Return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Replace every instance with a fresh process, one batch at a time
+    Restart {
+        service: String,
+        /// Return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop every instance; the service stays, stopped
+    Stop { service: String },
+    /// Start a stopped service
+    Start { service: String },
+    /// Stop every instance and forget the service
+    Remove { service: String },
+    /// Print the service's event log
+    Events {
+        service: String,
+        /// Keep printing new events
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Print the output of the service's instances (or of one)
+    Logs {
+        service: String,
+        instance: Option<u32>,
+        /// Keep printing new output
+        #[arg(short, long)]
+        follow: bool,
+    },
     /// Validate manifests offline; print every error with file:line:col
     Check {
         /// Manifest files, named SERVICE.manifest
@@ -35,7 +109,7 @@ enum Cmd {
     },
 }
 
-/// How `deploy` ends.
+/// How `deploy` ends when nothing went wrong on its side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// It worked.
@@ -51,19 +125,103 @@ pub struct Fail {
     message: String,
 }
 
+impl Fail {
+    fn new(code: u8, message: String) -> Fail {
+        Fail { code, message }
+    }
+}
+
 impl From<std::io::Error> for Fail {
     fn from(e: std::io::Error) -> Fail {
-        Fail {
-            code: 1,
-            message: e.to_string(),
-        }
+        Fail::new(1, e.to_string())
     }
 }
 
 fn try_main(args: Args) -> Result<Exit, Fail> {
-    match args.command {
-        Cmd::Check { files } => check::run(&files),
+    if let Cmd::Check { files } = &args.command {
+        return check::run(files);
     }
+    let ns = Ns::open(&args.root)?;
+    match args.command {
+        Cmd::Check { .. } => unreachable!("handled above"),
+        Cmd::Apply { service, no_wait } => {
+            let dir = ns.service_path(&service);
+            let from = follow::events_end(&dir);
+            let started = Instant::now();
+            let msg = ns
+                .ctl_root(&format!("apply {service}\n"))
+                .map_err(|f| refused(&service, f))?;
+            if no_wait || msg.starts_with("unchanged") {
+                println!("{service}: {msg}");
+                return Ok(Exit::Ok);
+            }
+            follow::follow(&service, &dir, from, started, What::Deploy)
+        }
+        Cmd::Resume { service, no_wait } => {
+            command(&ns, &service, "resume", !no_wait, What::Deploy)
+        }
+        Cmd::Restart { service, no_wait } => {
+            command(&ns, &service, "restart", !no_wait, What::Restart)
+        }
+        Cmd::Rollback {
+            service,
+            version,
+            no_wait,
+        } => {
+            let cmd = match version {
+                Some(v) => format!("rollback {v}"),
+                None => "rollback".into(),
+            };
+            command(&ns, &service, &cmd, !no_wait, What::Rollback)
+        }
+        Cmd::Pause { service } => command(&ns, &service, "pause", false, What::Deploy),
+        Cmd::Stop { service } => command(&ns, &service, "stop", false, What::Deploy),
+        Cmd::Start { service } => command(&ns, &service, "start", false, What::Deploy),
+        Cmd::Remove { service } => command(&ns, &service, "remove", false, What::Deploy),
+        Cmd::Status {
+            service: None,
+            json,
+        } => status::all(&ns, json),
+        Cmd::Status {
+            service: Some(s),
+            json,
+        } => status::one(&ns, &s, json),
+        Cmd::Events { service, follow } => {
+            let dir = ns.service(&service)?;
+            tail::run(vec![(None, dir.join("events"))], follow)
+        }
+        Cmd::Logs {
+            service,
+            instance,
+            follow,
+        } => {
+            let dir = ns.service(&service)?;
+            tail::run(tail::logs(&dir, instance)?, follow)
+        }
+    }
+}
+
+/// Writes a command to the service's ctl file; follows the rollout it
+/// starts if `wait`.
+fn command(ns: &Ns, service: &str, cmd: &str, wait: bool, what: What) -> Result<Exit, Fail> {
+    let dir = ns.service(service)?;
+    let from = follow::events_end(&dir);
+    let started = Instant::now();
+    let msg = ns::ctl(&dir.join("ctl"), &format!("{cmd}\n")).map_err(|f| refused(service, f))?;
+    if !wait {
+        println!("{service}: {msg}");
+        return Ok(Exit::Ok);
+    }
+    follow::follow(service, &dir, from, started, what)
+}
+
+/// Prefixes a refusal with the service and what happened.
+fn refused(service: &str, f: Fail) -> Fail {
+    let what = match f.code {
+        ns::REFUSED => "refused: ",
+        _ => "",
+    };
+    Fail::new(f.code, format!("{service}: {what}{}", f.message))
 }
 
 fn main() -> ExitCode {

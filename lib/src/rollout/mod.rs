@@ -1282,10 +1282,11 @@ impl Service {
     }
 
     fn fail(&mut self, reason: String) {
-        self.cancel_batch();
-        let Some(r) = self.rollout.take() else { return };
+        let Some(r) = &self.rollout else { return };
         let noun = r.kind.noun(self.target.manifest.update);
         self.event(format!("{noun} failed: {reason}"));
+        self.cancel_batch();
+        let Some(r) = self.rollout.take() else { return };
         let auto = self.target.manifest.auto_rollback
             && matches!(r.kind, Kind::Apply | Kind::Scale)
             && self.previous.is_some();

@@ -1,0 +1,185 @@
+//! `deploy status [SERVICE] [--json]`: every service as a table from
+//! `/deploy/status`, or one service with its instances.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::ns::{self, Ns};
+use crate::{Exit, Fail};
+
+#[derive(Serialize)]
+struct Summary {
+    service: String,
+    version: String,
+    update_status: String,
+    progress: String,
+    healthy: String,
+    state: String,
+}
+
+#[derive(Serialize)]
+struct Detail {
+    service: String,
+    version: String,
+    previous_version: Option<String>,
+    update_status: String,
+    progress: String,
+    state: String,
+    instances: Vec<Instance>,
+}
+
+#[derive(Serialize)]
+struct Instance {
+    instance: u32,
+    pid: Option<u32>,
+    state: String,
+    version: String,
+    port: Option<u16>,
+}
+
+/// Prints every service.
+pub fn all(ns: &Ns, json: bool) -> Result<Exit, Fail> {
+    let text = ns::read(&ns.status_file())?;
+    let rows: Vec<Summary> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (f.len() == 6).then(|| Summary {
+                service: f[0].into(),
+                version: f[1].into(),
+                update_status: f[2].into(),
+                progress: f[3].into(),
+                healthy: f[4].into(),
+                state: f[5].into(),
+            })
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+        return Ok(Exit::Ok);
+    }
+    let table: Vec<[&str; 6]> = std::iter::once([
+        "SERVICE", "VERSION", "STATUS", "PROGRESS", "HEALTHY", "STATE",
+    ])
+    .chain(rows.iter().map(|r| {
+        [
+            r.service.as_str(),
+            &r.version,
+            &r.update_status,
+            &r.progress,
+            &r.healthy,
+            &r.state,
+        ]
+    }))
+    .collect();
+    print_table(&mut out, &table)?;
+    Ok(Exit::Ok)
+}
+
+/// Prints one service in detail.
+pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
+    let dir = ns.service(service)?;
+    let previous = ns::read_field(&dir, "previous_version");
+    let d = Detail {
+        service: service.to_string(),
+        version: ns::read_field(&dir, "version"),
+        previous_version: (!previous.is_empty()).then_some(previous),
+        update_status: ns::read_field(&dir, "update_status"),
+        progress: ns::read_field(&dir, "update_progress"),
+        state: ns::read_field(&dir, "state"),
+        instances: instances(&dir.join("instances")),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &d).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+        return Ok(Exit::Ok);
+    }
+    writeln!(out, "{}", d.service)?;
+    let fields = [
+        ("version", d.version.as_str()),
+        (
+            "previous version",
+            d.previous_version.as_deref().unwrap_or("-"),
+        ),
+        ("update status", &d.update_status),
+        ("progress", &d.progress),
+        ("state", &d.state),
+    ];
+    for (k, v) in fields {
+        writeln!(out, "  {k:<17} {v}")?;
+    }
+    writeln!(out)?;
+    let rows: Vec<[String; 5]> = d
+        .instances
+        .iter()
+        .map(|i| {
+            [
+                i.instance.to_string(),
+                i.pid.map_or("-".into(), |p| p.to_string()),
+                i.state.clone(),
+                i.version.clone(),
+                i.port.map_or("-".into(), |p| p.to_string()),
+            ]
+        })
+        .collect();
+    let table: Vec<[&str; 5]> = std::iter::once(["INSTANCE", "PID", "STATE", "VERSION", "PORT"])
+        .chain(
+            rows.iter()
+                .map(|r| [r[0].as_str(), &r[1], &r[2], &r[3], &r[4]]),
+        )
+        .collect();
+    print_table(&mut out, &table)?;
+    Ok(Exit::Ok)
+}
+
+fn instances(dir: &Path) -> Vec<Instance> {
+    let mut numbers: Vec<u32> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    numbers.sort();
+    numbers
+        .into_iter()
+        .map(|n| {
+            let d = dir.join(n.to_string());
+            Instance {
+                instance: n,
+                pid: ns::read_field(&d, "pid").parse().ok(),
+                state: ns::read_field(&d, "state"),
+                version: ns::read_field(&d, "version"),
+                port: ns::read_field(&d, "port").parse().ok(),
+            }
+        })
+        // An instance that went between the listing and the reads.
+        .filter(|i| !i.state.is_empty())
+        .collect()
+}
+
+fn print_table<const N: usize>(out: &mut impl Write, rows: &[[&str; N]]) -> std::io::Result<()> {
+    let mut widths = [0usize; N];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in rows {
+        let mut line = String::new();
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(c);
+            } else {
+                line.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        writeln!(out, "{}", line.trim_end())?;
+    }
+    Ok(())
+}
