@@ -752,10 +752,11 @@ impl Engine {
             return;
         };
         self.names.remove(&e.name);
-        self.views.remove(sid);
+        // State first: once the service is gone from the namespace, it is gone.
         if let Err(err) = self.store.remove(&e.name) {
             tracing::warn!("{}: cannot delete its state: {err}", e.name);
         }
+        self.views.remove(sid);
         tracing::info!(service = %e.name, "removed");
     }
 

@@ -212,21 +212,28 @@ impl Waiters {
         }
     }
 
-    /// Answers reads whose reader died (EINTR) or whose service is gone
-    /// (ENOENT). Runs every second.
+    /// Answers reads whose reader is dying (EINTR) or whose service is gone
+    /// (ENOENT). Runs every [`SWEEP`].
+    ///
+    /// A reader killed while its read is parked here does not go away: the
+    /// kernel keeps it until the read is answered, and fuser does not pass
+    /// on FUSE_INTERRUPT. So a reader with SIGKILL pending is answered now.
     pub fn sweep(&self, views: &Views) {
         let gone: Vec<(Parked, Errno)> = {
             let mut parked = self.parked.lock();
+            if parked.is_empty() {
+                return;
+            }
             let (gone, rest): (Vec<Parked>, Vec<Parked>) = std::mem::take(&mut *parked)
                 .into_iter()
-                .partition(|p| !alive(p.pid) || views.get(p.sid).is_none());
+                .partition(|p| dying(p.pid) || views.get(p.sid).is_none());
             *parked = rest;
             gone.into_iter()
                 .map(|p| {
-                    let e = if alive(p.pid) {
-                        Errno::ENOENT
-                    } else {
+                    let e = if dying(p.pid) {
                         Errno::EINTR
+                    } else {
+                        Errno::ENOENT
                     };
                     (p, e)
                 })
@@ -245,8 +252,24 @@ impl Waiters {
     }
 }
 
-fn alive(pid: u32) -> bool {
-    pid == 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+/// How often parked reads are checked for dying readers.
+pub const SWEEP: Duration = Duration::from_millis(100);
+
+/// Whether the thread that sent a request is gone or has SIGKILL pending
+/// (a signal whose default action kills is turned into SIGKILL too).
+fn dying(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    status
+        .lines()
+        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter_map(|mask| u64::from_str_radix(mask, 16).ok())
+        .any(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
 }
 
 fn slice(data: &[u8], offset: u64, size: u32) -> &[u8] {

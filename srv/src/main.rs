@@ -26,7 +26,6 @@ mod view;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Parser;
 use tokio::sync::mpsc;
@@ -124,7 +123,7 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
         let (waiters, views) = (waiters.clone(), views.clone());
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(fs::SWEEP).await;
                 waiters.sweep(&views);
             }
         })

@@ -1,0 +1,79 @@
+#!/usr/bin/env python3
+"""The instance program of deployd's end-to-end tests. Naive on purpose: no
+signal handling, no graceful shutdown.
+
+GET /          "VERSION INSTANCE PID"
+GET /healthz   200, or 500 with FAIL_HEALTH=1
+GET /slow?ms=N answers after N ms
+
+Knobs (environment): NO_LISTEN=1 never listens; START_DELAY_MS waits before
+listening; CRASH_AFTER_MS exits with status 3 after that long.
+"""
+import http.server
+import os
+import socketserver
+import sys
+import threading
+import time
+import urllib.parse
+
+env = os.environ
+VERSION = env.get("VERSION", "?")
+INSTANCE = env.get("INSTANCE", "?")
+TAG = env.get("TAG", "")
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        url = urllib.parse.urlparse(self.path)
+        status = 200
+        if url.path == "/healthz":
+            body = b"ok\n"
+            if env.get("FAIL_HEALTH") == "1":
+                status, body = 500, b"unhealthy\n"
+        elif url.path == "/slow":
+            ms = int(urllib.parse.parse_qs(url.query).get("ms", ["1000"])[0])
+            time.sleep(ms / 1000)
+            body = f"slow {VERSION} {INSTANCE} {os.getpid()}\n".encode()
+        else:
+            body = f"{VERSION} {INSTANCE} {os.getpid()} {TAG}\n".encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length", "0"))
+        data = self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, fmt, *args):
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+
+def crash(ms):
+    time.sleep(ms / 1000)
+    print("crashing on purpose", flush=True)
+    os._exit(3)
+
+
+if __name__ == "__main__":
+    print(f"app {VERSION} instance {INSTANCE} pid {os.getpid()}", flush=True)
+    if env.get("CRASH_AFTER_MS"):
+        threading.Thread(target=crash, args=(int(env["CRASH_AFTER_MS"]),), daemon=True).start()
+    if env.get("NO_LISTEN") == "1":
+        while True:
+            time.sleep(3600)
+    time.sleep(int(env.get("START_DELAY_MS", "0")) / 1000)
+    Server(("127.0.0.1", int(env["PORT"])), Handler).serve_forever()

@@ -1,0 +1,354 @@
+//! The end-to-end harness: a real deployd on a real FUSE mount in a temporary
+//! directory, driven with the real `deploy` binary and plain file reads.
+//!
+//! Every [`Deployd`] cleans up when dropped, even when the test failed: it
+//! stops deployd (SIGTERM, then SIGKILL), detaches the mount if one is left,
+//! and kills every process group deployd recorded.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn deployd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_deployd"))
+}
+
+pub fn deploy_bin() -> PathBuf {
+    let p = deployd_bin().with_file_name("deploy");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with cargo test --workspace",
+        p.display()
+    );
+    p
+}
+
+/// The test app, an HTTP server in Python.
+pub fn app() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/apps/app.py")
+}
+
+/// Whether mount tests can run here. Under CI they must: not being able to is
+/// a failure, never a silent skip.
+pub fn fuse_available() -> bool {
+    let reason = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse does not exist")
+    } else if !nix::unistd::geteuid().is_root() {
+        Some("mounting without fusermount needs root")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(r) if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("FUSE mount tests cannot run under CI: {r}")
+        }
+        Some(r) => {
+            eprintln!("skipping a FUSE test: {r}");
+            false
+        }
+    }
+}
+
+/// A port nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Polls `cond` every 20ms until it holds or `timeout` passes.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+pub struct Deployd {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub manifests: PathBuf,
+    pub state: PathBuf,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Deployd {
+    /// Starts deployd with these manifests (name, text); `None` if FUSE
+    /// tests cannot run here (outside CI only).
+    pub fn start(manifests: &[(&str, String)]) -> Option<Deployd> {
+        if !fuse_available() {
+            return None;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("deployd-e2e")
+            .tempdir()
+            .expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        let m = dir.path().join("manifests");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&m).unwrap();
+        for (name, text) in manifests {
+            std::fs::write(m.join(format!("{name}.manifest")), text).unwrap();
+        }
+        let config = dir.path().join("deployd.toml");
+        std::fs::write(
+            &config,
+            "mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"debug\"\n",
+        )
+        .unwrap();
+        let mut d = Deployd {
+            mnt,
+            manifests: m,
+            state,
+            config,
+            child: None,
+            dir,
+        };
+        d.launch();
+        Some(d)
+    }
+
+    /// Starts the deployd process and waits for its namespace.
+    pub fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("deployd.log"))
+            .unwrap();
+        let child = Command::new(deployd_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start deployd");
+        self.child = Some(child);
+        let ctl = self.mnt.join("ctl");
+        wait_for(
+            "the namespace to be mounted",
+            Duration::from_secs(20),
+            || {
+                if let Some(c) = self.child.as_mut() {
+                    if let Ok(Some(status)) = c.try_wait() {
+                        panic!("deployd exited early ({status}): {}", self.log());
+                    }
+                }
+                ctl.exists()
+            },
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("deployd.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.code().or(s.signal().map(|s| 128 + s));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// A namespace file's content.
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel))
+            .unwrap_or_else(|e| panic!("read {rel}: {e}\n{}", self.log()))
+    }
+
+    /// A namespace file's content, or empty if it cannot be read (yet).
+    pub fn try_read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.path(rel)).unwrap_or_default()
+    }
+
+    /// A namespace file's content, trimmed.
+    pub fn field(&self, rel: &str) -> String {
+        self.read(rel).trim_end().to_string()
+    }
+
+    pub fn write_manifest(&self, name: &str, text: &str) {
+        std::fs::write(self.manifests.join(format!("{name}.manifest")), text).unwrap();
+    }
+
+    /// Runs `deploy ARGS` against this namespace.
+    pub fn deploy(&self, args: &[&str]) -> Output {
+        Command::new(deploy_bin())
+            .args(args)
+            .env("DEPLOY_ROOT", &self.mnt)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run deploy")
+    }
+
+    /// Runs a shell command with `$ROOT` set to the mount.
+    pub fn sh(&self, script: &str) -> Output {
+        Command::new("bash")
+            .arg("-c")
+            .arg(script)
+            .env("ROOT", &self.mnt)
+            .output()
+            .expect("run sh")
+    }
+
+    /// Instances of a service: (number, pid, state, version, port).
+    pub fn instances(&self, service: &str) -> Vec<(u32, u32, String, String, Option<u16>)> {
+        let dir = self.mnt.join("active").join(service).join("instances");
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter_map(|n| {
+                        let d = dir.join(n.to_string());
+                        let read = |f: &str| {
+                            std::fs::read_to_string(d.join(f))
+                                .ok()
+                                .map(|s| s.trim().to_string())
+                        };
+                        Some((
+                            n,
+                            read("pid")?.parse().unwrap_or(0),
+                            read("state")?,
+                            read("version")?,
+                            read("port")?.parse().ok(),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Waits until the service has no rollout in flight.
+    pub fn settle(&self, service: &str, timeout: Duration) {
+        wait_for(&format!("{service} to settle"), timeout, || {
+            let s = std::fs::read_to_string(
+                self.mnt.join("active").join(service).join("update_status"),
+            )
+            .unwrap_or_default();
+            let p = std::fs::read_to_string(
+                self.mnt
+                    .join("active")
+                    .join(service)
+                    .join("update_progress"),
+            )
+            .unwrap_or_default();
+            s.trim() == "none" && p.split('/').next() == p.trim().split('/').nth(1)
+        });
+    }
+
+    fn recorded_groups(&self) -> Vec<i32> {
+        let mut v = Vec::new();
+        if let Ok(dirs) = std::fs::read_dir(self.state.join("services")) {
+            for d in dirs.filter_map(|e| e.ok()) {
+                if let Ok(text) = std::fs::read_to_string(d.path().join("pids")) {
+                    v.extend(
+                        text.lines()
+                            .filter_map(|l| l.split(' ').next()?.parse::<i32>().ok()),
+                    );
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Drop for Deployd {
+    fn drop(&mut self) {
+        let groups = self.recorded_groups();
+        self.terminate();
+        for g in groups {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(g),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // A mount left by a crashed deployd is detached.
+        if std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|m| m.contains(&*self.mnt.to_string_lossy()))
+        {
+            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
+}
+
+/// One HTTP/1.1 GET on a fresh connection; the status and body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad response {buf:?}")))?;
+    let body = buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((status, body))
+}
+
+/// A manifest for the test app.
+pub fn app_manifest(replicas: u32, extra: &str) -> String {
+    format!(
+        "exec exec python3 {}\nreplicas {replicas}\nhealth http /healthz\nhealth_interval 200ms\n{extra}",
+        app().display()
+    )
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

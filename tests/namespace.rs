@@ -1,0 +1,227 @@
+//! The namespace under ordinary Unix tools: sizes, mtimes, permissions,
+//! blocking reads of `wait`.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[test]
+fn unix_tools_see_sizes_and_lines_right() {
+    let Some(d) = Deployd::start(&[("web", app_manifest(2, ""))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    for f in [
+        "version",
+        "previous_version",
+        "update_status",
+        "update_progress",
+        "state",
+        "manifest",
+        "events",
+    ] {
+        let path = d.path(&format!("active/web/{f}"));
+        let meta = std::fs::metadata(&path).unwrap();
+        let content = std::fs::read(&path).unwrap();
+        assert_eq!(meta.len(), content.len() as u64, "size of {f}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{f} is read-only");
+    }
+    assert_eq!(
+        std::fs::metadata(d.path("active/web/ctl"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o644
+    );
+    for f in ["pid", "state", "version", "port"] {
+        let path = d.path(&format!("active/web/instances/1/{f}"));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            std::fs::read(&path).unwrap().len() as u64
+        );
+    }
+    // Status files are one line ending in a newline.
+    for f in ["version", "update_status", "update_progress", "state"] {
+        let t = d.read(&format!("active/web/{f}"));
+        assert!(t.ends_with('\n') && t.lines().count() == 1, "{f}: {t:?}");
+    }
+    let events = d.read("active/web/events");
+    let last2: Vec<&str> = events
+        .lines()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let out = d.sh("tail -n 2 $ROOT/active/web/events");
+    assert_eq!(stdout(&out), format!("{}\n", last2.join("\n")));
+    let out = d.sh("grep -c 'started (pid' $ROOT/active/web/events");
+    assert_eq!(stdout(&out).trim(), "2");
+    let out = d.sh(
+        "wc -c < $ROOT/active/web/update_progress; ls $ROOT/active/web/instances; ls $ROOT/active",
+    );
+    assert_eq!(stdout(&out), "4\n0\n1\nweb\n");
+    let out = d.sh("ls -l $ROOT/active/web/ | awk '{print $1, $5, $9}'");
+    let ls = stdout(&out);
+    assert!(ls.contains("-r--r--r-- 4 update_progress"), "{ls}");
+    assert!(ls.contains("-rw-r--r-- 0 ctl"), "{ls}");
+    assert!(ls.contains("dr-xr-xr-x 0 instances"), "{ls}");
+    // Reading ctl tells the commands.
+    assert!(
+        d.read("active/web/ctl")
+            .starts_with("commands: apply | pause | resume")
+    );
+    // Nothing can be created or removed.
+    let out = d.sh("touch $ROOT/active/web/new; rm $ROOT/active/web/version; mkdir $ROOT/x");
+    assert!(!out.status.success());
+    assert!(!d.path("active/web/new").exists() && d.path("active/web/version").exists());
+}
+
+#[test]
+fn mtimes_change_with_content_only() {
+    let Some(d) = Deployd::start(&[("web", app_manifest(1, "update_pause 1s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let mtime = |f: &str| {
+        std::fs::metadata(d.path(&format!("active/web/{f}")))
+            .unwrap()
+            .mtime_nsec()
+            + std::fs::metadata(d.path(&format!("active/web/{f}")))
+                .unwrap()
+                .mtime()
+                * 1_000_000_000
+    };
+    let version_m = mtime("version");
+    let status_m = mtime("update_status");
+    std::thread::sleep(Duration::from_millis(1100));
+    // Probes keep running; nothing visible changed.
+    assert_eq!(mtime("version"), version_m);
+    assert_eq!(mtime("update_status"), status_m);
+    d.write_manifest("web", &app_manifest(1, "update_pause 1s\nenv TAG=x\n"));
+    assert!(d.deploy(&["apply", "web"]).status.success());
+    assert!(mtime("version") > version_m);
+    assert!(mtime("update_status") > status_m);
+}
+
+#[test]
+fn wait_blocks_until_the_rollout_settles() {
+    let Some(d) = Deployd::start(&[("web", app_manifest(2, "update_pause 1s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    // Nothing in flight: wait answers at once.
+    let v1 = d.field("active/web/version");
+    assert_eq!(d.read("active/web/wait"), format!("none {v1}\n"));
+    d.write_manifest("web", &app_manifest(2, "update_pause 1s\nenv TAG=y\n"));
+    let mut reader = std::process::Command::new("cat")
+        .arg(d.path("active/web/wait"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A read before the rollout answers with the settled state.
+    let early = reader.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&early.stdout),
+        format!("none {v1}\n")
+    );
+    let started = Instant::now();
+    assert!(d.deploy(&["apply", "web", "--no-wait"]).status.success());
+    let line = d.read("active/web/wait");
+    let took = started.elapsed();
+    let v2 = d.field("active/web/version");
+    assert_eq!(line, format!("none {v2}\n"));
+    assert_eq!(d.field("active/web/update_status"), "none");
+    // Two batches with a 1s pause between: the read blocked through them.
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+
+    // A reader that dies while parked is answered (the sweeper), and
+    // deployd goes on serving.
+    d.write_manifest("web", &app_manifest(2, "update_pause 2s\nenv TAG=z\n"));
+    assert!(d.deploy(&["apply", "web", "--no-wait"]).status.success());
+    reader = std::process::Command::new("cat")
+        .arg(d.path("active/web/wait"))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    reader.kill().unwrap();
+    reader.wait().unwrap();
+    // The kernel holds a killed reader until its read is answered.
+    assert!(
+        killed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        killed.elapsed()
+    );
+    let status = d.field("active/web/update_status");
+    assert_eq!(
+        status,
+        "rolling",
+        "{}\n{}",
+        d.read("active/web/events"),
+        d.log()
+    );
+    assert!(d.read("active/web/wait").starts_with("none "));
+}
+
+#[test]
+fn other_users_cannot_use_the_mount() {
+    let Some(d) = Deployd::start(&[("web", "exec sleep 1000\n".to_string())]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    // setpriv is util-linux's, part of every Debian.
+    let out = d.sh("setpriv --reuid=65534 --regid=65534 --clear-groups cat $ROOT/status");
+    assert!(!out.status.success(), "user nobody read the namespace");
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.sh("setpriv --reuid=65534 --regid=65534 --clear-groups sh -c 'echo stop > $ROOT/active/web/ctl'");
+    assert!(!out.status.success());
+    assert_eq!(d.field("active/web/state"), "running");
+}
+
+#[test]
+fn stop_start_and_remove_through_the_root_ctl() {
+    let Some(d) = Deployd::start(&[("web", app_manifest(2, ""))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    let out = d.sh("echo 'stop web' > $ROOT/ctl");
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("instances to stop", LONG, || d.instances("web").is_empty());
+    assert_eq!(d.field("active/web/state"), "stopped");
+    assert_eq!(d.field("active/web/update_progress"), "0/2");
+    for p in &pids {
+        assert!(!alive(*p));
+    }
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "apply on a stopped service is refused"
+    );
+    assert!(d.sh("echo 'start web' > $ROOT/ctl").status.success());
+    d.settle("web", LONG);
+    assert_eq!(d.field("active/web/state"), "running");
+    let out = d.deploy(&["remove", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("web to be forgotten", LONG, || {
+        !d.path("active/web").exists()
+    });
+    assert!(!d.state.join("services/web").exists());
+    assert_eq!(d.read("status"), "");
+    // And it can come back from its manifest.
+    let out = d.deploy(&["apply", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}

@@ -1,0 +1,534 @@
+//! deployd end to end: real deployd, real FUSE mount, real instance
+//! processes, driven by the real `deploy` CLI and by `sh`.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+/// Acceptance 1: web at v1 with 3 replicas: all healthy; the files say so.
+#[test]
+fn deploy_three_replicas() {
+    let m = app_manifest(3, "");
+    let Some(d) = Deployd::start(&[("web", m.clone())]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let version = deployd_lib::manifest::parse(m.as_bytes())
+        .unwrap()
+        .version()
+        .to_string();
+    assert_eq!(d.read("active/web/version"), format!("{version}\n"));
+    assert_eq!(d.read("active/web/update_status"), "none\n");
+    assert_eq!(d.read("active/web/update_progress"), "3/3\n");
+    assert_eq!(d.read("active/web/previous_version"), "");
+    assert_eq!(d.read("active/web/state"), "running\n");
+    assert_eq!(d.read("active/web/manifest"), m);
+    let inst = d.instances("web");
+    assert_eq!(inst.iter().map(|i| i.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+    for (n, pid, state, v, port) in &inst {
+        assert_eq!(state, "ready");
+        assert_eq!(v, &version);
+        assert!(alive(*pid));
+        let (status, body) = http_get(port.unwrap(), "/").unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(body, format!("{version} {n} {pid} \n"));
+    }
+    assert_eq!(
+        d.read("status"),
+        format!("web {version} none 3/3 3/3 running\n")
+    );
+    let out = d.deploy(&["status", "web", "--json"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["instances"].as_array().unwrap().len(), 3);
+    assert_eq!(j["update_status"], "none");
+}
+
+/// Samples the instances of `service` until stopped; keeps the fewest
+/// healthy instances seen, two ways: counted from the instance files (an
+/// instance counts if its state is healthy or ready and its process runs),
+/// and as deployd's own count in `/status` (one atomic snapshot).
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    min: Arc<AtomicUsize>,
+    min_summary: Arc<AtomicUsize>,
+    samples: Arc<AtomicUsize>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+/// One sample from the instance files, or `None` if an instance changed
+/// number or went while it was read (a torn sample is not a sample).
+fn sample(dir: &std::path::Path) -> Option<usize> {
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .map(|s| s.trim().to_string())
+    };
+    let list = || -> Option<Vec<std::path::PathBuf>> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        v.sort();
+        Some(v)
+    };
+    let listed = list()?;
+    let mut healthy = 0;
+    for path in &listed {
+        let pid = read(path.join("pid"))?;
+        let state = read(path.join("state"))?;
+        if read(path.join("pid"))? != pid {
+            return None;
+        }
+        let pid: u32 = pid.parse().unwrap_or(0);
+        if matches!(state.as_str(), "healthy" | "ready") && alive(pid) {
+            healthy += 1;
+        }
+    }
+    // An instance that came or went meanwhile makes the sample torn.
+    (list()? == listed).then_some(healthy)
+}
+
+impl Sampler {
+    fn start(mnt: std::path::PathBuf, service: &str) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let min = Arc::new(AtomicUsize::new(usize::MAX));
+        let min_summary = Arc::new(AtomicUsize::new(usize::MAX));
+        let samples = Arc::new(AtomicUsize::new(0));
+        let dir = mnt.join("active").join(service).join("instances");
+        let status = mnt.join("status");
+        let name = service.to_string();
+        let (s, m, ms, n) = (
+            stop.clone(),
+            min.clone(),
+            min_summary.clone(),
+            samples.clone(),
+        );
+        let handle = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                if let Some(h) = sample(&dir) {
+                    m.fetch_min(h, Ordering::SeqCst);
+                    n.fetch_add(1, Ordering::SeqCst);
+                }
+                // "web VERSION STATUS k/n healthy/n STATE"
+                let summary = std::fs::read_to_string(&status).unwrap_or_default();
+                if let Some(h) = summary
+                    .lines()
+                    .find(|l| l.split(' ').next() == Some(name.as_str()))
+                    .and_then(|l| {
+                        l.split(' ')
+                            .nth(4)?
+                            .split('/')
+                            .next()?
+                            .parse::<usize>()
+                            .ok()
+                    })
+                {
+                    ms.fetch_min(h, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Sampler {
+            stop,
+            min,
+            min_summary,
+            samples,
+            handle: Some(handle),
+        }
+    }
+
+    /// (fewest healthy by the files, fewest by deployd's count, samples)
+    fn finish(mut self) -> (usize, usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        (
+            self.min.load(Ordering::SeqCst),
+            self.min_summary.load(Ordering::SeqCst),
+            self.samples.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Acceptance 2: a rolling update goes one batch at a time, never below 3
+/// healthy, tells the story in order, and `deploy apply` exits 0.
+#[test]
+fn rolling_update_never_drops_below_replicas() {
+    let extra = "update_batch 1\nupdate_pause 500ms\n";
+    let Some(d) = Deployd::start(&[("web", app_manifest(3, extra))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let v1 = d.field("active/web/version");
+    let old: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    d.write_manifest("web", &app_manifest(3, &format!("{extra}env TAG=two\n")));
+    let sampler = Sampler::start(d.mnt.clone(), "web");
+    let out = d.deploy(&["apply", "web"]);
+    let (min, min_summary, samples) = sampler.finish();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(samples > 50, "only {samples} samples");
+    assert!(min >= 3, "only {min} healthy instances at one point");
+    assert!(
+        min_summary >= 3,
+        "deployd counted only {min_summary} healthy at one point"
+    );
+    let v2 = d.field("active/web/version");
+    assert_ne!(v1, v2);
+    assert_eq!(d.field("active/web/previous_version"), v1);
+    // Output: each step as it happens, then the final line.
+    assert!(
+        text.starts_with(&format!("web: rolling update started {v1} → {v2}")),
+        "{text}"
+    );
+    assert!(text.contains("web: instance 3 healthy ("), "{text}");
+    assert!(
+        text.lines()
+            .last()
+            .unwrap()
+            .starts_with(&format!("web: deployed {v2} (")),
+        "{text}"
+    );
+    // One batch at a time: each batch starts after the previous one is done.
+    let events = d.read("active/web/events");
+    let order: Vec<&str> = events
+        .lines()
+        .filter_map(|l| {
+            [
+                "batch 1/3: starting",
+                "batch 1/3 done",
+                "batch 2/3: starting",
+                "batch 2/3 done",
+                "batch 3/3: starting",
+                "batch 3/3 done",
+                "rolling update complete",
+            ]
+            .into_iter()
+            .find(|p| l.contains(p))
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            "batch 1/3: starting",
+            "batch 1/3 done",
+            "batch 2/3: starting",
+            "batch 2/3 done",
+            "batch 3/3: starting",
+            "batch 3/3 done",
+            "rolling update complete"
+        ],
+        "{events}"
+    );
+    // Every instance is new, numbered 0..2 again, and the old ones are gone.
+    let now = d.instances("web");
+    assert_eq!(now.iter().map(|i| i.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+    for i in &now {
+        assert_eq!(i.3, v2);
+        assert!(!old.contains(&i.1));
+        assert!(http_get(i.4.unwrap(), "/").unwrap().1.ends_with(" two\n"));
+    }
+    for pid in old {
+        assert!(!alive(pid), "old instance {pid} still runs");
+    }
+}
+
+/// Acceptance 3 and 4: a version that never gets healthy fails after
+/// health_deadline, the old instances keep serving untouched; rollback
+/// swaps the versions.
+#[test]
+fn bad_version_fails_then_rollback() {
+    let Some(d) = Deployd::start(&[("web", app_manifest(3, "health_deadline 2s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let v1 = d.field("active/web/version");
+    let before = d.instances("web");
+    d.write_manifest(
+        "web",
+        &app_manifest(3, "health_deadline 2s\nenv FAIL_HEALTH=1\n"),
+    );
+    let started = std::time::Instant::now();
+    let out = d.deploy(&["apply", "web"]);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "web: failed: instance 3 not healthy within health_deadline 2s (last probe: HTTP 500)"
+        ),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(d.field("active/web/update_status"), "failed");
+    assert_eq!(d.instances("web"), before, "the old instances were touched");
+    for (_, pid, _, _, port) in &before {
+        assert!(alive(*pid));
+        assert_eq!(http_get(port.unwrap(), "/").unwrap().0, 200);
+    }
+    assert!(
+        d.read("active/web/wait")
+            .starts_with("failed: instance 3 not healthy")
+    );
+    let v_bad = d.field("active/web/version");
+
+    // Rollback from the failed rollout.
+    let out = d.deploy(&["rollback", "web"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains(&format!("web: rolled back to {v1}")));
+    assert_eq!(d.field("active/web/version"), v1);
+    assert_eq!(d.field("active/web/previous_version"), v_bad);
+    assert_eq!(d.field("active/web/update_status"), "none");
+    // Both versions are in the history, readable.
+    let history = d.read(&format!("active/web/history/{v_bad}"));
+    assert!(history.contains("FAIL_HEALTH=1"));
+    // Rolling back to a version from history by name.
+    let out = d.deploy(&["rollback", "web", &v_bad, "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.deploy(&["rollback", "web", "000000000000"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+}
+
+/// Acceptance 5: pause holds after the batch in flight; resume completes.
+/// A rolling restart replaces every pid, one batch at a time.
+#[test]
+fn pause_resume_and_restart() {
+    let extra = "update_pause 1500ms\n";
+    let Some(d) = Deployd::start(&[("web", app_manifest(3, extra))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    d.write_manifest("web", &app_manifest(3, &format!("{extra}env TAG=b\n")));
+    let out = d.deploy(&["apply", "web", "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the first batch", LONG, || {
+        d.try_read("active/web/update_progress") == "1/3\n"
+    });
+    let out = d.deploy(&["pause", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.field("active/web/update_status"), "paused");
+    // wait returns once the rollout holds.
+    assert!(d.read("active/web/wait").starts_with("paused "));
+    let held = d.instances("web");
+    let progress = d.field("active/web/update_progress");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(d.instances("web"), held, "instances changed while paused");
+    assert_eq!(d.field("active/web/update_progress"), progress);
+    let out = d.deploy(&["resume", "web"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(d.field("active/web/update_progress"), "3/3");
+
+    let before: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    let sampler = Sampler::start(d.mnt.clone(), "web");
+    let out = d.deploy(&["restart", "web"]);
+    let (min, min_summary, _) = sampler.finish();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        min >= 3 && min_summary >= 3,
+        "{min}/{min_summary} healthy during the restart"
+    );
+    let after: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    assert_eq!(after.len(), 3);
+    for p in &before {
+        assert!(!after.contains(p), "{p} was not replaced");
+    }
+    let events = d.read("active/web/events");
+    assert!(events.contains("batch 3/3 done"), "{events}");
+}
+
+/// Acceptance 6: bad ctl writes fail with an errno and change nothing; the
+/// reason is in events and on the same descriptor.
+#[test]
+fn bad_ctl_writes_fail_and_change_nothing() {
+    let Some(d) = Deployd::start(&[("web", app_manifest(1, ""))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let files = [
+        "version",
+        "previous_version",
+        "update_status",
+        "update_progress",
+        "state",
+    ];
+    let snapshot = |d: &Deployd| files.map(|f| d.read(&format!("active/web/{f}")));
+    let before = snapshot(&d);
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+
+    let out = d.sh("echo bogus > $ROOT/active/web/ctl");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("Invalid argument"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.sh("echo pause > $ROOT/active/web/ctl");
+    assert!(!out.status.success());
+    let out = d.sh("echo 'rollback a b' > $ROOT/active/web/ctl");
+    assert!(!out.status.success());
+    let out = d.sh("head -c 100000 /dev/zero | tr '\\0' a > $ROOT/active/web/ctl");
+    assert!(!out.status.success());
+    let out = d.sh("echo apply > $ROOT/active/web/version");
+    assert!(!out.status.success(), "a status file took a write");
+    let out = d.sh("echo 'apply ../etc' > $ROOT/ctl");
+    assert!(!out.status.success());
+    let out = d.sh("echo 'apply nothere' > $ROOT/ctl");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("No such file"), "{}", stderr(&out));
+    assert!(!d.path("active/nothere").exists());
+    assert!(!d.path("active/../etc").join("ctl").exists());
+
+    assert_eq!(snapshot(&d), before);
+    assert_eq!(
+        d.instances("web").iter().map(|i| i.1).collect::<Vec<_>>(),
+        pids
+    );
+    let events = d.read("active/web/events");
+    assert!(
+        events.contains("refused 'bogus': unknown control message 'bogus'"),
+        "{events}"
+    );
+    assert!(
+        events.contains("refused: nothing to pause: no rollout in progress"),
+        "{events}"
+    );
+
+    // The reason is readable on the same descriptor (what the CLI does).
+    let out = d.deploy(&["pause", "web"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(
+        stderr(&out),
+        "deploy: web: refused: nothing to pause: no rollout in progress\n"
+    );
+    let out = d.deploy(&["status", "nothere"]);
+    assert_eq!(out.status.code(), Some(4));
+    // An invalid manifest is refused with file:line:col and changes nothing.
+    d.write_manifest("web", "exec true\nreplicas 0\nupdate_bach 1\n");
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(5));
+    let err = stderr(&out);
+    assert!(
+        err.contains("web.manifest:2:10: replicas must be between 1 and 1000, got 0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("web.manifest:3:1: unknown directive 'update_bach'"),
+        "{err}"
+    );
+    assert_eq!(snapshot(&d), before);
+}
+
+/// Acceptance 7: kill -9 mid-rollout; the next deployd brings the service
+/// back paused with its events, resume finishes it, nothing of the old
+/// deployd survives.
+#[test]
+fn kill9_mid_rollout_comes_back_paused() {
+    let extra = "update_pause 2s\n";
+    let Some(mut d) = Deployd::start(&[("web", app_manifest(3, extra))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    d.write_manifest("web", &app_manifest(3, &format!("{extra}env TAG=b\n")));
+    let out = d.deploy(&["apply", "web", "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the first batch", LONG, || {
+        d.try_read("active/web/update_progress") == "1/3\n"
+    });
+    let v2 = d.field("active/web/version");
+    let events_before = d.read("active/web/events");
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    d.kill9();
+    // Instances go with it (PDEATHSIG), and no later than the next start.
+    d.launch();
+    for p in &pids {
+        assert!(!alive(*p), "instance {p} of the killed deployd still runs");
+    }
+    wait_for("web to come back", LONG, || {
+        std::fs::read_to_string(d.path("active/web/update_status")).is_ok_and(|s| s == "paused\n")
+    });
+    assert_eq!(d.field("active/web/version"), v2);
+    let events = d.read("active/web/events");
+    assert!(
+        events.starts_with(&events_before),
+        "events before the crash were lost"
+    );
+    assert!(
+        events.contains("deployd restarted during the rolling update: paused at"),
+        "{events}"
+    );
+    let out = d.deploy(&["resume", "web"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    d.settle("web", LONG);
+    let now = d.instances("web");
+    assert!(now.iter().all(|i| i.3 == v2 && i.2 == "ready"), "{now:?}");
+}
+
+/// SIGTERM stops every instance, unmounts and exits 0.
+#[test]
+fn sigterm_stops_everything_and_unmounts() {
+    let Some(mut d) = Deployd::start(&[
+        ("web", app_manifest(2, "")),
+        ("idle", "exec sleep 1000\nreplicas 2\n".into()),
+    ]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    d.settle("idle", LONG);
+    let pids: Vec<u32> = d
+        .instances("web")
+        .iter()
+        .chain(d.instances("idle").iter())
+        .map(|i| i.1)
+        .collect();
+    assert_eq!(pids.len(), 4);
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    for p in pids {
+        assert!(!alive(p), "{p} survived deployd");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*d.mnt.to_string_lossy()), "still mounted");
+}
+
+/// Steady state: a crashed instance is restarted with backoff, an event
+/// says so; restart never leaves it exited.
+#[test]
+fn crashed_instances_restart_per_policy() {
+    let Some(d) = Deployd::start(&[
+        ("crashy", app_manifest(1, "env CRASH_AFTER_MS=700\n")),
+        (
+            "once",
+            app_manifest(1, "restart never\nenv CRASH_AFTER_MS=700\n"),
+        ),
+    ]) else {
+        return;
+    };
+    wait_for("crashy to restart twice", LONG, || {
+        d.try_read("active/crashy/events")
+            .matches("restarting in")
+            .count()
+            >= 2
+    });
+    let events = d.read("active/crashy/events");
+    assert!(
+        events.contains("instance 0 exited unexpectedly (exit status 3); restarting in 0.1s"),
+        "{events}"
+    );
+    assert!(events.contains("restarting in 0.2s"), "{events}");
+    wait_for("once to exit", LONG, || {
+        d.try_read("active/once/events").contains("not restarted")
+    });
+    assert_eq!(d.field("active/once/instances/0/state"), "exited");
+    // Its output goes to its log.
+    wait_for("output in the log", LONG, || {
+        std::fs::read_to_string(d.path("active/crashy/instances/0/log"))
+            .is_ok_and(|l| l.contains("app "))
+    });
+}
