@@ -29,6 +29,7 @@ use tokio::task::AbortHandle;
 use crate::config::Config;
 use crate::probe;
 use crate::process::{self, Children, Spawn, Waiter};
+use crate::proxy::{self, Router};
 use crate::store::{HISTORY, Saved, Store};
 use crate::view::{self, EventLog, Runtime, ServiceView, Views};
 
@@ -62,6 +63,13 @@ pub enum Msg {
         /// The result.
         result: Result<(), String>,
     },
+    /// An instance routed out has nothing in flight any more.
+    Drained {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+    },
     /// An instance's process ended.
     Exited {
         /// The service's number.
@@ -82,6 +90,8 @@ struct Inst {
     port: Option<u16>,
     log: PathBuf,
     prober: Option<AbortHandle>,
+    /// Asks the prober for a probe now.
+    poke: Arc<Notify>,
     exited: Arc<AtomicBool>,
     stop_signal: i32,
     stop_timeout: Duration,
@@ -97,6 +107,8 @@ struct Entry {
     saved: Option<Saved>,
     pids: Vec<(u32, u64)>,
     view: Option<Arc<ServiceView>>,
+    /// Its routing table, when it has a port.
+    router: Option<Arc<Router>>,
 }
 
 /// The engine's state. See the module documentation.
@@ -252,9 +264,11 @@ impl Engine {
                 saved: None,
                 pids: Vec::new(),
                 view: None,
+                router: None,
             },
         );
         self.dirty.insert(sid);
+        self.sync_proxy(sid);
         sid
     }
 
@@ -340,7 +354,15 @@ impl Engine {
             Msg::Probe { sid, id, result } => {
                 let _ = self.handle(sid, Input::Probe { id, result });
             }
+            Msg::Drained { sid, id } => {
+                let _ = self.handle(sid, Input::Drained { id });
+            }
             Msg::Exited { sid, id, exit } => {
+                if let Some(e) = self.services.get_mut(&sid) {
+                    if let Some(r) = &e.router {
+                        r.close(id);
+                    }
+                }
                 if let Some(inst) = self
                     .services
                     .get_mut(&sid)
@@ -408,6 +430,7 @@ impl Engine {
         let result = self.handle(sid, Input::Command(command));
         if result.is_ok() {
             self.remember_versions(sid);
+            self.sync_proxy(sid);
         }
         result
     }
@@ -499,10 +522,17 @@ impl Engine {
                     signal,
                     timeout,
                 } => self.stop_instance(sid, id, signal.number(), timeout),
-                Action::RouteIn { .. } => {}
+                Action::RouteIn { id } => self.route_in(sid, id),
                 Action::RouteOut { id } => {
-                    // Nothing is routed through deployd yet: nothing to drain.
-                    self.pending.push_back((sid, Input::Drained { id }));
+                    let routed = self
+                        .services
+                        .get(&sid)
+                        .and_then(|e| e.router.as_ref())
+                        .is_some_and(|r| r.route_out(id));
+                    // Not routed through deployd: nothing to drain.
+                    if !routed {
+                        self.pending.push_back((sid, Input::Drained { id }));
+                    }
                 }
                 Action::Event(msg) => self.log(sid, &msg),
             }
@@ -570,6 +600,7 @@ impl Engine {
                 let _ = tx.send(Msg::Exited { sid, id, exit });
             })),
         );
+        let poke = Arc::new(Notify::new());
         let prober = if m.health != Health::None {
             let target = probe::Target {
                 health: m.health.clone(),
@@ -586,7 +617,7 @@ impl Engine {
             let task = tokio::spawn(probe::run(
                 target,
                 self.children.clone(),
-                Arc::new(Notify::new()),
+                poke.clone(),
                 report,
             ));
             Some(task.abort_handle())
@@ -599,6 +630,7 @@ impl Engine {
             port,
             log,
             prober,
+            poke,
             exited,
             stop_signal: m.stop_signal.number(),
             stop_timeout: m.stop_timeout,
@@ -610,10 +642,78 @@ impl Engine {
     }
 
     fn stop_instance(&mut self, sid: u32, id: InstanceId, signal: i32, timeout: Duration) {
-        let Some(inst) = self.services.get(&sid).and_then(|e| e.runtime.get(&id)) else {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        // What is still open on it after its drain is cut now.
+        if let Some(r) = &e.router {
+            r.close(id);
+        }
+        let Some(inst) = e.runtime.get(&id) else {
             return;
         };
         stop_group(inst.pid, signal, timeout, inst.exited.clone());
+    }
+
+    fn route_in(&mut self, sid: u32, id: InstanceId) {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        let (Some(router), Some(inst)) = (&e.router, e.runtime.get(&id)) else {
+            return;
+        };
+        let Some(port) = inst.port else { return };
+        let tx = self.tx.clone();
+        router.route_in(
+            id,
+            port,
+            inst.poke.clone(),
+            Box::new(move || {
+                let _ = tx.send(Msg::Drained { sid, id });
+            }),
+        );
+    }
+
+    /// Makes the service's listener match its target manifest: listen on a
+    /// new port or in a new mode (moving the routed-in instances over), stop
+    /// listening when it has no port.
+    fn sync_proxy(&mut self, sid: u32) {
+        let bind = self.config.bind;
+        let Some(e) = self.services.get_mut(&sid) else {
+            return;
+        };
+        let m = e.machine.target().manifest.clone();
+        let want = m.port.map(|port| proxy::Settings {
+            port,
+            mode: m.proxy,
+            queue_timeout: m.queue_timeout,
+        });
+        let have = e.router.as_ref().map(|r| r.settings());
+        match (have, want) {
+            (Some(h), Some(w)) if h.port == w.port && h.mode == w.mode => {
+                if let Some(r) = &e.router {
+                    r.set_queue_timeout(w.queue_timeout);
+                }
+                return;
+            }
+            (None, None) => return,
+            _ => {}
+        }
+        if let Some(old) = e.router.take() {
+            old.stop_listening();
+        }
+        let Some(w) = want else { return };
+        e.router = Some(proxy::listen(bind, w, e.name.to_string()));
+        let ready: Vec<InstanceId> = e
+            .machine
+            .instances()
+            .iter()
+            .filter(|i| i.state() == deployd_lib::rollout::State::Ready)
+            .map(|i| i.id())
+            .collect();
+        for id in ready {
+            self.route_in(sid, id);
+        }
     }
 
     /// Frees what an exited instance held.
@@ -721,6 +821,7 @@ impl Engine {
                 history: &e.history,
                 events: &e.events,
                 runtime: &runtime,
+                traffic: e.router.clone(),
             },
             e.view.as_deref(),
             SystemTime::now(),
@@ -765,6 +866,9 @@ impl Engine {
     /// are, so a rollout in flight comes back paused.
     async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
         let mut longest = Duration::ZERO;
+        for r in self.services.values().filter_map(|e| e.router.as_ref()) {
+            r.stop_listening();
+        }
         for e in self.services.values() {
             for inst in e.runtime.values() {
                 if let Some(p) = &inst.prober {

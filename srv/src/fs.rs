@@ -349,6 +349,7 @@ impl Fs {
                         (len, m, v.created)
                     }
                     SvcFile::Ctl | SvcFile::Wait => (0, v.mtime, v.created),
+                    SvcFile::Traffic => (v.traffic().len() as u64, SystemTime::now(), v.created),
                     f => {
                         let d = v.file(f).ok_or(Errno::ENOENT)?;
                         (d.data.len() as u64, d.mtime, v.created)
@@ -370,6 +371,9 @@ impl Fs {
                 let i = v.instance(n).ok_or(Errno::ENOENT)?;
                 match (f, i.file(f)) {
                     (_, Some(d)) => (d.data.len() as u64, d.mtime, i.created),
+                    (InstFile::Inflight, _) => {
+                        (v.inflight(i.id).len() as u64, SystemTime::now(), i.created)
+                    }
                     (InstFile::Log, _) => {
                         let meta = i.log.as_ref().and_then(|p| std::fs::metadata(p).ok());
                         let len = meta.as_ref().map_or(0, |m| m.len());
@@ -538,6 +542,7 @@ impl Fs {
                         last: Arc::default(),
                     },
                     SvcFile::Events => Open::Events(v.events.clone()),
+                    SvcFile::Traffic => Open::Bytes(Arc::from(v.traffic().into_bytes())),
                     SvcFile::Wait => Open::Wait {
                         sid: s,
                         answer: Arc::default(),
@@ -555,6 +560,9 @@ impl Fs {
                 let i = v.instance(n).ok_or(Errno::ENOENT)?;
                 match (f, i.file(f)) {
                     (_, Some(d)) => Open::Bytes(d.data.clone()),
+                    (InstFile::Inflight, _) => {
+                        Open::Bytes(Arc::from(v.inflight(i.id).into_bytes()))
+                    }
                     (InstFile::Log, _) => match i.log.as_ref().map(File::open) {
                         Some(Ok(file)) => Open::Log(file),
                         // No output yet.

@@ -8,6 +8,8 @@
 //!   turns its actions into effects.
 //! - [`process`]: spawning, reaping, signalling and logging child processes.
 //! - [`probe`]: health probes (http, tcp, exec).
+//! - [`proxy`]: the public ports: routing requests and connections to
+//!   ready instances, draining the ones routed out.
 //! - [`store`]: the state directory: atomic records, history, event logs.
 //! - [`view`]: the snapshots the engine publishes for the namespace.
 //! - [`fs`]: the namespace, served through FUSE.
@@ -20,6 +22,7 @@ mod engine;
 mod fs;
 mod probe;
 mod process;
+mod proxy;
 mod store;
 mod view;
 

@@ -19,6 +19,8 @@ use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{InstanceId, Service};
 use parking_lot::RwLock;
 
+use crate::proxy::Router;
+
 /// Event log bytes kept in memory; past it, the older half is dropped.
 pub const EVENTS_IN_MEMORY: usize = 1 << 20;
 
@@ -64,10 +66,12 @@ pub enum SvcFile {
     Manifest,
     /// `wait`: blocks while a rollout is in flight.
     Wait,
+    /// `traffic`: what the public port served.
+    Traffic,
 }
 
 /// The service directory's files, in listing order: name, file.
-pub const SVC_FILES: [(&str, SvcFile); 9] = [
+pub const SVC_FILES: [(&str, SvcFile); 10] = [
     ("ctl", SvcFile::Ctl),
     ("version", SvcFile::Version),
     ("previous_version", SvcFile::PreviousVersion),
@@ -77,6 +81,7 @@ pub const SVC_FILES: [(&str, SvcFile); 9] = [
     ("events", SvcFile::Events),
     ("manifest", SvcFile::Manifest),
     ("wait", SvcFile::Wait),
+    ("traffic", SvcFile::Traffic),
 ];
 
 /// The files of `/deploy/active/SERVICE/instances/N/`.
@@ -92,15 +97,18 @@ pub enum InstFile {
     Port,
     /// `log`: the instance's output.
     Log,
+    /// `inflight`: requests or connections in flight on it.
+    Inflight,
 }
 
 /// The instance directory's files, in listing order.
-pub const INST_FILES: [(&str, InstFile); 5] = [
+pub const INST_FILES: [(&str, InstFile); 6] = [
     ("pid", InstFile::Pid),
     ("state", InstFile::State),
     ("version", InstFile::Version),
     ("port", InstFile::Port),
     ("log", InstFile::Log),
+    ("inflight", InstFile::Inflight),
 ];
 
 /// One instance as the namespace shows it.
@@ -132,7 +140,7 @@ impl InstanceView {
             InstFile::State => Some(&self.state),
             InstFile::Version => Some(&self.version),
             InstFile::Port => Some(&self.port),
-            InstFile::Log => None,
+            InstFile::Log | InstFile::Inflight => None,
         }
     }
 }
@@ -164,6 +172,8 @@ pub struct ServiceView {
     pub instances: Vec<InstanceView>,
     /// `events`
     pub events: Arc<EventLog>,
+    /// The live traffic counters behind `traffic`, when it has a port.
+    pub traffic: Option<Arc<Router>>,
     /// The line of `/deploy/status`.
     pub summary: String,
     /// When the service appeared.
@@ -182,13 +192,26 @@ impl ServiceView {
             SvcFile::UpdateProgress => Some(&self.update_progress),
             SvcFile::State => Some(&self.state),
             SvcFile::Manifest => Some(&self.manifest),
-            SvcFile::Ctl | SvcFile::Events | SvcFile::Wait => None,
+            SvcFile::Ctl | SvcFile::Events | SvcFile::Wait | SvcFile::Traffic => None,
         }
     }
 
     /// The instance with this number.
     pub fn instance(&self, number: u32) -> Option<&InstanceView> {
         self.instances.iter().find(|i| i.number == number)
+    }
+
+    /// The `traffic` file, from the live counters.
+    pub fn traffic(&self) -> String {
+        match &self.traffic {
+            None => "no port: deployd routes no traffic to this service\n".to_string(),
+            Some(r) => r.render(|id| self.instances.iter().find(|i| i.id == id).map(|i| i.number)),
+        }
+    }
+
+    /// An instance's `inflight` file.
+    pub fn inflight(&self, id: InstanceId) -> String {
+        format!("{}\n", self.traffic.as_ref().map_or(0, |r| r.inflight(id)))
     }
 }
 
@@ -214,6 +237,8 @@ pub struct Parts<'a> {
     pub events: &'a Arc<EventLog>,
     /// Per-instance runtime data.
     pub runtime: &'a dyn Fn(InstanceId) -> Option<Runtime>,
+    /// Its routing table, when it has a port.
+    pub traffic: Option<Arc<Router>>,
 }
 
 /// Renders a service; files whose content did not change keep `prev`'s mtime.
@@ -289,6 +314,7 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
         history,
         instances,
         events: p.events.clone(),
+        traffic: p.traffic,
         summary,
         created: prev.map_or(now, |v| v.created),
         mtime: now,

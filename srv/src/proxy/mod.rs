@@ -1,0 +1,368 @@
+//! Traffic: deployd listens on each service's public `port` and forwards to
+//! the instances that are routed in.
+//!
+//! The engine changes the routing table through [`Router::route_in`] and
+//! [`Router::route_out`] (the state machine's actions). A request or
+//! connection counts as *in flight* on its instance from the moment it is
+//! given one until its response is fully sent (or its connection closed); an
+//! instance routed out gets nothing new, and the engine is told it is
+//! drained when its last one ends. After `drain`, [`Router::close`] cuts
+//! whatever is still open (tunnels, tcp connections) before the stop signal.
+//!
+//! Balancing is least outstanding requests (http) or least connections
+//! (tcp), ties broken round-robin: a slow or overloaded instance gets less,
+//! equal ones share evenly, a new one starts taking traffic at once.
+//!
+//! With no instance routed in, a request waits for one up to
+//! `queue_timeout` instead of being refused, so a `replace` rollout or the
+//! restart of a single instance loses nothing that fits in that window.
+
+mod http;
+mod tcp;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use deployd_lib::manifest::Proxy as Mode;
+use deployd_lib::rollout::InstanceId;
+use parking_lot::{Mutex, RwLock};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::AbortHandle;
+
+/// How traffic of a service is forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Public port.
+    pub port: u16,
+    /// http or tcp.
+    pub mode: Mode,
+    /// How long a request waits for an instance.
+    pub queue_timeout: Duration,
+}
+
+/// One instance as a target of traffic.
+pub struct Backend {
+    /// The instance.
+    pub id: InstanceId,
+    addr: SocketAddr,
+    /// Requests (http) or connections (tcp) in flight on it.
+    inflight: AtomicUsize,
+    served: AtomicU64,
+    errors: AtomicU64,
+    routed: AtomicBool,
+    /// Fires when deployd cuts what is still open on it.
+    closed: watch::Sender<bool>,
+    /// Idle HTTP connections to it.
+    idle: Mutex<Vec<http::Conn>>,
+    /// Asks its prober for a probe now.
+    poke: Arc<Notify>,
+    /// Tells the engine it has nothing in flight after being routed out.
+    on_drained: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Backend {
+    /// Counts a request or connection as in flight on it; `None` if it was
+    /// routed out meanwhile.
+    fn acquire(self: &Arc<Self>) -> Option<Guard> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let g = Guard(self.clone());
+        // Route-out stores `routed` then reads `inflight`; this stores
+        // `inflight` then reads `routed`: one of the two sees the other.
+        self.routed.load(Ordering::SeqCst).then_some(g)
+    }
+
+    /// Its connection or request failed in a way that says it may be dead.
+    fn suspect(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.poke.notify_one();
+    }
+
+    /// In flight now.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::SeqCst)
+    }
+}
+
+/// A request or connection in flight on a backend.
+pub struct Guard(Arc<Backend>);
+
+impl Guard {
+    fn backend(&self) -> &Arc<Backend> {
+        &self.0
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let b = &self.0;
+        if b.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && !b.routed.load(Ordering::SeqCst) {
+            (b.on_drained)();
+        }
+    }
+}
+
+/// Counters of a whole service.
+#[derive(Default)]
+struct Totals {
+    served: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A service's routing table and traffic counters.
+pub struct Router {
+    routed: RwLock<Vec<Arc<Backend>>>,
+    /// Every backend not yet closed, routed in or draining.
+    known: Mutex<Vec<Arc<Backend>>>,
+    changed: Notify,
+    next: AtomicUsize,
+    settings: RwLock<Settings>,
+    totals: Totals,
+    listener: Mutex<Option<AbortHandle>>,
+}
+
+impl Router {
+    fn new(settings: Settings) -> Router {
+        Router {
+            routed: RwLock::new(Vec::new()),
+            known: Mutex::new(Vec::new()),
+            changed: Notify::new(),
+            next: AtomicUsize::new(0),
+            settings: RwLock::new(settings),
+            totals: Totals::default(),
+            listener: Mutex::new(None),
+        }
+    }
+
+    /// Sends new traffic to an instance listening on `port`.
+    pub fn route_in(
+        &self,
+        id: InstanceId,
+        port: u16,
+        poke: Arc<Notify>,
+        on_drained: Box<dyn Fn() + Send + Sync>,
+    ) {
+        let b = Arc::new(Backend {
+            id,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            inflight: AtomicUsize::new(0),
+            served: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            routed: AtomicBool::new(true),
+            closed: watch::channel(false).0,
+            idle: Mutex::new(Vec::new()),
+            poke,
+            on_drained,
+        });
+        self.known.lock().push(b.clone());
+        self.routed.write().push(b);
+        self.changed.notify_waiters();
+    }
+
+    /// Sends an instance nothing new. Its `on_drained` is called once
+    /// nothing is in flight on it (now, if nothing is). Returns whether it
+    /// was routed in.
+    pub fn route_out(&self, id: InstanceId) -> bool {
+        let removed = {
+            let mut routed = self.routed.write();
+            let pos = routed.iter().position(|b| b.id == id);
+            pos.map(|p| routed.remove(p))
+        };
+        let Some(b) = removed else { return false };
+        b.routed.store(false, Ordering::SeqCst);
+        b.idle.lock().clear();
+        if b.inflight.load(Ordering::SeqCst) == 0 {
+            (b.on_drained)();
+        }
+        true
+    }
+
+    /// Cuts whatever is still open on an instance (it is being stopped) and
+    /// forgets it.
+    pub fn close(&self, id: InstanceId) {
+        let _ = self.route_out(id);
+        let gone = {
+            let mut known = self.known.lock();
+            let pos = known.iter().position(|b| b.id == id);
+            pos.map(|p| known.remove(p))
+        };
+        if let Some(b) = gone {
+            b.closed.send_replace(true);
+            b.idle.lock().clear();
+        }
+    }
+
+    /// In flight on an instance now.
+    pub fn inflight(&self, id: InstanceId) -> usize {
+        self.known
+            .lock()
+            .iter()
+            .find(|b| b.id == id)
+            .map_or(0, |b| b.inflight())
+    }
+
+    /// The least loaded routed-in backend not in `tried`, counted in flight;
+    /// waits for one up to `queue_timeout`.
+    async fn pick(&self, tried: &[InstanceId]) -> Option<Guard> {
+        let wait = self.settings.read().queue_timeout;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(g) = self.try_pick(tried) {
+                return Some(g);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    fn try_pick(&self, tried: &[InstanceId]) -> Option<Guard> {
+        loop {
+            let chosen = {
+                let routed = self.routed.read();
+                let n = routed.len();
+                if n == 0 {
+                    return None;
+                }
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                let mut best: Option<&Arc<Backend>> = None;
+                for i in 0..n {
+                    let b = &routed[(start + i) % n];
+                    if tried.contains(&b.id) {
+                        continue;
+                    }
+                    if best.is_none_or(|x| b.inflight() < x.inflight()) {
+                        best = Some(b);
+                    }
+                }
+                best?.clone()
+            };
+            // Routed out between the choice and the count: choose again.
+            if let Some(g) = chosen.acquire() {
+                return Some(g);
+            }
+        }
+    }
+
+    /// Records a response or connection that ended well or badly.
+    fn count(&self, backend: Option<&Backend>, ok: bool) {
+        self.totals.served.fetch_add(1, Ordering::Relaxed);
+        if let Some(b) = backend {
+            b.served.fetch_add(1, Ordering::Relaxed);
+        }
+        if !ok {
+            self.totals.errors.fetch_add(1, Ordering::Relaxed);
+            if let Some(b) = backend {
+                b.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The `traffic` file; `number` maps an instance to its number.
+    pub fn render(&self, number: impl Fn(InstanceId) -> Option<u32>) -> String {
+        let s = *self.settings.read();
+        let what = match s.mode {
+            Mode::Http => "requests",
+            Mode::Tcp => "connections",
+        };
+        let known = self.known.lock().clone();
+        let inflight: usize = known.iter().map(|b| b.inflight()).sum();
+        let mut out = format!(
+            "port {} {}\n{what} {}\ninflight {inflight}\nerrors {}\n",
+            s.port,
+            s.mode.name(),
+            self.totals.served.load(Ordering::Relaxed),
+            self.totals.errors.load(Ordering::Relaxed)
+        );
+        let mut rows: Vec<(u32, &Arc<Backend>)> = known
+            .iter()
+            .filter_map(|b| Some((number(b.id)?, b)))
+            .collect();
+        rows.sort_by_key(|(n, _)| *n);
+        for (n, b) in rows {
+            out.push_str(&format!(
+                "instance {n} {what} {} inflight {} errors {}{}\n",
+                b.served.load(Ordering::Relaxed),
+                b.inflight(),
+                b.errors.load(Ordering::Relaxed),
+                if b.routed.load(Ordering::SeqCst) {
+                    ""
+                } else {
+                    " draining"
+                }
+            ));
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("settings", &self.settings())
+            .finish()
+    }
+}
+
+/// Listens on a service's port and serves it through its router, binding
+/// again every 2s while the port is taken.
+pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> {
+    let router = Arc::new(Router::new(settings));
+    let r = router.clone();
+    let task = tokio::spawn(async move {
+        let addr = SocketAddr::new(bind, settings.port);
+        let listener = loop {
+            match TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    tracing::warn!(service, "cannot listen on {addr}: {e}; trying again in 2s");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            }
+        };
+        tracing::info!(service, "listening on {addr} ({})", settings.mode.name());
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors, most likely: let some close.
+                    tracing::warn!(service, "accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let r = r.clone();
+            match settings.mode {
+                Mode::Http => tokio::spawn(http::serve(stream, peer, r)),
+                Mode::Tcp => tokio::spawn(tcp::serve(stream, r)),
+            };
+        }
+    });
+    *router.listener.lock() = Some(task.abort_handle());
+    router
+}
+
+impl Router {
+    /// The settings it was started with.
+    pub fn settings(&self) -> Settings {
+        *self.settings.read()
+    }
+
+    /// Changes how long requests wait for an instance.
+    pub fn set_queue_timeout(&self, d: Duration) {
+        self.settings.write().queue_timeout = d;
+    }
+
+    /// Stops listening; connections already accepted go on.
+    pub fn stop_listening(&self) {
+        if let Some(t) = self.listener.lock().take() {
+            t.abort();
+        }
+    }
+}

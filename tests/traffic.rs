@@ -1,0 +1,338 @@
+//! Zero-downtime traffic: deployd's public port under continuous load while
+//! services are rolled, restarted, rolled back, failed and crashed. The
+//! instances are the naive test app: no graceful shutdown of its own.
+
+mod common;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::load::{Client, Load};
+use common::*;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn web(port: u16, mode: &str, replicas: u32, extra: &str) -> String {
+    let drain = if extra.contains("drain ") {
+        ""
+    } else {
+        "drain 5s\n"
+    };
+    app_manifest(
+        replicas,
+        &format!("port {port}\nproxy {mode}\n{drain}{extra}"),
+    )
+}
+
+/// Runs `f` under load and returns (requests ok during it, failures so far).
+fn phase(load: &Load, name: &str, f: impl FnOnce()) -> u64 {
+    let before = load.counters.ok();
+    f();
+    let n = load.counters.ok() - before;
+    eprintln!("{name}: {n} requests");
+    n
+}
+
+fn assert_clean(load: Load, floor: u64) {
+    let c = load.finish();
+    let errors = c.errors.lock().clone();
+    assert_eq!(c.failed(), 0, "failed requests: {errors:#?}");
+    assert_eq!(c.reconnects.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(c.ok() >= floor, "only {} requests (floor {floor})", c.ok());
+    eprintln!("total: {} requests, 0 failed", c.ok());
+}
+
+fn run(d: &Deployd, args: &[&str], code: i32) {
+    let out = d.deploy(args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "deploy {args:?}: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+}
+
+/// Acceptance 1: http mode, keep-alive and fresh connections, zero failed
+/// requests through a rolling update, a rolling restart, a rollback and a
+/// failed rollout.
+#[test]
+fn http_zero_failures_through_every_kind_of_rollout() {
+    let port = free_port();
+    let p = "update_pause 300ms\n";
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 3, p))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let load = Load::start(port, &[(Client::KeepAlive, 3), (Client::Fresh, 3)], "/");
+    std::thread::sleep(Duration::from_millis(500));
+    let floor = 500;
+    let n = phase(&load, "rolling update", || {
+        d.write_manifest("web", &web(port, "http", 3, &format!("{p}env TAG=v2\n")));
+        run(&d, &["apply", "web"], 0);
+    });
+    assert!(n >= floor, "{n}");
+    let n = phase(&load, "rolling restart", || run(&d, &["restart", "web"], 0));
+    assert!(n >= floor, "{n}");
+    let n = phase(&load, "rollback", || run(&d, &["rollback", "web"], 0));
+    assert!(n >= floor, "{n}");
+    let n = phase(&load, "failed rollout", || {
+        d.write_manifest(
+            "web",
+            &web(
+                port,
+                "http",
+                3,
+                &format!("{p}env FAIL_HEALTH=1\nhealth_deadline 2s\n"),
+            ),
+        );
+        run(&d, &["apply", "web"], 1);
+    });
+    assert!(n >= floor, "{n}");
+    assert_eq!(d.field("active/web/update_status"), "failed");
+    let traffic = d.read("active/web/traffic");
+    assert!(
+        traffic.starts_with(&format!("port {port} http\nrequests ")),
+        "{traffic}"
+    );
+    assert!(traffic.contains("\nerrors 0\n"), "{traffic}");
+    assert_clean(load, 4000);
+}
+
+/// Acceptance 2: the same in tcp mode, fresh connections.
+#[test]
+fn tcp_zero_failures_through_every_kind_of_rollout() {
+    let port = free_port();
+    let p = "update_pause 300ms\n";
+    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 3, p))]) else {
+        return;
+    };
+    d.settle("api", LONG);
+    let load = Load::start(port, &[(Client::Fresh, 4)], "/");
+    std::thread::sleep(Duration::from_millis(500));
+    let floor = 500;
+    let n = phase(&load, "rolling update", || {
+        d.write_manifest("api", &web(port, "tcp", 3, &format!("{p}env TAG=v2\n")));
+        run(&d, &["apply", "api"], 0);
+    });
+    assert!(n >= floor, "{n}");
+    let n = phase(&load, "rolling restart", || run(&d, &["restart", "api"], 0));
+    assert!(n >= floor, "{n}");
+    let n = phase(&load, "rollback", || run(&d, &["rollback", "api"], 0));
+    assert!(n >= floor, "{n}");
+    let n = phase(&load, "failed rollout", || {
+        d.write_manifest(
+            "api",
+            &web(
+                port,
+                "tcp",
+                3,
+                &format!("{p}env FAIL_HEALTH=1\nhealth_deadline 2s\n"),
+            ),
+        );
+        run(&d, &["apply", "api"], 1);
+    });
+    assert!(n >= floor, "{n}");
+    assert!(
+        d.read("active/api/traffic")
+            .starts_with(&format!("port {port} tcp\nconnections "))
+    );
+    assert_clean(load, 3000);
+}
+
+/// Acceptance 3 (http): a long request in flight on the old instance when
+/// it is routed out completes; the instance is stopped only after.
+#[test]
+fn a_long_request_finishes_on_the_draining_instance() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, "drain 10s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let v1 = d.field("active/web/version");
+    let old_pid = d.instances("web")[0].1;
+    let slow = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = http_get(port, "/slow?ms=3000");
+        (r, started.elapsed())
+    });
+    wait_for("the slow request to be in flight", LONG, || {
+        d.try_read("active/web/instances/0/inflight") == "1\n"
+    });
+    d.write_manifest("web", &web(port, "http", 1, "drain 10s\nenv TAG=v2\n"));
+    let out = d.deploy(&["apply", "web", "--no-wait"]);
+    assert!(out.status.success());
+    // Routed out, still serving its request, not stopped.
+    wait_for("the old instance to drain", LONG, || {
+        d.instances("web")
+            .iter()
+            .any(|i| i.1 == old_pid && i.2 == "draining")
+    });
+    assert!(alive(old_pid));
+    assert!(
+        d.read("active/web/traffic")
+            .contains(" inflight 1 errors 0 draining\n")
+    );
+    let (r, took) = slow.join().unwrap();
+    let (status, body) = r.expect("the long request failed");
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with(&format!("slow {v1} 0 {old_pid}")),
+        "{body}"
+    );
+    assert!(took >= Duration::from_millis(2900), "{took:?}");
+    d.settle("web", LONG);
+    assert!(!alive(old_pid));
+    let events = d.read("active/web/events");
+    let stop_line = events
+        .lines()
+        .position(|l| l.contains("instance 0 stopping"))
+        .unwrap();
+    let out_line = events
+        .lines()
+        .position(|l| l.contains("routed out instance 0"))
+        .unwrap();
+    assert!(out_line < stop_line);
+}
+
+/// Acceptance 3 (tcp): a connection still open after `drain` is closed and
+/// the instance stopped.
+#[test]
+fn tcp_connection_still_open_after_drain_is_closed() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 1, "drain 1s\n"))]) else {
+        return;
+    };
+    d.settle("api", LONG);
+    let old_pid = d.instances("api")[0].1;
+    // An idle connection: half a request, so the instance waits for more.
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    wait_for("the connection to be counted", LONG, || {
+        d.try_read("active/api/instances/0/inflight") == "1\n"
+    });
+    d.write_manifest("api", &web(port, "tcp", 1, "drain 1s\nenv TAG=v2\n"));
+    let started = Instant::now();
+    let apply = std::thread::spawn({
+        let out = d.deploy(&["apply", "api", "--no-wait"]);
+        move || out
+    });
+    assert!(apply.join().unwrap().status.success());
+    let mut buf = [0u8; 64];
+    let n = conn.read(&mut buf).unwrap_or(0);
+    let took = started.elapsed();
+    assert_eq!(n, 0, "expected the connection closed, got {:?}", &buf[..n]);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    d.settle("api", LONG);
+    assert!(!alive(old_pid));
+}
+
+/// Acceptance 4: `update replace` with one replica: requests that arrive
+/// while no instance is up wait for the new one and succeed.
+#[test]
+fn replace_of_a_single_instance_queues_requests() {
+    let port = free_port();
+    let extra = "update replace\nqueue_timeout 10s\n";
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, extra))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let load = Load::start(port, &[(Client::KeepAlive, 2), (Client::Fresh, 2)], "/");
+    std::thread::sleep(Duration::from_millis(300));
+    // The new version takes a second to listen: a real gap.
+    d.write_manifest(
+        "web",
+        &web(
+            port,
+            "http",
+            1,
+            &format!("{extra}env START_DELAY_MS=1000\n"),
+        ),
+    );
+    let started = Instant::now();
+    run(&d, &["apply", "web"], 0);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let events = d.read("active/web/events");
+    let stopped = events
+        .lines()
+        .position(|l| l.contains("instance 0 stopped"))
+        .unwrap();
+    let lines: Vec<&str> = events.lines().collect();
+    let started_new = lines
+        .iter()
+        .rposition(|l| l.contains("starting instance"))
+        .unwrap();
+    assert!(stopped < started_new, "replace stops first:\n{events}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_clean(load, 50);
+}
+
+/// An instance that dies between probes: requests are retried on another
+/// instance and the dead one is replaced; idempotent requests all succeed.
+#[test]
+fn a_crashed_instance_loses_no_idempotent_request() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 3, ""))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let load = Load::start(port, &[(Client::KeepAlive, 3), (Client::Fresh, 3)], "/");
+    std::thread::sleep(Duration::from_millis(500));
+    for round in 0..3 {
+        let victim = d.instances("web")[round % 3].1;
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(victim as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        wait_for("the replacement", LONG, || {
+            let i = d.instances("web");
+            i.len() == 3 && i.iter().all(|x| x.1 != victim && x.2 == "ready")
+        });
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Each crash is noticed, by its exit or (when the proxy's failed
+    // connects get it probed first) as unhealthy.
+    let events = d.read("active/web/events");
+    let noticed =
+        events.matches("exited unexpectedly").count() + events.matches("unhealthy after").count();
+    assert!(noticed >= 3, "{events}");
+    assert_clean(load, 1000);
+}
+
+#[test]
+fn x_forwarded_for_is_added_and_bodies_stream_both_ways() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, ""))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    // A 1 MiB POST is echoed back whole.
+    let body = vec![b'x'; 1 << 20];
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let (status, echoed, _) = common::load::read_response(&mut BufReader::new(&mut s)).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(echoed.len(), body.len());
+    // No instance: after queue_timeout, a 503 that says why.
+    d.write_manifest("web", &web(port, "http", 1, "queue_timeout 500ms\n"));
+    run(&d, &["apply", "web"], 0);
+    run(&d, &["stop", "web"], 0);
+    wait_for("web to stop", LONG, || d.instances("web").is_empty());
+    let started = Instant::now();
+    let (status, body) = http_get(port, "/").unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(body, "no instance is ready (waited 500ms)\n");
+    assert!(started.elapsed() >= Duration::from_millis(450));
+}
