@@ -63,6 +63,15 @@ pub enum Msg {
         /// The result.
         result: Result<(), String>,
     },
+    /// An instance's process was started, or could not be.
+    Spawned {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+        /// Its pid, or why it could not start.
+        result: Result<u32, String>,
+    },
     /// An instance routed out has nothing in flight any more.
     Drained {
         /// The service's number.
@@ -85,8 +94,11 @@ pub enum Msg {
 pub type OnPublish = Arc<dyn Fn(&Arc<ServiceView>) + Send + Sync>;
 
 struct Inst {
-    pid: u32,
+    /// `None` until a spawner thread has started the process.
+    pid: Option<u32>,
     start_time: u64,
+    /// A stop asked for before the process was started.
+    stop_asked: Option<(i32, Duration)>,
     port: Option<u16>,
     log: PathBuf,
     prober: Option<AbortHandle>,
@@ -118,6 +130,7 @@ pub struct Engine {
     views: Views,
     on_publish: OnPublish,
     children: Children,
+    spawner: process::Spawner,
     tx: mpsc::UnboundedSender<Msg>,
     services: HashMap<u32, Entry>,
     names: HashMap<ServiceName, u32>,
@@ -141,6 +154,7 @@ impl Engine {
         views: Views,
         on_publish: OnPublish,
         children: Children,
+        spawner: process::Spawner,
         tx: mpsc::UnboundedSender<Msg>,
     ) -> Engine {
         let generation = SystemTime::now()
@@ -152,6 +166,7 @@ impl Engine {
             views,
             on_publish,
             children,
+            spawner,
             tx,
             services: HashMap::new(),
             names: HashMap::new(),
@@ -354,6 +369,7 @@ impl Engine {
             Msg::Probe { sid, id, result } => {
                 let _ = self.handle(sid, Input::Probe { id, result });
             }
+            Msg::Spawned { sid, id, result } => self.spawned(sid, id, result),
             Msg::Drained { sid, id } => {
                 let _ = self.handle(sid, Input::Drained { id });
             }
@@ -569,37 +585,48 @@ impl Engine {
         env.push(("INSTANCE".into(), slot.to_string()));
         env.push(("VERSION".into(), spec.version.to_string()));
         let log = self.store.log_path(&name, self.generation, id.0);
-        let spawned = process::log_pipe().and_then(|(read, write)| {
-            let pid = process::spawn(Spawn {
-                command: &m.exec,
-                dir: &dir,
-                env: env.clone(),
-                output: Some(write),
-            })?;
-            Ok((pid, read))
-        });
-        let (pid, read) = match spawned {
-            Ok(x) => x,
+        let (read, write) = match process::log_pipe() {
+            Ok(p) => p,
             Err(err) => {
                 if let Some(p) = port {
                     self.ports.remove(&p);
                 }
-                let exit = Exit::SpawnFailed(format!("{err} (dir {})", dir.display()));
+                let exit = Exit::SpawnFailed(format!("no pipe for its output: {err}"));
                 self.pending.push_back((sid, Input::Exited { id, exit }));
                 return;
             }
         };
+        // Reads until every holder of the write end is gone, so also what a
+        // process that dies at once printed.
         tokio::spawn(process::pump_log(read, log.clone()));
         let exited = Arc::new(AtomicBool::new(false));
-        let tx = self.tx.clone();
-        let flag = exited.clone();
-        self.children.watch(
-            pid,
-            Waiter::Notify(Box::new(move |exit| {
-                flag.store(true, Ordering::SeqCst);
-                let _ = tx.send(Msg::Exited { sid, id, exit });
-            })),
-        );
+        let (tx, children, flag) = (self.tx.clone(), self.children.clone(), exited.clone());
+        let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
+        self.spawner.submit(move || {
+            let spawned = process::spawn(Spawn {
+                command: &command,
+                dir: &spawn_dir,
+                env: spawn_env,
+                output: Some(write),
+            });
+            let result = spawned
+                .as_ref()
+                .map(|pid| *pid)
+                .map_err(|e| format!("{e} (dir {})", spawn_dir.display()));
+            // Spawned goes first: an exit the reaper already saw is only
+            // delivered by watch(), after it.
+            let _ = tx.send(Msg::Spawned { sid, id, result });
+            if let Ok(pid) = spawned {
+                let tx = tx.clone();
+                children.watch(
+                    pid,
+                    Waiter::Notify(Box::new(move |exit| {
+                        flag.store(true, Ordering::SeqCst);
+                        let _ = tx.send(Msg::Exited { sid, id, exit });
+                    })),
+                );
+            }
+        });
         let poke = Arc::new(Notify::new());
         let prober = if m.health != Health::None {
             let target = probe::Target {
@@ -625,8 +652,9 @@ impl Engine {
             None
         };
         let inst = Inst {
-            pid,
-            start_time: process::start_time(pid).unwrap_or(0),
+            pid: None,
+            start_time: 0,
+            stop_asked: None,
             port,
             log,
             prober,
@@ -638,7 +666,44 @@ impl Engine {
         if let Some(e) = self.services.get_mut(&sid) {
             e.runtime.insert(id, inst);
         }
-        self.pending.push_back((sid, Input::Started { id, pid }));
+    }
+
+    /// A spawner thread started (or failed to start) an instance's process.
+    fn spawned(&mut self, sid: u32, id: InstanceId, result: Result<u32, String>) {
+        let Some(inst) = self
+            .services
+            .get_mut(&sid)
+            .and_then(|e| e.runtime.get_mut(&id))
+        else {
+            return;
+        };
+        match result {
+            Ok(pid) => {
+                inst.pid = Some(pid);
+                inst.start_time = process::start_time(pid).unwrap_or(0);
+                if let Some((signal, timeout)) = inst.stop_asked.take() {
+                    stop_group(pid, signal, timeout, inst.exited.clone());
+                }
+                self.dirty.insert(sid);
+                let _ = self.handle(sid, Input::Started { id, pid });
+            }
+            Err(e) => {
+                if let Some(inst) = self
+                    .services
+                    .get_mut(&sid)
+                    .and_then(|e| e.runtime.remove(&id))
+                {
+                    self.release(inst);
+                }
+                let _ = self.handle(
+                    sid,
+                    Input::Exited {
+                        id,
+                        exit: Exit::SpawnFailed(e),
+                    },
+                );
+            }
+        }
     }
 
     fn stop_instance(&mut self, sid: u32, id: InstanceId, signal: i32, timeout: Duration) {
@@ -649,10 +714,17 @@ impl Engine {
         if let Some(r) = &e.router {
             r.close(id);
         }
-        let Some(inst) = e.runtime.get(&id) else {
+        let Some(inst) = self
+            .services
+            .get_mut(&sid)
+            .and_then(|e| e.runtime.get_mut(&id))
+        else {
             return;
         };
-        stop_group(inst.pid, signal, timeout, inst.exited.clone());
+        match inst.pid {
+            Some(pid) => stop_group(pid, signal, timeout, inst.exited.clone()),
+            None => inst.stop_asked = Some((signal, timeout)),
+        }
     }
 
     fn route_in(&mut self, sid: u32, id: InstanceId) {
@@ -791,7 +863,11 @@ impl Engine {
                 Err(err) => tracing::error!("{}: cannot save state: {err}", e.name),
             }
         }
-        let mut pids: Vec<(u32, u64)> = e.runtime.values().map(|i| (i.pid, i.start_time)).collect();
+        let mut pids: Vec<(u32, u64)> = e
+            .runtime
+            .values()
+            .filter_map(|i| Some((i.pid?, i.start_time)))
+            .collect();
         pids.sort();
         if pids != e.pids {
             if let Err(err) = self.store.save_pids(&e.name, &pids) {
@@ -874,12 +950,14 @@ impl Engine {
                 if let Some(p) = &inst.prober {
                     p.abort();
                 }
-                stop_group(
-                    inst.pid,
-                    inst.stop_signal,
-                    inst.stop_timeout,
-                    inst.exited.clone(),
-                );
+                if let Some(pid) = inst.pid {
+                    stop_group(
+                        pid,
+                        inst.stop_signal,
+                        inst.stop_timeout,
+                        inst.exited.clone(),
+                    );
+                }
                 longest = longest.max(inst.stop_timeout);
             }
         }
@@ -893,6 +971,29 @@ impl Engine {
                 Some(Msg::Exited { sid, id, .. }) => {
                     if let Some(e) = self.services.get_mut(&sid) {
                         e.runtime.remove(&id);
+                    }
+                }
+                // Started while stopping: stop it too.
+                Some(Msg::Spawned { sid, id, result }) => {
+                    let inst = self
+                        .services
+                        .get_mut(&sid)
+                        .and_then(|e| e.runtime.get_mut(&id));
+                    match (result, inst) {
+                        (Ok(pid), Some(inst)) => {
+                            inst.pid = Some(pid);
+                            stop_group(
+                                pid,
+                                inst.stop_signal,
+                                inst.stop_timeout,
+                                inst.exited.clone(),
+                            );
+                        }
+                        (_, _) => {
+                            if let Some(e) = self.services.get_mut(&sid) {
+                                e.runtime.remove(&id);
+                            }
+                        }
                     }
                 }
                 Some(Msg::Ctl { done, .. }) => done(Err(Refusal {

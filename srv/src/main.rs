@@ -112,12 +112,15 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
 
     let w = waiters.clone();
     let on_publish: OnPublish = Arc::new(move |v| w.release(v));
+    let spawner =
+        process::Spawner::new(2).map_err(|e| format!("cannot start spawner threads: {e}"))?;
     let mut engine = Engine::new(
         config.clone(),
         store,
         views.clone(),
         on_publish,
         children,
+        spawner,
         tx,
     );
     engine.start();

@@ -19,8 +19,9 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::process::{self, Children, Spawn, Waiter};
 
-/// Probe period of a starting instance, for http and tcp probes.
-pub const STARTING_HTTP: Duration = Duration::from_millis(20);
+/// Probe period of a starting instance, for http and tcp probes: a refused
+/// connect costs microseconds, and a rollout waits for this at every batch.
+pub const STARTING_HTTP: Duration = Duration::from_millis(5);
 /// Probe period of a starting instance, for exec probes.
 pub const STARTING_EXEC: Duration = Duration::from_millis(100);
 
@@ -53,10 +54,25 @@ pub async fn run(
         _ => STARTING_HTTP,
     };
     let mut healthy_once = false;
+    // Before an instance is first healthy, its failures only matter for
+    // the reason given if it misses its deadline: a failure like the last
+    // one is reported once per health_interval, not at every fast probe.
+    let mut last_failure: Option<(String, tokio::time::Instant)> = None;
     loop {
         let result = probe(&target, &children).await;
         healthy_once |= result.is_ok();
-        report(result);
+        let repeat = match (&result, &last_failure) {
+            (Err(e), Some((last, at))) => {
+                !healthy_once && e == last && at.elapsed() < target.interval
+            }
+            _ => false,
+        };
+        if !repeat {
+            if let Err(e) = &result {
+                last_failure = Some((e.clone(), tokio::time::Instant::now()));
+            }
+            report(result);
+        }
         let period = if healthy_once {
             target.interval
         } else {
