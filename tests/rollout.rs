@@ -269,6 +269,11 @@ fn bad_version_fails_then_rollback() {
     );
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert_eq!(d.field("active/web/update_status"), "failed");
+    // The failed new instance is stopped (it may still be on its way out
+    // when wait answers); the old ones were never touched.
+    wait_for("the failed instance to be gone", LONG, || {
+        d.instances("web").len() == 3
+    });
     assert_eq!(d.instances("web"), before, "the old instances were touched");
     for (_, pid, _, _, port) in &before {
         assert!(alive(*pid));

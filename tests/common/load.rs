@@ -190,6 +190,7 @@ pub fn read_response(r: &mut impl BufRead) -> std::io::Result<(u16, String, bool
         }
     }
     let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    r.read_exact(&mut body)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("response body cut short: {e}")))?;
     Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
 }

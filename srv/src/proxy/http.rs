@@ -152,8 +152,25 @@ fn text(status: StatusCode, msg: String) -> Response<RespBody> {
     r
 }
 
-/// Hop-by-hop headers, which a proxy does not forward.
+/// Hop-by-hop headers, which a proxy does not forward (besides those that
+/// `Connection` names).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHORIZATION
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
+/// Drops hop-by-hop headers; keeps `Connection` and `Upgrade` of an upgrade.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages have none: look before touching the map.
+    if !h.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -165,19 +182,14 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    for n in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::PROXY_AUTHORIZATION,
-    ] {
+    let drop: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| hop_by_hop(n))
+        .filter(|n| !(keep_upgrade && (*n == header::CONNECTION || *n == header::UPGRADE)))
+        .cloned()
+        .collect();
+    for n in drop {
         h.remove(n);
-    }
-    if !keep_upgrade {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
     }
 }
 
@@ -291,13 +303,26 @@ async fn handle(
 
 /// Appends the client's address to `X-Forwarded-For`.
 fn forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
+    use std::io::Write as _;
     let name = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_string();
-    let value = match h.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    // An address fits in 45 bytes: format it on the stack.
+    let mut buf = [0u8; 64];
+    let len = {
+        let mut cur = std::io::Cursor::new(&mut buf[..]);
+        let _ = write!(cur, "{}", peer.ip());
+        cur.position() as usize
     };
-    if let Ok(v) = HeaderValue::from_str(&value) {
+    let ip = &buf[..len];
+    let value = match h.get(&name) {
+        Some(prev) => {
+            let mut v = prev.as_bytes().to_vec();
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip);
+            HeaderValue::from_bytes(&v)
+        }
+        None => HeaderValue::from_bytes(ip),
+    };
+    if let Ok(v) = value {
         h.insert(name, v);
     }
 }
@@ -321,7 +346,7 @@ async fn checkout(b: &Backend) -> std::io::Result<Conn> {
     }
     let stream = TcpStream::connect(b.addr).await?;
     let _ = stream.set_nodelay(true);
-    let (send, conn) = client::handshake(TokioIo::new(QuickAck(stream)))
+    let (send, conn) = client::handshake(TokioIo::new(QuickAck::new(stream)))
         .await
         .map_err(std::io::Error::other)?;
     let mut closed = b.closed.subscribe();
@@ -335,22 +360,42 @@ async fn checkout(b: &Backend) -> std::io::Result<Conn> {
     Ok(send)
 }
 
-/// A connection to an instance that acknowledges every read at once.
+/// A connection to an instance that, when the instance needs it,
+/// acknowledges every read at once.
 ///
 /// Many servers (Python's http.server among them) write a response's headers
 /// and body in two small writes without TCP_NODELAY: Nagle holds the body
 /// until the headers are acknowledged, and a delayed ACK makes that 40ms per
-/// request on a kept-alive connection. Linux falls back to delayed ACKs
-/// after each exchange, so TCP_QUICKACK is set again after every read.
-struct QuickAck(TcpStream);
+/// request on a kept-alive connection. The stall shows as a response read
+/// in two parts at least [`STALL`] apart; from the first one on, the
+/// connection sets TCP_QUICKACK again after every read (Linux falls back to
+/// delayed ACKs after each exchange). Connections to servers that don't
+/// need it never pay the extra system call.
+struct QuickAck {
+    io: TcpStream,
+    on: bool,
+    /// When the current response's last part was read, since the request.
+    last_read: Option<std::time::Instant>,
+}
+
+/// A gap between two reads of one response that looks like a delayed ACK.
+const STALL: Duration = Duration::from_millis(20);
 
 impl QuickAck {
+    fn new(io: TcpStream) -> QuickAck {
+        QuickAck {
+            io,
+            on: false,
+            last_read: None,
+        }
+    }
+
     fn quickack(&self) {
         let one: libc::c_int = 1;
         // SAFETY: setsockopt reads an int we own, on a socket we own.
         unsafe {
             libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&self.0),
+                std::os::fd::AsRawFd::as_raw_fd(&self.io),
                 libc::IPPROTO_TCP,
                 libc::TCP_QUICKACK,
                 (&one as *const libc::c_int).cast(),
@@ -367,9 +412,23 @@ impl tokio::io::AsyncRead for QuickAck {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let r = Pin::new(&mut this.0).poll_read(cx, buf);
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
-            this.quickack();
+            if buf.filled().len() > before {
+                let now = std::time::Instant::now();
+                if !this.on
+                    && this
+                        .last_read
+                        .is_some_and(|t| now.duration_since(t) >= STALL)
+                {
+                    this.on = true;
+                }
+                this.last_read = Some(now);
+                if this.on {
+                    this.quickack();
+                }
+            }
         }
         r
     }
@@ -381,7 +440,10 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
+        let this = self.get_mut();
+        // A new request: its response's reads start afresh.
+        this.last_read = None;
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -389,19 +451,21 @@ impl tokio::io::AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.last_read = None;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
