@@ -1,0 +1,270 @@
+//! What every benchmark section needs: a deployd of its own on a temporary
+//! mount, the load generator (wrk), and statistics.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary built next to this one (`cargo build --release --workspace`).
+pub fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .map(|p| p.with_file_name(name))
+        .unwrap_or_else(|_| PathBuf::from(name))
+}
+
+/// The repository's `bench/` directory.
+pub fn bench_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// Polls `cond` every `every` until it holds; false after `timeout`.
+pub fn wait_until(timeout: Duration, every: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(every);
+    }
+    false
+}
+
+/// A deployd on a temporary directory, stopped (and its mount gone) on drop.
+pub struct Deployd {
+    /// Holds the temporary directory for as long as deployd runs.
+    _dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    pub manifests: PathBuf,
+    child: Option<Child>,
+}
+
+impl Deployd {
+    /// Starts deployd with these manifests and waits for its namespace.
+    pub fn start(manifests: &[(String, String)]) -> Result<Deployd, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("deployd-bench")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let m = dir.path().join("manifests");
+        std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
+        for (name, text) in manifests {
+            std::fs::write(m.join(format!("{name}.manifest")), text).map_err(|e| e.to_string())?;
+        }
+        let config = dir.path().join("deployd.toml");
+        std::fs::write(
+            &config,
+            "mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"warn\"\n",
+        )
+        .map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.path().join("deployd.log")).map_err(|e| e.to_string())?;
+        let child = Command::new(sibling("deployd"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot run deployd: {e}"))?;
+        let d = Deployd {
+            mnt: dir.path().join("mnt"),
+            manifests: m,
+            child: Some(child),
+            _dir: dir,
+        };
+        if !wait_until(Duration::from_secs(20), Duration::from_millis(10), || {
+            d.mnt.join("ctl").exists()
+        }) {
+            return Err("deployd did not mount its namespace".into());
+        }
+        Ok(d)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.mnt.join(rel)).unwrap_or_default()
+    }
+
+    pub fn write_manifest(&self, name: &str, text: &str) {
+        let _ = std::fs::write(self.manifests.join(format!("{name}.manifest")), text);
+    }
+
+    /// Writes a command to a ctl file; the answer or the error.
+    pub fn ctl(&self, rel: &str, cmd: &str) -> Result<(), String> {
+        std::fs::write(self.mnt.join(rel), cmd).map_err(|e| format!("{cmd}: {e}"))
+    }
+
+    /// Waits until the service is settled with every instance ready.
+    pub fn settle(&self, service: &str, timeout: Duration) -> bool {
+        wait_until(timeout, Duration::from_millis(10), || {
+            let status = self.read(&format!("active/{service}/update_status"));
+            let p = self.read(&format!("active/{service}/update_progress"));
+            let mut it = p.trim().split('/');
+            status == "none\n" && it.next().is_some() && it.next() == p.trim().split('/').next()
+        })
+    }
+
+    /// The instances' ports, in number order.
+    pub fn ports(&self, service: &str) -> Vec<u16> {
+        let dir = self.mnt.join("active").join(service).join("instances");
+        let mut v: Vec<(u32, u16)> = std::fs::read_dir(dir)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        let n = e.file_name().to_str()?.parse().ok()?;
+                        let p = std::fs::read_to_string(e.path().join("port")).ok()?;
+                        Some((n, p.trim().parse().ok()?))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+}
+
+impl Drop for Deployd {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let done = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if !done {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|m| m.contains(&*self.mnt.to_string_lossy()))
+        {
+            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// What one wrk run reported.
+#[derive(Debug, Clone, Default)]
+pub struct Wrk {
+    pub requests: u64,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Socket errors (connect, read, write) plus non-2xx responses.
+    pub failed: u64,
+    /// Requests that hit wrk's timeout: hung.
+    pub timeouts: u64,
+}
+
+/// Runs wrk against 127.0.0.1:`port` for `secs`; `close` makes every
+/// request use a new connection.
+pub fn wrk(port: u16, path: &str, secs: u64, conns: u32, close: bool) -> Result<Wrk, String> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t",
+        "2",
+        "-c",
+        &conns.to_string(),
+        "-d",
+        &format!("{secs}s"),
+    ])
+    .args(["--timeout", "5s", "--latency"]);
+    if close {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    cmd.arg(format!("http://127.0.0.1:{port}{path}"));
+    let out = cmd.output().map_err(|e| format!("cannot run wrk: {e}"))?;
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_wrk(text: &str) -> Result<Wrk, String> {
+    let mut w = Wrk::default();
+    let ms = |v: &str| -> f64 {
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+        let n: f64 = num.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => n / 1000.0,
+            "ms" => n,
+            "s" => n * 1000.0,
+            "m" => n * 60_000.0,
+            _ => f64::NAN,
+        }
+    };
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["50%", v] => w.p50_ms = ms(v),
+            ["99%", v] => w.p99_ms = ms(v),
+            ["Requests/sec:", v] => w.rps = v.parse().unwrap_or(0.0),
+            [n, "requests", "in", ..] => w.requests = n.parse().unwrap_or(0),
+            ["Non-2xx", "or", "3xx", "responses:", n] => w.failed += n.parse::<u64>().unwrap_or(0),
+            [
+                "Socket",
+                "errors:",
+                "connect",
+                c,
+                "read",
+                r,
+                "write",
+                wr,
+                "timeout",
+                t,
+            ] => {
+                let n = |s: &str| s.trim_end_matches(',').parse::<u64>().unwrap_or(0);
+                w.failed += n(c) + n(r) + n(wr);
+                w.timeouts = n(t);
+            }
+            _ => {}
+        }
+    }
+    if w.requests == 0 {
+        return Err(format!("wrk reported nothing:\n{text}"));
+    }
+    Ok(w)
+}
+
+/// The `q`-th percentile (0..=100) of sorted samples.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Kills a process group, ignoring a group already gone.
+pub fn kill_group(pid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let text = "Running 5s test @ http://127.0.0.1:8080/\n  2 threads and 16 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency   510.20us  200.00us   5.00ms   90.00%\n  Latency Distribution\n     50%  480.00us\n     75%  550.00us\n     90%  700.00us\n     99%    1.20ms\n  150000 requests in 5.00s, 12.00MB read\n  Socket errors: connect 0, read 3, write 1, timeout 2\n  Non-2xx or 3xx responses: 5\nRequests/sec:  30000.00\nTransfer/sec:      2.40MB\n";
+        let w = parse_wrk(text).unwrap();
+        assert_eq!(w.requests, 150000);
+        assert_eq!(w.rps, 30000.0);
+        assert_eq!(w.p50_ms, 0.48);
+        assert_eq!(w.p99_ms, 1.2);
+        assert_eq!(w.failed, 9);
+        assert_eq!(w.timeouts, 2);
+    }
+}

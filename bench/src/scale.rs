@@ -1,0 +1,129 @@
+//! Scale: 1,000 services of 2 instances each (a sleeping program): time to
+//! deploy them all from a clean start, deployd's memory and CPU once idle,
+//! and how fast `deploy status` and `ls /deploy/active` list them.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::env::{Deployd, percentile, sibling, wait_until};
+use crate::{Report, verdict};
+
+const SERVICES: usize = 1000;
+
+pub fn run(report: &mut Report) -> Result<(), String> {
+    let manifests: Vec<(String, String)> = (0..SERVICES)
+        .map(|i| {
+            (
+                format!("s{i:04}"),
+                "exec exec sleep 100000\nreplicas 2\nhealth none\n".to_string(),
+            )
+        })
+        .collect();
+    let t0 = Instant::now();
+    let d = Deployd::start(&manifests)?;
+    let all_up = wait_until(Duration::from_secs(300), Duration::from_millis(50), || {
+        let s = d.read("status");
+        s.lines().count() == SERVICES && s.lines().all(|l| l.ends_with(" none 2/2 2/2 running"))
+    });
+    if !all_up {
+        return Err("the 1,000 services did not all come up within 300 s".into());
+    }
+    report.info(
+        "scale",
+        "deploy 1,000 services × 2 instances from a clean start",
+        format!("{:.1} s (2,000 processes)", t0.elapsed().as_secs_f64()),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = d.pid();
+    let cpu0 = cpu_ticks(pid)?;
+    let w0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(10));
+    let cpu =
+        (cpu_ticks(pid)? - cpu0) as f64 / ticks_per_sec() / w0.elapsed().as_secs_f64() * 100.0;
+    let rss = rss_mb(pid)?;
+    report.add(
+        "scale",
+        "deployd RSS, idle, 1,000 services",
+        format!("{rss:.1} MB"),
+        "< 100 MB",
+        verdict(rss < 100.0),
+    );
+    report.add(
+        "scale",
+        "deployd CPU, idle, 1,000 services",
+        format!("{cpu:.2}% of a core"),
+        "< 1%",
+        verdict(cpu < 1.0),
+    );
+
+    let deploy = sibling("deploy");
+    let mut times = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        let out = Command::new(&deploy)
+            .arg("--root")
+            .arg(&d.mnt)
+            .arg("status")
+            .output()
+            .map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+        if String::from_utf8_lossy(&out.stdout).lines().count() != SERVICES + 1 {
+            return Err("deploy status did not list every service".into());
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let status_ms = percentile(&times, 50.0);
+    report.add(
+        "scale",
+        "deploy status, 1,000 services (median of 7)",
+        format!("{status_ms:.1} ms"),
+        "< 200 ms",
+        verdict(status_ms < 200.0),
+    );
+
+    let mut ls = Vec::new();
+    for _ in 0..7 {
+        let t = Instant::now();
+        let out = Command::new("ls")
+            .arg("-l")
+            .arg(d.mnt.join("active"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        ls.push(t.elapsed().as_secs_f64() * 1000.0);
+        if String::from_utf8_lossy(&out.stdout).lines().count() != SERVICES + 1 {
+            return Err("ls did not list every service".into());
+        }
+    }
+    ls.sort_by(|a, b| a.total_cmp(b));
+    report.info(
+        "scale",
+        "ls -l /deploy/active, 1,000 services (median of 7)",
+        format!("{:.1} ms", percentile(&ls, 50.0)),
+    );
+    Ok(())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    let rest = &stat[stat.rfind(')').ok_or("bad stat")? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(n(11) + n(12))
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
+fn rss_mb(pid: u32) -> Result<f64, String> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .ok_or("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
