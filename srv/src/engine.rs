@@ -90,8 +90,14 @@ pub enum Msg {
     },
 }
 
-/// Called with every published snapshot (the namespace answers parked reads).
-pub type OnPublish = Arc<dyn Fn(&Arc<ServiceView>) + Send + Sync>;
+/// What the namespace must hear about, besides the snapshots it reads.
+pub struct Hooks {
+    /// Every published snapshot (the namespace answers parked reads).
+    pub published: Box<dyn Fn(&ServiceView) + Send + Sync>,
+    /// A service forgotten (the namespace drops its name from the kernel's
+    /// cache).
+    pub removed: Box<dyn Fn(&ServiceName) + Send + Sync>,
+}
 
 struct Inst {
     /// `None` until a spawner thread has started the process.
@@ -128,7 +134,7 @@ pub struct Engine {
     config: Arc<Config>,
     store: Store,
     views: Views,
-    on_publish: OnPublish,
+    hooks: Hooks,
     children: Children,
     spawner: process::Spawner,
     tx: mpsc::UnboundedSender<Msg>,
@@ -152,7 +158,7 @@ impl Engine {
         config: Arc<Config>,
         store: Store,
         views: Views,
-        on_publish: OnPublish,
+        hooks: Hooks,
         children: Children,
         spawner: process::Spawner,
         tx: mpsc::UnboundedSender<Msg>,
@@ -164,7 +170,7 @@ impl Engine {
             config,
             store,
             views,
-            on_publish,
+            hooks,
             children,
             spawner,
             tx,
@@ -904,7 +910,7 @@ impl Engine {
         ));
         e.view = Some(view.clone());
         self.views.publish(view.clone());
-        (self.on_publish)(&view);
+        (self.hooks.published)(&view);
     }
 
     fn schedule(&mut self, sid: u32) {
@@ -934,6 +940,7 @@ impl Engine {
             tracing::warn!("{}: cannot delete its state: {err}", e.name);
         }
         self.views.remove(sid);
+        (self.hooks.removed)(&e.name);
         tracing::info!(service = %e.name, "removed");
     }
 

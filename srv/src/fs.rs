@@ -41,8 +41,13 @@ use tokio::sync::mpsc;
 use crate::engine::{CtlDone, Msg};
 use crate::view::{INST_FILES, InstFile, SVC_FILES, ServiceView, SvcFile, Views};
 
-/// Attributes and entries are never cached: everything here changes.
+/// Attributes are never cached: sizes and mtimes change all the time.
 const TTL: Duration = Duration::ZERO;
+
+/// How long the kernel may keep a name whose inode never changes (see
+/// [`Node::stable_name`]); a removed service's name is dropped at once by a
+/// FUSE notification.
+const STABLE: Duration = Duration::from_secs(3600);
 
 /// A file or directory of the namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +152,15 @@ impl Node {
                 | Node::Instances(_)
                 | Node::Instance(..)
         )
+    }
+
+    /// Whether the name of this node always leads to the same inode while
+    /// it exists, so the kernel may cache the name: everything but the
+    /// instance directories (instances come and go under a number) and
+    /// history files (named by position). A service's name is dropped from
+    /// the cache when it is removed ([`Fs::forget_name`]).
+    fn stable_name(self) -> bool {
+        !matches!(self, Node::Instance(..) | Node::HistoryFile(..))
     }
 
     fn writable(self) -> bool {
@@ -697,10 +711,14 @@ impl Filesystem for Fs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = node(parent).and_then(|p| {
             let name = name.to_str().ok_or(Errno::ENOENT)?;
-            self.attr(self.lookup_node(p, name)?)
+            let n = self.lookup_node(p, name)?;
+            Ok((n, self.attr(n)?))
         });
         match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Ok((n, attr)) => {
+                let entry = if n.stable_name() { STABLE } else { TTL };
+                reply.entry_with_ttls(&TTL, &entry, &attr, Generation(0))
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -787,16 +805,8 @@ impl Filesystem for Fs {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _lo: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply.ok();
-    }
+    // No `flush`: fuser answers ENOSYS, and the kernel then stops sending
+    // FLUSH on every close (there is nothing to flush here).
 
     fn release(
         &self,

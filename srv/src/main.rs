@@ -34,7 +34,7 @@ use clap::Parser;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::engine::{Engine, OnPublish};
+use crate::engine::{Engine, Hooks};
 use crate::fs::{Fs, Waiters};
 use crate::process::Children;
 use crate::store::Store;
@@ -95,30 +95,49 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
     options.mount_options = vec![
         fuser::MountOption::FSName("deployd".into()),
         fuser::MountOption::Subtype("deployd".into()),
-        fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoSuid,
         fuser::MountOption::NoDev,
         fuser::MountOption::NoExec,
     ];
+    // Only the owner can use the mount unless allow_other: then (and only
+    // then) the kernel must check the files' modes, at the price of a
+    // GETATTR per path component on every open.
+    if config.allow_other {
+        options
+            .mount_options
+            .push(fuser::MountOption::DefaultPermissions);
+    }
     options.acl = if config.allow_other {
         fuser::SessionACL::All
     } else {
         fuser::SessionACL::Owner
     };
-    options.n_threads = Some(2);
+    // Two per core: reads of many readers overlap (measured on 2 cores:
+    // 8 readers at 70-76% of a minimal FUSE file system's rate with 4
+    // threads, 62-71% with 2).
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    options.n_threads = Some((2 * cores).clamp(2, 16));
+    // A /dev/fuse descriptor per thread: they don't contend on one queue.
+    options.clone_fd = true;
     let session = fuser::spawn_mount(fs, &config.mountpoint, &options)
         .map_err(|e| format!("cannot mount {}: {e}", config.mountpoint.display()))?;
     tracing::info!("namespace mounted at {}", config.mountpoint.display());
 
     let w = waiters.clone();
-    let on_publish: OnPublish = Arc::new(move |v| w.release(v));
+    let published = Box::new(move |v: &view::ServiceView| w.release(v));
+    let notifier = session.notifier();
+    let removed = Box::new(move |name: &deployd_lib::name::ServiceName| {
+        let active = fuser::INodeNo(fs::Node::Active.ino());
+        // ENOENT: the kernel did not have the name cached.
+        let _ = notifier.inval_entry(active, std::ffi::OsStr::new(name.as_str()));
+    });
     let spawner =
         process::Spawner::new(2).map_err(|e| format!("cannot start spawner threads: {e}"))?;
     let mut engine = Engine::new(
         config.clone(),
         store,
         views.clone(),
-        on_publish,
+        Hooks { published, removed },
         children,
         spawner,
         tx,
