@@ -232,14 +232,48 @@ pub struct Spawn<'a> {
     pub output: Option<OwnedFd>,
 }
 
-/// Starts `/bin/sh -c COMMAND` as the leader of a new process group.
-/// Returns its pid; the caller must [`Children::watch`] it at once.
+/// The words of a command line that means the same with or without a
+/// shell: only plain words (letters, digits and `_ . / : = @ % + , -`), an
+/// optional leading `exec`. Anything else (`$`, quotes, globs, operators,
+/// an empty line) needs `/bin/sh`.
+pub fn plain_words(command: &str) -> Option<Vec<&str>> {
+    let plain = |w: &str| {
+        w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./:=@%+,-".contains(&b))
+    };
+    let mut words: Vec<&str> = command
+        .split([' ', '\t'])
+        .filter(|w| !w.is_empty())
+        .collect();
+    if words.first() != Some(&"exec") {
+        return None;
+    }
+    while words.first() == Some(&"exec") {
+        words.remove(0);
+    }
+    // `A=b cmd` sets a variable for the shell: leave that to the shell.
+    let ok = !words.is_empty() && words.iter().all(|w| plain(w)) && !words[0].contains('=');
+    ok.then_some(words)
+}
+
+/// Starts COMMAND as the leader of a new process group: through
+/// `/bin/sh -c`, or directly when the shell would only have exec'd it
+/// ([`plain_words`]: one exec saved per instance start). Returns its pid;
+/// the caller must [`Children::watch`] it at once.
 pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(s.command)
-        .current_dir(s.dir)
-        .stdin(Stdio::null());
+    let mut cmd = match plain_words(s.command) {
+        Some(words) => {
+            let mut c = Command::new(words[0]);
+            c.args(&words[1..]);
+            c
+        }
+        None => {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(s.command);
+            c
+        }
+    };
+    cmd.current_dir(s.dir).stdin(Stdio::null());
     cmd.envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     match s.output {
         Some(fd) => {
@@ -395,6 +429,34 @@ fn running_in_groups(groups: &[u32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_plain_command_lines_skip_the_shell() {
+        assert_eq!(
+            plain_words("exec exec ./server --port=80"),
+            Some(vec!["./server", "--port=80"])
+        );
+        assert_eq!(
+            plain_words("exec node app.js"),
+            Some(vec!["node", "app.js"])
+        );
+        for shell in [
+            "exec ./server --port $PORT",
+            "node app.js",
+            "exit 3",
+            "echo 'a b'",
+            "a && b",
+            "cd x; ./y",
+            "ls *",
+            "A=1 ./x",
+            "exec",
+            "",
+            "x > log",
+            "echo ~",
+        ] {
+            assert_eq!(plain_words(shell), None, "{shell}");
+        }
+    }
 
     #[test]
     fn start_time_survives_odd_command_names() {
