@@ -958,23 +958,18 @@ impl Service {
             return false;
         };
         if let Some(batch) = &r.batch {
+            let retired = batch.retiring.iter().all(|id| self.gone(*id));
             return match batch.phase {
-                Phase::RetireFirst => {
-                    if batch.retiring.iter().all(|id| self.gone(*id)) {
-                        self.start_candidates();
-                        true
-                    } else {
-                        false
-                    }
-                }
                 Phase::Starting => self.check_candidates(),
+                // Both other phases wait for the old instances to be gone.
+                _ if !retired => false,
+                Phase::RetireFirst => {
+                    self.start_candidates();
+                    true
+                }
                 Phase::Retiring => {
-                    if batch.retiring.iter().all(|id| self.gone(*id)) {
-                        self.finish_batch();
-                        true
-                    } else {
-                        false
-                    }
+                    self.finish_batch();
+                    true
                 }
             };
         }
