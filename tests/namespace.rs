@@ -225,3 +225,66 @@ fn stop_start_and_remove_through_the_root_ctl() {
     let out = d.deploy(&["apply", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// The reading commands of the CLI: events, logs (each with -f), status in
+/// both forms.
+#[test]
+fn cli_events_logs_and_status() {
+    use std::io::BufRead;
+    let port = free_port();
+    let m = app_manifest(2, &format!("port {port}\n"));
+    let Some(d) = Deployd::start(&[("web", m)]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let out = d.deploy(&["events", "web"]);
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), d.read("active/web/events"));
+
+    wait_for("both instances to print", LONG, || {
+        let o = stdout(&d.deploy(&["logs", "web"]));
+        o.contains("[0] app ") && o.contains("[1] app ")
+    });
+    let one = stdout(&d.deploy(&["logs", "web", "1"]));
+    assert!(
+        one.starts_with("app ") && one.contains(" instance 1 "),
+        "{one}"
+    );
+    assert_eq!(d.deploy(&["logs", "web", "7"]).status.code(), Some(4));
+
+    let all: serde_json::Value =
+        serde_json::from_slice(&d.deploy(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(all[0]["service"], "web");
+    assert_eq!(all[0]["progress"], "2/2");
+    http_get(port, "/").unwrap();
+    let detail = stdout(&d.deploy(&["status", "web"]));
+    assert!(
+        detail.contains(&format!(
+            "traffic           port {port} (http): 1 requests, 0 in flight, 0 errors"
+        )),
+        "{detail}"
+    );
+    assert!(detail.contains("INSTANCE  PID"), "{detail}");
+    assert!(detail.contains("INFLIGHT"), "{detail}");
+    let j: serde_json::Value =
+        serde_json::from_slice(&d.deploy(&["status", "web", "--json"]).stdout).unwrap();
+    assert_eq!(j["traffic"]["served"], 1);
+    assert_eq!(j["instances"][0]["inflight"], 0);
+
+    // -f follows: a new event shows up in the running command's output.
+    let mut follow = std::process::Command::new(deploy_bin())
+        .args(["events", "web", "-f"])
+        .env("DEPLOY_ROOT", &d.mnt)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.deploy(&["pause", "web"]).status.code(), Some(5));
+    let found = (&mut lines)
+        .map_while(Result::ok)
+        .any(|l| l.ends_with("refused: nothing to pause: no rollout in progress"));
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(found);
+}

@@ -348,3 +348,57 @@ fn x_forwarded_for_is_added_and_bodies_stream_both_ways() {
     assert_eq!(body, "no instance is ready (waited 500ms)\n");
     assert!(started.elapsed() >= Duration::from_millis(450));
 }
+
+/// An upgraded connection (what WebSocket does) is tunnelled through, counts
+/// as in flight on its instance, keeps working while the instance drains,
+/// and is closed when the drain is over.
+#[test]
+fn upgraded_connections_are_tunnelled_and_drained() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, "drain 2s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let old_pid = d.instances("web")[0].1;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(
+        b"GET /upgrade HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "closed in the 101 head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let echo = |s: &mut TcpStream, msg: &[u8]| {
+        s.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    };
+    echo(&mut s, b"ping");
+    wait_for("the tunnel to count in flight", LONG, || {
+        d.try_read("active/web/instances/0/inflight") == "1\n"
+    });
+    d.write_manifest("web", &web(port, "http", 1, "drain 2s\nenv TAG=v2\n"));
+    assert!(d.deploy(&["apply", "web", "--no-wait"]).status.success());
+    wait_for("the old instance to drain", LONG, || {
+        d.instances("web")
+            .iter()
+            .any(|i| i.1 == old_pid && i.2 == "draining")
+    });
+    // Still tunnelled while its instance drains.
+    echo(&mut s, b"pong");
+    let draining = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "expected the tunnel closed");
+    let took = draining.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    d.settle("web", LONG);
+    assert!(!alive(old_pid));
+}

@@ -27,7 +27,20 @@ struct Detail {
     update_status: String,
     progress: String,
     state: String,
+    /// What the public port served, when the service has one.
+    traffic: Option<Traffic>,
     instances: Vec<Instance>,
+}
+
+/// The totals of the `traffic` file.
+#[derive(Serialize)]
+struct Traffic {
+    port: u16,
+    mode: String,
+    /// Requests (http) or connections (tcp) served.
+    served: u64,
+    inflight: u64,
+    errors: u64,
 }
 
 #[derive(Serialize)]
@@ -37,6 +50,27 @@ struct Instance {
     state: String,
     version: String,
     port: Option<u16>,
+    inflight: u64,
+}
+
+/// Reads the totals of a `traffic` file: `port P MODE`, then `requests N`
+/// (or `connections N`), `inflight N`, `errors N`.
+fn traffic(text: &str) -> Option<Traffic> {
+    let mut lines = text.lines();
+    let mut head = lines.next()?.split(' ');
+    if head.next()? != "port" {
+        return None;
+    }
+    let port = head.next()?.parse().ok()?;
+    let mode = head.next()?.to_string();
+    let mut value = || lines.next()?.split(' ').nth(1)?.parse::<u64>().ok();
+    Some(Traffic {
+        port,
+        mode,
+        served: value()?,
+        inflight: value()?,
+        errors: value()?,
+    })
 }
 
 /// Prints every service.
@@ -91,6 +125,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         update_status: ns::read_field(&dir, "update_status"),
         progress: ns::read_field(&dir, "update_progress"),
         state: ns::read_field(&dir, "state"),
+        traffic: traffic(&ns::read_field(&dir, "traffic")),
         instances: instances(&dir.join("instances")),
     };
     let mut out = std::io::stdout().lock();
@@ -113,8 +148,20 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
     for (k, v) in fields {
         writeln!(out, "  {k:<17} {v}")?;
     }
+    if let Some(t) = &d.traffic {
+        let what = if t.mode == "tcp" {
+            "connections"
+        } else {
+            "requests"
+        };
+        writeln!(
+            out,
+            "  {:<17} port {} ({}): {} {what}, {} in flight, {} errors",
+            "traffic", t.port, t.mode, t.served, t.inflight, t.errors
+        )?;
+    }
     writeln!(out)?;
-    let rows: Vec<[String; 5]> = d
+    let rows: Vec<[String; 6]> = d
         .instances
         .iter()
         .map(|i| {
@@ -124,13 +171,15 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
                 i.state.clone(),
                 i.version.clone(),
                 i.port.map_or("-".into(), |p| p.to_string()),
+                i.inflight.to_string(),
             ]
         })
         .collect();
-    let table: Vec<[&str; 5]> = std::iter::once(["INSTANCE", "PID", "STATE", "VERSION", "PORT"])
+    let head = ["INSTANCE", "PID", "STATE", "VERSION", "PORT", "INFLIGHT"];
+    let table: Vec<[&str; 6]> = std::iter::once(head)
         .chain(
             rows.iter()
-                .map(|r| [r[0].as_str(), &r[1], &r[2], &r[3], &r[4]]),
+                .map(|r| [r[0].as_str(), &r[1], &r[2], &r[3], &r[4], &r[5]]),
         )
         .collect();
     print_table(&mut out, &table)?;
@@ -156,6 +205,7 @@ fn instances(dir: &Path) -> Vec<Instance> {
                 state: ns::read_field(&d, "state"),
                 version: ns::read_field(&d, "version"),
                 port: ns::read_field(&d, "port").parse().ok(),
+                inflight: ns::read_field(&d, "inflight").parse().unwrap_or(0),
             }
         })
         // An instance that went between the listing and the reads.
@@ -182,4 +232,20 @@ fn print_table<const N: usize>(out: &mut impl Write, rows: &[[&str; N]]) -> std:
         writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_traffic_totals() {
+        let t = super::traffic("port 8080 http\nrequests 12\ninflight 3\nerrors 1\ninstance 0 requests 12 inflight 3 errors 1\n").unwrap();
+        assert_eq!(
+            (t.port, t.mode.as_str(), t.served, t.inflight, t.errors),
+            (8080, "http", 12, 3, 1)
+        );
+        let t = super::traffic("port 9 tcp\nconnections 5\ninflight 0\nerrors 0\n").unwrap();
+        assert_eq!((t.mode.as_str(), t.served), ("tcp", 5));
+        assert!(super::traffic("no port: deployd routes no traffic to this service").is_none());
+        assert!(super::traffic("").is_none());
+    }
 }

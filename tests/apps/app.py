@@ -5,6 +5,7 @@ signal handling, no graceful shutdown.
 GET /          "VERSION INSTANCE PID"
 GET /healthz   200, or 500 with FAIL_HEALTH=1
 GET /slow?ms=N answers after N ms
+GET /upgrade with "Upgrade: echo" answers 101, then echoes raw bytes
 
 Knobs (environment): NO_LISTEN=1 never listens; START_DELAY_MS waits before
 listening; CRASH_AFTER_MS exits with status 3 after that long.
@@ -29,6 +30,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         url = urllib.parse.urlparse(self.path)
         status = 200
+        if url.path == "/upgrade" and self.headers.get("Upgrade", "").lower() == "echo":
+            self.send_response(101)
+            self.send_header("Upgrade", "echo")
+            self.send_header("Connection", "Upgrade")
+            self.end_headers()
+            while True:
+                data = self.connection.recv(4096)
+                if not data:
+                    break
+                self.connection.sendall(data)
+            self.close_connection = True
+            return
         if url.path == "/healthz":
             body = b"ok\n"
             if env.get("FAIL_HEALTH") == "1":
