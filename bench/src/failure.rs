@@ -88,7 +88,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     report.add(
         "failure",
         "bad version: first failed probe → rollout failed (health_deadline 2 s)",
-        format!("{took:.3} s"),
+        format!("{took:.3} s ({:.3}× health_deadline)", took / 2.0),
         "≤ health_deadline + 100 ms",
         verdict(took <= 2.1),
     );

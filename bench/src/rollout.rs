@@ -62,9 +62,10 @@ pub fn run(report: &mut Report) -> Result<(), String> {
                 batches.len()
             ),
             format!(
-                "{:.0} ms wall, {:.0} ms minimum: {per_batch:.1} ms per batch",
+                "{:.0} ms wall / {:.0} ms minimum = {:.2}×: {per_batch:.1} ms per batch",
                 wall.as_secs_f64() * 1000.0,
-                minimum.as_secs_f64() * 1000.0
+                minimum.as_secs_f64() * 1000.0,
+                wall.as_secs_f64() / minimum.as_secs_f64()
             ),
             format!("≤ {TARGET_MS:.0} ms per batch"),
             verdict(per_batch <= TARGET_MS),

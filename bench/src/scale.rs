@@ -44,14 +44,14 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     report.add(
         "scale",
         "deployd RSS, idle, 1,000 services",
-        format!("{rss:.1} MB"),
+        format!("{rss:.1} MB ({:.2}× the target)", rss / 100.0),
         "< 100 MB",
         verdict(rss < 100.0),
     );
     report.add(
         "scale",
         "deployd CPU, idle, 1,000 services",
-        format!("{cpu:.2}% of a core"),
+        format!("{cpu:.2}% of a core ({:.2}× the target)", cpu / 1.0),
         "< 1%",
         verdict(cpu < 1.0),
     );
@@ -76,7 +76,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     report.add(
         "scale",
         "deploy status, 1,000 services (median of 7)",
-        format!("{status_ms:.1} ms"),
+        format!("{status_ms:.1} ms ({:.3}× the target)", status_ms / 200.0),
         "< 200 ms",
         verdict(status_ms < 200.0),
     );
