@@ -80,6 +80,19 @@ struct Sim {
     steps: usize,
 }
 
+/// A converged v1 of this shape, `k` acting steps into its rollout to v2;
+/// with `capacity`, a rolling update must keep `n` instances routed in.
+fn rollout_at_step(st: Strategy, n: u32, b: u32, k: usize, capacity: bool) -> Sim {
+    let mut sim = Sim::new(spec("v1", n, b, st));
+    if capacity && st == Strategy::Rolling {
+        sim.capacity = n as usize;
+    }
+    let s0 = sim.steps;
+    sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
+    while sim.steps - s0 < k && sim.step() {}
+    sim
+}
+
 /// Steps of a clean rollout v1 → v2 of this shape.
 fn clean_steps(st: Strategy, n: u32, b: u32) -> usize {
     let mut sim = Sim::new(spec("v1", n, b, st));
@@ -90,11 +103,12 @@ fn clean_steps(st: Strategy, n: u32, b: u32) -> usize {
 }
 
 impl Sim {
-    /// A service created at `s` and run until it is converged.
-    fn new(s: Spec) -> Sim {
+    /// A world around `svc`, with no process yet; `actions` are the first
+    /// the machine asked for.
+    fn with(now: Instant, svc: Service, actions: Vec<Action>) -> Sim {
         let mut sim = Sim {
-            svc: Service::create(Instant::default(), s.clone()).0,
-            now: Instant::default(),
+            svc,
+            now,
             seq: 0,
             queue: BinaryHeap::new(),
             procs: HashMap::new(),
@@ -106,11 +120,14 @@ impl Sim {
             capacity: 0,
             steps: 0,
         };
-        sim.behaviours.insert(s.version, GOOD);
-        // Re-create so the first actions go through the simulator.
-        let (svc, actions) = Service::create(sim.now, s);
-        sim.svc = svc;
         sim.apply(actions);
+        sim
+    }
+
+    /// A service created at `s` and run until it is converged.
+    fn new(s: Spec) -> Sim {
+        let (svc, actions) = Service::create(Instant::default(), s);
+        let mut sim = Sim::with(Instant::default(), svc, actions);
         sim.settle();
         assert_eq!(
             sim.svc.update_status(),
@@ -549,14 +566,8 @@ fn bad_version_fails_and_old_instances_are_untouched() {
 fn new_instance_crash_at_every_step() {
     for (st, n, b) in shapes() {
         for k in 0..=clean_steps(st, n, b) {
-            let mut sim = Sim::new(spec("v1", n, b, st));
-            if st == Strategy::Rolling {
-                sim.capacity = n as usize;
-            }
-            let v1 = sim.svc.version();
-            let s0 = sim.steps;
-            sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
-            while sim.steps - s0 < k && sim.step() {}
+            let mut sim = rollout_at_step(st, n, b, k, true);
+            let v1 = spec("v1", n, b, st).version;
             // Crash the newest instance of the new version, if one runs.
             let victim = sim
                 .svc
@@ -622,11 +633,8 @@ fn new_instance_crash_at_every_step() {
 fn old_instance_crash_at_every_step_still_converges() {
     for (st, n, b) in shapes() {
         for k in 0..=clean_steps(st, n, b) {
-            let mut sim = Sim::new(spec("v1", n, b, st));
-            let v1 = sim.svc.version();
-            let s0 = sim.steps;
-            sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
-            while sim.steps - s0 < k && sim.step() {}
+            let mut sim = rollout_at_step(st, n, b, k, false);
+            let v1 = spec("v1", n, b, st).version;
             let victim = sim
                 .svc
                 .instances()
@@ -649,13 +657,7 @@ fn old_instance_crash_at_every_step_still_converges() {
 fn pause_at_every_step_holds_then_resume_completes() {
     for (st, n, b) in shapes() {
         for k in 0..=clean_steps(st, n, b) {
-            let mut sim = Sim::new(spec("v1", n, b, st));
-            if st == Strategy::Rolling {
-                sim.capacity = n as usize;
-            }
-            let s0 = sim.steps;
-            sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
-            while sim.steps - s0 < k && sim.step() && sim.svc.rollout.is_some() {}
+            let mut sim = rollout_at_step(st, n, b, k, true);
             if let Err(r) = sim.command(Command::Pause) {
                 assert!(
                     sim.svc.rollout.is_none(),
@@ -693,15 +695,9 @@ fn pause_at_every_step_holds_then_resume_completes() {
 fn rollback_at_every_step() {
     for (st, n, b) in shapes() {
         for k in 0..=clean_steps(st, n, b) {
-            let mut sim = Sim::new(spec("v1", n, b, st));
-            if st == Strategy::Rolling {
-                sim.capacity = n as usize;
-            }
-            let v1 = sim.svc.version();
+            let mut sim = rollout_at_step(st, n, b, k, true);
+            let v1 = spec("v1", n, b, st).version;
             let v2 = spec("v2", n, b, st);
-            let s0 = sim.steps;
-            sim.command(Command::Apply(v2.clone())).unwrap();
-            while sim.steps - s0 < k && sim.step() {}
             sim.command(Command::Rollback(None)).unwrap();
             sim.settle();
             sim.check_converged();
@@ -717,37 +713,19 @@ fn rollback_at_every_step() {
 fn restore_at_every_step_comes_back_paused_and_resume_finishes() {
     for (st, n, b) in shapes() {
         for k in 0..=clean_steps(st, n, b) {
-            let mut sim = Sim::new(spec("v1", n, b, st));
+            let sim = rollout_at_step(st, n, b, k, false);
             let v1 = spec("v1", n, b, st);
             let v2 = spec("v2", n, b, st);
-            let s0 = sim.steps;
-            sim.command(Command::Apply(v2.clone())).unwrap();
-            while sim.steps - s0 < k && sim.step() {}
             let record = sim.svc.record();
             let was = sim.svc.update_status();
-            // Everything the old deployd ran is gone.
-            let mut fresh = Sim {
-                svc: sim.svc.clone(),
-                now: sim.now,
-                seq: 0,
-                queue: BinaryHeap::new(),
-                procs: HashMap::new(),
-                behaviours: HashMap::new(),
-                routed: HashSet::new(),
-                stopped: HashSet::new(),
-                events: Vec::new(),
-                next_pid: 1,
-                capacity: 0,
-                steps: 0,
-            };
             let resolve = |v: Version| {
                 [v1.clone(), v2.clone()]
                     .into_iter()
                     .find(|s| s.version == v)
             };
-            let (svc, actions) = Service::restore(fresh.now, &record, resolve).unwrap();
-            fresh.svc = svc;
-            fresh.apply(actions);
+            // Everything the old deployd ran is gone: a new world.
+            let (svc, actions) = Service::restore(sim.now, &record, resolve).unwrap();
+            let mut fresh = Sim::with(sim.now, svc, actions);
             fresh.settle();
             match was {
                 UpdateStatus::Rolling => {
