@@ -302,14 +302,11 @@ fn bad_version_fails_then_rollback() {
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
 
-/// Acceptance 5: pause holds after the batch in flight; resume completes.
-/// A rolling restart replaces every pid, one batch at a time.
-#[test]
-fn pause_resume_and_restart() {
-    let extra = "update_pause 1500ms\n";
-    let Some(d) = Deployd::start(&[("web", app_manifest(3, extra))]) else {
-        return;
-    };
+/// `web` (3 replicas, `extra` in its manifest) deployed, then a rolling
+/// update to a new version started and waited for until its first batch
+/// is done.
+fn after_first_batch(extra: &str) -> Option<Deployd> {
+    let d = Deployd::start(&[("web", app_manifest(3, extra))])?;
     d.settle("web", LONG);
     d.write_manifest("web", &app_manifest(3, &format!("{extra}env TAG=b\n")));
     let out = d.deploy(&["apply", "web", "--no-wait"]);
@@ -317,6 +314,16 @@ fn pause_resume_and_restart() {
     wait_for("the first batch", LONG, || {
         d.try_read("active/web/update_progress") == "1/3\n"
     });
+    Some(d)
+}
+
+/// Acceptance 5: pause holds after the batch in flight; resume completes.
+/// A rolling restart replaces every pid, one batch at a time.
+#[test]
+fn pause_resume_and_restart() {
+    let Some(d) = after_first_batch("update_pause 1500ms\n") else {
+        return;
+    };
     let out = d.deploy(&["pause", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(d.field("active/web/update_status"), "paused");
@@ -436,17 +443,9 @@ fn bad_ctl_writes_fail_and_change_nothing() {
 /// deployd survives.
 #[test]
 fn kill9_mid_rollout_comes_back_paused() {
-    let extra = "update_pause 2s\n";
-    let Some(mut d) = Deployd::start(&[("web", app_manifest(3, extra))]) else {
+    let Some(mut d) = after_first_batch("update_pause 2s\n") else {
         return;
     };
-    d.settle("web", LONG);
-    d.write_manifest("web", &app_manifest(3, &format!("{extra}env TAG=b\n")));
-    let out = d.deploy(&["apply", "web", "--no-wait"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    wait_for("the first batch", LONG, || {
-        d.try_read("active/web/update_progress") == "1/3\n"
-    });
     let v2 = d.field("active/web/version");
     let events_before = d.read("active/web/events");
     let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();

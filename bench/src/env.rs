@@ -103,13 +103,13 @@ impl Deployd {
         std::fs::write(self.mnt.join(rel), cmd).map_err(|e| format!("{cmd}: {e}"))
     }
 
-    /// Waits until the service is settled with every instance ready.
+    /// Waits until the service has no rollout in flight and every slot runs
+    /// a ready instance of its version (`update_progress` k/n with k = n).
     pub fn settle(&self, service: &str, timeout: Duration) -> bool {
         wait_until(timeout, Duration::from_millis(10), || {
             let status = self.read(&format!("active/{service}/update_status"));
-            let p = self.read(&format!("active/{service}/update_progress"));
-            let mut it = p.trim().split('/');
-            status == "none\n" && it.next().is_some() && it.next() == p.trim().split('/').next()
+            let progress = self.read(&format!("active/{service}/update_progress"));
+            status == "none\n" && progress.trim().split_once('/').is_some_and(|(k, n)| k == n)
         })
     }
 

@@ -260,21 +260,13 @@ impl Deployd {
         v
     }
 
-    /// Waits until the service has no rollout in flight.
+    /// Waits until the service has no rollout in flight and every slot runs
+    /// a ready instance of its version (`update_progress` k/n with k = n).
     pub fn settle(&self, service: &str, timeout: Duration) {
         wait_for(&format!("{service} to settle"), timeout, || {
-            let s = std::fs::read_to_string(
-                self.mnt.join("active").join(service).join("update_status"),
-            )
-            .unwrap_or_default();
-            let p = std::fs::read_to_string(
-                self.mnt
-                    .join("active")
-                    .join(service)
-                    .join("update_progress"),
-            )
-            .unwrap_or_default();
-            s.trim() == "none" && p.split('/').next() == p.trim().split('/').nth(1)
+            let status = self.try_read(&format!("active/{service}/update_status"));
+            let progress = self.try_read(&format!("active/{service}/update_progress"));
+            status == "none\n" && progress.trim().split_once('/').is_some_and(|(k, n)| k == n)
         });
     }
 
