@@ -1,0 +1,397 @@
+//! HTTP/1 heads as the proxy sees them: parsed with `httparse` (hyper's own
+//! parser), judged for what the proxy needs (how the body is delimited,
+//! whether the connection persists, whether it is an upgrade), and written
+//! out again for the next hop: hop-by-hop headers dropped, `X-Forwarded-For`
+//! appended, `Connection` set for the hop. Everything else passes through
+//! byte for byte, bodies in their original framing.
+
+use std::io::Write as _;
+
+/// The largest head accepted, request or response.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header lines accepted in one head.
+const MAX_HEADERS: usize = 128;
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body.
+    None,
+    /// `Content-Length: n`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+    /// Until the sender closes (responses only).
+    Eof,
+}
+
+/// Why a head could not be taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadError {
+    /// Not all of it is here yet.
+    Partial,
+    /// Longer than [`MAX_HEAD`] or more than 128 header lines.
+    TooLarge,
+    /// Not valid HTTP/1, or ambiguous about its body.
+    Bad(&'static str),
+}
+
+/// What the proxy knows of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// Bytes of the head in the buffer it was parsed from.
+    pub len: usize,
+    pub body: Framing,
+    /// A HEAD request: its response has no body whatever it says.
+    pub is_head: bool,
+    /// GET, HEAD, OPTIONS, TRACE, PUT or DELETE.
+    pub idempotent: bool,
+    pub http10: bool,
+    /// The client wants its connection kept after the response.
+    pub keep_alive: bool,
+    /// `Connection: upgrade` with an `Upgrade` header (WebSocket).
+    pub upgrade: bool,
+}
+
+impl RequestHead {
+    /// Whether it may be sent again to another instance after one failed
+    /// before answering: idempotent, nothing but the head to send.
+    pub fn retryable(&self) -> bool {
+        self.idempotent && self.body == Framing::None && !self.upgrade
+    }
+}
+
+/// What the proxy knows of a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub len: usize,
+    pub status: u16,
+    pub body: Framing,
+    /// The instance keeps the connection open after this response.
+    pub reusable: bool,
+    /// The client's connection stays open after this response.
+    pub keep_client: bool,
+}
+
+/// The `Connection` header's tokens, as far as the proxy cares.
+#[derive(Default)]
+struct ConnTokens {
+    close: bool,
+    keep_alive: bool,
+    upgrade: bool,
+}
+
+/// The header lines of one head, once scanned.
+struct Scan<'h, 'b> {
+    headers: &'h [httparse::Header<'b>],
+    tokens: ConnTokens,
+    /// The last `Transfer-Encoding` coding is chunked.
+    chunked: bool,
+    te: bool,
+    length: Option<u64>,
+    upgrade_header: bool,
+}
+
+fn scan<'h, 'b>(headers: &'h [httparse::Header<'b>]) -> Result<Scan<'h, 'b>, &'static str> {
+    let mut s = Scan {
+        headers,
+        tokens: ConnTokens::default(),
+        chunked: false,
+        te: false,
+        length: None,
+        upgrade_header: false,
+    };
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("connection") {
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"close") {
+                    s.tokens.close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    s.tokens.keep_alive = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    s.tokens.upgrade = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            s.te = true;
+            // The last coding of the last header is what delimits the body.
+            if let Some(last) = tokens(h.value).last() {
+                s.chunked = last.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            for t in tokens(h.value) {
+                let n = parse_length(t).ok_or("bad Content-Length")?;
+                if s.length.is_some_and(|m| m != n) {
+                    return Err("conflicting Content-Length values");
+                }
+                s.length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            s.upgrade_header = true;
+        }
+    }
+    Ok(s)
+}
+
+/// The comma-separated elements of a header value, trimmed, empty ones left out.
+fn tokens(v: &[u8]) -> impl Iterator<Item = &[u8]> {
+    v.split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+fn parse_length(t: &[u8]) -> Option<u64> {
+    if t.is_empty() || t.len() > 19 || !t.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    t.iter().try_fold(0u64, |n, &d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
+}
+
+/// Headers that concern one hop only, never forwarded as they are.
+fn hop_by_hop(name: &str) -> bool {
+    const HOP: [&str; 7] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+    ];
+    HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+impl Scan<'_, '_> {
+    /// Whether `name` is listed in a `Connection` header (and so hop-by-hop).
+    fn named_in_connection(&self, name: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| tokens(h.value))
+            .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    }
+
+    /// Writes the end-to-end headers, leaving out `skip` too.
+    fn write_end_to_end(&self, out: &mut Vec<u8>, skip: impl Fn(&str) -> bool) {
+        let any_named = self
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("connection"));
+        for h in self.headers {
+            if hop_by_hop(h.name) || skip(h.name) || (any_named && self.named_in_connection(h.name))
+            {
+                continue;
+            }
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    fn upgrade_value(&self) -> &[u8] {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("upgrade"))
+            .map_or(&b""[..], |h| h.value)
+    }
+}
+
+fn parse_error(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        _ => HeadError::Bad("malformed head"),
+    }
+}
+
+/// Parses a request head at the start of `buf` and writes the head to send
+/// to an instance into `out` (replacing what was there). `client_ip` goes
+/// at the end of `X-Forwarded-For`.
+pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<RequestHead, HeadError> {
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Request::new(&mut hs);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
+        Err(e) => return Err(parse_error(e)),
+    };
+    let (Some(method), Some(target), Some(version)) = (r.method, r.path, r.version) else {
+        return Err(HeadError::Bad("malformed request line"));
+    };
+    let s = scan(r.headers).map_err(HeadError::Bad)?;
+    let http10 = version == 0;
+    let body = if s.te {
+        // A body both counted and chunked is how requests are smuggled past
+        // proxies: refuse it, as RFC 9112 §6.1 allows.
+        if http10 || s.length.is_some() || !s.chunked {
+            return Err(HeadError::Bad("unusable Transfer-Encoding"));
+        }
+        Framing::Chunked
+    } else {
+        match s.length {
+            Some(0) | None => Framing::None,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    let upgrade = s.tokens.upgrade && s.upgrade_header;
+    let keep_alive = if http10 {
+        s.tokens.keep_alive && !s.tokens.close
+    } else {
+        !s.tokens.close
+    };
+    out.clear();
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(if http10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    s.write_end_to_end(out, |n| n.eq_ignore_ascii_case("x-forwarded-for"));
+    if upgrade {
+        out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: ");
+        out.extend_from_slice(s.upgrade_value());
+        out.extend_from_slice(b"\r\n");
+    } else if http10 {
+        // Lets the instance keep this connection for later requests.
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    for h in s.headers {
+        if h.name.eq_ignore_ascii_case("x-forwarded-for") && !h.value.trim_ascii().is_empty() {
+            out.extend_from_slice(h.value.trim_ascii());
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(client_ip);
+    out.extend_from_slice(b"\r\n\r\n");
+    Ok(RequestHead {
+        len,
+        body,
+        is_head: method == "HEAD",
+        idempotent: matches!(
+            method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        ),
+        http10,
+        keep_alive,
+        upgrade,
+    })
+}
+
+/// Parses a response head at the start of `buf` (the answer to `req`) and
+/// writes the head to send to the client into `out`. `keep` says whether
+/// the client's connection may stay open as far as the request goes (its
+/// body was read whole); the response can still close it.
+pub fn response(
+    buf: &[u8],
+    req: &RequestHead,
+    keep: bool,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, HeadError> {
+    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut r = httparse::Response::new(&mut hs);
+    let len = match r.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
+        Err(e) => return Err(parse_error(e)),
+    };
+    let (Some(version), Some(status)) = (r.version, r.code) else {
+        return Err(HeadError::Bad("malformed status line"));
+    };
+    let reason = r.reason.unwrap_or("");
+    let s = scan(r.headers).map_err(HeadError::Bad)?;
+    let body = if (100..200).contains(&status) || status == 204 || status == 304 || req.is_head {
+        Framing::None
+    } else if s.te {
+        if s.chunked {
+            Framing::Chunked
+        } else {
+            Framing::Eof
+        }
+    } else {
+        match s.length {
+            Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+            None => Framing::Eof,
+        }
+    };
+    let persistent = if version == 0 {
+        s.tokens.keep_alive && !s.tokens.close
+    } else {
+        !s.tokens.close
+    };
+    let interim = (100..200).contains(&status);
+    let reusable = interim || (persistent && body != Framing::Eof);
+    let keep_client = interim || (keep && req.keep_alive && body != Framing::Eof);
+    out.clear();
+    let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
+    // With Transfer-Encoding, Content-Length means nothing and must not be sent.
+    s.write_end_to_end(out, |n| s.te && n.eq_ignore_ascii_case("content-length"));
+    if status == 101 {
+        out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: ");
+        out.extend_from_slice(s.upgrade_value());
+        out.extend_from_slice(b"\r\n");
+    } else if !interim {
+        if !keep_client {
+            out.extend_from_slice(b"Connection: close\r\n");
+        } else if req.http10 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(ResponseHead {
+        len,
+        status,
+        body,
+        reusable,
+        keep_client,
+    })
+}
+
+/// The reason phrase of a status deployd answers with itself.
+fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// A response deployd makes itself (502, 503, 400, …), into `out`: `msg`
+/// as its text body (left out for a HEAD request); `keep` says whether the
+/// client's connection goes on, `http10` whether the client speaks 1.0.
+pub fn own_response(
+    status: u16,
+    msg: &str,
+    keep: bool,
+    http10: bool,
+    head_only: bool,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    let connection = match (keep, http10) {
+        (false, _) => "Connection: close\r\n",
+        (true, true) => "Connection: keep-alive\r\n",
+        (true, false) => "",
+    };
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{connection}\r\n",
+        reason(status),
+        msg.len(),
+    );
+    if !head_only {
+        out.extend_from_slice(msg.as_bytes());
+    }
+}

@@ -1,0 +1,522 @@
+//! The HTTP/1.1 proxy: clients keep their connections to deployd (keep-alive
+//! across every rollout); each request goes to a routed-in instance over a
+//! pooled connection of that instance; bodies stream both ways in their own
+//! framing.
+//!
+//! It is a forwarder, not a server and a client glued together: a request's
+//! head is parsed (`httparse`), rewritten for the next hop (hop-by-hop
+//! headers out, `X-Forwarded-For` in) and sent on; its body, then the
+//! response's, pass through a buffer unchanged, the proxy only following
+//! where each ends. A request costs two reads and two writes in the common
+//! case and allocates nothing.
+//!
+//! A failed connect is retried on another instance (and the instance is
+//! probed at once); an idempotent request without a body that fails before
+//! any response byte is retried once: on a new connection to the same
+//! instance if the pooled one it used had been closed by the instance, else
+//! on another instance. Upgrades (WebSocket) are tunnelled and count as in
+//! flight until closed.
+
+mod body;
+mod head;
+#[cfg(test)]
+mod tests;
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use deployd_lib::rollout::InstanceId;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+
+use body::{BodyError, Buf, Remaining};
+use head::{Framing, HeadError, RequestHead};
+
+use super::{Backend, Router};
+
+/// Idle connections kept per instance.
+const MAX_IDLE: usize = 256;
+
+/// A connection to an instance.
+pub(super) struct Conn {
+    io: TcpStream,
+    quickack: QuickAck,
+    /// When it went back to the pool; `None` while new.
+    idle_since: Option<Instant>,
+}
+
+/// What one client connection keeps between its requests: it allocates
+/// these once, and a request then allocates nothing.
+struct Session {
+    /// Read from the client, not yet passed on.
+    cbuf: Buf,
+    /// Read from the instance, not yet passed on.
+    bbuf: Buf,
+    /// The request head for the instance.
+    out: Vec<u8>,
+    /// The response head for the client.
+    rout: Vec<u8>,
+    /// The client's address, as `X-Forwarded-For` gets it.
+    ip: Vec<u8>,
+    /// Whether any of the current response went to the client.
+    answered: bool,
+}
+
+/// How an exchange with an instance ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// A whole response went to the client.
+    Done {
+        status: u16,
+        reusable: bool,
+        keep_client: bool,
+    },
+    /// Nothing came from the instance and nothing went to the client.
+    NoAnswer,
+    /// The instance's answer was not HTTP, or broke off; `sent` if part of
+    /// it went to the client.
+    Broken { sent: bool },
+    /// The client went away (or sent a body that is not what it said).
+    ClientGone,
+    /// A 101 was passed on and the tunnel ran until a side closed.
+    Upgraded,
+    /// deployd closed the instance (its drain was over).
+    Cut,
+}
+
+/// Serves one client connection.
+pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<Router>) {
+    let mut s = Session {
+        cbuf: Buf::new(),
+        bbuf: Buf::new(),
+        out: Vec::with_capacity(1024),
+        rout: Vec::with_capacity(512),
+        ip: peer.ip().to_string().into_bytes(),
+        answered: false,
+    };
+    loop {
+        let req = match head::request(s.cbuf.filled(), &s.ip, &mut s.out) {
+            Ok(r) => r,
+            Err(HeadError::Partial) => match s.cbuf.read_from(&mut client).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            },
+            Err(HeadError::TooLarge) => {
+                let msg = "request head too large\n";
+                reply(&mut client, &mut s.rout, 431, msg, None, false).await;
+                return;
+            }
+            Err(HeadError::Bad(why)) => {
+                let msg = format!("bad request: {why}\n");
+                reply(&mut client, &mut s.rout, 400, &msg, None, false).await;
+                return;
+            }
+        };
+        s.cbuf.consume(req.len);
+        if !exchange(&mut client, &mut s, &req, &router).await {
+            return;
+        }
+    }
+}
+
+/// Sends one request to an instance and its response to the client; returns
+/// whether the client's connection goes on.
+async fn exchange(
+    client: &mut TcpStream,
+    s: &mut Session,
+    req: &RequestHead,
+    router: &Router,
+) -> bool {
+    // Whether the client's connection can go on after a response deployd
+    // makes itself: only if no body of the request is left unread.
+    let keep_own = req.keep_alive && req.body == Framing::None;
+    let mut tried: Vec<InstanceId> = Vec::new();
+    let mut retried = false;
+    // After a pooled connection failed: the next try takes a new one.
+    let mut fresh = false;
+    loop {
+        let Some(guard) = router.pick(&tried).await else {
+            router.count(None, false);
+            let msg = if tried.is_empty() {
+                format!(
+                    "no instance is ready (waited {})\n",
+                    deployd_lib::manifest::format_duration(router.settings().queue_timeout)
+                )
+            } else {
+                "no instance could take the request\n".to_string()
+            };
+            reply(client, &mut s.rout, 503, &msg, Some(req), keep_own).await;
+            return keep_own;
+        };
+        let backend = guard.backend().clone();
+        let mut conn = match checkout(&backend, fresh).await {
+            Ok(c) => c,
+            Err(_) => {
+                // Died between probes: try another, probe it now.
+                backend.suspect();
+                tried.push(backend.id);
+                continue;
+            }
+        };
+        let pooled = conn.idle_since.is_some();
+        let mut closed = backend.closed.subscribe();
+        let outcome = tokio::select! {
+            o = forward(client, &mut conn, s, req) => o,
+            _ = closed.wait_for(|c| *c) => Outcome::Cut,
+        };
+        s.bbuf.clear();
+        let outcome = match outcome {
+            // Stopped before it answered (crashed, or its drain ran out):
+            // as good as no answer.
+            Outcome::Cut if !s.answered => {
+                tried.push(backend.id);
+                Outcome::NoAnswer
+            }
+            o => o,
+        };
+        match outcome {
+            Outcome::Done {
+                status,
+                reusable,
+                keep_client,
+            } => {
+                router.count(Some(&backend), status < 500);
+                if reusable {
+                    checkin(&backend, conn);
+                }
+                return keep_client;
+            }
+            Outcome::NoAnswer if req.retryable() && !retried => {
+                retried = true;
+                if !pooled {
+                    // A new connection that got nothing: the instance is
+                    // in trouble. Another one gets the request.
+                    backend.suspect();
+                    tried.push(backend.id);
+                }
+                // A pooled one the instance had closed (its keep-alive
+                // timeout, or it died): a new connection to the same
+                // instance gets it, and the others pooled with it go.
+                backend.idle.lock().clear();
+                fresh = true;
+            }
+            Outcome::NoAnswer => {
+                backend.suspect();
+                router.count(Some(&backend), false);
+                let keep = keep_own && !req.upgrade;
+                let msg = "the instance failed before answering\n";
+                reply(client, &mut s.rout, 502, msg, Some(req), keep).await;
+                return keep;
+            }
+            Outcome::Broken { sent } => {
+                backend.suspect();
+                router.count(Some(&backend), false);
+                if !sent {
+                    let msg = "the instance sent a response that is not HTTP/1\n";
+                    reply(client, &mut s.rout, 502, msg, Some(req), false).await;
+                }
+                return false;
+            }
+            Outcome::ClientGone | Outcome::Cut => return false,
+            Outcome::Upgraded => {
+                router.count(Some(&backend), true);
+                return false;
+            }
+        }
+    }
+}
+
+/// Passes the request (head, then body if any) to the instance while
+/// passing its response to the client.
+async fn forward(
+    client: &mut TcpStream,
+    conn: &mut Conn,
+    s: &mut Session,
+    req: &RequestHead,
+) -> Outcome {
+    let Session {
+        cbuf,
+        bbuf,
+        out,
+        rout,
+        answered,
+        ..
+    } = s;
+    *answered = false;
+    conn.quickack.last_read = None;
+    let (mut cr, mut cw) = client.split();
+    let (br, mut bw) = conn.io.split();
+    let mut up = Upstream {
+        io: br,
+        qa: &mut conn.quickack,
+    };
+    let outcome = if req.body == Framing::None {
+        if body::write_all(&mut bw, out, &[]).await.is_err() {
+            return Outcome::NoAnswer;
+        }
+        respond(
+            &mut up,
+            bbuf,
+            rout,
+            &mut cw,
+            req,
+            &AtomicBool::new(true),
+            answered,
+        )
+        .await
+    } else {
+        // The body goes up while the response may already come down: a
+        // server can answer early (413, 100 Continue), and a client that
+        // sent `Expect: 100-continue` waits for the 100 before its body.
+        let sent = AtomicBool::new(false);
+        let up_body = async {
+            let mut rem = Remaining::from(req.body);
+            let r = body::pass(out, &mut cr, cbuf, &mut bw, &mut rem).await;
+            if r.is_ok() {
+                sent.store(true, Ordering::Relaxed);
+            }
+            r
+        };
+        let down = respond(&mut up, bbuf, rout, &mut cw, req, &sent, answered);
+        tokio::pin!(up_body, down);
+        let mut up_over = false;
+        loop {
+            tokio::select! {
+                r = &mut up_body, if !up_over => match r {
+                    // Sink: the instance stopped reading; its answer, if
+                    // any, still counts.
+                    Ok(()) | Err(BodyError::Sink) => up_over = true,
+                    Err(BodyError::Source | BodyError::Malformed) => return Outcome::ClientGone,
+                },
+                o = &mut down => break match o {
+                    // Answered before the request's body was through:
+                    // neither connection is at a message boundary.
+                    Outcome::Done { status, .. } if !sent.load(Ordering::Relaxed) => Outcome::Done {
+                        status,
+                        reusable: false,
+                        keep_client: false,
+                    },
+                    o => o,
+                },
+            }
+        }
+    };
+    if outcome == Outcome::Upgraded {
+        // What the client sent after its upgrade request is the tunnel's.
+        if !cbuf.is_empty() {
+            if conn.io.write_all(cbuf.filled()).await.is_err() {
+                return Outcome::Upgraded;
+            }
+            cbuf.clear();
+        }
+        let _ = tokio::io::copy_bidirectional(client, &mut conn.io).await;
+    }
+    outcome
+}
+
+/// Reads the instance's response (any 1xx first) and passes it to the
+/// client. `sent` says whether the request's body has been passed whole;
+/// `answered` is set before anything is written to the client.
+async fn respond(
+    up: &mut Upstream<'_, '_>,
+    bbuf: &mut Buf,
+    rout: &mut Vec<u8>,
+    cw: &mut WriteHalf<'_>,
+    req: &RequestHead,
+    sent: &AtomicBool,
+    answered: &mut bool,
+) -> Outcome {
+    loop {
+        let h = loop {
+            match head::response(bbuf.filled(), req, sent.load(Ordering::Relaxed), rout) {
+                Ok(h) => break h,
+                Err(HeadError::Partial) => match bbuf.read_from(up).await {
+                    Ok(0) | Err(_) if bbuf.is_empty() && !*answered => return Outcome::NoAnswer,
+                    Ok(0) | Err(_) => return Outcome::Broken { sent: *answered },
+                    Ok(_) => {}
+                },
+                Err(_) => return Outcome::Broken { sent: *answered },
+            }
+        };
+        bbuf.consume(h.len);
+        *answered |= h.status != 101 || req.upgrade;
+        match h.status {
+            101 if req.upgrade => {
+                if body::write_all(cw, rout, bbuf.filled()).await.is_err() {
+                    return Outcome::ClientGone;
+                }
+                bbuf.clear();
+                return Outcome::Upgraded;
+            }
+            101 => return Outcome::Broken { sent: false },
+            100..=199 => {
+                // Interim (100 Continue, 103 Early Hints): passed on, the
+                // final response follows.
+                if body::write_all(cw, rout, &[]).await.is_err() {
+                    return Outcome::ClientGone;
+                }
+            }
+            status => {
+                let mut rem = Remaining::from(h.body);
+                return match body::pass(rout, up, bbuf, cw, &mut rem).await {
+                    Ok(()) => Outcome::Done {
+                        status,
+                        reusable: h.reusable && bbuf.is_empty(),
+                        keep_client: h.keep_client,
+                    },
+                    Err(BodyError::Sink) => Outcome::ClientGone,
+                    Err(_) => Outcome::Broken { sent: true },
+                };
+            }
+        }
+    }
+}
+
+/// Writes a response deployd makes itself (`req`: the request it answers,
+/// if it could be read).
+async fn reply(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: u16,
+    msg: &str,
+    req: Option<&RequestHead>,
+    keep: bool,
+) {
+    head::own_response(
+        status,
+        msg,
+        keep,
+        req.is_some_and(|r| r.http10),
+        req.is_some_and(|r| r.is_head),
+        out,
+    );
+    if client.write_all(out).await.is_ok() && !keep {
+        linger(client).await;
+    }
+}
+
+/// Before closing a connection whose request was not read whole: stops
+/// writing and reads what the client still sends, for a while. Closing
+/// with unread bytes would reset the connection, and the client could lose
+/// the response it was just sent.
+async fn linger(client: &mut TcpStream) {
+    let _ = client.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left = 1 << 20;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while left > 0 {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    })
+    .await;
+}
+
+/// An idle connection to the backend (unless `fresh`), or a new one.
+async fn checkout(b: &Backend, fresh: bool) -> io::Result<Conn> {
+    loop {
+        let Some(c) = (!fresh).then(|| b.idle.lock().pop()).flatten() else {
+            break;
+        };
+        // The instance may have closed it since (nothing is to be read on
+        // a live idle connection): one non-blocking read tells.
+        let mut probe = [0u8; 1];
+        if let Err(e) = c.io.try_read(&mut probe) {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(c);
+            }
+        }
+    }
+    let io = TcpStream::connect(b.addr).await?;
+    let _ = io.set_nodelay(true);
+    Ok(Conn {
+        io,
+        quickack: QuickAck::default(),
+        idle_since: None,
+    })
+}
+
+fn checkin(b: &Backend, mut c: Conn) {
+    if !b.routed.load(Ordering::SeqCst) {
+        return;
+    }
+    c.idle_since = Some(Instant::now());
+    let mut idle = b.idle.lock();
+    if idle.len() < MAX_IDLE {
+        idle.push(c);
+    }
+}
+
+/// Whether a connection acknowledges every read at once.
+///
+/// Many servers (Python's http.server among them) write a response's headers
+/// and body in two small writes without TCP_NODELAY: Nagle holds the body
+/// until the headers are acknowledged, and a delayed ACK makes that 40ms per
+/// request on a kept-alive connection. The stall shows as a response read
+/// in two parts at least [`STALL`] apart; from the first one on, the
+/// connection sets TCP_QUICKACK again after every read (Linux falls back to
+/// delayed ACKs after each exchange). Connections to servers that don't
+/// need it never pay the extra system call.
+#[derive(Default)]
+struct QuickAck {
+    on: bool,
+    /// When the current response's last part was read.
+    last_read: Option<Instant>,
+}
+
+/// A gap between two reads of one response that looks like a delayed ACK.
+const STALL: Duration = Duration::from_millis(20);
+
+/// The reading side of a connection to an instance.
+struct Upstream<'a, 'q> {
+    io: ReadHalf<'a>,
+    qa: &'q mut QuickAck,
+}
+
+impl AsyncRead for Upstream<'_, '_> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            if buf.filled().len() > before {
+                let now = Instant::now();
+                let qa = &mut *this.qa;
+                if !qa.on && qa.last_read.is_some_and(|t| now.duration_since(t) >= STALL) {
+                    qa.on = true;
+                }
+                qa.last_read = Some(now);
+                if qa.on {
+                    quickack(this.io.as_ref());
+                }
+            }
+        }
+        r
+    }
+}
+
+fn quickack(io: &TcpStream) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt reads an int we own, on a socket we own.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(io),
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}

@@ -1,0 +1,650 @@
+//! The forwarder's parts on their own (chunked bodies, heads) and whole,
+//! over real loopback sockets: a client, deployd's `serve`, and instances
+//! scripted byte for byte.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deployd_lib::manifest::Proxy as Mode;
+use deployd_lib::rollout::InstanceId;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use super::body::{Chunked, Malformed};
+use super::head::{self, Framing, HeadError};
+use crate::proxy::{Router, Settings};
+
+// ---- chunked bodies ----
+
+const CHUNKED: &[u8] =
+    b"5;name=value\r\nhello\r\n1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nX-Sum: 1\r\nY: 2\r\n\r\n";
+
+#[test]
+fn a_chunked_body_ends_where_it_ends_however_it_is_split() {
+    let mut body = CHUNKED.to_vec();
+    body.extend_from_slice(b"GET /next HTTP/1.1\r\n");
+    // Whole.
+    assert_eq!(Chunked::default().feed(&body), Ok(Some(CHUNKED.len())));
+    // Every split into two reads, and byte by byte.
+    for cut in 0..body.len() {
+        let mut c = Chunked::default();
+        let end = match c.feed(&body[..cut]) {
+            Ok(Some(n)) => n,
+            Ok(None) => cut + c.feed(&body[cut..]).unwrap().unwrap(),
+            Err(e) => panic!("{e:?} at {cut}"),
+        };
+        assert_eq!(end, CHUNKED.len(), "split at {cut}");
+    }
+    let mut c = Chunked::default();
+    let mut end = None;
+    for (i, b) in body.iter().enumerate() {
+        if let Some(n) = c.feed(std::slice::from_ref(b)).unwrap() {
+            assert_eq!(n, 1);
+            end = Some(i + 1);
+            break;
+        }
+    }
+    assert_eq!(end, Some(CHUNKED.len()));
+}
+
+#[test]
+fn a_chunked_body_without_trailers_ends_at_the_blank_line() {
+    assert_eq!(Chunked::default().feed(b"0\r\n\r\nrest"), Ok(Some(5)));
+    assert_eq!(Chunked::default().feed(b"3\r\nabc\r\n0\r\n"), Ok(None));
+}
+
+#[test]
+fn malformed_chunked_bodies_are_refused() {
+    for bad in [
+        &b"\r\n"[..],             // no size
+        b"g\r\n",                 // not hex
+        b"3\r\nabcd\r\n",         // more data than said
+        b"3\nabc\r\n",            // bare LF after the size
+        b"3\r\nabc\n",            // bare LF after the data
+        b"1234567890abcdef0\r\n", // a size no body has
+        b"0\r\nX: 1\n",           // bare LF in a trailer
+        b"0\r\n\rx",              // not CRLF at the end
+        b";ext\r\n",              // an extension without a size
+    ] {
+        assert_eq!(
+            Chunked::default().feed(bad),
+            Err(Malformed),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+}
+
+// ---- heads ----
+
+fn req(text: &str) -> Result<(head::RequestHead, String), HeadError> {
+    let mut out = Vec::new();
+    let r = head::request(text.as_bytes(), b"10.0.0.9", &mut out)?;
+    Ok((r, String::from_utf8(out).unwrap()))
+}
+
+#[test]
+fn a_request_head_loses_its_hop_by_hop_headers_and_gains_x_forwarded_for() {
+    let (r, out) = req(
+        "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\
+         Keep-Alive: 5\r\nProxy-Authorization: p\r\nTE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\n\
+         Accept: */*\r\n\r\nbody-of-next",
+    )
+    .unwrap();
+    assert_eq!(
+        out,
+        "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nAccept: */*\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\n\r\n"
+    );
+    assert_eq!(r.len, "GET /a?b=1 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\nKeep-Alive: 5\r\nProxy-Authorization: p\r\nTE: trailers\r\nX-Forwarded-For: 1.2.3.4\r\nAccept: */*\r\n\r\n".len());
+    assert!(r.keep_alive && r.idempotent && !r.upgrade && !r.http10);
+    assert_eq!(r.body, Framing::None);
+    assert!(r.retryable());
+}
+
+#[test]
+fn a_request_body_is_framed_by_its_length_or_its_chunks() {
+    let (r, out) = req("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n").unwrap();
+    assert_eq!(r.body, Framing::Length(12));
+    assert!(out.contains("Content-Length: 12\r\n"));
+    assert!(!r.retryable());
+    let (r, out) = req("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    assert_eq!(r.body, Framing::Chunked);
+    assert!(out.contains("Transfer-Encoding: chunked\r\n"));
+    // Idempotent, but with a body that is gone once sent.
+    assert!(r.idempotent && !r.retryable());
+    let (r, _) = req("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n").unwrap();
+    assert_eq!(r.body, Framing::Length(3));
+}
+
+#[test]
+fn ambiguous_request_bodies_are_refused() {
+    for bad in [
+        "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    ] {
+        assert!(matches!(req(bad), Err(HeadError::Bad(_))), "{bad}");
+    }
+    assert!(matches!(
+        req("GET / HTTP/1.1\r\nHo st: x\r\n\r\n"),
+        Err(HeadError::Bad(_))
+    ));
+}
+
+#[test]
+fn a_partial_head_waits_and_a_huge_one_is_refused() {
+    assert_eq!(
+        req("GET / HTTP/1.1\r\nHost: x\r\n").err(),
+        Some(HeadError::Partial)
+    );
+    let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(head::MAX_HEAD));
+    assert_eq!(req(&huge).err(), Some(HeadError::TooLarge));
+    let many: String = (0..200).map(|i| format!("X-{i}: 1\r\n")).collect();
+    assert_eq!(
+        req(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+        Some(HeadError::TooLarge)
+    );
+}
+
+#[test]
+fn http_1_0_clients_keep_their_connection_only_when_they_ask() {
+    let (r, out) = req("GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert!(r.http10 && !r.keep_alive);
+    // The instance's connection is deployd's to keep either way.
+    assert!(out.starts_with("GET / HTTP/1.0\r\n") && out.contains("Connection: keep-alive\r\n"));
+    let (r, _) = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
+    assert!(r.keep_alive);
+    let (r, _) = req("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+    assert!(!r.keep_alive);
+}
+
+#[test]
+fn an_upgrade_keeps_its_connection_and_upgrade_headers() {
+    let (r, out) =
+        req("GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+    assert!(r.upgrade && !r.retryable());
+    assert!(
+        out.contains("Connection: Upgrade\r\nUpgrade: websocket\r\n"),
+        "{out}"
+    );
+    // Upgrade without Connection: upgrade is no upgrade.
+    let (r, out) = req("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").unwrap();
+    assert!(!r.upgrade && !out.contains("Upgrade"));
+}
+
+fn resp(request: &str, response: &str, keep: bool) -> (head::ResponseHead, String) {
+    let (r, _) = req(request).unwrap();
+    let mut out = Vec::new();
+    let h = head::response(response.as_bytes(), &r, keep, &mut out).unwrap();
+    (h, String::from_utf8(out).unwrap())
+}
+
+const GET: &str = "GET / HTTP/1.1\r\n\r\n";
+
+#[test]
+fn a_response_body_is_framed_as_http_says() {
+    let (h, out) = resp(
+        GET,
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+        true,
+    );
+    assert_eq!(
+        (h.status, h.body, h.reusable, h.keep_client),
+        (200, Framing::Length(5), true, true)
+    );
+    assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n");
+    let (h, out) = resp(
+        GET,
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+        true,
+    );
+    assert_eq!(h.body, Framing::Chunked);
+    assert!(!out.contains("Content-Length"), "{out}");
+    for none in [
+        "HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n",
+        "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+        "HTTP/1.1 100 Continue\r\n\r\n",
+    ] {
+        assert_eq!(resp(GET, none, true).0.body, Framing::None, "{none}");
+    }
+    let head_req = "HEAD / HTTP/1.1\r\n\r\n";
+    let (h, out) = resp(
+        head_req,
+        "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
+        true,
+    );
+    assert_eq!(h.body, Framing::None);
+    assert!(out.contains("Content-Length: 5"));
+}
+
+#[test]
+fn a_close_delimited_response_closes_both_connections() {
+    let (h, out) = resp(GET, "HTTP/1.1 200 OK\r\n\r\nuntil the end", true);
+    assert_eq!(
+        (h.body, h.reusable, h.keep_client),
+        (Framing::Eof, false, false)
+    );
+    assert!(out.ends_with("Connection: close\r\n\r\n"), "{out}");
+    let (h, _) = resp(
+        GET,
+        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        true,
+    );
+    assert!(!h.reusable && h.keep_client);
+    let (h, _) = resp(GET, "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", true);
+    assert!(!h.reusable && h.keep_client);
+    // The client's body was not read whole: its connection ends here.
+    let (h, out) = resp(
+        GET,
+        "HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n",
+        false,
+    );
+    assert!(h.reusable && !h.keep_client && out.contains("Connection: close"));
+}
+
+#[test]
+fn an_http_1_0_client_hears_keep_alive_when_it_stays() {
+    let req10 = "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    let (h, out) = resp(req10, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", true);
+    assert!(h.keep_client);
+    assert!(out.contains("Connection: keep-alive\r\n"), "{out}");
+}
+
+#[test]
+fn deployds_own_responses_say_whether_the_connection_stays() {
+    let mut out = Vec::new();
+    head::own_response(503, "none\n", true, false, false, &mut out);
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nnone\n"
+    );
+    head::own_response(502, "x\n", false, false, true, &mut out);
+    assert!(out.ends_with(b"Connection: close\r\n\r\n"));
+    head::own_response(503, "x\n", true, true, false, &mut out);
+    assert!(String::from_utf8_lossy(&out).contains("Connection: keep-alive\r\n"));
+}
+
+// ---- the whole forwarder, over loopback ----
+
+/// A router over instances listening on `ports`, serving on a port of its
+/// own (returned).
+async fn proxy(ports: &[u16], queue: Duration) -> (Arc<Router>, u16) {
+    let router = Arc::new(Router::new(Settings {
+        port: 0,
+        mode: Mode::Http,
+        queue_timeout: queue,
+    }));
+    for (i, p) in ports.iter().enumerate() {
+        router.route_in(
+            InstanceId(i as u64),
+            *p,
+            Arc::new(Notify::new()),
+            Box::new(|| {}),
+        );
+    }
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let r = router.clone();
+    tokio::spawn(async move {
+        while let Ok((s, peer)) = l.accept().await {
+            tokio::spawn(super::serve(s, peer, r.clone()));
+        }
+    });
+    (router, port)
+}
+
+/// An instance that runs `script` on each connection it accepts.
+async fn instance<F, Fut>(script: F) -> u16
+where
+    F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((s, _)) = l.accept().await {
+            let script = script.clone();
+            tokio::spawn(async move { script(s, n).await });
+            n += 1;
+        }
+    });
+    port
+}
+
+/// Reads one head (to its blank line) from `s`, byte by byte.
+async fn read_head(s: &mut TcpStream) -> String {
+    let mut h = Vec::new();
+    while !h.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if s.read(&mut b).await.unwrap() == 0 {
+            break;
+        }
+        h.push(b[0]);
+    }
+    String::from_utf8(h).unwrap()
+}
+
+async fn read_exact(s: &mut TcpStream, n: usize) -> String {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).await.unwrap();
+    String::from_utf8(b).unwrap()
+}
+
+/// Reads what is sent until the connection closes (bounded).
+async fn read_to_end(s: &mut TcpStream) -> String {
+    let mut v = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut v))
+        .await
+        .expect("connection not closed")
+        .unwrap();
+    String::from_utf8(v).unwrap()
+}
+
+/// An instance that answers each request on a connection with its head
+/// (request line and headers) as the body, and counts its connections.
+async fn echo_heads() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = conns.clone();
+    let port = instance(move |mut s, _| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            loop {
+                let h = read_head(&mut s).await;
+                if h.is_empty() {
+                    return;
+                }
+                let r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{h}", h.len());
+                if s.write_all(r.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (port, conns)
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_over_one_instance_connection() {
+    let (backend, conns) = echo_heads().await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(
+        b"GET /1 HTTP/1.1\r\nHost: a\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    for (path, xff) in [("/1", "127.0.0.1"), ("/2", "9.9.9.9, 127.0.0.1")] {
+        let h = read_head(&mut c).await;
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
+        let len: usize = h
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        let body = read_exact(&mut c, len).await;
+        assert!(
+            body.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+            "{body}"
+        );
+        assert!(
+            body.contains(&format!("X-Forwarded-For: {xff}\r\n")),
+            "{body}"
+        );
+        assert!(
+            !body.contains("X-Hop") && !body.contains("Connection"),
+            "{body}"
+        );
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn bodies_pass_in_their_own_framing_both_ways() {
+    // The instance reads a chunked request body to its end and answers with
+    // it, chunked the same way.
+    let backend = instance(|mut s, _| async move {
+        let h = read_head(&mut s).await;
+        assert!(h.contains("Transfer-Encoding: chunked"), "{h}");
+        let mut body = Vec::new();
+        let mut c = Chunked::default();
+        loop {
+            let mut b = [0u8; 7];
+            let n = s.read(&mut b).await.unwrap();
+            assert!(n > 0, "request body cut short");
+            body.extend_from_slice(&b[..n]);
+            if c.feed(&b[..n]).unwrap().is_some() {
+                break;
+            }
+        }
+        let mut r = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        r.extend_from_slice(&body);
+        s.write_all(&r).await.unwrap();
+        let _ = read_to_end(&mut s).await;
+    })
+    .await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    // The body in dribs, as a streaming client sends it.
+    for part in CHUNKED.chunks(9) {
+        c.write_all(part).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let h = read_head(&mut c).await;
+    assert!(h.contains("Transfer-Encoding: chunked"), "{h}");
+    let body = read_exact(&mut c, CHUNKED.len()).await;
+    assert_eq!(body.as_bytes(), CHUNKED);
+}
+
+#[tokio::test]
+async fn a_close_delimited_response_reaches_the_client_whole_then_closes() {
+    let backend = instance(|mut s, _| async move {
+        let _ = read_head(&mut s).await;
+        s.write_all(b"HTTP/1.1 200 OK\r\n\r\npart one, ")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        s.write_all(b"part two").await.unwrap();
+    })
+    .await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let all = read_to_end(&mut c).await;
+    assert_eq!(
+        all,
+        "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart one, part two"
+    );
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_passed_on_before_the_body() {
+    let backend = instance(|mut s, _| async move {
+        let h = read_head(&mut s).await;
+        assert!(h.contains("Expect: 100-continue"), "{h}");
+        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+        let body = read_exact(&mut s, 4).await;
+        let r = format!("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n{body}");
+        s.write_all(r.as_bytes()).await.unwrap();
+        let _ = read_to_end(&mut s).await;
+    })
+    .await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .unwrap();
+    // The client sends its body only after the 100.
+    assert_eq!(read_head(&mut c).await, "HTTP/1.1 100 Continue\r\n\r\n");
+    c.write_all(b"data").await.unwrap();
+    let h = read_head(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
+    assert_eq!(read_exact(&mut c, 4).await, "data");
+}
+
+/// One GET on a new client connection; the response's head and body.
+async fn get(port: u16, path: &str) -> String {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_to_end(&mut c).await
+}
+
+async fn futures_join(port: u16) -> [String; 3] {
+    let (a, b, c) = tokio::join!(get(port, "/a"), get(port, "/b"), get(port, "/c"));
+    [a, b, c]
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_instance_closed_is_not_a_failure() {
+    // The instance answers one request per connection but claims
+    // keep-alive, then closes: the next request finds a dead pooled
+    // connection, whether the check before reuse sees it or not.
+    let backend = instance(|mut s, n| async move {
+        let _ = read_head(&mut s).await;
+        let body = format!("conn {n}");
+        let r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(r.as_bytes()).await.unwrap();
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_millis(200)).await;
+    // Three at once leave three pooled connections, all closed by now.
+    let three = futures_join(port).await;
+    assert!(
+        three.iter().all(|r| r.starts_with("HTTP/1.1 200 OK")),
+        "{three:?}"
+    );
+    for i in 0..5 {
+        let r = get(port, "/").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "request {i}: {r}");
+    }
+    assert!(router.render(|_| Some(0)).contains("errors 0"));
+}
+
+#[tokio::test]
+async fn an_idempotent_request_the_instance_drops_is_retried_on_another() {
+    // The first instance closes every connection without a word.
+    let mute = instance(|mut s, _| async move {
+        let _ = read_head(&mut s).await;
+    })
+    .await;
+    let (good, _) = echo_heads().await;
+    let (_r, port) = proxy(&[mute, good], Duration::from_millis(200)).await;
+    for _ in 0..4 {
+        let r = get(port, "/again").await;
+        assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+        assert!(r.contains("GET /again HTTP/1.1"), "{r}");
+    }
+    // A POST has been sent once and may have done its work: it is not sent
+    // again, and the client is told.
+    let (_r, port) = proxy(&[mute], Duration::from_millis(200)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
+        .await
+        .unwrap();
+    let r = read_to_end(&mut c).await;
+    assert!(r.starts_with("HTTP/1.1 502 Bad Gateway"), "{r}");
+    assert!(
+        r.contains("Connection: close") && r.ends_with("the instance failed before answering\n"),
+        "{r}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_400_and_nothing_reaches_an_instance() {
+    let (backend, conns) = echo_heads().await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    for bad in [
+        "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+        "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        "NOT HTTP AT ALL\r\n\r\n",
+    ] {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(bad.as_bytes()).await.unwrap();
+        let r = read_to_end(&mut c).await;
+        assert!(r.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{bad}: {r}");
+        assert!(r.contains("Connection: close"), "{r}");
+    }
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(70_000));
+    let _ = c.write_all(huge.as_bytes()).await;
+    let r = read_to_end(&mut c).await;
+    assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn with_no_instance_a_request_waits_then_gets_503_and_keeps_its_connection() {
+    let (_r, port) = proxy(&[], Duration::from_millis(100)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let started = std::time::Instant::now();
+    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let h = read_head(&mut c).await;
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert!(h.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{h}");
+    assert!(!h.contains("Connection: close"), "{h}");
+    let len = "no instance is ready (waited 100ms)\n".len();
+    assert_eq!(
+        read_exact(&mut c, len).await,
+        "no instance is ready (waited 100ms)\n"
+    );
+    // The same connection asks again once an instance is there.
+    let (backend, _) = echo_heads().await;
+    _r.route_in(
+        InstanceId(7),
+        backend,
+        Arc::new(Notify::new()),
+        Box::new(|| {}),
+    );
+    c.write_all(b"GET /now HTTP/1.1\r\n\r\n").await.unwrap();
+    let h = read_head(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
+}
+
+#[tokio::test]
+async fn an_upgrade_is_tunnelled_with_the_bytes_sent_along_with_it() {
+    let backend = instance(|mut s, _| async move {
+        let h = read_head(&mut s).await;
+        assert!(h.contains("Upgrade: echo"), "{h}");
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nhello ")
+            .await
+            .unwrap();
+        let mut b = [0u8; 64];
+        loop {
+            let n = s.read(&mut b).await.unwrap_or(0);
+            if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // The first tunnel bytes ride with the request.
+    c.write_all(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly")
+        .await
+        .unwrap();
+    let h = read_head(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 101 "), "{h}");
+    assert_eq!(read_exact(&mut c, 11).await, "hello early");
+    c.write_all(b"more").await.unwrap();
+    assert_eq!(read_exact(&mut c, 4).await, "more");
+    assert_eq!(router.inflight(InstanceId(0)), 1);
+    // Closing the instance cuts the tunnel.
+    router.close(InstanceId(0));
+    assert_eq!(read_to_end(&mut c).await, "");
+}
