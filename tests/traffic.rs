@@ -334,9 +334,30 @@ fn x_forwarded_for_is_added_and_bodies_stream_both_ways() {
     )
     .unwrap();
     s.write_all(&body).unwrap();
-    let (status, echoed, _) = common::load::read_response(&mut BufReader::new(&mut s)).unwrap();
+    let mut r = BufReader::new(&mut s);
+    let (status, echoed, _) = common::load::read_response(&mut r).unwrap();
     assert_eq!(status, 200);
-    assert_eq!(echoed.len(), body.len());
+    assert!(echoed.as_bytes() == body, "the echoed body differs");
+    // On the same connection: the instance sees the client's address added
+    // to X-Forwarded-For, and none of the hop-by-hop headers.
+    write!(
+        r.get_mut(),
+        "GET /headers HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.7\r\n\
+         Connection: X-Hop\r\nX-Hop: secret\r\nKeep-Alive: timeout=5\r\n\r\n"
+    )
+    .unwrap();
+    let (status, seen, _) = common::load::read_response(&mut r).unwrap();
+    assert_eq!(status, 200);
+    let seen = seen.to_lowercase();
+    assert!(
+        seen.contains("x-forwarded-for: 203.0.113.7, 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("host: t\n"), "{seen}");
+    assert!(
+        !seen.contains("x-hop") && !seen.contains("keep-alive: timeout"),
+        "{seen}"
+    );
     // No instance: after queue_timeout, a 503 that says why.
     d.write_manifest("web", &web(port, "http", 1, "queue_timeout 500ms\n"));
     run(&d, &["apply", "web"], 0);

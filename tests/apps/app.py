@@ -4,6 +4,7 @@ signal handling, no graceful shutdown.
 
 GET /          "VERSION INSTANCE PID"
 GET /healthz   200, or 500 with FAIL_HEALTH=1
+GET /headers   the request's headers, as received
 GET /slow?ms=N answers after N ms
 GET /upgrade with "Upgrade: echo" answers 101, then echoes raw bytes
 
@@ -46,6 +47,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             body = b"ok\n"
             if env.get("FAIL_HEALTH") == "1":
                 status, body = 500, b"unhealthy\n"
+        elif url.path == "/headers":
+            body = str(self.headers).encode()
         elif url.path == "/slow":
             ms = int(urllib.parse.parse_qs(url.query).get("ms", ["1000"])[0])
             time.sleep(ms / 1000)
