@@ -65,7 +65,9 @@ impl Deployd {
         .map_err(|e| e.to_string())?;
         let log =
             std::fs::File::create(dir.path().join("deployd.log")).map_err(|e| e.to_string())?;
-        let child = Command::new(sibling("deployd"))
+        // DEPLOYD names another build to measure (two builds compared).
+        let bin = std::env::var_os("DEPLOYD").map_or_else(|| sibling("deployd"), PathBuf::from);
+        let child = Command::new(bin)
             .arg("--config")
             .arg(&config)
             .stdout(Stdio::null())

@@ -2,10 +2,17 @@
 //! tcp) against the same instance called directly, with keep-alive and with
 //! a new connection per request. One Node instance behind each service, so
 //! the backend is the same; wrk runs back to back, direct first.
+//!
+//! For scale, HAProxy (when installed; `bench/run` installs Debian's) proxies
+//! the same instance in the same run, one thread like deployd's proxy on
+//! this machine, reusing its backend connections. Each proxy's CPU time per
+//! request (user + system, from /proc) shows what the data path costs,
+//! which is steadier than requests/s on a shared machine.
 
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::env::{Deployd, Wrk, bench_dir, free_port, wrk};
+use crate::env::{Deployd, Wrk, bench_dir, free_port, wait_until, wrk};
 use crate::{Report, verdict};
 
 const SECS: u64 = 5;
@@ -30,17 +37,39 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         (Some(a), Some(b)) => (*a, *b),
         _ => return Err("no instance ports".into()),
     };
-    // Warm up both paths (JIT, pools).
+    let haproxy = HaProxy::start(direct_h, direct_t);
+    if let Err(e) = &haproxy {
+        eprintln!("  (no HAProxy reference: {e})");
+    }
+    // Warm up every path (JIT, pools).
     let _ = wrk(direct_h, "/", 1, CONNS, false);
     let _ = wrk(ph, "/", 1, CONNS, false);
     let _ = wrk(pt, "/", 1, CONNS, false);
+    if let Ok(h) = &haproxy {
+        let _ = wrk(h.http, "/", 1, CONNS, false);
+        let _ = wrk(h.tcp, "/", 1, CONNS, false);
+    }
     for (close, mode, rate_target) in [
         (false, "keep-alive", 0.8),
         (true, "new connection per request", 0.6),
     ] {
         for (name, via, direct) in [("http", ph, direct_h), ("tcp", pt, direct_t)] {
             let base = wrk(direct, "/", SECS, CONNS, close)?;
-            let ours = wrk(via, "/", SECS, CONNS, close)?;
+            let (ours, cpu) = with_cpu(d.pid(), || wrk(via, "/", SECS, CONNS, close))?;
+            let reference = match &haproxy {
+                Ok(h) => {
+                    let port = if name == "http" { h.http } else { h.tcp };
+                    let (w, cpu) = with_cpu(h.pid(), || wrk(port, "/", SECS, CONNS, close))?;
+                    format!(
+                        "; HAProxy {:.0} req/s ({:.0}%), p99 {:.2} ms, {:.1} µs CPU/request",
+                        w.rps,
+                        w.rps / base.rps * 100.0,
+                        w.p99_ms,
+                        per_request(cpu, &w)
+                    )
+                }
+                Err(_) => String::new(),
+            };
             let ratio = ours.rps / base.rps;
             let added = ours.p99_ms - base.p99_ms;
             let p99_target = !close;
@@ -49,7 +78,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
                 "proxy",
                 format!("{name} proxy, {mode}"),
                 format!(
-                    "{:.0} req/s vs {:.0} direct ({:.0}%); p50 {:.2} / p99 {:.2} ms vs {:.2} / {:.2} ms direct{}",
+                    "{:.0} req/s vs {:.0} direct ({:.0}%); p50 {:.2} / p99 {:.2} ms vs {:.2} / {:.2} ms direct; {:.1} µs CPU/request{}{}",
                     ours.rps,
                     base.rps,
                     ratio * 100.0,
@@ -57,7 +86,9 @@ pub fn run(report: &mut Report) -> Result<(), String> {
                     ours.p99_ms,
                     base.p50_ms,
                     base.p99_ms,
-                    errors(&ours)
+                    per_request(cpu, &ours),
+                    errors(&ours),
+                    reference,
                 ),
                 if p99_target {
                     format!("≥ {:.0}% of direct, ≤ +1 ms p99", rate_target * 100.0)
@@ -76,5 +107,105 @@ fn errors(w: &Wrk) -> String {
         format!("; {} failed, {} timed out", w.failed, w.timeouts)
     } else {
         String::new()
+    }
+}
+
+/// Runs `f` and measures the CPU time (user + system, seconds) process
+/// `pid` spent meanwhile.
+fn with_cpu<T>(pid: u32, f: impl FnOnce() -> Result<T, String>) -> Result<(T, f64), String> {
+    let before = cpu_seconds(pid);
+    let r = f()?;
+    let after = cpu_seconds(pid);
+    Ok((r, (after - before).max(0.0)))
+}
+
+fn per_request(cpu_secs: f64, w: &Wrk) -> f64 {
+    cpu_secs * 1e6 / w.requests.max(1) as f64
+}
+
+/// User + system time of a process, all its threads, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // Fields after the command (which may hold spaces) start after ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat, 12 and 13 here.
+    let ticks = |i: usize| {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+/// HAProxy in front of the same instance: `http` in http mode, `tcp` in tcp
+/// mode. Stopped on drop.
+struct HaProxy {
+    child: Child,
+    http: u16,
+    tcp: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl HaProxy {
+    fn start(backend_http: u16, backend_tcp: u16) -> Result<HaProxy, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("deployd-bench-haproxy")
+            .tempdir()
+            .map_err(|e| e.to_string())?;
+        let (http, tcp) = (free_port(), free_port());
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                 frontend fh\n  mode http\n  bind 127.0.0.1:{http}\n  option forwardfor\n  default_backend bh\n\
+                 backend bh\n  mode http\n  http-reuse always\n  server s1 127.0.0.1:{backend_http}\n\
+                 frontend ft\n  mode tcp\n  bind 127.0.0.1:{tcp}\n  default_backend bt\n\
+                 backend bt\n  mode tcp\n  server s1 127.0.0.1:{backend_tcp}\n"
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let child = Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot run haproxy: {e}"))?;
+        let h = HaProxy {
+            child,
+            http,
+            tcp,
+            _dir: dir,
+        };
+        if !wait_until(Duration::from_secs(10), Duration::from_millis(20), || {
+            listening(http) && listening(tcp)
+        }) {
+            return Err("haproxy did not listen".into());
+        }
+        Ok(h)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+impl Drop for HaProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
