@@ -150,6 +150,17 @@ pub struct Engine {
     pending: VecDeque<(u32, Input)>,
     dirty: HashSet<u32>,
     replies: Vec<(CtlDone, Result<String, Refusal>)>,
+    /// Stop signals decided in this round, sent once the state that says
+    /// so is saved and published.
+    stops: Vec<Stop>,
+}
+
+/// A stop signal to send to a process group.
+struct Stop {
+    pid: u32,
+    signal: i32,
+    timeout: Duration,
+    exited: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -185,6 +196,7 @@ impl Engine {
             pending: VecDeque::new(),
             dirty: HashSet::new(),
             replies: Vec::new(),
+            stops: Vec::new(),
         }
     }
 
@@ -688,7 +700,12 @@ impl Engine {
                 inst.pid = Some(pid);
                 inst.start_time = process::start_time(pid).unwrap_or(0);
                 if let Some((signal, timeout)) = inst.stop_asked.take() {
-                    stop_group(pid, signal, timeout, inst.exited.clone());
+                    self.stops.push(Stop {
+                        pid,
+                        signal,
+                        timeout,
+                        exited: inst.exited.clone(),
+                    });
                 }
                 self.dirty.insert(sid);
                 let _ = self.handle(sid, Input::Started { id, pid });
@@ -728,7 +745,12 @@ impl Engine {
             return;
         };
         match inst.pid {
-            Some(pid) => stop_group(pid, signal, timeout, inst.exited.clone()),
+            Some(pid) => self.stops.push(Stop {
+                pid,
+                signal,
+                timeout,
+                exited: inst.exited.clone(),
+            }),
             None => inst.stop_asked = Some((signal, timeout)),
         }
     }
@@ -832,7 +854,13 @@ impl Engine {
     }
 
     /// Feeds the inputs that actions produced, then persists and publishes
-    /// every service that changed, then answers ctl writers.
+    /// every service that changed, then sends the stop signals decided on
+    /// the way, then answers ctl writers.
+    ///
+    /// Signals go last so that an instance is never seen dead while the
+    /// namespace still shows it ready (a reader that sees it gone sees its
+    /// replacement too), and so that its stopping is on disk before it is
+    /// stopped.
     fn flush(&mut self) {
         while let Some((sid, input)) = self.pending.pop_front() {
             let _ = self.handle(sid, input);
@@ -849,6 +877,9 @@ impl Engine {
                 continue;
             }
             self.publish(sid);
+        }
+        for s in self.stops.drain(..) {
+            stop_group(s.pid, s.signal, s.timeout, s.exited);
         }
         for (done, result) in self.replies.drain(..) {
             done(result);
