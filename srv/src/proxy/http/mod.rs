@@ -43,6 +43,16 @@ use super::{Backend, Router};
 /// Idle connections kept per instance.
 const MAX_IDLE: usize = 256;
 
+/// A request head must arrive whole within this of its first byte (a
+/// client that dribbles one, Slowloris-style, holds nothing for long).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A client connection with no request for this long is closed. Long, so
+/// that clients' own pools (which often never time out) rarely send a
+/// request on a connection just as deployd closes it; finite, so that
+/// clients that vanished without a FIN do not hold connections forever.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A connection to an instance.
 pub(super) struct Conn {
     io: TcpStream,
@@ -100,13 +110,34 @@ pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<R
         ip: peer.ip().to_string().into_bytes(),
         answered: false,
     };
+    // When the head being read must be whole.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let req = match head::request(s.cbuf.filled(), &s.ip, &mut s.out) {
             Ok(r) => r,
-            Err(HeadError::Partial) => match s.cbuf.read_from(&mut client).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => continue,
-            },
+            Err(HeadError::Partial) => {
+                let until = match deadline {
+                    Some(d) => d,
+                    None if s.cbuf.is_empty() => tokio::time::Instant::now() + IDLE_TIMEOUT,
+                    None => *deadline.insert(tokio::time::Instant::now() + HEAD_TIMEOUT),
+                };
+                match tokio::time::timeout_at(until, s.cbuf.read_from(&mut client)).await {
+                    Ok(Ok(0) | Err(_)) => return,
+                    Ok(Ok(_)) => {
+                        if deadline.is_none() {
+                            deadline = Some(tokio::time::Instant::now() + HEAD_TIMEOUT);
+                        }
+                        continue;
+                    }
+                    // Idle: closed without a word, as HTTP allows.
+                    Err(_) if s.cbuf.is_empty() => return,
+                    Err(_) => {
+                        let msg = "request head not received in time\n";
+                        reply(&mut client, &mut s.rout, 408, msg, None, false).await;
+                        return;
+                    }
+                }
+            }
             Err(HeadError::TooLarge) => {
                 let msg = "request head too large\n";
                 reply(&mut client, &mut s.rout, 431, msg, None, false).await;
@@ -118,6 +149,7 @@ pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<R
                 return;
             }
         };
+        deadline = None;
         s.cbuf.consume(req.len);
         if !exchange(&mut client, &mut s, &req, &router).await {
             return;

@@ -338,8 +338,12 @@ async fn read_exact(s: &mut TcpStream, n: usize) -> String {
 
 /// Reads what is sent until the connection closes (bounded).
 async fn read_to_end(s: &mut TcpStream) -> String {
+    read_to_end_within(s, Duration::from_secs(5)).await
+}
+
+async fn read_to_end_within(s: &mut TcpStream, limit: Duration) -> String {
     let mut v = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut v))
+    tokio::time::timeout(limit, s.read_to_end(&mut v))
         .await
         .expect("connection not closed")
         .unwrap();
@@ -647,4 +651,49 @@ async fn an_upgrade_is_tunnelled_with_the_bytes_sent_along_with_it() {
     // Closing the instance cuts the tunnel.
     router.close(InstanceId(0));
     assert_eq!(read_to_end(&mut c).await, "");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_head_that_dribbles_in_gets_408_and_an_idle_connection_is_closed() {
+    let (backend, conns) = echo_heads().await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    // One byte every 20 s: each read is in time, the head as a whole is not.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    c.write_all(b"G").await.unwrap();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    c.write_all(b"E").await.unwrap();
+    let r = read_to_end_within(&mut c, Duration::from_secs(60)).await;
+    assert!(r.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{r}");
+    assert!(r.contains("Connection: close"), "{r}");
+    let took = started.elapsed();
+    assert!(
+        took >= super::HEAD_TIMEOUT && took < super::HEAD_TIMEOUT + Duration::from_secs(5),
+        "{took:?}"
+    );
+    // A kept-alive connection is left alone while it is used, and closed
+    // after IDLE_TIMEOUT without a request.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    for _ in 0..2 {
+        c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let h = read_head(&mut c).await;
+        assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
+        let len: usize = h
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .unwrap()
+            .parse()
+            .unwrap();
+        read_exact(&mut c, len).await;
+        tokio::time::sleep(super::IDLE_TIMEOUT - Duration::from_secs(1)).await;
+    }
+    let idle = tokio::time::Instant::now();
+    let r = read_to_end(&mut c).await;
+    assert_eq!(r, "");
+    assert!(
+        idle.elapsed() <= Duration::from_secs(2),
+        "{:?}",
+        idle.elapsed()
+    );
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
