@@ -200,10 +200,15 @@ impl Scan<'_, '_> {
     }
 }
 
-fn parse_error(e: httparse::Error) -> HeadError {
-    match e {
-        httparse::Error::TooManyHeaders => HeadError::TooLarge,
-        _ => HeadError::Bad("malformed head"),
+/// The length of a head from httparse's verdict on `buffered` bytes.
+fn head_len(parsed: httparse::Result<usize>, buffered: usize) -> Result<usize, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => Ok(n),
+        Ok(httparse::Status::Complete(_)) => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buffered >= MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Err(HeadError::Partial),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
+        Err(_) => Err(HeadError::Bad("malformed head")),
     }
 }
 
@@ -213,13 +218,7 @@ fn parse_error(e: httparse::Error) -> HeadError {
 pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<RequestHead, HeadError> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut hs);
-    let len = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
-        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
-        Err(e) => return Err(parse_error(e)),
-    };
+    let len = head_len(r.parse(buf), buf.len())?;
     let (Some(method), Some(target), Some(version)) = (r.method, r.path, r.version) else {
         return Err(HeadError::Bad("malformed request line"));
     };
@@ -297,13 +296,7 @@ pub fn response(
 ) -> Result<ResponseHead, HeadError> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut hs);
-    let len = match r.parse(buf) {
-        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
-        Ok(httparse::Status::Complete(_)) => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Err(HeadError::Partial),
-        Err(e) => return Err(parse_error(e)),
-    };
+    let len = head_len(r.parse(buf), buf.len())?;
     let (Some(version), Some(status)) = (r.version, r.code) else {
         return Err(HeadError::Bad("malformed status line"));
     };

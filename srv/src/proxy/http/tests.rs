@@ -330,6 +330,18 @@ async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8(h).unwrap()
 }
 
+/// Reads a response with a `Content-Length`: its head and its body.
+async fn read_response(s: &mut TcpStream) -> (String, String) {
+    let h = read_head(s).await;
+    let len: usize = h
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Content-Length in {h}"));
+    let body = read_exact(s, len).await;
+    (h, body)
+}
+
 async fn read_exact(s: &mut TcpStream, n: usize) -> String {
     let mut b = vec![0u8; n];
     s.read_exact(&mut b).await.unwrap();
@@ -385,15 +397,8 @@ async fn pipelined_requests_are_answered_in_order_over_one_instance_connection()
     .await
     .unwrap();
     for (path, xff) in [("/1", "127.0.0.1"), ("/2", "9.9.9.9, 127.0.0.1")] {
-        let h = read_head(&mut c).await;
+        let (h, body) = read_response(&mut c).await;
         assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
-        let len: usize = h
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let body = read_exact(&mut c, len).await;
         assert!(
             body.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
             "{body}"
@@ -676,15 +681,8 @@ async fn a_head_that_dribbles_in_gets_408_and_an_idle_connection_is_closed() {
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     for _ in 0..2 {
         c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        let h = read_head(&mut c).await;
+        let (h, _) = read_response(&mut c).await;
         assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
-        let len: usize = h
-            .lines()
-            .find_map(|l| l.strip_prefix("Content-Length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        read_exact(&mut c, len).await;
         tokio::time::sleep(super::IDLE_TIMEOUT - Duration::from_secs(1)).await;
     }
     let idle = tokio::time::Instant::now();
