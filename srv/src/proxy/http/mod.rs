@@ -222,6 +222,11 @@ async fn exchange(
                 if reusable {
                     checkin(&backend, conn);
                 }
+                drop(guard);
+                if !keep_client && req.body != Framing::None {
+                    // Answered before its body was read whole, maybe.
+                    linger(client).await;
+                }
                 return keep_client;
             }
             Outcome::NoAnswer if req.retryable() && !retried => {

@@ -695,3 +695,81 @@ async fn a_head_that_dribbles_in_gets_408_and_an_idle_connection_is_closed() {
     );
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_response_that_is_not_http_becomes_a_502_and_counts_as_an_error() {
+    let backend = instance(|mut s, _| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s.write_all(b"SSH-2.0-OpenSSH\r\n\r\n").await;
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_millis(200)).await;
+    let r = get(port, "/").await;
+    assert!(r.starts_with("HTTP/1.1 502 Bad Gateway\r\n"), "{r}");
+    assert!(
+        r.ends_with("the instance sent a response that is not HTTP/1\n"),
+        "{r}"
+    );
+    let traffic = router.render(|_| Some(0));
+    assert!(traffic.contains("\nerrors 1\n"), "{traffic}");
+}
+
+#[tokio::test]
+async fn an_answer_before_the_upload_is_through_closes_both_connections() {
+    // The instance refuses the upload after its head: 413 at once, body
+    // unread.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let backend = instance(move |mut s, n| {
+        let tx = tx.clone();
+        async move {
+            let _ = read_head(&mut s).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+                .await;
+            // Whether deployd hangs up on this connection (it must: the
+            // unsent body would be read as the next request).
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+            let _ = tx.send(n);
+        }
+    })
+    .await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut cr, mut cw) = c.into_split();
+    // The client goes on sending its body while the answer comes.
+    let upload = tokio::spawn(async move {
+        let _ = cw
+            .write_all(b"POST /upload HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+            .await;
+        let chunk = vec![b'x'; 1000];
+        for _ in 0..1000 {
+            if cw.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        cw
+    });
+    // Only once the whole upload went out (or failed) does the client read.
+    let cw = upload.await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(cr.read(&mut b).await.unwrap(), 1, "closed in the head");
+        head.push(b[0]);
+    }
+    let h = String::from_utf8(head).unwrap();
+    assert!(h.starts_with("HTTP/1.1 413 "), "{h}");
+    assert!(h.contains("Connection: close"), "{h}");
+    let mut body = [0u8; 4];
+    cr.read_exact(&mut body).await.unwrap();
+    assert_eq!(&body, b"big!");
+    let mut c = cr.reunite(cw).unwrap();
+    assert_eq!(read_to_end(&mut c).await, "");
+    let closed = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await;
+    assert_eq!(
+        closed.ok().flatten(),
+        Some(0),
+        "the instance's connection stayed open"
+    );
+}
