@@ -263,11 +263,26 @@ impl Deployd {
     /// Waits until the service has no rollout in flight and every slot runs
     /// a ready instance of its version (`update_progress` k/n with k = n).
     pub fn settle(&self, service: &str, timeout: Duration) {
-        wait_for(&format!("{service} to settle"), timeout, || {
+        let settled = || {
             let status = self.try_read(&format!("active/{service}/update_status"));
             let progress = self.try_read(&format!("active/{service}/update_progress"));
             status == "none\n" && progress.trim().split_once('/').is_some_and(|(k, n)| k == n)
-        });
+        };
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if settled() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // What it was doing instead, for whoever reads the failure.
+        panic!(
+            "timed out after {timeout:?} waiting for {service} to settle: update_status {:?}, \
+             update_progress {:?}, events:\n{}",
+            self.try_read(&format!("active/{service}/update_status")),
+            self.try_read(&format!("active/{service}/update_progress")),
+            self.try_read(&format!("active/{service}/events")),
+        );
     }
 
     fn recorded_groups(&self) -> Vec<i32> {
