@@ -12,10 +12,10 @@
 //!
 //! A failed connect is retried on another instance (and the instance is
 //! probed at once); an idempotent request without a body that fails before
-//! any response byte is retried once: on a new connection to the same
-//! instance if the pooled one it used had been closed by the instance, else
-//! on another instance. Upgrades (WebSocket) are tunnelled and count as in
-//! flight until closed.
+//! any response byte is retried once on another instance, and besides once
+//! on a new connection to the same instance when the pooled connection it
+//! used had been closed by the instance. Upgrades (WebSocket) are tunnelled
+//! and count as in flight until closed.
 
 mod body;
 mod head;
@@ -169,7 +169,10 @@ async fn exchange(
     // makes itself: only if no body of the request is left unread.
     let keep_own = req.keep_alive && req.body == Framing::None;
     let mut tried: Vec<InstanceId> = Vec::new();
+    // An idempotent request is sent again once to another instance, and
+    // once more on a new connection when a pooled one turned out closed.
     let mut retried = false;
+    let mut stale_retried = false;
     // After a pooled connection failed: the next try takes a new one.
     let mut fresh = false;
     loop {
@@ -203,15 +206,10 @@ async fn exchange(
             _ = closed.wait_for(|c| *c) => Outcome::Cut,
         };
         s.bbuf.clear();
-        let outcome = match outcome {
-            // Stopped before it answered (crashed, or its drain ran out):
-            // as good as no answer.
-            Outcome::Cut if !s.answered => {
-                tried.push(backend.id);
-                Outcome::NoAnswer
-            }
-            o => o,
-        };
+        // Stopped before it answered (crashed, or its drain ran out): as
+        // good as no answer, and no use trying it again.
+        let stopped = outcome == Outcome::Cut && !s.answered;
+        let outcome = if stopped { Outcome::NoAnswer } else { outcome };
         match outcome {
             Outcome::Done {
                 status,
@@ -229,19 +227,22 @@ async fn exchange(
                 }
                 return keep_client;
             }
-            Outcome::NoAnswer if req.retryable() && !retried => {
-                retried = true;
-                if !pooled {
-                    // A new connection that got nothing: the instance is
-                    // in trouble. Another one gets the request.
-                    backend.suspect();
-                    tried.push(backend.id);
-                }
-                // A pooled one the instance had closed (its keep-alive
-                // timeout, or it died): a new connection to the same
-                // instance gets it, and the others pooled with it go.
+            Outcome::NoAnswer if req.retryable() && pooled && !stopped && !stale_retried => {
+                // A pooled connection the instance had closed (its
+                // keep-alive timeout, or it died): a new connection to the
+                // same instance gets the request, and the others pooled
+                // with it go.
+                stale_retried = true;
                 backend.idle.lock().clear();
                 fresh = true;
+            }
+            Outcome::NoAnswer if req.retryable() && !retried => {
+                // Nothing from a new connection, or stopped: the instance
+                // is in trouble. Another one gets the request.
+                retried = true;
+                backend.suspect();
+                tried.push(backend.id);
+                fresh = false;
             }
             Outcome::NoAnswer => {
                 backend.suspect();
