@@ -13,9 +13,10 @@
 //! A failed connect is retried on another instance (and the instance is
 //! probed at once); an idempotent request without a body that fails before
 //! any response byte is retried once on another instance, and besides once
-//! on a new connection to the same instance when the pooled connection it
-//! used had been closed by the instance. Upgrades (WebSocket) are tunnelled
-//! and count as in flight until closed.
+//! on a new connection (to whichever instance balancing picks, the same one
+//! included) when the pooled connection it used had been closed by the
+//! instance. Upgrades (WebSocket) are tunnelled and count as in flight until
+//! closed.
 
 mod body;
 mod head;
@@ -229,8 +230,9 @@ async fn exchange(
             }
             Outcome::NoAnswer if req.retryable() && pooled && !stopped && !stale_retried => {
                 // A pooled connection the instance had closed (its
-                // keep-alive timeout, or it died): a new connection to the
-                // same instance gets the request, and the others pooled
+                // keep-alive timeout, or it died): the request goes again
+                // on a new connection, to whichever instance balancing
+                // picks (this one included), and the connections pooled
                 // with it go.
                 stale_retried = true;
                 backend.idle.lock().clear();

@@ -773,3 +773,64 @@ async fn an_answer_before_the_upload_is_through_closes_both_connections() {
         "the instance's connection stayed open"
     );
 }
+
+#[tokio::test]
+async fn a_get_survives_a_dead_pooled_connection_and_a_mute_new_one() {
+    // An instance whose first connection answers once and then closes on
+    // the next request, and whose later connections answer nothing: an
+    // instance dying. Its pooled connection fails, a new one fails too,
+    // and the request still gets its answer from the other instance.
+    let dying = instance(|mut s, n| async move {
+        let _ = read_head(&mut s).await;
+        if n == 0 {
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+                .await;
+            let _ = read_head(&mut s).await;
+        }
+    })
+    .await;
+    // The other instance holds /hold for a while, so that balancing (least
+    // outstanding) picks the dying one while it can.
+    let good = instance(|mut s, _| async move {
+        loop {
+            let h = read_head(&mut s).await;
+            if h.is_empty() {
+                return;
+            }
+            if h.starts_with("GET /hold") {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let r = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{h}", h.len());
+            if s.write_all(r.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let (router, port) = proxy(&[dying], Duration::from_millis(500)).await;
+    let r = get(port, "/").await;
+    assert!(r.ends_with("first"), "{r}");
+    router.route_in(
+        InstanceId(1),
+        good,
+        Arc::new(Notify::new()),
+        Box::new(|| {}),
+    );
+    let held = tokio::spawn(get(port, "/hold"));
+    wait_until(|| router.inflight(InstanceId(1)) == 1).await;
+    let r = get(port, "/again").await;
+    assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
+    assert!(r.contains("GET /again HTTP/1.1"), "{r}");
+    assert!(held.await.unwrap().starts_with("HTTP/1.1 200 OK"));
+}
+
+async fn wait_until(cond: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("condition never held");
+}
