@@ -58,8 +58,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(600);
 pub(super) struct Conn {
     io: TcpStream,
     quickack: QuickAck,
-    /// When it went back to the pool; `None` while new.
-    idle_since: Option<Instant>,
+    /// It has been in the pool (and so may have been closed since).
+    pooled: bool,
 }
 
 /// What one client connection keeps between its requests: it allocates
@@ -117,19 +117,17 @@ pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<R
         let req = match head::request(s.cbuf.filled(), &s.ip, &mut s.out) {
             Ok(r) => r,
             Err(HeadError::Partial) => {
-                let until = match deadline {
-                    Some(d) => d,
-                    None if s.cbuf.is_empty() => tokio::time::Instant::now() + IDLE_TIMEOUT,
-                    None => *deadline.insert(tokio::time::Instant::now() + HEAD_TIMEOUT),
+                // Between requests the idle timeout applies; from a head's
+                // first byte, the head timeout.
+                let now = tokio::time::Instant::now();
+                let until = if s.cbuf.is_empty() {
+                    now + IDLE_TIMEOUT
+                } else {
+                    *deadline.get_or_insert(now + HEAD_TIMEOUT)
                 };
                 match tokio::time::timeout_at(until, s.cbuf.read_from(&mut client)).await {
                     Ok(Ok(0) | Err(_)) => return,
-                    Ok(Ok(_)) => {
-                        if deadline.is_none() {
-                            deadline = Some(tokio::time::Instant::now() + HEAD_TIMEOUT);
-                        }
-                        continue;
-                    }
+                    Ok(Ok(_)) => continue,
                     // Idle: closed without a word, as HTTP allows.
                     Err(_) if s.cbuf.is_empty() => return,
                     Err(_) => {
@@ -200,7 +198,7 @@ async fn exchange(
                 continue;
             }
         };
-        let pooled = conn.idle_since.is_some();
+        let pooled = conn.pooled;
         let mut closed = backend.closed.subscribe();
         let outcome = tokio::select! {
             o = forward(client, &mut conn, s, req) => o,
@@ -480,7 +478,7 @@ async fn checkout(b: &Backend, fresh: bool) -> io::Result<Conn> {
     Ok(Conn {
         io,
         quickack: QuickAck::default(),
-        idle_since: None,
+        pooled: false,
     })
 }
 
@@ -488,7 +486,7 @@ fn checkin(b: &Backend, mut c: Conn) {
     if !b.routed.load(Ordering::SeqCst) {
         return;
     }
-    c.idle_since = Some(Instant::now());
+    c.pooled = true;
     let mut idle = b.idle.lock();
     if idle.len() < MAX_IDLE {
         idle.push(c);
