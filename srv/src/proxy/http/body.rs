@@ -35,6 +35,12 @@ impl Buf {
         self.start == self.end
     }
 
+    /// Whether it holds as much as it ever will: [`Buf::read_from`] would
+    /// fail.
+    pub fn is_full(&self) -> bool {
+        self.start == 0 && self.end == self.data.len() && self.data.len() >= MAX_HEAD
+    }
+
     /// Forgets what is buffered.
     pub fn clear(&mut self) {
         self.start = 0;

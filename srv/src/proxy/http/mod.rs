@@ -294,55 +294,49 @@ async fn forward(
         io: br,
         qa: &mut conn.quickack,
     };
-    let outcome = if req.body == Framing::None {
-        if body::write_all(&mut bw, out, &[]).await.is_err() {
-            return Outcome::NoAnswer;
-        }
-        respond(
-            &mut up,
-            bbuf,
-            rout,
-            &mut cw,
-            req,
-            &AtomicBool::new(true),
-            answered,
-        )
-        .await
-    } else {
-        // The body goes up while the response may already come down: a
-        // server can answer early (413, 100 Continue), and a client that
-        // sent `Expect: 100-continue` waits for the 100 before its body.
-        let sent = AtomicBool::new(false);
-        let up_body = async {
+    // Whether the request's body has been passed whole.
+    let sent = AtomicBool::new(req.body == Framing::None);
+    if req.body == Framing::None && body::write_all(&mut bw, out, &[]).await.is_err() {
+        return Outcome::NoAnswer;
+    }
+    // The client's side: its body goes up (if any) while the response may
+    // already come down: a server can answer early (413, 100 Continue),
+    // and a client that sent `Expect: 100-continue` waits for the 100
+    // before its body. Then the client is watched until the response is
+    // through: this future ends only if the client goes away.
+    let client_side = async {
+        if req.body != Framing::None {
             let mut rem = Remaining::from(req.body);
-            let r = body::pass(out, &mut cr, cbuf, &mut bw, &mut rem).await;
-            if r.is_ok() {
-                sent.store(true, Ordering::Relaxed);
+            match body::pass(out, &mut cr, cbuf, &mut bw, &mut rem).await {
+                Ok(()) => sent.store(true, Ordering::Relaxed),
+                // The instance stopped reading; its answer, if any, still
+                // counts.
+                Err(BodyError::Sink) => {}
+                Err(BodyError::Source | BodyError::Malformed) => return,
             }
-            r
-        };
+        }
+        if !req.keep_alive {
+            // Its last request: a client may well shut down its sending
+            // side after it (`nc -N`, socat) and still read the answer.
+            return std::future::pending().await;
+        }
+        watch(&mut cr, cbuf).await;
+    };
+    let outcome = {
         let down = respond(&mut up, bbuf, rout, &mut cw, req, &sent, answered);
-        tokio::pin!(up_body, down);
-        let mut up_over = false;
-        loop {
-            tokio::select! {
-                r = &mut up_body, if !up_over => match r {
-                    // Sink: the instance stopped reading; its answer, if
-                    // any, still counts.
-                    Ok(()) | Err(BodyError::Sink) => up_over = true,
-                    Err(BodyError::Source | BodyError::Malformed) => return Outcome::ClientGone,
+        tokio::pin!(client_side, down);
+        tokio::select! {
+            () = &mut client_side => return Outcome::ClientGone,
+            o = &mut down => match o {
+                // Answered before the request's body was through: neither
+                // connection is at a message boundary.
+                Outcome::Done { status, .. } if !sent.load(Ordering::Relaxed) => Outcome::Done {
+                    status,
+                    reusable: false,
+                    keep_client: false,
                 },
-                o = &mut down => break match o {
-                    // Answered before the request's body was through:
-                    // neither connection is at a message boundary.
-                    Outcome::Done { status, .. } if !sent.load(Ordering::Relaxed) => Outcome::Done {
-                        status,
-                        reusable: false,
-                        keep_client: false,
-                    },
-                    o => o,
-                },
-            }
+                o => o,
+            },
         }
     };
     if outcome == Outcome::Upgraded {
@@ -356,6 +350,26 @@ async fn forward(
         let _ = tokio::io::copy_bidirectional(client, &mut conn.io).await;
     }
     outcome
+}
+
+/// Waits while a request is with its instance for its client to go away
+/// (the connection closed or reset), reading into `cbuf` what it sends
+/// meanwhile (pipelined requests, an upgraded protocol's first bytes). A
+/// client gone means nobody will read the answer: the instance's
+/// connection is closed (servers that watch theirs stop the work), and a
+/// long poll no longer holds up a drain. Costs nothing until the client
+/// sends something: the read only registers for readiness.
+async fn watch(cr: &mut ReadHalf<'_>, cbuf: &mut Buf) {
+    loop {
+        if cbuf.is_full() {
+            // A client that pipelines this much waits its turn unwatched.
+            return std::future::pending().await;
+        }
+        match cbuf.read_from(cr).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
 }
 
 /// Reads the instance's response (any 1xx first) and passes it to the

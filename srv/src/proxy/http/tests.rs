@@ -834,3 +834,96 @@ async fn wait_until(cond: impl Fn() -> bool) {
     }
     panic!("condition never held");
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_frees_its_request_on_the_instance() {
+    // The instance never answers; it reports when its connection ends.
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let backend = instance(move |mut s, _| {
+        let ended_tx = ended_tx.clone();
+        async move {
+            let _ = read_head(&mut s).await;
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+            let _ = ended_tx.send(rest.len());
+        }
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"GET /long-poll HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(|| router.inflight(InstanceId(0)) == 1).await;
+    drop(c);
+    // Its connection to the instance is closed, and nothing is in flight
+    // any more (a drain would not wait for it).
+    let got = tokio::time::timeout(Duration::from_secs(5), ended.recv()).await;
+    assert_eq!(got.expect("instance connection still open"), Some(0));
+    wait_until(|| router.inflight(InstanceId(0)) == 0).await;
+}
+
+#[tokio::test]
+async fn a_client_that_only_stopped_sending_after_its_last_request_gets_the_answer() {
+    // `printf 'GET / ...Connection: close' | nc -N`: the client shuts down
+    // its sending side at once and reads the answer that comes later.
+    let backend = instance(|mut s, _| async move {
+        let _ = read_head(&mut s).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nlater")
+            .await;
+    })
+    .await;
+    let (_router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    c.shutdown().await.unwrap();
+    let r = read_to_end(&mut c).await;
+    assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+    assert!(r.ends_with("\r\n\r\nlater"), "{r}");
+}
+
+#[tokio::test]
+async fn a_request_pipelined_while_one_is_with_its_instance_is_kept_for_after() {
+    // The instance holds its first answer until told.
+    let go = Arc::new(Notify::new());
+    let g = go.clone();
+    let backend = instance(move |mut s, _| {
+        let g = g.clone();
+        async move {
+            for i in 0..2 {
+                let h = read_head(&mut s).await;
+                if i == 0 {
+                    g.notified().await;
+                }
+                let line = h.lines().next().unwrap_or("").to_string();
+                let r = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{line}",
+                    line.len()
+                );
+                s.write_all(r.as_bytes()).await.unwrap();
+            }
+        }
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    wait_until(|| router.inflight(InstanceId(0)) == 1).await;
+    // Read by the watch on the client while /1 is with its instance.
+    c.write_all(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    go.notify_one();
+    for path in ["/1", "/2"] {
+        let (h, body) = read_response(&mut c).await;
+        assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
+        assert_eq!(body, format!("GET {path} HTTP/1.1"));
+    }
+}
