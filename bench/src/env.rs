@@ -238,6 +238,17 @@ fn parse_wrk(text: &str) -> Result<Wrk, String> {
 }
 
 /// The `q`-th percentile (0..=100) of sorted samples.
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> Result<f64, String> {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .ok_or_else(|| "no VmRSS".to_string())
+}
+
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

@@ -12,7 +12,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::env::{Deployd, Wrk, bench_dir, free_port, wait_until, wrk};
+use crate::env::{Deployd, Wrk, bench_dir, free_port, rss_kib, wait_until, wrk};
 use crate::{Report, verdict};
 
 const SECS: u64 = 5;
@@ -109,7 +109,75 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         "≥ 80% of direct, ≤ +1 ms p99".to_string(),
         verdict(ok),
     );
+    drop(haproxy);
+    drop(d);
+    // Memory: clients (browsers, client pools) keep connections open and
+    // idle for minutes; what they cost the proxy while it waits. Each
+    // figure from a fresh process. A first wave of connections shows what
+    // a burst leaves behind (an allocator keeps what it freed); a second,
+    // once the first is idle, what each idle connection adds after that.
+    for mode in ["http", "tcp"] {
+        let port = free_port();
+        let d = Deployd::start(&[("m".into(), svc(port, mode))])?;
+        if !d.settle("m", Duration::from_secs(60)) {
+            return Err("service m did not deploy".into());
+        }
+        let instance = *d.ports("m").first().ok_or("no instance port")?;
+        let ours = idle_cost(d.pid(), port)?;
+        let reference = match HaProxy::start(instance, instance) {
+            Ok(h) => {
+                let port = if mode == "http" { h.http } else { h.tcp };
+                let (first, second) = idle_cost(h.pid(), port)?;
+                format!("; HAProxy {first:.1} / {second:.1} KiB")
+            }
+            Err(_) => String::new(),
+        };
+        report.info(
+            "proxy",
+            format!(
+                "memory per idle {mode} client connection: {IDLE} opened at once, then {IDLE} more"
+            ),
+            format!("{:.1} / {:.1} KiB{reference}", ours.0, ours.1),
+        );
+    }
     Ok(())
+}
+
+/// Client connections per wave of the memory figure.
+const IDLE: usize = 3000;
+
+/// Opens two waves of [`IDLE`] connections to `port`, each sending one
+/// request and reading its answer, then left idle; returns how much process
+/// `pid` grew per connection of each wave, in KiB.
+fn idle_cost(pid: u32, port: u16) -> Result<(f64, f64), String> {
+    let mut conns = Vec::with_capacity(2 * IDLE);
+    let first = idle_wave(pid, port, &mut conns)?;
+    let second = idle_wave(pid, port, &mut conns)?;
+    Ok((first, second))
+}
+
+fn idle_wave(pid: u32, port: u16, conns: &mut Vec<std::net::TcpStream>) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let before = rss_kib(pid)?;
+    let mut buf = [0u8; 4096];
+    for i in 0..IDLE {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("connection {i}: {e}"))?;
+        if !buf[..n].starts_with(b"HTTP/1.1 200") {
+            return Err(format!("connection {i}: no 200 through port {port}"));
+        }
+        conns.push(s);
+    }
+    // Whatever the proxy gives back once a connection is idle, it has.
+    std::thread::sleep(Duration::from_secs(3));
+    Ok((rss_kib(pid)? - before) / IDLE as f64)
 }
 
 /// A run through a proxy against the direct one: rate and latencies.
@@ -188,7 +256,7 @@ impl HaProxy {
         std::fs::write(
             &cfg,
             format!(
-                "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+                "global\n  nbthread 1\n  maxconn 9000\ndefaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
                  frontend fh\n  mode http\n  bind 127.0.0.1:{http}\n  option forwardfor\n  default_backend bh\n\
                  backend bh\n  mode http\n  http-reuse always\n  server s1 127.0.0.1:{backend_http}\n\
                  frontend ft\n  mode tcp\n  bind 127.0.0.1:{tcp}\n  default_backend bt\n\

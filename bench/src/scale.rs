@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::env::{Deployd, percentile, sibling, wait_until};
+use crate::env::{Deployd, percentile, rss_kib, sibling, wait_until};
 use crate::{Report, verdict};
 
 const SERVICES: usize = 1000;
@@ -40,7 +40,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs(10));
     let cpu =
         (cpu_ticks(pid)? - cpu0) as f64 / ticks_per_sec() / w0.elapsed().as_secs_f64() * 100.0;
-    let rss = rss_mb(pid)?;
+    let rss = rss_kib(pid)? / 1024.0;
     report.add(
         "scale",
         "deployd RSS, idle, 1,000 services",
@@ -115,15 +115,4 @@ fn cpu_ticks(pid: u32) -> Result<u64, String> {
 fn ticks_per_sec() -> f64 {
     // SAFETY: sysconf reads a constant.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
-}
-
-fn rss_mb(pid: u32) -> Result<f64, String> {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| e.to_string())?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .ok_or("no VmRSS")?;
-    Ok(kb / 1024.0)
 }
