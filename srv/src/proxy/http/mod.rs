@@ -39,7 +39,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use body::{BodyError, Buf, Remaining};
 use head::{Framing, HeadError, RequestHead};
 
-use super::{Backend, Router};
+use super::{Backend, HOLD, Router};
 
 /// Idle connections kept per instance.
 const MAX_IDLE: usize = 256;
@@ -62,8 +62,9 @@ pub(super) struct Conn {
     pooled: bool,
 }
 
-/// What one client connection keeps between its requests: it allocates
-/// these once, and a request then allocates nothing.
+/// What a client connection in use keeps between its requests: allocated
+/// once, so that a request allocates nothing; given back when the
+/// connection goes idle.
 struct Session {
     /// Read from the client, not yet passed on.
     cbuf: Buf,
@@ -73,8 +74,6 @@ struct Session {
     out: Vec<u8>,
     /// The response head for the client.
     rout: Vec<u8>,
-    /// The client's address, as `X-Forwarded-For` gets it.
-    ip: Vec<u8>,
     /// Whether any of the current response went to the client.
     answered: bool,
 }
@@ -101,57 +100,77 @@ enum Outcome {
     Cut,
 }
 
-/// Serves one client connection.
+/// Serves one client connection: [`active`] while it is in use; once it
+/// has had no request for [`HOLD`], its buffers and request machinery are
+/// given back and it waits holding only its socket, until the client sends
+/// again or [`IDLE_TIMEOUT`] passes. Clients keep connections open and idle
+/// for minutes (browsers, client pools), thousands of them.
 pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<Router>) {
-    let mut s = Session {
+    let ip = peer.ip().to_string().into_bytes();
+    loop {
+        // Boxed, so that its state (about 5 KiB) exists only while in use.
+        if !Box::pin(active(&mut client, &ip, &router)).await {
+            return;
+        }
+        match tokio::time::timeout(IDLE_TIMEOUT - HOLD, client.readable()).await {
+            Ok(Ok(())) => {}
+            // Idle too long: closed without a word, as HTTP allows.
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+/// Serves the requests of a client connection (`ip`: its address, as
+/// `X-Forwarded-For` gets it) until none has come for [`HOLD`] (true) or
+/// the connection is over (false).
+async fn active(client: &mut TcpStream, ip: &[u8], router: &Router) -> bool {
+    let s = &mut Session {
         cbuf: Buf::new(),
         bbuf: Buf::new(),
         out: Vec::with_capacity(1024),
         rout: Vec::with_capacity(512),
-        ip: peer.ip().to_string().into_bytes(),
         answered: false,
     };
     // When the head being read must be whole.
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        let req = match head::request(s.cbuf.filled(), &s.ip, &mut s.out) {
+        let req = match head::request(s.cbuf.filled(), ip, &mut s.out) {
             Ok(r) => r,
-            Err(HeadError::Partial) => {
-                // Between requests the idle timeout applies; from a head's
-                // first byte, the head timeout.
-                let now = tokio::time::Instant::now();
-                let until = if s.cbuf.is_empty() {
-                    now + IDLE_TIMEOUT
-                } else {
-                    *deadline.get_or_insert(now + HEAD_TIMEOUT)
-                };
-                match tokio::time::timeout_at(until, s.cbuf.read_from(&mut client)).await {
-                    Ok(Ok(0) | Err(_)) => return,
+            Err(HeadError::Partial) if s.cbuf.is_empty() => {
+                match tokio::time::timeout(HOLD, s.cbuf.read_from(client)).await {
+                    Ok(Ok(0) | Err(_)) => return false,
                     Ok(Ok(_)) => continue,
-                    // Idle: closed without a word, as HTTP allows.
-                    Err(_) if s.cbuf.is_empty() => return,
+                    Err(_) => return true,
+                }
+            }
+            Err(HeadError::Partial) => {
+                // From a head's first byte, the head timeout.
+                let until = *deadline.get_or_insert(tokio::time::Instant::now() + HEAD_TIMEOUT);
+                match tokio::time::timeout_at(until, s.cbuf.read_from(client)).await {
+                    Ok(Ok(0) | Err(_)) => return false,
+                    Ok(Ok(_)) => continue,
                     Err(_) => {
                         let msg = "request head not received in time\n";
-                        reply(&mut client, &mut s.rout, 408, msg, None, false).await;
-                        return;
+                        reply(client, &mut s.rout, 408, msg, None, false).await;
+                        return false;
                     }
                 }
             }
             Err(HeadError::TooLarge) => {
                 let msg = "request head too large\n";
-                reply(&mut client, &mut s.rout, 431, msg, None, false).await;
-                return;
+                reply(client, &mut s.rout, 431, msg, None, false).await;
+                return false;
             }
             Err(HeadError::Bad(why)) => {
                 let msg = format!("bad request: {why}\n");
-                reply(&mut client, &mut s.rout, 400, &msg, None, false).await;
-                return;
+                reply(client, &mut s.rout, 400, &msg, None, false).await;
+                return false;
             }
         };
         deadline = None;
         s.cbuf.consume(req.len);
-        if !exchange(&mut client, &mut s, &req, &router).await {
-            return;
+        if !exchange(client, s, &req, router).await {
+            return false;
         }
     }
 }

@@ -927,3 +927,22 @@ async fn a_request_pipelined_while_one_is_with_its_instance_is_kept_for_after() 
         assert_eq!(body, format!("GET {path} HTTP/1.1"));
     }
 }
+
+#[tokio::test]
+async fn a_connection_quiet_for_a_while_serves_its_next_requests() {
+    let (backend, conns) = echo_heads().await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    for i in 0..3 {
+        // Quiet for longer than HOLD before each request: the connection
+        // gives back its buffers and takes new ones when it is used again.
+        tokio::time::sleep(crate::proxy::HOLD * 3).await;
+        c.write_all(format!("GET /{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (h, body) = read_response(&mut c).await;
+        assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
+        assert!(body.starts_with(&format!("GET /{i} HTTP/1.1")), "{body}");
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
