@@ -3,13 +3,21 @@
 //! until both sides are done; a half-close is passed on. A failed connect is
 //! retried on another instance. When deployd closes the instance (its drain
 //! is over), the connection is closed.
+//!
+//! The buffers exist only while bytes flow: a connection quiet for
+//! [`HOLD`] gives them back and waits for either side with none.
 
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use deployd_lib::rollout::InstanceId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::Router;
+use super::{HOLD, Router};
 
 /// Serves one client connection.
 pub(super) async fn serve(mut client: TcpStream, router: Arc<Router>) {
@@ -31,11 +39,232 @@ pub(super) async fn serve(mut client: TcpStream, router: Arc<Router>) {
         let _ = upstream.set_nodelay(true);
         let mut closed = backend.closed.subscribe();
         let ok = tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r.is_ok(),
+            r = relay(&mut client, &mut upstream) => r.is_ok(),
             _ = closed.wait_for(|c| *c) => true,
         };
         router.count(Some(&backend), ok);
         drop(guard);
         return;
+    }
+}
+
+/// Copies `a` to `b` and `b` to `a` until both directions have ended (each
+/// end of stream passed on as a shutdown), or either fails.
+async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<()> {
+    // Whether each direction has ended: a to b, b to a.
+    let mut ended = [false, false];
+    loop {
+        if busy(a, b, &mut ended).await? {
+            return Ok(());
+        }
+        // Quiet: wait, holding no buffer, until a side has something.
+        tokio::select! {
+            r = a.readable(), if !ended[0] => r?,
+            r = b.readable(), if !ended[1] => r?,
+        }
+    }
+}
+
+/// Copies both ways with a buffer each, until both directions have ended
+/// (true) or [`HOLD`] passed without a byte while neither holds any
+/// (false).
+async fn busy(a: &mut TcpStream, b: &mut TcpStream, ended: &mut [bool; 2]) -> io::Result<bool> {
+    let (mut ar, mut aw) = a.split();
+    let (mut br, mut bw) = b.split();
+    let mut pumps = [Pump::new(), Pump::new()];
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + HOLD, HOLD);
+    poll_fn(|cx| {
+        let [ab, ba] = &mut pumps;
+        if !ended[0] && ab.poll(cx, &mut ar, &mut bw)?.is_ready() {
+            ended[0] = true;
+        }
+        if !ended[1] && ba.poll(cx, &mut br, &mut aw)?.is_ready() {
+            ended[1] = true;
+        }
+        if ended[0] && ended[1] {
+            return Poll::Ready(Ok(true));
+        }
+        while tick.poll_tick(cx).is_ready() {
+            let quiet = !ab.moved && !ba.moved;
+            ab.moved = false;
+            ba.moved = false;
+            if quiet && (ended[0] || ab.is_empty()) && (ended[1] || ba.is_empty()) {
+                return Poll::Ready(Ok(false));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Bytes read from one side and not yet all written to the other.
+struct Pump {
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
+    /// The source has ended; the sink gets a shutdown once the buffer is
+    /// written.
+    eof: bool,
+    /// Whether a byte moved since the last look.
+    moved: bool,
+}
+
+/// A direction's buffer, as `tokio::io::copy` has it.
+const BUF: usize = 8 * 1024;
+
+impl Pump {
+    fn new() -> Pump {
+        Pump {
+            buf: vec![0; BUF],
+            pos: 0,
+            end: 0,
+            eof: false,
+            moved: false,
+        }
+    }
+
+    /// Holds nothing to write, and may be let go.
+    fn is_empty(&self) -> bool {
+        self.pos == self.end && !self.eof
+    }
+
+    /// Copies until the source ends and the sink is shut down (ready), or
+    /// either side would wait (pending).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut (impl AsyncRead + Unpin),
+        dst: &mut (impl AsyncWrite + Unpin),
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if self.pos < self.end {
+                let n = ready!(Pin::new(&mut *dst).poll_write(cx, &self.buf[self.pos..self.end]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+                self.moved = true;
+                continue;
+            }
+            if self.eof {
+                return Pin::new(&mut *dst).poll_shutdown(cx);
+            }
+            let mut rb = ReadBuf::new(&mut self.buf);
+            ready!(Pin::new(&mut *src).poll_read(cx, &mut rb))?;
+            let n = rb.filled().len();
+            if n == 0 {
+                self.eof = true;
+            } else {
+                (self.pos, self.end) = (0, n);
+                self.moved = true;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// A connected pair of sockets over loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    /// A client and a server joined by `relay`, which runs until both
+    /// directions are done.
+    async fn joined() -> (TcpStream, TcpStream, tokio::task::JoinHandle<bool>) {
+        let (client, mut a) = pair().await;
+        let (mut b, server) = pair().await;
+        let relay = tokio::spawn(async move { super::relay(&mut a, &mut b).await.is_ok() });
+        (client, server, relay)
+    }
+
+    /// Fails a read that waits for 10 s.
+    async fn within<T>(read: impl std::future::Future<Output = std::io::Result<T>>) {
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("nothing came through")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn bytes_and_half_closes_pass_both_ways() {
+        let (mut client, mut server, relay) = joined().await;
+        client.write_all(b"ping").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = String::new();
+        server.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "ping");
+        // The other direction is still open after the client's half-close.
+        server.write_all(b"pong").await.unwrap();
+        server.shutdown().await.unwrap();
+        let mut got = String::new();
+        client.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "pong");
+        assert!(relay.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_connection_quiet_for_a_while_carries_on_both_ways() {
+        let (mut client, mut server, relay) = joined().await;
+        for round in 0..4 {
+            // Either side may be the first to speak after a quiet spell.
+            let (first, second) = if round % 2 == 0 {
+                (&mut client, &mut server)
+            } else {
+                (&mut server, &mut client)
+            };
+            let msg = format!("message {round}");
+            first.write_all(msg.as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; msg.len()];
+            within(second.read_exact(&mut buf)).await;
+            assert_eq!(buf, msg.as_bytes());
+            second.write_all(b"answer").await.unwrap();
+            let mut buf = [0u8; 6];
+            within(first.read_exact(&mut buf)).await;
+            assert_eq!(&buf, b"answer");
+            // Quiet for longer than HOLD: the buffers go, the connection
+            // stays.
+            tokio::time::sleep(super::HOLD * 3).await;
+        }
+        drop(client);
+        let mut rest = Vec::new();
+        server.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        drop(server);
+        assert!(relay.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn bytes_held_while_the_receiver_is_slow_are_not_dropped() {
+        let (mut client, mut server, relay) = joined().await;
+        // More than the socket buffers hold: the relay keeps some in hand
+        // while the server does not read, for far longer than HOLD.
+        let data: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        tokio::time::sleep(super::HOLD * 5).await;
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert!(
+            got == data,
+            "{} bytes of {} arrived, or changed",
+            got.len(),
+            data.len()
+        );
+        drop(server);
+        drop(writer.await.unwrap());
+        assert!(relay.await.unwrap());
     }
 }
