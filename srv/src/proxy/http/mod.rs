@@ -16,7 +16,9 @@
 //! on a new connection (to whichever instance balancing picks, the same one
 //! included) when the pooled connection it used had been closed by the
 //! instance. Upgrades (WebSocket) are tunnelled and count as in flight until
-//! closed.
+//! closed. A client that closes its connection while its request is with
+//! an instance abandons the request (the instance's connection is closed).
+//! A connection quiet for [`HOLD`] holds nothing but its socket.
 
 mod body;
 mod head;
