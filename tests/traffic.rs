@@ -196,6 +196,35 @@ fn a_long_request_finishes_on_the_draining_instance() {
     assert!(out_line < stop_line);
 }
 
+/// A long poll whose client went away does not hold up its instance's
+/// drain: the request is abandoned when the client closes, so the rollout
+/// goes on at once instead of after `drain`.
+#[test]
+fn a_request_whose_client_left_does_not_hold_up_the_drain() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, "drain 30s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let old_pid = d.instances("web")[0].1;
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: web\r\n\r\n")
+        .unwrap();
+    wait_for("the long poll to be in flight", LONG, || {
+        d.try_read("active/web/instances/0/inflight") == "1\n"
+    });
+    drop(conn);
+    wait_for("the abandoned request to stop counting", LONG, || {
+        d.try_read("active/web/instances/0/inflight") == "0\n"
+    });
+    d.write_manifest("web", &web(port, "http", 1, "drain 30s\nenv TAG=v2\n"));
+    let started = Instant::now();
+    run(&d, &["apply", "web"], 0);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "the rollout took {took:?}");
+    assert!(!alive(old_pid));
+}
+
 /// Acceptance 3 (tcp): a connection still open after `drain` is closed and
 /// the instance stopped.
 #[test]
