@@ -35,10 +35,10 @@ impl Buf {
         self.start == self.end
     }
 
-    /// Whether it holds as much as it ever will: [`Buf::read_from`] would
-    /// fail.
+    /// Whether it is full at its present size: [`Buf::read_from`] would
+    /// have to grow it (or fail).
     pub fn is_full(&self) -> bool {
-        self.start == 0 && self.end == self.data.len() && self.data.len() >= MAX_HEAD
+        self.start == 0 && self.end == self.data.len()
     }
 
     /// Forgets what is buffered.

@@ -383,7 +383,9 @@ async fn forward(
 async fn watch(cr: &mut ReadHalf<'_>, cbuf: &mut Buf) {
     loop {
         if cbuf.is_full() {
-            // A client that pipelines this much waits its turn unwatched.
+            // A client that pipelines this much waits its turn unwatched:
+            // the rest stays in the kernel's buffer, and this one does not
+            // grow for it.
             return std::future::pending().await;
         }
         match cbuf.read_from(cr).await {
