@@ -347,7 +347,9 @@ async fn forward(
         let down = respond(&mut up, bbuf, rout, &mut cw, req, &sent, answered);
         tokio::pin!(client_side, down);
         tokio::select! {
-            () = &mut client_side => return Outcome::ClientGone,
+            // A response that is through counts, even if its client left
+            // at the same moment.
+            biased;
             o = &mut down => match o {
                 // Answered before the request's body was through: neither
                 // connection is at a message boundary.
@@ -358,6 +360,7 @@ async fn forward(
                 },
                 o => o,
             },
+            () = &mut client_side => return Outcome::ClientGone,
         }
     };
     if outcome == Outcome::Upgraded {
