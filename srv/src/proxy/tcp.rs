@@ -113,9 +113,11 @@ struct Pump {
 const BUF: usize = 8 * 1024;
 
 impl Pump {
+    /// Its buffer comes with its first read: a direction that has ended
+    /// (a half-closed connection) takes none.
     fn new() -> Pump {
         Pump {
-            buf: vec![0; BUF],
+            buf: Vec::new(),
             pos: 0,
             end: 0,
             eof: false,
@@ -148,6 +150,9 @@ impl Pump {
             }
             if self.eof {
                 return Pin::new(&mut *dst).poll_shutdown(cx);
+            }
+            if self.buf.is_empty() {
+                self.buf = vec![0; BUF];
             }
             let mut rb = ReadBuf::new(&mut self.buf);
             ready!(Pin::new(&mut *src).poll_read(cx, &mut rb))?;
