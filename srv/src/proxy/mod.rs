@@ -378,6 +378,9 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
                 }
             }
         };
+        if let Err(e) = tune_listener(&listener) {
+            tracing::warn!(service, "socket options on {addr}: {e}");
+        }
         tracing::info!(service, "listening on {addr} ({})", settings.mode.name());
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -389,7 +392,6 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
                     continue;
                 }
             };
-            let _ = stream.set_nodelay(true);
             let r = r.clone();
             match settings.mode {
                 Mode::Http => tokio::spawn(http::serve(stream, peer, r)),
@@ -399,6 +401,49 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
     });
     *router.listener.lock() = Some(task.abort_handle());
     router
+}
+
+/// Sets what every client socket accepted on `l` inherits (Linux copies a
+/// listener's options at accept, so this costs no system call per
+/// connection): `TCP_NODELAY`, and keepalive probes after 60 s of silence,
+/// every 10 s, 6 of them. A client that vanished without a word (powered
+/// off, forgotten by a NAT) is then noticed within two minutes: its
+/// connection is closed and stops counting as in flight on its instance,
+/// where in tcp mode nothing else would ever close it, and an instance
+/// behind deployd cannot probe the client itself.
+fn tune_listener(l: &TcpListener) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = l.as_raw_fd();
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
+    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60)?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
+    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6)
+}
+
+/// Sets an integer socket option.
+fn set_int_opt(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads an int we own, on a descriptor the caller
+    // holds open.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl Router {
@@ -417,5 +462,43 @@ impl Router {
         if let Some(t) = self.listener.lock().take() {
             t.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn get_int_opt(fd: std::os::fd::RawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes an int and its length into ours.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                level,
+                name,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        v
+    }
+
+    #[tokio::test]
+    async fn accepted_client_sockets_inherit_nodelay_and_keepalive() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        super::tune_listener(&l).unwrap();
+        let _c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let fd = s.as_raw_fd();
+        assert_eq!(get_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY), 1);
+        assert_eq!(get_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(get_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 60);
+        assert_eq!(get_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL), 10);
+        assert_eq!(get_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 6);
     }
 }

@@ -586,15 +586,6 @@ impl AsyncRead for Upstream<'_, '_> {
 }
 
 fn quickack(io: &TcpStream) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads an int we own, on a socket we own.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(io),
-            libc::IPPROTO_TCP,
-            libc::TCP_QUICKACK,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(io);
+    let _ = super::set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
 }
