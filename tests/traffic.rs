@@ -43,6 +43,13 @@ fn assert_clean(load: Load, floor: u64) {
     eprintln!("total: {} requests, 0 failed", c.ok());
 }
 
+/// Waits until instance 0 of `service` has `n` requests or connections in
+/// flight (`what`: what is awaited, for the failure message).
+fn wait_inflight(d: &Deployd, service: &str, n: usize, what: &str) {
+    let file = format!("active/{service}/instances/0/inflight");
+    wait_for(what, LONG, || d.try_read(&file) == format!("{n}\n"));
+}
+
 fn run(d: &Deployd, args: &[&str], code: i32) {
     let out = d.deploy(args);
     assert_eq!(
@@ -157,9 +164,7 @@ fn a_long_request_finishes_on_the_draining_instance() {
         let r = http_get(port, "/slow?ms=3000");
         (r, started.elapsed())
     });
-    wait_for("the slow request to be in flight", LONG, || {
-        d.try_read("active/web/instances/0/inflight") == "1\n"
-    });
+    wait_inflight(&d, "web", 1, "the slow request to be in flight");
     d.write_manifest("web", &web(port, "http", 1, "drain 10s\nenv TAG=v2\n"));
     let out = d.deploy(&["apply", "web", "--no-wait"]);
     assert!(out.status.success());
@@ -210,13 +215,9 @@ fn a_request_whose_client_left_does_not_hold_up_the_drain() {
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: web\r\n\r\n")
         .unwrap();
-    wait_for("the long poll to be in flight", LONG, || {
-        d.try_read("active/web/instances/0/inflight") == "1\n"
-    });
+    wait_inflight(&d, "web", 1, "the long poll to be in flight");
     drop(conn);
-    wait_for("the abandoned request to stop counting", LONG, || {
-        d.try_read("active/web/instances/0/inflight") == "0\n"
-    });
+    wait_inflight(&d, "web", 0, "the abandoned request to stop counting");
     d.write_manifest("web", &web(port, "http", 1, "drain 30s\nenv TAG=v2\n"));
     let started = Instant::now();
     run(&d, &["apply", "web"], 0);
@@ -240,9 +241,7 @@ fn tcp_connection_still_open_after_drain_is_closed() {
     conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    wait_for("the connection to be counted", LONG, || {
-        d.try_read("active/api/instances/0/inflight") == "1\n"
-    });
+    wait_inflight(&d, "api", 1, "the connection to be counted");
     d.write_manifest("api", &web(port, "tcp", 1, "drain 1s\nenv TAG=v2\n"));
     let started = Instant::now();
     let apply = std::thread::spawn({
@@ -431,9 +430,7 @@ fn upgraded_connections_are_tunnelled_and_drained() {
         assert_eq!(buf, msg);
     };
     echo(&mut s, b"ping");
-    wait_for("the tunnel to count in flight", LONG, || {
-        d.try_read("active/web/instances/0/inflight") == "1\n"
-    });
+    wait_inflight(&d, "web", 1, "the tunnel to count in flight");
     d.write_manifest("web", &web(port, "http", 1, "drain 2s\nenv TAG=v2\n"));
     assert!(d.deploy(&["apply", "web", "--no-wait"]).status.success());
     wait_for("the old instance to drain", LONG, || {
