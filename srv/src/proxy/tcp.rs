@@ -71,7 +71,7 @@ async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<()> {
 async fn busy(a: &mut TcpStream, b: &mut TcpStream, ended: &mut [bool; 2]) -> io::Result<bool> {
     let (mut ar, mut aw) = a.split();
     let (mut br, mut bw) = b.split();
-    let mut pumps = [Pump::new(), Pump::new()];
+    let mut pumps = [Pump::default(), Pump::default()];
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + HOLD, HOLD);
     poll_fn(|cx| {
         let [ab, ba] = &mut pumps;
@@ -97,7 +97,10 @@ async fn busy(a: &mut TcpStream, b: &mut TcpStream, ended: &mut [bool; 2]) -> io
     .await
 }
 
-/// Bytes read from one side and not yet all written to the other.
+/// Bytes read from one side and not yet all written to the other. Its
+/// buffer comes with its first read: a direction that has ended (a
+/// half-closed connection) takes none.
+#[derive(Default)]
 struct Pump {
     buf: Vec<u8>,
     pos: usize,
@@ -113,18 +116,6 @@ struct Pump {
 const BUF: usize = 8 * 1024;
 
 impl Pump {
-    /// Its buffer comes with its first read: a direction that has ended
-    /// (a half-closed connection) takes none.
-    fn new() -> Pump {
-        Pump {
-            buf: Vec::new(),
-            pos: 0,
-            end: 0,
-            eof: false,
-            moved: false,
-        }
-    }
-
     /// Holds nothing to write, and may be let go.
     fn is_empty(&self) -> bool {
         self.pos == self.end && !self.eof
