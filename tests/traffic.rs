@@ -259,6 +259,19 @@ fn tcp_connection_still_open_after_drain_is_closed() {
     );
     d.settle("api", LONG);
     assert!(!alive(old_pid));
+    // The event log says what the drain's end cut, before the stop.
+    let events = d.read("active/api/events");
+    let lines: Vec<&str> = events.lines().collect();
+    let cut = lines
+        .iter()
+        .position(|l| {
+            l.ends_with("instance 0: drain of 1s over with 1 connection still open; closing")
+        })
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(
+        lines[cut + 1].ends_with("instance 0 stopping (TERM)"),
+        "{events}"
+    );
 }
 
 /// Acceptance 4: `update replace` with one replica: requests that arrive

@@ -733,9 +733,28 @@ impl Engine {
         let Some(e) = self.services.get(&sid) else {
             return;
         };
-        // What is still open on it after its drain is cut now.
+        // What is still open on it after its drain is cut now, and said:
+        // a drain that runs out cuts what its clients then see fail.
         if let Some(r) = &e.router {
-            r.close(id);
+            let open = r.close(id);
+            if open > 0 {
+                let what = match (r.settings().mode, open) {
+                    (manifest::Proxy::Http, 1) => "1 request",
+                    (manifest::Proxy::Tcp, 1) => "1 connection",
+                    (manifest::Proxy::Http, _) => &format!("{open} requests"),
+                    (manifest::Proxy::Tcp, _) => &format!("{open} connections"),
+                };
+                let who = e.machine.instances().iter().find(|i| i.id() == id);
+                let msg = match who {
+                    Some(i) => format!(
+                        "instance {}: drain of {} over with {what} still open; closing",
+                        i.number(),
+                        manifest::format_duration(i.spec().manifest.drain)
+                    ),
+                    None => format!("drain over with {what} still open; closing"),
+                };
+                self.log(sid, &msg);
+            }
         }
         let Some(inst) = self
             .services

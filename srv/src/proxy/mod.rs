@@ -190,18 +190,20 @@ impl Router {
     }
 
     /// Cuts whatever is still open on an instance (it is being stopped) and
-    /// forgets it.
-    pub fn close(&self, id: InstanceId) {
+    /// forgets it. Returns how many requests (http) or connections (tcp)
+    /// were still in flight on it.
+    pub fn close(&self, id: InstanceId) -> usize {
         let _ = self.route_out(id);
         let gone = {
             let mut known = self.known.lock();
             let pos = known.iter().position(|b| b.id == id);
             pos.map(|p| known.remove(p))
         };
-        if let Some(b) = gone {
-            b.closed.send_replace(true);
-            b.idle.lock().clear();
-        }
+        let Some(b) = gone else { return 0 };
+        let open = b.inflight();
+        b.closed.send_replace(true);
+        b.idle.lock().clear();
+        open
     }
 
     /// In flight on an instance now.
