@@ -260,7 +260,7 @@ fn cli_events_logs_and_status() {
     let detail = stdout(&d.deploy(&["status", "web"]));
     assert!(
         detail.contains(&format!(
-            "traffic           port {port} (http): 1 requests, 0 in flight, 0 errors"
+            "traffic           port {port} (http): 1 requests, 0 in flight, 0 errors, 0 retried, 0 abandoned\n"
         )),
         "{detail}"
     );
@@ -269,6 +269,7 @@ fn cli_events_logs_and_status() {
     let j: serde_json::Value =
         serde_json::from_slice(&d.deploy(&["status", "web", "--json"]).stdout).unwrap();
     assert_eq!(j["traffic"]["served"], 1);
+    assert_eq!(j["traffic"]["abandoned"], 0);
     assert_eq!(j["instances"][0]["inflight"], 0);
 
     // -f follows: a new event shows up in the running command's output.

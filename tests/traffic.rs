@@ -177,7 +177,7 @@ fn a_long_request_finishes_on_the_draining_instance() {
     assert!(alive(old_pid));
     assert!(
         d.read("active/web/traffic")
-            .contains(" inflight 1 errors 0 draining\n")
+            .contains(" inflight 1 errors 0 retried 0 abandoned 0 draining\n")
     );
     let (r, took) = slow.join().unwrap();
     let (status, body) = r.expect("the long request failed");
@@ -218,6 +218,8 @@ fn a_request_whose_client_left_does_not_hold_up_the_drain() {
     wait_inflight(&d, "web", 1, "the long poll to be in flight");
     drop(conn);
     wait_inflight(&d, "web", 0, "the abandoned request to stop counting");
+    let traffic = d.read("active/web/traffic");
+    assert!(traffic.contains("\nabandoned 1\n"), "{traffic}");
     d.write_manifest("web", &web(port, "http", 1, "drain 30s\nenv TAG=v2\n"));
     let started = Instant::now();
     run(&d, &["apply", "web"], 0);

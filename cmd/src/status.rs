@@ -41,6 +41,11 @@ struct Traffic {
     served: u64,
     inflight: u64,
     errors: u64,
+    /// Failed on an instance unseen and sent again.
+    retried: u64,
+    /// Given up by their clients before the answer was through (http only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    abandoned: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -53,8 +58,9 @@ struct Instance {
     inflight: u64,
 }
 
-/// Reads the totals of a `traffic` file: `port P MODE`, then `requests N`
-/// (or `connections N`), `inflight N`, `errors N`.
+/// Reads the totals of a `traffic` file: `port P MODE`, then one `NAME N`
+/// line per counter (`requests` or `connections`, `inflight`, `errors`,
+/// `retried`, and in http mode `abandoned`), then the instances.
 fn traffic(text: &str) -> Option<Traffic> {
     let mut lines = text.lines();
     let mut head = lines.next()?.split(' ');
@@ -63,13 +69,26 @@ fn traffic(text: &str) -> Option<Traffic> {
     }
     let port = head.next()?.parse().ok()?;
     let mode = head.next()?.to_string();
-    let mut value = || lines.next()?.split(' ').nth(1)?.parse::<u64>().ok();
+    let counters: Vec<(&str, u64)> = lines
+        .map_while(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k, v.parse().ok()?))
+        })
+        .collect();
+    let get = |key: &str| counters.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    let served = if mode == "tcp" {
+        "connections"
+    } else {
+        "requests"
+    };
     Some(Traffic {
         port,
+        served: get(served)?,
+        inflight: get("inflight")?,
+        errors: get("errors")?,
+        retried: get("retried").unwrap_or(0),
+        abandoned: get("abandoned"),
         mode,
-        served: value()?,
-        inflight: value()?,
-        errors: value()?,
     })
 }
 
@@ -154,11 +173,15 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         } else {
             "requests"
         };
-        writeln!(
+        write!(
             out,
-            "  {:<17} port {} ({}): {} {what}, {} in flight, {} errors",
-            "traffic", t.port, t.mode, t.served, t.inflight, t.errors
+            "  {:<17} port {} ({}): {} {what}, {} in flight, {} errors, {} retried",
+            "traffic", t.port, t.mode, t.served, t.inflight, t.errors, t.retried
         )?;
+        if let Some(n) = t.abandoned {
+            write!(out, ", {n} abandoned")?;
+        }
+        writeln!(out)?;
     }
     writeln!(out)?;
     let rows: Vec<[String; 6]> = d
@@ -238,13 +261,27 @@ fn print_table<const N: usize>(out: &mut impl Write, rows: &[[&str; N]]) -> std:
 mod tests {
     #[test]
     fn reads_the_traffic_totals() {
-        let t = super::traffic("port 8080 http\nrequests 12\ninflight 3\nerrors 1\ninstance 0 requests 12 inflight 3 errors 1\n").unwrap();
+        let t = super::traffic(
+            "port 8080 http\nrequests 12\ninflight 3\nerrors 1\nretried 2\nabandoned 4\n\
+             instance 0 requests 12 inflight 3 errors 1 retried 2 abandoned 4\n",
+        )
+        .unwrap();
         assert_eq!(
             (t.port, t.mode.as_str(), t.served, t.inflight, t.errors),
             (8080, "http", 12, 3, 1)
         );
-        let t = super::traffic("port 9 tcp\nconnections 5\ninflight 0\nerrors 0\n").unwrap();
-        assert_eq!((t.mode.as_str(), t.served), ("tcp", 5));
+        assert_eq!((t.retried, t.abandoned), (2, Some(4)));
+        let t = super::traffic(
+            "port 9 tcp\nconnections 5\ninflight 0\nerrors 0\nretried 1\n\
+             instance 0 connections 5 inflight 0 errors 0 retried 1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (t.mode.as_str(), t.served, t.retried, t.abandoned),
+            ("tcp", 5, 1, None)
+        );
+        // A counter missing: not traffic.
+        assert!(super::traffic("port 9 tcp\nconnections 5\ninflight 0\n").is_none());
         assert!(super::traffic("no port: deployd routes no traffic to this service").is_none());
         assert!(super::traffic("").is_none());
     }

@@ -60,8 +60,7 @@ pub struct Backend {
     addr: SocketAddr,
     /// Requests (http) or connections (tcp) in flight on it.
     inflight: AtomicUsize,
-    served: AtomicU64,
-    errors: AtomicU64,
+    counts: Counts,
     routed: AtomicBool,
     /// Fires when deployd cuts what is still open on it.
     closed: watch::Sender<bool>,
@@ -84,9 +83,9 @@ impl Backend {
         self.routed.load(Ordering::SeqCst).then_some(g)
     }
 
-    /// Its connection or request failed in a way that says it may be dead.
+    /// Its connection or request failed in a way that says it may be dead:
+    /// its prober probes it now.
     fn suspect(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
         self.poke.notify_one();
     }
 
@@ -114,11 +113,33 @@ impl Drop for Guard {
     }
 }
 
-/// Counters of a whole service.
+/// What became of the requests (http) or connections (tcp) of a service,
+/// or of those an instance was given.
 #[derive(Default)]
-struct Totals {
+struct Counts {
+    /// Answered (http) or ended (tcp), errors included.
     served: AtomicU64,
+    /// Of those, the ones that failed for the client: a response deployd
+    /// made itself (502, 503), an instance's 5xx or a response cut short
+    /// (http), a connection that broke (tcp).
     errors: AtomicU64,
+    /// Failed on an instance before the client saw anything (refused
+    /// connect, no answer) and sent again, to another instance where there
+    /// was one. The client never knew.
+    retried: AtomicU64,
+    /// Given up by their clients, who closed their connections before the
+    /// response was through (http).
+    abandoned: AtomicU64,
+}
+
+impl Counts {
+    fn add(&self, counter: fn(&Counts) -> &AtomicU64) {
+        counter(self).fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(&self, counter: fn(&Counts) -> &AtomicU64) -> u64 {
+        counter(self).load(Ordering::Relaxed)
+    }
 }
 
 /// A service's routing table and traffic counters.
@@ -129,7 +150,7 @@ pub struct Router {
     changed: Notify,
     next: AtomicUsize,
     settings: RwLock<Settings>,
-    totals: Totals,
+    totals: Counts,
     listener: Mutex<Option<AbortHandle>>,
 }
 
@@ -141,7 +162,7 @@ impl Router {
             changed: Notify::new(),
             next: AtomicUsize::new(0),
             settings: RwLock::new(settings),
-            totals: Totals::default(),
+            totals: Counts::default(),
             listener: Mutex::new(None),
         }
     }
@@ -158,8 +179,7 @@ impl Router {
             id,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             inflight: AtomicUsize::new(0),
-            served: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            counts: Counts::default(),
             routed: AtomicBool::new(true),
             closed: watch::channel(false).0,
             idle: Mutex::new(Vec::new()),
@@ -267,15 +287,27 @@ impl Router {
 
     /// Records a response or connection that ended well or badly.
     fn count(&self, backend: Option<&Backend>, ok: bool) {
-        self.totals.served.fetch_add(1, Ordering::Relaxed);
-        if let Some(b) = backend {
-            b.served.fetch_add(1, Ordering::Relaxed);
-        }
+        self.add(backend, |c| &c.served);
         if !ok {
-            self.totals.errors.fetch_add(1, Ordering::Relaxed);
-            if let Some(b) = backend {
-                b.errors.fetch_add(1, Ordering::Relaxed);
-            }
+            self.add(backend, |c| &c.errors);
+        }
+    }
+
+    /// Records a request or connection that failed on `backend` unseen and
+    /// is sent again.
+    fn retried(&self, backend: &Backend) {
+        self.add(Some(backend), |c| &c.retried);
+    }
+
+    /// Records a request whose client left before its response was through.
+    fn abandoned(&self, backend: &Backend) {
+        self.add(Some(backend), |c| &c.abandoned);
+    }
+
+    fn add(&self, backend: Option<&Backend>, counter: fn(&Counts) -> &AtomicU64) {
+        self.totals.add(counter);
+        if let Some(b) = backend {
+            b.counts.add(counter);
         }
     }
 
@@ -288,30 +320,42 @@ impl Router {
         };
         let known = self.known.lock().clone();
         let inflight: usize = known.iter().map(|b| b.inflight()).sum();
+        let t = &self.totals;
         let mut out = format!(
-            "port {} {}\n{what} {}\ninflight {inflight}\nerrors {}\n",
+            "port {} {}\n{what} {}\ninflight {inflight}\nerrors {}\nretried {}\n",
             s.port,
             s.mode.name(),
-            self.totals.served.load(Ordering::Relaxed),
-            self.totals.errors.load(Ordering::Relaxed)
+            t.get(|c| &c.served),
+            t.get(|c| &c.errors),
+            t.get(|c| &c.retried),
         );
+        // Only a request can be abandoned: a tcp connection has no answer
+        // to wait for.
+        let http = s.mode == Mode::Http;
+        if http {
+            out.push_str(&format!("abandoned {}\n", t.get(|c| &c.abandoned)));
+        }
         let mut rows: Vec<(u32, &Arc<Backend>)> = known
             .iter()
             .filter_map(|b| Some((number(b.id)?, b)))
             .collect();
         rows.sort_by_key(|(n, _)| *n);
         for (n, b) in rows {
+            let c = &b.counts;
             out.push_str(&format!(
-                "instance {n} {what} {} inflight {} errors {}{}\n",
-                b.served.load(Ordering::Relaxed),
+                "instance {n} {what} {} inflight {} errors {} retried {}",
+                c.get(|c| &c.served),
                 b.inflight(),
-                b.errors.load(Ordering::Relaxed),
-                if b.routed.load(Ordering::SeqCst) {
-                    ""
-                } else {
-                    " draining"
-                }
+                c.get(|c| &c.errors),
+                c.get(|c| &c.retried),
             ));
+            if http {
+                out.push_str(&format!(" abandoned {}", c.get(|c| &c.abandoned)));
+            }
+            if !b.routed.load(Ordering::SeqCst) {
+                out.push_str(" draining");
+            }
+            out.push('\n');
         }
         out
     }

@@ -32,6 +32,7 @@ pub(super) async fn serve(mut client: TcpStream, router: Arc<Router>) {
             Ok(s) => s,
             Err(_) => {
                 backend.suspect();
+                router.retried(&backend);
                 tried.push(backend.id);
                 continue;
             }
@@ -188,6 +189,79 @@ mod tests {
             .await
             .expect("nothing came through")
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_is_retried_on_another_instance_unseen() {
+        use std::sync::Arc;
+
+        use deployd_lib::manifest::Proxy as Mode;
+        use deployd_lib::rollout::InstanceId;
+        use tokio::sync::Notify;
+
+        use crate::proxy::{Router, Settings};
+
+        // Instance 0 is gone (its port refuses); instance 1 echoes.
+        let refusing = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let echo_port = echo.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let router = Arc::new(Router::new(Settings {
+            port: 0,
+            mode: Mode::Tcp,
+            queue_timeout: Duration::from_secs(1),
+        }));
+        for (i, p) in [refusing, echo_port].into_iter().enumerate() {
+            let poke = Arc::new(Notify::new());
+            router.route_in(InstanceId(i as u64), p, poke, Box::new(|| {}));
+        }
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let r = router.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = front.accept().await {
+                tokio::spawn(super::serve(s, r.clone()));
+            }
+        });
+        for i in 0..4 {
+            let mut c = TcpStream::connect(addr).await.unwrap();
+            c.write_all(b"ping").await.unwrap();
+            c.shutdown().await.unwrap();
+            let mut got = String::new();
+            within(c.read_to_string(&mut got)).await;
+            assert_eq!(got, "ping", "connection {i}");
+        }
+        let text = || router.render(|id| Some(id.0 as u32));
+        for _ in 0..500 {
+            if text().contains("\nconnections 4\n") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let t = text();
+        assert!(t.contains("\nconnections 4\ninflight 0\nerrors 0\n"), "{t}");
+        assert!(
+            t.contains("instance 1 connections 4 inflight 0 errors 0 retried 0\n"),
+            "{t}"
+        );
+        let retried: u64 = t
+            .lines()
+            .find_map(|l| l.strip_prefix("instance 0 connections 0 inflight 0 errors 0 retried "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{t}"));
+        assert!(retried >= 1, "{t}");
+        assert!(t.contains(&format!("\nretried {retried}\n")), "{t}");
+        assert!(!t.contains("abandoned"), "{t}");
     }
 
     #[tokio::test]

@@ -215,6 +215,7 @@ async fn exchange(
             Err(_) => {
                 // Died between probes: try another, probe it now.
                 backend.suspect();
+                router.retried(&backend);
                 tried.push(backend.id);
                 continue;
             }
@@ -262,6 +263,7 @@ async fn exchange(
                 // is in trouble. Another one gets the request.
                 retried = true;
                 backend.suspect();
+                router.retried(&backend);
                 tried.push(backend.id);
                 fresh = false;
             }
@@ -282,7 +284,17 @@ async fn exchange(
                 }
                 return false;
             }
-            Outcome::ClientGone | Outcome::Cut => return false,
+            Outcome::ClientGone => {
+                router.abandoned(&backend);
+                return false;
+            }
+            // Cut at the end of its drain after part of its answer went
+            // out: a tunnel ends as a tcp connection would, a response cut
+            // short failed its client.
+            Outcome::Cut => {
+                router.count(Some(&backend), req.upgrade);
+                return false;
+            }
             Outcome::Upgraded => {
                 router.count(Some(&backend), true);
                 return false;

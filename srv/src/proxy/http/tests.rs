@@ -552,15 +552,25 @@ async fn an_idempotent_request_the_instance_drops_is_retried_on_another() {
     })
     .await;
     let (good, _) = echo_heads().await;
-    let (_r, port) = proxy(&[mute, good], Duration::from_millis(200)).await;
+    let (router, port) = proxy(&[mute, good], Duration::from_millis(200)).await;
     for _ in 0..4 {
         let r = get(port, "/again").await;
         assert!(r.starts_with("HTTP/1.1 200 OK"), "{r}");
         assert!(r.contains("GET /again HTTP/1.1"), "{r}");
     }
+    // Balancing sent some to the mute one; the clients never knew, the
+    // traffic file does.
+    assert_eq!(counter(&router, "", "requests"), 4);
+    assert_eq!(counter(&router, "", "errors"), 0);
+    let retried = counter(&router, "", "retried");
+    assert!(retried >= 1, "{}", router.render(|id| Some(id.0 as u32)));
+    assert_eq!(counter(&router, "instance 0 ", "retried"), retried);
+    assert_eq!(counter(&router, "instance 0 ", "requests"), 0);
+    assert_eq!(counter(&router, "instance 1 ", "requests"), 4);
+    assert_eq!(counter(&router, "instance 1 ", "retried"), 0);
     // A POST has been sent once and may have done its work: it is not sent
     // again, and the client is told.
-    let (_r, port) = proxy(&[mute], Duration::from_millis(200)).await;
+    let (router, port) = proxy(&[mute], Duration::from_millis(200)).await;
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
         .await
@@ -571,6 +581,10 @@ async fn an_idempotent_request_the_instance_drops_is_retried_on_another() {
         r.contains("Connection: close") && r.ends_with("the instance failed before answering\n"),
         "{r}"
     );
+    // One error, counted once on the instance too.
+    assert_eq!(counter(&router, "", "errors"), 1);
+    assert_eq!(counter(&router, "instance 0 ", "errors"), 1);
+    assert_eq!(counter(&router, "instance 0 ", "retried"), 0);
 }
 
 #[tokio::test]
@@ -653,9 +667,12 @@ async fn an_upgrade_is_tunnelled_with_the_bytes_sent_along_with_it() {
     c.write_all(b"more").await.unwrap();
     assert_eq!(read_exact(&mut c, 4).await, "more");
     assert_eq!(router.inflight(InstanceId(0)), 1);
-    // Closing the instance cuts the tunnel.
-    router.close(InstanceId(0));
+    // Closing the instance cuts the tunnel, which ends as a tcp connection
+    // would: counted, not an error.
+    assert_eq!(router.close(InstanceId(0)), 1);
     assert_eq!(read_to_end(&mut c).await, "");
+    wait_until(|| router.render(|_| Some(0)).contains("\nrequests 1\n")).await;
+    assert_eq!(counter(&router, "", "errors"), 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -712,6 +729,34 @@ async fn a_response_that_is_not_http_becomes_a_502_and_counts_as_an_error() {
     );
     let traffic = router.render(|_| Some(0));
     assert!(traffic.contains("\nerrors 1\n"), "{traffic}");
+    assert_eq!(counter(&router, "instance 0 ", "errors"), 1);
+}
+
+#[tokio::test]
+async fn a_response_cut_short_at_the_end_of_a_drain_counts_as_an_error() {
+    // The instance sends half its body, then nothing.
+    let backend = instance(|mut s, _| async move {
+        let _ = read_head(&mut s).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf.")
+            .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let h = read_head(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
+    assert_eq!(read_exact(&mut c, 5).await, "half.");
+    assert_eq!(router.close(InstanceId(0)), 1);
+    // The client sees its response end early; deployd counts it.
+    assert_eq!(read_to_end(&mut c).await, "");
+    wait_until(|| router.render(|_| Some(0)).contains("\nerrors 1\n")).await;
+    assert_eq!(counter(&router, "", "requests"), 1);
+    assert_eq!(counter(&router, "", "abandoned"), 0);
 }
 
 #[tokio::test]
@@ -825,6 +870,24 @@ async fn a_get_survives_a_dead_pooled_connection_and_a_mute_new_one() {
     assert!(held.await.unwrap().starts_with("HTTP/1.1 200 OK"));
 }
 
+/// A counter of the `traffic` file: `key` on the line that starts with
+/// `line` (`""` for the service's totals).
+fn counter(router: &Router, line: &str, key: &str) -> u64 {
+    let text = router.render(|id| Some(id.0 as u32));
+    let found = if line.is_empty() {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+    } else {
+        let l = text.lines().find(|l| l.starts_with(line));
+        l.and_then(|l| {
+            let mut words = l.split(' ');
+            words.find(|w| *w == key)?;
+            words.next()?.parse().ok()
+        })
+    };
+    found.unwrap_or_else(|| panic!("no {key} for {line:?} in:\n{text}"))
+}
+
 async fn wait_until(cond: impl Fn() -> bool) {
     for _ in 0..500 {
         if cond() {
@@ -861,6 +924,11 @@ async fn a_client_that_goes_away_frees_its_request_on_the_instance() {
     let got = tokio::time::timeout(Duration::from_secs(5), ended.recv()).await;
     assert_eq!(got.expect("instance connection still open"), Some(0));
     wait_until(|| router.inflight(InstanceId(0)) == 0).await;
+    // Neither served nor an error: abandoned.
+    assert_eq!(counter(&router, "", "abandoned"), 1);
+    assert_eq!(counter(&router, "instance 0 ", "abandoned"), 1);
+    assert_eq!(counter(&router, "", "requests"), 0);
+    assert_eq!(counter(&router, "", "errors"), 0);
 }
 
 #[tokio::test]
