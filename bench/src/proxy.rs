@@ -1,7 +1,9 @@
 //! The proxy's data path: requests/s and latency through deployd (http and
 //! tcp) against the same instance called directly, with keep-alive and with
 //! a new connection per request. One Node instance behind each service, so
-//! the backend is the same; wrk runs back to back, direct first.
+//! the backend is the same. Each row is [`ROUNDS`] rounds of short wrk runs,
+//! every proxied run right after a direct one, and gives medians: the
+//! shared machine's speed drifts too much for one long run of each.
 //!
 //! For scale, HAProxy (when installed; `bench/run` installs Debian's) proxies
 //! the same instance in the same run, one thread like deployd's proxy on
@@ -12,10 +14,9 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::env::{Deployd, Wrk, bench_dir, free_port, rss_kib, wait_until, wrk};
+use crate::env::{Deployd, Wrk, bench_dir, free_port, percentile, rss_kib, wait_until, wrk};
 use crate::{Report, verdict};
 
-const SECS: u64 = 5;
 const CONNS: u32 = 16;
 
 pub fn run(report: &mut Report) -> Result<(), String> {
@@ -54,42 +55,16 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         (true, "new connection per request", 0.6),
     ] {
         for (name, via, direct) in [("http", ph, direct_h), ("tcp", pt, direct_t)] {
-            let base = wrk(direct, "/", SECS, CONNS, close)?;
-            let (ours, cpu) = with_cpu(d.pid(), || wrk(via, "/", SECS, CONNS, close))?;
-            let reference = match &haproxy {
-                Ok(h) => {
-                    let port = if name == "http" { h.http } else { h.tcp };
-                    let (w, cpu) = with_cpu(h.pid(), || wrk(port, "/", SECS, CONNS, close))?;
-                    format!(
-                        "; HAProxy {:.0} req/s ({:.0}%), p99 {:.2} ms, {:.1} µs CPU/request",
-                        w.rps,
-                        w.rps / base.rps * 100.0,
-                        w.p99_ms,
-                        per_request(cpu, &w)
-                    )
-                }
-                Err(_) => String::new(),
-            };
-            let ratio = ours.rps / base.rps;
-            let added = ours.p99_ms - base.p99_ms;
-            let p99_target = !close;
-            let ok = ratio >= rate_target && (!p99_target || added <= 1.0) && ours.failed == 0;
-            report.add(
-                "proxy",
-                format!("{name} proxy, {mode}"),
-                format!(
-                    "{}; {:.1} µs CPU/request{}{}",
-                    against(&ours, &base),
-                    per_request(cpu, &ours),
-                    errors(&ours),
-                    reference,
-                ),
-                if p99_target {
-                    format!("≥ {:.0}% of direct, ≤ +1 ms p99", rate_target * 100.0)
-                } else {
-                    format!("≥ {:.0}% of direct", rate_target * 100.0)
-                },
-                verdict(ok),
+            let hap = haproxy.as_ref().ok().map(|h| {
+                let port = if name == "http" { h.http } else { h.tcp };
+                (h.pid(), port)
+            });
+            let r = rounds(direct, (d.pid(), via), hap, "/", close)?;
+            r.report(
+                report,
+                &format!("{name} proxy, {mode}"),
+                rate_target,
+                !close,
             );
         }
     }
@@ -98,17 +73,9 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     // doing 100 µs of work is closer to an application's.
     let path = "/work?us=100";
     let _ = wrk(ph, path, 1, CONNS, false);
-    let base = wrk(direct_h, path, SECS, CONNS, false)?;
-    let ours = wrk(ph, path, SECS, CONNS, false)?;
-    let ratio = ours.rps / base.rps;
-    let ok = ratio >= 0.8 && ours.p99_ms - base.p99_ms <= 1.0 && ours.failed == 0;
-    report.add(
-        "proxy",
-        "http proxy, keep-alive, 100 µs of work per request",
-        format!("{}{}", against(&ours, &base), errors(&ours)),
-        "≥ 80% of direct, ≤ +1 ms p99".to_string(),
-        verdict(ok),
-    );
+    let r = rounds(direct_h, (d.pid(), ph), None, path, false)?;
+    let what = "http proxy, keep-alive, 100 µs of work per request";
+    r.report(report, what, 0.8, true);
     drop(haproxy);
     drop(d);
     // Memory: clients (browsers, client pools) keep connections open and
@@ -180,26 +147,167 @@ fn idle_wave(pid: u32, port: u16, conns: &mut Vec<std::net::TcpStream>) -> Resul
     Ok((rss_kib(pid)? - before) / IDLE as f64)
 }
 
-/// A run through a proxy against the direct one: rate and latencies.
-fn against(ours: &Wrk, base: &Wrk) -> String {
-    format!(
-        "{:.0} req/s vs {:.0} direct ({:.0}%); p50 {:.2} / p99 {:.2} ms vs {:.2} / {:.2} ms direct",
-        ours.rps,
-        base.rps,
-        ours.rps / base.rps * 100.0,
-        ours.p50_ms,
-        ours.p99_ms,
-        base.p50_ms,
-        base.p99_ms,
-    )
+/// wrk runs per row: the machine is shared and its speed drifts by a
+/// quarter within a minute, so each proxied run is paired with a direct run
+/// just before it, and the row gives the median of the pairs' ratios.
+const ROUNDS: usize = 5;
+/// Seconds of each run of a round.
+const ROUND_SECS: u64 = 3;
+
+/// The runs through one proxy, each with the direct run of its round.
+struct Paired {
+    runs: Vec<(Wrk, Wrk)>,
+    /// CPU seconds the proxy spent over all its runs.
+    cpu: f64,
 }
 
-fn errors(w: &Wrk) -> String {
-    if w.failed + w.timeouts > 0 {
-        format!("; {} failed, {} timed out", w.failed, w.timeouts)
-    } else {
-        String::new()
+impl Paired {
+    fn ratio(&self) -> f64 {
+        median(self.runs.iter().map(|(w, b)| w.rps / b.rps))
     }
+
+    fn rps(&self) -> f64 {
+        median(self.runs.iter().map(|(w, _)| w.rps))
+    }
+
+    fn p99(&self) -> f64 {
+        median(self.runs.iter().map(|(w, _)| w.p99_ms))
+    }
+
+    /// The median over rounds of the p99 added to the direct one's.
+    fn added_p99(&self) -> f64 {
+        median(self.runs.iter().map(|(w, b)| w.p99_ms - b.p99_ms))
+    }
+
+    /// `61%, 55–66% in 5 rounds`.
+    fn spread(&self) -> String {
+        let r: Vec<f64> = self
+            .runs
+            .iter()
+            .map(|(w, b)| w.rps / b.rps * 100.0)
+            .collect();
+        let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!(
+            "{:.0}%, {lo:.0}–{hi:.0}% in {} rounds",
+            self.ratio() * 100.0,
+            r.len()
+        )
+    }
+
+    /// CPU per request, and the cores it kept busy while it ran.
+    fn cpu(&self) -> String {
+        let requests: u64 = self.runs.iter().map(|(w, _)| w.requests).sum();
+        let secs = (self.runs.len() as u64 * ROUND_SECS) as f64;
+        format!(
+            "{:.1} µs CPU/request, {:.2} cores",
+            self.cpu * 1e6 / requests.max(1) as f64,
+            self.cpu / secs
+        )
+    }
+
+    fn errors(&self) -> String {
+        let failed: u64 = self.runs.iter().map(|(w, _)| w.failed).sum();
+        let timeouts: u64 = self.runs.iter().map(|(w, _)| w.timeouts).sum();
+        if failed + timeouts > 0 {
+            format!("; {failed} failed, {timeouts} timed out")
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// deployd's runs and HAProxy's (if any), each paired with its round's
+/// direct run.
+struct Rounds {
+    ours: Paired,
+    haproxy: Option<Paired>,
+}
+
+impl Rounds {
+    /// Adds the row: its target is `rate_target` of direct, and with
+    /// `p99_target` at most 1 ms added to the p99.
+    fn report(&self, report: &mut Report, what: &str, rate_target: f64, p99_target: bool) {
+        let ours = &self.ours;
+        let failed: u64 = ours.runs.iter().map(|(w, _)| w.failed + w.timeouts).sum();
+        let ok =
+            ours.ratio() >= rate_target && (!p99_target || ours.added_p99() <= 1.0) && failed == 0;
+        let reference = match &self.haproxy {
+            Some(h) => format!(
+                "; HAProxy {:.0} req/s ({}), p99 {:.2} ms, {}",
+                h.rps(),
+                h.spread(),
+                h.p99(),
+                h.cpu()
+            ),
+            None => String::new(),
+        };
+        let direct = |f: fn(&Wrk) -> f64| median(ours.runs.iter().map(|(_, b)| f(b)));
+        report.add(
+            "proxy",
+            what,
+            format!(
+                "{:.0} req/s vs {:.0} direct ({}); p50 {:.2} / p99 {:.2} ms vs {:.2} / {:.2} ms direct; {}{}{}",
+                ours.rps(),
+                direct(|w| w.rps),
+                ours.spread(),
+                median(ours.runs.iter().map(|(w, _)| w.p50_ms)),
+                ours.p99(),
+                direct(|w| w.p50_ms),
+                direct(|w| w.p99_ms),
+                ours.cpu(),
+                ours.errors(),
+                reference,
+            ),
+            if p99_target {
+                format!("≥ {:.0}% of direct, ≤ +1 ms p99", rate_target * 100.0)
+            } else {
+                format!("≥ {:.0}% of direct", rate_target * 100.0)
+            },
+            verdict(ok),
+        );
+    }
+}
+
+/// [`ROUNDS`] rounds of: direct, through deployd (`ours`: its pid and
+/// port), direct, through HAProxy (`hap`).
+fn rounds(
+    direct: u16,
+    ours: (u32, u16),
+    hap: Option<(u32, u16)>,
+    path: &str,
+    close: bool,
+) -> Result<Rounds, String> {
+    let mut r = Rounds {
+        ours: Paired {
+            runs: Vec::new(),
+            cpu: 0.0,
+        },
+        haproxy: hap.map(|_| Paired {
+            runs: Vec::new(),
+            cpu: 0.0,
+        }),
+    };
+    let run = |port| wrk(port, path, ROUND_SECS, CONNS, close);
+    for _ in 0..ROUNDS {
+        let base = run(direct)?;
+        let (w, cpu) = with_cpu(ours.0, || run(ours.1))?;
+        r.ours.runs.push((w, base));
+        r.ours.cpu += cpu;
+        if let (Some((pid, port)), Some(h)) = (hap, r.haproxy.as_mut()) {
+            let base = run(direct)?;
+            let (w, cpu) = with_cpu(pid, || run(port))?;
+            h.runs.push((w, base));
+            h.cpu += cpu;
+        }
+    }
+    Ok(r)
+}
+
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 50.0)
 }
 
 /// Runs `f` and measures the CPU time (user + system, seconds) process
@@ -209,10 +317,6 @@ fn with_cpu<T>(pid: u32, f: impl FnOnce() -> Result<T, String>) -> Result<(T, f6
     let r = f()?;
     let after = cpu_seconds(pid);
     Ok((r, (after - before).max(0.0)))
-}
-
-fn per_request(cpu_secs: f64, w: &Wrk) -> f64 {
-    cpu_secs * 1e6 / w.requests.max(1) as f64
 }
 
 /// User + system time of a process, all its threads, in seconds.
