@@ -175,13 +175,24 @@ impl Scan<'_, '_> {
     }
 
     /// Writes the end-to-end headers, leaving out `skip` too.
+    ///
+    /// A header named in `Connection` is the hop's and left out, except
+    /// the two that delimit the body (RFC 9110 forbids naming them there;
+    /// a sender that does is kept to its word): deployd delimits the body
+    /// by them, so the next hop must too. Without them an instance would
+    /// read a request's body as the next request on a connection other
+    /// clients' requests share (smuggling), and a client a response's.
     fn write_end_to_end(&self, out: &mut Vec<u8>, skip: impl Fn(&str) -> bool) {
         let any_named = self
             .headers
             .iter()
             .any(|h| h.name.eq_ignore_ascii_case("connection"));
         for h in self.headers {
-            if hop_by_hop(h.name) || skip(h.name) || (any_named && self.named_in_connection(h.name))
+            let framing = h.name.eq_ignore_ascii_case("content-length")
+                || h.name.eq_ignore_ascii_case("transfer-encoding");
+            if hop_by_hop(h.name)
+                || skip(h.name)
+                || (any_named && !framing && self.named_in_connection(h.name))
             {
                 continue;
             }

@@ -387,6 +387,64 @@ async fn echo_heads() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
 }
 
 #[tokio::test]
+async fn a_body_is_never_read_as_a_request_whatever_connection_names() {
+    // The instance reads each request by its Content-Length, as servers
+    // do, and answers with the request lines it has seen so far.
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    let backend = instance(move |mut s, _| {
+        let log = log.clone();
+        async move {
+            loop {
+                let h = read_head(&mut s).await;
+                if h.is_empty() {
+                    return;
+                }
+                let len: usize = h
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse().ok())?
+                    })
+                    .unwrap_or(0);
+                let _ = read_exact(&mut s, len).await;
+                let body = {
+                    let mut log = log.lock();
+                    log.push(h.lines().next().unwrap_or("").to_string());
+                    log.join("|")
+                };
+                let r = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if s.write_all(r.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    // A body that is a request, whose length the client names as hop-by-hop.
+    let inner = "GET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+    let outer = format!(
+        "POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\nConnection: keep-alive, Content-Length\r\n\r\n{inner}",
+        inner.len()
+    );
+    c.write_all(outer.as_bytes()).await.unwrap();
+    let (_, body) = read_response(&mut c).await;
+    assert_eq!(body, "POST /upload HTTP/1.1");
+    c.write_all(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_response(&mut c).await;
+    assert_eq!(body, "POST /upload HTTP/1.1|GET /next HTTP/1.1");
+    assert!(!seen.lock().iter().any(|l| l.contains("smuggled")));
+}
+
+#[tokio::test]
 async fn pipelined_requests_are_answered_in_order_over_one_instance_connection() {
     let (backend, conns) = echo_heads().await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
@@ -1019,4 +1077,195 @@ async fn a_connection_quiet_for_a_while_serves_its_next_requests() {
         assert!(body.starts_with(&format!("GET /{i} HTTP/1.1")), "{body}");
     }
     assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+// ---- generated heads: the next hop frames a message as deployd did ----
+
+mod generated {
+    use proptest::prelude::*;
+
+    use super::super::head::{self, Framing, HeadError};
+
+    /// A header name in any case, from those that decide framing and
+    /// persistence, those that are hop-by-hop, and plain ones.
+    fn name() -> impl Strategy<Value = String> {
+        let names = prop::sample::select(vec![
+            "Content-Length",
+            "Transfer-Encoding",
+            "Connection",
+            "Upgrade",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Host",
+            "X-Forwarded-For",
+            "X-A",
+        ]);
+        (names, any::<u16>()).prop_map(|(n, case)| {
+            n.chars()
+                .enumerate()
+                .map(|(i, c)| {
+                    if case & (1 << (i % 16)) != 0 {
+                        c.to_ascii_uppercase()
+                    } else {
+                        c.to_ascii_lowercase()
+                    }
+                })
+                .collect()
+        })
+    }
+
+    /// A value any of those headers might carry, including the tokens that
+    /// name other headers in `Connection`.
+    fn value() -> impl Strategy<Value = String> {
+        let tokens = prop::sample::select(vec![
+            "close",
+            "keep-alive",
+            "upgrade",
+            "content-length",
+            "Transfer-Encoding",
+            "host",
+            "x-a",
+            "x-forwarded-for",
+            "chunked",
+            "gzip",
+            "identity",
+            "websocket",
+            "0",
+            "5",
+            "12",
+            "1.2.3.4",
+            "",
+        ]);
+        prop::collection::vec(tokens, 1..4).prop_map(|t| t.join(", "))
+    }
+
+    /// A value such a header usually has.
+    fn value_for(name: &str) -> BoxedStrategy<String> {
+        let pick = |v: Vec<&'static str>| {
+            prop::collection::vec(prop::sample::select(v), 1..3)
+                .prop_map(|t| t.join(", "))
+                .boxed()
+        };
+        match name.to_ascii_lowercase().as_str() {
+            "content-length" => pick(vec!["0", "5", "12"]),
+            "transfer-encoding" => pick(vec!["chunked", "gzip", "identity"]),
+            "connection" => pick(vec![
+                "close",
+                "keep-alive",
+                "upgrade",
+                "content-length",
+                "transfer-encoding",
+                "host",
+                "x-a",
+                "x-forwarded-for",
+            ]),
+            "upgrade" => Just("websocket".to_string()).boxed(),
+            _ => Just("1".to_string()).boxed(),
+        }
+    }
+
+    fn headers() -> impl Strategy<Value = String> {
+        let header = name().prop_flat_map(|n| {
+            let v = prop_oneof![4 => value_for(&n), 1 => value()];
+            (Just(n), v)
+        });
+        prop::collection::vec(header, 0..7).prop_map(|hs| {
+            hs.iter()
+                .map(|(n, v)| format!("{n}: {v}\r\n"))
+                .collect::<String>()
+        })
+    }
+
+    fn request() -> impl Strategy<Value = String> {
+        let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]);
+        let version = prop::sample::select(vec!["1.0", "1.1"]);
+        (method, version, headers()).prop_map(|(m, v, h)| format!("{m} /p HTTP/{v}\r\n{h}\r\n"))
+    }
+
+    fn response() -> impl Strategy<Value = String> {
+        let status = prop::sample::select(vec![100u16, 101, 200, 204, 304, 404, 500]);
+        let version = prop::sample::select(vec!["1.0", "1.1"]);
+        (status, version, headers()).prop_map(|(s, v, h)| format!("HTTP/{v} {s} X\r\n{h}\r\n"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// What deployd sends an instance delimits the body as deployd
+        /// read it: otherwise the bytes deployd passes as a body would be
+        /// read by the instance as another request (smuggling), on a
+        /// connection other clients' requests share.
+        #[test]
+        fn an_instance_frames_a_request_as_deployd_did(text in request()) {
+            let mut out = Vec::new();
+            let Ok(r) = head::request(text.as_bytes(), b"10.0.0.9", &mut out) else {
+                return Ok(());
+            };
+            let mut again = Vec::new();
+            let r2 = head::request(&out, b"10.0.0.9", &mut again);
+            let shown = String::from_utf8_lossy(&out).into_owned();
+            prop_assert!(r2.is_ok(), "{text:?} became {shown:?}: {r2:?}");
+            let r2 = r2.unwrap();
+            prop_assert_eq!(r2.body, r.body, "{:?} became {:?}", text, shown);
+            prop_assert_eq!(r2.upgrade, r.upgrade, "{:?} became {:?}", text, shown);
+            prop_assert_eq!(r2.len, out.len());
+            // Every split is waited on until the head is whole.
+            for cut in 0..r.len {
+                let partial = head::request(&text.as_bytes()[..cut], b"", &mut again);
+                prop_assert_eq!(partial.err(), Some(HeadError::Partial));
+            }
+        }
+
+        /// What deployd sends a client delimits the response's body as
+        /// deployd read it, and says `Connection: close` when the client's
+        /// connection will not go on.
+        #[test]
+        fn a_client_frames_a_response_as_deployd_did(
+            req_text in request(),
+            text in response(),
+            keep in any::<bool>(),
+        ) {
+            let mut scratch = Vec::new();
+            let Ok(req) = head::request(req_text.as_bytes(), b"", &mut scratch) else {
+                return Ok(());
+            };
+            let mut out = Vec::new();
+            let Ok(h) = head::response(text.as_bytes(), &req, keep, &mut out) else {
+                return Ok(());
+            };
+            let mut again = Vec::new();
+            let h2 = head::response(&out, &req, true, &mut again);
+            let shown = String::from_utf8_lossy(&out).into_owned();
+            prop_assert!(h2.is_ok(), "{text:?} became {shown:?}: {h2:?}");
+            let h2 = h2.unwrap();
+            prop_assert_eq!(h2.status, h.status);
+            prop_assert_eq!(h2.body, h.body, "{:?} became {:?}", text, shown);
+            prop_assert_eq!(h2.len, out.len());
+            // The client's connection goes on exactly when the head it
+            // gets says it persists (a tunnel's is the tunnel's).
+            if !(100..200).contains(&h.status) {
+                prop_assert_eq!(h2.reusable, h.keep_client, "{:?} became {:?}", text, shown);
+            }
+            if h.body == Framing::Eof {
+                prop_assert!(!h.keep_client);
+            }
+        }
+
+        /// Any bytes at all: an answer, never a panic, and never a head
+        /// longer than what was read.
+        #[test]
+        fn any_bytes_get_a_verdict(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut out = Vec::new();
+            if let Ok(r) = head::request(&bytes, b"", &mut out) {
+                prop_assert!(r.len <= bytes.len());
+            }
+            let mut scratch = Vec::new();
+            let get = head::request(b"GET / HTTP/1.1\r\n\r\n", b"", &mut scratch);
+            prop_assert!(get.is_ok());
+            if let Ok(h) = head::response(&bytes, &get.unwrap(), true, &mut out) {
+                prop_assert!(h.len <= bytes.len());
+            }
+        }
+    }
 }
