@@ -3,6 +3,7 @@
 //! copies more than a read buffer's worth and never re-encodes.
 
 use std::io::{self, IoSlice};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -236,6 +237,8 @@ impl Remaining {
 pub enum BodyError {
     /// The side it came from closed early or failed.
     Source,
+    /// The side it came from sent nothing for the time allowed.
+    Stalled,
     /// The side it went to failed.
     Sink,
     /// It was not the framing it said.
@@ -245,13 +248,15 @@ pub enum BodyError {
 /// Sends `prefix` (a head, possibly empty) and then the body from `buf` and
 /// `src` to `dst` until `body` ends, in as few writes as the bytes allow:
 /// a head and the body bytes read with it go in one. Bytes after the body
-/// stay in `buf`.
+/// stay in `buf`. With `idle`, `src` may not go longer than that without
+/// sending a byte.
 pub async fn pass(
     prefix: &[u8],
     src: &mut (impl AsyncRead + Unpin),
     buf: &mut Buf,
     dst: &mut (impl AsyncWrite + Unpin),
     body: &mut Remaining,
+    idle: Option<Duration>,
 ) -> Result<(), BodyError> {
     let mut prefix = prefix;
     loop {
@@ -266,7 +271,15 @@ pub async fn pass(
         if done {
             return Ok(());
         }
-        match buf.read_from(src).await {
+        let read = buf.read_from(src);
+        let read = match idle {
+            Some(limit) => match tokio::time::timeout(limit, read).await {
+                Ok(r) => r,
+                Err(_) => return Err(BodyError::Stalled),
+            },
+            None => read.await,
+        };
+        match read {
             Ok(0) if matches!(body, Remaining::UntilEof) => {
                 *body = Remaining::Nothing;
                 return Ok(());

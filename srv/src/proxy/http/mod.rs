@@ -50,6 +50,11 @@ const MAX_IDLE: usize = 256;
 /// client that dribbles one, Slowloris-style, holds nothing for long).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A request body may not pause longer than this between two reads: a
+/// client that stops halfway through an upload does not hold its instance's
+/// connection (and its drain) for ever. As nginx's `client_body_timeout`.
+const BODY_IDLE: Duration = Duration::from_secs(30);
+
 /// A client connection with no request for this long is closed. Long, so
 /// that clients' own pools (which often never time out) rarely send a
 /// request on a connection just as deployd closes it; finite, so that
@@ -96,6 +101,8 @@ enum Outcome {
     Broken { sent: bool },
     /// The client went away (or sent a body that is not what it said).
     ClientGone,
+    /// The client sent nothing of its request's body for [`BODY_IDLE`].
+    Stalled,
     /// A 101 was passed on and the tunnel ran until a side closed.
     Upgraded,
     /// deployd closed the instance (its drain was over).
@@ -288,6 +295,14 @@ async fn exchange(
                 router.abandoned(&backend);
                 return false;
             }
+            Outcome::Stalled => {
+                router.abandoned(&backend);
+                if !s.answered {
+                    let msg = "request body not received in time\n";
+                    reply(client, &mut s.rout, 408, msg, Some(req), false).await;
+                }
+                return false;
+            }
             // Cut at the end of its drain after part of its answer went
             // out: a tunnel ends as a tcp connection would, a response cut
             // short failed its client.
@@ -340,12 +355,13 @@ async fn forward(
     let client_side = async {
         if req.body != Framing::None {
             let mut rem = Remaining::from(req.body);
-            match body::pass(out, &mut cr, cbuf, &mut bw, &mut rem).await {
+            match body::pass(out, &mut cr, cbuf, &mut bw, &mut rem, Some(BODY_IDLE)).await {
                 Ok(()) => sent.store(true, Ordering::Relaxed),
                 // The instance stopped reading; its answer, if any, still
                 // counts.
                 Err(BodyError::Sink) => {}
-                Err(BodyError::Source | BodyError::Malformed) => return,
+                Err(BodyError::Stalled) => return Outcome::Stalled,
+                Err(BodyError::Source | BodyError::Malformed) => return Outcome::ClientGone,
             }
         }
         if !req.keep_alive {
@@ -354,6 +370,7 @@ async fn forward(
             return std::future::pending().await;
         }
         watch(&mut cr, cbuf).await;
+        Outcome::ClientGone
     };
     let outcome = {
         let down = respond(&mut up, bbuf, rout, &mut cw, req, &sent, answered);
@@ -372,7 +389,7 @@ async fn forward(
                 },
                 o => o,
             },
-            () = &mut client_side => return Outcome::ClientGone,
+            o = &mut client_side => return o,
         }
     };
     if outcome == Outcome::Upgraded {
@@ -454,7 +471,8 @@ async fn respond(
             }
             status => {
                 let mut rem = Remaining::from(h.body);
-                return match body::pass(rout, up, bbuf, cw, &mut rem).await {
+                // A response may take its time (a stream, a long poll).
+                return match body::pass(rout, up, bbuf, cw, &mut rem, None).await {
                     Ok(()) => Outcome::Done {
                         status,
                         reusable: h.reusable && bbuf.is_empty(),

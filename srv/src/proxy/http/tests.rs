@@ -734,6 +734,53 @@ async fn an_upgrade_is_tunnelled_with_the_bytes_sent_along_with_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_upload_that_stops_halfway_gets_408_and_frees_its_instance() {
+    // The instance takes what comes of the body and reports when its
+    // connection ends.
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let backend = instance(move |mut s, _| {
+        let ended_tx = ended_tx.clone();
+        async move {
+            let _ = read_head(&mut s).await;
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got).await;
+            let _ = ended_tx.send(got);
+        }
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    c.write_all(b"POST /upload HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+        .await
+        .unwrap();
+    // Bytes that keep coming, however slowly, keep it going.
+    for _ in 0..3 {
+        tokio::time::sleep(super::BODY_IDLE / 2).await;
+        c.write_all(b"d").await.unwrap();
+    }
+    assert_eq!(router.inflight(InstanceId(0)), 1);
+    // Then nothing.
+    let r = read_to_end_within(&mut c, Duration::from_secs(120)).await;
+    assert!(r.starts_with("HTTP/1.1 408 Request Timeout\r\n"), "{r}");
+    assert!(r.contains("Connection: close"), "{r}");
+    assert!(r.ends_with("request body not received in time\n"), "{r}");
+    let took = started.elapsed();
+    let expected = super::BODY_IDLE / 2 * 3 + super::BODY_IDLE;
+    assert!(
+        took >= expected && took < expected + Duration::from_secs(5),
+        "{took:?}"
+    );
+    let got = tokio::time::timeout(Duration::from_secs(5), ended.recv()).await;
+    assert_eq!(
+        got.expect("instance connection still open"),
+        Some(b"abcddd".to_vec())
+    );
+    assert_eq!(router.inflight(InstanceId(0)), 0);
+    assert_eq!(counter(&router, "", "abandoned"), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_head_that_dribbles_in_gets_408_and_an_idle_connection_is_closed() {
     let (backend, conns) = echo_heads().await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
