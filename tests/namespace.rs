@@ -190,6 +190,54 @@ fn other_users_cannot_use_the_mount() {
     assert_eq!(d.field("active/web/state"), "running");
 }
 
+/// Nothing is created, removed, renamed or linked through the mount, and
+/// each refusal is `Operation not permitted`, even for root.
+#[test]
+fn the_namespace_keeps_its_shape() {
+    let Some(d) = Deployd::start(&[("web", "exec sleep 1000\n".to_string())]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let web = d.mnt.join("active/web");
+    let before = d.sh("ls -R $ROOT").stdout;
+    let attempts: Vec<(&str, std::io::Result<()>)> = vec![
+        ("create", std::fs::File::create(web.join("new")).map(|_| ())),
+        ("mkdir", std::fs::create_dir(d.mnt.join("active/other"))),
+        ("unlink", std::fs::remove_file(web.join("version"))),
+        ("rmdir", std::fs::remove_dir(web.join("instances"))),
+        ("rename", std::fs::rename(web.join("ctl"), web.join("ctl2"))),
+        ("rename dir", std::fs::rename(&web, d.mnt.join("active/w2"))),
+        ("symlink", std::os::unix::fs::symlink("ctl", web.join("l"))),
+        (
+            "link",
+            std::fs::hard_link(web.join("ctl"), web.join("ctl3")),
+        ),
+    ];
+    for (what, r) in attempts {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{what}: {e}");
+    }
+    let path = std::ffi::CString::new(web.join("ctl").as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path, name and a value of the given length.
+    let r = unsafe {
+        libc::setxattr(
+            path.as_ptr(),
+            c"user.x".as_ptr(),
+            c"1".as_ptr().cast(),
+            1,
+            0,
+        )
+    };
+    let e = std::io::Error::last_os_error();
+    assert_eq!(
+        (r, e.raw_os_error()),
+        (-1, Some(libc::EPERM)),
+        "setxattr: {e}"
+    );
+    assert_eq!(d.sh("ls -R $ROOT").stdout, before);
+    assert_eq!(d.field("active/web/state"), "running");
+}
+
 #[test]
 fn stop_start_and_remove_through_the_root_ctl() {
     let Some(d) = Deployd::start(&[("web", app_manifest(2, ""))]) else {
