@@ -1299,6 +1299,58 @@ mod generated {
             }
         }
 
+        /// A chunked body, however its chunks, extensions and trailers
+        /// come and however the reads split it, ends exactly where it
+        /// ends: the next request's bytes are never taken as body.
+        #[test]
+        fn a_chunked_body_ends_where_it_ends(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 0..6),
+            ext in any::<bool>(),
+            trailers in prop::collection::vec("[A-Za-z]{1,8}: [ -~]{0,16}", 0..3),
+            upper in any::<bool>(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let mut body = Vec::new();
+            for c in &chunks {
+                let size = if upper { format!("{:X}", c.len()) } else { format!("{:x}", c.len()) };
+                body.extend_from_slice(size.as_bytes());
+                if ext {
+                    body.extend_from_slice(b";name=\"v\"");
+                }
+                body.extend_from_slice(b"\r\n");
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n");
+            for t in &trailers {
+                body.extend_from_slice(t.as_bytes());
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"\r\n");
+            let len = body.len();
+            body.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(body.len())).collect();
+            points.push(body.len());
+            points.sort_unstable();
+            let mut c = super::Chunked::default();
+            let mut start = 0;
+            let mut end = None;
+            for p in points {
+                if p <= start {
+                    continue;
+                }
+                match c.feed(&body[start..p]) {
+                    Ok(Some(n)) => {
+                        end = Some(start + n);
+                        break;
+                    }
+                    Ok(None) => start = p,
+                    Err(e) => prop_assert!(false, "{e:?} at {start}..{p}"),
+                }
+            }
+            prop_assert_eq!(end, Some(len));
+        }
+
         /// Any bytes at all: an answer, never a panic, and never a head
         /// longer than what was read.
         #[test]
@@ -1312,6 +1364,9 @@ mod generated {
             prop_assert!(get.is_ok());
             if let Ok(h) = head::response(&bytes, &get.unwrap(), true, &mut out) {
                 prop_assert!(h.len <= bytes.len());
+            }
+            if let Ok(Some(n)) = super::Chunked::default().feed(&bytes) {
+                prop_assert!(n <= bytes.len());
             }
         }
     }
