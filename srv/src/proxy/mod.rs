@@ -293,10 +293,13 @@ impl Router {
         }
     }
 
-    /// Records a request or connection that failed on `backend` unseen and
-    /// is sent again.
-    fn retried(&self, backend: &Backend) {
+    /// A request or connection failed on `backend` before its client saw
+    /// anything and goes again: `backend` is probed now, counted as
+    /// retried, and added to `tried` (left out of the next pick).
+    fn retry_elsewhere(&self, backend: &Backend, tried: &mut Vec<InstanceId>) {
+        backend.suspect();
         self.add(Some(backend), |c| &c.retried);
+        tried.push(backend.id);
     }
 
     /// Records a request whose client left before its response was through.

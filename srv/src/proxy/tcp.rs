@@ -31,9 +31,7 @@ pub(super) async fn serve(mut client: TcpStream, router: Arc<Router>) {
         let mut upstream = match TcpStream::connect(backend.addr).await {
             Ok(s) => s,
             Err(_) => {
-                backend.suspect();
-                router.retried(&backend);
-                tried.push(backend.id);
+                router.retry_elsewhere(&backend, &mut tried);
                 continue;
             }
         };

@@ -221,9 +221,7 @@ async fn exchange(
             Ok(c) => c,
             Err(_) => {
                 // Died between probes: try another, probe it now.
-                backend.suspect();
-                router.retried(&backend);
-                tried.push(backend.id);
+                router.retry_elsewhere(&backend, &mut tried);
                 continue;
             }
         };
@@ -269,9 +267,7 @@ async fn exchange(
                 // Nothing from a new connection, or stopped: the instance
                 // is in trouble. Another one gets the request.
                 retried = true;
-                backend.suspect();
-                router.retried(&backend);
-                tried.push(backend.id);
+                router.retry_elsewhere(&backend, &mut tried);
                 fresh = false;
             }
             Outcome::NoAnswer => {
