@@ -313,11 +313,18 @@ fn cli_events_logs_and_status() {
         "{detail}"
     );
     assert!(detail.contains("INSTANCE  PID"), "{detail}");
-    assert!(detail.contains("INFLIGHT"), "{detail}");
+    assert!(
+        detail.contains("INFLIGHT  REQUESTS  ERRORS  RETRIED"),
+        "{detail}"
+    );
     let j: serde_json::Value =
         serde_json::from_slice(&d.deploy(&["status", "web", "--json"]).stdout).unwrap();
     assert_eq!(j["traffic"]["served"], 1);
     assert_eq!(j["traffic"]["abandoned"], 0);
+    let per_instance: u64 = (0..2)
+        .map(|i| j["instances"][i]["traffic"]["served"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(per_instance, 1, "{j}");
     assert_eq!(j["instances"][0]["inflight"], 0);
 
     // -f follows: a new event shows up in the running command's output.

@@ -56,6 +56,17 @@ struct Instance {
     version: String,
     port: Option<u16>,
     inflight: u64,
+    /// What it served through the service's port, once routed in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traffic: Option<InstanceTraffic>,
+}
+
+/// One instance's line of the `traffic` file.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+struct InstanceTraffic {
+    served: u64,
+    errors: u64,
+    retried: u64,
 }
 
 /// Reads the totals of a `traffic` file: `port P MODE`, then one `NAME N`
@@ -90,6 +101,29 @@ fn traffic(text: &str) -> Option<Traffic> {
         abandoned: get("abandoned"),
         mode,
     })
+}
+
+/// The instance lines of a `traffic` file, by instance number:
+/// `instance N requests R inflight I errors E retried T ...`.
+fn instance_traffic(text: &str) -> Vec<(u32, InstanceTraffic)> {
+    text.lines()
+        .filter_map(|l| {
+            let mut words = l.strip_prefix("instance ")?.split(' ');
+            let n = words.next()?.parse().ok()?;
+            let words: Vec<&str> = words.collect();
+            let get = |key: &str| {
+                let i = words.iter().position(|w| *w == key)?;
+                words.get(i + 1)?.parse().ok()
+            };
+            let served = get("requests").or_else(|| get("connections"))?;
+            let t = InstanceTraffic {
+                served,
+                errors: get("errors")?,
+                retried: get("retried").unwrap_or(0),
+            };
+            Some((n, t))
+        })
+        .collect()
 }
 
 /// Prints every service.
@@ -137,6 +171,7 @@ pub fn all(ns: &Ns, json: bool) -> Result<Exit, Fail> {
 pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
     let dir = ns.service(service)?;
     let previous = ns::read_field(&dir, "previous_version");
+    let traffic_text = ns::read_field(&dir, "traffic");
     let d = Detail {
         service: service.to_string(),
         version: ns::read_field(&dir, "version"),
@@ -144,8 +179,8 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         update_status: ns::read_field(&dir, "update_status"),
         progress: ns::read_field(&dir, "update_progress"),
         state: ns::read_field(&dir, "state"),
-        traffic: traffic(&ns::read_field(&dir, "traffic")),
-        instances: instances(&dir.join("instances")),
+        traffic: traffic(&traffic_text),
+        instances: instances(&dir.join("instances"), &instance_traffic(&traffic_text)),
     };
     let mut out = std::io::stdout().lock();
     if json {
@@ -184,32 +219,45 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         writeln!(out)?;
     }
     writeln!(out)?;
-    let rows: Vec<[String; 6]> = d
-        .instances
-        .iter()
-        .map(|i| {
-            [
-                i.instance.to_string(),
-                i.pid.map_or("-".into(), |p| p.to_string()),
-                i.state.clone(),
-                i.version.clone(),
-                i.port.map_or("-".into(), |p| p.to_string()),
-                i.inflight.to_string(),
-            ]
-        })
-        .collect();
-    let head = ["INSTANCE", "PID", "STATE", "VERSION", "PORT", "INFLIGHT"];
-    let table: Vec<[&str; 6]> = std::iter::once(head)
-        .chain(
-            rows.iter()
-                .map(|r| [r[0].as_str(), &r[1], &r[2], &r[3], &r[4], &r[5]]),
-        )
-        .collect();
+    // With a port, what each instance served and failed.
+    let served = d.traffic.as_ref().map(|t| {
+        if t.mode == "tcp" {
+            "CONNECTIONS"
+        } else {
+            "REQUESTS"
+        }
+    });
+    let mut head = vec!["INSTANCE", "PID", "STATE", "VERSION", "PORT", "INFLIGHT"];
+    if let Some(s) = served {
+        head.extend([s, "ERRORS", "RETRIED"]);
+    }
+    let mut table: Vec<Vec<String>> = vec![head.into_iter().map(String::from).collect()];
+    for i in &d.instances {
+        let mut row = vec![
+            i.instance.to_string(),
+            i.pid.map_or("-".into(), |p| p.to_string()),
+            i.state.clone(),
+            i.version.clone(),
+            i.port.map_or("-".into(), |p| p.to_string()),
+            i.inflight.to_string(),
+        ];
+        if served.is_some() {
+            let t = i.traffic;
+            for v in [
+                t.map(|t| t.served),
+                t.map(|t| t.errors),
+                t.map(|t| t.retried),
+            ] {
+                row.push(v.map_or("-".into(), |v| v.to_string()));
+            }
+        }
+        table.push(row);
+    }
     print_table(&mut out, &table)?;
     Ok(Exit::Ok)
 }
 
-fn instances(dir: &Path) -> Vec<Instance> {
+fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
     let mut numbers: Vec<u32> = std::fs::read_dir(dir)
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -229,6 +277,7 @@ fn instances(dir: &Path) -> Vec<Instance> {
                 version: ns::read_field(&d, "version"),
                 port: ns::read_field(&d, "port").parse().ok(),
                 inflight: ns::read_field(&d, "inflight").parse().unwrap_or(0),
+                traffic: traffic.iter().find(|(m, _)| *m == n).map(|(_, t)| *t),
             }
         })
         // An instance that went between the listing and the reads.
@@ -236,17 +285,22 @@ fn instances(dir: &Path) -> Vec<Instance> {
         .collect()
 }
 
-fn print_table<const N: usize>(out: &mut impl Write, rows: &[[&str; N]]) -> std::io::Result<()> {
-    let mut widths = [0usize; N];
+fn print_table<R: AsRef<[S]>, S: AsRef<str>>(
+    out: &mut impl Write,
+    rows: &[R],
+) -> std::io::Result<()> {
+    let n = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let mut widths = vec![0usize; n];
     for r in rows {
-        for (w, c) in widths.iter_mut().zip(r) {
-            *w = (*w).max(c.len());
+        for (w, c) in widths.iter_mut().zip(r.as_ref()) {
+            *w = (*w).max(c.as_ref().len());
         }
     }
     for r in rows {
         let mut line = String::new();
-        for (i, c) in r.iter().enumerate() {
-            if i + 1 == N {
+        for (i, c) in r.as_ref().iter().enumerate() {
+            let c = c.as_ref();
+            if i + 1 == n {
                 line.push_str(c);
             } else {
                 line.push_str(&format!("{c:<w$}  ", w = widths[i]));
@@ -280,6 +334,22 @@ mod tests {
             (t.mode.as_str(), t.served, t.retried, t.abandoned),
             ("tcp", 5, 1, None)
         );
+        let rows = super::instance_traffic(
+            "port 8080 http\nrequests 12\ninflight 3\nerrors 1\nretried 2\nabandoned 4\n\
+             instance 0 requests 12 inflight 3 errors 1 retried 2 abandoned 4\n\
+             instance 3 requests 7 inflight 0 errors 0 retried 0 abandoned 0 draining\n",
+        );
+        let t = |served, errors, retried| super::InstanceTraffic {
+            served,
+            errors,
+            retried,
+        };
+        assert_eq!(rows, vec![(0, t(12, 1, 2)), (3, t(7, 0, 0))]);
+        let rows = super::instance_traffic(
+            "port 9 tcp\nconnections 5\ninflight 0\nerrors 0\nretried 1\n\
+             instance 1 connections 5 inflight 0 errors 0 retried 1\n",
+        );
+        assert_eq!(rows, vec![(1, t(5, 0, 1))]);
         // A counter missing: not traffic.
         assert!(super::traffic("port 9 tcp\nconnections 5\ninflight 0\n").is_none());
         assert!(super::traffic("no port: deployd routes no traffic to this service").is_none());
