@@ -187,12 +187,13 @@ impl Scan<'_, '_> {
             .headers
             .iter()
             .any(|h| h.name.eq_ignore_ascii_case("connection"));
+        let framing = |n: &str| {
+            n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding")
+        };
         for h in self.headers {
-            let framing = h.name.eq_ignore_ascii_case("content-length")
-                || h.name.eq_ignore_ascii_case("transfer-encoding");
             if hop_by_hop(h.name)
                 || skip(h.name)
-                || (any_named && !framing && self.named_in_connection(h.name))
+                || (any_named && !framing(h.name) && self.named_in_connection(h.name))
             {
                 continue;
             }
