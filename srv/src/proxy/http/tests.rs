@@ -317,6 +317,13 @@ where
     port
 }
 
+/// A client connection to the proxy on `port` that has sent `bytes`.
+async fn send(port: u16, bytes: &[u8]) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(bytes).await.unwrap();
+    c
+}
+
 /// Reads one head (to its blank line) from `s`, byte by byte.
 async fn read_head(s: &mut TcpStream) -> String {
     let mut h = Vec::new();
@@ -448,12 +455,7 @@ async fn a_body_is_never_read_as_a_request_whatever_connection_names() {
 async fn pipelined_requests_are_answered_in_order_over_one_instance_connection() {
     let (backend, conns) = echo_heads().await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(
-        b"GET /1 HTTP/1.1\r\nHost: a\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let mut c = send(port, b"GET /1 HTTP/1.1\r\nHost: a\r\nConnection: X-Hop\r\nX-Hop: 1\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 9.9.9.9\r\n\r\n",).await;
     for (path, xff) in [("/1", "127.0.0.1"), ("/2", "9.9.9.9, 127.0.0.1")] {
         let (h, body) = read_response(&mut c).await;
         assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
@@ -498,10 +500,11 @@ async fn bodies_pass_in_their_own_framing_both_ways() {
     })
     .await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
-        .await
-        .unwrap();
+    let mut c = send(
+        port,
+        b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    )
+    .await;
     // The body in dribs, as a streaming client sends it.
     for part in CHUNKED.chunks(9) {
         c.write_all(part).await.unwrap();
@@ -525,8 +528,7 @@ async fn a_close_delimited_response_reaches_the_client_whole_then_closes() {
     })
     .await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut c = send(port, b"GET / HTTP/1.1\r\n\r\n").await;
     let all = read_to_end(&mut c).await;
     assert_eq!(
         all,
@@ -547,10 +549,11 @@ async fn expect_100_continue_is_passed_on_before_the_body() {
     })
     .await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
-        .await
-        .unwrap();
+    let mut c = send(
+        port,
+        b"POST / HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
     // The client sends its body only after the 100.
     assert_eq!(read_head(&mut c).await, "HTTP/1.1 100 Continue\r\n\r\n");
     c.write_all(b"data").await.unwrap();
@@ -561,10 +564,11 @@ async fn expect_100_continue_is_passed_on_before_the_body() {
 
 /// One GET on a new client connection; the response's head and body.
 async fn get(port: u16, path: &str) -> String {
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut c = send(
+        port,
+        format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
     read_to_end(&mut c).await
 }
 
@@ -629,10 +633,7 @@ async fn an_idempotent_request_the_instance_drops_is_retried_on_another() {
     // A POST has been sent once and may have done its work: it is not sent
     // again, and the client is told.
     let (router, port) = proxy(&[mute], Duration::from_millis(200)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi")
-        .await
-        .unwrap();
+    let mut c = send(port, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi").await;
     let r = read_to_end(&mut c).await;
     assert!(r.starts_with("HTTP/1.1 502 Bad Gateway"), "{r}");
     assert!(
@@ -654,8 +655,7 @@ async fn bad_requests_get_400_and_nothing_reaches_an_instance() {
         "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
         "NOT HTTP AT ALL\r\n\r\n",
     ] {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        c.write_all(bad.as_bytes()).await.unwrap();
+        let mut c = send(port, bad.as_bytes()).await;
         let r = read_to_end(&mut c).await;
         assert!(r.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{bad}: {r}");
         assert!(r.contains("Connection: close"), "{r}");
@@ -714,11 +714,12 @@ async fn an_upgrade_is_tunnelled_with_the_bytes_sent_along_with_it() {
     })
     .await;
     let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     // The first tunnel bytes ride with the request.
-    c.write_all(b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly")
-        .await
-        .unwrap();
+    let mut c = send(
+        port,
+        b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly",
+    )
+    .await;
     let h = read_head(&mut c).await;
     assert!(h.starts_with("HTTP/1.1 101 "), "{h}");
     assert_eq!(read_exact(&mut c, 11).await, "hello early");
@@ -849,10 +850,7 @@ async fn a_response_cut_short_at_the_end_of_a_drain_counts_as_an_error() {
     })
     .await;
     let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut c = send(port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let h = read_head(&mut c).await;
     assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
     assert_eq!(read_exact(&mut c, 5).await, "half.");
@@ -1018,10 +1016,7 @@ async fn a_client_that_goes_away_frees_its_request_on_the_instance() {
     })
     .await;
     let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"GET /long-poll HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let c = send(port, b"GET /long-poll HTTP/1.1\r\nHost: a\r\n\r\n").await;
     wait_until(|| router.inflight(InstanceId(0)) == 1).await;
     drop(c);
     // Its connection to the instance is closed, and nothing is in flight
@@ -1049,10 +1044,11 @@ async fn a_client_that_only_stopped_sending_after_its_last_request_gets_the_answ
     })
     .await;
     let (_router, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let mut c = send(
+        port,
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     c.shutdown().await.unwrap();
     let r = read_to_end(&mut c).await;
     assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
@@ -1086,10 +1082,7 @@ async fn a_request_pipelined_while_one_is_with_its_instance_is_kept_for_after() 
     })
     .await;
     let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    c.write_all(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut c = send(port, b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
     wait_until(|| router.inflight(InstanceId(0)) == 1).await;
     // Read by the watch on the client while /1 is with its instance: more
     // than its buffer holds, the rest waiting in the kernel's.
