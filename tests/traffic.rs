@@ -276,6 +276,106 @@ fn tcp_connection_still_open_after_drain_is_closed() {
     );
 }
 
+/// Stopping deployd drains too: it stops listening and closes idle
+/// keep-alive connections at once, lets the request in flight finish on
+/// its instance (its response says `Connection: close`), and only then
+/// stops the instances and exits 0.
+#[test]
+fn stopping_deployd_lets_requests_in_flight_finish() {
+    let port = free_port();
+    let Some(mut d) = Deployd::start(&[("web", web(port, "http", 1, "drain 20s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let pid = d.instances("web")[0].1;
+    let keep_alive = move |path: &str| {
+        let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(LONG)).unwrap();
+        (&conn)
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: web\r\n\r\n").as_bytes())
+            .unwrap();
+        BufReader::new(conn)
+    };
+    // A keep-alive connection, used once and idle since.
+    let mut idle = keep_alive("/");
+    let (status, _, keep) = common::load::read_response(&mut idle).unwrap();
+    assert_eq!((status, keep), (200, true));
+    // A long request in flight, on a keep-alive connection.
+    let slow = std::thread::spawn(move || {
+        let mut conn = keep_alive("/slow?ms=3000");
+        let response = common::load::read_response(&mut conn);
+        let mut rest = [0u8; 16];
+        (response, conn.read(&mut rest))
+    });
+    wait_inflight(&d, "web", 1, "the slow request to be in flight");
+    d.sigterm();
+    // The idle connection is closed at once, while the request is still
+    // with the instance, which is still running.
+    let mut rest = [0u8; 16];
+    assert_eq!(
+        idle.read(&mut rest)
+            .expect("the idle connection stayed open"),
+        0
+    );
+    assert!(!slow.is_finished());
+    assert!(alive(pid));
+    wait_for("the port to stop listening", LONG, || {
+        TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
+    wait_for("the wait to be logged", LONG, || {
+        d.try_read("active/web/events")
+            .contains("deployd stopping: waiting up to 20s for 1 request in flight")
+    });
+    let (response, after) = slow.join().unwrap();
+    let (status, body, keep) = response.expect("the request in flight failed");
+    assert_eq!(status, 200);
+    assert!(body.starts_with("slow "), "{body}");
+    assert!(!keep, "the last response did not say Connection: close");
+    assert_eq!(after.expect("the connection stayed open"), 0);
+    assert_eq!(d.wait_exit(LONG), Some(0), "{}", d.log());
+    assert!(!alive(pid));
+}
+
+/// A second stop signal does not wait for traffic: a tcp connection that
+/// would hold the stop for its whole `drain` is closed at once.
+#[test]
+fn a_second_sigterm_stops_deployd_without_waiting_for_traffic() {
+    let port = free_port();
+    let Some(mut d) = Deployd::start(&[("api", web(port, "tcp", 1, "drain 60s\n"))]) else {
+        return;
+    };
+    d.settle("api", LONG);
+    let pid = d.instances("api")[0].1;
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    wait_inflight(&d, "api", 1, "the connection to be counted");
+    d.sigterm();
+    wait_for("the wait to be logged", LONG, || {
+        d.try_read("active/api/events")
+            .contains("deployd stopping: waiting up to 1m for 1 connection in flight")
+    });
+    // Held open by the wait: the connection still reaches the instance.
+    conn.write_all(b"Host: api\r\n\r\n").unwrap();
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    conn.set_read_timeout(Some(LONG)).unwrap();
+    let (status, _, _) = common::load::read_response(&mut r).expect("the held connection failed");
+    assert_eq!(status, 200);
+    assert!(alive(d.pid()), "deployd did not wait: {}", d.log());
+    d.sigterm();
+    // Well before the minute of drain the first signal waits for.
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = [0u8; 16];
+    assert_eq!(r.read(&mut rest).expect("the connection stayed open"), 0);
+    assert_eq!(d.wait_exit(Duration::from_secs(30)), Some(0), "{}", d.log());
+    assert!(!alive(pid));
+    let events = std::fs::read_to_string(d.state.join("services/api/events.log")).unwrap();
+    assert!(
+        events.contains("instance 0: drain of 1m over with 1 connection still open; closing"),
+        "{events}"
+    );
+}
+
 /// Acceptance 4: `update replace` with one replica: requests that arrive
 /// while no instance is up wait for the new one and succeed.
 #[test]

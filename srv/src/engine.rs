@@ -23,7 +23,7 @@ use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{
     Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Service, Spec,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::config::Config;
@@ -330,14 +330,14 @@ impl Engine {
         Ok(msg)
     }
 
-    /// Runs until the queue closes or `shutdown` fires, then stops every
-    /// instance gracefully.
+    /// Runs until the queue closes or `signals` (how many stop signals
+    /// deployd has had) reaches one, then lets traffic in flight finish and
+    /// stops every instance gracefully; a second signal skips the wait.
     pub async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<Msg>,
-        shutdown: impl std::future::Future<Output = ()>,
+        mut signals: watch::Receiver<u32>,
     ) {
-        tokio::pin!(shutdown);
         loop {
             let wake = self
                 .timers
@@ -356,10 +356,11 @@ impl Engine {
                     }
                 }
                 _ = sleep_until(wake) => self.on_timers(),
-                _ = &mut shutdown => break,
+                Ok(_) = signals.wait_for(|n| *n >= 1) => break,
             }
             self.flush();
         }
+        self.finish_traffic(&mut rx, &mut signals).await;
         self.shutdown(&mut rx).await;
     }
 
@@ -730,32 +731,7 @@ impl Engine {
     }
 
     fn stop_instance(&mut self, sid: u32, id: InstanceId, signal: i32, timeout: Duration) {
-        let Some(e) = self.services.get(&sid) else {
-            return;
-        };
-        // What is still open on it after its drain is cut now, and said:
-        // a drain that runs out cuts what its clients then see fail.
-        if let Some(r) = &e.router {
-            let open = r.close(id);
-            if open > 0 {
-                let what = match (r.settings().mode, open) {
-                    (manifest::Proxy::Http, 1) => "1 request",
-                    (manifest::Proxy::Tcp, 1) => "1 connection",
-                    (manifest::Proxy::Http, _) => &format!("{open} requests"),
-                    (manifest::Proxy::Tcp, _) => &format!("{open} connections"),
-                };
-                let who = e.machine.instances().iter().find(|i| i.id() == id);
-                let msg = match who {
-                    Some(i) => format!(
-                        "instance {}: drain of {} over with {what} still open; closing",
-                        i.number(),
-                        manifest::format_duration(i.spec().manifest.drain)
-                    ),
-                    None => format!("drain over with {what} still open; closing"),
-                };
-                self.log(sid, &msg);
-            }
-        }
+        self.cut(sid, id);
         let Some(inst) = self
             .services
             .get_mut(&sid)
@@ -771,6 +747,31 @@ impl Engine {
                 exited: inst.exited.clone(),
             }),
             None => inst.stop_asked = Some((signal, timeout)),
+        }
+    }
+
+    /// Cuts what is still open on an instance about to be stopped, and says
+    /// so in the event log: a drain that runs out cuts what its clients
+    /// then see fail.
+    fn cut(&mut self, sid: u32, id: InstanceId) {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        if let Some(r) = &e.router {
+            let open = r.close(id);
+            if open > 0 {
+                let what = open_traffic(r, open);
+                let who = e.machine.instances().iter().find(|i| i.id() == id);
+                let msg = match who {
+                    Some(i) => format!(
+                        "instance {}: drain of {} over with {what} still open; closing",
+                        i.number(),
+                        manifest::format_duration(i.spec().manifest.drain)
+                    ),
+                    None => format!("drain over with {what} still open; closing"),
+                };
+                self.log(sid, &msg);
+            }
         }
     }
 
@@ -994,29 +995,98 @@ impl Engine {
         tracing::info!(service = %e.name, "removed");
     }
 
+    /// deployd is stopping: no service takes new connections, idle ones
+    /// close, and what is in flight may finish, each service's requests
+    /// (http) or connections (tcp) for up to its `drain`, as when an
+    /// instance is routed out. Its instances keep running meanwhile; a
+    /// second stop signal ends the wait.
+    async fn finish_traffic(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Msg>,
+        signals: &mut watch::Receiver<u32>,
+    ) {
+        let now = tokio::time::Instant::now();
+        let mut waiting = Vec::new();
+        for (&sid, e) in &self.services {
+            let Some(r) = &e.router else { continue };
+            r.finish();
+            let open = r.total_inflight();
+            if open == 0 {
+                continue;
+            }
+            let drain = e
+                .machine
+                .instances()
+                .iter()
+                .map(|i| i.spec().manifest.drain)
+                .max()
+                .unwrap_or_default();
+            let what = open_traffic(r, open);
+            let msg = format!(
+                "deployd stopping: waiting up to {} for {what} in flight",
+                manifest::format_duration(drain)
+            );
+            waiting.push((sid, now + drain, msg));
+        }
+        for (sid, _, msg) in &waiting {
+            self.log(*sid, msg);
+        }
+        let tick = Duration::from_millis(10);
+        loop {
+            let now = tokio::time::Instant::now();
+            waiting.retain(|(sid, until, _)| {
+                let open = self
+                    .services
+                    .get(sid)
+                    .and_then(|e| e.router.as_ref())
+                    .is_some_and(|r| r.total_inflight() > 0);
+                open && now < *until
+            });
+            if waiting.is_empty() {
+                return;
+            }
+            tokio::select! {
+                m = rx.recv() => if !self.while_stopping(m) {
+                    return;
+                },
+                _ = tokio::time::sleep(tick) => {}
+                Ok(_) = signals.wait_for(|n| *n >= 2) => {
+                    tracing::info!("second stop signal: not waiting for traffic in flight");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Stops every instance (stop signal, SIGKILL after its stop_timeout) and
     /// waits for them, refusing commands meanwhile. Records stay as they
     /// are, so a rollout in flight comes back paused.
     async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
         let mut longest = Duration::ZERO;
-        for r in self.services.values().filter_map(|e| e.router.as_ref()) {
-            r.stop_listening();
-        }
-        for e in self.services.values() {
-            for inst in e.runtime.values() {
+        let mut live = Vec::new();
+        for (&sid, e) in &self.services {
+            for (&id, inst) in &e.runtime {
                 if let Some(p) = &inst.prober {
                     p.abort();
                 }
-                if let Some(pid) = inst.pid {
-                    stop_group(
-                        pid,
-                        inst.stop_signal,
-                        inst.stop_timeout,
-                        inst.exited.clone(),
-                    );
-                }
-                longest = longest.max(inst.stop_timeout);
+                live.push((sid, id));
             }
+        }
+        for (sid, id) in live {
+            // What is still open after the wait is cut, and said.
+            self.cut(sid, id);
+            let Some(inst) = self.services.get(&sid).and_then(|e| e.runtime.get(&id)) else {
+                continue;
+            };
+            if let Some(pid) = inst.pid {
+                stop_group(
+                    pid,
+                    inst.stop_signal,
+                    inst.stop_timeout,
+                    inst.exited.clone(),
+                );
+            }
+            longest = longest.max(inst.stop_timeout);
         }
         let until = tokio::time::Instant::now() + longest + Duration::from_secs(2);
         while self.services.values().any(|e| !e.runtime.is_empty()) {
@@ -1024,41 +1094,8 @@ impl Engine {
                 m = rx.recv() => m,
                 _ = tokio::time::sleep_until(until) => break,
             };
-            match msg {
-                Some(Msg::Exited { sid, id, .. }) => {
-                    if let Some(e) = self.services.get_mut(&sid) {
-                        e.runtime.remove(&id);
-                    }
-                }
-                // Started while stopping: stop it too.
-                Some(Msg::Spawned { sid, id, result }) => {
-                    let inst = self
-                        .services
-                        .get_mut(&sid)
-                        .and_then(|e| e.runtime.get_mut(&id));
-                    match (result, inst) {
-                        (Ok(pid), Some(inst)) => {
-                            inst.pid = Some(pid);
-                            stop_group(
-                                pid,
-                                inst.stop_signal,
-                                inst.stop_timeout,
-                                inst.exited.clone(),
-                            );
-                        }
-                        (_, _) => {
-                            if let Some(e) = self.services.get_mut(&sid) {
-                                e.runtime.remove(&id);
-                            }
-                        }
-                    }
-                }
-                Some(Msg::Ctl { done, .. }) => done(Err(Refusal {
-                    kind: RefusalKind::Busy,
-                    message: "deployd is shutting down".into(),
-                })),
-                Some(_) => {}
-                None => break,
+            if !self.while_stopping(msg) {
+                break;
             }
         }
         for e in self.services.values_mut() {
@@ -1066,6 +1103,59 @@ impl Engine {
             let _ = self.store.save_pids(&e.name, &[]);
         }
         tracing::info!("every instance stopped");
+    }
+
+    /// Handles a message while deployd stops: an instance that exited is
+    /// forgotten, one that started meanwhile is stopped, commands are
+    /// refused. False when the queue is closed.
+    fn while_stopping(&mut self, msg: Option<Msg>) -> bool {
+        match msg {
+            Some(Msg::Exited { sid, id, .. }) => {
+                if let Some(e) = self.services.get_mut(&sid) {
+                    e.runtime.remove(&id);
+                }
+            }
+            // Started while stopping: stop it too.
+            Some(Msg::Spawned { sid, id, result }) => {
+                let inst = self
+                    .services
+                    .get_mut(&sid)
+                    .and_then(|e| e.runtime.get_mut(&id));
+                match (result, inst) {
+                    (Ok(pid), Some(inst)) => {
+                        inst.pid = Some(pid);
+                        stop_group(
+                            pid,
+                            inst.stop_signal,
+                            inst.stop_timeout,
+                            inst.exited.clone(),
+                        );
+                    }
+                    (_, _) => {
+                        if let Some(e) = self.services.get_mut(&sid) {
+                            e.runtime.remove(&id);
+                        }
+                    }
+                }
+            }
+            Some(Msg::Ctl { done, .. }) => done(Err(Refusal {
+                kind: RefusalKind::Busy,
+                message: "deployd is shutting down".into(),
+            })),
+            Some(_) => {}
+            None => return false,
+        }
+        true
+    }
+}
+
+/// `open` requests or connections, as the router's mode counts them.
+fn open_traffic(r: &Router, open: usize) -> String {
+    match (r.settings().mode, open) {
+        (manifest::Proxy::Http, 1) => "1 request".to_string(),
+        (manifest::Proxy::Tcp, 1) => "1 connection".to_string(),
+        (manifest::Proxy::Http, _) => format!("{open} requests"),
+        (manifest::Proxy::Tcp, _) => format!("{open} connections"),
     }
 }
 

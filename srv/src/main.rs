@@ -154,7 +154,9 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
         })
     };
 
-    engine.run(rx, shutdown_signal()).await;
+    let (signals, counted) = tokio::sync::watch::channel(0);
+    tokio::spawn(count_stop_signals(signals));
+    engine.run(rx, counted).await;
     sweeper.abort();
     waiters.shutdown();
     session
@@ -164,20 +166,30 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Counts the SIGTERMs and SIGINTs deployd gets into `count`: the first
+/// stops it gracefully (traffic in flight finishes, then every instance
+/// stops), a second skips the wait for traffic.
+async fn count_stop_signals(count: tokio::sync::watch::Sender<u32>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
         tracing::error!("cannot watch SIGTERM/SIGINT");
+        // Keeps `count` open: deployd then runs until killed.
         return std::future::pending().await;
     };
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!("{which}: stopping every instance");
+    loop {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        count.send_modify(|n| *n += 1);
+        match *count.borrow() {
+            1 => tracing::info!("{which}: stopping; traffic in flight may finish first"),
+            _ => tracing::info!("{which} again: stopping every instance now"),
+        }
+    }
 }
 
 /// Makes sure the mountpoint is an empty directory to mount on: creates it,

@@ -170,12 +170,25 @@ impl Deployd {
 
     /// SIGTERM and wait; returns the exit status code.
     pub fn terminate(&mut self) -> Option<i32> {
+        self.sigterm();
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// Sends deployd SIGTERM, without waiting.
+    pub fn sigterm(&self) {
+        if let Some(c) = &self.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+    }
+
+    /// Waits up to `timeout` for deployd to exit and returns its exit code
+    /// (128 + the signal if one killed it); kills it when it does not.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(c.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let until = Instant::now() + Duration::from_secs(30);
+        let until = Instant::now() + timeout;
         while Instant::now() < until {
             if let Ok(Some(s)) = c.try_wait() {
                 return s.code().or(s.signal().map(|s| 128 + s));

@@ -152,6 +152,11 @@ pub struct Router {
     settings: RwLock<Settings>,
     totals: Counts,
     listener: Mutex<Option<AbortHandle>>,
+    /// deployd is stopping: a client connection ends once the request it
+    /// has in flight is answered (read on every response).
+    finishing: AtomicBool,
+    /// The same, for idle connections to wait on.
+    finished: watch::Sender<bool>,
 }
 
 impl Router {
@@ -164,6 +169,8 @@ impl Router {
             settings: RwLock::new(settings),
             totals: Counts::default(),
             listener: Mutex::new(None),
+            finishing: AtomicBool::new(false),
+            finished: watch::channel(false).0,
         }
     }
 
@@ -511,6 +518,25 @@ impl Router {
         if let Some(t) = self.listener.lock().take() {
             t.abort();
         }
+    }
+
+    /// deployd is stopping: it stops listening, idle client connections
+    /// close, and the others close once the request in flight is answered
+    /// (http; the answer says `Connection: close`). A tcp connection goes
+    /// on until it ends or its instance is closed.
+    pub fn finish(&self) {
+        self.stop_listening();
+        self.finishing.store(true, Ordering::SeqCst);
+        self.finished.send_replace(true);
+    }
+
+    fn finishing(&self) -> bool {
+        self.finishing.load(Ordering::Relaxed)
+    }
+
+    /// In flight now, over every instance.
+    pub fn total_inflight(&self) -> usize {
+        self.known.lock().iter().map(|b| b.inflight()).sum()
     }
 }
 

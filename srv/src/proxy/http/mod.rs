@@ -118,13 +118,18 @@ pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<R
     let ip = peer.ip().to_string().into_bytes();
     loop {
         // Boxed, so that its state (about 5 KiB) exists only while in use.
-        if !Box::pin(active(&mut client, &ip, &router)).await {
+        if !Box::pin(active(&mut client, &ip, &router)).await || router.finishing() {
             return;
         }
-        match tokio::time::timeout(IDLE_TIMEOUT - HOLD, client.readable()).await {
-            Ok(Ok(())) => {}
-            // Idle too long: closed without a word, as HTTP allows.
-            Ok(Err(_)) | Err(_) => return,
+        let mut finished = router.finished.subscribe();
+        tokio::select! {
+            r = tokio::time::timeout(IDLE_TIMEOUT - HOLD, client.readable()) => match r {
+                Ok(Ok(())) => {}
+                // Idle too long: closed without a word, as HTTP allows.
+                Ok(Err(_)) | Err(_) => return,
+            },
+            // deployd is stopping.
+            Ok(_) = finished.wait_for(|f| *f) => return,
         }
     }
 }
@@ -228,7 +233,7 @@ async fn exchange(
         let pooled = conn.pooled;
         let mut closed = backend.closed.subscribe();
         let outcome = tokio::select! {
-            o = forward(client, &mut conn, s, req) => o,
+            o = forward(client, &mut conn, s, req, &router.finishing) => o,
             _ = closed.wait_for(|c| *c) => Outcome::Cut,
         };
         s.bbuf.clear();
@@ -321,6 +326,7 @@ async fn forward(
     conn: &mut Conn,
     s: &mut Session,
     req: &RequestHead,
+    finishing: &AtomicBool,
 ) -> Outcome {
     let Session {
         cbuf,
@@ -369,7 +375,8 @@ async fn forward(
         Outcome::ClientGone
     };
     let outcome = {
-        let down = respond(&mut up, bbuf, rout, &mut cw, req, &sent, answered);
+        let keep = || sent.load(Ordering::Relaxed) && !finishing.load(Ordering::Relaxed);
+        let down = respond(&mut up, bbuf, rout, &mut cw, req, keep, answered);
         tokio::pin!(client_side, down);
         tokio::select! {
             // A response that is through counts, even if its client left
@@ -424,20 +431,22 @@ async fn watch(cr: &mut ReadHalf<'_>, cbuf: &mut Buf) {
 }
 
 /// Reads the instance's response (any 1xx first) and passes it to the
-/// client. `sent` says whether the request's body has been passed whole;
-/// `answered` is set before anything is written to the client.
+/// client. `keep` says whether the client's connection may go on after
+/// the response as far as deployd goes (the request's body has been passed
+/// whole and deployd is not stopping); `answered` is set before anything
+/// is written to the client.
 async fn respond(
     up: &mut Upstream<'_, '_>,
     bbuf: &mut Buf,
     rout: &mut Vec<u8>,
     cw: &mut WriteHalf<'_>,
     req: &RequestHead,
-    sent: &AtomicBool,
+    keep: impl Fn() -> bool,
     answered: &mut bool,
 ) -> Outcome {
     loop {
         let h = loop {
-            match head::response(bbuf.filled(), req, sent.load(Ordering::Relaxed), rout) {
+            match head::response(bbuf.filled(), req, keep(), rout) {
                 Ok(h) => break h,
                 Err(HeadError::Partial) => match bbuf.read_from(up).await {
                     Ok(0) | Err(_) if bbuf.is_empty() && !*answered => return Outcome::NoAnswer,
