@@ -50,7 +50,8 @@ fn wait_inflight(d: &Deployd, service: &str, n: usize, what: &str) {
     wait_for(what, LONG, || d.try_read(&file) == format!("{n}\n"));
 }
 
-fn run(d: &Deployd, args: &[&str], code: i32) {
+/// Runs `deploy ARGS`, checks its exit code, returns its output.
+fn run(d: &Deployd, args: &[&str], code: i32) -> String {
     let out = d.deploy(args);
     assert_eq!(
         out.status.code(),
@@ -59,6 +60,20 @@ fn run(d: &Deployd, args: &[&str], code: i32) {
         stdout(&out),
         stderr(&out)
     );
+    stdout(&out)
+}
+
+/// The count of `deploy`'s "traffic meanwhile" line, which must say that
+/// nothing failed: `web: traffic meanwhile: 1200 requests, 0 errors, ...`.
+fn served_meanwhile(out: &str, service: &str, what: &str) -> u64 {
+    let prefix = format!("{service}: traffic meanwhile: ");
+    let line = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no traffic line in {out}"));
+    let (n, rest) = line.split_once(&format!(" {what}, ")).unwrap();
+    assert!(rest.starts_with("0 errors, "), "{out}");
+    n.parse().unwrap()
 }
 
 /// Acceptance 1: http mode, keep-alive and fresh connections, zero failed
@@ -77,12 +92,18 @@ fn http_zero_failures_through_every_kind_of_rollout() {
     let floor = 500;
     let n = phase(&load, "rolling update", || {
         d.write_manifest("web", &web(port, "http", 3, &format!("{p}env TAG=v2\n")));
-        run(&d, &["apply", "web"], 0);
+        let out = run(&d, &["apply", "web"], 0);
+        // deploy says what the port served while it ran: the load's.
+        assert!(served_meanwhile(&out, "web", "requests") > 0, "{out}");
     });
     assert!(n >= floor, "{n}");
-    let n = phase(&load, "rolling restart", || run(&d, &["restart", "web"], 0));
+    let n = phase(&load, "rolling restart", || {
+        run(&d, &["restart", "web"], 0);
+    });
     assert!(n >= floor, "{n}");
-    let n = phase(&load, "rollback", || run(&d, &["rollback", "web"], 0));
+    let n = phase(&load, "rollback", || {
+        run(&d, &["rollback", "web"], 0);
+    });
     assert!(n >= floor, "{n}");
     let n = phase(&load, "failed rollout", || {
         d.write_manifest(
@@ -124,9 +145,14 @@ fn tcp_zero_failures_through_every_kind_of_rollout() {
         run(&d, &["apply", "api"], 0);
     });
     assert!(n >= floor, "{n}");
-    let n = phase(&load, "rolling restart", || run(&d, &["restart", "api"], 0));
+    let n = phase(&load, "rolling restart", || {
+        let out = run(&d, &["restart", "api"], 0);
+        assert!(served_meanwhile(&out, "api", "connections") > 0, "{out}");
+    });
     assert!(n >= floor, "{n}");
-    let n = phase(&load, "rollback", || run(&d, &["rollback", "api"], 0));
+    let n = phase(&load, "rollback", || {
+        run(&d, &["rollback", "api"], 0);
+    });
     assert!(n >= floor, "{n}");
     let n = phase(&load, "failed rollout", || {
         d.write_manifest(

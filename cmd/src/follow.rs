@@ -8,11 +8,27 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::ns::{self, NOT_RUNNING};
+use crate::status::Traffic;
 use crate::{Exit, Fail};
 
-/// Where the service's event log ends now (where to follow from).
-pub fn events_end(dir: &Path) -> u64 {
-    std::fs::metadata(dir.join("events")).map_or(0, |m| m.len())
+/// Where things stood just before a command: where to follow the event
+/// log from, and the traffic counters to compare with at the end.
+pub struct Start {
+    offset: u64,
+    started: Instant,
+    traffic: Option<Traffic>,
+}
+
+impl Start {
+    /// Now, for the service whose directory is `dir` (which need not exist
+    /// yet: a first apply).
+    pub fn now(dir: &Path) -> Start {
+        Start {
+            offset: std::fs::metadata(dir.join("events")).map_or(0, |m| m.len()),
+            started: Instant::now(),
+            traffic: Traffic::read(dir),
+        }
+    }
 }
 
 /// What the rollout was, for the final line.
@@ -26,14 +42,15 @@ pub enum What {
     Restart,
 }
 
-/// Prints events from `offset` until the rollout settles; returns the exit.
-pub fn follow(
-    service: &str,
-    dir: &Path,
-    mut offset: u64,
-    started: Instant,
-    what: What,
-) -> Result<Exit, Fail> {
+/// Prints events from `start` until the rollout settles, then what the
+/// service's port served meanwhile (so that whether the rollout cost any
+/// client anything is right there), then the outcome; returns the exit.
+pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exit, Fail> {
+    let Start {
+        mut offset,
+        started,
+        traffic,
+    } = start;
     let (tx, rx) = mpsc::channel();
     let wait = dir.join("wait");
     std::thread::spawn(move || {
@@ -52,6 +69,11 @@ pub fn follow(
     };
     print_events(&mut out, service, dir, offset)?;
     let took = format!("{:.1}s", started.elapsed().as_secs_f64());
+    if let (Some(before), Some(now)) = (traffic, Traffic::read(dir)) {
+        if let Some(line) = now.since(&before) {
+            writeln!(out, "{service}: traffic meanwhile: {line}")?;
+        }
+    }
     let line = match outcome {
         Ok(l) => l.trim_end().to_string(),
         Err(e) => {

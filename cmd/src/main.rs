@@ -16,7 +16,6 @@ mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
@@ -146,8 +145,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         Cmd::Check { .. } => unreachable!("handled above"),
         Cmd::Apply { service, no_wait } => {
             let dir = ns.service_path(&service);
-            let from = follow::events_end(&dir);
-            let started = Instant::now();
+            let start = follow::Start::now(&dir);
             let msg = ns
                 .ctl_root(&format!("apply {service}\n"))
                 .map_err(|f| refused(&service, f))?;
@@ -155,7 +153,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 println!("{service}: {msg}");
                 return Ok(Exit::Ok);
             }
-            follow::follow(&service, &dir, from, started, What::Deploy)
+            follow::follow(&service, &dir, start, What::Deploy)
         }
         Cmd::Resume { service, no_wait } => {
             command(&ns, &service, "resume", !no_wait, What::Deploy)
@@ -205,14 +203,13 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
 /// starts if `wait`.
 fn command(ns: &Ns, service: &str, cmd: &str, wait: bool, what: What) -> Result<Exit, Fail> {
     let dir = ns.service(service)?;
-    let from = follow::events_end(&dir);
-    let started = Instant::now();
+    let start = follow::Start::now(&dir);
     let msg = ns::ctl(&dir.join("ctl"), &format!("{cmd}\n")).map_err(|f| refused(service, f))?;
     if !wait {
         println!("{service}: {msg}");
         return Ok(Exit::Ok);
     }
-    follow::follow(service, &dir, from, started, what)
+    follow::follow(service, &dir, start, what)
 }
 
 /// Prefixes a refusal with the service and what happened.

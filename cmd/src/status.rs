@@ -33,19 +33,51 @@ struct Detail {
 }
 
 /// The totals of the `traffic` file.
-#[derive(Serialize)]
-struct Traffic {
-    port: u16,
-    mode: String,
+#[derive(Serialize, Debug, Clone, PartialEq, Eq)]
+pub struct Traffic {
+    pub port: u16,
+    pub mode: String,
     /// Requests (http) or connections (tcp) served.
-    served: u64,
-    inflight: u64,
-    errors: u64,
+    pub served: u64,
+    pub inflight: u64,
+    pub errors: u64,
     /// Failed on an instance unseen and sent again.
-    retried: u64,
+    pub retried: u64,
     /// Given up by their clients before the answer was through (http only).
     #[serde(skip_serializing_if = "Option::is_none")]
-    abandoned: Option<u64>,
+    pub abandoned: Option<u64>,
+}
+
+impl Traffic {
+    /// The service's traffic totals now, if it has a public port.
+    pub fn read(dir: &Path) -> Option<Traffic> {
+        traffic(&ns::read_field(dir, "traffic"))
+    }
+
+    /// What was served between `before` and this reading, as one line:
+    /// `1200 requests, 0 errors, 2 retried, 0 abandoned`. `None` if the
+    /// port or mode changed meanwhile (the counters started again).
+    pub fn since(&self, before: &Traffic) -> Option<String> {
+        if (self.port, &self.mode) != (before.port, &before.mode) || self.served < before.served {
+            return None;
+        }
+        let what = if self.mode == "tcp" {
+            "connections"
+        } else {
+            "requests"
+        };
+        let d = |now: u64, then: u64| now.saturating_sub(then);
+        let mut line = format!(
+            "{} {what}, {} errors, {} retried",
+            d(self.served, before.served),
+            d(self.errors, before.errors),
+            d(self.retried, before.retried),
+        );
+        if let (Some(now), Some(then)) = (self.abandoned, before.abandoned) {
+            line.push_str(&format!(", {} abandoned", d(now, then)));
+        }
+        Some(line)
+    }
 }
 
 #[derive(Serialize)]
@@ -354,5 +386,36 @@ mod tests {
         assert!(super::traffic("port 9 tcp\nconnections 5\ninflight 0\n").is_none());
         assert!(super::traffic("no port: deployd routes no traffic to this service").is_none());
         assert!(super::traffic("").is_none());
+    }
+
+    #[test]
+    fn says_what_was_served_between_two_readings() {
+        let http = |requests, errors, retried, abandoned| {
+            super::traffic(&format!(
+                "port 8080 http\nrequests {requests}\ninflight 3\nerrors {errors}\n\
+                 retried {retried}\nabandoned {abandoned}\n"
+            ))
+            .unwrap()
+        };
+        let before = http(100, 1, 0, 2);
+        assert_eq!(
+            http(1300, 1, 2, 2).since(&before).as_deref(),
+            Some("1200 requests, 0 errors, 2 retried, 0 abandoned")
+        );
+        let tcp = |port, connections| {
+            super::traffic(&format!(
+                "port {port} tcp\nconnections {connections}\ninflight 0\nerrors 0\nretried 0\n"
+            ))
+            .unwrap()
+        };
+        assert_eq!(
+            tcp(9, 50).since(&tcp(9, 8)).as_deref(),
+            Some("42 connections, 0 errors, 0 retried")
+        );
+        // Counters that started again (a new port, a new mode, deployd
+        // restarted) say nothing about the interval.
+        assert_eq!(tcp(10, 50).since(&tcp(9, 8)), None);
+        assert_eq!(tcp(8080, 50).since(&before), None);
+        assert_eq!(http(5, 0, 0, 0).since(&before), None);
     }
 }
