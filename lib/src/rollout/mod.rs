@@ -894,17 +894,19 @@ impl Service {
         };
         let m = &self.target.manifest;
         let to = self.target.version;
+        let n = match m.replicas {
+            1 => "1 instance".to_string(),
+            n => format!("{n} instances"),
+        };
         let shape = match (&r.kind, m.update) {
-            (Kind::Create | Kind::Scale, _) => format!("{} instances", m.replicas),
-            (_, Strategy::Replace) => format!("{} instances, all at once", m.replicas),
-            (_, Strategy::Rolling) => {
-                format!("{} instances, batch {}", m.replicas, m.update_batch)
-            }
+            (Kind::Create | Kind::Scale, _) => n.clone(),
+            (_, Strategy::Replace) => format!("{n}, all at once"),
+            (_, Strategy::Rolling) => format!("{n}, batch {}", m.update_batch),
         };
         match &r.kind {
             Kind::Create => format!("deployment of {to} started ({shape})"),
             Kind::Restart => format!("{} of {to} started ({shape})", r.kind.noun(m.update)),
-            Kind::Scale => format!("scaling to {} instances ({to})", m.replicas),
+            Kind::Scale => format!("scaling to {n} ({to})"),
             kind => format!(
                 "{} started {} → {to} ({shape})",
                 kind.noun(m.update),
