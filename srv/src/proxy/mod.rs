@@ -8,6 +8,9 @@
 //! instance routed out gets nothing new, and the engine is told it is
 //! drained when its last one ends. After `drain`, [`Router::close`] cuts
 //! whatever is still open (tunnels, tcp connections) before the stop signal.
+//! When deployd itself stops, [`Router::finish`] does for the whole service
+//! what a route-out does for one instance: nothing new comes in, and what is
+//! in flight may finish.
 //!
 //! Balancing is least outstanding requests (http) or least connections
 //! (tcp), ties broken round-robin: a slow or overloaded instance gets less,
