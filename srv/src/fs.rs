@@ -158,7 +158,8 @@ impl Node {
     /// it exists, so the kernel may cache the name: everything but the
     /// instance directories (instances come and go under a number) and
     /// history files (named by position). A service's name is dropped from
-    /// the cache when it is removed ([`Fs::forget_name`]).
+    /// the cache when it is removed (the `removed` hook in `main`
+    /// invalidates it).
     fn stable_name(self) -> bool {
         !matches!(self, Node::Instance(..) | Node::HistoryFile(..))
     }
