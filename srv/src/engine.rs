@@ -1113,6 +1113,10 @@ impl Engine {
             Some(Msg::Exited { sid, id, .. }) => {
                 if let Some(e) = self.services.get_mut(&sid) {
                     e.runtime.remove(&id);
+                    // Died while traffic finishes: no request goes to it.
+                    if let Some(r) = &e.router {
+                        r.close(id);
+                    }
                 }
             }
             // Started while stopping: stop it too.
