@@ -46,6 +46,16 @@ use super::{Backend, HOLD, Router};
 /// Idle connections kept per instance.
 const MAX_IDLE: usize = 256;
 
+/// A connection to an instance idle for longer than this is not used
+/// again. Servers close idle keep-alive connections after a timeout of
+/// their own (gunicorn 2 s, Node, uvicorn and Apache 5 s), and a request
+/// sent on one just as its server closes it is lost: a GET is sent again,
+/// but a POST may have done its work and gets a 502. Below every common
+/// server's timeout, so that race never comes up; a service whose
+/// connections wait longer than this between requests pays a loopback
+/// connect (tens of µs) per request.
+const POOL_IDLE: Duration = Duration::from_secs(1);
+
 /// A request head must arrive whole within this of its first byte (a
 /// client that dribbles one, Slowloris-style, holds nothing for long).
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,6 +77,8 @@ pub(super) struct Conn {
     quickack: QuickAck,
     /// It has been in the pool (and so may have been closed since).
     pooled: bool,
+    /// When it last went into the pool.
+    since: Instant,
 }
 
 /// What a client connection in use keeps between its requests: allocated
@@ -539,6 +551,12 @@ async fn checkout(b: &Backend, fresh: bool) -> io::Result<Conn> {
         let Some(c) = (!fresh).then(|| b.idle.lock().pop()).flatten() else {
             break;
         };
+        if c.since.elapsed() > POOL_IDLE {
+            // The newest is too old: so is every other one.
+            let stale = std::mem::take(&mut *b.idle.lock());
+            drop(stale);
+            break;
+        }
         // The instance may have closed it since (nothing is to be read on
         // a live idle connection): one non-blocking read tells.
         let mut probe = [0u8; 1];
@@ -554,6 +572,7 @@ async fn checkout(b: &Backend, fresh: bool) -> io::Result<Conn> {
         io,
         quickack: QuickAck::default(),
         pooled: false,
+        since: Instant::now(),
     })
 }
 
@@ -562,10 +581,17 @@ fn checkin(b: &Backend, mut c: Conn) {
         return;
     }
     c.pooled = true;
+    c.since = Instant::now();
     let mut idle = b.idle.lock();
+    // Oldest first: the ones past POOL_IDLE are a prefix, closed here
+    // rather than left to hold a socket the instance closed long ago.
+    let stale = idle.partition_point(|o| c.since.duration_since(o.since) > POOL_IDLE);
+    let stale: Vec<Conn> = idle.drain(..stale).collect();
     if idle.len() < MAX_IDLE {
         idle.push(c);
     }
+    drop(idle);
+    drop(stale);
 }
 
 /// Whether a connection acknowledges every read at once.

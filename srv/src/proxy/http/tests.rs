@@ -973,6 +973,106 @@ async fn a_get_survives_a_dead_pooled_connection_and_a_mute_new_one() {
     assert!(held.await.unwrap().starts_with("HTTP/1.1 200 OK"));
 }
 
+#[tokio::test]
+async fn a_post_is_not_sent_on_a_connection_idle_past_the_pool_limit() {
+    // An instance with a keep-alive timeout of 1.5 s that notices it only
+    // when the next request comes, and drops the connection then: the
+    // worst case of a server closing an idle connection just as a request
+    // is sent on it. A POST must not be lost to it.
+    let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let e = ended.clone();
+    let backend = instance(move |mut s, n| {
+        let ended = e.clone();
+        async move {
+            let mut last: Option<std::time::Instant> = None;
+            loop {
+                let h = read_head(&mut s).await;
+                if h.is_empty() {
+                    // deployd closed it.
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                if last.is_some_and(|t| t.elapsed() >= Duration::from_millis(1500)) {
+                    return;
+                }
+                let mut body = [0u8; 2];
+                if s.read_exact(&mut body).await.is_err() {
+                    return;
+                }
+                let r = format!("HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nconn {n}");
+                if s.write_all(r.as_bytes()).await.is_err() {
+                    return;
+                }
+                last = Some(std::time::Instant::now());
+            }
+        }
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_millis(200)).await;
+    let post = || async move {
+        let req = b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+        read_to_end(&mut send(port, req).await).await
+    };
+    let r = post().await;
+    assert!(r.ends_with("conn 0"), "{r}");
+    // Soon after, its pooled connection serves again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = post().await;
+    assert!(r.ends_with("conn 0"), "{r}");
+    // Idle past the instance's timeout (and deployd's limit): a new
+    // connection takes the POST.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let r = post().await;
+    assert!(
+        r.starts_with("HTTP/1.1 200 OK") && r.ends_with("conn 1"),
+        "{r}"
+    );
+    assert_eq!(counter(&router, "", "errors"), 0);
+    assert_eq!(counter(&router, "", "retried"), 0);
+    // The stale connection was closed, not kept.
+    wait_until(|| ended.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+}
+
+#[tokio::test]
+async fn a_connection_left_in_the_pool_past_its_limit_is_closed() {
+    let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let e = ended.clone();
+    let backend = instance(move |mut s, _| {
+        let ended = e.clone();
+        async move {
+            loop {
+                let h = read_head(&mut s).await;
+                if h.is_empty() {
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
+                if h.starts_with("GET /hold") {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let (_router, port) = proxy(&[backend], Duration::from_millis(200)).await;
+    // Two at once leave two connections in the pool.
+    let (a, b) = tokio::join!(get(port, "/hold"), get(port, "/hold"));
+    assert!(a.ends_with("ok") && b.ends_with("ok"), "{a} {b}");
+    // One of them serves a request every 250 ms; the other stays in the
+    // pool, and is closed once it has been there past the limit.
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(get(port, "/").await.ends_with("ok"));
+    }
+    let ended = || ended.load(std::sync::atomic::Ordering::SeqCst);
+    wait_until(|| ended() >= 1).await;
+    // Only that one: the other serves on.
+    assert_eq!(ended(), 1);
+}
+
 /// A counter of the `traffic` file: `key` on the line that starts with
 /// `line` (`""` for the service's totals).
 fn counter(router: &Router, line: &str, key: &str) -> u64 {
