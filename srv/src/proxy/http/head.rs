@@ -90,6 +90,8 @@ struct Scan<'h, 'b> {
     te: bool,
     length: Option<u64>,
     upgrade_header: bool,
+    /// `Host` headers seen.
+    hosts: u8,
 }
 
 fn scan<'h, 'b>(headers: &'h [httparse::Header<'b>]) -> Result<Scan<'h, 'b>, &'static str> {
@@ -100,6 +102,7 @@ fn scan<'h, 'b>(headers: &'h [httparse::Header<'b>]) -> Result<Scan<'h, 'b>, &'s
         te: false,
         length: None,
         upgrade_header: false,
+        hosts: 0,
     };
     for h in headers {
         let name = h.name;
@@ -129,6 +132,8 @@ fn scan<'h, 'b>(headers: &'h [httparse::Header<'b>]) -> Result<Scan<'h, 'b>, &'s
             }
         } else if name.eq_ignore_ascii_case("upgrade") {
             s.upgrade_header = true;
+        } else if name.eq_ignore_ascii_case("host") {
+            s.hosts = s.hosts.saturating_add(1);
         }
     }
     Ok(s)
@@ -235,6 +240,12 @@ pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<Reques
         return Err(HeadError::Bad("malformed request line"));
     };
     let s = scan(r.headers).map_err(HeadError::Bad)?;
+    if s.hosts > 1 {
+        // Which one names the site is for each server to guess, and a
+        // cache or an instance that guesses otherwise than another can be
+        // fooled: RFC 9112 §3.2 says 400, as nginx does.
+        return Err(HeadError::Bad("more than one Host header"));
+    }
     let http10 = version == 0;
     let body = if s.te {
         // A body both counted and chunked is how requests are smuggled past

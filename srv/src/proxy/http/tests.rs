@@ -133,6 +133,10 @@ fn ambiguous_request_bodies_are_refused() {
         req("GET / HTTP/1.1\r\nHo st: x\r\n\r\n"),
         Err(HeadError::Bad(_))
     ));
+    assert!(matches!(
+        req("GET / HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nhost: b\r\n\r\n"),
+        Err(HeadError::Bad("more than one Host header"))
+    ));
 }
 
 #[test]
@@ -654,6 +658,7 @@ async fn bad_requests_get_400_and_nothing_reaches_an_instance() {
         "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
         "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
         "NOT HTTP AT ALL\r\n\r\n",
+        "GET / HTTP/1.1\r\nHost: public.example\r\nHost: admin.internal\r\n\r\n",
     ] {
         let mut c = send(port, bad.as_bytes()).await;
         let r = read_to_end(&mut c).await;
