@@ -402,6 +402,52 @@ fn a_second_sigterm_stops_deployd_without_waiting_for_traffic() {
     );
 }
 
+/// Under socket activation (a socket unit holding the public port),
+/// deployd can be restarted, to upgrade it say, without refusing a
+/// connection: those that arrive meanwhile wait in the socket's backlog,
+/// then for the new instances, and every request succeeds.
+#[test]
+fn a_restart_of_deployd_under_socket_activation_loses_no_request() {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = socket.local_addr().unwrap().port();
+    let manifest = web(port, "http", 2, "");
+    let Some(mut d) = Deployd::start_with_socket(&[("web", manifest)], socket.as_raw_fd()) else {
+        return;
+    };
+    d.settle("web", LONG);
+    assert!(
+        d.log()
+            .contains(&format!("socket activation: ports [{port}] passed")),
+        "{}",
+        d.log()
+    );
+    // Instances do not see what was deployd's.
+    let pid = d.instances("web")[0].1;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert!(!String::from_utf8_lossy(&environ).contains("LISTEN_FDS"));
+    let load = Load::start(port, &[(Client::Fresh, 3)], "/");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    // deployd is gone and so are its instances; the port still takes a
+    // connection and its request.
+    assert!(!alive(pid));
+    let mut waiting = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    waiting
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .unwrap();
+    waiting.set_read_timeout(Some(LONG)).unwrap();
+    let during = load.counters.ok();
+    d.launch_with_socket(Some(socket.as_raw_fd()));
+    d.settle("web", LONG);
+    let (status, body, _) =
+        common::load::read_response(&mut BufReader::new(waiting)).expect("the waiting request");
+    assert_eq!(status, 200, "{body}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(load.counters.ok() > during, "no request after the restart");
+    assert_clean(load, 200);
+}
+
 /// Acceptance 4: `update replace` with one replica: requests that arrive
 /// while no instance is up wait for the new one and succeed.
 #[test]

@@ -64,12 +64,20 @@ fn main() -> ExitCode {
 }
 
 fn try_main(args: &Args) -> Result<(), String> {
+    // Before anything could start a process that would inherit them.
+    let (passed, problems) = proxy::activation::adopt();
     let config = Config::load(&args.config)?;
     tracing_subscriber::fmt()
         .with_max_level(config.log_level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    for p in problems {
+        tracing::warn!("socket activation: {p}; left alone");
+    }
+    if !passed.is_empty() {
+        tracing::info!("socket activation: ports {passed:?} passed; kept across restarts");
+    }
     process::raise_fd_limit();
     process::become_subreaper();
     let rt = tokio::runtime::Builder::new_multi_thread()

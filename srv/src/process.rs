@@ -274,6 +274,10 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
         }
     };
     cmd.current_dir(s.dir).stdin(Stdio::null());
+    // Socket activation was deployd's, not the instance's to act on.
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        cmd.env_remove(var);
+    }
     cmd.envs(s.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     match s.output {
         Some(fd) => {

@@ -90,6 +90,23 @@ impl Deployd {
     /// Starts deployd with these manifests (name, text); `None` if FUSE
     /// tests cannot run here (outside CI only).
     pub fn start(manifests: &[(&str, String)]) -> Option<Deployd> {
+        let mut d = Deployd::prepare(manifests)?;
+        d.launch();
+        Some(d)
+    }
+
+    /// As `start`, with `socket` passed by socket activation.
+    pub fn start_with_socket(
+        manifests: &[(&str, String)],
+        socket: std::os::fd::RawFd,
+    ) -> Option<Deployd> {
+        let mut d = Deployd::prepare(manifests)?;
+        d.launch_with_socket(Some(socket));
+        Some(d)
+    }
+
+    /// Its directories and configuration, deployd not started.
+    fn prepare(manifests: &[(&str, String)]) -> Option<Deployd> {
         if !fuse_available() {
             return None;
         }
@@ -110,26 +127,59 @@ impl Deployd {
             "mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"debug\"\n",
         )
         .unwrap();
-        let mut d = Deployd {
+        Some(Deployd {
             mnt,
             manifests: m,
             state,
             config,
             child: None,
             dir,
-        };
-        d.launch();
-        Some(d)
+        })
     }
 
     /// Starts the deployd process and waits for its namespace.
     pub fn launch(&mut self) {
+        self.launch_with_socket(None);
+    }
+
+    /// Starts the deployd process as systemd's socket activation would,
+    /// with `socket` as its descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID`
+    /// its pid (`None`: as `launch`); waits for its namespace.
+    pub fn launch_with_socket(&mut self, socket: Option<std::os::fd::RawFd>) {
+        use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("deployd.log"))
             .unwrap();
-        let child = Command::new(deployd_bin())
+        let mut cmd = match socket {
+            None => Command::new(deployd_bin()),
+            Some(fd) => {
+                // The shell's pid is deployd's once it execs.
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+                    .arg(deployd_bin());
+                // SAFETY: dup2 and fcntl are async-signal-safe. The copy
+                // dup2 makes stays open across exec; if the socket is
+                // descriptor 3 already, its close-on-exec flag is cleared.
+                unsafe {
+                    c.pre_exec(move || {
+                        let r = if fd == 3 {
+                            libc::fcntl(3, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, 3)
+                        };
+                        if r < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(&self.config)
             .stdout(log.try_clone().unwrap())

@@ -20,6 +20,7 @@
 //! `queue_timeout` instead of being refused, so a `replace` rollout or the
 //! restart of a single instance loses nothing that fits in that window.
 
+pub mod activation;
 mod http;
 mod tcp;
 
@@ -422,20 +423,36 @@ fn runtime() -> &'static tokio::runtime::Handle {
 }
 
 /// Listens on a service's port and serves it through its router, binding
-/// again every 2s while the port is taken.
+/// again every 2s while the port is taken. A socket for the port passed by
+/// socket activation ([`activation`]) is used as it is, wherever it is bound.
 pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> {
     let router = Arc::new(Router::new(settings));
     let r = router.clone();
     let task = runtime().spawn(async move {
-        let addr = SocketAddr::new(bind, settings.port);
-        let listener = loop {
-            match TcpListener::bind(addr).await {
-                Ok(l) => break l,
-                Err(e) => {
-                    tracing::warn!(service, "cannot listen on {addr}: {e}; trying again in 2s");
-                    tokio::time::sleep(Duration::from_secs(2)).await;
-                }
+        let mut addr = SocketAddr::new(bind, settings.port);
+        let passed = activation::take(settings.port).map(|l| l.and_then(TcpListener::from_std));
+        let listener = match passed {
+            Some(Ok(l)) => {
+                addr = l.local_addr().unwrap_or(addr);
+                Some(l)
             }
+            Some(Err(e)) => {
+                tracing::warn!(service, "the passed socket for port {}: {e}", settings.port);
+                None
+            }
+            None => None,
+        };
+        let listener = match listener {
+            Some(l) => l,
+            None => loop {
+                match TcpListener::bind(addr).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        tracing::warn!(service, "cannot listen on {addr}: {e}; trying again in 2s");
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            },
         };
         if let Err(e) = tune_listener(&listener) {
             tracing::warn!(service, "socket options on {addr}: {e}");

@@ -1,0 +1,122 @@
+//! Public ports held across restarts of deployd: systemd's socket
+//! activation protocol (`LISTEN_PID`, `LISTEN_FDS`, descriptors from 3).
+//!
+//! A socket unit that lists the services' ports keeps them open while
+//! deployd restarts (an upgrade, a crash): connections that arrive
+//! meanwhile wait in the kernel's backlog instead of being refused, and the
+//! next deployd serves them once an instance is ready (they wait for one up
+//! to `queue_timeout`, as in any restart of a service). Without those
+//! variables, deployd binds its ports itself.
+
+use std::net::TcpListener;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+
+/// Where passed descriptors start (`SD_LISTEN_FDS_START`).
+const FIRST_FD: RawFd = 3;
+
+/// More than any socket unit lists; a bigger count is not ours to trust.
+const MAX_FDS: usize = 4096;
+
+static PASSED: OnceLock<Vec<TcpListener>> = OnceLock::new();
+
+/// Takes the listening sockets deployd was started with, if it was started
+/// by socket activation; returns the ports, and why a passed descriptor was
+/// left alone. Call it once, first thing: the descriptors become
+/// close-on-exec, so instances never inherit them.
+pub fn adopt() -> (Vec<u16>, Vec<String>) {
+    let (fds, skipped) = passed_fds();
+    let mut ports = Vec::new();
+    let mut problems = Vec::new();
+    let mut listeners = Vec::new();
+    for fd in fds {
+        match listener(fd) {
+            Ok(l) => match l.local_addr() {
+                Ok(a) => {
+                    ports.push(a.port());
+                    listeners.push(l);
+                }
+                Err(e) => problems.push(format!("descriptor {fd}: {e}")),
+            },
+            Err(why) => problems.push(format!("descriptor {fd}: {why}")),
+        }
+    }
+    problems.extend(skipped);
+    let _ = PASSED.set(listeners);
+    (ports, problems)
+}
+
+/// A passed socket listening on `port`, as a new descriptor (the passed
+/// one stays, so that a service removed and applied again finds it too).
+pub fn take(port: u16) -> Option<std::io::Result<TcpListener>> {
+    let l = PASSED
+        .get()?
+        .iter()
+        .find(|l| l.local_addr().is_ok_and(|a| a.port() == port))?;
+    Some(l.try_clone())
+}
+
+/// The descriptors systemd says are ours.
+fn passed_fds() -> (Vec<RawFd>, Vec<String>) {
+    let pid = std::env::var("LISTEN_PID").ok();
+    let count = std::env::var("LISTEN_FDS").ok();
+    let (Some(pid), Some(count)) = (pid, count) else {
+        return (Vec::new(), Vec::new());
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        // Meant for another process (the one that exec'd deployd, say).
+        return (
+            Vec::new(),
+            vec![format!("LISTEN_PID {pid} is not deployd's")],
+        );
+    }
+    match count.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_FDS => ((FIRST_FD..FIRST_FD + n as RawFd).collect(), Vec::new()),
+        _ => (
+            Vec::new(),
+            vec![format!("LISTEN_FDS {count:?} is not a count")],
+        ),
+    }
+}
+
+/// The passed descriptor `fd` as a listener, if it is a listening TCP
+/// socket (closed otherwise), made close-on-exec and non-blocking.
+fn listener(fd: RawFd) -> Result<TcpListener, String> {
+    // First, so that no instance inherits it whatever it is; an unused
+    // number fails with EBADF.
+    // SAFETY: fcntl on a descriptor number.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    // SAFETY: systemd passed it to this process for it to own, and nothing
+    // else in deployd has taken it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    if int_opt(fd, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        || int_opt(fd, libc::SO_ACCEPTCONN) != Some(1)
+    {
+        return Err("not a listening stream socket".into());
+    }
+    let l = TcpListener::from(owned);
+    // A Unix-domain stream socket has passed the checks above.
+    if l.local_addr().is_err() {
+        return Err("not a TCP socket".into());
+    }
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(l)
+}
+
+fn int_opt(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes an int and its length into ours.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (r == 0).then_some(v)
+}
