@@ -151,6 +151,12 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
         tx,
     );
     engine.start();
+    let untaken = proxy::activation::untaken();
+    if !untaken.is_empty() {
+        tracing::warn!(
+            "socket activation: no service has port {untaken:?}; its connections wait unanswered"
+        );
+    }
 
     let sweeper = {
         let (waiters, views) = (waiters.clone(), views.clone());

@@ -12,6 +12,8 @@ use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 
+use parking_lot::Mutex;
+
 /// Where passed descriptors start (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
 
@@ -19,6 +21,9 @@ const FIRST_FD: RawFd = 3;
 const MAX_FDS: usize = 4096;
 
 static PASSED: OnceLock<Vec<TcpListener>> = OnceLock::new();
+
+/// Ports of passed sockets some service has taken.
+static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 /// Takes the listening sockets deployd was started with, if it was started
 /// by socket activation; returns the ports, and why a passed descriptor was
@@ -53,7 +58,21 @@ pub fn take(port: u16) -> Option<std::io::Result<TcpListener>> {
         .get()?
         .iter()
         .find(|l| l.local_addr().is_ok_and(|a| a.port() == port))?;
+    TAKEN.lock().push(port);
     Some(l.try_clone())
+}
+
+/// Passed ports no service has taken: connections to them wait in their
+/// backlog for nothing.
+pub fn untaken() -> Vec<u16> {
+    let taken = TAKEN.lock();
+    PASSED
+        .get()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+        .filter(|p| !taken.contains(p))
+        .collect()
 }
 
 /// The descriptors systemd says are ours.

@@ -428,9 +428,10 @@ fn runtime() -> &'static tokio::runtime::Handle {
 pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> {
     let router = Arc::new(Router::new(settings));
     let r = router.clone();
+    let passed = activation::take(settings.port);
     let task = runtime().spawn(async move {
         let mut addr = SocketAddr::new(bind, settings.port);
-        let passed = activation::take(settings.port).map(|l| l.and_then(TcpListener::from_std));
+        let passed = passed.map(|l| l.and_then(TcpListener::from_std));
         let listener = match passed {
             Some(Ok(l)) => {
                 addr = l.local_addr().unwrap_or(addr);
