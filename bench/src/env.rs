@@ -1,6 +1,7 @@
 //! What every benchmark section needs: a deployd of its own on a temporary
 //! mount, the load generator (wrk), and statistics.
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -42,12 +43,25 @@ pub struct Deployd {
     _dir: tempfile::TempDir,
     pub mnt: PathBuf,
     pub manifests: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    /// A listening socket passed as by systemd's socket activation.
+    socket: Option<RawFd>,
     child: Option<Child>,
 }
 
 impl Deployd {
     /// Starts deployd with these manifests and waits for its namespace.
     pub fn start(manifests: &[(String, String)]) -> Result<Deployd, String> {
+        Deployd::start_with_socket(manifests, None)
+    }
+
+    /// As `start`, with `socket` (if any) passed as systemd's socket
+    /// activation passes one: descriptor 3, `LISTEN_FDS=1`, `LISTEN_PID`.
+    pub fn start_with_socket(
+        manifests: &[(String, String)],
+        socket: Option<RawFd>,
+    ) -> Result<Deployd, String> {
         let dir = tempfile::Builder::new()
             .prefix("deployd-bench")
             .tempdir()
@@ -63,29 +77,93 @@ impl Deployd {
             "mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"warn\"\n",
         )
         .map_err(|e| e.to_string())?;
-        let log =
-            std::fs::File::create(dir.path().join("deployd.log")).map_err(|e| e.to_string())?;
+        let mut d = Deployd {
+            mnt: dir.path().join("mnt"),
+            manifests: m,
+            config,
+            log: dir.path().join("deployd.log"),
+            socket,
+            child: None,
+            _dir: dir,
+        };
+        d.launch()?;
+        Ok(d)
+    }
+
+    /// Starts the deployd process and waits for its namespace.
+    fn launch(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| e.to_string())?;
         // DEPLOYD names another build to measure (two builds compared).
         let bin = std::env::var_os("DEPLOYD").map_or_else(|| sibling("deployd"), PathBuf::from);
-        let child = Command::new(bin)
+        let mut cmd = match self.socket {
+            None => Command::new(bin),
+            Some(fd) => {
+                use std::os::unix::process::CommandExt;
+                // The shell's pid is deployd's once it execs.
+                let mut c = Command::new("/bin/sh");
+                c.arg("-c")
+                    .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
+                    .arg(bin);
+                // SAFETY: dup2 and fcntl are async-signal-safe; descriptor
+                // 3 stays open across exec.
+                unsafe {
+                    c.pre_exec(move || {
+                        let r = if fd == 3 {
+                            libc::fcntl(3, libc::F_SETFD, 0)
+                        } else {
+                            libc::dup2(fd, 3)
+                        };
+                        if r < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
-            .arg(&config)
+            .arg(&self.config)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .map_err(|e| format!("cannot run deployd: {e}"))?;
-        let d = Deployd {
-            mnt: dir.path().join("mnt"),
-            manifests: m,
-            child: Some(child),
-            _dir: dir,
-        };
+        self.child = Some(child);
         if !wait_until(Duration::from_secs(20), Duration::from_millis(10), || {
-            d.mnt.join("ctl").exists()
+            self.mnt.join("ctl").exists()
         }) {
             return Err("deployd did not mount its namespace".into());
         }
-        Ok(d)
+        Ok(())
+    }
+
+    /// Stops deployd (SIGTERM: it drains, stops its instances, unmounts)
+    /// and starts it again, with the same socket if it had one.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.stop();
+        self.launch()
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within 30 s.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let done = wait_until(Duration::from_secs(30), Duration::from_millis(5), || {
+                matches!(c.try_wait(), Ok(Some(_)))
+            });
+            if !done {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -136,19 +214,7 @@ impl Deployd {
 
 impl Drop for Deployd {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let done = wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
-                matches!(c.try_wait(), Ok(Some(_)))
-            });
-            if !done {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        self.stop();
         if std::fs::read_to_string("/proc/self/mountinfo")
             .is_ok_and(|m| m.contains(&*self.mnt.to_string_lossy()))
         {

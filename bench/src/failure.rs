@@ -1,11 +1,13 @@
 //! Failure detection: from an instance's crash (SIGKILL, sent here) to the
 //! event that says so, to its replacement's start and readiness; and from a
 //! bad version's first failed probe to the rollout's `failed`, which should
-//! be bounded by `health_deadline`.
+//! be bounded by `health_deadline`. Then a restart of deployd itself under
+//! load, with its public port held by socket activation and without.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::env::{Deployd, kill_group, sibling, wait_until};
+use crate::env::{Deployd, free_port, kill_group, sibling, wait_until, wrk};
 use crate::{Report, verdict};
 
 const POLL: Duration = Duration::from_millis(1);
@@ -92,5 +94,59 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         "≤ health_deadline + 100 ms",
         verdict(took <= 2.1),
     );
+    drop(d);
+    restarts(report, &app)
+}
+
+/// A restart of deployd (SIGTERM, then started again, as an upgrade does)
+/// under wrk's load, a new connection per request: with the public port
+/// held by socket activation, the connections that arrive meanwhile wait;
+/// with deployd binding the port itself, they are refused.
+fn restarts(report: &mut Report, app: &std::path::Path) -> Result<(), String> {
+    for passed in [true, false] {
+        let port = free_port();
+        let socket = match passed {
+            true => Some(
+                std::net::TcpListener::bind(("127.0.0.1", port))
+                    .map_err(|e| format!("cannot bind port {port}: {e}"))?,
+            ),
+            false => None,
+        };
+        let manifest = format!(
+            "exec exec {}\nreplicas 2\nport {port}\nproxy http\nhealth http /healthz\n",
+            app.display()
+        );
+        let fd = socket.as_ref().map(|s| s.as_raw_fd());
+        let mut d = Deployd::start_with_socket(&[("web".into(), manifest)], fd)?;
+        if !d.settle("web", Duration::from_secs(30)) {
+            return Err("web did not deploy".into());
+        }
+        let load = std::thread::spawn(move || wrk(port, "/", 6, 16, true));
+        std::thread::sleep(Duration::from_secs(2));
+        let t0 = Instant::now();
+        d.restart()?;
+        if !d.settle("web", Duration::from_secs(30)) {
+            return Err("web did not come back after the restart".into());
+        }
+        let back = t0.elapsed().as_secs_f64();
+        let w = load
+            .join()
+            .map_err(|_| "wrk thread panicked".to_string())??;
+        let figure = format!(
+            "{} failed, {} hung of {}; p99 {:.1} ms; deployd stopped, started and ready again in {back:.2} s",
+            w.failed, w.timeouts, w.requests, w.p99_ms
+        );
+        if passed {
+            report.add(
+                "failure",
+                "restart of deployd under load (new connection per request), port held by socket activation",
+                figure,
+                "0 failed, 0 hung",
+                verdict(w.failed == 0 && w.timeouts == 0),
+            );
+        } else {
+            report.info("failure", "the same, port bound by deployd itself", figure);
+        }
+    }
     Ok(())
 }
