@@ -1,0 +1,436 @@
+//! Starting a child without copying deployd: `clone(CLONE_VM | CLONE_VFORK)`,
+//! as `posix_spawn` does, plus the one thing `posix_spawn` cannot do,
+//! `PR_SET_PDEATHSIG` in the child.
+//!
+//! `fork()` (what `std::process::Command` falls back to as soon as there is
+//! a `pre_exec` hook) copies deployd's page tables and write-protects every
+//! page of a process whose proxy threads are busy: about 1 ms of CPU per
+//! start, a TLB shootdown on the other core, and a page fault for each page
+//! the proxy writes next. Here the child borrows deployd's memory until it
+//! calls `execve`, while the spawning thread is suspended; it only makes
+//! system calls on memory prepared beforehand, on a stack of its own.
+
+use std::ffi::{CString, OsStr, OsString};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+
+/// The child's stack: it only calls a handful of libc wrappers.
+const STACK: usize = 128 * 1024;
+
+/// `PATH` when neither the instance nor deployd has one (glibc's default).
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Everything the child needs, prepared before it exists.
+struct Plan {
+    program: CString,
+    argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    /// `/bin/sh PROGRAM ARGS…`, for a script without `#!` (as execvp does).
+    sh: CString,
+    sh_argv_ptrs: Vec<*const libc::c_char>,
+    envp: Vec<CString>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    dir: CString,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    parent: libc::pid_t,
+    /// The step that failed in the child (0: none), and its errno.
+    step: AtomicI32,
+    errno: AtomicI32,
+}
+
+/// Which step of the child failed, for the error message.
+const STEP_CHDIR: i32 = 1;
+const STEP_DUP: i32 = 2;
+const STEP_EXEC: i32 = 3;
+
+/// Runs `words[0]` with arguments `words[1..]` in `dir`, as the leader of a
+/// new process group, with deployd's environment minus `remove` plus `env`,
+/// stdin from /dev/null and stdout and stderr to `out` (or /dev/null). The
+/// child gets `PR_SET_PDEATHSIG` SIGTERM, default signal handling and an
+/// empty signal mask. Returns its pid once it has called `execve`.
+pub fn launch(
+    words: &[&OsStr],
+    dir: &Path,
+    env: &[(String, String)],
+    remove: &[&str],
+    out: Option<OwnedFd>,
+) -> std::io::Result<u32> {
+    let Some(first) = words.first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "empty command",
+        ));
+    };
+    let envs = environment(env, remove);
+    let program = resolve(first, dir, &envs)?;
+    let argv = words
+        .iter()
+        .map(|w| cstring(w))
+        .collect::<Result<Vec<_>, _>>()?;
+    let envp = envs
+        .iter()
+        .map(|(k, v)| {
+            let mut kv = k.clone();
+            kv.push("=");
+            kv.push(v);
+            cstring(&kv)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let null = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map(OwnedFd::from)
+    };
+    let (stdout, stderr) = match out {
+        Some(fd) => (fd.try_clone()?, fd),
+        None => (null()?, null()?),
+    };
+    let mut plan = Plan {
+        program: cstring(program.as_os_str())?,
+        argv_ptrs: Vec::new(),
+        sh: cstring(OsStr::new("/bin/sh"))?,
+        sh_argv_ptrs: Vec::new(),
+        argv,
+        envp_ptrs: Vec::new(),
+        envp,
+        dir: cstring(dir.as_os_str())?,
+        stdin: null()?,
+        stdout,
+        stderr,
+        parent: std::process::id() as libc::pid_t,
+        step: AtomicI32::new(0),
+        errno: AtomicI32::new(0),
+    };
+    plan.argv_ptrs = plan.argv.iter().map(|a| a.as_ptr()).collect();
+    plan.argv_ptrs.push(std::ptr::null());
+    plan.sh_argv_ptrs = [plan.sh.as_ptr(), plan.program.as_ptr()]
+        .into_iter()
+        .chain(plan.argv.iter().skip(1).map(|a| a.as_ptr()))
+        .chain([std::ptr::null()])
+        .collect();
+    plan.envp_ptrs = plan.envp.iter().map(|a| a.as_ptr()).collect();
+    plan.envp_ptrs.push(std::ptr::null());
+
+    let mut stack = vec![0u8; STACK];
+    // SAFETY: the stack grows down from its 16-byte aligned top, inside the
+    // allocation, which outlives the child's use of it (CLONE_VFORK: this
+    // thread is suspended until the child has called execve or _exit).
+    let top = unsafe { stack.as_mut_ptr().add(STACK) };
+    let top = (top as usize & !15) as *mut libc::c_void;
+    let pid = with_signals_blocked(|| {
+        // SAFETY: `child` only reads `plan`, which outlives the child's use of
+        // deployd's memory, and makes async-signal-safe calls; signals are
+        // blocked so no handler of deployd runs on the child's stack.
+        unsafe {
+            libc::clone(
+                child,
+                top,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                &plan as *const Plan as *mut libc::c_void,
+            )
+        }
+    });
+    drop(stack);
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The child has exec'd or exited: its writes to `plan` are visible.
+    match plan.step.load(Ordering::SeqCst) {
+        0 => Ok(pid as u32),
+        step => {
+            // The child is exiting with 127; collect it, unless deployd's
+            // reaper was quicker.
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            let err = std::io::Error::from_raw_os_error(plan.errno.load(Ordering::SeqCst));
+            Err(match step {
+                STEP_CHDIR => std::io::Error::new(err.kind(), format!("{err} (chdir)")),
+                STEP_DUP => std::io::Error::new(err.kind(), format!("{err} (dup2)")),
+                _ => err,
+            })
+        }
+    }
+}
+
+/// Runs `f` with every signal blocked on this thread, then restores the mask.
+fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t values are plain data, initialised by sigfillset /
+    // pthread_sigmask before being read.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let r = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        r
+    }
+}
+
+/// The child, on its own stack in deployd's memory. Only system calls.
+extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Plan` the parent keeps alive until we exec or
+    // exit; every call below is async-signal-safe and allocates nothing.
+    unsafe {
+        let plan = &*(arg as *const Plan);
+        let fail = |step: i32| -> ! {
+            plan.errno
+                .store(*libc::__errno_location(), Ordering::SeqCst);
+            plan.step.store(step, Ordering::SeqCst);
+            libc::_exit(127)
+        };
+        libc::setpgid(0, 0);
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
+        // deployd died before prctl: the signal will never come.
+        if libc::getppid() != plan.parent {
+            libc::_exit(1);
+        }
+        // deployd's handlers are its own; what it ignores (SIGPIPE, by the
+        // Rust runtime) is the program's to decide.
+        for sig in 1..=libc::SIGRTMAX() {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                continue;
+            }
+            if old.sa_sigaction != libc::SIG_DFL
+                && (old.sa_sigaction != libc::SIG_IGN || sig == libc::SIGPIPE)
+            {
+                let mut dfl: libc::sigaction = std::mem::zeroed();
+                dfl.sa_sigaction = libc::SIG_DFL;
+                libc::sigaction(sig, &dfl, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        if libc::chdir(plan.dir.as_ptr()) != 0 {
+            fail(STEP_CHDIR);
+        }
+        for (fd, to) in [
+            (plan.stdin.as_raw_fd(), 0),
+            (plan.stdout.as_raw_fd(), 1),
+            (plan.stderr.as_raw_fd(), 2),
+        ] {
+            // dup2 onto itself would keep close-on-exec.
+            let ok = if fd == to {
+                libc::fcntl(fd, libc::F_SETFD, 0) == 0
+            } else {
+                libc::dup2(fd, to) == to
+            };
+            if !ok {
+                fail(STEP_DUP);
+            }
+        }
+        libc::execve(
+            plan.program.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            plan.envp_ptrs.as_ptr(),
+        );
+        if *libc::__errno_location() == libc::ENOEXEC {
+            libc::execve(
+                plan.sh.as_ptr(),
+                plan.sh_argv_ptrs.as_ptr(),
+                plan.envp_ptrs.as_ptr(),
+            );
+        }
+        fail(STEP_EXEC)
+    }
+}
+
+/// deployd's environment without `remove`, with `env` set over it.
+fn environment(env: &[(String, String)], remove: &[&str]) -> Vec<(OsString, OsString)> {
+    let mut out: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| {
+            !remove.iter().any(|r| k.as_os_str() == OsStr::new(r))
+                && !env.iter().any(|(e, _)| k.as_os_str() == OsStr::new(e))
+        })
+        .collect();
+    for (k, v) in env {
+        // A later `env` of the same name wins, as with Command::envs.
+        out.retain(|(o, _)| o.as_os_str() != OsStr::new(k));
+        out.push((k.into(), v.into()));
+    }
+    out
+}
+
+/// The file `execve` should run: `program` itself if it names a path (the
+/// child resolves it from `dir`), else the first executable file of that
+/// name in the child's `PATH`, as execvp would find it.
+fn resolve(program: &OsStr, dir: &Path, env: &[(OsString, OsString)]) -> std::io::Result<PathBuf> {
+    if program.as_bytes().contains(&b'/') {
+        return Ok(PathBuf::from(program));
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k == "PATH")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| DEFAULT_PATH.into());
+    for entry in std::env::split_paths(&path) {
+        // An empty entry is the working directory, as for execvp.
+        let base = if entry.as_os_str().is_empty() {
+            dir.to_path_buf()
+        } else {
+            dir.join(entry)
+        };
+        let candidate = base.join(program);
+        if is_executable_file(&candidate) {
+            return Ok(candidate);
+        }
+    }
+    Err(std::io::Error::from_raw_os_error(libc::ENOENT))
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    let Ok(meta) = std::fs::metadata(p) else {
+        return false;
+    };
+    let Ok(c) = cstring(p.as_os_str()) else {
+        return false;
+    };
+    // SAFETY: access reads a NUL-terminated path we own.
+    meta.is_file() && unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0
+}
+
+fn cstring(s: &OsStr) -> std::io::Result<CString> {
+    CString::new(s.to_os_string().into_vec()).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} contains a NUL byte", s.to_string_lossy()),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Runs `words` and returns what it printed, its exit code and its pid.
+    fn run(words: &[&str], dir: &Path, env: &[(String, String)]) -> (String, i32, u32) {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        let words: Vec<&OsStr> = words.iter().map(OsStr::new).collect();
+        let pid = launch(&words, dir, env, &["DEPLOYD_TEST_REMOVED"], Some(w)).expect("launch");
+        let mut out = String::new();
+        std::fs::File::from(r)
+            .read_to_string(&mut out)
+            .expect("read");
+        let status =
+            nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None).expect("waitpid");
+        let code = match status {
+            nix::sys::wait::WaitStatus::Exited(_, c) => c,
+            other => panic!("{other:?}"),
+        };
+        (out, code, pid)
+    }
+
+    #[test]
+    fn the_child_gets_its_arguments_dir_environment_and_own_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = vec![("ONE".to_string(), "1".to_string())];
+        let (out, code, pid) = run(
+            &[
+                "sh",
+                "-c",
+                "echo \"$1 $ONE ${DEPLOYD_TEST_REMOVED-unset} $(pwd)\"; ps -o pgid= -p $$; echo err >&2; exit 3",
+                "sh",
+                "arg",
+            ],
+            dir.path(),
+            &env,
+        );
+        let mut lines = out.lines();
+        let first = lines.next().expect("first line");
+        let real = std::fs::canonicalize(dir.path()).expect("canonical");
+        assert_eq!(first, format!("arg 1 unset {}", real.display()));
+        let pgid: u32 = lines.next().expect("pgid").trim().parse().expect("number");
+        assert_eq!(pgid, pid, "the leader of its own group");
+        assert_eq!(lines.next(), Some("err"));
+        assert_eq!(code, 3);
+    }
+
+    #[test]
+    fn the_child_has_default_signals_an_empty_mask_and_a_death_signal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // SigIgn/SigBlk as hex masks; the Rust runtime ignores SIGPIPE in us.
+        // Not through sh: dash blocks every signal while it waits for a child.
+        let (out, _, _) = run(
+            &["grep", "-E", "^(SigBlk|SigIgn)", "/proc/self/status"],
+            dir.path(),
+            &[],
+        );
+        assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+        let ign = out
+            .lines()
+            .find(|l| l.starts_with("SigIgn:"))
+            .expect("SigIgn");
+        let mask = u64::from_str_radix(ign.trim_start_matches("SigIgn:").trim(), 16).expect("hex");
+        assert_eq!(
+            mask & (1 << (libc::SIGPIPE - 1)),
+            0,
+            "SIGPIPE ignored: {out}"
+        );
+        // PR_GET_PDEATHSIG is 2; the signal survives execve.
+        let code = "import ctypes; s = ctypes.c_int(); \
+                    ctypes.CDLL(None).prctl(2, ctypes.byref(s)); print(s.value)";
+        let (out, code, _) = run(&["python3", "-c", code], dir.path(), &[]);
+        assert_eq!((out.trim(), code), (libc::SIGTERM.to_string().as_str(), 0));
+    }
+
+    #[test]
+    fn a_missing_program_or_dir_is_an_error_not_a_child() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = launch(
+            &[OsStr::new("no-such-program-x")],
+            dir.path(),
+            &[],
+            &[],
+            None,
+        )
+        .expect_err("missing program");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        let err = launch(&[OsStr::new("./nothing")], dir.path(), &[], &[], None)
+            .expect_err("missing file");
+        assert!(err.to_string().contains("No such file"), "{err}");
+        let gone = dir.path().join("gone");
+        let err =
+            launch(&[OsStr::new("/bin/true")], &gone, &[], &[], None).expect_err("missing dir");
+        assert!(err.to_string().contains("chdir"), "{err}");
+    }
+
+    #[test]
+    fn path_comes_from_the_childs_environment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).expect("mkdir");
+        let tool = bin.join("only-here");
+        std::fs::write(&tool, "#!/bin/sh\necho found\n").expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let env = vec![(
+            "PATH".to_string(),
+            format!("/nonexistent:{}", bin.display()),
+        )];
+        let (out, code, _) = run(&["only-here"], dir.path(), &env);
+        assert_eq!((out.as_str(), code), ("found\n", 0));
+        // A relative entry is relative to the child's directory.
+        let env = vec![("PATH".to_string(), "bin".to_string())];
+        let (out, _, _) = run(&["only-here"], dir.path(), &env);
+        assert_eq!(out, "found\n");
+    }
+
+    #[test]
+    fn a_script_without_a_shebang_runs_with_sh() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("plain");
+        std::fs::write(&script, "echo \"plain $1 $2\"\n").expect("write");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (out, code, _) = run(&["./plain", "a", "b"], dir.path(), &[]);
+        assert_eq!((out.as_str(), code), ("plain a b\n", 0));
+    }
+}

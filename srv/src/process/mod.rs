@@ -1,0 +1,443 @@
+//! Child processes: spawning instances and exec probes in their own process
+//! group, reaping every child, stopping a group with escalation to SIGKILL,
+//! and copying output to a size-bounded log file.
+//!
+//! deployd reaps with `waitpid(-1)` on SIGCHLD and is a child subreaper, so
+//! grandchildren that outlive their parent are reaped too: no zombies. Who
+//! waits for which pid is kept in [`Children`]; an exit that arrives before
+//! its spawner registered the pid is held until it does. Nothing else in
+//! deployd may wait for children (no `tokio::process`).
+//!
+//! A child gets `PR_SET_PDEATHSIG`, so a deployd killed with SIGKILL takes its
+//! instances down with it; the pid file written by the engine lets the next
+//! deployd kill whatever survived (see [`kill_leftovers`]).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deployd_lib::rollout::Exit;
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use tokio::io::AsyncReadExt;
+use tokio::sync::oneshot;
+
+mod launch;
+
+/// Largest log file of one instance; past it, the file is moved to `.1`.
+pub const LOG_MAX: u64 = 1 << 20;
+
+/// How long an exit nobody claimed is kept before it is dropped (an
+/// orphaned grandchild's, reaped as subreaper).
+const UNCLAIMED_TTL: Duration = Duration::from_secs(10);
+
+/// Who is told when a child exits.
+pub enum Waiter {
+    /// A callback, run on the reaper task with the exit.
+    Notify(Box<dyn FnOnce(Exit) + Send>),
+    /// A one-shot channel.
+    Channel(oneshot::Sender<Exit>),
+}
+
+/// The table of children being waited for.
+#[derive(Clone, Default)]
+pub struct Children {
+    inner: Arc<Mutex<Table>>,
+}
+
+#[derive(Default)]
+struct Table {
+    waiting: HashMap<i32, Waiter>,
+    unclaimed: HashMap<i32, (Exit, Instant)>,
+}
+
+impl Children {
+    /// Registers who waits for `pid`; delivers at once if it already exited.
+    pub fn watch(&self, pid: u32, waiter: Waiter) {
+        let pid = pid as i32;
+        let early = {
+            let mut t = self.inner.lock();
+            match t.unclaimed.remove(&pid) {
+                Some((exit, _)) => Some(exit),
+                None => {
+                    t.waiting.insert(pid, waiter);
+                    return;
+                }
+            }
+        };
+        if let Some(exit) = early {
+            deliver(waiter, exit);
+        }
+    }
+
+    /// Reaps every child that has exited. Returns how many.
+    pub fn reap(&self) -> usize {
+        let mut n = 0;
+        loop {
+            let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
+                Err(Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!("waitpid: {e}");
+                    break;
+                }
+                Ok(s) => s,
+            };
+            let (pid, exit) = match status {
+                WaitStatus::Exited(pid, code) => (pid, Exit::Code(code)),
+                WaitStatus::Signaled(pid, sig, _) => (pid, Exit::Signal(sig as i32)),
+                _ => continue,
+            };
+            n += 1;
+            // The group may still hold processes the leader left behind.
+            let _ = killpg(pid, Signal::SIGKILL);
+            let waiter = {
+                let mut t = self.inner.lock();
+                match t.waiting.remove(&pid.as_raw()) {
+                    Some(w) => Some(w),
+                    None => {
+                        let now = Instant::now();
+                        t.unclaimed
+                            .retain(|_, (_, at)| now.duration_since(*at) < UNCLAIMED_TTL);
+                        t.unclaimed.insert(pid.as_raw(), (exit.clone(), now));
+                        None
+                    }
+                }
+            };
+            if let Some(w) = waiter {
+                deliver(w, exit);
+            }
+        }
+        n
+    }
+
+    /// Reaps on every SIGCHLD, and every second in case one was coalesced.
+    pub async fn run_reaper(self) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut sigchld = match signal(SignalKind::child()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot watch SIGCHLD: {e}; reaping every 100ms");
+                loop {
+                    self.reap();
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        loop {
+            self.reap();
+            tokio::select! {
+                _ = sigchld.recv() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+fn deliver(w: Waiter, exit: Exit) {
+    match w {
+        Waiter::Notify(f) => f(exit),
+        Waiter::Channel(tx) => {
+            let _ = tx.send(exit);
+        }
+    }
+}
+
+/// Makes deployd the reaper of its descendants' orphans.
+pub fn become_subreaper() {
+    // SAFETY: prctl with an integer argument has no memory effects.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if r != 0 {
+        tracing::warn!(
+            "PR_SET_CHILD_SUBREAPER: {}; orphaned grandchildren go to init",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every instance
+/// holds a pipe and a log file open in deployd.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to / read from the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Threads that start processes, so that the engine never waits for an
+/// exec (about 0.7 ms each) and a batch's instances start in parallel.
+///
+/// They live as long as deployd: `PR_SET_PDEATHSIG` fires when the *thread*
+/// that forked a child ends, so children must not come from threads that
+/// may exit (like tokio's blocking pool).
+#[derive(Clone)]
+pub struct Spawner {
+    jobs: std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl Spawner {
+    /// Starts `threads` spawner threads.
+    pub fn new(threads: usize) -> std::io::Result<Spawner> {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("spawner-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(Spawner { jobs: tx })
+    }
+
+    /// Runs `job` on a spawner thread.
+    pub fn submit(&self, job: impl FnOnce() + Send + 'static) {
+        if let Err(e) = self.jobs.send(Box::new(job)) {
+            // Only when every spawner thread is gone: run it here.
+            (e.0)();
+        }
+    }
+}
+
+/// What to run.
+pub struct Spawn<'a> {
+    /// Passed to `/bin/sh -c`.
+    pub command: &'a str,
+    /// Working directory.
+    pub dir: &'a Path,
+    /// Added to deployd's environment.
+    pub env: Vec<(String, String)>,
+    /// Where stdout and stderr go; `None`: /dev/null.
+    pub output: Option<OwnedFd>,
+}
+
+/// The words of a command line that means the same with or without a
+/// shell: only plain words (letters, digits and `_ . / : = @ % + , -`), an
+/// optional leading `exec`. Anything else (`$`, quotes, globs, operators,
+/// an empty line) needs `/bin/sh`.
+pub fn plain_words(command: &str) -> Option<Vec<&str>> {
+    let plain = |w: &str| {
+        w.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_./:=@%+,-".contains(&b))
+    };
+    let mut words: Vec<&str> = command
+        .split([' ', '\t'])
+        .filter(|w| !w.is_empty())
+        .collect();
+    if words.first() != Some(&"exec") {
+        return None;
+    }
+    while words.first() == Some(&"exec") {
+        words.remove(0);
+    }
+    // `A=b cmd` sets a variable for the shell: leave that to the shell.
+    let ok = !words.is_empty() && words.iter().all(|w| plain(w)) && !words[0].contains('=');
+    ok.then_some(words)
+}
+
+/// Starts COMMAND as the leader of a new process group: through
+/// `/bin/sh -c`, or directly when the shell would only have exec'd it
+/// ([`plain_words`]: one exec saved per instance start). Returns its pid;
+/// the caller must [`Children::watch`] it at once.
+pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
+    let shell = [
+        OsStr::new("/bin/sh"),
+        OsStr::new("-c"),
+        OsStr::new(s.command),
+    ];
+    let words: Vec<&OsStr> = match plain_words(s.command) {
+        Some(words) => words.into_iter().map(OsStr::new).collect(),
+        None => shell.to_vec(),
+    };
+    // Socket activation was deployd's, not the instance's to act on.
+    let remove = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+    launch::launch(&words, s.dir, &s.env, &remove, s.output)
+}
+
+/// Sends `signal` to the process group led by `pid`. A group already gone is
+/// not an error.
+pub fn signal_group(pid: u32, signal: i32) {
+    let Ok(sig) = Signal::try_from(signal) else {
+        return;
+    };
+    match killpg(Pid::from_raw(pid as i32), sig) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!("kill -{signal} -{pid}: {e}"),
+    }
+}
+
+/// A pipe whose write end goes to a child and whose read end deployd copies
+/// to a log file.
+pub fn log_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    Ok((r, w))
+}
+
+/// Copies a child's output to `path`, moving the file to `path.1` when it
+/// passes [`LOG_MAX`]. Ends at end of file (every writer closed).
+pub async fn pump_log(read: OwnedFd, path: PathBuf) {
+    let rx = match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
+        Ok(rx) => rx,
+        Err(e) => {
+            tracing::warn!("log pipe for {}: {e}", path.display());
+            return;
+        }
+    };
+    let mut rx = rx;
+    let mut buf = vec![0u8; 4096];
+    let mut file = open_log(&path);
+    let mut size = file
+        .as_ref()
+        .and_then(|f| f.metadata().ok())
+        .map_or(0, |m| m.len());
+    loop {
+        let n = match rx.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if size + n as u64 > LOG_MAX {
+            let mut old = path.clone().into_os_string();
+            old.push(".1");
+            let _ = std::fs::rename(&path, &old);
+            file = open_log(&path);
+            size = 0;
+        }
+        if let Some(f) = file.as_mut() {
+            if f.write_all(&buf[..n]).is_ok() {
+                size += n as u64;
+            }
+        }
+    }
+}
+
+fn open_log(path: &Path) -> Option<File> {
+    match OpenOptions::new().create(true).append(true).open(path) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("log {}: {e}", path.display());
+            None
+        }
+    }
+}
+
+/// The start time of a process in clock ticks since boot, from
+/// `/proc/PID/stat`: with the pid, it names one process for good.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Kills the process groups a previous deployd left running. `groups` holds
+/// each group leader's pid and start time, as recorded when it was started.
+/// Returns how many groups were signalled.
+pub fn kill_leftovers(groups: &[(u32, u64)]) -> usize {
+    let mut killed = Vec::new();
+    for &(pid, started) in groups {
+        match start_time(pid) {
+            // The pid now names another process: the old group is long gone
+            // (a pid is not reused while its group exists).
+            Some(t) if t != started => continue,
+            _ => {}
+        }
+        if killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
+            killed.push(pid);
+        }
+    }
+    // They are not our children; wait (briefly) until none is running.
+    // Zombies don't count: their new parent reaps them when it will.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until && running_in_groups(&killed) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    killed.len()
+}
+
+/// Whether a process that is not a zombie belongs to one of these groups.
+fn running_in_groups(groups: &[u32]) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| {
+            // After the command name: state, ppid, pgrp.
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                return false;
+            };
+            let mut f = rest.split(' ');
+            let state = f.next().unwrap_or("Z");
+            let pgrp = f.nth(1).and_then(|p| p.parse::<u32>().ok());
+            state != "Z" && pgrp.is_some_and(|g| groups.contains(&g))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_command_lines_skip_the_shell() {
+        assert_eq!(
+            plain_words("exec exec ./server --port=80"),
+            Some(vec!["./server", "--port=80"])
+        );
+        assert_eq!(
+            plain_words("exec node app.js"),
+            Some(vec!["node", "app.js"])
+        );
+        for shell in [
+            "exec ./server --port $PORT",
+            "node app.js",
+            "exit 3",
+            "echo 'a b'",
+            "a && b",
+            "cd x; ./y",
+            "ls *",
+            "A=1 ./x",
+            "exec",
+            "",
+            "x > log",
+            "echo ~",
+        ] {
+            assert_eq!(plain_words(shell), None, "{shell}");
+        }
+    }
+
+    #[test]
+    fn start_time_survives_odd_command_names() {
+        let me = std::process::id();
+        let t = start_time(me).expect("own start time");
+        assert!(t > 0);
+        assert_eq!(start_time(me), Some(t));
+        assert_eq!(start_time(u32::MAX), None);
+    }
+}
