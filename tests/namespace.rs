@@ -327,6 +327,42 @@ fn cli_events_logs_and_status() {
     assert_eq!(per_instance, 1, "{j}");
     assert_eq!(j["instances"][0]["inflight"], 0);
 
+    // usage: what /proc says of the instance's process, and the CLI's columns.
+    let pid = j["instances"][0]["pid"].as_u64().unwrap();
+    let usage = d.read("active/web/instances/0/usage");
+    let field = |k: &str| -> f64 {
+        usage
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{k} in {usage:?}"))
+    };
+    let vm_rss: f64 = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix(" kB")?
+                .parse()
+                .ok()
+        })
+        .unwrap();
+    assert_eq!(field("processes"), 1.0, "{usage}");
+    let rss = field("rss");
+    assert!(
+        (rss - vm_rss * 1024.0).abs() < vm_rss * 1024.0 * 0.25,
+        "{usage} against VmRSS {vm_rss} kB"
+    );
+    assert!(field("cpu") > 0.0, "python starting takes CPU: {usage}");
+    assert!(
+        j["instances"][1]["usage"]["rss"].as_u64().unwrap() > 1 << 20,
+        "{j}"
+    );
+    assert!(
+        detail.contains(" MEM ") && detail.contains(" CPU "),
+        "{detail}"
+    );
+
     // -f follows: a new event shows up in the running command's output.
     let mut follow = std::process::Command::new(deploy_bin())
         .args(["events", "web", "-f"])

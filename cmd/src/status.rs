@@ -91,6 +91,48 @@ struct Instance {
     /// What it served through the service's port, once routed in.
     #[serde(skip_serializing_if = "Option::is_none")]
     traffic: Option<InstanceTraffic>,
+    /// Its processes' memory and CPU time, while it runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+/// An instance's `usage` file.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq)]
+struct Usage {
+    processes: u32,
+    /// Resident memory, bytes.
+    rss: u64,
+    /// CPU time, seconds.
+    cpu: f64,
+}
+
+/// `processes N`, `rss BYTES`, `cpu SECONDS`, one per line; `None` when no
+/// process runs (or the file is missing, from an older deployd).
+fn usage(text: &str) -> Option<Usage> {
+    let get = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+            .map(str::trim)
+    };
+    let u = Usage {
+        processes: get("processes")?.parse().ok()?,
+        rss: get("rss")?.parse().ok()?,
+        cpu: get("cpu")?.parse().ok()?,
+    };
+    (u.processes > 0).then_some(u)
+}
+
+/// Bytes as `ps`/`systemctl status` people read them: 812K, 12.3M, 1.2G.
+fn human_bytes(n: u64) -> String {
+    const K: f64 = 1024.0;
+    let f = n as f64;
+    if f < K * K {
+        format!("{:.0}K", f / K)
+    } else if f < K * K * K {
+        format!("{:.1}M", f / (K * K))
+    } else {
+        format!("{:.1}G", f / (K * K * K))
+    }
 }
 
 /// One instance's line of the `traffic` file.
@@ -259,7 +301,9 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             "REQUESTS"
         }
     });
-    let mut head = vec!["INSTANCE", "PID", "STATE", "VERSION", "PORT", "INFLIGHT"];
+    let mut head = vec![
+        "INSTANCE", "PID", "STATE", "VERSION", "PORT", "MEM", "CPU", "INFLIGHT",
+    ];
     if let Some(s) = served {
         head.extend([s, "ERRORS", "RETRIED"]);
     }
@@ -271,6 +315,8 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             i.state.clone(),
             i.version.clone(),
             i.port.map_or("-".into(), |p| p.to_string()),
+            i.usage.map_or("-".into(), |u| human_bytes(u.rss)),
+            i.usage.map_or("-".into(), |u| format!("{:.2}s", u.cpu)),
             i.inflight.to_string(),
         ];
         if served.is_some() {
@@ -310,6 +356,7 @@ fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
                 port: ns::read_field(&d, "port").parse().ok(),
                 inflight: ns::read_field(&d, "inflight").parse().unwrap_or(0),
                 traffic: traffic.iter().find(|(m, _)| *m == n).map(|(_, t)| *t),
+                usage: usage(&ns::read_field(&d, "usage")),
             }
         })
         // An instance that went between the listing and the reads.
@@ -345,6 +392,18 @@ fn print_table<R: AsRef<[S]>, S: AsRef<str>>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reads_an_instances_usage() {
+        let u = super::usage("processes 2\nrss 13107200\ncpu 1.25\n").expect("usage");
+        assert_eq!((u.processes, u.rss, u.cpu), (2, 13107200, 1.25));
+        assert_eq!(super::usage("processes 0\nrss 0\ncpu 0.00\n"), None);
+        assert_eq!(super::usage(""), None);
+        assert_eq!(super::usage("processes x\nrss 1\ncpu 1\n"), None);
+        assert_eq!(super::human_bytes(812 * 1024), "812K");
+        assert_eq!(super::human_bytes(13107200), "12.5M");
+        assert_eq!(super::human_bytes(3 << 30), "3.0G");
+    }
+
     #[test]
     fn reads_the_traffic_totals() {
         let t = super::traffic(

@@ -389,6 +389,11 @@ impl Fs {
                     (InstFile::Inflight, _) => {
                         (v.inflight(i.id).len() as u64, SystemTime::now(), i.created)
                     }
+                    (InstFile::Usage, _) => (
+                        ServiceView::usage(i).len() as u64,
+                        SystemTime::now(),
+                        i.created,
+                    ),
                     (InstFile::Log, _) => {
                         let meta = i.log.as_ref().and_then(|p| std::fs::metadata(p).ok());
                         let len = meta.as_ref().map_or(0, |m| m.len());
@@ -577,6 +582,9 @@ impl Fs {
                     (_, Some(d)) => Open::Bytes(d.data.clone()),
                     (InstFile::Inflight, _) => {
                         Open::Bytes(Arc::from(v.inflight(i.id).into_bytes()))
+                    }
+                    (InstFile::Usage, _) => {
+                        Open::Bytes(Arc::from(ServiceView::usage(i).into_bytes()))
                     }
                     (InstFile::Log, _) => match i.log.as_ref().map(File::open) {
                         Some(Ok(file)) => Open::Log(file),

@@ -16,9 +16,10 @@ use std::time::SystemTime;
 
 use deployd_lib::manifest::Version;
 use deployd_lib::name::ServiceName;
-use deployd_lib::rollout::{InstanceId, Service};
+use deployd_lib::rollout::{InstanceId, Service, State};
 use parking_lot::RwLock;
 
+use crate::process;
 use crate::proxy::Router;
 
 /// Event log bytes kept in memory; past it, the older half is dropped.
@@ -99,16 +100,19 @@ pub enum InstFile {
     Log,
     /// `inflight`: requests or connections in flight on it.
     Inflight,
+    /// `usage`: processes, memory and CPU time, read from `/proc`.
+    Usage,
 }
 
 /// The instance directory's files, in listing order.
-pub const INST_FILES: [(&str, InstFile); 6] = [
+pub const INST_FILES: [(&str, InstFile); 7] = [
     ("pid", InstFile::Pid),
     ("state", InstFile::State),
     ("version", InstFile::Version),
     ("port", InstFile::Port),
     ("log", InstFile::Log),
     ("inflight", InstFile::Inflight),
+    ("usage", InstFile::Usage),
 ];
 
 /// One instance as the namespace shows it.
@@ -128,6 +132,8 @@ pub struct InstanceView {
     pub port: FileData,
     /// The output file behind `log`.
     pub log: Option<PathBuf>,
+    /// Its process group leader, while it runs (behind `usage`).
+    pub leader: Option<u32>,
     /// When the instance appeared.
     pub created: SystemTime,
 }
@@ -140,7 +146,7 @@ impl InstanceView {
             InstFile::State => Some(&self.state),
             InstFile::Version => Some(&self.version),
             InstFile::Port => Some(&self.port),
-            InstFile::Log | InstFile::Inflight => None,
+            InstFile::Log | InstFile::Inflight | InstFile::Usage => None,
         }
     }
 }
@@ -213,6 +219,11 @@ impl ServiceView {
     pub fn inflight(&self, id: InstanceId) -> String {
         format!("{}\n", self.traffic.as_ref().map_or(0, |r| r.inflight(id)))
     }
+
+    /// An instance's `usage` file, read from `/proc` now.
+    pub fn usage(i: &InstanceView) -> String {
+        i.leader.map(process::usage).unwrap_or_default().render()
+    }
 }
 
 /// What the engine knows of an instance beyond the state machine.
@@ -280,6 +291,7 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
                 ),
                 port: FileData::new(&port, now, pi.map(|x| &x.port)),
                 log: rt.and_then(|r| r.log),
+                leader: i.pid().filter(|_| i.state() != State::Exited),
                 created: pi.map_or(now, |x| x.created),
             }
         })

@@ -351,6 +351,102 @@ pub fn start_time(pid: u32) -> Option<u64> {
     rest.split(' ').nth(19)?.parse().ok()
 }
 
+/// What an instance's processes use, as `instances/N/usage` shows it.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Usage {
+    /// The leader and its descendants still running.
+    pub processes: u32,
+    /// Their resident memory, summed (pages they share count once each).
+    pub rss: u64,
+    /// Their CPU time, user and system, including the children they waited for.
+    pub cpu: Duration,
+}
+
+impl Usage {
+    /// The `usage` file.
+    pub fn render(&self) -> String {
+        format!(
+            "processes {}\nrss {}\ncpu {:.2}\n",
+            self.processes,
+            self.rss,
+            self.cpu.as_secs_f64()
+        )
+    }
+}
+
+/// Most processes one instance's usage walks (a fork bomb stays cheap to read).
+const USAGE_MAX_PROCESSES: usize = 4096;
+
+/// The usage of the process tree led by `leader`, from `/proc`: the leader
+/// and its descendants (through `/proc/PID/task/TID/children`). Zero if
+/// `leader` no longer leads its own process group (it exited).
+pub fn usage(leader: u32) -> Usage {
+    // SAFETY: sysconf only reads configuration values.
+    let (tick, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let (tick, page) = (tick.max(1) as f64, page.max(0) as u64);
+    let mut total = Usage::default();
+    let mut ticks = 0u64;
+    let mut todo = vec![leader];
+    let mut seen = 0usize;
+    while let Some(pid) = todo.pop() {
+        seen += 1;
+        if seen > USAGE_MAX_PROCESSES {
+            break;
+        }
+        let Some(st) = proc_stat(pid) else { continue };
+        if pid == leader && st.pgrp != leader {
+            return Usage::default();
+        }
+        if st.state == 'Z' {
+            continue;
+        }
+        total.processes += 1;
+        total.rss += st.rss_pages * page;
+        ticks += st.ticks;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.filter_map(|t| t.ok()) {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    total.cpu = Duration::from_secs_f64(ticks as f64 / tick);
+    total
+}
+
+/// The fields of `/proc/PID/stat` that [`usage`] needs.
+struct ProcStat {
+    state: char,
+    pgrp: u32,
+    /// utime + stime + cutime + cstime, in clock ticks.
+    ticks: u64,
+    rss_pages: u64,
+}
+
+fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses; fields follow the last ')'.
+    let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+    let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    Some(ProcStat {
+        state: f.first()?.chars().next()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        ticks: num(11)? + num(12)? + num(13)? + num(14)?,
+        rss_pages: num(21)?,
+    })
+}
+
 /// Kills the process groups a previous deployd left running. `groups` holds
 /// each group leader's pid and start time, as recorded when it was started.
 /// Returns how many groups were signalled.
@@ -430,6 +526,43 @@ mod tests {
         ] {
             assert_eq!(plain_words(shell), None, "{shell}");
         }
+    }
+
+    #[test]
+    fn usage_counts_the_leader_and_its_descendants() {
+        // A group leader whose child burns CPU and holds 32 MiB.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = "python3 -c 'b = bytearray(b\"x\") * (32 << 20)\nimport time\nt = time.time()\n\
+                      while time.time() - t < 0.3: pass\nprint(len(b), flush=True)\ntime.sleep(60)' & \
+                      wait";
+        let (r, w) = log_pipe().expect("pipe");
+        let pid = spawn(Spawn {
+            command: script,
+            dir: dir.path(),
+            env: Vec::new(),
+            output: Some(w),
+        })
+        .expect("spawn");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(std::fs::File::from(r)),
+            &mut line,
+        )
+        .expect("read");
+        let u = usage(pid);
+        signal_group(pid, libc::SIGKILL);
+        let _ = waitpid(Pid::from_raw(pid as i32), None);
+        assert_eq!(line.trim(), (32u32 << 20).to_string());
+        assert_eq!(u.processes, 2, "{u:?}");
+        assert!(u.rss >= 32 << 20, "{u:?}");
+        assert!(u.cpu >= Duration::from_millis(200), "{u:?}");
+        assert!(
+            u.render().starts_with("processes 2\nrss "),
+            "{}",
+            u.render()
+        );
+        // Gone (reaped here or by another test's reaper): nothing.
+        assert_eq!(usage(pid), Usage::default());
     }
 
     #[test]
