@@ -536,3 +536,67 @@ fn crashed_instances_restart_per_policy() {
             .is_ok_and(|l| l.contains("app "))
     });
 }
+
+/// `deploy apply` without a service rolls out every manifest of the
+/// directory, or none: a manifest that does not parse, or a service that
+/// cannot take its apply, refuses the whole command.
+#[test]
+fn apply_of_every_manifest_is_all_or_nothing() {
+    let worker = "exec sleep 1000\n".to_string();
+    let Some(d) = Deployd::start(&[("web", app_manifest(2, "")), ("worker", worker)]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    d.settle("worker", LONG);
+    let versions = |d: &Deployd| ["web", "worker"].map(|s| d.field(&format!("active/{s}/version")));
+    let v1 = versions(&d);
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+
+    // web changes, extra is new, bad does not parse: nothing happens.
+    d.write_manifest("web", &app_manifest(2, "env ROUND=2\n"));
+    d.write_manifest("extra", "exec sleep 1000\n");
+    d.write_manifest("bad", "exec sleep 1000\nreplicas lots\n");
+    let out = d.deploy(&["apply"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("bad.manifest:2:"), "{}", stderr(&out));
+    assert_eq!(versions(&d), v1);
+    assert!(!d.path("active/extra").exists());
+    assert_eq!(
+        d.instances("web").iter().map(|i| i.1).collect::<Vec<_>>(),
+        pids
+    );
+
+    // Without it: web rolls out, extra is deployed, worker is left alone;
+    // both rollouts are followed to their end.
+    std::fs::remove_file(d.manifests.join("bad.manifest")).unwrap();
+    let worker_pid = d.instances("worker")[0].1;
+    let out = d.deploy(&["apply"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}{}", stderr(&out));
+    assert!(text.contains("worker: unchanged\n"), "{text}");
+    assert!(text.contains("web: rolling update started"), "{text}");
+    assert!(text.contains("web: deployed "), "{text}");
+    assert!(text.contains("extra: deployed "), "{text}");
+    let v2 = versions(&d);
+    assert_ne!(v2[0], v1[0]);
+    assert_eq!(v2[1], v1[1]);
+    assert_eq!(d.field("active/web/update_progress"), "2/2");
+    assert_eq!(d.field("active/extra/update_progress"), "1/1");
+    assert_eq!(d.instances("worker")[0].1, worker_pid);
+    assert!(!d.read("active/worker/events").contains("apply"));
+
+    // A service that is busy refuses everything, with its reason.
+    d.write_manifest("web", &app_manifest(2, "env ROUND=3\nupdate_pause 60s\n"));
+    let out = d.deploy(&["apply", "web", "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.write_manifest("worker", "exec sleep 999\n");
+    let out = d.deploy(&["apply"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("web: a rolling update to ") && stderr(&out).contains("in progress"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(d.field("active/worker/version"), v1[1]);
+    assert_eq!(d.instances("worker")[0].1, worker_pid);
+}

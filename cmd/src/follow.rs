@@ -2,12 +2,13 @@
 //! service's new events as they come, until a read of its `wait` file
 //! returns the outcome.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::ns::{self, NOT_RUNNING};
+use crate::ns::{self, NOT_RUNNING, Ns};
 use crate::status::Traffic;
 use crate::{Exit, Fail};
 
@@ -29,6 +30,103 @@ impl Start {
             traffic: Traffic::read(dir),
         }
     }
+}
+
+impl Start {
+    /// For a service that did not exist before the command: from its first
+    /// event, with no traffic to compare with.
+    fn fresh() -> Start {
+        Start {
+            offset: 0,
+            started: Instant::now(),
+            traffic: None,
+        }
+    }
+}
+
+/// `deploy apply` without a service: `apply` on the root ctl, which rolls
+/// out every manifest of deployd's manifests directory or, if one is
+/// invalid or refused, none; then follows every rollout it started, side by
+/// side. Fails if any of them does.
+pub fn apply_all(ns: &Ns, no_wait: bool) -> Result<Exit, Fail> {
+    let active = ns.service_path("");
+    let mut before: HashMap<String, Start> = std::fs::read_dir(&active)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().to_str().map(String::from))
+                .map(|name| {
+                    let start = Start::now(&active.join(&name));
+                    (name, start)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let msg = ns.ctl_root("apply\n").map_err(|f| {
+        let what = if f.code == ns::REFUSED {
+            "refused:\n"
+        } else {
+            ""
+        };
+        Fail::new(f.code, format!("apply: {what}{}", f.message))
+    })?;
+    let (started, unchanged) = parse_apply_all(&msg);
+    for s in &unchanged {
+        println!("{s}: unchanged");
+    }
+    if no_wait {
+        for s in &started {
+            println!("{s}: started");
+        }
+        return Ok(Exit::Ok);
+    }
+    let followers: Vec<_> = started
+        .into_iter()
+        .map(|service| {
+            let start = before.remove(&service).unwrap_or_else(Start::fresh);
+            let dir = ns.service_path(&service);
+            std::thread::spawn(move || {
+                let r = follow(&service, &dir, start, What::Deploy);
+                (service, r)
+            })
+        })
+        .collect();
+    let mut exit = Ok(Exit::Ok);
+    for f in followers {
+        let r = f
+            .join()
+            .unwrap_or_else(|_| ("?".into(), Err(Fail::new(1, "follower panicked".into()))));
+        match r.1 {
+            Ok(Exit::Ok) => {}
+            Ok(Exit::Failed) => {
+                if exit.is_ok() {
+                    exit = Ok(Exit::Failed);
+                }
+            }
+            Err(f) => {
+                eprintln!("deploy: {}", f.message);
+                exit = Err(Fail::new(
+                    f.code,
+                    format!("{}: not followed to its end", r.0),
+                ));
+            }
+        }
+    }
+    exit
+}
+
+/// `started: a, b; unchanged: c` → (started, unchanged).
+fn parse_apply_all(msg: &str) -> (Vec<String>, Vec<String>) {
+    let mut started = Vec::new();
+    let mut unchanged = Vec::new();
+    for part in msg.trim().split("; ") {
+        let (list, names) = match part.split_once(": ") {
+            Some(("started", names)) => (&mut started, names),
+            Some(("unchanged", names)) => (&mut unchanged, names),
+            _ => continue,
+        };
+        list.extend(names.split(", ").map(|n| n.trim().to_string()));
+    }
+    (started, unchanged)
 }
 
 /// What the rollout was, for the final line.
@@ -56,7 +154,9 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     std::thread::spawn(move || {
         let _ = tx.send(std::fs::read_to_string(&wait));
     });
-    let mut out = std::io::stdout().lock();
+    // Not locked for the whole rollout: `apply` of every manifest follows
+    // several side by side, a line at a time.
+    let mut out = std::io::stdout();
     let outcome = loop {
         offset = print_events(&mut out, service, dir, offset)?;
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -129,5 +229,22 @@ pub fn strip_time(line: &str) -> &str {
         &line[9..]
     } else {
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_apply_all;
+
+    #[test]
+    fn reads_what_apply_of_every_manifest_did() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            parse_apply_all("started: api, web; unchanged: worker\n"),
+            (s(&["api", "web"]), s(&["worker"]))
+        );
+        assert_eq!(parse_apply_all("unchanged: a"), (s(&[]), s(&["a"])));
+        assert_eq!(parse_apply_all("started: a"), (s(&["a"]), s(&[])));
+        assert_eq!(parse_apply_all(""), (s(&[]), s(&[])));
     }
 }

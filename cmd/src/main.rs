@@ -38,10 +38,11 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Roll the service out to its manifest and follow the rollout to its end
+    /// Roll the service out to its manifest and follow the rollout to its end;
+    /// without a service, every manifest of deployd's manifests directory
     Apply {
         /// The service (its manifest is SERVICE.manifest in deployd's manifests directory)
-        service: String,
+        service: Option<String>,
         /// Return once the rollout has started
         #[arg(long)]
         no_wait: bool,
@@ -143,7 +144,14 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
     let ns = Ns::open(&args.root)?;
     match args.command {
         Cmd::Check { .. } => unreachable!("handled above"),
-        Cmd::Apply { service, no_wait } => {
+        Cmd::Apply {
+            service: None,
+            no_wait,
+        } => follow::apply_all(&ns, no_wait),
+        Cmd::Apply {
+            service: Some(service),
+            no_wait,
+        } => {
             let dir = ns.service_path(&service);
             let start = follow::Start::now(&dir);
             let msg = ns

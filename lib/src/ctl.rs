@@ -157,19 +157,43 @@ pub fn parse_service(msg: &[u8]) -> Result<Verb, CtlError> {
     verb_with_args(verb, args)
 }
 
-/// Parses a write to the root `ctl` file: `VERB SERVICE [ARGS]`.
-pub fn parse_root(msg: &[u8]) -> Result<(ServiceName, Verb), CtlError> {
+/// What a write to the root `ctl` file asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCommand {
+    /// `VERB SERVICE [ARGS]`: a service's command.
+    One(ServiceName, Verb),
+    /// `apply` alone: roll out every manifest of the manifests directory.
+    ApplyAll,
+}
+
+/// Parses a write to the root `ctl` file: `VERB SERVICE [ARGS]`, or `apply`
+/// alone.
+pub fn parse_root(msg: &[u8]) -> Result<RootCommand, CtlError> {
     let words = words(msg)?;
     let (verb, rest) = words.split_first().ok_or_else(empty)?;
     let spec = spec(verb)?;
     let Some((service, args)) = rest.split_first() else {
+        if spec.name == "apply" {
+            return Ok(RootCommand::ApplyAll);
+        }
         return Err(CtlError(format!(
             "bad # args to command: {} needs a service: {} SERVICE{}",
             spec.name, spec.name, spec.usage
         )));
     };
     let service = ServiceName::new(service).map_err(CtlError)?;
-    Ok((service, verb_with_args(verb, args)?))
+    Ok(RootCommand::One(service, verb_with_args(verb, args)?))
+}
+
+/// The root `ctl` file's commands, for reading it.
+pub fn root_usage() -> String {
+    let each = COMMANDS
+        .iter()
+        .map(|c| format!("{} SERVICE{}", c.name, c.usage));
+    std::iter::once("apply (every manifest)".to_string())
+        .chain(each)
+        .collect::<Vec<_>>()
+        .join(" | ")
 }
 
 fn empty() -> CtlError {
@@ -280,15 +304,23 @@ mod tests {
 
     #[test]
     fn root_ctl_names_the_service_first() {
-        let (s, v) = parse_root(b"apply web\n").unwrap();
-        assert_eq!((s.as_str(), v), ("web", Verb::Apply));
-        let (s, v) = parse_root(b"rollback api 0123456789ab").unwrap();
+        let web = ServiceName::new("web").unwrap();
+        assert_eq!(
+            parse_root(b"apply web\n").unwrap(),
+            RootCommand::One(web, Verb::Apply)
+        );
+        let RootCommand::One(s, v) = parse_root(b"rollback api 0123456789ab").unwrap() else {
+            panic!("one service");
+        };
         assert_eq!(s.as_str(), "api");
         assert!(matches!(v, Verb::Rollback(Some(_))));
+        assert_eq!(parse_root(b"apply\n").unwrap(), RootCommand::ApplyAll);
+        assert_eq!(parse_root(b" apply \n").unwrap(), RootCommand::ApplyAll);
         assert_eq!(
-            parse_root(b"apply\n").unwrap_err().0,
-            "bad # args to command: apply needs a service: apply SERVICE"
+            parse_root(b"pause\n").unwrap_err().0,
+            "bad # args to command: pause needs a service: pause SERVICE"
         );
+        assert!(root_usage().starts_with("apply (every manifest) | apply SERVICE | pause SERVICE"));
         assert!(
             parse_root(b"apply ../etc\n")
                 .unwrap_err()

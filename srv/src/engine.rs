@@ -47,6 +47,11 @@ pub enum Msg {
         /// Called with the result once it is persisted.
         done: CtlDone,
     },
+    /// `apply` on the root ctl: every manifest of the manifests directory.
+    ApplyAll {
+        /// Called with the result once it is persisted.
+        done: CtlDone,
+    },
     /// A line for a service's event log (a ctl write that did not parse).
     Note {
         /// The service.
@@ -225,21 +230,26 @@ impl Engine {
         self.flush();
     }
 
-    fn apply_manifests_dir(&mut self) {
-        let dir = self.config.manifests.clone();
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::warn!("manifests directory {}: {e}", dir.display());
-                return;
-            }
-        };
-        let mut files: Vec<PathBuf> = entries
+    /// The `*.manifest` files of the manifests directory, in name order.
+    fn manifest_files(&self) -> std::io::Result<Vec<PathBuf>> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.config.manifests)?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "manifest"))
             .collect();
         files.sort();
+        Ok(files)
+    }
+
+    fn apply_manifests_dir(&mut self) {
+        let files = match self.manifest_files() {
+            Ok(f) => f,
+            Err(e) => {
+                let dir = self.config.manifests.display();
+                tracing::warn!("manifests directory {dir}: {e}");
+                return;
+            }
+        };
         for file in files {
             match manifest::load(&file) {
                 Ok(loaded) => {
@@ -251,6 +261,95 @@ impl Engine {
                 Err(e) => tracing::error!("not applied: {e}"),
             }
         }
+    }
+
+    /// `apply` on the root ctl: rolls out every manifest of the manifests
+    /// directory, or none. Every manifest must parse and every service must
+    /// accept its apply (tried first on a copy of its state machine);
+    /// otherwise the refusal lists every reason and nothing changes.
+    /// Answers `started: a, b; unchanged: c` (empty parts left out).
+    fn apply_all(&mut self) -> Result<String, Refusal> {
+        let dir = self.config.manifests.clone();
+        let files = self.manifest_files().map_err(|e| Refusal {
+            kind: RefusalKind::NotFound,
+            message: format!("manifests directory {}: {e}", dir.display()),
+        })?;
+        if files.is_empty() {
+            return Err(Refusal {
+                kind: RefusalKind::NotFound,
+                message: format!("no *.manifest file in {}", dir.display()),
+            });
+        }
+        let mut specs = Vec::new();
+        let mut errors = Vec::new();
+        for file in &files {
+            match manifest::load(file) {
+                Ok(l) => specs.push((l.service, Spec::new(l.manifest, l.text))),
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Refusal {
+                kind: RefusalKind::Invalid,
+                message: errors.join("\n"),
+            });
+        }
+        // Dry run, on copies: a refusal of one service changes nothing.
+        let now = self.now();
+        let mut refusals: Vec<(RefusalKind, String)> = Vec::new();
+        let mut unchanged = Vec::new();
+        for (name, spec) in &specs {
+            let Some(e) = self.names.get(name).and_then(|s| self.services.get(s)) else {
+                continue;
+            };
+            let mut copy = e.machine.clone();
+            match copy
+                .handle(now, Input::Command(Command::Apply(spec.clone())))
+                .result
+            {
+                Ok(m) if m.starts_with("unchanged") => unchanged.push(name.to_string()),
+                Ok(_) => {}
+                Err(r) => refusals.push((r.kind, format!("{name}: {}", r.message))),
+            }
+        }
+        if let Some((kind, _)) = refusals.first() {
+            return Err(Refusal {
+                kind: *kind,
+                message: refusals
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            });
+        }
+        let mut started = Vec::new();
+        for (name, spec) in specs {
+            if unchanged.contains(&name.to_string()) {
+                continue;
+            }
+            let result = match self.names.get(&name).copied() {
+                None => self.create(name.clone(), spec),
+                Some(sid) => {
+                    let r = self.handle(sid, Input::Command(Command::Apply(spec)));
+                    if r.is_ok() {
+                        self.remember_versions(sid);
+                        self.sync_proxy(sid);
+                    }
+                    r
+                }
+            };
+            match result {
+                Ok(_) => started.push(name.to_string()),
+                // Only what the dry run could not foresee (the disk).
+                Err(r) => tracing::error!("{name}: {}", r.message),
+            }
+        }
+        let parts: Vec<String> = [("started", started), ("unchanged", unchanged)]
+            .into_iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, v)| format!("{k}: {}", v.join(", ")))
+            .collect();
+        Ok(parts.join("; "))
     }
 
     fn restore(&mut self, name: &ServiceName) -> Result<(), String> {
@@ -378,6 +477,10 @@ impl Engine {
                         self.log(sid, &line);
                     }
                 }
+                self.replies.push((done, result));
+            }
+            Msg::ApplyAll { done } => {
+                let result = self.apply_all();
                 self.replies.push((done, result));
             }
             Msg::Note { service, line } => {
@@ -1142,7 +1245,7 @@ impl Engine {
                     }
                 }
             }
-            Some(Msg::Ctl { done, .. }) => done(Err(Refusal {
+            Some(Msg::Ctl { done, .. } | Msg::ApplyAll { done }) => done(Err(Refusal {
                 kind: RefusalKind::Busy,
                 message: "deployd is shutting down".into(),
             })),

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use deployd_lib::ctl;
+use deployd_lib::ctl::{self, RootCommand};
 use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{Refusal, RefusalKind};
 use fuser::{
@@ -619,14 +619,7 @@ impl Fs {
             }
             Open::Ctl { service, last } => {
                 let text = last.lock().clone().unwrap_or_else(|| match service {
-                    None => format!(
-                        "commands: {}\n",
-                        ctl::COMMANDS
-                            .iter()
-                            .map(|c| format!("{} SERVICE{}", c.name, c.usage))
-                            .collect::<Vec<_>>()
-                            .join(" | ")
-                    ),
+                    None => format!("commands: {}\n", ctl::root_usage()),
                     Some(_) => format!("commands: {}\n", ctl::usage()),
                 });
                 slice(text.as_bytes(), offset, size).to_vec()
@@ -667,9 +660,9 @@ impl Fs {
         };
         let parsed = match service {
             None => ctl::parse_root(data),
-            Some(s) => ctl::parse_service(data).map(|v| (s.clone(), v)),
+            Some(s) => ctl::parse_service(data).map(|v| RootCommand::One(s.clone(), v)),
         };
-        let (svc, verb) = match parsed {
+        let command = match parsed {
             Ok(x) => x,
             Err(e) => {
                 *last.lock() = Some(format!("error: {e}\n"));
@@ -699,11 +692,17 @@ impl Fs {
                 });
             }
         });
-        if let Err(mpsc::error::SendError(Msg::Ctl { done, .. })) = self.engine.send(Msg::Ctl {
-            service: svc,
-            verb,
-            done,
-        }) {
+        let msg = match command {
+            RootCommand::One(service, verb) => Msg::Ctl {
+                service,
+                verb,
+                done,
+            },
+            RootCommand::ApplyAll => Msg::ApplyAll { done },
+        };
+        if let Err(mpsc::error::SendError(Msg::Ctl { done, .. } | Msg::ApplyAll { done })) =
+            self.engine.send(msg)
+        {
             done(Err(Refusal {
                 kind: RefusalKind::Busy,
                 message: "deployd is shutting down".into(),
