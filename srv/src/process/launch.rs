@@ -37,6 +37,8 @@ struct Plan {
     stdout: OwnedFd,
     stderr: OwnedFd,
     parent: libc::pid_t,
+    /// Descriptors to close without close_range (kernels before 5.9).
+    max_fd: libc::c_int,
     /// The step that failed in the child (0: none), and its errno.
     step: AtomicI32,
     errno: AtomicI32,
@@ -91,6 +93,13 @@ pub fn launch(
         Some(fd) => (fd.try_clone()?, fd),
         None => (null()?, null()?),
     };
+    // The child dup2s them onto 0, 1 and 2 in turn: none may be one of those
+    // already (deployd started with its own stdin or stdout closed).
+    let (stdin, stdout, stderr) = (
+        above_stdio(null()?)?,
+        above_stdio(stdout)?,
+        above_stdio(stderr)?,
+    );
     let mut plan = Plan {
         program: cstring(program.as_os_str())?,
         argv_ptrs: Vec::new(),
@@ -100,10 +109,11 @@ pub fn launch(
         envp_ptrs: Vec::new(),
         envp,
         dir: cstring(dir.as_os_str())?,
-        stdin: null()?,
+        stdin,
         stdout,
         stderr,
         parent: std::process::id() as libc::pid_t,
+        max_fd: open_files_limit(),
         step: AtomicI32::new(0),
         errno: AtomicI32::new(0),
     };
@@ -155,6 +165,36 @@ pub fn launch(
             })
         }
     }
+}
+
+/// The soft limit on open files, at most 65536: the descriptors a child
+/// closes one by one where close_range is missing.
+fn open_files_limit() -> libc::c_int {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes to the struct we own.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok {
+        lim.rlim_cur.min(65536) as libc::c_int
+    } else {
+        1024
+    }
+}
+
+/// `fd` itself if it is above 2, else a close-on-exec copy that is.
+fn above_stdio(fd: OwnedFd) -> std::io::Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor we then own.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor owned by nothing else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(new) })
 }
 
 /// Runs `f` with every signal blocked on this thread, then restores the mask.
@@ -216,14 +256,17 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
             (plan.stdout.as_raw_fd(), 1),
             (plan.stderr.as_raw_fd(), 2),
         ] {
-            // dup2 onto itself would keep close-on-exec.
-            let ok = if fd == to {
-                libc::fcntl(fd, libc::F_SETFD, 0) == 0
-            } else {
-                libc::dup2(fd, to) == to
-            };
-            if !ok {
+            // Each fd is above 2 (above_stdio): dup2 never clobbers one still to come.
+            if libc::dup2(fd, to) != to {
                 fail(STEP_DUP);
+            }
+        }
+        // What deployd inherited without close-on-exec (a shell's or a CI
+        // runner's pipes) is not the instance's: a pipe held open by it
+        // would keep whoever started deployd waiting for end of file.
+        if libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) != 0 {
+            for fd in 3..plan.max_fd {
+                libc::close(fd);
             }
         }
         libc::execve(
@@ -416,6 +459,23 @@ mod tests {
         let env = vec![("PATH".to_string(), "bin".to_string())];
         let (out, _) = run(&["only-here"], dir.path(), &env);
         assert_eq!(out, "found\n");
+    }
+
+    #[test]
+    fn the_child_gets_no_descriptor_but_its_stdio() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A pipe deployd would have inherited without close-on-exec.
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::empty()).expect("pipe");
+        // SAFETY: F_DUPFD returns a new descriptor, closed below.
+        let high = unsafe { libc::fcntl(w.as_raw_fd(), libc::F_DUPFD, 200) };
+        assert!(high >= 200);
+        let (out, _) = run(&["ls", "-1", "/proc/self/fd"], dir.path(), &[]);
+        // SAFETY: `high` is ours and closed once.
+        unsafe { libc::close(high) };
+        drop((r, w));
+        let fds: Vec<&str> = out.lines().collect();
+        // ls's own descriptor for the directory is the 4th.
+        assert_eq!(fds, ["0", "1", "2", "3"], "{out}");
     }
 
     #[test]
