@@ -327,18 +327,7 @@ impl Engine {
             if unchanged.contains(&name.to_string()) {
                 continue;
             }
-            let result = match self.names.get(&name).copied() {
-                None => self.create(name.clone(), spec),
-                Some(sid) => {
-                    let r = self.handle(sid, Input::Command(Command::Apply(spec)));
-                    if r.is_ok() {
-                        self.remember_versions(sid);
-                        self.sync_proxy(sid);
-                    }
-                    r
-                }
-            };
-            match result {
+            match self.apply_spec(&name, spec) {
                 Ok(_) => started.push(name.to_string()),
                 // Only what the dry run could not foresee (the disk).
                 Err(r) => tracing::error!("{name}: {}", r.message),
@@ -535,10 +524,7 @@ impl Engine {
         let command = match verb {
             Verb::Apply => {
                 let spec = self.load_manifest(service)?;
-                match sid {
-                    None => return self.create(service.clone(), spec),
-                    Some(_) => Command::Apply(spec),
-                }
+                return self.apply_spec(service, spec);
             }
             Verb::Rollback(Some(v)) => {
                 let e = sid
@@ -565,6 +551,20 @@ impl Engine {
             Verb::Remove => Command::Remove,
         };
         let sid = sid.ok_or_else(unknown)?;
+        self.command(sid, command)
+    }
+
+    /// Rolls `service` out to `spec`, or deploys it if it is new.
+    fn apply_spec(&mut self, service: &ServiceName, spec: Spec) -> Result<String, Refusal> {
+        let Some(sid) = self.names.get(service).copied() else {
+            return self.create(service.clone(), spec);
+        };
+        self.command(sid, Command::Apply(spec))
+    }
+
+    /// Hands `command` to the service's machine; keeps the history and the
+    /// routing in step with what it accepted.
+    fn command(&mut self, sid: u32, command: Command) -> Result<String, Refusal> {
         let result = self.handle(sid, Input::Command(command));
         if result.is_ok() {
             self.remember_versions(sid);
