@@ -380,3 +380,52 @@ fn cli_events_logs_and_status() {
     let _ = follow.wait();
     assert!(found);
 }
+
+/// `deploy diff`: each file against the manifest its service runs, with
+/// kubectl's exit codes (0 the same, 1 differs) and 2 for a bad file.
+#[test]
+fn diff_says_what_apply_would_change() {
+    let Some(d) = Deployd::start(&[("web", "exec sleep 1000\nreplicas 2\n".to_string())]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let web = d.manifests.join("web.manifest");
+    let web_arg = web.to_str().unwrap();
+    let out = d.deploy(&["diff", web_arg]);
+    let version = d.field("active/web/version");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("web: unchanged ({version})\n"));
+
+    d.write_manifest("web", "exec sleep 1000\nreplicas 3\n");
+    d.write_manifest("extra", "exec sleep 1000\n");
+    let extra = d.manifests.join("extra.manifest");
+    let out = d.deploy(&["diff", web_arg, extra.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with(&format!("web: {version} → ")), "{text}");
+    assert!(
+        text.contains(&format!(
+            "--- active/web/manifest\n+++ {web_arg}\n@@ -1,2 +1,2 @@\n exec sleep 1000\n-replicas 2\n+replicas 3\n"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("extra: new service ("), "{text}");
+    assert!(text.contains("+exec sleep 1000\n"), "{text}");
+    // Nothing was applied.
+    assert_eq!(d.field("active/web/version"), version);
+    assert!(!d.path("active/extra").exists());
+
+    d.write_manifest("extra", "exec sleep 1000\nreplicas many\n");
+    let out = d.deploy(&["diff", extra.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("extra.manifest:2:"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = d.deploy(&["apply", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.deploy(&["diff", web_arg]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+}

@@ -6,9 +6,11 @@
 //!
 //! Exit codes: 0 success; 1 the operation failed (invalid manifest, failed
 //! or paused rollout); 2 usage error; 3 deployd is not running; 4 no such
-//! service; 5 deployd refused the command.
+//! service; 5 deployd refused the command. `deploy diff`: 0 no difference, 1
+//! differences, 2 a file does not parse.
 
 mod check;
+mod diff;
 mod follow;
 mod ns;
 mod status;
@@ -101,6 +103,12 @@ enum Cmd {
         #[arg(short, long)]
         follow: bool,
     },
+    /// What apply would change: each manifest file against the one its service runs
+    Diff {
+        /// Manifest files, named SERVICE.manifest
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Validate manifests offline; print every error with file:line:col
     Check {
         /// Manifest files, named SERVICE.manifest
@@ -144,6 +152,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
     let ns = Ns::open(&args.root)?;
     match args.command {
         Cmd::Check { .. } => unreachable!("handled above"),
+        Cmd::Diff { files } => diff::run(&ns, &files),
         Cmd::Apply {
             service: None,
             no_wait,
