@@ -373,6 +373,32 @@ enum Outcome {
     Failed(String),
 }
 
+/// An instance that kept running while deployd replaced itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    /// The slot it filled.
+    pub slot: u32,
+    /// Its number in the namespace.
+    pub number: u32,
+    /// The version it runs.
+    pub version: Version,
+    /// Its process.
+    pub pid: u32,
+}
+
+/// What [`Service::adopt`] made of a record and its running instances.
+#[derive(Debug)]
+pub struct Adopted {
+    /// The service.
+    pub service: Service,
+    /// What to do first (routing the adopted instances in, starting what
+    /// is missing).
+    pub actions: Vec<Action>,
+    /// For each of `running`, in order, the id it was adopted under, or
+    /// `None` if it was not (stop it).
+    pub ids: Vec<Option<InstanceId>>,
+}
+
 /// One service's state machine. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -446,6 +472,76 @@ impl Service {
         s.drive();
         let actions = std::mem::take(&mut s.out);
         Ok((s, actions))
+    }
+
+    /// A service as recorded, whose instances kept running while deployd
+    /// replaced itself (`reexec`): each of `running` takes its slot back,
+    /// ready and routed in, if the slot's recorded version is the one it
+    /// runs (the others are for the caller to stop). Slots left empty start
+    /// as after [`Service::restore`]. A stopped service, or one with a
+    /// rollout in progress, adopts nothing: deployd only replaces itself
+    /// when every service has settled.
+    pub fn adopt(
+        now: Instant,
+        record: &Record,
+        resolve: impl Fn(Version) -> Option<Spec>,
+        running: &[Running],
+    ) -> Result<Adopted, String> {
+        if record.rollout.is_some() || record.stopped {
+            let (service, actions) = Service::restore(now, record, resolve)?;
+            return Ok(Adopted {
+                service,
+                actions,
+                ids: vec![None; running.len()],
+            });
+        }
+        // The record without its slots: nothing starts yet.
+        let empty = Record {
+            slots: Vec::new(),
+            ..record.clone()
+        };
+        let (mut s, _) = Service::restore(now, &empty, &resolve)?;
+        s.slots = record
+            .slots
+            .iter()
+            .map(|v| Slot {
+                spec: v.and_then(&resolve),
+                ..Slot::empty()
+            })
+            .collect();
+        let mut ids = Vec::new();
+        for r in running {
+            let spec = s
+                .slots
+                .get(r.slot as usize)
+                .and_then(|sl| sl.spec.clone())
+                .filter(|spec| spec.version == r.version);
+            let taken = s
+                .instances
+                .iter()
+                .any(|i| i.slot == r.slot || i.number == r.number);
+            let Some(spec) = spec.filter(|_| !taken) else {
+                ids.push(None);
+                continue;
+            };
+            let id = InstanceId(s.next_id);
+            s.next_id += 1;
+            let mut inst = Instance::new(id, r.slot, r.number, spec, Role::Serving, now);
+            inst.state = State::Ready;
+            inst.pid = Some(r.pid);
+            inst.healthy_since = Some(now);
+            inst.ready_since = Some(now);
+            s.instances.push(inst);
+            s.out.push(Action::RouteIn { id });
+            ids.push(Some(id));
+        }
+        s.drive();
+        let actions = std::mem::take(&mut s.out);
+        Ok(Adopted {
+            service: s,
+            actions,
+            ids,
+        })
     }
 
     fn blank(now: Instant, target: Spec, previous: Option<Spec>, slots: Vec<Slot>) -> Service {

@@ -1325,3 +1325,127 @@ fn stale_and_unknown_inputs_are_ignored() {
     assert_eq!(sim.svc.record(), record);
     sim.check_converged();
 }
+
+/// deployd replaced itself (`reexec`) with every service settled: the new
+/// machine takes the running instances back, starts nothing, routes them
+/// in, and goes on as before (a rollout, a crash).
+#[test]
+fn adopt_takes_settled_instances_back_and_starts_nothing() {
+    for (st, n, b) in shapes() {
+        let v1 = spec("v1", n, b, st);
+        let v2 = spec("v2", n, b, st);
+        let old = Sim::new(v1.clone());
+        let record = old.svc.record();
+        let running: Vec<Running> = old
+            .svc
+            .instances()
+            .iter()
+            .map(|i| Running {
+                slot: i.slot(),
+                number: i.number(),
+                version: i.spec().version,
+                pid: i.pid().unwrap(),
+            })
+            .collect();
+        let resolve = |v: Version| {
+            [v1.clone(), v2.clone()]
+                .into_iter()
+                .find(|s| s.version == v)
+        };
+        let adopted = Service::adopt(old.now, &record, resolve, &running).unwrap();
+        assert!(
+            adopted.ids.iter().all(|i| i.is_some()),
+            "{n}/{b}: {:?}",
+            adopted.ids
+        );
+        assert!(
+            !adopted
+                .actions
+                .iter()
+                .any(|a| matches!(a, Action::Start { .. })),
+            "{:?}",
+            adopted.actions
+        );
+        // The world: the same processes, now under the new ids.
+        let mut sim = Sim::with(old.now, adopted.service, Vec::new());
+        for (r, id) in running.iter().zip(&adopted.ids) {
+            sim.procs.insert(
+                id.unwrap().0,
+                Proc {
+                    pid: r.pid,
+                    started: Some(old.now),
+                    alive: true,
+                    behaviour: GOOD,
+                    version: r.version,
+                },
+            );
+        }
+        sim.apply(adopted.actions);
+        sim.check_invariants();
+        sim.check_converged();
+        assert_eq!(sim.routed.len(), n as usize);
+        assert_eq!(sim.svc.update_status(), UpdateStatus::None);
+
+        // A crash is restarted; a rollout still replaces every instance.
+        let first = adopted.ids[0].unwrap().0;
+        sim.crash(first);
+        sim.settle();
+        sim.check_converged();
+        sim.command(Command::Apply(v2.clone())).unwrap();
+        sim.settle();
+        sim.check_converged();
+        assert_eq!(sim.svc.version(), v2.version);
+    }
+}
+
+#[test]
+fn adopt_leaves_what_does_not_fit_and_refuses_mid_rollout() {
+    let (st, n, b) = (Strategy::Rolling, 3, 1);
+    let v1 = spec("v1", n, b, st);
+    let v2 = spec("v2", n, b, st);
+    let old = Sim::new(v1.clone());
+    let record = old.svc.record();
+    let resolve = |v: Version| {
+        [v1.clone(), v2.clone()]
+            .into_iter()
+            .find(|s| s.version == v)
+    };
+    let r = |slot, number, version, pid| Running {
+        slot,
+        number,
+        version,
+        pid,
+    };
+    let running = vec![
+        r(0, 0, v1.version, 10),
+        // Another version than the slot's, a slot taken twice, no such slot.
+        r(1, 1, v2.version, 11),
+        r(0, 5, v1.version, 12),
+        r(9, 9, v1.version, 13),
+    ];
+    let adopted = Service::adopt(old.now, &record, resolve, &running).unwrap();
+    assert_eq!(adopted.ids.iter().filter(|i| i.is_some()).count(), 1);
+    assert!(adopted.ids[0].is_some());
+    let starts: Vec<u32> = adopted
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start { slot, .. } => Some(*slot),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(starts, vec![1, 2], "the slots without an adopted instance");
+
+    // With a rollout in flight nothing is adopted, and it comes back paused.
+    let mid = rollout_at_step(st, n, b, 2, false);
+    let running: Vec<Running> = mid
+        .svc
+        .instances()
+        .iter()
+        .filter(|i| i.pid().is_some())
+        .map(|i| r(i.slot(), i.number(), i.spec().version, i.pid().unwrap()))
+        .collect();
+    let adopted = Service::adopt(mid.now, &mid.svc.record(), resolve, &running).unwrap();
+    assert!(adopted.ids.iter().all(|i| i.is_none()));
+    assert_eq!(adopted.service.update_status(), UpdateStatus::Paused);
+}
