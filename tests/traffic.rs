@@ -636,3 +636,83 @@ fn upgraded_connections_are_tunnelled_and_drained() {
     d.settle("web", LONG);
     assert!(!alive(old_pid));
 }
+
+/// `reexec`: deployd replaces itself (same pid, its binary run again) while
+/// a client keeps sending requests on new connections: none fails, every
+/// instance keeps running (same pids, output still logged), and what
+/// follows works as before: a crash is restarted, a rollout rolls. During a
+/// rollout `reexec` is refused.
+#[test]
+fn reexec_keeps_every_instance_and_loses_no_request() {
+    let port = free_port();
+    let worker = "exec while true; do echo tick; sleep 0.2; done\n".to_string();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 2, "")), ("worker", worker)]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    d.settle("worker", LONG);
+    let pids = |s: &str| d.instances(s).iter().map(|i| i.1).collect::<Vec<_>>();
+    let (web_pids, worker_pids, deployd_pid) = (pids("web"), pids("worker"), d.pid());
+    let load = Load::start(port, &[(Client::Fresh, 3)], "/");
+    std::thread::sleep(Duration::from_millis(500));
+    let out = d.sh("echo reexec > $ROOT/ctl");
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the namespace to come back", LONG, || {
+        d.try_read("active/web/events").contains("kept running")
+    });
+    let during = load.counters.ok();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(load.counters.ok() > during, "no request after the reexec");
+    assert_clean(load, 200);
+    assert_eq!(d.pid(), deployd_pid);
+    assert_eq!(pids("web"), web_pids);
+    assert_eq!(pids("worker"), worker_pids);
+    assert!(d.log().contains("replacing deployd with"), "{}", d.log());
+    let events = d.read("active/web/events");
+    assert!(
+        events.contains("deployd replaced itself; instances 0, 1 kept running"),
+        "{events}"
+    );
+    // Its output still reaches its log: read through the new deployd.
+    let ticks = |d: &Deployd| d.read("active/worker/instances/0/log").lines().count();
+    let before = ticks(&d);
+    wait_for("more output", LONG, || ticks(&d) > before + 2);
+
+    // A crash of an instance taken back is seen and restarted.
+    let victim = web_pids[0];
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    wait_for("a replacement", LONG, || {
+        let now = pids("web");
+        now.len() == 2 && !now.contains(&victim)
+    });
+    d.settle("web", LONG);
+    assert!(
+        d.read("active/web/events")
+            .contains("exited unexpectedly (killed by SIGKILL)"),
+        "{}",
+        d.read("active/web/events")
+    );
+
+    // The CLI does the same and waits for the new namespace.
+    let out = run(&d, &["reexec"], 0);
+    assert!(out.contains("deployd: back in "), "{out}");
+    assert_eq!(d.pid(), deployd_pid);
+    assert_eq!(pids("worker"), worker_pids);
+
+    // A rollout still works, and reexec waits for its end.
+    d.write_manifest(
+        "web",
+        &web(port, "http", 2, "env ROUND=2\nupdate_pause 30s\n"),
+    );
+    run(&d, &["apply", "web", "--no-wait"], 0);
+    let out = d.sh("exec 3<>$ROOT/ctl; echo reexec >&3; echo \"status $?\"; cat <&3");
+    assert_eq!(
+        stdout(&out),
+        "status 1\nerror: web: a rollout is in progress; reexec once it is over\n",
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(d.field("active/web/update_status"), "rolling");
+    run(&d, &["rollback", "web"], 0);
+    assert_eq!(d.pid(), deployd_pid);
+}

@@ -103,6 +103,9 @@ enum Cmd {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Replace deployd with its binary (after an upgrade) keeping every
+    /// instance and port; wait until it serves again
+    Reexec,
     /// What apply would change: each manifest file against the one its service runs
     Diff {
         /// Manifest files, named SERVICE.manifest
@@ -153,6 +156,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
     match args.command {
         Cmd::Check { .. } => unreachable!("handled above"),
         Cmd::Diff { files } => diff::run(&ns, &files),
+        Cmd::Reexec => reexec(&ns, &args.root),
         Cmd::Apply {
             service: None,
             no_wait,
@@ -227,6 +231,53 @@ fn command(ns: &Ns, service: &str, cmd: &str, wait: bool, what: What) -> Result<
         return Ok(Exit::Ok);
     }
     follow::follow(service, &dir, start, what)
+}
+
+/// `reexec` on the root ctl, then waits (up to a minute) for the new
+/// deployd's namespace.
+fn reexec(ns: &Ns, root: &std::path::Path) -> Result<Exit, Fail> {
+    // The root ctl's mtime is when its deployd started: how the new
+    // namespace is told from the old one (the gap between them can be
+    // shorter than any poll, and a mount's device number is reused).
+    let started_at = |p: &std::path::Path| {
+        std::fs::metadata(p.join("ctl"))
+            .and_then(|m| m.modified())
+            .ok()
+    };
+    let old = started_at(root);
+    // The new deployd mounts, then takes its services back: wait for all.
+    let services = |p: &std::path::Path| -> Vec<std::ffi::OsString> {
+        std::fs::read_dir(p.join("active"))
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+            .unwrap_or_default()
+    };
+    let before = services(root);
+    let msg = ns.ctl_root("reexec\n").map_err(|f| {
+        let what = if f.code == ns::REFUSED {
+            "refused: "
+        } else {
+            ""
+        };
+        Fail::new(f.code, format!("reexec: {what}{}", f.message))
+    })?;
+    println!("deployd: {msg}");
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_secs(60) {
+        let now = started_at(root);
+        let back = now.is_some() && now != old && Ns::open(root).is_ok() && {
+            let after = services(root);
+            before.iter().all(|s| after.contains(s))
+        };
+        if back {
+            println!("deployd: back in {:.2}s", started.elapsed().as_secs_f64());
+            return Ok(Exit::Ok);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(Fail::new(
+        ns::NOT_RUNNING,
+        format!("deployd is not back at {} after 60s", root.display()),
+    ))
 }
 
 /// Prefixes a refusal with the service and what happened.

@@ -164,6 +164,9 @@ pub enum RootCommand {
     One(ServiceName, Verb),
     /// `apply` alone: roll out every manifest of the manifests directory.
     ApplyAll,
+    /// `reexec`: deployd replaces itself with its binary (an upgrade),
+    /// keeping every instance running and every port open.
+    ReExec,
 }
 
 /// Parses a write to the root `ctl` file: `VERB SERVICE [ARGS]`, or `apply`
@@ -171,6 +174,15 @@ pub enum RootCommand {
 pub fn parse_root(msg: &[u8]) -> Result<RootCommand, CtlError> {
     let words = words(msg)?;
     let (verb, rest) = words.split_first().ok_or_else(empty)?;
+    if *verb == "reexec" {
+        if !rest.is_empty() {
+            return Err(CtlError(format!(
+                "bad # args to command: reexec takes no arguments, got {}",
+                rest.len()
+            )));
+        }
+        return Ok(RootCommand::ReExec);
+    }
     let spec = spec(verb)?;
     let Some((service, args)) = rest.split_first() else {
         if spec.name == "apply" {
@@ -192,6 +204,7 @@ pub fn root_usage() -> String {
         .map(|c| format!("{} SERVICE{}", c.name, c.usage));
     std::iter::once("apply (every manifest)".to_string())
         .chain(each)
+        .chain(std::iter::once("reexec".to_string()))
         .collect::<Vec<_>>()
         .join(" | ")
 }
@@ -316,6 +329,13 @@ mod tests {
         assert!(matches!(v, Verb::Rollback(Some(_))));
         assert_eq!(parse_root(b"apply\n").unwrap(), RootCommand::ApplyAll);
         assert_eq!(parse_root(b" apply \n").unwrap(), RootCommand::ApplyAll);
+        assert_eq!(parse_root(b"reexec\n").unwrap(), RootCommand::ReExec);
+        assert!(
+            parse_root(b"reexec now\n")
+                .unwrap_err()
+                .0
+                .contains("reexec takes no arguments")
+        );
         assert_eq!(
             parse_root(b"pause\n").unwrap_err().0,
             "bad # args to command: pause needs a service: pause SERVICE"

@@ -12,6 +12,7 @@
 //! command that `write(2)` reported as done survives a kill -9.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::os::fd::{IntoRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,12 +22,14 @@ use deployd_lib::ctl::Verb;
 use deployd_lib::manifest::{self, Health, LoadError, Version};
 use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{
-    Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Service, Spec,
+    Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Running, Service,
+    Spec, State, UpdateStatus,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::AbortHandle;
 
 use crate::config::Config;
+use crate::handoff::{self, Handoff};
 use crate::probe;
 use crate::process::{self, Children, Spawn, Waiter};
 use crate::proxy::{self, Router};
@@ -49,6 +52,11 @@ pub enum Msg {
     },
     /// `apply` on the root ctl: every manifest of the manifests directory.
     ApplyAll {
+        /// Called with the result once it is persisted.
+        done: CtlDone,
+    },
+    /// `reexec` on the root ctl: deployd replaces itself, keeping instances.
+    ReExec {
         /// Called with the result once it is persisted.
         done: CtlDone,
     },
@@ -112,6 +120,9 @@ struct Inst {
     stop_asked: Option<(i32, Duration)>,
     port: Option<u16>,
     log: PathBuf,
+    /// Another descriptor of the read end of its output pipe, for a
+    /// deployd replacing itself to hand on (the log pump owns the first).
+    log_read: Option<OwnedFd>,
     prober: Option<AbortHandle>,
     /// Asks the prober for a probe now.
     poke: Arc<Notify>,
@@ -158,6 +169,19 @@ pub struct Engine {
     /// Stop signals decided in this round, sent once the state that says
     /// so is saved and published.
     stops: Vec<Stop>,
+    /// The binary `reexec` runs; `None`: `reexec` is refused.
+    exe: Option<PathBuf>,
+    /// `reexec` was accepted: the loop ends, the instances stay.
+    reexec: bool,
+}
+
+/// How [`Engine::run`] ended.
+pub enum Outcome {
+    /// Told to stop: every instance is stopped.
+    Stopped,
+    /// Told to replace itself: traffic in flight finished, the instances
+    /// run on; what the next deployd needs to take them back.
+    ReExec(Handoff),
 }
 
 /// A stop signal to send to a process group.
@@ -202,7 +226,15 @@ impl Engine {
             dirty: HashSet::new(),
             replies: Vec::new(),
             stops: Vec::new(),
+            exe: None,
+            reexec: false,
         }
+    }
+
+    /// The binary `reexec` replaces deployd with: deployd's own path, as it
+    /// was when it started (an upgrade puts the new one there).
+    pub fn set_exe(&mut self, exe: PathBuf) {
+        self.exe = Some(exe);
     }
 
     fn now(&self) -> Instant {
@@ -212,8 +244,24 @@ impl Engine {
     /// Brings back every recorded service, or on a clean start applies every
     /// manifest of the manifests directory. First kills what a previous
     /// deployd left running.
-    pub fn start(&mut self) {
-        let leftovers = self.store.all_pids();
+    /// With `handoff` (deployd replaced itself), the instances it names are
+    /// taken back rather than killed and started again.
+    pub fn start(&mut self, handoff: Option<Handoff>) {
+        let mut handed: HashMap<String, Vec<handoff::Instance>> = handoff
+            .map(|h| {
+                h.services
+                    .into_iter()
+                    .map(|s| (s.name, s.instances))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let kept: HashSet<u32> = handed.values().flatten().map(|i| i.pid).collect();
+        let leftovers: Vec<(u32, u64)> = self
+            .store
+            .all_pids()
+            .into_iter()
+            .filter(|(pid, _)| !kept.contains(pid))
+            .collect();
         if !leftovers.is_empty() {
             let n = process::kill_leftovers(&leftovers);
             tracing::info!("killed {n} process groups left by a previous deployd");
@@ -223,9 +271,21 @@ impl Engine {
             self.apply_manifests_dir();
         }
         for name in recorded {
-            if let Err(e) = self.restore(&name) {
+            let running = handed.remove(name.as_str()).unwrap_or_default();
+            let restored = if running.is_empty() {
+                self.restore(&name)
+            } else {
+                self.restore_adopting(&name, running)
+            };
+            if let Err(e) = restored {
                 tracing::error!("{name}: cannot restore: {e}");
             }
+        }
+        // Instances of services that are no longer recorded.
+        for i in handed.into_values().flatten() {
+            process::signal_group(i.pid, libc::SIGKILL);
+            // SAFETY: each descriptor of the handoff is taken once.
+            drop(unsafe { handoff::own(i.log_fd) });
         }
         self.flush();
     }
@@ -341,7 +401,8 @@ impl Engine {
         Ok(parts.join("; "))
     }
 
-    fn restore(&mut self, name: &ServiceName) -> Result<(), String> {
+    /// A service's record and the manifests of its history.
+    fn load(&self, name: &ServiceName) -> Result<(Saved, History), String> {
         let saved = self.store.load(name)?;
         let mut history = Vec::new();
         for v in &saved.history {
@@ -350,17 +411,76 @@ impl Engine {
                 Err(e) => tracing::warn!("{name}: manifest {v}: {e}"),
             }
         }
-        let resolve = |v: Version| {
-            let (_, text) = history.iter().find(|(hv, _)| *hv == v)?;
-            let m = manifest::parse(text.as_bytes()).ok()?;
-            Some(Spec::new(m, text.clone()))
-        };
-        let (machine, actions) = Service::restore(self.now(), &saved.record, resolve)?;
+        Ok((saved, history))
+    }
+
+    fn restore(&mut self, name: &ServiceName) -> Result<(), String> {
+        let (saved, history) = self.load(name)?;
+        let (machine, actions) =
+            Service::restore(self.now(), &saved.record, |v| resolve(&history, v))?;
         let sid = self.add_entry(name.clone(), machine, history);
         if let Some(e) = self.services.get_mut(&sid) {
             e.saved = Some(saved);
         }
         self.execute(sid, actions);
+        Ok(())
+    }
+
+    /// Restores a service whose instances ran on while deployd replaced
+    /// itself: they are taken back (their output pipes, their exits, their
+    /// probes); one that no longer fits its slot is killed.
+    fn restore_adopting(
+        &mut self,
+        name: &ServiceName,
+        mut running: Vec<handoff::Instance>,
+    ) -> Result<(), String> {
+        running.sort_by_key(|i| i.number);
+        let (saved, history) = match self.load(name) {
+            Ok(x) => x,
+            Err(e) => {
+                for i in running {
+                    process::signal_group(i.pid, libc::SIGKILL);
+                    // SAFETY: each descriptor of the handoff is taken once.
+                    drop(unsafe { handoff::own(i.log_fd) });
+                }
+                return Err(e);
+            }
+        };
+        let list: Vec<Running> = running
+            .iter()
+            .map(|i| Running {
+                slot: i.slot,
+                number: i.number,
+                version: i.version,
+                pid: i.pid,
+            })
+            .collect();
+        let adopted = Service::adopt(self.now(), &saved.record, |v| resolve(&history, v), &list)?;
+        let sid = self.add_entry(name.clone(), adopted.service, history);
+        if let Some(e) = self.services.get_mut(&sid) {
+            e.saved = Some(saved);
+        }
+        let mut kept = Vec::new();
+        for (h, id) in running.into_iter().zip(adopted.ids) {
+            // SAFETY: each descriptor of the handoff is taken once.
+            let read = unsafe { handoff::own(h.log_fd) };
+            match id {
+                Some(id) => {
+                    kept.push(h.number.to_string());
+                    self.adopt_instance(sid, id, h, read);
+                }
+                None => process::signal_group(h.pid, libc::SIGKILL),
+            }
+        }
+        if !kept.is_empty() {
+            let msg = format!(
+                "deployd replaced itself; instance{} {} kept running",
+                if kept.len() == 1 { "" } else { "s" },
+                kept.join(", ")
+            );
+            self.log(sid, &msg);
+        }
+        self.execute(sid, adopted.actions);
         Ok(())
     }
 
@@ -425,7 +545,7 @@ impl Engine {
         mut self,
         mut rx: mpsc::UnboundedReceiver<Msg>,
         mut signals: watch::Receiver<u32>,
-    ) {
+    ) -> Outcome {
         loop {
             let wake = self
                 .timers
@@ -447,9 +567,25 @@ impl Engine {
                 Ok(_) = signals.wait_for(|n| *n >= 1) => break,
             }
             self.flush();
+            if self.reexec {
+                break;
+            }
         }
+        // Replacing itself, deployd keeps its ports open through the wait.
+        let sockets: Vec<OwnedFd> = match self.reexec {
+            true => self
+                .services
+                .values()
+                .filter_map(|e| e.router.as_ref()?.take_socket())
+                .collect(),
+            false => Vec::new(),
+        };
         self.finish_traffic(&mut rx, &mut signals).await;
+        if self.reexec && *signals.borrow() == 0 {
+            return Outcome::ReExec(self.handoff(sockets));
+        }
         self.shutdown(&mut rx).await;
+        Outcome::Stopped
     }
 
     fn on_msg(&mut self, msg: Msg) {
@@ -470,6 +606,10 @@ impl Engine {
             }
             Msg::ApplyAll { done } => {
                 let result = self.apply_all();
+                self.replies.push((done, result));
+            }
+            Msg::ReExec { done } => {
+                let result = self.accept_reexec();
                 self.replies.push((done, result));
             }
             Msg::Note { service, line } => {
@@ -501,6 +641,134 @@ impl Engine {
                 let _ = self.handle(sid, Input::Exited { id, exit });
             }
         }
+    }
+
+    /// `reexec`: accepted when every service has settled (no rollout in
+    /// flight, every instance ready) and the binary is there; the loop then
+    /// ends, traffic in flight finishes, and [`Engine::run`] returns the
+    /// handoff.
+    fn accept_reexec(&mut self) -> Result<String, Refusal> {
+        let busy = |message: String| Refusal {
+            kind: RefusalKind::Busy,
+            message,
+        };
+        let Some(exe) = self.exe.clone() else {
+            return Err(busy("deployd cannot find its own binary".into()));
+        };
+        let runnable = std::fs::metadata(&exe).is_ok_and(|m| {
+            use std::os::unix::fs::PermissionsExt;
+            m.is_file() && m.permissions().mode() & 0o111 != 0
+        });
+        if !runnable {
+            return Err(Refusal {
+                kind: RefusalKind::NotFound,
+                message: format!("{} is not an executable file", exe.display()),
+            });
+        }
+        for e in self.services.values() {
+            let m = &e.machine;
+            if m.is_stopped() {
+                continue;
+            }
+            if matches!(
+                m.update_status(),
+                UpdateStatus::Rolling | UpdateStatus::Paused
+            ) {
+                return Err(busy(format!(
+                    "{}: a rollout is in progress; reexec once it is over",
+                    e.name
+                )));
+            }
+            let replicas = m.target().manifest.replicas as usize;
+            let ready = m
+                .instances()
+                .iter()
+                .filter(|i| i.state() == State::Ready)
+                .count();
+            let handed = e
+                .runtime
+                .values()
+                .all(|i| i.pid.is_some() && i.log_read.is_some());
+            if ready != replicas || m.instances().len() != replicas || !handed {
+                return Err(busy(format!(
+                    "{}: {ready} of {replicas} instances ready; reexec once every one is",
+                    e.name
+                )));
+            }
+        }
+        self.reexec = true;
+        let sids: Vec<u32> = self.services.keys().copied().collect();
+        for sid in sids {
+            self.log(
+                sid,
+                "deployd replacing itself (reexec); instances keep running",
+            );
+        }
+        Ok(format!(
+            "replacing deployd with {}; instances keep running",
+            exe.display()
+        ))
+    }
+
+    /// What the next deployd needs: each instance with its pid and output
+    /// pipe, and every listening socket, their descriptors kept open across
+    /// execve (and out of the engine's hands).
+    fn handoff(&mut self, sockets: Vec<OwnedFd>) -> Handoff {
+        fn keep(fd: OwnedFd) -> Option<i32> {
+            let raw = fd.into_raw_fd();
+            handoff::keep_across_exec(raw).ok()?;
+            Some(raw)
+        }
+        let mut h = Handoff {
+            pid: std::process::id(),
+            ..Handoff::default()
+        };
+        // One socket per port: the services' own, then passed ones no
+        // service listens on (a removed service's, waiting for its return).
+        let mut ports = HashSet::new();
+        let passed = proxy::activation::all()
+            .into_iter()
+            .flatten()
+            .map(OwnedFd::from);
+        for fd in sockets.into_iter().chain(passed) {
+            let l = std::net::TcpListener::from(fd);
+            let Ok(port) = l.local_addr().map(|a| a.port()) else {
+                continue;
+            };
+            if ports.insert(port) {
+                h.listeners.extend(keep(OwnedFd::from(l)));
+            }
+        }
+        for e in self.services.values_mut() {
+            let mut instances = Vec::new();
+            for (id, inst) in &mut e.runtime {
+                if let Some(p) = inst.prober.take() {
+                    p.abort();
+                }
+                let Some(i) = e.machine.instances().iter().find(|i| i.id() == *id) else {
+                    continue;
+                };
+                let (Some(pid), Some(read)) = (inst.pid, inst.log_read.take()) else {
+                    continue;
+                };
+                let Some(log_fd) = keep(read) else { continue };
+                instances.push(handoff::Instance {
+                    slot: i.slot(),
+                    number: i.number(),
+                    version: i.spec().version,
+                    pid,
+                    start_time: inst.start_time,
+                    port: inst.port,
+                    log: inst.log.clone(),
+                    log_fd,
+                });
+            }
+            h.services.push(handoff::Service {
+                name: e.name.to_string(),
+                instances,
+            });
+        }
+        h
     }
 
     fn on_timers(&mut self) {
@@ -695,17 +963,8 @@ impl Engine {
         } else {
             None
         };
-        let dir = match &m.dir {
-            Some(d) => self.config.manifests.join(d),
-            None => self.config.manifests.clone(),
-        };
-        let mut env: Vec<(String, String)> = m.env.clone();
-        if let Some(p) = port {
-            env.push(("PORT".into(), p.to_string()));
-        }
-        env.push(("SERVICE".into(), name.to_string()));
-        env.push(("INSTANCE".into(), slot.to_string()));
-        env.push(("VERSION".into(), spec.version.to_string()));
+        let dir = self.instance_dir(&m);
+        let env = instance_env(&name, &m, port, slot, spec.version);
         let log = self.store.log_path(&name, self.generation, id.0);
         let (read, write) = match process::log_pipe() {
             Ok(p) => p,
@@ -718,6 +977,7 @@ impl Engine {
                 return;
             }
         };
+        let log_read = read.try_clone().ok();
         // Reads until every holder of the write end is gone, so also what a
         // process that dies at once printed.
         tokio::spawn(process::pump_log(read, log.clone()));
@@ -739,46 +999,97 @@ impl Engine {
             // delivered by watch(), after it.
             let _ = tx.send(Msg::Spawned { sid, id, result });
             if let Ok(pid) = spawned {
-                let tx = tx.clone();
-                children.watch(
-                    pid,
-                    Waiter::Notify(Box::new(move |exit| {
-                        flag.store(true, Ordering::SeqCst);
-                        let _ = tx.send(Msg::Exited { sid, id, exit });
-                    })),
-                );
+                watch_exit(&children, &tx, flag, sid, id, pid);
             }
         });
-        let poke = Arc::new(Notify::new());
-        let prober = if m.health != Health::None {
-            let target = probe::Target {
-                health: m.health.clone(),
-                port,
-                interval: m.health_interval,
-                timeout: m.health_timeout,
-                dir: dir.clone(),
-                env,
-            };
-            let tx = self.tx.clone();
-            let report = move |result| {
-                let _ = tx.send(Msg::Probe { sid, id, result });
-            };
-            let task = tokio::spawn(probe::run(
-                target,
-                self.children.clone(),
-                poke.clone(),
-                report,
-            ));
-            Some(task.abort_handle())
-        } else {
-            None
-        };
+        let (prober, poke) = self.start_prober(sid, id, &m, port, dir, env);
         let inst = Inst {
             pid: None,
             start_time: 0,
             stop_asked: None,
             port,
             log,
+            log_read,
+            prober,
+            poke,
+            exited,
+            stop_signal: m.stop_signal.number(),
+            stop_timeout: m.stop_timeout,
+        };
+        if let Some(e) = self.services.get_mut(&sid) {
+            e.runtime.insert(id, inst);
+        }
+    }
+
+    /// An instance's working directory.
+    fn instance_dir(&self, m: &manifest::Manifest) -> PathBuf {
+        match &m.dir {
+            Some(d) => self.config.manifests.join(d),
+            None => self.config.manifests.clone(),
+        }
+    }
+
+    /// Starts probing an instance as its manifest says; returns the task
+    /// and what pokes it for a probe now.
+    fn start_prober(
+        &self,
+        sid: u32,
+        id: InstanceId,
+        m: &manifest::Manifest,
+        port: Option<u16>,
+        dir: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> (Option<AbortHandle>, Arc<Notify>) {
+        let poke = Arc::new(Notify::new());
+        if m.health == Health::None {
+            return (None, poke);
+        }
+        let target = probe::Target {
+            health: m.health.clone(),
+            port,
+            interval: m.health_interval,
+            timeout: m.health_timeout,
+            dir,
+            env,
+        };
+        let tx = self.tx.clone();
+        let report = move |result| {
+            let _ = tx.send(Msg::Probe { sid, id, result });
+        };
+        let task = tokio::spawn(probe::run(
+            target,
+            self.children.clone(),
+            poke.clone(),
+            report,
+        ));
+        (Some(task.abort_handle()), poke)
+    }
+
+    /// Takes back an instance the deployd this one replaced left running.
+    fn adopt_instance(&mut self, sid: u32, id: InstanceId, h: handoff::Instance, read: OwnedFd) {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        let Some(i) = e.machine.instances().iter().find(|i| i.id() == id) else {
+            return;
+        };
+        let (name, m) = (e.name.clone(), i.spec().manifest.clone());
+        let env = instance_env(&name, &m, h.port, h.slot, h.version);
+        if let Some(p) = h.port {
+            self.ports.insert(p);
+        }
+        let log_read = read.try_clone().ok();
+        tokio::spawn(process::pump_log(read, h.log.clone()));
+        let exited = Arc::new(AtomicBool::new(false));
+        watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
+        let (prober, poke) = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
+        let inst = Inst {
+            pid: Some(h.pid),
+            start_time: h.start_time,
+            stop_asked: None,
+            port: h.port,
+            log: h.log,
+            log_read,
             prober,
             poke,
             exited,
@@ -1245,15 +1556,65 @@ impl Engine {
                     }
                 }
             }
-            Some(Msg::Ctl { done, .. } | Msg::ApplyAll { done }) => done(Err(Refusal {
-                kind: RefusalKind::Busy,
-                message: "deployd is shutting down".into(),
-            })),
+            Some(Msg::Ctl { done, .. } | Msg::ApplyAll { done } | Msg::ReExec { done }) => {
+                done(Err(Refusal {
+                    kind: RefusalKind::Busy,
+                    message: "deployd is shutting down".into(),
+                }))
+            }
             Some(_) => {}
             None => return false,
         }
         true
     }
+}
+
+/// A service's manifests by version, oldest first.
+type History = Vec<(Version, Arc<str>)>;
+
+/// The manifest of version `v`, from a service's history.
+fn resolve(history: &[(Version, Arc<str>)], v: Version) -> Option<Spec> {
+    let (_, text) = history.iter().find(|(hv, _)| *hv == v)?;
+    let m = manifest::parse(text.as_bytes()).ok()?;
+    Some(Spec::new(m, text.clone()))
+}
+
+/// What an instance finds in its environment besides deployd's own: the
+/// manifest's `env`, then `PORT`, `SERVICE`, `INSTANCE` and `VERSION`.
+fn instance_env(
+    name: &ServiceName,
+    m: &manifest::Manifest,
+    port: Option<u16>,
+    slot: u32,
+    version: Version,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = m.env.clone();
+    if let Some(p) = port {
+        env.push(("PORT".into(), p.to_string()));
+    }
+    env.push(("SERVICE".into(), name.to_string()));
+    env.push(("INSTANCE".into(), slot.to_string()));
+    env.push(("VERSION".into(), version.to_string()));
+    env
+}
+
+/// Tells the engine when `pid`, instance `id` of service `sid`, exits.
+fn watch_exit(
+    children: &Children,
+    tx: &mpsc::UnboundedSender<Msg>,
+    flag: Arc<AtomicBool>,
+    sid: u32,
+    id: InstanceId,
+    pid: u32,
+) {
+    let tx = tx.clone();
+    children.watch(
+        pid,
+        Waiter::Notify(Box::new(move |exit| {
+            flag.store(true, Ordering::SeqCst);
+            let _ = tx.send(Msg::Exited { sid, id, exit });
+        })),
+    );
 }
 
 /// `open` requests or connections, as the router's mode counts them.

@@ -699,9 +699,11 @@ impl Fs {
                 done,
             },
             RootCommand::ApplyAll => Msg::ApplyAll { done },
+            RootCommand::ReExec => Msg::ReExec { done },
         };
-        if let Err(mpsc::error::SendError(Msg::Ctl { done, .. } | Msg::ApplyAll { done })) =
-            self.engine.send(msg)
+        if let Err(mpsc::error::SendError(
+            Msg::Ctl { done, .. } | Msg::ApplyAll { done } | Msg::ReExec { done },
+        )) = self.engine.send(msg)
         {
             done(Err(Refusal {
                 kind: RefusalKind::Busy,

@@ -13,6 +13,12 @@
 //! - [`store`]: the state directory: atomic records, history, event logs.
 //! - [`view`]: the snapshots the engine publishes for the namespace.
 //! - [`fs`]: the namespace, served through FUSE.
+//! - [`handoff`]: what deployd passes to itself across `execve` when it
+//!   replaces itself (`reexec`), keeping every instance.
+//!
+//! Threads: the main thread starts every instance (and is the one that
+//! calls `execve` for `reexec`); the engine, the namespace and the probes
+//! run on a tokio runtime on other threads, the public ports on their own.
 //!
 //! Exit codes: 0 after a clean shutdown (SIGTERM or SIGINT), 1 when it
 //! cannot run (bad configuration, mount failed, state directory locked).
@@ -20,6 +26,7 @@
 mod config;
 mod engine;
 mod fs;
+mod handoff;
 mod probe;
 mod process;
 mod proxy;
@@ -34,7 +41,7 @@ use clap::Parser;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::engine::{Engine, Hooks};
+use crate::engine::{Engine, Hooks, Outcome};
 use crate::fs::{Fs, Waiters};
 use crate::process::Children;
 use crate::store::Store;
@@ -65,18 +72,26 @@ fn main() -> ExitCode {
 
 fn try_main(args: &Args) -> Result<(), String> {
     // Before anything could start a process that would inherit them.
-    let (passed, problems) = proxy::activation::adopt();
+    let (handed, handoff_problem) = handoff::receive();
+    let (passed, problems) = proxy::activation::adopt(&handed);
+    // Where this binary is now: an upgrade puts the next one there.
+    let exe = std::env::current_exe().ok();
     let config = Config::load(&args.config)?;
     tracing_subscriber::fmt()
         .with_max_level(config.log_level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    if let Some(p) = handoff_problem {
+        tracing::warn!("handoff: {p}; starting as after a restart");
+    }
     for p in problems {
         tracing::warn!("socket activation: {p}; left alone");
     }
-    if !passed.is_empty() {
+    if !passed.is_empty() && handed.is_empty() {
         tracing::info!("socket activation: ports {passed:?} passed; kept across restarts");
+    } else if !passed.is_empty() {
+        tracing::info!("ports {passed:?} handed on by the deployd this one replaced");
     }
     process::raise_fd_limit();
     process::become_subreaper();
@@ -85,10 +100,52 @@ fn try_main(args: &Args) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    rt.block_on(run(Arc::new(config)))
+    // Instances are started on this thread, the one that also replaces
+    // deployd on `reexec` (see process::Spawner); the rest runs on another.
+    let (spawner, jobs) = process::Spawner::channel();
+    let config = Arc::new(config);
+    let engine = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn({
+            let (config, exe) = (config.clone(), exe.clone());
+            move || rt.block_on(run(config, spawner, exe))
+        })
+        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+    jobs.serve();
+    let handoff = engine
+        .join()
+        .map_err(|_| "the engine thread panicked".to_string())??;
+    match (handoff, exe) {
+        (Some(path), Some(exe)) => Err(reexec(&exe, &path)),
+        _ => Ok(()),
+    }
 }
 
-async fn run(config: Arc<Config>) -> Result<(), String> {
+/// Replaces deployd with `exe`, same arguments, same pid, telling it where
+/// the handoff is. Returns only if execve failed: deployd then exits, and
+/// its instances with it (a later start restores them).
+fn reexec(exe: &Path, handoff: &Path) -> String {
+    use std::os::unix::process::CommandExt;
+    tracing::info!("replacing deployd with {}", exe.display());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1));
+    // The sockets systemd passed are in the handoff now, at other numbers.
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        cmd.env_remove(var);
+    }
+    cmd.env(handoff::ENV, handoff);
+    let e = cmd.exec();
+    format!("cannot run {}: {e}", exe.display())
+}
+
+/// Runs deployd until it is told to stop (`Ok(None)`) or to replace itself
+/// (`Ok(Some(handoff file))`: the namespace is unmounted, the instances run
+/// on).
+async fn run(
+    config: Arc<Config>,
+    spawner: process::Spawner,
+    exe: Option<PathBuf>,
+) -> Result<Option<PathBuf>, String> {
     let store = Store::open(&config.state)?;
     prepare_mountpoint(&config.mountpoint)?;
 
@@ -139,8 +196,6 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
         // ENOENT: the kernel did not have the name cached.
         let _ = notifier.inval_entry(active, std::ffi::OsStr::new(name.as_str()));
     });
-    let spawner =
-        process::Spawner::new(2).map_err(|e| format!("cannot start spawner threads: {e}"))?;
     let mut engine = Engine::new(
         config.clone(),
         store,
@@ -150,7 +205,10 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
         spawner,
         tx,
     );
-    engine.start();
+    if let Some(exe) = exe {
+        engine.set_exe(exe);
+    }
+    engine.start(handoff::take());
     let untaken = proxy::activation::untaken();
     if !untaken.is_empty() {
         tracing::warn!(
@@ -170,14 +228,24 @@ async fn run(config: Arc<Config>) -> Result<(), String> {
 
     let (signals, counted) = tokio::sync::watch::channel(0);
     tokio::spawn(count_stop_signals(signals));
-    engine.run(rx, counted).await;
+    let outcome = engine.run(rx, counted).await;
     sweeper.abort();
     waiters.shutdown();
-    session
-        .umount_and_join()
-        .map_err(|e| format!("cannot unmount {}: {e}", config.mountpoint.display()))?;
-    tracing::info!("unmounted; bye");
-    Ok(())
+    let released = release_mount(&config.mountpoint).await;
+    match session.umount_and_join() {
+        // Its own unmount finds nothing left to unmount.
+        Err(_) if released => {}
+        r => r.map_err(|e| format!("cannot unmount {}: {e}", config.mountpoint.display()))?,
+    }
+    match outcome {
+        Outcome::Stopped => {
+            tracing::info!("unmounted; bye");
+            Ok(None)
+        }
+        Outcome::ReExec(h) => handoff::write(&config.state, &h)
+            .map(Some)
+            .map_err(|e| format!("cannot write the handoff: {e}")),
+    }
 }
 
 /// Counts the SIGTERMs and SIGINTs deployd gets into `count`: the first
@@ -202,6 +270,37 @@ async fn count_stop_signals(count: tokio::sync::watch::Sender<u32>) {
         match *count.borrow() {
             1 => tracing::info!("{which}: stopping; traffic in flight may finish first"),
             _ => tracing::info!("{which} again: stopping every instance now"),
+        }
+    }
+}
+
+/// Unmounts the namespace: a file still open on it (the shell that wrote
+/// `reexec` has not closed `ctl` yet, a reader of `events -f`) makes
+/// umount fail with EBUSY for as long as it stays open, so this tries for
+/// 2 s, then detaches the mount (what is still open gets ENOTCONN).
+/// Returns whether the mount is gone.
+async fn release_mount(path: &Path) -> bool {
+    use nix::errno::Errno;
+    use nix::mount::{MntFlags, umount2};
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match umount2(path, MntFlags::empty()) {
+            Err(Errno::EBUSY) if tokio::time::Instant::now() < until => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(Errno::EBUSY) => {
+                tracing::warn!("{}: still in use; detaching it", path.display());
+                return match umount2(path, MntFlags::MNT_DETACH) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!("{}: {e}", path.display());
+                        false
+                    }
+                };
+            }
+            Ok(()) => return true,
+            // For fuser's own unmount to report.
+            Err(_) => return false,
         }
     }
 }

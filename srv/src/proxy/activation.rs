@@ -26,11 +26,18 @@ static PASSED: OnceLock<Vec<TcpListener>> = OnceLock::new();
 static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
 /// Takes the listening sockets deployd was started with, if it was started
-/// by socket activation; returns the ports, and why a passed descriptor was
-/// left alone. Call it once, first thing: the descriptors become
-/// close-on-exec, so instances never inherit them.
-pub fn adopt() -> (Vec<u16>, Vec<String>) {
-    let (fds, skipped) = passed_fds();
+/// by socket activation, and `handed` (from the deployd it replaced, see
+/// `handoff`); returns the ports, and why a passed descriptor was left
+/// alone. Call it once, first thing: the descriptors become close-on-exec,
+/// so instances never inherit them.
+pub fn adopt(handed: &[RawFd]) -> (Vec<u16>, Vec<String>) {
+    let (mut fds, skipped) = passed_fds();
+    fds.extend(
+        handed
+            .iter()
+            .filter(|fd| !fds.contains(fd))
+            .collect::<Vec<_>>(),
+    );
     let mut ports = Vec::new();
     let mut problems = Vec::new();
     let mut listeners = Vec::new();
@@ -49,6 +56,17 @@ pub fn adopt() -> (Vec<u16>, Vec<String>) {
     problems.extend(skipped);
     let _ = PASSED.set(listeners);
     (ports, problems)
+}
+
+/// Every passed socket, as new descriptors: what a deployd replacing
+/// itself hands on, with the ports its services listen on.
+pub fn all() -> Vec<std::io::Result<TcpListener>> {
+    PASSED
+        .get()
+        .into_iter()
+        .flatten()
+        .map(|l| l.try_clone())
+        .collect()
 }
 
 /// A passed socket listening on `port`, as a new descriptor (the passed

@@ -156,6 +156,9 @@ pub struct Router {
     settings: RwLock<Settings>,
     totals: Counts,
     listener: Mutex<Option<AbortHandle>>,
+    /// The listening socket, once bound: kept open when the accept loop is
+    /// stopped, for a deployd replacing itself to hand on.
+    socket: Mutex<Option<std::os::fd::OwnedFd>>,
     /// deployd is stopping: a client connection ends once the request it
     /// has in flight is answered (read on every response).
     finishing: AtomicBool,
@@ -173,6 +176,7 @@ impl Router {
             settings: RwLock::new(settings),
             totals: Counts::default(),
             listener: Mutex::new(None),
+            socket: Mutex::new(None),
             finishing: AtomicBool::new(false),
             finished: watch::channel(false).0,
         }
@@ -458,6 +462,10 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
         if let Err(e) = tune_listener(&listener) {
             tracing::warn!(service, "socket options on {addr}: {e}");
         }
+        {
+            use std::os::fd::AsFd;
+            *r.socket.lock() = listener.as_fd().try_clone_to_owned().ok();
+        }
         tracing::info!(service, "listening on {addr} ({})", settings.mode.name());
         loop {
             let (stream, peer) = match listener.accept().await {
@@ -541,12 +549,21 @@ impl Router {
         }
     }
 
+    /// Takes the listening socket, if it is bound, for a deployd replacing
+    /// itself to hand on: after [`Router::finish`] it stays open, and
+    /// connections wait in its backlog for the next deployd.
+    pub fn take_socket(&self) -> Option<std::os::fd::OwnedFd> {
+        self.socket.lock().take()
+    }
+
     /// deployd is stopping: it stops listening, idle client connections
     /// close, and the others close once the request in flight is answered
     /// (http; the answer says `Connection: close`). A tcp connection goes
     /// on until it ends or its instance is closed.
     pub fn finish(&self) {
         self.stop_listening();
+        // Closed, unless taken first: new connections are refused.
+        self.socket.lock().take();
         self.finishing.store(true, Ordering::SeqCst);
         self.finished.send_replace(true);
     }
