@@ -95,7 +95,54 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         verdict(took <= 2.1),
     );
     drop(d);
-    restarts(report, &app)
+    restarts(report, &app)?;
+    reexec(report, &app)
+}
+
+/// `reexec` under wrk's load (a new connection per request): deployd
+/// replaces itself, its ports and instances kept.
+fn reexec(report: &mut Report, app: &std::path::Path) -> Result<(), String> {
+    let port = free_port();
+    let manifest = format!(
+        "exec exec {}\nreplicas 2\nport {port}\nproxy http\nhealth http /healthz\n",
+        app.display()
+    );
+    let d = Deployd::start_with_socket(&[("web".into(), manifest)], None)?;
+    if !d.settle("web", Duration::from_secs(30)) {
+        return Err("web did not deploy".into());
+    }
+    let pids = |d: &Deployd| [0, 1].map(|n| d.read(&format!("active/web/instances/{n}/pid")));
+    let before = pids(&d);
+    let load = std::thread::spawn(move || wrk(port, "/", 6, 16, true));
+    std::thread::sleep(Duration::from_secs(2));
+    let t0 = Instant::now();
+    d.ctl("ctl", "reexec")?;
+    let back = wait_until(Duration::from_secs(30), Duration::from_millis(1), || {
+        d.read("active/web/events").contains("kept running")
+    });
+    let took = t0.elapsed().as_secs_f64();
+    let w = load
+        .join()
+        .map_err(|_| "wrk thread panicked".to_string())??;
+    if !back {
+        return Err("deployd did not come back after reexec".into());
+    }
+    let kept = pids(&d)
+        .iter()
+        .zip(&before)
+        .filter(|(a, b)| a == b && !a.is_empty())
+        .count();
+    report.add(
+        "failure",
+        "reexec of deployd under load (new connection per request): it replaces itself, keeping ports and instances",
+        format!(
+            "{} failed, {} hung of {}; p99 {:.1} ms; back in {took:.3} s; {kept} of 2 instances kept (same pids)",
+            w.failed, w.timeouts, w.requests, w.p99_ms
+        ),
+        "0 failed, 0 hung, every instance kept",
+        verdict(w.failed == 0 && w.timeouts == 0 && kept == 2),
+    );
+    Ok(())
 }
 
 /// A restart of deployd (SIGTERM, then started again, as an upgrade does)
