@@ -131,6 +131,32 @@ struct Inst {
     stop_timeout: Duration,
 }
 
+impl Inst {
+    /// An instance of manifest `m` whose process is not known yet.
+    fn new(
+        m: &manifest::Manifest,
+        port: Option<u16>,
+        log: PathBuf,
+        log_read: Option<OwnedFd>,
+        (prober, poke): (Option<AbortHandle>, Arc<Notify>),
+        exited: Arc<AtomicBool>,
+    ) -> Inst {
+        Inst {
+            pid: None,
+            start_time: 0,
+            stop_asked: None,
+            port,
+            log,
+            log_read,
+            prober,
+            poke,
+            exited,
+            stop_signal: m.stop_signal.number(),
+            stop_timeout: m.stop_timeout,
+        }
+    }
+}
+
 struct Entry {
     name: ServiceName,
     machine: Service,
@@ -1002,20 +1028,8 @@ impl Engine {
                 watch_exit(&children, &tx, flag, sid, id, pid);
             }
         });
-        let (prober, poke) = self.start_prober(sid, id, &m, port, dir, env);
-        let inst = Inst {
-            pid: None,
-            start_time: 0,
-            stop_asked: None,
-            port,
-            log,
-            log_read,
-            prober,
-            poke,
-            exited,
-            stop_signal: m.stop_signal.number(),
-            stop_timeout: m.stop_timeout,
-        };
+        let prober = self.start_prober(sid, id, &m, port, dir, env);
+        let inst = Inst::new(&m, port, log, log_read, prober, exited);
         if let Some(e) = self.services.get_mut(&sid) {
             e.runtime.insert(id, inst);
         }
@@ -1082,20 +1096,10 @@ impl Engine {
         tokio::spawn(process::pump_log(read, h.log.clone()));
         let exited = Arc::new(AtomicBool::new(false));
         watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
-        let (prober, poke) = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
-        let inst = Inst {
-            pid: Some(h.pid),
-            start_time: h.start_time,
-            stop_asked: None,
-            port: h.port,
-            log: h.log,
-            log_read,
-            prober,
-            poke,
-            exited,
-            stop_signal: m.stop_signal.number(),
-            stop_timeout: m.stop_timeout,
-        };
+        let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
+        let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited);
+        inst.pid = Some(h.pid);
+        inst.start_time = h.start_time;
         if let Some(e) = self.services.get_mut(&sid) {
             e.runtime.insert(id, inst);
         }

@@ -437,14 +437,7 @@ impl Service {
         let target = resolve(record.version)
             .ok_or_else(|| format!("the manifest of version {} is lost", record.version))?;
         let previous = record.previous.and_then(&resolve);
-        let slots = record
-            .slots
-            .iter()
-            .map(|v| Slot {
-                spec: v.and_then(&resolve),
-                ..Slot::empty()
-            })
-            .collect();
+        let slots = recorded_slots(record, &resolve);
         let mut s = Service::blank(now, target, previous, slots);
         s.stopped = record.stopped;
         s.failure = record.failure.clone();
@@ -501,14 +494,7 @@ impl Service {
             ..record.clone()
         };
         let (mut s, _) = Service::restore(now, &empty, &resolve)?;
-        s.slots = record
-            .slots
-            .iter()
-            .map(|v| Slot {
-                spec: v.and_then(&resolve),
-                ..Slot::empty()
-            })
-            .collect();
+        s.slots = recorded_slots(record, &resolve);
         let mut ids = Vec::new();
         for r in running {
             let spec = s
@@ -1769,6 +1755,18 @@ impl Service {
     fn event(&mut self, msg: String) {
         self.out.push(Action::Event(msg));
     }
+}
+
+/// The slots of a record, each with its committed version's manifest.
+fn recorded_slots(record: &Record, resolve: impl Fn(Version) -> Option<Spec>) -> Vec<Slot> {
+    record
+        .slots
+        .iter()
+        .map(|v| Slot {
+            spec: v.and_then(&resolve),
+            ..Slot::empty()
+        })
+        .collect()
 }
 
 fn plural<T>(items: &[T]) -> &'static str {
