@@ -715,4 +715,22 @@ fn reexec_keeps_every_instance_and_loses_no_request() {
     assert_eq!(d.field("active/web/update_status"), "rolling");
     run(&d, &["rollback", "web"], 0);
     assert_eq!(d.pid(), deployd_pid);
+
+    // What was deployd's stays deployd's: an instance started by the new
+    // deployd does not see the handoff.
+    let old = pids("worker")[0];
+    unsafe { libc::kill(old as i32, libc::SIGKILL) };
+    let mut new = 0;
+    wait_for("worker 0 to be replaced", LONG, || {
+        new = d
+            .try_read("active/worker/instances/0/pid")
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        new != 0 && new != old
+    });
+    let environ = std::fs::read(format!("/proc/{new}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(environ.contains("SERVICE=worker"), "{environ}");
+    assert!(!environ.contains("DEPLOYD_HANDOFF"), "{environ}");
 }

@@ -273,8 +273,13 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
         Some(words) => words.into_iter().map(OsStr::new).collect(),
         None => shell.to_vec(),
     };
-    // Socket activation was deployd's, not the instance's to act on.
-    let remove = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+    // Socket activation and the handoff were deployd's, not the instance's.
+    let remove = [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        crate::handoff::ENV,
+    ];
     launch::launch(&words, s.dir, &s.env, &remove, s.output)
 }
 
