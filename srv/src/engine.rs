@@ -12,7 +12,7 @@
 //! command that `write(2)` reported as done survives a kill -9.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -308,11 +308,10 @@ impl Engine {
             }
         }
         // Instances of services that are no longer recorded.
-        for i in handed.into_values().flatten() {
-            process::signal_group(i.pid, libc::SIGKILL);
-            // SAFETY: each descriptor of the handoff is taken once.
-            drop(unsafe { handoff::own(i.log_fd) });
-        }
+        handed
+            .into_values()
+            .flatten()
+            .for_each(handoff::Instance::discard);
         self.flush();
     }
 
@@ -461,17 +460,6 @@ impl Engine {
         mut running: Vec<handoff::Instance>,
     ) -> Result<(), String> {
         running.sort_by_key(|i| i.number);
-        let (saved, history) = match self.load(name) {
-            Ok(x) => x,
-            Err(e) => {
-                for i in running {
-                    process::signal_group(i.pid, libc::SIGKILL);
-                    // SAFETY: each descriptor of the handoff is taken once.
-                    drop(unsafe { handoff::own(i.log_fd) });
-                }
-                return Err(e);
-            }
-        };
         let list: Vec<Running> = running
             .iter()
             .map(|i| Running {
@@ -481,21 +469,30 @@ impl Engine {
                 pid: i.pid,
             })
             .collect();
-        let adopted = Service::adopt(self.now(), &saved.record, |v| resolve(&history, v), &list)?;
+        let now = self.now();
+        let loaded = self.load(name).and_then(|(saved, history)| {
+            let adopted = Service::adopt(now, &saved.record, |v| resolve(&history, v), &list)?;
+            Ok((saved, history, adopted))
+        });
+        let (saved, history, adopted) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                running.into_iter().for_each(handoff::Instance::discard);
+                return Err(e);
+            }
+        };
         let sid = self.add_entry(name.clone(), adopted.service, history);
         if let Some(e) = self.services.get_mut(&sid) {
             e.saved = Some(saved);
         }
         let mut kept = Vec::new();
         for (h, id) in running.into_iter().zip(adopted.ids) {
-            // SAFETY: each descriptor of the handoff is taken once.
-            let read = unsafe { handoff::own(h.log_fd) };
             match id {
                 Some(id) => {
                     kept.push(h.number.to_string());
-                    self.adopt_instance(sid, id, h, read);
+                    self.adopt_instance(sid, id, h);
                 }
-                None => process::signal_group(h.pid, libc::SIGKILL),
+                None => h.discard(),
             }
         }
         if !kept.is_empty() {
@@ -681,11 +678,7 @@ impl Engine {
         let Some(exe) = self.exe.clone() else {
             return Err(busy("deployd cannot find its own binary".into()));
         };
-        let runnable = std::fs::metadata(&exe).is_ok_and(|m| {
-            use std::os::unix::fs::PermissionsExt;
-            m.is_file() && m.permissions().mode() & 0o111 != 0
-        });
-        if !runnable {
+        if !process::is_executable_file(&exe) {
             return Err(Refusal {
                 kind: RefusalKind::NotFound,
                 message: format!("{} is not an executable file", exe.display()),
@@ -740,11 +733,6 @@ impl Engine {
     /// pipe, and every listening socket, their descriptors kept open across
     /// execve (and out of the engine's hands).
     fn handoff(&mut self, sockets: Vec<OwnedFd>) -> Handoff {
-        fn keep(fd: OwnedFd) -> Option<i32> {
-            let raw = fd.into_raw_fd();
-            handoff::keep_across_exec(raw).ok()?;
-            Some(raw)
-        }
         let mut h = Handoff {
             pid: std::process::id(),
             ..Handoff::default()
@@ -762,7 +750,7 @@ impl Engine {
                 continue;
             };
             if ports.insert(port) {
-                h.listeners.extend(keep(OwnedFd::from(l)));
+                h.listeners.extend(handoff::pass(OwnedFd::from(l)));
             }
         }
         for e in self.services.values_mut() {
@@ -777,7 +765,9 @@ impl Engine {
                 let (Some(pid), Some(read)) = (inst.pid, inst.log_read.take()) else {
                     continue;
                 };
-                let Some(log_fd) = keep(read) else { continue };
+                let Some(log_fd) = handoff::pass(read) else {
+                    continue;
+                };
                 instances.push(handoff::Instance {
                     slot: i.slot(),
                     number: i.number(),
@@ -1080,7 +1070,8 @@ impl Engine {
     }
 
     /// Takes back an instance the deployd this one replaced left running.
-    fn adopt_instance(&mut self, sid: u32, id: InstanceId, h: handoff::Instance, read: OwnedFd) {
+    fn adopt_instance(&mut self, sid: u32, id: InstanceId, h: handoff::Instance) {
+        let read = h.pipe();
         let Some(e) = self.services.get(&sid) else {
             return;
         };

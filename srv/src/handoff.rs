@@ -71,10 +71,7 @@ pub struct Instance {
 pub fn write(state: &Path, h: &Handoff) -> std::io::Result<PathBuf> {
     let path = state.join(FILE);
     let text = serde_json::to_vec(h).map_err(std::io::Error::other)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(state)?;
-    std::io::Write::write_all(&mut tmp, &text)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(&path).map_err(|e| e.error)?;
+    crate::store::write_atomic(&path, &text, true)?;
     Ok(path)
 }
 
@@ -129,20 +126,29 @@ pub fn take() -> Option<Handoff> {
     TAKEN.lock().ok()?.take()
 }
 
-/// Owns the descriptor `fd` named in a handoff.
-///
-/// # Safety
-/// `fd` must be a descriptor of the handoff, taken once.
-pub unsafe fn own(fd: RawFd) -> OwnedFd {
-    // SAFETY: the caller's promise.
-    unsafe { OwnedFd::from_raw_fd(fd) }
+impl Instance {
+    /// Its output pipe, as the descriptor the handoff names.
+    pub fn pipe(&self) -> OwnedFd {
+        // SAFETY: each instance of the handoff is consumed once (adopted
+        // or discarded), and its descriptor with it.
+        unsafe { OwnedFd::from_raw_fd(self.log_fd) }
+    }
+
+    /// An instance that is not taken back: its group is killed and its
+    /// pipe closed.
+    pub fn discard(self) {
+        crate::process::signal_group(self.pid, libc::SIGKILL);
+        drop(self.pipe());
+    }
 }
 
-/// Clears close-on-exec on `fd`, for the new deployd to find it.
-pub fn keep_across_exec(fd: RawFd) -> std::io::Result<()> {
-    // SAFETY: fcntl on a descriptor number we hold.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
+/// Leaves `fd` open across execve (close-on-exec cleared) for the new
+/// deployd to find; its number, or `None` if that failed (it is closed).
+pub fn pass(fd: OwnedFd) -> Option<RawFd> {
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    // SAFETY: fcntl on a descriptor we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } < 0 {
+        return None;
     }
-    Ok(())
+    Some(fd.into_raw_fd())
 }

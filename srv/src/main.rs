@@ -130,7 +130,7 @@ fn reexec(exe: &Path, handoff: &Path) -> String {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(std::env::args_os().skip(1));
     // The sockets systemd passed are in the handoff now, at other numbers.
-    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+    for var in proxy::activation::VARS {
         cmd.env_remove(var);
     }
     cmd.env(handoff::ENV, handoff);

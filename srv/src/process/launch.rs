@@ -328,7 +328,8 @@ fn resolve(program: &OsStr, dir: &Path, env: &[(OsString, OsString)]) -> std::io
     Err(std::io::Error::from_raw_os_error(libc::ENOENT))
 }
 
-fn is_executable_file(p: &Path) -> bool {
+/// Whether `p` is a file this process may execute.
+pub fn is_executable_file(p: &Path) -> bool {
     let Ok(meta) = std::fs::metadata(p) else {
         return false;
     };

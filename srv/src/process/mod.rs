@@ -32,6 +32,8 @@ use tokio::sync::oneshot;
 
 mod launch;
 
+pub use launch::is_executable_file;
+
 /// Largest log file of one instance; past it, the file is moved to `.1`.
 pub const LOG_MAX: u64 = 1 << 20;
 
@@ -274,12 +276,8 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
         None => shell.to_vec(),
     };
     // Socket activation and the handoff were deployd's, not the instance's.
-    let remove = [
-        "LISTEN_PID",
-        "LISTEN_FDS",
-        "LISTEN_FDNAMES",
-        crate::handoff::ENV,
-    ];
+    let [pid, fds, names] = crate::proxy::activation::VARS;
+    let remove = [pid, fds, names, crate::handoff::ENV];
     launch::launch(&words, s.dir, &s.env, &remove, s.output)
 }
 

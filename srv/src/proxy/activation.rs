@@ -14,6 +14,9 @@ use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
+/// The protocol's variables: deployd's, never an instance's.
+pub const VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
+
 /// Where passed descriptors start (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
 
