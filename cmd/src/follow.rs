@@ -61,14 +61,9 @@ pub fn apply_all(ns: &Ns, no_wait: bool) -> Result<Exit, Fail> {
                 .collect()
         })
         .unwrap_or_default();
-    let msg = ns.ctl_root("apply\n").map_err(|f| {
-        let what = if f.code == ns::REFUSED {
-            "refused:\n"
-        } else {
-            ""
-        };
-        Fail::new(f.code, format!("apply: {what}{}", f.message))
-    })?;
+    let msg = ns
+        .ctl_root("apply\n")
+        .map_err(|f| crate::refused("apply", f))?;
     let (started, unchanged) = parse_apply_all(&msg);
     for s in &unchanged {
         println!("{s}: unchanged");

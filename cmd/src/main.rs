@@ -252,14 +252,9 @@ fn reexec(ns: &Ns, root: &std::path::Path) -> Result<Exit, Fail> {
             .unwrap_or_default()
     };
     let before = services(root);
-    let msg = ns.ctl_root("reexec\n").map_err(|f| {
-        let what = if f.code == ns::REFUSED {
-            "refused: "
-        } else {
-            ""
-        };
-        Fail::new(f.code, format!("reexec: {what}{}", f.message))
-    })?;
+    let msg = ns
+        .ctl_root("reexec\n")
+        .map_err(|f| crate::refused("reexec", f))?;
     println!("deployd: {msg}");
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_secs(60) {
@@ -280,7 +275,7 @@ fn reexec(ns: &Ns, root: &std::path::Path) -> Result<Exit, Fail> {
     ))
 }
 
-/// Prefixes a refusal with the service and what happened.
+/// Prefixes a refusal with the service (or the command) and what happened.
 fn refused(service: &str, f: Fail) -> Fail {
     let what = match f.code {
         ns::REFUSED => "refused: ",
