@@ -113,7 +113,7 @@ pub struct Hooks {
 }
 
 struct Inst {
-    /// `None` until a spawner thread has started the process.
+    /// `None` until the spawning (main) thread has started the process.
     pid: Option<u32>,
     start_time: u64,
     /// A stop asked for before the process was started.
@@ -1096,7 +1096,7 @@ impl Engine {
         }
     }
 
-    /// A spawner thread started (or failed to start) an instance's process.
+    /// The spawning thread started (or failed to start) an instance's process.
     fn spawned(&mut self, sid: u32, id: InstanceId, result: Result<u32, String>) {
         let Some(inst) = self
             .services
