@@ -1,9 +1,10 @@
-//! `deploy check FILE...`: validates manifests offline, without a server.
+//! `deploy check FILE...`: validates manifests offline, without a server:
+//! the language, and what a manifest needs of this machine (its `user`).
 
 use std::io::Write;
 use std::path::PathBuf;
 
-use deployd_lib::manifest;
+use deployd_lib::host;
 
 use crate::{Exit, Fail};
 
@@ -13,7 +14,7 @@ pub fn run(files: &[PathBuf]) -> Result<Exit, Fail> {
     let mut out = std::io::stdout().lock();
     let mut failed = 0;
     for file in files {
-        match manifest::load(file) {
+        match host::load(file) {
             Ok(loaded) => {
                 writeln!(
                     out,

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use deployd_lib::manifest;
+use deployd_lib::host;
 use similar::TextDiff;
 
 use crate::ns::{self, Ns};
@@ -35,7 +35,7 @@ pub fn run(ns: &Ns, files: &[PathBuf]) -> Result<Exit, Fail> {
     let mut differs = false;
     let mut invalid = 0;
     for file in files {
-        let loaded = match manifest::load(file) {
+        let loaded = match host::load(file) {
             Ok(l) => l,
             Err(e) => {
                 invalid += 1;

@@ -4,11 +4,14 @@
 //!
 //! - [`manifest`]: the manifest language: parse, typed manifest, canonical
 //!   rendering and the version hash.
+//! - [`host`]: what a manifest needs of this machine: the account of its
+//!   `user`, looked up for `deploy check`, an apply and each process start.
 //! - [`name`]: service names, the one check that keeps user input out of paths.
 //! - [`ctl`]: the language of the namespace's `ctl` files.
 //! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
 
 pub mod ctl;
+pub mod host;
 pub mod manifest;
 pub mod name;
 pub mod rollout;

@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::name::ServiceName;
 
-pub use parse::parse;
+pub use parse::{parse, position_of};
 
 /// Largest accepted `replicas`.
 pub const MAX_REPLICAS: u32 = 1000;
@@ -50,6 +50,8 @@ pub struct Manifest {
     pub dir: Option<String>,
     /// Extra environment, sorted by key; keys are unique.
     pub env: Vec<(String, String)>,
+    /// The account instances and `health exec` probes run as; `None`: deployd's own.
+    pub user: Option<User>,
     /// Number of instances.
     pub replicas: u32,
     /// Public TCP port deployd serves and routes to healthy instances.
@@ -88,6 +90,26 @@ pub struct Manifest {
     pub drain: Duration,
     /// How long a request waits for an instance when none is routed in.
     pub queue_timeout: Duration,
+}
+
+/// The `user` directive: an account, and optionally a group, of this machine,
+/// each a name or a numeric id. Checked against the machine's user database
+/// when a manifest is loaded ([`crate::host`]), not by [`parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    /// A user name or a numeric uid.
+    pub user: String,
+    /// A group name or a numeric gid; `None`: the user's primary group.
+    pub group: Option<String>,
+}
+
+impl fmt::Display for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.group {
+            Some(g) => write!(f, "{}:{g}", self.user),
+            None => write!(f, "{}", self.user),
+        }
+    }
 }
 
 /// The readiness and health probe of an instance.
@@ -255,6 +277,7 @@ impl Manifest {
             exec: exec.into(),
             dir: None,
             env: Vec::new(),
+            user: None,
             replicas: 1,
             port: None,
             proxy: Proxy::Tcp,
@@ -309,6 +332,9 @@ impl Manifest {
         }
         for (k, v) in &self.env {
             line(format_args!("env {k}={v}"));
+        }
+        if let Some(user) = &self.user {
+            line(format_args!("user {user}"));
         }
         if self.replicas != d.replicas {
             line(format_args!("replicas {}", self.replicas));

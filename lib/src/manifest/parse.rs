@@ -20,14 +20,15 @@ use nom::{IResult, Parser};
 
 use super::{
     Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_REPLICAS, MAX_RETRIES, MAX_SIZE,
-    MIN_HEALTH_INTERVAL, Manifest, Proxy, RestartPolicy, Signal, Strategy, format_duration,
+    MIN_HEALTH_INTERVAL, Manifest, Proxy, RestartPolicy, Signal, Strategy, User, format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 22] = [
+const DIRECTIVES: [&str; 23] = [
     "exec",
     "dir",
     "env",
+    "user",
     "replicas",
     "port",
     "proxy",
@@ -97,6 +98,7 @@ enum Directive {
     Exec(String),
     Dir(String),
     Env(String, String),
+    User(User),
     Replicas(u32),
     Port(u16),
     Proxy(Proxy),
@@ -263,6 +265,7 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
             check_env_key(key).map_err(|m| v.err(text, m))?;
             Directive::Env(key.to_string(), value.to_string())
         }
+        "user" => Directive::User(user(v)?),
         "replicas" => Directive::Replicas(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
         "port" => Directive::Port(number(v, 1, 65535)? as u16),
         "health_retries" => Directive::HealthRetries(number(v, 1, u64::from(MAX_RETRIES))? as u32),
@@ -287,6 +290,60 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         "stop_signal" => Directive::StopSignal(signal(v)?),
         "health" => Directive::Health(health(v)?),
         _ => Directive::Duration(name, duration(v)?),
+    })
+}
+
+/// `NAME`, `NAME:GROUP`, `UID` or `UID:GID`.
+fn user(v: &Value) -> Result<User, LineError> {
+    const WHAT: &str = "a user, or user:group (names or numeric ids)";
+    let w = v.one_word(WHAT)?;
+    let (user, group) = match w.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (w, None),
+    };
+    for part in std::iter::once(user).chain(group) {
+        check_account_name(part).map_err(|m| v.err(w, format!("user {m}, got '{w}'")))?;
+    }
+    Ok(User {
+        user: user.to_string(),
+        group: group.map(str::to_string),
+    })
+}
+
+/// A user or group name as useradd takes it (letters, digits, `.`, `_`,
+/// `-`, not starting with `-`, at most 32), or a numeric id below 2^32 - 1
+/// (which is -1, "no change", to the kernel).
+fn check_account_name(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("needs a name or id on each side of ':'".into());
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return match s.parse::<u32>() {
+            Ok(n) if n < u32::MAX => Ok(()),
+            _ => Err(format!("ids must be below {}", u32::MAX)),
+        };
+    }
+    let ok = s.len() <= 32
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err("names are letters, digits, '.', '_' and '-', not starting with '-', at most 32".into())
+    }
+}
+
+/// Where the value of the first `directive` line of `src` starts, as
+/// (line, column), for errors found after parsing (a `user` this machine
+/// does not have). `None` if no line names it.
+pub fn position_of(src: &str, directive: &str) -> Option<(usize, usize)> {
+    src.split('\n').enumerate().find_map(|(i, raw)| {
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        match parse_line(raw) {
+            Ok(Some(p)) if p.name == directive => Some((i + 1, p.value_col)),
+            _ => None,
+        }
     })
 }
 
@@ -508,6 +565,7 @@ impl Builder {
             Directive::Exec(s) => self.exec = Some(s),
             Directive::Dir(s) => m.dir = Some(s),
             Directive::Env(k, v) => m.env.push((k, v)),
+            Directive::User(u) => m.user = Some(u),
             Directive::Replicas(n) => m.replicas = n,
             Directive::Port(n) => m.port = Some(n),
             Directive::Proxy(x) => self.proxy = Some(x),

@@ -391,6 +391,74 @@ fn exec_dir_and_env_errors() {
 }
 
 #[test]
+fn user_forms_and_errors() {
+    let u = |u: &str, g: Option<&str>| {
+        Some(User {
+            user: u.into(),
+            group: g.map(str::to_string),
+        })
+    };
+    assert_eq!(ok("exec a\n").user, None);
+    assert_eq!(ok("exec a\nuser www-data\n").user, u("www-data", None));
+    assert_eq!(
+        ok("exec a\nuser app:web  # why\n").user,
+        u("app", Some("web"))
+    );
+    assert_eq!(ok("exec a\nuser 1000:1000\n").user, u("1000", Some("1000")));
+    assert_eq!(ok("exec a\nuser svc.app_1\n").user, u("svc.app_1", None));
+    assert_eq!(
+        error("exec a\nuser\n"),
+        "2:5: user needs a user, or user:group (names or numeric ids)"
+    );
+    let both = "needs a name or id on each side of ':'";
+    assert_eq!(
+        error("exec a\nuser app:\n"),
+        format!("2:6: user {both}, got 'app:'")
+    );
+    assert_eq!(
+        error("exec a\nuser :web\n"),
+        format!("2:6: user {both}, got ':web'")
+    );
+    let names = "names are letters, digits, '.', '_' and '-', not starting with '-', at most 32";
+    assert_eq!(
+        error("exec a\nuser a:b:c\n"),
+        format!("2:6: user {names}, got 'a:b:c'")
+    );
+    assert_eq!(
+        error("exec a\nuser -x\n"),
+        format!("2:6: user {names}, got '-x'")
+    );
+    assert_eq!(
+        error("exec a\nuser ../x\n"),
+        format!("2:6: user {names}, got '../x'")
+    );
+    assert_eq!(
+        error(&format!("exec a\nuser {}\n", "a".repeat(33))),
+        format!("2:6: user {names}, got '{}'", "a".repeat(33))
+    );
+    assert_eq!(
+        error("exec a\nuser 4294967295\n"),
+        "2:6: user ids must be below 4294967295, got '4294967295'"
+    );
+    assert_eq!(
+        error("exec a\nuser a b\n"),
+        "2:8: unexpected 'b' after the value of user"
+    );
+    assert_eq!(
+        error("exec a\nuser a\nuser b\n"),
+        "3:1: user given twice (first on line 2)"
+    );
+}
+
+#[test]
+fn position_of_finds_a_directives_value() {
+    let src = "# web\nexec a\n\n   user   nobody\r\nreplicas 2\n";
+    assert_eq!(position_of(src, "user"), Some((4, 11)));
+    assert_eq!(position_of(src, "replicas"), Some((5, 10)));
+    assert_eq!(position_of(src, "port"), None);
+}
+
+#[test]
 fn repeated_directive() {
     assert_eq!(
         error("exec a\nreplicas 2\n\n  replicas 3\n"),
@@ -518,6 +586,8 @@ fn version_changes_with_every_semantic_change() {
         "exec ./app\nreplicas 3\n",
         "exec ./app\nreplicas 3\nport 80\ndir x\n",
         "exec ./app\nreplicas 3\nport 80\nenv A=1\n",
+        "exec ./app\nreplicas 3\nport 80\nuser nobody\n",
+        "exec ./app\nreplicas 3\nport 80\nuser nobody:nogroup\n",
         "exec ./app\nreplicas 3\nport 80\nproxy http\n",
         "exec ./app\nreplicas 3\nport 80\nhealth none\n",
         "exec ./app\nreplicas 3\nport 80\nhealth http /\n",
@@ -616,6 +686,10 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             proptest::option::of(text_strategy()),
             env,
             1u32..=MAX_REPLICAS,
+            proptest::option::of((
+                "[a-z_][a-z0-9._-]{0,31}|[0-9]{1,9}",
+                proptest::option::of("[a-z_][a-z0-9._-]{0,31}|[0-9]{1,9}"),
+            )),
         ),
         (
             proptest::option::of(1u16..),
@@ -645,7 +719,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
         any::<prop::sample::Index>(),
     )
         .prop_map(|(a, b, c, d, e, batch)| {
-            let (exec, dir, env, replicas) = a;
+            let (exec, dir, env, replicas, user) = a;
             let (port, proxy, health) = b;
             let (interval, timeout, retries, grace) = c;
             let (deadline_ms, min_healthy_ix, replace, pause) = d;
@@ -653,6 +727,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             let mut m = Manifest::new(exec);
             m.dir = dir;
             m.env = env;
+            m.user = user.map(|(user, group)| User { user, group });
             m.replicas = replicas;
             m.port = port;
             // A proxy is only meaningful (and allowed) with a port.
@@ -712,7 +787,7 @@ proptest! {
         lines in proptest::collection::vec(
             (
                 prop::sample::select(vec![
-                    "exec", "dir", "env", "replicas", "port", "proxy", "health", "health_interval",
+                    "exec", "dir", "env", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
                     "restart", "stop_signal", "stop_timeout", "drain", "queue_timeout", "#", "",

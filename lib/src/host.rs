@@ -1,0 +1,305 @@
+//! What a manifest needs of the machine it runs on: the account its `user`
+//! directive names, looked up in the machine's user database (through the
+//! C library, so `/etc/passwd` and whatever NSS adds: LDAP, systemd's
+//! dynamic users).
+//!
+//! [`parse`](crate::manifest::parse) only checks that a `user` is well
+//! formed; [`load`] also checks that this machine has it, so that `deploy
+//! check` and an `apply` refuse a misspelt account with its line and column,
+//! before any instance fails to start. deployd looks the account up again
+//! each time it starts a process ([`lookup`]): an account changed since the
+//! apply takes effect at the next start, as it would for a login.
+
+use std::ffi::{CStr, CString};
+use std::path::Path;
+
+use crate::manifest::{self, Diagnostic, LoadError, Loaded, User};
+
+/// A resolved `user`: the credentials a process is given, and what its
+/// environment says about them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    /// The user id (real, effective and saved).
+    pub uid: u32,
+    /// The group id (real, effective and saved).
+    pub gid: u32,
+    /// The supplementary groups: the user's groups in the group database,
+    /// `gid` included; just `gid` for a uid with no entry.
+    pub groups: Vec<u32>,
+    /// The login name, when the user database has the uid.
+    pub name: Option<String>,
+    /// The home directory, when the user database has the uid.
+    pub home: Option<String>,
+}
+
+impl Account {
+    /// The variables a login as this account would set: `HOME`, `USER` and
+    /// `LOGNAME` (`HOME=/` for a uid the database does not have, as Docker
+    /// does), so that a program does not look for its files in root's home.
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let mut env = vec![(
+            "HOME".to_string(),
+            self.home.clone().unwrap_or_else(|| "/".to_string()),
+        )];
+        if let Some(name) = &self.name {
+            env.push(("USER".to_string(), name.clone()));
+            env.push(("LOGNAME".to_string(), name.clone()));
+        }
+        env
+    }
+}
+
+/// Looks `user` up in this machine's user and group databases.
+///
+/// A user given by name must exist. A numeric uid need not (containers and
+/// sandboxes use bare ids), but then its group must be given too: a
+/// process without a primary group would otherwise get gid 0, root's.
+pub fn lookup(user: &User) -> Result<Account, String> {
+    let entry = if is_id(&user.user) {
+        let uid = parse_id(&user.user)?;
+        passwd_by_uid(uid)?.unwrap_or(Passwd {
+            uid,
+            gid: None,
+            name: None,
+            home: None,
+        })
+    } else {
+        passwd_by_name(&user.user)?
+            .ok_or_else(|| format!("no user '{}' on this machine", user.user))?
+    };
+    let gid = match &user.group {
+        Some(g) if is_id(g) => parse_id(g)?,
+        Some(g) => group_by_name(g)?.ok_or_else(|| format!("no group '{g}' on this machine"))?,
+        None => entry.gid.ok_or_else(|| {
+            format!(
+                "uid {} has no entry in the user database, so no primary group: \
+                 name one (user {}:GID)",
+                entry.uid, entry.uid
+            )
+        })?,
+    };
+    let groups = match &entry.name {
+        Some(name) => group_list(name, gid)?,
+        None => vec![gid],
+    };
+    Ok(Account {
+        uid: entry.uid,
+        gid,
+        groups,
+        name: entry.name,
+        home: entry.home,
+    })
+}
+
+/// [`manifest::load`], and then the checks that need this machine: its
+/// `user` must exist here. An unknown account is reported like a parse
+/// error, at the `user` line.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let loaded = manifest::load(path)?;
+    if let Some(user) = &loaded.manifest.user {
+        if let Err(message) = lookup(user) {
+            let (line, col) = manifest::position_of(&loaded.text, "user").unwrap_or((1, 1));
+            return Err(LoadError::Invalid {
+                file: path.display().to_string(),
+                diagnostics: vec![Diagnostic { line, col, message }],
+            });
+        }
+    }
+    Ok(loaded)
+}
+
+fn is_id(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn parse_id(s: &str) -> Result<u32, String> {
+    s.parse::<u32>()
+        .ok()
+        .filter(|n| *n < u32::MAX)
+        .ok_or_else(|| format!("'{s}' is not an id below {}", u32::MAX))
+}
+
+/// The fields of a passwd entry deployd uses.
+struct Passwd {
+    uid: u32,
+    /// `None` only for a uid the database does not have.
+    gid: Option<u32>,
+    name: Option<String>,
+    home: Option<String>,
+}
+
+/// Calls a reentrant getpw*/getgr* function with a buffer that grows on
+/// ERANGE. `call` returns the function's result code and whether it found
+/// an entry.
+fn with_buffer<T>(
+    what: &str,
+    mut call: impl FnMut(&mut [libc::c_char]) -> (libc::c_int, Option<T>),
+) -> Result<Option<T>, String> {
+    let mut size = 1024;
+    loop {
+        let mut buf = vec![0 as libc::c_char; size];
+        match call(&mut buf) {
+            (0, found) => return Ok(found),
+            (libc::ERANGE, _) if size < 1 << 20 => size *= 4,
+            // "Not found" is 0 with no entry, but some NSS modules say ENOENT.
+            (libc::ENOENT, _) | (libc::ESRCH, _) => return Ok(None),
+            (e, _) => {
+                return Err(format!(
+                    "cannot look up {what}: {}",
+                    std::io::Error::from_raw_os_error(e)
+                ));
+            }
+        }
+    }
+}
+
+/// # Safety
+/// `pw` must have been filled in by a successful getpw*_r call whose buffer
+/// is still alive.
+unsafe fn passwd_of(pw: &libc::passwd) -> Passwd {
+    let text = |p: *const libc::c_char| {
+        // SAFETY: getpw*_r points these into its buffer, NUL-terminated.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    };
+    Passwd {
+        uid: pw.pw_uid,
+        gid: Some(pw.pw_gid),
+        name: text(pw.pw_name),
+        home: text(pw.pw_dir).filter(|h| !h.is_empty()),
+    }
+}
+
+fn passwd_by_name(name: &str) -> Result<Option<Passwd>, String> {
+    let c = CString::new(name).map_err(|_| format!("user '{name}' contains a NUL byte"))?;
+    with_buffer(&format!("user '{name}'"), |buf| {
+        // SAFETY: every pointer is to memory we own for the call; the
+        // entry's strings point into `buf`, read before it is dropped.
+        unsafe {
+            let mut pw: libc::passwd = std::mem::zeroed();
+            let mut out: *mut libc::passwd = std::ptr::null_mut();
+            let r = libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
+            (r, (!out.is_null()).then(|| passwd_of(&pw)))
+        }
+    })
+}
+
+fn passwd_by_uid(uid: u32) -> Result<Option<Passwd>, String> {
+    with_buffer(&format!("uid {uid}"), |buf| {
+        // SAFETY: as in passwd_by_name.
+        unsafe {
+            let mut pw: libc::passwd = std::mem::zeroed();
+            let mut out: *mut libc::passwd = std::ptr::null_mut();
+            let r = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
+            (r, (!out.is_null()).then(|| passwd_of(&pw)))
+        }
+    })
+}
+
+fn group_by_name(name: &str) -> Result<Option<u32>, String> {
+    let c = CString::new(name).map_err(|_| format!("group '{name}' contains a NUL byte"))?;
+    with_buffer(&format!("group '{name}'"), |buf| {
+        // SAFETY: every pointer is to memory we own for the call.
+        unsafe {
+            let mut gr: libc::group = std::mem::zeroed();
+            let mut out: *mut libc::group = std::ptr::null_mut();
+            let r = libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out);
+            (r, (!out.is_null()).then_some(gr.gr_gid))
+        }
+    })
+}
+
+/// The groups `name` belongs to, `gid` first, as initgroups would set them.
+fn group_list(name: &str, gid: u32) -> Result<Vec<u32>, String> {
+    let c = CString::new(name).map_err(|_| format!("user '{name}' contains a NUL byte"))?;
+    let mut n: libc::c_int = 32;
+    loop {
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let asked = n;
+        // SAFETY: `groups` has room for `n` ids; getgrouplist writes at
+        // most that many and sets `n` to how many there are.
+        let r = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
+        if r >= 0 {
+            groups.truncate(n.max(0) as usize);
+            return Ok(groups);
+        }
+        if n <= asked {
+            // No growth asked for: it failed for another reason.
+            if asked >= 65536 {
+                return Err(format!("cannot list the groups of '{name}'"));
+            }
+            n = asked * 2;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(u: &str, g: Option<&str>) -> User {
+        User {
+            user: u.into(),
+            group: g.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn root_by_name_and_by_id() {
+        let by_name = lookup(&user("root", None)).expect("root");
+        assert_eq!((by_name.uid, by_name.gid), (0, 0));
+        assert_eq!(by_name.name.as_deref(), Some("root"));
+        assert!(by_name.groups.contains(&0), "{:?}", by_name.groups);
+        let by_id = lookup(&user("0", None)).expect("uid 0");
+        assert_eq!(by_id, by_name, "a known uid reads its entry");
+        assert_eq!(
+            by_name.environment(),
+            [
+                (
+                    "HOME".to_string(),
+                    by_name.home.clone().expect("root's home")
+                ),
+                ("USER".to_string(), "root".to_string()),
+                ("LOGNAME".to_string(), "root".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_group_overrides_the_primary_one() {
+        let a = lookup(&user("root", Some("12345"))).expect("root:12345");
+        assert_eq!((a.uid, a.gid), (0, 12345));
+        assert_eq!(a.groups.first(), Some(&12345));
+    }
+
+    #[test]
+    fn unknown_accounts_are_errors_that_say_what_to_do() {
+        let e = lookup(&user("no-such-user-deployd", None)).expect_err("unknown");
+        assert_eq!(e, "no user 'no-such-user-deployd' on this machine");
+        let e = lookup(&user("root", Some("no-such-group-deployd"))).expect_err("group");
+        assert_eq!(e, "no group 'no-such-group-deployd' on this machine");
+        // A bare uid the database lacks needs its group named.
+        let e = lookup(&user("3999999", None)).expect_err("bare uid");
+        assert!(e.contains("user 3999999:GID"), "{e}");
+        let a = lookup(&user("3999999", Some("3999999"))).expect("bare uid:gid");
+        assert_eq!(
+            (a.uid, a.gid, a.groups.as_slice()),
+            (3999999, 3999999, &[3999999][..])
+        );
+        assert_eq!(a.environment(), [("HOME".to_string(), "/".to_string())]);
+    }
+
+    #[test]
+    fn load_reports_an_unknown_user_at_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("web.manifest");
+        std::fs::write(&path, "exec ./app\n# who\n  user  wbe-x\n").expect("write");
+        let e = load(&path).expect_err("unknown user").to_string();
+        assert_eq!(
+            e,
+            format!("{}:3:9: no user 'wbe-x' on this machine", path.display())
+        );
+        std::fs::write(&path, "exec ./app\nuser root\n").expect("write");
+        let loaded = load(&path).expect("root exists");
+        assert_eq!(loaded.manifest.user, Some(user("root", None)));
+    }
+}
