@@ -600,3 +600,62 @@ fn apply_of_every_manifest_is_all_or_nothing() {
     assert_eq!(d.field("active/worker/version"), v1[1]);
     assert_eq!(d.instances("worker")[0].1, worker_pid);
 }
+
+/// `user`: instances and their `health exec` probes run as that account,
+/// with its HOME and USER; deployd stays root. An account this machine
+/// does not have is refused at apply with its line and column, and changes
+/// nothing.
+#[test]
+fn instances_run_as_the_manifests_user() {
+    // nobody: uid 65534 on Debian. `dir /`: the test's own directories
+    // are root's alone. The probe fails if it runs as anyone else.
+    let m = "\
+exec echo \"uid $(id -u) gid $(id -g) groups $(id -G) home $HOME user $USER\"; exec sleep 600
+user nobody
+dir /
+health exec test \"$(id -u)\" = 65534
+health_interval 100ms
+health_deadline 10s
+";
+    let Some(d) = Deployd::start(&[("svc", m.to_string())]) else {
+        return;
+    };
+    d.settle("svc", LONG);
+    let (_, pid, state, _, _) = d.instances("svc")[0].clone();
+    assert_eq!(state, "ready");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("Uid:\t65534\t65534\t65534\t65534"),
+        "{status}"
+    );
+    let log = d.read("active/svc/instances/0/log");
+    assert_eq!(
+        log,
+        "uid 65534 gid 65534 groups 65534 home /nonexistent user nobody\n"
+    );
+    // deployd itself, which mounted the namespace, is still root.
+    let own = std::fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
+    assert!(own.contains("Uid:\t0\t0\t0\t0"), "{own}");
+
+    let v1 = d.field("active/svc/version");
+    d.write_manifest("svc", &m.replace("user nobody", "user  no-such-user-x"));
+    let out = d.deploy(&["apply", "svc"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("svc.manifest:2:7: no user 'no-such-user-x' on this machine"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.deploy(&[
+        "check",
+        &d.manifests.join("svc.manifest").display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("svc.manifest:2:7: no user"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(d.field("active/svc/version"), v1);
+    assert_eq!(d.instances("svc")[0].1, pid);
+}

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use deployd_lib::ctl::Verb;
+use deployd_lib::host;
 use deployd_lib::manifest::{self, Health, LoadError, Version};
 use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{
@@ -336,7 +337,7 @@ impl Engine {
             }
         };
         for file in files {
-            match manifest::load(&file) {
+            match host::load(&file) {
                 Ok(loaded) => {
                     let spec = Spec::new(loaded.manifest, loaded.text);
                     if let Err(e) = self.create(loaded.service.clone(), spec) {
@@ -368,7 +369,7 @@ impl Engine {
         let mut specs = Vec::new();
         let mut errors = Vec::new();
         for file in &files {
-            match manifest::load(file) {
+            match host::load(file) {
                 Ok(l) => specs.push((l.service, Spec::new(l.manifest, l.text))),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -859,7 +860,7 @@ impl Engine {
 
     fn load_manifest(&self, service: &ServiceName) -> Result<Spec, Refusal> {
         let path = self.config.manifests.join(format!("{service}.manifest"));
-        match manifest::load(&path) {
+        match host::load(&path) {
             Ok(loaded) => Ok(Spec::new(loaded.manifest, loaded.text)),
             Err(LoadError::Io {
                 not_found: true, ..
@@ -1000,12 +1001,14 @@ impl Engine {
         let exited = Arc::new(AtomicBool::new(false));
         let (tx, children, flag) = (self.tx.clone(), self.children.clone(), exited.clone());
         let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
+        let user = m.user.clone();
         self.spawner.submit(move || {
             let spawned = process::spawn(Spawn {
                 command: &command,
                 dir: &spawn_dir,
                 env: spawn_env,
                 output: Some(write),
+                user: user.as_ref(),
             });
             let result = spawned
                 .as_ref()
@@ -1055,6 +1058,7 @@ impl Engine {
             timeout: m.health_timeout,
             dir,
             env,
+            user: m.user.clone(),
         };
         let tx = self.tx.clone();
         let report = move |result| {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use deployd_lib::manifest::Health;
+use deployd_lib::manifest::{Health, User};
 use deployd_lib::rollout::Exit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,6 +39,8 @@ pub struct Target {
     pub dir: PathBuf,
     /// For exec probes.
     pub env: Vec<(String, String)>,
+    /// For exec probes: the instance's `user`.
+    pub user: Option<User>,
 }
 
 /// Probes forever, sending each result through `report`; `poke` asks for a
@@ -151,6 +153,7 @@ async fn exec(command: &str, target: &Target, children: &Children) -> Result<(),
         dir: &target.dir,
         env: target.env.clone(),
         output: None,
+        user: target.user.as_ref(),
     })
     .map_err(|e| format!("cannot run the probe: {e}"))?;
     let (tx, rx) = oneshot::channel();
@@ -186,6 +189,7 @@ mod tests {
             timeout: Duration::from_millis(500),
             dir: PathBuf::from("/"),
             env: vec![],
+            user: None,
         }
     }
 

@@ -16,6 +16,8 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
+use deployd_lib::host::Account;
+
 /// The child's stack: it only calls a handful of libc wrappers.
 const STACK: usize = 128 * 1024;
 
@@ -33,6 +35,8 @@ struct Plan {
     envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
     dir: CString,
+    /// Credentials to take before `execve`; `None`: deployd's own.
+    creds: Option<Creds>,
     stdin: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -44,22 +48,33 @@ struct Plan {
     errno: AtomicI32,
 }
 
+/// The account a child becomes (`user` in the manifest).
+struct Creds {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
 /// Which step of the child failed, for the error message.
 const STEP_CHDIR: i32 = 1;
 const STEP_DUP: i32 = 2;
 const STEP_EXEC: i32 = 3;
+const STEP_USER: i32 = 4;
 
 /// Runs `words[0]` with arguments `words[1..]` in `dir`, as the leader of a
 /// new process group, with deployd's environment minus `remove` plus `env`,
 /// stdin from /dev/null and stdout and stderr to `out` (or /dev/null). The
 /// child gets `PR_SET_PDEATHSIG` SIGTERM, default signal handling and an
-/// empty signal mask. Returns its pid once it has called `execve`.
+/// empty signal mask. With `account`, it runs as that account (its uid, gid
+/// and supplementary groups; the environment is the caller's to set).
+/// Returns its pid once it has called `execve`.
 pub fn launch(
     words: &[&OsStr],
     dir: &Path,
     env: &[(String, String)],
     remove: &[&str],
     out: Option<OwnedFd>,
+    account: Option<&Account>,
 ) -> std::io::Result<u32> {
     let Some(first) = words.first() else {
         return Err(std::io::Error::new(
@@ -109,6 +124,11 @@ pub fn launch(
         envp_ptrs: Vec::new(),
         envp,
         dir: cstring(dir.as_os_str())?,
+        creds: account.map(|a| Creds {
+            uid: a.uid,
+            gid: a.gid,
+            groups: a.groups.clone(),
+        }),
         stdin,
         stdout,
         stderr,
@@ -161,6 +181,12 @@ pub fn launch(
             Err(match step {
                 STEP_CHDIR => std::io::Error::new(err.kind(), format!("{err} (chdir)")),
                 STEP_DUP => std::io::Error::new(err.kind(), format!("{err} (dup2)")),
+                STEP_USER => {
+                    let who = account.map_or(String::new(), |a| {
+                        format!(" to uid {} gid {}", a.uid, a.gid)
+                    });
+                    std::io::Error::new(err.kind(), format!("{err} (switching user{who})"))
+                }
                 _ => err,
             })
         }
@@ -225,6 +251,20 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
             libc::_exit(127)
         };
         libc::setpgid(0, 0);
+        // Raw system calls, not libc's wrappers: in a multithreaded process
+        // glibc's setuid() and friends signal every thread of its list to
+        // change too, and that list is deployd's, whose memory we share.
+        // The kernel changes this task alone. Groups first, uid last: after
+        // it, the others are no longer ours to change.
+        if let Some(c) = &plan.creds {
+            if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, c.gid, c.gid, c.gid) != 0
+                || libc::syscall(libc::SYS_setresuid, c.uid, c.uid, c.uid) != 0
+            {
+                fail(STEP_USER);
+            }
+        }
+        // After the change of user, which clears the death signal.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0);
         // deployd died before prctl: the signal will never come.
         if libc::getppid() != plan.parent {
@@ -356,16 +396,120 @@ mod tests {
 
     /// Runs `words` and returns what it printed and its pid, once it exited.
     fn run(words: &[&str], dir: &Path, env: &[(String, String)]) -> (String, u32) {
+        run_as(words, dir, env, None).expect("launch")
+    }
+
+    fn run_as(
+        words: &[&str],
+        dir: &Path,
+        env: &[(String, String)],
+        account: Option<&Account>,
+    ) -> std::io::Result<(String, u32)> {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         let words: Vec<&OsStr> = words.iter().map(OsStr::new).collect();
-        let pid = launch(&words, dir, env, &["DEPLOYD_TEST_REMOVED"], Some(w)).expect("launch");
+        let pid = launch(
+            &words,
+            dir,
+            env,
+            &["DEPLOYD_TEST_REMOVED"],
+            Some(w),
+            account,
+        )?;
         let mut out = String::new();
         std::fs::File::from(r)
             .read_to_string(&mut out)
             .expect("read");
         // Another test's reaper (waitpid(-1)) may be quicker: no status here.
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
-        (out, pid)
+        Ok((out, pid))
+    }
+
+    #[test]
+    fn the_child_takes_the_accounts_ids_groups_and_keeps_its_death_signal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        let account = Account {
+            uid: 3999001,
+            gid: 3999002,
+            groups: vec![3999002, 3999003],
+            name: None,
+            home: None,
+        };
+        // Not through sh: the status of the program itself.
+        let result = run_as(
+            &["grep", "-E", "^(Uid|Gid|Groups)", "/proc/self/status"],
+            dir.path(),
+            &[],
+            Some(&account),
+        );
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            // Only root may change its user: the start fails, and says so.
+            let err = result.expect_err("not root");
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+            assert!(
+                err.to_string().contains("switching user to uid 3999001"),
+                "{err}"
+            );
+            return;
+        }
+        let (out, _) = result.expect("launch as root");
+        assert!(
+            out.contains("Uid:\t3999001\t3999001\t3999001\t3999001"),
+            "{out}"
+        );
+        assert!(
+            out.contains("Gid:\t3999002\t3999002\t3999002\t3999002"),
+            "{out}"
+        );
+        let groups = out
+            .lines()
+            .find(|l| l.starts_with("Groups:"))
+            .expect("Groups");
+        assert_eq!(
+            groups.split_whitespace().skip(1).collect::<Vec<_>>(),
+            ["3999002", "3999003"]
+        );
+        // The change of user clears PR_SET_PDEATHSIG, so it must come
+        // after: the child of a thread that ends gets SIGTERM.
+        let (d, a) = (dir.path().to_path_buf(), account.clone());
+        let pid = std::thread::spawn(move || {
+            let words = [OsStr::new("sleep"), OsStr::new("30")];
+            launch(&words, &d, &[], &[], None, Some(&a)).expect("sleep")
+        })
+        .join()
+        .expect("thread");
+        struct Kill(u32);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                // SAFETY: kill has no memory effects; the group may be gone.
+                unsafe { libc::kill(-(self.0 as i32), libc::SIGKILL) };
+            }
+        }
+        let _kill = Kill(pid);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let gone = loop {
+            // Gone, or a zombie waiting for a reaper.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+            if stat.is_empty() || state == Some('Z') {
+                break true;
+            }
+            if std::time::Instant::now() > deadline {
+                break false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(
+            gone,
+            "sleep (pid {pid}) outlived the thread that started it"
+        );
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+        // deployd itself is still root: only the child changed.
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::geteuid() }, 0);
     }
 
     #[test]
@@ -429,15 +573,16 @@ mod tests {
             &[],
             &[],
             None,
+            None,
         )
         .expect_err("missing program");
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-        let err = launch(&[OsStr::new("./nothing")], dir.path(), &[], &[], None)
+        let err = launch(&[OsStr::new("./nothing")], dir.path(), &[], &[], None, None)
             .expect_err("missing file");
         assert!(err.to_string().contains("No such file"), "{err}");
         let gone = dir.path().join("gone");
-        let err =
-            launch(&[OsStr::new("/bin/true")], &gone, &[], &[], None).expect_err("missing dir");
+        let err = launch(&[OsStr::new("/bin/true")], &gone, &[], &[], None, None)
+            .expect_err("missing dir");
         assert!(err.to_string().contains("chdir"), "{err}");
     }
 
