@@ -114,6 +114,10 @@ enum Cmd {
     },
     /// Validate manifests offline; print every error with file:line:col
     Check {
+        /// Check the language only, not what a manifest needs of this
+        /// machine (its user): for a build machine that is not the server
+        #[arg(long)]
+        syntax: bool,
         /// Manifest files, named SERVICE.manifest
         #[arg(required = true)]
         files: Vec<PathBuf>,
@@ -149,8 +153,8 @@ impl From<std::io::Error> for Fail {
 }
 
 fn try_main(args: Args) -> Result<Exit, Fail> {
-    if let Cmd::Check { files } = &args.command {
-        return check::run(files);
+    if let Cmd::Check { files, syntax } = &args.command {
+        return check::run(files, *syntax);
     }
     let ns = Ns::open(&args.root)?;
     match args.command {

@@ -47,6 +47,23 @@ fn three_mistakes_are_all_reported_with_positions() {
 }
 
 #[test]
+fn an_account_this_machine_lacks_is_an_error_unless_syntax_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("web.manifest");
+    std::fs::write(&file, "exec ./app\nuser no-such-user-deployd\n").unwrap();
+    let f = file.to_str().unwrap();
+    let (code, _, err) = deploy(&["check", f]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(
+        err.lines().next(),
+        Some(format!("{f}:2:6: no user 'no-such-user-deployd' on this machine").as_str())
+    );
+    let (code, out, err) = deploy(&["check", "--syntax", f]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with(&format!("{f}: ok (web ")), "{out}");
+}
+
+#[test]
 fn the_bundled_examples_pass() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
