@@ -35,6 +35,10 @@ pub const MAX_SIZE: usize = 1 << 20;
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Largest accepted `health_retries`.
 pub const MAX_RETRIES: u32 = 100;
+/// Smallest accepted `memory_max`: 1 MiB.
+pub const MIN_MEMORY: u64 = 1 << 20;
+/// Largest accepted `memory_max`: 1 TiB.
+pub const MAX_MEMORY: u64 = 1 << 40;
 /// Shortest accepted `health_interval`: a shorter one would be a busy loop.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -86,6 +90,8 @@ pub struct Manifest {
     pub stop_signal: Signal,
     /// Time between `stop_signal` and SIGKILL.
     pub stop_timeout: Duration,
+    /// Resident memory, in bytes, above which a ready instance is replaced.
+    pub memory_max: Option<u64>,
     /// Time an instance routed out may finish its open requests before it is stopped.
     pub drain: Duration,
     /// How long a request waits for an instance when none is routed in.
@@ -295,6 +301,7 @@ impl Manifest {
             restart: RestartPolicy::Always,
             stop_signal: Signal::Term,
             stop_timeout: Duration::from_secs(10),
+            memory_max: None,
             drain: Duration::from_secs(5),
             queue_timeout: Duration::from_secs(10),
         }
@@ -396,6 +403,9 @@ impl Manifest {
         if self.stop_signal != d.stop_signal {
             line(format_args!("stop_signal {}", self.stop_signal.name()));
         }
+        if let Some(bytes) = self.memory_max {
+            line(format_args!("memory_max {}", format_size(bytes)));
+        }
         let durations = [
             ("stop_timeout", self.stop_timeout, d.stop_timeout),
             ("drain", self.drain, d.drain),
@@ -469,6 +479,23 @@ pub fn format_duration(d: Duration) -> String {
     } else {
         format!("{ms}ms")
     }
+}
+
+/// Formats a size in bytes in its largest exact binary unit: `512M`, `1G`,
+/// `1536K`, or bytes.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    bytes.to_string()
 }
 
 /// One problem in a manifest, at a 1-based line and column (in characters).

@@ -19,12 +19,13 @@ use nom::combinator::{all_consuming, opt};
 use nom::{IResult, Parser};
 
 use super::{
-    Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_REPLICAS, MAX_RETRIES, MAX_SIZE,
-    MIN_HEALTH_INTERVAL, Manifest, Proxy, RestartPolicy, Signal, Strategy, User, format_duration,
+    Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES, MAX_SIZE,
+    MIN_HEALTH_INTERVAL, MIN_MEMORY, Manifest, Proxy, RestartPolicy, Signal, Strategy, User,
+    format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 23] = [
+const DIRECTIVES: [&str; 24] = [
     "exec",
     "dir",
     "env",
@@ -46,6 +47,7 @@ const DIRECTIVES: [&str; 23] = [
     "restart",
     "stop_signal",
     "stop_timeout",
+    "memory_max",
     "drain",
     "queue_timeout",
 ];
@@ -110,6 +112,7 @@ enum Directive {
     AutoRollback(bool),
     Restart(RestartPolicy),
     StopSignal(Signal),
+    MemoryMax(u64),
 }
 
 /// A parsed line: the directive's canonical name, its column, the column of
@@ -288,6 +291,7 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
             ],
         )?),
         "stop_signal" => Directive::StopSignal(signal(v)?),
+        "memory_max" => Directive::MemoryMax(size(v)?),
         "health" => Directive::Health(health(v)?),
         _ => Directive::Duration(name, duration(v)?),
     })
@@ -407,6 +411,41 @@ fn duration(v: &Value) -> Result<Duration, LineError> {
                 "{} must be at most {}, got {w}",
                 v.name,
                 format_duration(MAX_DURATION)
+            ),
+        )),
+    }
+}
+
+/// A size in bytes: a whole number with an optional binary unit, `K`, `M`,
+/// `G` or `T` (as systemd's `MemoryMax=` reads them).
+fn size(v: &Value) -> Result<u64, LineError> {
+    const WHAT: &str = "a size like 512M, 1G or 1536K";
+    let w = v.one_word(WHAT)?;
+    let parsed: IResult<&str, (&str, Option<&str>)> =
+        all_consuming((digit1, opt(alt((tag("K"), tag("M"), tag("G"), tag("T")))))).parse(w);
+    let Ok((_, (digits, unit))) = parsed else {
+        return Err(v.err(w, format!("{} needs {WHAT}, got '{w}'", v.name)));
+    };
+    let shift = match unit {
+        Some("K") => 10,
+        Some("M") => 20,
+        Some("G") => 30,
+        Some("T") => 40,
+        _ => 0,
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift));
+    match bytes {
+        Some(b) if (MIN_MEMORY..=MAX_MEMORY).contains(&b) => Ok(b),
+        _ => Err(v.err(
+            w,
+            format!(
+                "{} must be between {} and {}, got {w}",
+                v.name,
+                super::format_size(MIN_MEMORY),
+                super::format_size(MAX_MEMORY)
             ),
         )),
     }
@@ -576,6 +615,7 @@ impl Builder {
             Directive::AutoRollback(b) => m.auto_rollback = b,
             Directive::Restart(r) => m.restart = r,
             Directive::StopSignal(s) => m.stop_signal = s,
+            Directive::MemoryMax(n) => m.memory_max = Some(n),
             Directive::Duration(name, d) => {
                 let field = match name {
                     "health_interval" => &mut m.health_interval,

@@ -451,6 +451,65 @@ fn user_forms_and_errors() {
 }
 
 #[test]
+fn memory_max_forms_and_errors() {
+    assert_eq!(ok("exec a\n").memory_max, None);
+    assert_eq!(ok("exec a\nmemory_max 512M\n").memory_max, Some(512 << 20));
+    assert_eq!(
+        ok("exec a\nmemory_max 1G  # one\n").memory_max,
+        Some(1 << 30)
+    );
+    assert_eq!(
+        ok("exec a\nmemory_max 1536K\n").memory_max,
+        Some(1536 << 10)
+    );
+    assert_eq!(ok("exec a\nmemory_max 1T\n").memory_max, Some(1 << 40));
+    assert_eq!(ok("exec a\nmemory_max 2097152\n").memory_max, Some(2 << 20));
+    // Canonical: the largest exact unit.
+    assert!(
+        ok("exec a\nmemory_max 2048M\n")
+            .canonical()
+            .contains("memory_max 2G\n")
+    );
+    assert!(
+        ok("exec a\nmemory_max 1536K\n")
+            .canonical()
+            .contains("memory_max 1536K\n")
+    );
+    assert!(
+        ok("exec a\nmemory_max 1048577\n")
+            .canonical()
+            .contains("memory_max 1048577\n")
+    );
+    let what = "memory_max needs a size like 512M, 1G or 1536K";
+    assert_eq!(error("exec a\nmemory_max\n"), format!("2:11: {what}"));
+    assert_eq!(
+        error("exec a\nmemory_max 512MB\n"),
+        format!("2:12: {what}, got '512MB'")
+    );
+    assert_eq!(
+        error("exec a\nmemory_max 1.5G\n"),
+        format!("2:12: {what}, got '1.5G'")
+    );
+    assert_eq!(
+        error("exec a\nmemory_max -1\n"),
+        format!("2:12: {what}, got '-1'")
+    );
+    let range = "memory_max must be between 1M and 1T";
+    assert_eq!(
+        error("exec a\nmemory_max 1000K\n"),
+        format!("2:12: {range}, got 1000K")
+    );
+    assert_eq!(
+        error("exec a\nmemory_max 2T\n"),
+        format!("2:12: {range}, got 2T")
+    );
+    assert_eq!(
+        error("exec a\nmemory_max 99999999999999999999G\n"),
+        format!("2:12: {range}, got 99999999999999999999G")
+    );
+}
+
+#[test]
 fn position_of_finds_a_directives_value() {
     let src = "# web\nexec a\n\n   user   nobody\r\nreplicas 2\n";
     assert_eq!(position_of(src, "user"), Some((4, 11)));
@@ -587,6 +646,7 @@ fn version_changes_with_every_semantic_change() {
         "exec ./app\nreplicas 3\nport 80\ndir x\n",
         "exec ./app\nreplicas 3\nport 80\nenv A=1\n",
         "exec ./app\nreplicas 3\nport 80\nuser nobody\n",
+        "exec ./app\nreplicas 3\nport 80\nmemory_max 512M\n",
         "exec ./app\nreplicas 3\nport 80\nuser nobody:nogroup\n",
         "exec ./app\nreplicas 3\nport 80\nproxy http\n",
         "exec ./app\nreplicas 3\nport 80\nhealth none\n",
@@ -716,9 +776,12 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             duration_strategy(),
             duration_strategy(),
         ),
-        any::<prop::sample::Index>(),
+        (
+            any::<prop::sample::Index>(),
+            proptest::option::of(MIN_MEMORY..=MAX_MEMORY),
+        ),
     )
-        .prop_map(|(a, b, c, d, e, batch)| {
+        .prop_map(|(a, b, c, d, e, (batch, memory_max))| {
             let (exec, dir, env, replicas, user) = a;
             let (port, proxy, health) = b;
             let (interval, timeout, retries, grace) = c;
@@ -761,6 +824,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             m.stop_timeout = stop_timeout;
             m.drain = drain;
             m.queue_timeout = queue;
+            m.memory_max = memory_max;
             m
         })
 }
@@ -790,7 +854,7 @@ proptest! {
                     "exec", "dir", "env", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "drain", "queue_timeout", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "drain", "queue_timeout", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

@@ -18,7 +18,9 @@
 //! `health_deadline`), then commits the batch: candidates become serving and
 //! are routed in, the slot's old instance is routed out, drained and stopped
 //! (*retiring*). Outside the batch, a serving instance that exits is restarted
-//! at its slot's version, with exponential backoff.
+//! at its slot's version, with exponential backoff. One that grows over its
+//! `memory_max` turns retiring while it stays ready and routed in: its slot
+//! starts a fresh instance, and the old one drains once that one is ready.
 //!
 //! Decisions are taken by [`Service::drive`] from the whole state after every
 //! input, never from the input alone, so a late or repeated input cannot
@@ -150,6 +152,14 @@ pub enum Input {
     Drained {
         /// Which instance.
         id: InstanceId,
+    },
+    /// An instance's processes hold more resident memory than its
+    /// `memory_max`: the caller samples it and reports each sample over.
+    OverMemory {
+        /// Which instance.
+        id: InstanceId,
+        /// Resident bytes of its processes, summed.
+        rss: u64,
     },
     /// Time passed; deadlines up to now are due.
     Tick,
@@ -570,6 +580,10 @@ impl Service {
                         self.instances[i].drained = true;
                     }
                 }
+                Ok(String::new())
+            }
+            Input::OverMemory { id, rss } => {
+                self.over_memory(id, rss);
                 Ok(String::new())
             }
             Input::Tick => Ok(String::new()),
@@ -1561,6 +1575,72 @@ impl Service {
         }
     }
 
+    /// A ready instance over its `memory_max` is replaced with surge, as a
+    /// rolling restart of its slot alone: it becomes retiring but stays
+    /// ready and routed in, its slot starts a fresh instance (after the
+    /// slot's restart backoff), and only once that one is ready is the old
+    /// one routed out, drained and stopped ([`Service::step_instances`]).
+    /// If the fresh one fails, the old one goes on serving while the slot
+    /// retries. With `restart never` it is only drained and stopped.
+    ///
+    /// One slot at a time: while another slot has no ready serving
+    /// instance, the sample is ignored and a later one decides, so a leak
+    /// that reaches every replica at once neither doubles the memory of all
+    /// of them nor takes them down together. Candidates and slots in a
+    /// rollout's batch are left to the rollout, which replaces them anyway.
+    fn over_memory(&mut self, id: InstanceId, rss: u64) {
+        let Some(i) = self.find(id) else { return };
+        let inst = &self.instances[i];
+        let Some(limit) = inst.spec.manifest.memory_max else {
+            return;
+        };
+        let (slot, number, policy) = (inst.slot, inst.number, inst.spec.manifest.restart);
+        if self.stopped
+            || rss <= limit
+            || inst.state != State::Ready
+            || inst.role != Role::Serving
+            || self.in_batch(slot)
+        {
+            return;
+        }
+        let others_ready = (0..self.target.manifest.replicas)
+            .filter(|&s| s != slot)
+            .all(|s| self.slot_ready(s));
+        if !others_ready {
+            return;
+        }
+        let ready_since = inst.ready_since;
+        let replace = policy != RestartPolicy::Never;
+        self.event(format!(
+            "instance {number} uses {} of memory, over memory_max {}; {}",
+            format_bytes(rss),
+            crate::manifest::format_size(limit),
+            if replace {
+                "replacing it (it serves until its replacement is ready)".to_string()
+            } else {
+                format!("stopping it, not replaced (restart {})", policy.name())
+            }
+        ));
+        if replace {
+            // Ready and retiring: routed in until the slot has a ready
+            // serving instance again.
+            self.instances[i].role = Role::Retiring;
+            self.schedule_restart(slot, ready_since);
+        } else {
+            self.retire(i);
+            if let Some(s) = self.slots.get_mut(slot as usize) {
+                s.hold = true;
+            }
+        }
+    }
+
+    /// Whether `slot` has a serving instance that is ready.
+    fn slot_ready(&self, slot: u32) -> bool {
+        self.instances
+            .iter()
+            .any(|j| j.slot == slot && j.role == Role::Serving && j.state == State::Ready)
+    }
+
     fn exited(&mut self, id: InstanceId, exit: Exit) {
         let Some(i) = self.find(id) else { return };
         let was = self.instances[i].state;
@@ -1637,6 +1717,20 @@ impl Service {
             match inst.state {
                 State::Draining if inst.drained || inst.drain_until.is_some_and(|t| now >= t) => {
                     self.stop_now(i);
+                    changed = true;
+                }
+                // Replaced over memory_max (the only way to be ready and
+                // retiring): it goes once its slot serves again, or when the
+                // slot itself goes.
+                State::Ready
+                    if inst.role == Role::Retiring
+                        && (self.slot_ready(inst.slot)
+                            || inst.slot >= self.target.manifest.replicas
+                            || self.stopped) =>
+                {
+                    let number = inst.number;
+                    self.retire(i);
+                    self.event(format!("instance {number} routed out: replaced"));
                     changed = true;
                 }
                 State::Healthy if inst.role == Role::Serving && inst.eligible(now) => {
@@ -1771,6 +1865,11 @@ fn recorded_slots(record: &Record, resolve: impl Fn(Version) -> Option<Spec>) ->
 
 fn plural<T>(items: &[T]) -> &'static str {
     if items.len() == 1 { "" } else { "s" }
+}
+
+/// "612.4M": bytes in MiB, to a tenth.
+pub fn format_bytes(bytes: u64) -> String {
+    format!("{:.1}M", bytes as f64 / (1u64 << 20) as f64)
 }
 
 /// "2.1s"

@@ -1449,3 +1449,155 @@ fn adopt_leaves_what_does_not_fit_and_refuses_mid_rollout() {
     assert!(adopted.ids.iter().all(|i| i.is_none()));
     assert_eq!(adopted.service.update_status(), UpdateStatus::Paused);
 }
+
+fn with_memory_max(replicas: u32, restart: RestartPolicy) -> Spec {
+    let mut m = (*spec("v1", replicas, 1, Strategy::Rolling).manifest).clone();
+    m.memory_max = Some(100 << 20);
+    m.restart = restart;
+    let text = m.canonical();
+    Spec::new(m, text)
+}
+
+fn over(sim: &mut Sim, id: u64, rss: u64) {
+    sim.feed(Input::OverMemory {
+        id: InstanceId(id),
+        rss,
+    })
+    .unwrap();
+}
+
+#[test]
+fn over_memory_max_is_replaced_with_surge() {
+    for replicas in [1, 3] {
+        let mut sim = Sim::new(with_memory_max(replicas, RestartPolicy::Always));
+        // Never fewer routed in than replicas, not even with one replica.
+        sim.capacity = replicas as usize;
+        let old = sim.serving()[&0].0;
+        // At or under the limit: nothing.
+        over(&mut sim, old, 100 << 20);
+        assert!(sim.events.is_empty(), "{:#?}", sim.events);
+        over(&mut sim, old, 150 << 20);
+        assert_eq!(
+            sim.events,
+            ["instance 0 uses 150.0M of memory, over memory_max 100M; \
+              replacing it (it serves until its replacement is ready)"]
+        );
+        assert!(
+            sim.routed.contains(&old),
+            "routed out before its replacement"
+        );
+        // Later samples while it is being replaced change nothing.
+        over(&mut sim, old, 160 << 20);
+        assert_eq!(sim.events.len(), 1);
+        sim.settle();
+        sim.check_converged();
+        let new = sim.serving()[&0].0;
+        assert_ne!(new, old);
+        assert!(!sim.procs[&old].alive);
+        assert!(
+            sim.events
+                .iter()
+                .any(|e| e == "instance 0 routed out: replaced"),
+            "{:#?}",
+            sim.events
+        );
+    }
+}
+
+#[test]
+fn over_memory_max_replaces_one_slot_at_a_time() {
+    let mut sim = Sim::new(with_memory_max(3, RestartPolicy::Always));
+    sim.capacity = 3;
+    let ids: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
+    for id in &ids {
+        over(&mut sim, *id, 200 << 20);
+    }
+    let replacing = |sim: &Sim| {
+        sim.events
+            .iter()
+            .filter(|e| e.contains("over memory_max"))
+            .count()
+    };
+    assert_eq!(replacing(&sim), 1, "{:#?}", sim.events);
+    sim.settle();
+    // The next samples of the others decide, once slot 0 serves again.
+    for id in &ids[1..] {
+        over(&mut sim, *id, 200 << 20);
+    }
+    assert_eq!(replacing(&sim), 2);
+    sim.settle();
+    over(&mut sim, ids[2], 200 << 20);
+    sim.settle();
+    assert_eq!(replacing(&sim), 3);
+    sim.check_converged();
+    assert!(ids.iter().all(|id| !sim.procs[id].alive));
+}
+
+#[test]
+fn over_memory_max_keeps_serving_while_its_replacement_fails() {
+    let s = with_memory_max(1, RestartPolicy::Always);
+    let v = s.version;
+    let mut sim = Sim::new(s);
+    sim.capacity = 1;
+    let old = sim.serving()[&0].0;
+    // Replacements of this version never get healthy.
+    sim.behaviours.insert(
+        v,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    over(&mut sim, old, 150 << 20);
+    let until = sim.now + Duration::from_secs(60);
+    while sim.now < until && sim.step() {}
+    assert!(sim.routed.contains(&old), "{:#?}", sim.events);
+    assert!(sim.procs[&old].alive);
+    let retries = sim
+        .events
+        .iter()
+        .filter(|e| e.contains("not healthy within health_deadline"))
+        .count();
+    assert!(retries >= 2, "{:#?}", sim.events);
+}
+
+#[test]
+fn over_memory_max_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops() {
+    // restart never: drained and stopped, the slot held.
+    let mut sim = Sim::new(with_memory_max(2, RestartPolicy::Never));
+    let id = sim.serving()[&1].0;
+    over(&mut sim, id, 150 << 20);
+    assert!(!sim.routed.contains(&id));
+    assert!(
+        sim.events[0].ends_with("stopping it, not replaced (restart never)"),
+        "{:#?}",
+        sim.events
+    );
+    let until = sim.now + Duration::from_secs(10);
+    while sim.now < until && sim.step() {}
+    assert!(!sim.procs[&id].alive);
+    assert!(!sim.serving().contains_key(&1));
+    assert_eq!(sim.svc.progress(), (1, 2));
+
+    // A slot in a rollout's batch is the rollout's to replace.
+    let mut sim = Sim::new(with_memory_max(2, RestartPolicy::Always));
+    let mut m = (*with_memory_max(2, RestartPolicy::Always).manifest).clone();
+    m.exec = "v2".into();
+    sim.command(Command::Apply(Spec::new(m, "v2"))).unwrap();
+    let id = sim.serving()[&0].0;
+    sim.events.clear();
+    over(&mut sim, id, 150 << 20);
+    assert!(sim.events.is_empty(), "{:#?}", sim.events);
+    sim.settle();
+    sim.check_converged();
+
+    // Stopped meanwhile: the old one goes too.
+    let mut sim = Sim::new(with_memory_max(1, RestartPolicy::Always));
+    let id = sim.serving()[&0].0;
+    over(&mut sim, id, 150 << 20);
+    sim.command(Command::Stop).unwrap();
+    let until = sim.now + Duration::from_secs(10);
+    while sim.now < until && sim.step() {}
+    assert!(sim.procs.values().all(|p| !p.alive), "{:#?}", sim.events);
+    assert!(sim.routed.is_empty());
+}
