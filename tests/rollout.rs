@@ -659,3 +659,82 @@ health_deadline 10s
     assert_eq!(d.field("active/svc/version"), v1);
     assert_eq!(d.instances("svc")[0].1, pid);
 }
+
+/// `memory_max`: an instance that grows over it is replaced with surge (its
+/// replacement routed in before it is routed out); the others are left.
+#[test]
+fn an_instance_over_memory_max_is_replaced_with_surge() {
+    // Each instance polls for the flag; the one that takes it grows to
+    // about 70 MB of resident memory. Idle, Python holds about 10 MB.
+    let script = "\
+import os, sys, time
+flag = sys.argv[1]
+hog = None
+while True:
+    if hog is None:
+        try:
+            os.rename(flag, flag + '.' + os.environ['INSTANCE'])
+            hog = b'x' * (60 << 20)
+            print('grown', flush=True)
+        except FileNotFoundError:
+            pass
+    time.sleep(0.05)
+";
+    let Some(d) = Deployd::start(&[]) else {
+        return;
+    };
+    std::fs::write(d.manifests.join("hog.py"), script).unwrap();
+    let flag = d.dir.path().join("grow");
+    let m = format!(
+        "exec exec python3 hog.py {}\nreplicas 2\nmemory_max 30M\n",
+        flag.display()
+    );
+    d.write_manifest("hog", &m);
+    let out = d.deploy(&["apply", "hog"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.settle("hog", LONG);
+    let before = d.instances("hog");
+    std::fs::write(&flag, "").unwrap();
+    wait_for("the grown instance to be replaced and gone", LONG, || {
+        let now = d.instances("hog");
+        d.read("active/hog/events").contains("routed out: replaced")
+            && now.len() == 2
+            && now.iter().all(|i| i.2 == "ready")
+    });
+    let grown: u32 = ["0", "1"]
+        .into_iter()
+        .find(|n| d.dir.path().join(format!("grow.{n}")).exists())
+        .expect("one instance took the flag")
+        .parse()
+        .unwrap();
+    let events = d.read("active/hog/events");
+    let over = events
+        .lines()
+        .find(|l| l.contains("over memory_max 30M; replacing it"))
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(
+        over.contains(&format!("instance {grown} uses ")),
+        "{events}"
+    );
+    let routed_in = events.find(" routed in").expect("replacement routed in");
+    let routed_out = events
+        .find(&format!("instance {grown} routed out: replaced"))
+        .unwrap_or_else(|| panic!("{events}"));
+    assert!(
+        routed_in < routed_out,
+        "routed out before its replacement: {events}"
+    );
+    let after = d.instances("hog");
+    assert_eq!(after.len(), 2);
+    for (n, pid, state, _, _) in &after {
+        assert_eq!(state, "ready");
+        let old = before[*n as usize].1;
+        if *n == grown {
+            assert_ne!(*pid, old, "slot {n} still runs the grown process");
+            assert!(!alive(old));
+        } else {
+            assert_eq!(*pid, old, "slot {n} was replaced too");
+        }
+    }
+    assert_eq!(d.field("active/hog/update_progress"), "2/2");
+}

@@ -77,6 +77,15 @@ pub enum Msg {
         /// The result.
         result: Result<(), String>,
     },
+    /// A sample of an instance's memory above its `memory_max`.
+    OverMemory {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+        /// Resident bytes of its processes.
+        rss: u64,
+    },
     /// An instance's process was started, or could not be.
     Spawned {
         /// The service's number.
@@ -125,6 +134,8 @@ struct Inst {
     /// deployd replacing itself to hand on (the log pump owns the first).
     log_read: Option<OwnedFd>,
     prober: Option<AbortHandle>,
+    /// Samples its memory, with `memory_max`, once its pid is known.
+    memory: Option<AbortHandle>,
     /// Asks the prober for a probe now.
     poke: Arc<Notify>,
     exited: Arc<AtomicBool>,
@@ -133,6 +144,16 @@ struct Inst {
 }
 
 impl Inst {
+    /// Ends its probe and memory sampling tasks.
+    fn stop_tasks(&mut self) {
+        for task in [self.prober.take(), self.memory.take()]
+            .into_iter()
+            .flatten()
+        {
+            task.abort();
+        }
+    }
+
     /// An instance of manifest `m` whose process is not known yet.
     fn new(
         m: &manifest::Manifest,
@@ -150,6 +171,7 @@ impl Inst {
             log,
             log_read,
             prober,
+            memory: None,
             poke,
             exited,
             stop_signal: m.stop_signal.number(),
@@ -644,6 +666,9 @@ impl Engine {
             Msg::Probe { sid, id, result } => {
                 let _ = self.handle(sid, Input::Probe { id, result });
             }
+            Msg::OverMemory { sid, id, rss } => {
+                let _ = self.handle(sid, Input::OverMemory { id, rss });
+            }
             Msg::Spawned { sid, id, result } => self.spawned(sid, id, result),
             Msg::Drained { sid, id } => {
                 let _ = self.handle(sid, Input::Drained { id });
@@ -757,9 +782,7 @@ impl Engine {
         for e in self.services.values_mut() {
             let mut instances = Vec::new();
             for (id, inst) in &mut e.runtime {
-                if let Some(p) = inst.prober.take() {
-                    p.abort();
-                }
+                inst.stop_tasks();
                 let Some(i) = e.machine.instances().iter().find(|i| i.id() == *id) else {
                     continue;
                 };
@@ -1094,6 +1117,7 @@ impl Engine {
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
         let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited);
         inst.pid = Some(h.pid);
+        inst.memory = memory_watch(&self.tx, sid, id, m.memory_max, h.pid);
         inst.start_time = h.start_time;
         if let Some(e) = self.services.get_mut(&sid) {
             e.runtime.insert(id, inst);
@@ -1102,17 +1126,18 @@ impl Engine {
 
     /// The spawning thread started (or failed to start) an instance's process.
     fn spawned(&mut self, sid: u32, id: InstanceId, result: Result<u32, String>) {
-        let Some(inst) = self
-            .services
-            .get_mut(&sid)
-            .and_then(|e| e.runtime.get_mut(&id))
-        else {
+        let Some(e) = self.services.get_mut(&sid) else {
+            return;
+        };
+        let limit = memory_max(&e.machine, id);
+        let Some(inst) = e.runtime.get_mut(&id) else {
             return;
         };
         match result {
             Ok(pid) => {
                 inst.pid = Some(pid);
                 inst.start_time = process::start_time(pid).unwrap_or(0);
+                inst.memory = memory_watch(&self.tx, sid, id, limit, pid);
                 if let Some((signal, timeout)) = inst.stop_asked.take() {
                     self.stops.push(Stop {
                         pid,
@@ -1250,10 +1275,8 @@ impl Engine {
     }
 
     /// Frees what an exited instance held.
-    fn release(&mut self, inst: Inst) {
-        if let Some(p) = inst.prober {
-            p.abort();
-        }
+    fn release(&mut self, mut inst: Inst) {
+        inst.stop_tasks();
         if let Some(port) = inst.port {
             self.ports.remove(&port);
         }
@@ -1477,11 +1500,9 @@ impl Engine {
     async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
         let mut longest = Duration::ZERO;
         let mut live = Vec::new();
-        for (&sid, e) in &self.services {
-            for (&id, inst) in &e.runtime {
-                if let Some(p) = &inst.prober {
-                    p.abort();
-                }
+        for (&sid, e) in &mut self.services {
+            for (&id, inst) in &mut e.runtime {
+                inst.stop_tasks();
                 live.push((sid, id));
             }
         }
@@ -1595,6 +1616,29 @@ fn instance_env(
     env.push(("INSTANCE".into(), slot.to_string()));
     env.push(("VERSION".into(), version.to_string()));
     env
+}
+
+/// The `memory_max` of instance `id`, if it has one.
+fn memory_max(machine: &Service, id: InstanceId) -> Option<u64> {
+    let i = machine.instances().iter().find(|i| i.id() == id)?;
+    i.spec().manifest.memory_max
+}
+
+/// With a `limit`, samples the memory of `pid`'s processes and tells the
+/// engine of each sample over it; the task is aborted with the instance.
+fn memory_watch(
+    tx: &mpsc::UnboundedSender<Msg>,
+    sid: u32,
+    id: InstanceId,
+    limit: Option<u64>,
+    pid: u32,
+) -> Option<AbortHandle> {
+    let limit = limit?;
+    let tx = tx.clone();
+    let task = tokio::spawn(process::watch_memory(pid, limit, move |rss| {
+        let _ = tx.send(Msg::OverMemory { sid, id, rss });
+    }));
+    Some(task.abort_handle())
 }
 
 /// Tells the engine when `pid`, instance `id` of service `sid`, exits.

@@ -398,6 +398,24 @@ impl Usage {
     }
 }
 
+/// How often an instance with `memory_max` has its memory sampled.
+pub const MEMORY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Samples the resident memory of the process tree led by `leader` every
+/// [`MEMORY_INTERVAL`] (as [`usage`] reads it) and calls `over` with each
+/// sample above `limit`. Runs until aborted; an exited leader reads as 0.
+pub async fn watch_memory(leader: u32, limit: u64, over: impl Fn(u64)) {
+    let mut tick = tokio::time::interval(MEMORY_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let rss = usage(leader).rss;
+        if rss > limit {
+            over(rss);
+        }
+    }
+}
+
 /// Most processes one instance's usage walks (a fork bomb stays cheap to read).
 const USAGE_MAX_PROCESSES: usize = 4096;
 
