@@ -171,25 +171,32 @@ unsafe fn passwd_of(pw: &libc::passwd) -> Passwd {
 
 fn passwd_by_name(name: &str) -> Result<Option<Passwd>, String> {
     let c = CString::new(name).map_err(|_| format!("user '{name}' contains a NUL byte"))?;
-    with_buffer(&format!("user '{name}'"), |buf| {
+    // SAFETY: `c` is a NUL-terminated name that outlives the call.
+    passwd(&format!("user '{name}'"), |pw, buf, len, out| unsafe {
+        libc::getpwnam_r(c.as_ptr(), pw, buf, len, out)
+    })
+}
+
+fn passwd_by_uid(uid: u32) -> Result<Option<Passwd>, String> {
+    // SAFETY: getpwuid_r takes the uid by value.
+    passwd(&format!("uid {uid}"), |pw, buf, len, out| unsafe {
+        libc::getpwuid_r(uid, pw, buf, len, out)
+    })
+}
+
+/// Calls getpwnam_r or getpwuid_r (`get`, given the entry, the buffer, its
+/// length and where to say whether it found one).
+fn passwd(
+    what: &str,
+    get: impl Fn(*mut libc::passwd, *mut libc::c_char, usize, *mut *mut libc::passwd) -> libc::c_int,
+) -> Result<Option<Passwd>, String> {
+    with_buffer(what, |buf| {
         // SAFETY: every pointer is to memory we own for the call; the
         // entry's strings point into `buf`, read before it is dropped.
         unsafe {
             let mut pw: libc::passwd = std::mem::zeroed();
             let mut out: *mut libc::passwd = std::ptr::null_mut();
-            let r = libc::getpwnam_r(c.as_ptr(), &mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
-            (r, (!out.is_null()).then(|| passwd_of(&pw)))
-        }
-    })
-}
-
-fn passwd_by_uid(uid: u32) -> Result<Option<Passwd>, String> {
-    with_buffer(&format!("uid {uid}"), |buf| {
-        // SAFETY: as in passwd_by_name.
-        unsafe {
-            let mut pw: libc::passwd = std::mem::zeroed();
-            let mut out: *mut libc::passwd = std::ptr::null_mut();
-            let r = libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
+            let r = get(&mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
             (r, (!out.is_null()).then(|| passwd_of(&pw)))
         }
     })

@@ -12,10 +12,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use nom::branch::alt;
-use nom::bytes::complete::{tag, take_till1};
+use nom::bytes::complete::take_till1;
 use nom::character::complete::{digit1, space0, space1};
-use nom::combinator::{all_consuming, opt};
+use nom::combinator::all_consuming;
 use nom::{IResult, Parser};
 
 use super::{
@@ -383,26 +382,38 @@ fn number(v: &Value, min: u64, max: u64) -> Result<u64, LineError> {
     }
 }
 
-fn duration_word(i: &str) -> IResult<&str, (&str, Option<&str>)> {
-    all_consuming((digit1, opt(alt((tag("ms"), tag("s"), tag("m"), tag("h")))))).parse(i)
+/// A whole number with an optional unit: the value's word and its amount
+/// in the base unit (`None` if it overflows). `units` pairs each unit's
+/// spelling with its size; a bare number is in units of `bare`.
+fn quantity<'a>(
+    v: &Value<'a>,
+    what: &str,
+    units: &[(&str, u64)],
+    bare: u64,
+) -> Result<(&'a str, Option<u64>), LineError> {
+    let w = v.one_word(what)?;
+    let split: IResult<&str, &str> = digit1.parse(w);
+    let parsed = match split {
+        Ok(("", digits)) => Some((digits, bare)),
+        Ok((unit, digits)) => units
+            .iter()
+            .find(|(u, _)| *u == unit)
+            .map(|(_, n)| (digits, *n)),
+        Err(_) => None,
+    };
+    let Some((digits, per_unit)) = parsed else {
+        return Err(v.err(w, format!("{} needs {what}, got '{w}'", v.name)));
+    };
+    let amount = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(per_unit));
+    Ok((w, amount))
 }
 
 fn duration(v: &Value) -> Result<Duration, LineError> {
-    const WHAT: &str = "a duration like 10, 10s, 500ms or 2m";
-    let w = v.one_word(WHAT)?;
-    let Ok((_, (digits, unit))) = duration_word(w) else {
-        return Err(v.err(w, format!("{} needs {WHAT}, got '{w}'", v.name)));
-    };
-    let ms_per_unit: u64 = match unit {
-        Some("ms") => 1,
-        Some("m") => 60_000,
-        Some("h") => 3_600_000,
-        _ => 1000,
-    };
-    let ms = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(ms_per_unit));
+    const UNITS: [(&str, u64); 4] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)];
+    let (w, ms) = quantity(v, "a duration like 10, 10s, 500ms or 2m", &UNITS, 1000)?;
     match ms {
         Some(ms) if ms <= MAX_DURATION.as_millis() as u64 => Ok(Duration::from_millis(ms)),
         _ => Err(v.err(
@@ -419,24 +430,13 @@ fn duration(v: &Value) -> Result<Duration, LineError> {
 /// A size in bytes: a whole number with an optional binary unit, `K`, `M`,
 /// `G` or `T` (as systemd's `MemoryMax=` reads them).
 fn size(v: &Value) -> Result<u64, LineError> {
-    const WHAT: &str = "a size like 512M, 1G or 1536K";
-    let w = v.one_word(WHAT)?;
-    let parsed: IResult<&str, (&str, Option<&str>)> =
-        all_consuming((digit1, opt(alt((tag("K"), tag("M"), tag("G"), tag("T")))))).parse(w);
-    let Ok((_, (digits, unit))) = parsed else {
-        return Err(v.err(w, format!("{} needs {WHAT}, got '{w}'", v.name)));
-    };
-    let shift = match unit {
-        Some("K") => 10,
-        Some("M") => 20,
-        Some("G") => 30,
-        Some("T") => 40,
-        _ => 0,
-    };
-    let bytes = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1 << shift));
+    const UNITS: [(&str, u64); 4] = [
+        ("K", 1 << 10),
+        ("M", 1 << 20),
+        ("G", 1 << 30),
+        ("T", 1 << 40),
+    ];
+    let (w, bytes) = quantity(v, "a size like 512M, 1G or 1536K", &UNITS, 1)?;
     match bytes {
         Some(b) if (MIN_MEMORY..=MAX_MEMORY).contains(&b) => Ok(b),
         _ => Err(v.err(
