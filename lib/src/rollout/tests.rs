@@ -1601,3 +1601,71 @@ fn over_memory_max_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops()
     assert!(sim.procs.values().all(|p| !p.alive), "{:#?}", sim.events);
     assert!(sim.routed.is_empty());
 }
+
+/// `spec` with a memory_max.
+fn mem_spec(exec: &str, n: u32, b: u32, st: Strategy) -> Spec {
+    let mut m = (*spec(exec, n, b, st).manifest).clone();
+    m.memory_max = Some(100 << 20);
+    let text = m.canonical();
+    Spec::new(m, text)
+}
+
+/// Every ready serving instance reports a sample over its limit.
+fn all_over(sim: &mut Sim) {
+    let ids: Vec<u64> = sim
+        .svc
+        .instances()
+        .iter()
+        .filter(|i| i.state() == State::Ready && i.role() == Role::Serving)
+        .map(|i| i.id().0)
+        .collect();
+    for id in ids {
+        over(sim, id, 200 << 20);
+    }
+}
+
+#[test]
+fn over_memory_max_at_every_step_of_a_rollout_still_converges() {
+    for (st, n, b) in shapes() {
+        for k in 0..=clean_steps(st, n, b) {
+            let mut sim = Sim::new(mem_spec("v1", n, b, st));
+            if st == Strategy::Rolling {
+                sim.capacity = n as usize;
+            }
+            let s0 = sim.steps;
+            sim.command(Command::Apply(mem_spec("v2", n, b, st)))
+                .unwrap();
+            while sim.steps - s0 < k && sim.step() {}
+            all_over(&mut sim);
+            sim.settle();
+            sim.check_converged();
+        }
+    }
+}
+
+#[test]
+fn a_rollout_restart_or_scale_during_a_memory_replacement_converges() {
+    for (st, n, b) in shapes() {
+        for k in 0..8 {
+            for cmd in 0..3 {
+                let mut sim = Sim::new(mem_spec("v1", n, b, st));
+                if st == Strategy::Rolling {
+                    sim.capacity = n as usize;
+                }
+                all_over(&mut sim);
+                // Probes go on forever: k acting steps, or until it settled.
+                let (s0, until) = (sim.steps, sim.now + Duration::from_secs(30));
+                while sim.steps - s0 < k && sim.now < until && sim.step() {}
+                let command = match cmd {
+                    0 => Command::Apply(mem_spec("v2", n, b, st)),
+                    1 => Command::Restart,
+                    _ => Command::Apply(mem_spec("v1", n + 1, b, st)),
+                };
+                // A memory replacement is no rollout: nothing is refused.
+                sim.command(command).unwrap();
+                sim.settle();
+                sim.check_converged();
+            }
+        }
+    }
+}
