@@ -628,6 +628,10 @@ health_deadline 10s
         status.contains("Uid:\t65534\t65534\t65534\t65534"),
         "{status}"
     );
+    // The log pump may copy the line after the probe passed.
+    wait_for("the instance's output in its log", LONG, || {
+        d.try_read("active/svc/instances/0/log").ends_with('\n')
+    });
     let log = d.read("active/svc/instances/0/log");
     assert_eq!(
         log,
