@@ -1,19 +1,22 @@
 //! What a manifest needs of the machine it runs on: the account its `user`
 //! directive names, looked up in the machine's user database (through the
 //! C library, so `/etc/passwd` and whatever NSS adds: LDAP, systemd's
-//! dynamic users).
+//! dynamic users), and the files its `env_file` lines name.
 //!
-//! [`parse`](crate::manifest::parse) only checks that a `user` is well
-//! formed; [`load`] also checks that this machine has it, so that `deploy
-//! check` and an `apply` refuse a misspelt account with its line and column,
-//! before any instance fails to start. deployd looks the account up again
-//! each time it starts a process ([`lookup`]): an account changed since the
-//! apply takes effect at the next start, as it would for a login.
+//! [`parse`](crate::manifest::parse) only checks that these are well
+//! formed; [`load`] also checks that this machine has the account and that
+//! each env file reads and parses, so that `deploy check` and an `apply`
+//! refuse a misspelt account or a broken env file with its line and column,
+//! before any instance fails to start. deployd reads them again each time
+//! it starts a process ([`lookup`], [`env_files`]): a change since the
+//! apply takes effect at the next start, as with systemd's `User=` and
+//! `EnvironmentFile=`.
 
 use std::ffi::{CStr, CString};
 use std::path::Path;
 
-use crate::manifest::{self, Diagnostic, LoadError, Loaded, User};
+use crate::envfile;
+use crate::manifest::{self, Diagnostic, LoadError, Loaded, Manifest, User};
 
 /// A resolved `user`: the credentials a process is given, and what its
 /// environment says about them.
@@ -91,21 +94,72 @@ pub fn lookup(user: &User) -> Result<Account, String> {
     })
 }
 
-/// [`manifest::load`], and then the checks that need this machine: its
-/// `user` must exist here. An unknown account is reported like a parse
-/// error, at the `user` line.
-pub fn load(path: &Path) -> Result<Loaded, LoadError> {
-    let loaded = manifest::load(path)?;
-    if let Some(user) = &loaded.manifest.user {
-        if let Err(message) = lookup(user) {
-            let (line, col) = manifest::position_of(&loaded.text, "user").unwrap_or((1, 1));
-            return Err(LoadError::Invalid {
-                file: path.display().to_string(),
-                diagnostics: vec![Diagnostic { line, col, message }],
-            });
+/// The variables of a manifest's env files, read now from `dir` (the
+/// manifest's folder) in order, a later file's value winning; an error
+/// names the file, and for a bad line its line and column.
+pub fn env_files(dir: &Path, m: &Manifest) -> Result<Vec<(String, String)>, String> {
+    let mut vars: Vec<(String, String)> = Vec::new();
+    for f in &m.env_files {
+        for (k, v) in env_file(dir, f)? {
+            vars.retain(|(o, _)| *o != k);
+            vars.push((k, v));
         }
     }
-    Ok(loaded)
+    Ok(vars)
+}
+
+fn env_file(dir: &Path, f: &str) -> Result<Vec<(String, String)>, String> {
+    let path = dir.join(f);
+    let shown = path.display();
+    let meta = std::fs::metadata(&path).map_err(|e| format!("env_file {shown}: {e}"))?;
+    if meta.len() > envfile::MAX_SIZE as u64 {
+        return Err(format!(
+            "env_file {shown}: {} bytes; the limit is {}",
+            meta.len(),
+            envfile::MAX_SIZE
+        ));
+    }
+    let bytes = std::fs::read(&path).map_err(|e| format!("env_file {shown}: {e}"))?;
+    envfile::parse(&bytes).map_err(|d| {
+        d.iter()
+            .map(|d| format!("env_file {}", d.display(&shown.to_string())))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+/// [`manifest::load`], and then the checks that need this machine: its
+/// `user` must exist here and its env files must read and parse. Each
+/// problem is reported like a parse error, at its directive's line.
+pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    let loaded = manifest::load(path)?;
+    let m = &loaded.manifest;
+    let mut diagnostics = Vec::new();
+    let mut at = |directive: &str, nth: usize, message: String| {
+        let positions = manifest::position_of(&loaded.text, directive);
+        let (line, col) = positions.get(nth).copied().unwrap_or((1, 1));
+        diagnostics.push(Diagnostic { line, col, message });
+    };
+    if let Some(user) = &m.user {
+        if let Err(message) = lookup(user) {
+            at("user", 0, message);
+        }
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    for (nth, f) in m.env_files.iter().enumerate() {
+        if let Err(message) = env_file(dir, f) {
+            at("env_file", nth, message);
+        }
+    }
+    if diagnostics.is_empty() {
+        Ok(loaded)
+    } else {
+        diagnostics.sort_by_key(|d| (d.line, d.col));
+        Err(LoadError::Invalid {
+            file: path.display().to_string(),
+            diagnostics,
+        })
+    }
 }
 
 fn is_id(s: &str) -> bool {
@@ -293,6 +347,41 @@ mod tests {
             (3999999, 3999999, &[3999999][..])
         );
         assert_eq!(a.environment(), [("HOME".to_string(), "/".to_string())]);
+    }
+
+    #[test]
+    fn env_files_are_read_in_order_and_their_errors_located() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("web.manifest");
+        std::fs::write(dir.path().join("common.env"), "A=1\nB=common\n").expect("write");
+        std::fs::write(dir.path().join("secret.env"), "B=secret\nC='c c'\n").expect("write");
+        std::fs::write(
+            &path,
+            "exec ./app\nenv_file common.env\nenv_file secret.env\n",
+        )
+        .expect("write");
+        let loaded = load(&path).expect("valid");
+        let vars = env_files(dir.path(), &loaded.manifest).expect("read");
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(vars, [("A", "1"), ("B", "secret"), ("C", "c c")]);
+
+        // A missing file and a bad line, each at its own env_file line.
+        std::fs::write(dir.path().join("secret.env"), "OK=1\nPORT=80\n").expect("write");
+        std::fs::write(
+            &path,
+            "exec ./app\nenv_file gone.env\nuser no-such-user-deployd\nenv_file secret.env\n",
+        )
+        .expect("write");
+        let e = load(&path).expect_err("invalid").to_string();
+        let (p, d) = (path.display(), dir.path().display());
+        assert_eq!(
+            e,
+            format!(
+                "{p}:2:10: env_file {d}/gone.env: No such file or directory (os error 2)\n\
+                 {p}:3:6: no user 'no-such-user-deployd' on this machine\n\
+                 {p}:4:10: env_file {d}/secret.env:2:1: PORT is set by deployd for each instance"
+            )
+        );
     }
 
     #[test]

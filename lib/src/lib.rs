@@ -4,6 +4,7 @@
 //!
 //! - [`manifest`]: the manifest language: parse, typed manifest, canonical
 //!   rendering and the version hash.
+//! - [`envfile`]: the `KEY=VALUE` format of a manifest's `env_file`.
 //! - [`host`]: what a manifest needs of this machine: the account of its
 //!   `user`, looked up for `deploy check`, an apply and each process start.
 //! - [`name`]: service names, the one check that keeps user input out of paths.
@@ -11,6 +12,7 @@
 //! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
 
 pub mod ctl;
+pub mod envfile;
 pub mod host;
 pub mod manifest;
 pub mod name;

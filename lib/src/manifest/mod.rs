@@ -54,6 +54,10 @@ pub struct Manifest {
     pub dir: Option<String>,
     /// Extra environment, sorted by key; keys are unique.
     pub env: Vec<(String, String)>,
+    /// Files of `KEY=VALUE` lines read at each instance start, in order
+    /// (a later file wins; `env` wins over them all); relative to the
+    /// manifest's folder. Their content is not part of the version.
+    pub env_files: Vec<String>,
     /// The account instances and `health exec` probes run as; `None`: deployd's own.
     pub user: Option<User>,
     /// Number of instances.
@@ -283,6 +287,7 @@ impl Manifest {
             exec: exec.into(),
             dir: None,
             env: Vec::new(),
+            env_files: Vec::new(),
             user: None,
             replicas: 1,
             port: None,
@@ -339,6 +344,9 @@ impl Manifest {
         }
         for (k, v) in &self.env {
             line(format_args!("env {k}={v}"));
+        }
+        for f in &self.env_files {
+            line(format_args!("env_file {f}"));
         }
         if let Some(user) = &self.user {
             line(format_args!("user {user}"));

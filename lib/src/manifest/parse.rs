@@ -24,10 +24,11 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 24] = [
+const DIRECTIVES: [&str; 25] = [
     "exec",
     "dir",
     "env",
+    "env_file",
     "user",
     "replicas",
     "port",
@@ -99,6 +100,7 @@ enum Directive {
     Exec(String),
     Dir(String),
     Env(String, String),
+    EnvFile(String),
     User(User),
     Replicas(u32),
     Port(u16),
@@ -267,6 +269,7 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
             check_env_key(key).map_err(|m| v.err(text, m))?;
             Directive::Env(key.to_string(), value.to_string())
         }
+        "env_file" => Directive::EnvFile(v.rest_of_line("a path")?.to_string()),
         "user" => Directive::User(user(v)?),
         "replicas" => Directive::Replicas(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
         "port" => Directive::Port(number(v, 1, 65535)? as u16),
@@ -337,17 +340,20 @@ fn check_account_name(s: &str) -> Result<(), String> {
     }
 }
 
-/// Where the value of the first `directive` line of `src` starts, as
-/// (line, column), for errors found after parsing (a `user` this machine
-/// does not have). `None` if no line names it.
-pub fn position_of(src: &str, directive: &str) -> Option<(usize, usize)> {
-    src.split('\n').enumerate().find_map(|(i, raw)| {
-        let raw = raw.strip_suffix('\r').unwrap_or(raw);
-        match parse_line(raw) {
-            Ok(Some(p)) if p.name == directive => Some((i + 1, p.value_col)),
-            _ => None,
-        }
-    })
+/// Where the value of each `directive` line of `src` starts, as (line,
+/// column), in line order: for errors found after parsing (a `user` this
+/// machine does not have, an `env_file` that does not read).
+pub fn position_of(src: &str, directive: &str) -> Vec<(usize, usize)> {
+    src.split('\n')
+        .enumerate()
+        .filter_map(|(i, raw)| {
+            let raw = raw.strip_suffix('\r').unwrap_or(raw);
+            match parse_line(raw) {
+                Ok(Some(p)) if p.name == directive => Some((i + 1, p.value_col)),
+                _ => None,
+            }
+        })
+        .collect()
 }
 
 fn check_env_key(key: &str) -> Result<(), String> {
@@ -591,6 +597,7 @@ impl Builder {
     fn add(&mut self, line: usize, p: Parsed) {
         let key = match &p.directive {
             Directive::Env(k, _) => format!("env {k}"),
+            Directive::EnvFile(f) => format!("env_file {f}"),
             _ => p.name.to_string(),
         };
         if let Some((first, _)) = self.seen.get(&key) {
@@ -604,6 +611,7 @@ impl Builder {
             Directive::Exec(s) => self.exec = Some(s),
             Directive::Dir(s) => m.dir = Some(s),
             Directive::Env(k, v) => m.env.push((k, v)),
+            Directive::EnvFile(f) => m.env_files.push(f),
             Directive::User(u) => m.user = Some(u),
             Directive::Replicas(n) => m.replicas = n,
             Directive::Port(n) => m.port = Some(n),

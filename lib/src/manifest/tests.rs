@@ -451,6 +451,27 @@ fn user_forms_and_errors() {
 }
 
 #[test]
+fn env_files_keep_their_order_and_may_not_repeat() {
+    let m = ok("exec a\nenv_file common.env\nenv_file /etc/web/secrets.env\n");
+    assert_eq!(m.env_files, ["common.env", "/etc/web/secrets.env"]);
+    assert!(
+        m.canonical()
+            .contains("env_file common.env\nenv_file /etc/web/secrets.env\n")
+    );
+    let swapped = ok("exec a\nenv_file /etc/web/secrets.env\nenv_file common.env\n");
+    assert_ne!(
+        m.version(),
+        swapped.version(),
+        "order decides which file wins"
+    );
+    assert_eq!(error("exec a\nenv_file\n"), "2:9: env_file needs a path");
+    assert_eq!(
+        error("exec a\nenv_file x.env\nenv_file x.env\n"),
+        "3:1: env_file x.env given twice (first on line 2)"
+    );
+}
+
+#[test]
 fn memory_max_forms_and_errors() {
     assert_eq!(ok("exec a\n").memory_max, None);
     assert_eq!(ok("exec a\nmemory_max 512M\n").memory_max, Some(512 << 20));
@@ -511,10 +532,11 @@ fn memory_max_forms_and_errors() {
 
 #[test]
 fn position_of_finds_a_directives_value() {
-    let src = "# web\nexec a\n\n   user   nobody\r\nreplicas 2\n";
-    assert_eq!(position_of(src, "user"), Some((4, 11)));
-    assert_eq!(position_of(src, "replicas"), Some((5, 10)));
-    assert_eq!(position_of(src, "port"), None);
+    let src = "# web\nexec a\n\n   user   nobody\r\nreplicas 2\nenv_file a\nenv_file  b\n";
+    assert_eq!(position_of(src, "user"), [(4, 11)]);
+    assert_eq!(position_of(src, "replicas"), [(5, 10)]);
+    assert_eq!(position_of(src, "env_file"), [(6, 10), (7, 11)]);
+    assert_eq!(position_of(src, "port"), []);
 }
 
 #[test]
@@ -647,6 +669,7 @@ fn version_changes_with_every_semantic_change() {
         "exec ./app\nreplicas 3\nport 80\nenv A=1\n",
         "exec ./app\nreplicas 3\nport 80\nuser nobody\n",
         "exec ./app\nreplicas 3\nport 80\nmemory_max 512M\n",
+        "exec ./app\nreplicas 3\nport 80\nenv_file web.env\n",
         "exec ./app\nreplicas 3\nport 80\nuser nobody:nogroup\n",
         "exec ./app\nreplicas 3\nport 80\nproxy http\n",
         "exec ./app\nreplicas 3\nport 80\nhealth none\n",
@@ -746,6 +769,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             proptest::option::of(text_strategy()),
             env,
             1u32..=MAX_REPLICAS,
+            proptest::collection::btree_set(text_strategy(), 0..3),
             proptest::option::of((
                 "[a-z_][a-z0-9._-]{0,31}|[0-9]{1,9}",
                 proptest::option::of("[a-z_][a-z0-9._-]{0,31}|[0-9]{1,9}"),
@@ -782,7 +806,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
         ),
     )
         .prop_map(|(a, b, c, d, e, (batch, memory_max))| {
-            let (exec, dir, env, replicas, user) = a;
+            let (exec, dir, env, replicas, env_files, user) = a;
             let (port, proxy, health) = b;
             let (interval, timeout, retries, grace) = c;
             let (deadline_ms, min_healthy_ix, replace, pause) = d;
@@ -791,6 +815,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             m.dir = dir;
             m.env = env;
             m.user = user.map(|(user, group)| User { user, group });
+            m.env_files = env_files.into_iter().collect();
             m.replicas = replicas;
             m.port = port;
             // A proxy is only meaningful (and allowed) with a port.
@@ -851,7 +876,7 @@ proptest! {
         lines in proptest::collection::vec(
             (
                 prop::sample::select(vec![
-                    "exec", "dir", "env", "user", "replicas", "port", "proxy", "health", "health_interval",
+                    "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
                     "restart", "stop_signal", "stop_timeout", "memory_max", "drain", "queue_timeout", "#", "",
