@@ -742,3 +742,65 @@ while True:
     }
     assert_eq!(d.field("active/hog/update_progress"), "2/2");
 }
+
+/// `env_file`: read at each start, under the manifest's `env`; a change
+/// reaches instances at `deploy restart` (not in the version, as with
+/// systemd's EnvironmentFile=); a broken file is refused at apply and
+/// fails a restart without touching the instances that run.
+#[test]
+fn env_files_are_read_at_each_start() {
+    let m =
+        "exec echo \"A=$A B=$B C=${C-unset}\"; exec sleep 600\nenv_file app.env\nenv B=manifest\n";
+    let Some(d) = Deployd::start(&[]) else {
+        return;
+    };
+    let env_file = d.manifests.join("app.env");
+    std::fs::write(&env_file, "# app\nA='from file'\nB=file\n").unwrap();
+    d.write_manifest("svc", m);
+    let out = d.deploy(&["apply", "svc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.settle("svc", LONG);
+    let log = |d: &Deployd| {
+        wait_for("the instance's output in its log", LONG, || {
+            d.try_read("active/svc/instances/0/log").ends_with('\n')
+        });
+        d.read("active/svc/instances/0/log")
+    };
+    assert_eq!(log(&d), "A=from file B=manifest C=unset\n");
+    let (v1, pid1) = (d.field("active/svc/version"), d.instances("svc")[0].1);
+
+    // A changed file is no new version; a restart starts with it.
+    std::fs::write(&env_file, "A=again\nC=new\n").unwrap();
+    let out = d.deploy(&["apply", "svc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.field("active/svc/version"), v1);
+    assert_eq!(d.instances("svc")[0].1, pid1);
+    let out = d.deploy(&["restart", "svc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.settle("svc", LONG);
+    assert_ne!(d.instances("svc")[0].1, pid1);
+    assert_eq!(log(&d), "A=again B=manifest C=new\n");
+
+    // Broken: apply is refused at the env_file line; a restart fails at
+    // its first new instance, and the running one is left alone.
+    std::fs::write(&env_file, "A=1\nPORT=80\n").unwrap();
+    d.write_manifest("svc", &format!("{m}env X=1\n"));
+    let out = d.deploy(&["apply", "svc"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let expected = format!(
+        "svc.manifest:2:10: env_file {}:2:1: PORT is set by deployd for each instance",
+        env_file.display()
+    );
+    assert!(stderr(&out).contains(&expected), "{}", stderr(&out));
+    let pid2 = d.instances("svc")[0].1;
+    let out = d.deploy(&["restart", "svc"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("PORT is set by deployd"),
+        "{}",
+        stdout(&out)
+    );
+    let now = d.instances("svc");
+    assert_eq!((now.len(), now[0].1, now[0].2.as_str()), (1, pid2, "ready"));
+    assert_eq!(d.field("active/svc/version"), v1);
+}

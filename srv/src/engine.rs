@@ -1004,7 +1004,19 @@ impl Engine {
             None
         };
         let dir = self.instance_dir(&m);
-        let env = instance_env(&name, &m, port, slot, spec.version);
+        // Read at each start, as systemd reads EnvironmentFile=.
+        let files = match host::env_files(&self.config.manifests, &m) {
+            Ok(vars) => vars,
+            Err(err) => {
+                if let Some(p) = port {
+                    self.ports.remove(&p);
+                }
+                let exit = Exit::SpawnFailed(err);
+                self.pending.push_back((sid, Input::Exited { id, exit }));
+                return;
+            }
+        };
+        let env = instance_env(&name, &m, files, port, slot, spec.version);
         let log = self.store.log_path(&name, self.generation, id.0);
         let (read, write) = match process::log_pipe() {
             Ok(p) => p,
@@ -1106,7 +1118,13 @@ impl Engine {
             return;
         };
         let (name, m) = (e.name.clone(), i.spec().manifest.clone());
-        let env = instance_env(&name, &m, h.port, h.slot, h.version);
+        // For its exec probe: what the process was started with, as far as
+        // the files still say it.
+        let files = host::env_files(&self.config.manifests, &m).unwrap_or_else(|err| {
+            tracing::warn!("{name}: instance {}: {err}", h.number);
+            Vec::new()
+        });
+        let env = instance_env(&name, &m, files, h.port, h.slot, h.version);
         if let Some(p) = h.port {
             self.ports.insert(p);
         }
@@ -1599,16 +1617,20 @@ fn resolve(history: &[(Version, Arc<str>)], v: Version) -> Option<Spec> {
     Some(Spec::new(m, text.clone()))
 }
 
-/// What an instance finds in its environment besides deployd's own: the
-/// manifest's `env`, then `PORT`, `SERVICE`, `INSTANCE` and `VERSION`.
+/// What an instance finds in its environment besides deployd's own: its
+/// env files' variables (`files`), then the manifest's `env` (a later name
+/// wins when the process is started), then `PORT`, `SERVICE`, `INSTANCE`
+/// and `VERSION`.
 fn instance_env(
     name: &ServiceName,
     m: &manifest::Manifest,
+    files: Vec<(String, String)>,
     port: Option<u16>,
     slot: u32,
     version: Version,
 ) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = m.env.clone();
+    let mut env = files;
+    env.extend(m.env.iter().cloned());
     if let Some(p) = port {
         env.push(("PORT".into(), p.to_string()));
     }
