@@ -628,11 +628,7 @@ health_deadline 10s
         status.contains("Uid:\t65534\t65534\t65534\t65534"),
         "{status}"
     );
-    // The log pump may copy the line after the probe passed.
-    wait_for("the instance's output in its log", LONG, || {
-        d.try_read("active/svc/instances/0/log").ends_with('\n')
-    });
-    let log = d.read("active/svc/instances/0/log");
+    let log = d.instance_log("svc", 0);
     assert_eq!(
         log,
         "uid 65534 gid 65534 groups 65534 home /nonexistent user nobody\n"
@@ -760,13 +756,7 @@ fn env_files_are_read_at_each_start() {
     let out = d.deploy(&["apply", "svc"]);
     assert!(out.status.success(), "{}", stderr(&out));
     d.settle("svc", LONG);
-    let log = |d: &Deployd| {
-        wait_for("the instance's output in its log", LONG, || {
-            d.try_read("active/svc/instances/0/log").ends_with('\n')
-        });
-        d.read("active/svc/instances/0/log")
-    };
-    assert_eq!(log(&d), "A=from file B=manifest C=unset\n");
+    assert_eq!(d.instance_log("svc", 0), "A=from file B=manifest C=unset\n");
     let (v1, pid1) = (d.field("active/svc/version"), d.instances("svc")[0].1);
 
     // A changed file is no new version; a restart starts with it.
@@ -779,7 +769,7 @@ fn env_files_are_read_at_each_start() {
     assert!(out.status.success(), "{}", stderr(&out));
     d.settle("svc", LONG);
     assert_ne!(d.instances("svc")[0].1, pid1);
-    assert_eq!(log(&d), "A=again B=manifest C=new\n");
+    assert_eq!(d.instance_log("svc", 0), "A=again B=manifest C=new\n");
 
     // Broken: apply is refused at the env_file line; a restart fails at
     // its first new instance, and the running one is left alone.

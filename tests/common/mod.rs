@@ -294,6 +294,18 @@ impl Deployd {
             .expect("run sh")
     }
 
+    /// The log of instance `n` of `service` once it holds a whole line: the
+    /// log pump may copy an instance's output after its probe passed.
+    pub fn instance_log(&self, service: &str, n: u32) -> String {
+        let rel = format!("active/{service}/instances/{n}/log");
+        wait_for(
+            "the instance's output in its log",
+            Duration::from_secs(30),
+            || self.try_read(&rel).ends_with('\n'),
+        );
+        self.read(&rel)
+    }
+
     /// Instances of a service: (number, pid, state, version, port).
     pub fn instances(&self, service: &str) -> Vec<(u32, u32, String, String, Option<u16>)> {
         let dir = self.mnt.join("active").join(service).join("instances");
