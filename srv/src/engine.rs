@@ -1032,7 +1032,7 @@ impl Engine {
         let log_read = read.try_clone().ok();
         // Reads until every holder of the write end is gone, so also what a
         // process that dies at once printed.
-        tokio::spawn(process::pump_log(read, log.clone()));
+        tokio::spawn(process::pump_log(read, log.clone(), m.log_max));
         let exited = Arc::new(AtomicBool::new(false));
         let (tx, children, flag) = (self.tx.clone(), self.children.clone(), exited.clone());
         let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
@@ -1129,7 +1129,7 @@ impl Engine {
             self.ports.insert(p);
         }
         let log_read = read.try_clone().ok();
-        tokio::spawn(process::pump_log(read, h.log.clone()));
+        tokio::spawn(process::pump_log(read, h.log.clone(), m.log_max));
         let exited = Arc::new(AtomicBool::new(false));
         watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);

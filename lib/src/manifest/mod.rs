@@ -39,6 +39,10 @@ pub const MAX_RETRIES: u32 = 100;
 pub const MIN_MEMORY: u64 = 1 << 20;
 /// Largest accepted `memory_max`: 1 TiB.
 pub const MAX_MEMORY: u64 = 1 << 40;
+/// Smallest accepted `log_max`: 64 KiB.
+pub const MIN_LOG: u64 = 64 << 10;
+/// Largest accepted `log_max`: 1 TiB.
+pub const MAX_LOG: u64 = 1 << 40;
 /// Shortest accepted `health_interval`: a shorter one would be a busy loop.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 
@@ -96,6 +100,8 @@ pub struct Manifest {
     pub stop_timeout: Duration,
     /// Resident memory, in bytes, above which a ready instance is replaced.
     pub memory_max: Option<u64>,
+    /// Size of an instance's log, in bytes, past which it is moved to `.1`.
+    pub log_max: u64,
     /// Time an instance routed out may finish its open requests before it is stopped.
     pub drain: Duration,
     /// How long a request waits for an instance when none is routed in.
@@ -307,6 +313,7 @@ impl Manifest {
             stop_signal: Signal::Term,
             stop_timeout: Duration::from_secs(10),
             memory_max: None,
+            log_max: 1 << 20,
             drain: Duration::from_secs(5),
             queue_timeout: Duration::from_secs(10),
         }
@@ -413,6 +420,9 @@ impl Manifest {
         }
         if let Some(bytes) = self.memory_max {
             line(format_args!("memory_max {}", format_size(bytes)));
+        }
+        if self.log_max != d.log_max {
+            line(format_args!("log_max {}", format_size(self.log_max)));
         }
         let durations = [
             ("stop_timeout", self.stop_timeout, d.stop_timeout),

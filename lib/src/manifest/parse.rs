@@ -18,13 +18,13 @@ use nom::combinator::all_consuming;
 use nom::{IResult, Parser};
 
 use super::{
-    Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES, MAX_SIZE,
-    MIN_HEALTH_INTERVAL, MIN_MEMORY, Manifest, Proxy, RestartPolicy, Signal, Strategy, User,
-    format_duration,
+    Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES,
+    MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy, RestartPolicy, Signal,
+    Strategy, User, format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 25] = [
+const DIRECTIVES: [&str; 26] = [
     "exec",
     "dir",
     "env",
@@ -48,6 +48,7 @@ const DIRECTIVES: [&str; 25] = [
     "stop_signal",
     "stop_timeout",
     "memory_max",
+    "log_max",
     "drain",
     "queue_timeout",
 ];
@@ -114,6 +115,7 @@ enum Directive {
     Restart(RestartPolicy),
     StopSignal(Signal),
     MemoryMax(u64),
+    LogMax(u64),
 }
 
 /// A parsed line: the directive's canonical name, its column, the column of
@@ -293,7 +295,8 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
             ],
         )?),
         "stop_signal" => Directive::StopSignal(signal(v)?),
-        "memory_max" => Directive::MemoryMax(size(v)?),
+        "memory_max" => Directive::MemoryMax(size(v, MIN_MEMORY, MAX_MEMORY)?),
+        "log_max" => Directive::LogMax(size(v, MIN_LOG, MAX_LOG)?),
         "health" => Directive::Health(health(v)?),
         _ => Directive::Duration(name, duration(v)?),
     })
@@ -435,7 +438,7 @@ fn duration(v: &Value) -> Result<Duration, LineError> {
 
 /// A size in bytes: a whole number with an optional binary unit, `K`, `M`,
 /// `G` or `T` (as systemd's `MemoryMax=` reads them).
-fn size(v: &Value) -> Result<u64, LineError> {
+fn size(v: &Value, min: u64, max: u64) -> Result<u64, LineError> {
     const UNITS: [(&str, u64); 4] = [
         ("K", 1 << 10),
         ("M", 1 << 20),
@@ -444,14 +447,14 @@ fn size(v: &Value) -> Result<u64, LineError> {
     ];
     let (w, bytes) = quantity(v, "a size like 512M, 1G or 1536K", &UNITS, 1)?;
     match bytes {
-        Some(b) if (MIN_MEMORY..=MAX_MEMORY).contains(&b) => Ok(b),
+        Some(b) if (min..=max).contains(&b) => Ok(b),
         _ => Err(v.err(
             w,
             format!(
                 "{} must be between {} and {}, got {w}",
                 v.name,
-                super::format_size(MIN_MEMORY),
-                super::format_size(MAX_MEMORY)
+                super::format_size(min),
+                super::format_size(max)
             ),
         )),
     }
@@ -624,6 +627,7 @@ impl Builder {
             Directive::Restart(r) => m.restart = r,
             Directive::StopSignal(s) => m.stop_signal = s,
             Directive::MemoryMax(n) => m.memory_max = Some(n),
+            Directive::LogMax(n) => m.log_max = n,
             Directive::Duration(name, d) => {
                 let field = match name {
                     "health_interval" => &mut m.health_interval,

@@ -531,6 +531,20 @@ fn memory_max_forms_and_errors() {
 }
 
 #[test]
+fn log_max_forms_and_errors() {
+    assert_eq!(ok("exec a\n").log_max, 1 << 20);
+    assert_eq!(ok("exec a\nlog_max 100M\n").log_max, 100 << 20);
+    assert!(
+        !ok("exec a\nlog_max 1M\n").canonical().contains("log_max"),
+        "the default"
+    );
+    assert_eq!(
+        error("exec a\nlog_max 1K\n"),
+        "2:9: log_max must be between 64K and 1T, got 1K"
+    );
+}
+
+#[test]
 fn position_of_finds_a_directives_value() {
     let src = "# web\nexec a\n\n   user   nobody\r\nreplicas 2\nenv_file a\nenv_file  b\n";
     assert_eq!(position_of(src, "user"), [(4, 11)]);
@@ -670,6 +684,7 @@ fn version_changes_with_every_semantic_change() {
         "exec ./app\nreplicas 3\nport 80\nuser nobody\n",
         "exec ./app\nreplicas 3\nport 80\nmemory_max 512M\n",
         "exec ./app\nreplicas 3\nport 80\nenv_file web.env\n",
+        "exec ./app\nreplicas 3\nport 80\nlog_max 10M\n",
         "exec ./app\nreplicas 3\nport 80\nuser nobody:nogroup\n",
         "exec ./app\nreplicas 3\nport 80\nproxy http\n",
         "exec ./app\nreplicas 3\nport 80\nhealth none\n",
@@ -803,9 +818,10 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
         (
             any::<prop::sample::Index>(),
             proptest::option::of(MIN_MEMORY..=MAX_MEMORY),
+            MIN_LOG..=MAX_LOG,
         ),
     )
-        .prop_map(|(a, b, c, d, e, (batch, memory_max))| {
+        .prop_map(|(a, b, c, d, e, (batch, memory_max, log_max))| {
             let (exec, dir, env, replicas, env_files, user) = a;
             let (port, proxy, health) = b;
             let (interval, timeout, retries, grace) = c;
@@ -850,6 +866,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             m.drain = drain;
             m.queue_timeout = queue;
             m.memory_max = memory_max;
+            m.log_max = log_max;
             m
         })
 }
@@ -879,7 +896,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "drain", "queue_timeout", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

@@ -36,9 +36,6 @@ mod launch;
 
 pub use launch::is_executable_file;
 
-/// Largest log file of one instance; past it, the file is moved to `.1`.
-pub const LOG_MAX: u64 = 1 << 20;
-
 /// How long an exit nobody claimed is kept before it is dropped (an
 /// orphaned grandchild's, reaped as subreaper).
 const UNCLAIMED_TTL: Duration = Duration::from_secs(10);
@@ -320,8 +317,9 @@ pub fn log_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Copies a child's output to `path`, moving the file to `path.1` when it
-/// passes [`LOG_MAX`]. Ends at end of file (every writer closed).
-pub async fn pump_log(read: OwnedFd, path: PathBuf) {
+/// would pass `max` bytes (the manifest's `log_max`). Ends at end of file
+/// (every writer closed).
+pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64) {
     let rx = match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
         Ok(rx) => rx,
         Err(e) => {
@@ -341,7 +339,7 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if size + n as u64 > LOG_MAX {
+        if size + n as u64 > max {
             let mut old = path.clone().into_os_string();
             old.push(".1");
             let _ = std::fs::rename(&path, &old);
@@ -541,6 +539,28 @@ fn running_in_groups(groups: &[u32]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_log_past_its_max_moves_to_dot_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("0.log");
+        let (r, w) = log_pipe().expect("pipe");
+        let pump = tokio::spawn(pump_log(r, path.clone(), 100 << 10));
+        let mut w = File::from(w);
+        // 40 KiB chunks, each one write: the third would pass 100 KiB.
+        for c in [b'a', b'b', b'c'] {
+            w.write_all(&[c; 40 << 10]).expect("write");
+            w.flush().expect("flush");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(w);
+        pump.await.expect("pump");
+        let old = std::fs::read(dir.path().join("0.log.1")).expect("0.log.1");
+        let new = std::fs::read(&path).expect("0.log");
+        assert_eq!(old.len() + new.len(), 120 << 10);
+        assert!(old.len() <= 100 << 10 && new.len() <= 100 << 10);
+        assert_eq!((old[0], new.last().copied()), (b'a', Some(b'c')));
+    }
 
     #[test]
     fn only_plain_command_lines_skip_the_shell() {
