@@ -695,39 +695,50 @@ while True:
     d.settle("hog", LONG);
     let before = d.instances("hog");
     std::fs::write(&flag, "").unwrap();
-    wait_for("the grown instance to be replaced and gone", LONG, || {
-        let now = d.instances("hog");
-        d.read("active/hog/events").contains("routed out: replaced")
-            && now.len() == 2
-            && now.iter().all(|i| i.2 == "ready")
+    let mut grown = None;
+    wait_for("an instance to take the flag", LONG, || {
+        grown = (0..2u32).find(|n| d.dir.path().join(format!("grow.{n}")).exists());
+        grown.is_some()
     });
-    let grown: u32 = ["0", "1"]
-        .into_iter()
-        .find(|n| d.dir.path().join(format!("grow.{n}")).exists())
-        .expect("one instance took the flag")
-        .parse()
-        .unwrap();
+    let grown = grown.expect("found");
+    let old = before[grown as usize].1;
+    // A listing is read file by file, so it is taken from the wait that
+    // saw it whole, not read again.
+    let mut after = Vec::new();
+    wait_for("the grown instance to be replaced and gone", LONG, || {
+        after = d.instances("hog");
+        !alive(old)
+            && d.read("active/hog/events").contains("routed out: replaced")
+            && after.len() == 2
+            && after.iter().all(|i| i.2 == "ready" && alive(i.1))
+    });
     let events = d.read("active/hog/events");
-    let over = events
-        .lines()
-        .find(|l| l.contains("over memory_max 30M; replacing it"))
+    let over_at = events
+        .find("over memory_max 30M; replacing it")
         .unwrap_or_else(|| panic!("{events}"));
+    let line_start = events[..over_at].rfind('\n').map_or(0, |i| i + 1);
     assert!(
-        over.contains(&format!("instance {grown} uses ")),
+        events[line_start..].contains(&format!("instance {grown} uses ")),
         "{events}"
     );
-    let routed_in = events.find(" routed in").expect("replacement routed in");
-    let routed_out = events
+    // After that line: the replacement routed in, then the old one out.
+    let after_over = &events[over_at..];
+    let routed_in = after_over
+        .find(" routed in\n")
+        .unwrap_or_else(|| panic!("no replacement routed in: {events}"));
+    let routed_out = after_over
         .find(&format!("instance {grown} routed out: replaced"))
         .unwrap_or_else(|| panic!("{events}"));
     assert!(
         routed_in < routed_out,
         "routed out before its replacement: {events}"
     );
-    let after = d.instances("hog");
-    assert_eq!(after.len(), 2);
-    for (n, pid, state, _, _) in &after {
-        assert_eq!(state, "ready");
+    assert_eq!(
+        events.matches("over memory_max").count(),
+        1,
+        "replaced more than once: {events}"
+    );
+    for (n, pid, _, _, _) in &after {
         let old = before[*n as usize].1;
         if *n == grown {
             assert_ne!(*pid, old, "slot {n} still runs the grown process");
