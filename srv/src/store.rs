@@ -314,6 +314,7 @@ mod tests {
                 rollout: Some(deployd_lib::rollout::Kind::Apply),
                 stopped: false,
                 slots: vec![Some(v), None],
+                restarts: vec![2, 0],
             },
             history: vec![v],
         };

@@ -319,6 +319,10 @@ pub struct Record {
     pub stopped: bool,
     /// The committed version of each slot; `None` where none was yet.
     pub slots: Vec<Option<Version>>,
+    /// Each slot's restarts since its version was committed (see
+    /// [`Service::restarts`]); missing in records of earlier deployds.
+    #[serde(default)]
+    pub restarts: Vec<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -331,6 +335,8 @@ struct Slot {
     restart_at: Option<Instant>,
     /// Exited and, by the restart policy, left so.
     hold: bool,
+    /// Restarts of its instance since its version was committed.
+    restarts: u32,
 }
 
 impl Slot {
@@ -340,6 +346,7 @@ impl Slot {
             failures: 0,
             restart_at: None,
             hold: false,
+            restarts: 0,
         }
     }
 }
@@ -729,7 +736,17 @@ impl Service {
                 .iter()
                 .map(|s| s.spec.as_ref().map(|spec| spec.version))
                 .collect(),
+            restarts: self.slots.iter().map(|s| s.restarts).collect(),
         }
+    }
+
+    /// How many times the instance of `slot` was started again outside a
+    /// rollout since the slot's version was committed: after it exited (by
+    /// the restart policy), failed its health checks or deadline, or
+    /// outgrew `memory_max`. kubectl's RESTARTS, PM2's ↺. A rollout or the
+    /// `restart` command starts the count again.
+    pub fn restarts(&self, slot: u32) -> u32 {
+        self.slots.get(slot as usize).map_or(0, |s| s.restarts)
     }
 
     /// Every version an instance or slot still runs, besides the target.
@@ -954,6 +971,7 @@ impl Service {
             slot.hold = false;
             slot.restart_at = None;
             slot.failures = 0;
+            slot.restarts = 0;
         }
         let msg = format!("starting {n} instance{}", if n == 1 { "" } else { "s" });
         self.event(msg.clone());
@@ -1700,6 +1718,7 @@ impl Service {
             s.failures = 0;
         }
         s.failures = s.failures.saturating_add(1);
+        s.restarts = s.restarts.saturating_add(1);
         let shift = (s.failures - 1).min(16);
         let delay = BACKOFF_BASE.saturating_mul(1 << shift).min(BACKOFF_MAX);
         s.restart_at = Some(now + delay);
@@ -1856,8 +1875,10 @@ fn recorded_slots(record: &Record, resolve: impl Fn(Version) -> Option<Spec>) ->
     record
         .slots
         .iter()
-        .map(|v| Slot {
+        .enumerate()
+        .map(|(i, v)| Slot {
             spec: v.and_then(&resolve),
+            restarts: record.restarts.get(i).copied().unwrap_or(0),
             ..Slot::empty()
         })
         .collect()

@@ -1669,3 +1669,42 @@ fn a_rollout_restart_or_scale_during_a_memory_replacement_converges() {
         }
     }
 }
+
+#[test]
+fn restarts_count_what_the_machine_restarted_until_a_rollout() {
+    let mut sim = Sim::new(with_memory_max(2, RestartPolicy::Always));
+    assert_eq!((sim.svc.restarts(0), sim.svc.restarts(1)), (0, 0));
+    // A crash, an unhealthy instance, a memory replacement: three restarts.
+    let id = sim.serving()[&1].0;
+    sim.crash(id);
+    sim.settle();
+    let id = sim.serving()[&1].0;
+    for _ in 0..3 {
+        sim.feed(Input::Probe {
+            id: InstanceId(id),
+            result: Err("HTTP 500".into()),
+        })
+        .unwrap();
+    }
+    sim.procs.get_mut(&id).unwrap().behaviour.healthy_after = None;
+    sim.settle();
+    let id = sim.serving()[&1].0;
+    over(&mut sim, id, 200 << 20);
+    sim.settle();
+    assert_eq!((sim.svc.restarts(0), sim.svc.restarts(1)), (0, 3));
+    // Kept across a restart of deployd, in the record.
+    let record = sim.svc.record();
+    assert_eq!(record.restarts, [0, 3]);
+    let target = sim.svc.target().clone();
+    let (restored, _) = Service::restore(sim.now, &record, |v| {
+        (v == target.version).then(|| target.clone())
+    })
+    .unwrap();
+    assert_eq!(restored.restarts(1), 3);
+    // A rollout starts the count again.
+    let mut m = (*with_memory_max(2, RestartPolicy::Always).manifest).clone();
+    m.exec = "v2".into();
+    sim.command(Command::Apply(Spec::new(m, "v2"))).unwrap();
+    sim.settle();
+    assert_eq!((sim.svc.restarts(0), sim.svc.restarts(1)), (0, 0));
+}
