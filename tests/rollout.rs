@@ -530,6 +530,26 @@ fn crashed_instances_restart_per_policy() {
         d.try_read("active/once/events").contains("not restarted")
     });
     assert_eq!(d.field("active/once/instances/0/state"), "exited");
+    assert_eq!(d.field("active/once/instances/0/restarts"), "0");
+    // Each restart is counted on the slot's instance, and deploy status
+    // shows the count, as kubectl's RESTARTS column does.
+    let counted = |d: &Deployd| {
+        d.try_read("active/crashy/instances/0/restarts")
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    wait_for("two restarts counted", LONG, || counted(&d) >= 2);
+    let out = d.deploy(&["status", "crashy", "--json"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(j["instances"][0]["restarts"].as_u64().unwrap() >= 2, "{j}");
+    let table = stdout(&d.deploy(&["status", "crashy"]));
+    let head = table.lines().find(|l| l.starts_with("INSTANCE")).unwrap();
+    let cols: Vec<&str> = head.split_whitespace().collect();
+    assert_eq!(
+        &cols[..5],
+        ["INSTANCE", "PID", "STATE", "RESTARTS", "VERSION"]
+    );
     // Its output goes to its log.
     wait_for("output in the log", LONG, || {
         std::fs::read_to_string(d.path("active/crashy/instances/0/log"))

@@ -85,6 +85,8 @@ struct Instance {
     instance: u32,
     pid: Option<u32>,
     state: String,
+    /// Restarts of its slot's instance since the last rollout.
+    restarts: u32,
     version: String,
     port: Option<u16>,
     inflight: u64,
@@ -302,7 +304,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         }
     });
     let mut head = vec![
-        "INSTANCE", "PID", "STATE", "VERSION", "PORT", "MEM", "CPU", "INFLIGHT",
+        "INSTANCE", "PID", "STATE", "RESTARTS", "VERSION", "PORT", "MEM", "CPU", "INFLIGHT",
     ];
     if let Some(s) = served {
         head.extend([s, "ERRORS", "RETRIED"]);
@@ -313,6 +315,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             i.instance.to_string(),
             i.pid.map_or("-".into(), |p| p.to_string()),
             i.state.clone(),
+            i.restarts.to_string(),
             i.version.clone(),
             i.port.map_or("-".into(), |p| p.to_string()),
             i.usage.map_or("-".into(), |u| human_bytes(u.rss)),
@@ -352,6 +355,7 @@ fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
                 instance: n,
                 pid: ns::read_field(&d, "pid").parse().ok(),
                 state: ns::read_field(&d, "state"),
+                restarts: ns::read_field(&d, "restarts").parse().unwrap_or(0),
                 version: ns::read_field(&d, "version"),
                 port: ns::read_field(&d, "port").parse().ok(),
                 inflight: ns::read_field(&d, "inflight").parse().unwrap_or(0),

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 
 use deployd_lib::manifest::Version;
 use deployd_lib::name::ServiceName;
-use deployd_lib::rollout::{InstanceId, Service, State};
+use deployd_lib::rollout::{InstanceId, Role, Service, State};
 use parking_lot::RwLock;
 
 use crate::process;
@@ -102,10 +102,12 @@ pub enum InstFile {
     Inflight,
     /// `usage`: processes, memory and CPU time, read from `/proc`.
     Usage,
+    /// `restarts`: how often its slot's instance was restarted.
+    Restarts,
 }
 
 /// The instance directory's files, in listing order.
-pub const INST_FILES: [(&str, InstFile); 7] = [
+pub const INST_FILES: [(&str, InstFile); 8] = [
     ("pid", InstFile::Pid),
     ("state", InstFile::State),
     ("version", InstFile::Version),
@@ -113,6 +115,7 @@ pub const INST_FILES: [(&str, InstFile); 7] = [
     ("log", InstFile::Log),
     ("inflight", InstFile::Inflight),
     ("usage", InstFile::Usage),
+    ("restarts", InstFile::Restarts),
 ];
 
 /// One instance as the namespace shows it.
@@ -130,6 +133,8 @@ pub struct InstanceView {
     pub version: FileData,
     /// `port`
     pub port: FileData,
+    /// `restarts`
+    pub restarts: FileData,
     /// The output file behind `log`.
     pub log: Option<PathBuf>,
     /// Its process group leader, while it runs (behind `usage`).
@@ -146,6 +151,7 @@ impl InstanceView {
             InstFile::State => Some(&self.state),
             InstFile::Version => Some(&self.version),
             InstFile::Port => Some(&self.port),
+            InstFile::Restarts => Some(&self.restarts),
             InstFile::Log | InstFile::Inflight | InstFile::Usage => None,
         }
     }
@@ -290,6 +296,19 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
                     pi.map(|x| &x.version),
                 ),
                 port: FileData::new(&port, now, pi.map(|x| &x.port)),
+                // The slot's count belongs to the instance serving it.
+                restarts: FileData::new(
+                    &format!(
+                        "{}\n",
+                        if i.role() == Role::Serving {
+                            m.restarts(i.slot())
+                        } else {
+                            0
+                        }
+                    ),
+                    now,
+                    pi.map(|x| &x.restarts),
+                ),
                 log: rt.and_then(|r| r.log),
                 leader: i.pid().filter(|_| i.state() != State::Exited),
                 created: pi.map_or(now, |x| x.created),
