@@ -1038,13 +1038,19 @@ impl Engine {
         let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
         let user = m.user.clone();
         self.spawner.submit(move || {
-            let spawned = process::spawn(Spawn {
-                command: &command,
-                dir: &spawn_dir,
-                env: spawn_env,
-                output: Some(write),
-                user: user.as_ref(),
-            });
+            // Looked up at each start, as a login would, on the spawning
+            // thread (NSS may be slow): the account may have changed since
+            // the apply that checked it.
+            let spawned = match user.as_ref().map(host::lookup).transpose() {
+                Ok(account) => process::spawn(Spawn {
+                    command: &command,
+                    dir: &spawn_dir,
+                    env: spawn_env,
+                    output: Some(write),
+                    account: account.as_ref(),
+                }),
+                Err(e) => Err(std::io::Error::new(std::io::ErrorKind::NotFound, e)),
+            };
             let result = spawned
                 .as_ref()
                 .map(|pid| *pid)

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use deployd_lib::host::{self, Account};
 use deployd_lib::manifest::{Health, User};
 use deployd_lib::rollout::Exit;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,6 +52,12 @@ pub async fn run(
     poke: Arc<Notify>,
     report: impl Fn(Result<(), String>),
 ) {
+    // An exec probe's account, looked up once per instance (as its process
+    // was started), not at every probe.
+    let account = match &target.health {
+        Health::Exec { .. } => target.user.as_ref().map(host::lookup),
+        _ => None,
+    };
     let starting = match target.health {
         Health::Exec { .. } => STARTING_EXEC,
         _ => STARTING_HTTP,
@@ -61,7 +68,7 @@ pub async fn run(
     // one is reported once per health_interval, not at every fast probe.
     let mut last_failure: Option<(String, tokio::time::Instant)> = None;
     loop {
-        let result = probe(&target, &children).await;
+        let result = probe(&target, account.as_ref(), &children).await;
         healthy_once |= result.is_ok();
         let repeat = match (&result, &last_failure) {
             (Err(e), Some((last, at))) => {
@@ -87,14 +94,22 @@ pub async fn run(
     }
 }
 
-/// Runs one probe.
-pub async fn probe(target: &Target, children: &Children) -> Result<(), String> {
+/// Runs one probe; an exec probe runs as `account`, the lookup of the
+/// instance's `user` (`None`: deployd's own account).
+pub async fn probe(
+    target: &Target,
+    account: Option<&Result<Account, String>>,
+    children: &Children,
+) -> Result<(), String> {
     let work = async {
         match (&target.health, target.port) {
             (Health::None, _) => Ok(()),
             (Health::Tcp, Some(port)) => tcp(port).await.map(|_| ()),
             (Health::Http { path }, Some(port)) => http(port, path).await,
-            (Health::Exec { command }, _) => exec(command, target, children).await,
+            (Health::Exec { command }, _) => {
+                let account = account.map(Result::as_ref).transpose()?;
+                exec(command, target, account, children).await
+            }
             (_, None) => Err("the instance has no port".to_string()),
         }
     };
@@ -147,13 +162,18 @@ async fn http(port: u16, path: &str) -> Result<(), String> {
     }
 }
 
-async fn exec(command: &str, target: &Target, children: &Children) -> Result<(), String> {
+async fn exec(
+    command: &str,
+    target: &Target,
+    account: Option<&Account>,
+    children: &Children,
+) -> Result<(), String> {
     let pid = process::spawn(Spawn {
         command,
         dir: &target.dir,
         env: target.env.clone(),
         output: None,
-        user: target.user.as_ref(),
+        account,
     })
     .map_err(|e| format!("cannot run the probe: {e}"))?;
     let (tx, rx) = oneshot::channel();
@@ -217,9 +237,12 @@ mod tests {
         let h = Health::Http {
             path: "/healthz".into(),
         };
-        assert_eq!(probe(&target(h.clone(), Some(ok)), &children).await, Ok(()));
         assert_eq!(
-            probe(&target(h.clone(), Some(bad)), &children).await,
+            probe(&target(h.clone(), Some(ok)), None, &children).await,
+            Ok(())
+        );
+        assert_eq!(
+            probe(&target(h.clone(), Some(bad)), None, &children).await,
             Err("HTTP 503".into())
         );
         // Nothing listens on a port we just freed.
@@ -230,7 +253,7 @@ mod tests {
             .unwrap()
             .port();
         assert_eq!(
-            probe(&target(h, Some(free)), &children).await,
+            probe(&target(h, Some(free)), None, &children).await,
             Err("connection refused".into())
         );
     }
@@ -248,7 +271,7 @@ mod tests {
         let mut t = target(Health::Http { path: "/".into() }, Some(port));
         t.timeout = Duration::from_millis(100);
         assert_eq!(
-            probe(&t, &Children::default()).await,
+            probe(&t, None, &Children::default()).await,
             Err("timed out after 100ms".into())
         );
     }
@@ -258,12 +281,12 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
         assert_eq!(
-            probe(&target(Health::Tcp, Some(port)), &Children::default()).await,
+            probe(&target(Health::Tcp, Some(port)), None, &Children::default()).await,
             Ok(())
         );
         drop(l);
         assert!(
-            probe(&target(Health::Tcp, Some(port)), &Children::default())
+            probe(&target(Health::Tcp, Some(port)), None, &Children::default())
                 .await
                 .is_err()
         );
@@ -280,12 +303,12 @@ mod tests {
             Some(4242),
         );
         t.env = vec![("PORT".into(), "4242".into())];
-        assert_eq!(probe(&t, &children).await, Ok(()));
+        assert_eq!(probe(&t, None, &children).await, Ok(()));
         t.health = Health::Exec {
             command: "exit 3".into(),
         };
         assert_eq!(
-            probe(&t, &children).await,
+            probe(&t, None, &children).await,
             Err("probe command: exit status 3".into())
         );
         t.health = Health::Exec {
@@ -294,7 +317,7 @@ mod tests {
         t.timeout = Duration::from_millis(100);
         let started = std::time::Instant::now();
         assert_eq!(
-            probe(&t, &children).await,
+            probe(&t, None, &children).await,
             Err("timed out after 100ms".into())
         );
         assert!(started.elapsed() < Duration::from_secs(2));

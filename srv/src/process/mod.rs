@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deployd_lib::host;
-use deployd_lib::manifest::User;
+use deployd_lib::host::Account;
 use deployd_lib::rollout::Exit;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
@@ -234,8 +233,9 @@ pub struct Spawn<'a> {
     pub env: Vec<(String, String)>,
     /// Where stdout and stderr go; `None`: /dev/null.
     pub output: Option<OwnedFd>,
-    /// The account to run as (`user`); `None`: deployd's own.
-    pub user: Option<&'a User>,
+    /// The account to run as (`user`, looked up by the caller); `None`:
+    /// deployd's own.
+    pub account: Option<&'a Account>,
 }
 
 /// The words of a command line that means the same with or without a
@@ -279,13 +279,9 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
     // Socket activation and the handoff were deployd's, not the instance's.
     let [pid, fds, names] = crate::proxy::activation::VARS;
     let remove = [pid, fds, names, crate::handoff::ENV];
-    let Some(user) = s.user else {
+    let Some(account) = s.account else {
         return launch::launch(&words, s.dir, &s.env, &remove, s.output, None);
     };
-    // Looked up at each start, as a login would: the account may have
-    // changed since the apply that checked it.
-    let account =
-        host::lookup(user).map_err(|e| std::io::Error::new(std::io::ErrorKind::NotFound, e))?;
     // HOME, USER and LOGNAME are the account's, unless the manifest sets
     // them; without a login name, deployd's USER and LOGNAME would lie.
     let mut env = account.environment();
@@ -294,7 +290,7 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
     if account.name.is_none() {
         remove.extend(["USER", "LOGNAME"]);
     }
-    launch::launch(&words, s.dir, &env, &remove, s.output, Some(&account))
+    launch::launch(&words, s.dir, &env, &remove, s.output, Some(account))
 }
 
 /// Sends `signal` to the process group led by `pid`. A group already gone is
@@ -603,7 +599,7 @@ mod tests {
             dir: dir.path(),
             env: Vec::new(),
             output: Some(w),
-            user: None,
+            account: None,
         })
         .expect("spawn");
         let mut line = String::new();
