@@ -991,6 +991,16 @@ impl Engine {
         };
         let name = e.name.clone();
         let m = spec.manifest.clone();
+        // Read at each start, as systemd reads EnvironmentFile=; first, so
+        // that a broken file holds nothing yet.
+        let files = match host::env_files(&self.config.manifests, &m) {
+            Ok(vars) => vars,
+            Err(err) => {
+                let exit = Exit::SpawnFailed(err);
+                self.pending.push_back((sid, Input::Exited { id, exit }));
+                return;
+            }
+        };
         let port = if m.needs_instance_port() {
             match self.alloc_port() {
                 Ok(p) => Some(p),
@@ -1004,18 +1014,6 @@ impl Engine {
             None
         };
         let dir = self.instance_dir(&m);
-        // Read at each start, as systemd reads EnvironmentFile=.
-        let files = match host::env_files(&self.config.manifests, &m) {
-            Ok(vars) => vars,
-            Err(err) => {
-                if let Some(p) = port {
-                    self.ports.remove(&p);
-                }
-                let exit = Exit::SpawnFailed(err);
-                self.pending.push_back((sid, Input::Exited { id, exit }));
-                return;
-            }
-        };
         let env = instance_env(&name, &m, files, port, slot, spec.version);
         let log = self.store.log_path(&name, self.generation, id.0);
         let (read, write) = match process::log_pipe() {
