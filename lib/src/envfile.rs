@@ -22,13 +22,10 @@ use nom::character::complete::{char, space0};
 use nom::combinator::opt;
 use nom::{IResult, Parser};
 
-use crate::manifest::Diagnostic;
+use crate::manifest::{Diagnostic, RESERVED_ENV, col, utf8_line};
 
 /// Largest env file read, in bytes.
 pub const MAX_SIZE: usize = 1 << 20;
-
-/// Keys deployd sets for every instance, which a file may not set.
-pub const RESERVED: [&str; 4] = ["PORT", "SERVICE", "INSTANCE", "VERSION"];
 
 /// Parses an env file: its variables in file order (a repeated key keeps
 /// its last value, at its first place), or every problem found.
@@ -45,11 +42,10 @@ pub fn parse(src: &[u8]) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
     let mut errors = Vec::new();
     for (i, raw) in src.split(|&b| b == b'\n').enumerate() {
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let line = match std::str::from_utf8(raw) {
+        let line = match utf8_line(raw) {
             Ok(l) => l,
-            Err(e) => {
-                let valid = String::from_utf8_lossy(&raw[..e.valid_up_to()]);
-                errors.push(at(i + 1, valid.chars().count() + 1, "invalid UTF-8".into()));
+            Err(c) => {
+                errors.push(at(i + 1, c, "invalid UTF-8".into()));
                 continue;
             }
         };
@@ -59,7 +55,7 @@ pub fn parse(src: &[u8]) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
                 Some(slot) => slot.1 = v,
                 None => vars.push((k, v)),
             },
-            Err((rest, message)) => errors.push(at(i + 1, column(line, rest), message)),
+            Err((rest, message)) => errors.push(at(i + 1, col(line, rest), message)),
         }
     }
     if errors.is_empty() {
@@ -67,11 +63,6 @@ pub fn parse(src: &[u8]) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
     } else {
         Err(errors)
     }
-}
-
-/// Column (1-based, in characters) where `rest`, a suffix of `line`, starts.
-fn column(line: &str, rest: &str) -> usize {
-    line[..line.len() - rest.len()].chars().count() + 1
 }
 
 type LineResult<'a> = Result<Option<(String, String)>, (&'a str, String)>;
@@ -95,7 +86,7 @@ fn parse_line(line: &str) -> LineResult<'_> {
     if key.starts_with(|c: char| c.is_ascii_digit()) {
         return Err((i, format!("key '{key}' must not start with a digit")));
     }
-    if RESERVED.contains(&key) {
+    if RESERVED_ENV.contains(&key) {
         return Err((i, format!("{key} is set by deployd for each instance")));
     }
     let Some(value) = after.strip_prefix('=') else {

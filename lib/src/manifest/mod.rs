@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::name::ServiceName;
 
+pub(crate) use parse::{col, utf8_line};
 pub use parse::{parse, position_of};
 
 /// Largest accepted `replicas`.
@@ -35,6 +36,9 @@ pub const MAX_SIZE: usize = 1 << 20;
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// Largest accepted `health_retries`.
 pub const MAX_RETRIES: u32 = 100;
+/// Environment variables deployd sets itself for every instance, which
+/// neither `env` nor an env file may set.
+pub const RESERVED_ENV: [&str; 4] = ["PORT", "SERVICE", "INSTANCE", "VERSION"];
 /// Smallest accepted `memory_max`: 1 MiB.
 pub const MIN_MEMORY: u64 = 1 << 20;
 /// Largest accepted `memory_max`: 1 TiB.

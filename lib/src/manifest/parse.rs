@@ -19,8 +19,8 @@ use nom::{IResult, Parser};
 
 use super::{
     Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES,
-    MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy, RestartPolicy, Signal,
-    Strategy, User, format_duration,
+    MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy, RESERVED_ENV,
+    RestartPolicy, Signal, Strategy, User, format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
@@ -53,9 +53,6 @@ const DIRECTIVES: [&str; 26] = [
     "queue_timeout",
 ];
 
-/// Environment variables deployd sets itself for every instance.
-const RESERVED_ENV: [&str; 4] = ["PORT", "SERVICE", "INSTANCE", "VERSION"];
-
 /// Parses a manifest. On error, returns every diagnostic found, in line order.
 pub fn parse(src: &[u8]) -> Result<Manifest, Vec<Diagnostic>> {
     if src.len() > MAX_SIZE {
@@ -73,11 +70,10 @@ pub fn parse(src: &[u8]) -> Result<Manifest, Vec<Diagnostic>> {
             );
             continue;
         }
-        let line = match std::str::from_utf8(raw) {
+        let line = match utf8_line(raw) {
             Ok(line) => line,
-            Err(e) => {
-                let valid = String::from_utf8_lossy(&raw[..e.valid_up_to()]);
-                b.error(lineno, valid.chars().count() + 1, "invalid UTF-8".into());
+            Err(col) => {
+                b.error(lineno, col, "invalid UTF-8".into());
                 continue;
             }
         };
@@ -135,8 +131,19 @@ struct LineError {
     directive: Option<&'static str>,
 }
 
+/// A line as text, or the column (1-based, in characters) of its first
+/// byte that is not UTF-8.
+pub(crate) fn utf8_line(raw: &[u8]) -> Result<&str, usize> {
+    std::str::from_utf8(raw).map_err(|e| {
+        String::from_utf8_lossy(&raw[..e.valid_up_to()])
+            .chars()
+            .count()
+            + 1
+    })
+}
+
 /// The column (1-based, in characters) where `sub`, a slice of `line`, starts.
-fn col(line: &str, sub: &str) -> usize {
+pub(crate) fn col(line: &str, sub: &str) -> usize {
     let offset = (sub.as_ptr() as usize).saturating_sub(line.as_ptr() as usize);
     line.get(..offset).map_or(1, |p| p.chars().count() + 1)
 }
