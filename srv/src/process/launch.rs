@@ -36,7 +36,7 @@ struct Plan {
     envp_ptrs: Vec<*const libc::c_char>,
     dir: CString,
     /// Credentials to take before `execve`; `None`: deployd's own.
-    creds: Option<Creds>,
+    creds: Option<Account>,
     stdin: OwnedFd,
     stdout: OwnedFd,
     stderr: OwnedFd,
@@ -46,13 +46,6 @@ struct Plan {
     /// The step that failed in the child (0: none), and its errno.
     step: AtomicI32,
     errno: AtomicI32,
-}
-
-/// The account a child becomes (`user` in the manifest).
-struct Creds {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    groups: Vec<libc::gid_t>,
 }
 
 /// Which step of the child failed, for the error message.
@@ -124,11 +117,7 @@ pub fn launch(
         envp_ptrs: Vec::new(),
         envp,
         dir: cstring(dir.as_os_str())?,
-        creds: account.map(|a| Creds {
-            uid: a.uid,
-            gid: a.gid,
-            groups: a.groups.clone(),
-        }),
+        creds: account.cloned(),
         stdin,
         stdout,
         stderr,
