@@ -141,6 +141,7 @@ struct Inst {
     exited: Arc<AtomicBool>,
     stop_signal: i32,
     stop_timeout: Duration,
+    memory_max: Option<u64>,
 }
 
 impl Inst {
@@ -176,6 +177,7 @@ impl Inst {
             exited,
             stop_signal: m.stop_signal.number(),
             stop_timeout: m.stop_timeout,
+            memory_max: m.memory_max,
         }
     }
 }
@@ -1139,7 +1141,7 @@ impl Engine {
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
         let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited);
         inst.pid = Some(h.pid);
-        inst.memory = memory_watch(&self.tx, sid, id, m.memory_max, h.pid);
+        inst.memory = memory_watch(&self.tx, sid, id, inst.memory_max, h.pid);
         inst.start_time = h.start_time;
         if let Some(e) = self.services.get_mut(&sid) {
             e.runtime.insert(id, inst);
@@ -1148,18 +1150,18 @@ impl Engine {
 
     /// The spawning thread started (or failed to start) an instance's process.
     fn spawned(&mut self, sid: u32, id: InstanceId, result: Result<u32, String>) {
-        let Some(e) = self.services.get_mut(&sid) else {
-            return;
-        };
-        let limit = memory_max(&e.machine, id);
-        let Some(inst) = e.runtime.get_mut(&id) else {
+        let Some(inst) = self
+            .services
+            .get_mut(&sid)
+            .and_then(|e| e.runtime.get_mut(&id))
+        else {
             return;
         };
         match result {
             Ok(pid) => {
                 inst.pid = Some(pid);
                 inst.start_time = process::start_time(pid).unwrap_or(0);
-                inst.memory = memory_watch(&self.tx, sid, id, limit, pid);
+                inst.memory = memory_watch(&self.tx, sid, id, inst.memory_max, pid);
                 if let Some((signal, timeout)) = inst.stop_asked.take() {
                     self.stops.push(Stop {
                         pid,
@@ -1642,12 +1644,6 @@ fn instance_env(
     env.push(("INSTANCE".into(), slot.to_string()));
     env.push(("VERSION".into(), version.to_string()));
     env
-}
-
-/// The `memory_max` of instance `id`, if it has one.
-fn memory_max(machine: &Service, id: InstanceId) -> Option<u64> {
-    let i = machine.instances().iter().find(|i| i.id() == id)?;
-    i.spec().manifest.memory_max
 }
 
 /// With a `limit`, samples the memory of `pid`'s processes and tells the
