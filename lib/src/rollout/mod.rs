@@ -1740,12 +1740,11 @@ impl Service {
                 }
                 // Replaced over memory_max (the only way to be ready and
                 // retiring): it goes once its slot serves again, or when the
-                // slot itself goes.
+                // slot itself goes (a stop retires it with the rest).
                 State::Ready
                     if inst.role == Role::Retiring
                         && (self.slot_ready(inst.slot)
-                            || inst.slot >= self.target.manifest.replicas
-                            || self.stopped) =>
+                            || inst.slot >= self.target.manifest.replicas) =>
                 {
                     let number = inst.number;
                     self.retire(i);
@@ -1889,7 +1888,7 @@ fn plural<T>(items: &[T]) -> &'static str {
 }
 
 /// "612.4M": bytes in MiB, to a tenth.
-pub fn format_bytes(bytes: u64) -> String {
+fn format_bytes(bytes: u64) -> String {
     format!("{:.1}M", bytes as f64 / (1u64 << 20) as f64)
 }
 
