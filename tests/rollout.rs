@@ -397,6 +397,21 @@ fn bad_ctl_writes_fail_and_change_nothing() {
     assert!(stderr(&out).contains("No such file"), "{}", stderr(&out));
     assert!(!d.path("active/nothere").exists());
     assert!(!d.path("active/../etc").join("ctl").exists());
+    let out = d.sh("echo 'restart 7' > $ROOT/active/web/ctl");
+    assert!(stderr(&out).contains("No such file"), "{}", stderr(&out));
+    let out = d.sh("echo 'restart -1' > $ROOT/active/web/ctl");
+    assert!(
+        stderr(&out).contains("Invalid argument"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.deploy(&["restart", "web", "7"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(
+        stderr(&out).ends_with("deploy: web: no instance 7 (instances: 0)\n"),
+        "{}",
+        stderr(&out)
+    );
 
     assert_eq!(snapshot(&d), before);
     assert_eq!(

@@ -101,6 +101,28 @@ fn http_zero_failures_through_every_kind_of_rollout() {
         run(&d, &["restart", "web"], 0);
     });
     assert!(n >= floor, "{n}");
+    // One instance alone: a fresh process in its slot serves before the
+    // old one is routed out; the other two are not touched.
+    let pids = |d: &Deployd| -> Vec<(u32, u32)> {
+        d.instances("web").iter().map(|i| (i.0, i.1)).collect()
+    };
+    let before = pids(&d);
+    assert_eq!(before.len(), 3, "{before:?}");
+    let n = phase(&load, "restart of one instance", || {
+        let out = run(&d, &["restart", "web", "1"], 0);
+        assert!(
+            out.contains("web: restart of instance 1 started (")
+                && out.contains("web: restarted instance 1 ("),
+            "{out}"
+        );
+    });
+    assert!(n >= 100, "{n}");
+    let after = pids(&d);
+    assert_eq!(after.len(), 3, "{after:?}");
+    for ((n0, p0), (n1, p1)) in before.iter().zip(&after) {
+        assert_eq!(n0, n1);
+        assert_eq!(p0 == p1, *n0 != 1, "instance {n0}: {before:?} → {after:?}");
+    }
     let n = phase(&load, "rollback", || {
         run(&d, &["rollback", "web"], 0);
     });

@@ -133,6 +133,8 @@ pub enum What {
     Rollback,
     /// restart
     Restart,
+    /// restart N
+    RestartInstance(u32),
 }
 
 /// Prints events from `start` until the rollout settles, then what the
@@ -179,12 +181,14 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         }
     };
     if let Some(v) = line.strip_prefix("none ") {
-        let verb = match what {
-            What::Deploy => "deployed",
-            What::Rollback => "rolled back to",
-            What::Restart => "restarted",
-        };
-        writeln!(out, "{service}: {verb} {v} ({took})")?;
+        match what {
+            What::Deploy => writeln!(out, "{service}: deployed {v} ({took})")?,
+            What::Rollback => writeln!(out, "{service}: rolled back to {v} ({took})")?,
+            What::Restart => writeln!(out, "{service}: restarted {v} ({took})")?,
+            What::RestartInstance(n) => {
+                writeln!(out, "{service}: restarted instance {n} ({v}, {took})")?
+            }
+        }
         Ok(Exit::Ok)
     } else if line.starts_with("paused ") {
         let progress = ns::read_field(dir, "update_progress");

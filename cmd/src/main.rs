@@ -75,9 +75,12 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Replace every instance with a fresh process, one batch at a time
+    /// Replace every instance with a fresh process, one batch at a time; or
+    /// only INSTANCE (its number, as in `deploy status SERVICE`)
     Restart {
         service: String,
+        /// One instance: its replacement serves before it is stopped
+        instance: Option<u32>,
         /// Return at once
         #[arg(long)]
         no_wait: bool,
@@ -183,9 +186,22 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         Cmd::Resume { service, no_wait } => {
             command(&ns, &service, "resume", !no_wait, What::Deploy)
         }
-        Cmd::Restart { service, no_wait } => {
-            command(&ns, &service, "restart", !no_wait, What::Restart)
-        }
+        Cmd::Restart {
+            service,
+            instance: None,
+            no_wait,
+        } => command(&ns, &service, "restart", !no_wait, What::Restart),
+        Cmd::Restart {
+            service,
+            instance: Some(n),
+            no_wait,
+        } => command(
+            &ns,
+            &service,
+            &format!("restart {n}"),
+            !no_wait,
+            What::RestartInstance(n),
+        ),
         Cmd::Rollback {
             service,
             version,

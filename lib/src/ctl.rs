@@ -31,8 +31,9 @@ pub enum Verb {
     Resume,
     /// Roll back to the previous version, or to the given one from history.
     Rollback(Option<Version>),
-    /// Replace every instance with a fresh process of the same version.
-    Restart,
+    /// Replace every instance with a fresh process of the same version, or
+    /// only the instance numbered so (as in `instances/N`).
+    Restart(Option<u32>),
     /// Stop every instance; the service stays known, and stopped.
     Stop,
     /// Start a stopped service again.
@@ -83,8 +84,8 @@ pub const COMMANDS: [CommandSpec; 8] = [
     CommandSpec {
         name: "restart",
         min_args: 0,
-        max_args: 0,
-        usage: "",
+        max_args: 1,
+        usage: " [INSTANCE]",
     },
     CommandSpec {
         name: "stop",
@@ -114,7 +115,7 @@ impl Verb {
             Verb::Pause => "pause",
             Verb::Resume => "resume",
             Verb::Rollback(_) => "rollback",
-            Verb::Restart => "restart",
+            Verb::Restart(_) => "restart",
             Verb::Stop => "stop",
             Verb::Start => "start",
             Verb::Remove => "remove",
@@ -126,6 +127,7 @@ impl fmt::Display for Verb {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Verb::Rollback(Some(v)) => write!(f, "rollback {v}"),
+            Verb::Restart(Some(n)) => write!(f, "restart {n}"),
             other => f.write_str(other.name()),
         }
     }
@@ -254,11 +256,31 @@ fn verb_with_args(verb: &str, args: &[&str]) -> Result<Verb, CtlError> {
             None => Verb::Rollback(None),
             Some(v) => Verb::Rollback(Some(v.parse().map_err(CtlError)?)),
         },
-        "restart" => Verb::Restart,
+        "restart" => match args.first() {
+            None => Verb::Restart(None),
+            Some(n) => Verb::Restart(Some(instance_number(n)?)),
+        },
         "stop" => Verb::Stop,
         "start" => Verb::Start,
         _ => Verb::Remove,
     })
+}
+
+/// An instance number as in `instances/N`: digits only, no sign, no
+/// leading zero.
+fn instance_number(word: &str) -> Result<u32, CtlError> {
+    let canonical =
+        word.bytes().all(|b| b.is_ascii_digit()) && !(word.len() > 1 && word.starts_with('0'));
+    match word.parse::<u32>() {
+        Ok(n) if canonical => Ok(n),
+        _ => {
+            let shown: String = word.chars().take(40).collect();
+            Err(CtlError(format!(
+                "'{}' is not an instance number (as in instances/N)",
+                shown.escape_debug()
+            )))
+        }
+    }
 }
 
 fn word(i: &str) -> IResult<&str, &str> {
@@ -300,7 +322,8 @@ mod tests {
             ("pause", Verb::Pause),
             ("  resume  \n", Verb::Resume),
             ("rollback\n", Verb::Rollback(None)),
-            ("restart\r\n", Verb::Restart),
+            ("restart\r\n", Verb::Restart(None)),
+            ("restart 2\n", Verb::Restart(Some(2))),
             ("stop", Verb::Stop),
             ("start", Verb::Start),
             ("remove", Verb::Remove),
@@ -353,7 +376,7 @@ mod tests {
     fn the_two_plan9_errors() {
         assert_eq!(
             parse_service(b"bogus\n").unwrap_err().0,
-            "unknown control message 'bogus'; commands: apply | pause | resume | rollback [VERSION] | restart | stop | start | remove"
+            "unknown control message 'bogus'; commands: apply | pause | resume | rollback [VERSION] | restart [INSTANCE] | stop | start | remove"
         );
         assert!(
             parse_service(b"puase")
@@ -398,6 +421,14 @@ mod tests {
             parse_service(&huge).unwrap_err().0,
             "control message is 1025 bytes; the limit is 1024"
         );
+        for bad in ["-1", "+1", "01", "x", "4294967296", "1.5"] {
+            assert_eq!(
+                parse_service(format!("restart {bad}").as_bytes())
+                    .unwrap_err()
+                    .0,
+                format!("'{bad}' is not an instance number (as in instances/N)")
+            );
+        }
         assert_eq!(
             parse_service(b"rollback xyz").unwrap_err().0,
             "'xyz' is not a version (12 hex digits)"

@@ -855,7 +855,7 @@ impl Engine {
             Verb::Rollback(None) => Command::Rollback(None),
             Verb::Pause => Command::Pause,
             Verb::Resume => Command::Resume,
-            Verb::Restart => Command::Restart,
+            Verb::Restart(n) => Command::Restart(n),
             Verb::Stop => Command::Stop,
             Verb::Start => Command::Start,
             Verb::Remove => Command::Remove,

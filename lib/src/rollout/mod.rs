@@ -112,8 +112,9 @@ pub enum Command {
     Resume,
     /// Roll back to this version, or to the previous one.
     Rollback(Option<Spec>),
-    /// Replace every instance with a fresh one of the same version.
-    Restart,
+    /// Replace every instance with a fresh one of the same version, or only
+    /// the instance with this number.
+    Restart(Option<u32>),
     /// Stop every instance.
     Stop,
     /// Start a stopped service.
@@ -281,6 +282,15 @@ pub enum Kind {
     Scale,
     /// The `restart` command: fresh processes, same version.
     Restart,
+    /// `restart N`: a fresh process for one slot, same version, the way
+    /// `restart` replaces each (with surge when rolling). `number` is the
+    /// instance as it was named, for the events.
+    RestartInstance {
+        /// The slot replaced.
+        slot: u32,
+        /// The number of the instance replaced.
+        number: u32,
+    },
     /// The `rollback` command.
     Rollback,
     /// After a failed rollout with `auto_rollback on`; holds that failure.
@@ -288,8 +298,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn noun(&self, strategy: Strategy) -> &'static str {
-        match (self, strategy) {
+    fn noun(&self, strategy: Strategy) -> String {
+        if let Kind::RestartInstance { number, .. } = self {
+            return format!("restart of instance {number}");
+        }
+        let noun = match (self, strategy) {
             (Kind::Create, _) => "deployment",
             (Kind::Scale, _) => "scaling",
             (Kind::Restart, Strategy::Rolling) => "rolling restart",
@@ -298,7 +311,9 @@ impl Kind {
             (Kind::AutoRollback(_), _) => "automatic rollback",
             (Kind::Apply, Strategy::Rolling) => "rolling update",
             (Kind::Apply, Strategy::Replace) => "replace update",
-        }
+            (Kind::RestartInstance { .. }, _) => "restart",
+        };
+        noun.to_string()
     }
 }
 
@@ -696,7 +711,7 @@ impl Service {
                     && i.slot < n
                     && i.state == State::Ready
                     && i.spec.version == self.target.version
-                    && i.id >= floor
+                    && (i.id >= floor || !self.restarts_slot(i.slot))
             })
             .count() as u32;
         (k, n)
@@ -773,7 +788,8 @@ impl Service {
             Command::Pause => self.pause(),
             Command::Resume => self.resume(),
             Command::Rollback(spec) => self.rollback(spec),
-            Command::Restart => self.restart(),
+            Command::Restart(None) => self.restart(),
+            Command::Restart(Some(number)) => self.restart_instance(number),
             Command::Stop => self.stop(false),
             Command::Start => self.start(),
             Command::Remove => self.stop(true),
@@ -922,6 +938,50 @@ impl Service {
         Ok(self.started_message())
     }
 
+    /// `restart N`: one slot's rollout to a fresh process of its version.
+    fn restart_instance(&mut self, number: u32) -> Result<String, Refusal> {
+        self.refuse_if_stopped()?;
+        if self.rollout.is_some() {
+            return refuse(
+                RefusalKind::Busy,
+                "a rollout is in progress; wait for it, or roll back",
+            );
+        }
+        let Some(inst) = self.instances.iter().find(|i| i.number == number) else {
+            let mut numbers: Vec<u32> = self.instances.iter().map(|i| i.number).collect();
+            numbers.sort_unstable();
+            let list = numbers
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            return refuse(
+                RefusalKind::NotFound,
+                format!("no instance {number} (instances: {list})"),
+            );
+        };
+        if inst.role != Role::Serving {
+            return refuse(
+                RefusalKind::Invalid,
+                format!("instance {number} is already being replaced or stopped"),
+            );
+        }
+        let slot = inst.slot;
+        let committed = self.slots.get(slot as usize).and_then(|s| s.spec.as_ref());
+        if committed != Some(&self.target) {
+            let runs = committed.map_or("no version".to_string(), |s| s.version.to_string());
+            return refuse(
+                RefusalKind::Invalid,
+                format!(
+                    "instance {number} runs {runs}, not the target {} (the last rollout did not finish); apply or roll back first",
+                    self.target.version
+                ),
+            );
+        }
+        self.begin(Kind::RestartInstance { slot, number }, None);
+        Ok(self.started_message())
+    }
+
     fn stop(&mut self, remove: bool) -> Result<String, Refusal> {
         if self.stopped && !remove {
             return refuse(RefusalKind::Invalid, "already stopped");
@@ -982,7 +1042,7 @@ impl Service {
 
     fn begin(&mut self, kind: Kind, from: Option<Version>) {
         let from = from.unwrap_or(self.target.version);
-        let floor = if kind == Kind::Restart {
+        let floor = if matches!(kind, Kind::Restart | Kind::RestartInstance { .. }) {
             InstanceId(self.next_id)
         } else {
             InstanceId(0)
@@ -1020,6 +1080,14 @@ impl Service {
         match &r.kind {
             Kind::Create => format!("deployment of {to} started ({shape})"),
             Kind::Restart => format!("{} of {to} started ({shape})", r.kind.noun(m.update)),
+            Kind::RestartInstance { .. } => format!(
+                "{} started ({to}{})",
+                r.kind.noun(m.update),
+                match m.update {
+                    Strategy::Rolling => ", serving until its replacement is ready",
+                    Strategy::Replace => ", stopping it first",
+                }
+            ),
             Kind::Scale => format!("scaling to {n} ({to})"),
             kind => format!(
                 "{} started {} → {to} ({shape})",
@@ -1038,6 +1106,7 @@ impl Service {
         let n = self.target.manifest.replicas;
         let floor = self.floor();
         (0..n)
+            .filter(|&s| self.restarts_slot(s))
             .filter(|&s| {
                 let slot = self.slots.get(s as usize);
                 match slot.and_then(|sl| sl.spec.as_ref()) {
@@ -1049,6 +1118,15 @@ impl Service {
                 }
             })
             .collect()
+    }
+
+    /// Whether the rollout in flight (if any) is about this slot: every
+    /// slot, but for `restart N`.
+    fn restarts_slot(&self, slot: u32) -> bool {
+        match self.rollout.as_ref().map(|r| &r.kind) {
+            Some(Kind::RestartInstance { slot: s, .. }) => *s == slot,
+            _ => true,
+        }
     }
 
     /// The serving instance of a slot (possibly an exited record).

@@ -863,7 +863,7 @@ fn restart_replaces_every_process_one_batch_at_a_time() {
         if st == Strategy::Rolling {
             sim.capacity = n as usize;
         }
-        sim.command(Command::Restart).unwrap();
+        sim.command(Command::Restart(None)).unwrap();
         sim.settle();
         sim.check_converged();
         let after: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
@@ -946,7 +946,7 @@ fn refusals_change_nothing() {
         "{}",
         r.message
     );
-    let r = sim.command(Command::Restart).unwrap_err();
+    let r = sim.command(Command::Restart(None)).unwrap_err();
     assert_eq!(r.kind, RefusalKind::Busy);
     assert_eq!(sim.svc.record(), during);
     sim.settle();
@@ -1658,7 +1658,7 @@ fn a_rollout_restart_or_scale_during_a_memory_replacement_converges() {
                 while sim.steps - s0 < k && sim.now < until && sim.step() {}
                 let command = match cmd {
                     0 => Command::Apply(mem_spec("v2", n, b, st)),
-                    1 => Command::Restart,
+                    1 => Command::Restart(None),
                     _ => Command::Apply(mem_spec("v1", n + 1, b, st)),
                 };
                 // A memory replacement is no rollout: nothing is refused.
@@ -1707,4 +1707,215 @@ fn restarts_count_what_the_machine_restarted_until_a_rollout() {
     sim.command(Command::Apply(Spec::new(m, "v2"))).unwrap();
     sim.settle();
     assert_eq!((sim.svc.restarts(0), sim.svc.restarts(1)), (0, 0));
+}
+
+/// The instance number of the live serving instance with this id.
+fn number_of(sim: &Sim, id: u64) -> u32 {
+    let inst = sim.svc.instances().iter().find(|i| i.id().0 == id);
+    inst.map(|i| i.number()).expect("a known instance")
+}
+
+#[test]
+fn restart_of_one_instance_replaces_that_slot_alone() {
+    for (st, n, b) in shapes() {
+        for slot in 0..n {
+            let mut sim = Sim::new(spec("v1", n, b, st));
+            let before = sim.serving();
+            let old = before[&slot].0;
+            let number = number_of(&sim, old);
+            if st == Strategy::Rolling {
+                sim.capacity = n as usize;
+            }
+            let msg = sim.command(Command::Restart(Some(number))).unwrap();
+            assert!(
+                msg.starts_with(&format!("restart of instance {number} started")),
+                "{msg}"
+            );
+            assert_eq!(sim.svc.progress(), (n - 1, n));
+            sim.settle();
+            sim.check_converged();
+            let after = sim.serving();
+            for (s, (id, _)) in &before {
+                assert_eq!(after[s].0 == *id, *s != slot, "slot {s} of {st:?} {n}/{b}");
+            }
+            assert!(!sim.procs[&old].alive);
+            let last = sim.events.iter().rev().find(|e| e.contains("complete"));
+            assert!(
+                last.is_some_and(
+                    |e| e.starts_with(&format!("restart of instance {number} complete: at "))
+                ),
+                "{:#?}",
+                sim.events
+            );
+            assert_eq!(
+                sim.svc.wait_line(),
+                Some(format!("none {}", sim.svc.version()))
+            );
+        }
+    }
+}
+
+#[test]
+fn restart_of_one_instance_is_refused_when_it_cannot_be_done() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    let record = sim.svc.record();
+    let r = sim.command(Command::Restart(Some(7))).unwrap_err();
+    assert_eq!(
+        (r.kind, r.message.as_str()),
+        (RefusalKind::NotFound, "no instance 7 (instances: 0, 1, 2)")
+    );
+    assert_eq!(sim.svc.record(), record);
+    // A rollout in flight.
+    sim.command(Command::Apply(spec("v2", 3, 1, Strategy::Rolling)))
+        .unwrap();
+    let r = sim.command(Command::Restart(Some(1))).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Busy);
+    sim.settle();
+    // A failed rollout leaves slots at the old version: restarting one of
+    // them at the target would be a rollout of its own.
+    let bad = spec("v3", 3, 1, Strategy::Rolling);
+    sim.behaviours.insert(
+        bad.version,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    sim.command(Command::Apply(bad)).unwrap();
+    sim.settle();
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+    let record = sim.svc.record();
+    let r = sim.command(Command::Restart(Some(0))).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Invalid);
+    assert!(
+        r.message.contains("apply or roll back first"),
+        "{}",
+        r.message
+    );
+    assert_eq!(sim.svc.record(), record);
+    // Stopped.
+    sim.command(Command::Stop).unwrap();
+    sim.settle();
+    let r = sim.command(Command::Restart(Some(0))).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Busy);
+}
+
+#[test]
+fn restart_of_one_instance_keeps_the_old_serving_when_the_new_fails() {
+    let s = spec("v1", 2, 1, Strategy::Rolling);
+    let v = s.version;
+    let mut sim = Sim::new(s);
+    sim.capacity = 2;
+    let old = sim.serving()[&1].0;
+    sim.behaviours.insert(
+        v,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    sim.command(Command::Restart(Some(1))).unwrap();
+    sim.settle();
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+    let line = sim.svc.wait_line().unwrap();
+    assert!(
+        line.starts_with("failed: instance 2 not healthy within health_deadline"),
+        "{line}"
+    );
+    assert!(sim.routed.contains(&old) && sim.procs[&old].alive);
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e.starts_with("restart of instance 1 failed:")),
+        "{:#?}",
+        sim.events
+    );
+}
+
+#[test]
+fn restart_of_an_exited_instance_starts_it_now() {
+    // Held by its policy, or waiting out its backoff: restarted at once.
+    for policy in [RestartPolicy::Never, RestartPolicy::Always] {
+        let mut m = (*spec("v1", 2, 1, Strategy::Rolling).manifest).clone();
+        m.restart = policy;
+        let mut sim = Sim::new(Spec::new(m, "x"));
+        // Crash it four times in a row: then a 0.8s backoff.
+        for round in 0..4 {
+            while round > 0
+                && policy == RestartPolicy::Always
+                && sim
+                    .serving()
+                    .get(&1)
+                    .is_none_or(|(id, _)| sim.procs[id].started.is_none())
+                && sim.step()
+            {}
+            if let Some((id, _)) = sim.serving().get(&1).copied() {
+                sim.crash(id);
+            }
+        }
+        assert!(!sim.serving().contains_key(&1), "{:#?}", sim.events);
+        let number = sim
+            .svc
+            .instances()
+            .iter()
+            .find(|i| i.slot() == 1)
+            .map(|i| i.number())
+            .unwrap();
+        let at = sim.now;
+        sim.command(Command::Restart(Some(number))).unwrap();
+        assert!(
+            sim.serving().contains_key(&1)
+                || sim
+                    .svc
+                    .instances()
+                    .iter()
+                    .any(|i| i.slot() == 1 && i.role() == Role::Candidate),
+            "{policy:?}: nothing started: {:#?}",
+            sim.events
+        );
+        sim.settle();
+        sim.check_converged();
+        assert!(
+            sim.now.since(at) < 700 * MS,
+            "{policy:?}: {:?}",
+            sim.now.since(at)
+        );
+        assert_eq!(sim.svc.restarts(1), 0, "a commit starts the count again");
+    }
+}
+
+#[test]
+fn restore_during_a_restart_of_one_instance_and_resume_finishes() {
+    for st in strategies() {
+        let s = spec("v1", 3, 1, st);
+        let steps = {
+            let mut sim = Sim::new(s.clone());
+            let s0 = sim.steps;
+            sim.command(Command::Restart(Some(2))).unwrap();
+            sim.settle();
+            sim.steps - s0
+        };
+        for k in 0..=steps {
+            let mut sim = Sim::new(s.clone());
+            let s0 = sim.steps;
+            sim.command(Command::Restart(Some(2))).unwrap();
+            while sim.steps - s0 < k && sim.step() {}
+            let record = sim.svc.record();
+            let resolve = |v: Version| Some(s.clone()).filter(|s| s.version == v);
+            let (svc, actions) = Service::restore(sim.now, &record, resolve).unwrap();
+            let mut fresh = Sim::with(sim.now, svc, actions);
+            fresh.settle();
+            if fresh.svc.update_status() == UpdateStatus::Paused {
+                assert!(
+                    fresh.events[0]
+                        .starts_with("deployd restarted during the restart of instance 2"),
+                    "{:?}",
+                    fresh.events
+                );
+                fresh.command(Command::Resume).unwrap();
+                fresh.settle();
+            }
+            fresh.check_converged();
+        }
+    }
 }
