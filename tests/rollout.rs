@@ -840,3 +840,69 @@ fn env_files_are_read_at_each_start() {
     assert_eq!((now.len(), now[0].1, now[0].2.as_str()), (1, pid2, "ready"));
     assert_eq!(d.field("active/svc/version"), v1);
 }
+
+/// `signal SIG [N]` reaches the processes of every running instance (or of
+/// one) and nothing else happens; a signal that ends a process is an exit
+/// like any other.
+#[test]
+fn signals_reach_the_instances_processes() {
+    // A shell that says which signal it got; as the leader of its group,
+    // with `sleep` in the group too, as a real app's workers would be.
+    let worker = "exec trap 'echo got-hup' HUP; trap 'echo got-usr1' USR1; \
+                  echo up; while :; do sleep 0.05; done\nreplicas 2\n";
+    let Some(d) = Deployd::start(&[("worker", worker.to_string())]) else {
+        return;
+    };
+    d.settle("worker", LONG);
+    let log = |n: u32| d.try_read(&format!("active/worker/instances/{n}/log"));
+    wait_for("both shells up", LONG, || {
+        log(0).contains("up") && log(1).contains("up")
+    });
+    let pids: Vec<u32> = d.instances("worker").iter().map(|i| i.1).collect();
+    let out = d.deploy(&["signal", "worker", "HUP"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "worker: sent HUP to instances 0, 1\n");
+    wait_for("HUP in both logs", LONG, || {
+        log(0).contains("got-hup") && log(1).contains("got-hup")
+    });
+    let out = d.sh("echo 'signal usr1 1' > $ROOT/active/worker/ctl");
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("USR1 in instance 1's log", LONG, || {
+        log(1).contains("got-usr1")
+    });
+    assert!(!log(0).contains("got-usr1"), "{}", log(0));
+    assert_eq!(
+        d.instances("worker")
+            .iter()
+            .map(|i| i.1)
+            .collect::<Vec<_>>(),
+        pids
+    );
+    assert!(
+        d.read("active/worker/events")
+            .contains("sent USR1 to instance 1\n")
+    );
+    // Refused: an unknown signal, an instance that is not there.
+    let out = d.deploy(&["signal", "worker", "WINCH"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("unknown signal 'WINCH'"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.deploy(&["signal", "worker", "HUP", "9"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // KILL ends instance 0: restarted by the policy, and counted.
+    let out = d.deploy(&["signal", "worker", "KILL", "0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("instance 0 restarted", LONG, || {
+        d.try_read("active/worker/instances/0/restarts") == "1\n"
+            && d.try_read("active/worker/instances/0/state") == "ready\n"
+    });
+    assert!(!alive(pids[0]));
+    assert!(alive(pids[1]));
+    assert!(
+        d.read("active/worker/events")
+            .contains("instance 0 exited unexpectedly (killed by SIGKILL)")
+    );
+}

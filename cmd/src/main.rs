@@ -91,6 +91,16 @@ enum Cmd {
     Start { service: String },
     /// Stop every instance and forget the service
     Remove { service: String },
+    /// Send a signal (HUP, USR1, ...) to the processes of every running
+    /// instance, or of one: to reload a configuration, reopen files
+    Signal {
+        service: String,
+        /// TERM, INT, QUIT, HUP, USR1, USR2 or KILL (SIG prefix and lower
+        /// case accepted)
+        signal: String,
+        /// One instance (its number, as in `deploy status SERVICE`)
+        instance: Option<u32>,
+    },
     /// Print the service's event log
     Events {
         service: String,
@@ -217,6 +227,17 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         Cmd::Stop { service } => command(&ns, &service, "stop", false, What::Deploy),
         Cmd::Start { service } => command(&ns, &service, "start", false, What::Deploy),
         Cmd::Remove { service } => command(&ns, &service, "remove", false, What::Deploy),
+        Cmd::Signal {
+            service,
+            signal,
+            instance,
+        } => {
+            let cmd = match instance {
+                Some(n) => format!("signal {signal} {n}"),
+                None => format!("signal {signal}"),
+            };
+            command(&ns, &service, &cmd, false, What::Deploy)
+        }
         Cmd::Status {
             service: None,
             json,

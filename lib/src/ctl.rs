@@ -14,7 +14,7 @@ use nom::multi::many0;
 use nom::sequence::preceded;
 use nom::{IResult, Parser};
 
-use crate::manifest::Version;
+use crate::manifest::{Signal, Version};
 use crate::name::ServiceName;
 
 /// Longest accepted control message, in bytes.
@@ -40,6 +40,9 @@ pub enum Verb {
     Start,
     /// Stop every instance and forget the service.
     Remove,
+    /// Send a signal to every running instance's processes, or to one
+    /// instance's.
+    Signal(Signal, Option<u32>),
 }
 
 /// One row of the command table: the verb, and how many arguments it takes
@@ -56,7 +59,7 @@ pub struct CommandSpec {
 }
 
 /// Every verb.
-pub const COMMANDS: [CommandSpec; 8] = [
+pub const COMMANDS: [CommandSpec; 9] = [
     CommandSpec {
         name: "apply",
         min_args: 0,
@@ -105,6 +108,12 @@ pub const COMMANDS: [CommandSpec; 8] = [
         max_args: 0,
         usage: "",
     },
+    CommandSpec {
+        name: "signal",
+        min_args: 1,
+        max_args: 2,
+        usage: " SIG [INSTANCE]",
+    },
 ];
 
 impl Verb {
@@ -119,6 +128,7 @@ impl Verb {
             Verb::Stop => "stop",
             Verb::Start => "start",
             Verb::Remove => "remove",
+            Verb::Signal(..) => "signal",
         }
     }
 }
@@ -128,6 +138,8 @@ impl fmt::Display for Verb {
         match self {
             Verb::Rollback(Some(v)) => write!(f, "rollback {v}"),
             Verb::Restart(Some(n)) => write!(f, "restart {n}"),
+            Verb::Signal(s, None) => write!(f, "signal {}", s.name()),
+            Verb::Signal(s, Some(n)) => write!(f, "signal {} {n}", s.name()),
             other => f.write_str(other.name()),
         }
     }
@@ -236,15 +248,17 @@ fn spec(verb: &str) -> Result<&'static CommandSpec, CtlError> {
 fn verb_with_args(verb: &str, args: &[&str]) -> Result<Verb, CtlError> {
     let spec = spec(verb)?;
     if args.len() < spec.min_args || args.len() > spec.max_args {
+        let takes = match (spec.min_args, spec.max_args) {
+            (_, 0) => "no arguments".to_string(),
+            (0, 1) => "at most one argument".to_string(),
+            (0, n) => format!("at most {n} arguments"),
+            (1, 2) => "one or two arguments".to_string(),
+            (lo, hi) => format!("{lo} to {hi} arguments"),
+        };
         return Err(CtlError(format!(
-            "bad # args to command: {}{} takes {}, got {}",
+            "bad # args to command: {}{} takes {takes}, got {}",
             spec.name,
             spec.usage,
-            match spec.max_args {
-                0 => "no arguments".to_string(),
-                1 => "at most one argument".to_string(),
-                n => format!("at most {n} arguments"),
-            },
             args.len()
         )));
     }
@@ -262,6 +276,20 @@ fn verb_with_args(verb: &str, args: &[&str]) -> Result<Verb, CtlError> {
         },
         "stop" => Verb::Stop,
         "start" => Verb::Start,
+        "signal" => {
+            let (sig, rest) = args.split_first().ok_or_else(empty)?;
+            let signal = Signal::from_name(&sig.to_ascii_uppercase()).ok_or_else(|| {
+                let shown: String = sig.chars().take(40).collect();
+                let names: Vec<&str> = Signal::ALL.iter().map(|(_, n)| *n).collect();
+                CtlError(format!(
+                    "unknown signal '{}'; signals: {}",
+                    shown.escape_debug(),
+                    names.join(", ")
+                ))
+            })?;
+            let instance = rest.first().map(|n| instance_number(n)).transpose()?;
+            Verb::Signal(signal, instance)
+        }
         _ => Verb::Remove,
     })
 }
@@ -327,6 +355,9 @@ mod tests {
             ("stop", Verb::Stop),
             ("start", Verb::Start),
             ("remove", Verb::Remove),
+            ("signal HUP", Verb::Signal(Signal::Hup, None)),
+            ("signal sigusr1 2\n", Verb::Signal(Signal::Usr1, Some(2))),
+            ("signal SIGTERM", Verb::Signal(Signal::Term, None)),
         ] {
             assert_eq!(parse_service(text.as_bytes()), Ok(verb));
         }
@@ -376,7 +407,7 @@ mod tests {
     fn the_two_plan9_errors() {
         assert_eq!(
             parse_service(b"bogus\n").unwrap_err().0,
-            "unknown control message 'bogus'; commands: apply | pause | resume | rollback [VERSION] | restart [INSTANCE] | stop | start | remove"
+            "unknown control message 'bogus'; commands: apply | pause | resume | rollback [VERSION] | restart [INSTANCE] | stop | start | remove | signal SIG [INSTANCE]"
         );
         assert!(
             parse_service(b"puase")
@@ -429,6 +460,18 @@ mod tests {
                 format!("'{bad}' is not an instance number (as in instances/N)")
             );
         }
+        assert_eq!(
+            parse_service(b"signal").unwrap_err().0,
+            "bad # args to command: signal SIG [INSTANCE] takes one or two arguments, got 0"
+        );
+        assert_eq!(
+            parse_service(b"signal WINCH").unwrap_err().0,
+            "unknown signal 'WINCH'; signals: TERM, INT, QUIT, HUP, USR1, USR2, KILL"
+        );
+        assert_eq!(
+            parse_service(b"signal HUP x").unwrap_err().0,
+            "'x' is not an instance number (as in instances/N)"
+        );
         assert_eq!(
             parse_service(b"rollback xyz").unwrap_err().0,
             "'xyz' is not a version (12 hex digits)"

@@ -859,6 +859,7 @@ impl Engine {
             Verb::Stop => Command::Stop,
             Verb::Start => Command::Start,
             Verb::Remove => Command::Remove,
+            Verb::Signal(signal, n) => Command::Signal(signal, n),
         };
         let sid = sid.ok_or_else(unknown)?;
         self.command(sid, command)
@@ -970,6 +971,16 @@ impl Engine {
                     signal,
                     timeout,
                 } => self.stop_instance(sid, id, signal.number(), timeout),
+                Action::Signal { id, signal } => {
+                    let pid = self
+                        .services
+                        .get(&sid)
+                        .and_then(|e| e.runtime.get(&id))
+                        .and_then(|inst| inst.pid);
+                    if let Some(pid) = pid {
+                        process::signal_group(pid, signal.number());
+                    }
+                }
                 Action::RouteIn { id } => self.route_in(sid, id),
                 Action::RouteOut { id } => {
                     let routed = self

@@ -219,6 +219,16 @@ impl Signal {
             .map_or("TERM", |(_, n)| n)
     }
 
+    /// The signal spelled `name`, with or without the `SIG` prefix
+    /// (`HUP`, `SIGHUP`).
+    pub fn from_name(name: &str) -> Option<Signal> {
+        let bare = name.strip_prefix("SIG").unwrap_or(name);
+        Signal::ALL
+            .iter()
+            .find(|(_, n)| *n == bare)
+            .map(|(s, _)| *s)
+    }
+
     /// The Linux signal number.
     pub fn number(self) -> i32 {
         match self {

@@ -488,17 +488,16 @@ fn signal(v: &Value) -> Result<Signal, LineError> {
     let names: Vec<&str> = Signal::ALL.iter().map(|(_, n)| *n).collect();
     let expected = one_of(&names);
     let w = v.one_word(&expected)?;
-    let bare = w.strip_prefix("SIG").unwrap_or(w);
-    match Signal::ALL.iter().find(|(_, n)| *n == bare) {
-        Some((s, _)) => Ok(*s),
-        None => Err(v.err(
+    Signal::from_name(w).ok_or_else(|| {
+        let bare = w.strip_prefix("SIG").unwrap_or(w);
+        v.err(
             w,
             format!(
                 "unknown stop_signal '{w}'{}; expected {expected}",
                 suggest(bare, &names)
             ),
-        )),
-    }
+        )
+    })
 }
 
 fn health(v: &Value) -> Result<Health, LineError> {

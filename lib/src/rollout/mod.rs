@@ -121,6 +121,9 @@ pub enum Command {
     Start,
     /// Stop every instance and forget the service.
     Remove,
+    /// Send `signal` to the processes of every running instance, or of the
+    /// one with this number.
+    Signal(Signal, Option<u32>),
 }
 
 /// What happened, as told by the caller.
@@ -187,6 +190,14 @@ pub enum Action {
         signal: Signal,
         /// The manifest's `stop_timeout`.
         timeout: Duration,
+    },
+    /// Send `signal` to the instance's process group, and nothing more:
+    /// what follows (an exit, failed probes) is reported as usual.
+    Signal {
+        /// Which instance.
+        id: InstanceId,
+        /// The signal.
+        signal: Signal,
     },
     /// Send it new requests and connections.
     RouteIn {
@@ -793,6 +804,7 @@ impl Service {
             Command::Stop => self.stop(false),
             Command::Start => self.start(),
             Command::Remove => self.stop(true),
+            Command::Signal(signal, instance) => self.signal(signal, instance),
         }
     }
 
@@ -980,6 +992,55 @@ impl Service {
         }
         self.begin(Kind::RestartInstance { slot, number }, None);
         Ok(self.started_message())
+    }
+
+    /// `signal SIG [N]`: to every instance whose process runs and is not
+    /// being stopped (deployd's own stop signal is under way there), or to
+    /// instance N. A rollout in flight is no reason to refuse: a `HUP` that
+    /// reloads a configuration is as good for a candidate.
+    fn signal(&mut self, signal: Signal, instance: Option<u32>) -> Result<String, Refusal> {
+        let running =
+            |i: &Instance| i.pid().is_some() && !matches!(i.state, State::Stopping | State::Exited);
+        let mut targets: Vec<(u32, InstanceId)> = match instance {
+            Some(n) => {
+                let Some(inst) = self.instances.iter().find(|i| i.number == n) else {
+                    return refuse(RefusalKind::NotFound, format!("no instance {n}"));
+                };
+                if !running(inst) {
+                    return refuse(
+                        RefusalKind::Invalid,
+                        format!("instance {n} is not running ({})", inst.state.name()),
+                    );
+                }
+                vec![(inst.number, inst.id)]
+            }
+            None => self
+                .instances
+                .iter()
+                .filter(|i| running(i))
+                .map(|i| (i.number, i.id))
+                .collect(),
+        };
+        if targets.is_empty() {
+            return if self.stopped {
+                refuse(RefusalKind::Busy, "the service is stopped; start it first")
+            } else {
+                refuse(RefusalKind::Invalid, "no instance is running")
+            };
+        }
+        targets.sort_unstable();
+        for (_, id) in &targets {
+            self.out.push(Action::Signal { id: *id, signal });
+        }
+        let numbers: Vec<String> = targets.iter().map(|(n, _)| n.to_string()).collect();
+        let msg = format!(
+            "sent {} to instance{} {}",
+            signal.name(),
+            plural(&numbers),
+            numbers.join(", ")
+        );
+        self.event(msg.clone());
+        Ok(msg)
     }
 
     fn stop(&mut self, remove: bool) -> Result<String, Refusal> {

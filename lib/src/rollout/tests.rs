@@ -74,6 +74,8 @@ struct Sim {
     routed: HashSet<u64>,
     stopped: HashSet<u64>,
     events: Vec<String>,
+    /// Signals sent by `signal`, in order.
+    signals: Vec<(u64, Signal)>,
     next_pid: u32,
     /// Minimum routed instances to keep at every step (capacity invariant).
     capacity: usize,
@@ -116,6 +118,7 @@ impl Sim {
             routed: HashSet::new(),
             stopped: HashSet::new(),
             events: Vec::new(),
+            signals: Vec::new(),
             next_pid: 1000,
             capacity: 0,
             steps: 0,
@@ -173,6 +176,23 @@ impl Sim {
                     assert!(self.stopped.insert(id.0), "instance {id} stopped twice");
                     if p.alive {
                         let delay = p.behaviour.stop.min(timeout);
+                        self.at(delay, SimEvent::Exit(id.0, signal.number()));
+                    }
+                }
+                Action::Signal { id, signal } => {
+                    let p = self
+                        .procs
+                        .get(&id.0)
+                        .expect("signal to an unknown instance");
+                    assert!(p.alive, "signal to a dead instance {id}");
+                    assert!(!self.stopped.contains(&id.0), "signal to a stopping {id}");
+                    self.signals.push((id.0, signal));
+                    // The naive process: the terminating signals end it.
+                    if matches!(
+                        signal,
+                        Signal::Term | Signal::Int | Signal::Quit | Signal::Kill
+                    ) {
+                        let delay = p.behaviour.stop;
                         self.at(delay, SimEvent::Exit(id.0, signal.number()));
                     }
                 }
@@ -1918,4 +1938,96 @@ fn restore_during_a_restart_of_one_instance_and_resume_finishes() {
             fresh.check_converged();
         }
     }
+}
+
+#[test]
+fn signal_reaches_every_running_instance_or_one() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    let ids: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
+    let msg = sim.command(Command::Signal(Signal::Hup, None)).unwrap();
+    assert_eq!(msg, "sent HUP to instances 0, 1, 2");
+    let sent: Vec<u64> = sim.signals.iter().map(|(id, _)| *id).collect();
+    assert_eq!(sent, ids);
+    // A signal that the process survives changes nothing else.
+    sim.settle();
+    assert_eq!(
+        sim.serving()
+            .values()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        ids
+    );
+    sim.signals.clear();
+    let msg = sim.command(Command::Signal(Signal::Usr1, Some(1))).unwrap();
+    assert_eq!(msg, "sent USR1 to instance 1");
+    assert_eq!(sim.signals, [(ids[1], Signal::Usr1)]);
+    // One that ends it is an exit like any other: restarted by the policy.
+    sim.command(Command::Signal(Signal::Kill, Some(2))).unwrap();
+    let until = sim.now + Duration::from_secs(5);
+    while sim.now < until && sim.step() {}
+    sim.settle();
+    sim.check_converged();
+    assert!(!sim.procs[&ids[2]].alive);
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e.starts_with("instance 2 exited unexpectedly (killed by SIGKILL)")),
+        "{:#?}",
+        sim.events
+    );
+    assert_eq!(sim.svc.restarts(2), 1);
+}
+
+#[test]
+fn signal_skips_what_is_stopping_and_refuses_what_does_not_run() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let record = sim.svc.record();
+    let r = sim
+        .command(Command::Signal(Signal::Hup, Some(5)))
+        .unwrap_err();
+    assert_eq!(
+        (r.kind, r.message.as_str()),
+        (RefusalKind::NotFound, "no instance 5")
+    );
+    assert_eq!(sim.svc.record(), record);
+    assert!(sim.signals.is_empty());
+    // During a rollout: candidates get it, instances being stopped do not.
+    sim.command(Command::Apply(spec("v2", 2, 1, Strategy::Rolling)))
+        .unwrap();
+    let mut seen_stopping = false;
+    while sim.svc.update_status() == UpdateStatus::Rolling && sim.step() {
+        let stopping: Vec<u32> = sim
+            .svc
+            .instances()
+            .iter()
+            .filter(|i| i.state() == State::Stopping)
+            .map(|i| i.number())
+            .collect();
+        if let Some(n) = stopping.first() {
+            seen_stopping = true;
+            let r = sim
+                .command(Command::Signal(Signal::Hup, Some(*n)))
+                .unwrap_err();
+            assert_eq!(r.kind, RefusalKind::Invalid);
+            assert_eq!(r.message, format!("instance {n} is not running (stopping)"));
+        }
+        sim.signals.clear();
+        let _ = sim.command(Command::Signal(Signal::Usr2, None));
+        for (id, _) in &sim.signals {
+            let inst = sim
+                .svc
+                .instances()
+                .iter()
+                .find(|i| i.id().0 == *id)
+                .unwrap();
+            assert!(inst.state() != State::Stopping && inst.state() != State::Exited);
+        }
+    }
+    assert!(seen_stopping, "{:#?}", sim.events);
+    sim.settle();
+    sim.check_converged();
+    sim.command(Command::Stop).unwrap();
+    sim.settle();
+    let r = sim.command(Command::Signal(Signal::Hup, None)).unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Busy);
 }
