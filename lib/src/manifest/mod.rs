@@ -66,6 +66,9 @@ pub struct Manifest {
     /// (a later file wins; `env` wins over them all); relative to the
     /// manifest's folder. Their content is not part of the version.
     pub env_files: Vec<String>,
+    /// Services that must be ready before this one's instances first start
+    /// (and that stop after it when deployd stops), in name order.
+    pub after: Vec<ServiceName>,
     /// The account instances and `health exec` probes run as; `None`: deployd's own.
     pub user: Option<User>,
     /// Number of instances.
@@ -308,6 +311,7 @@ impl Manifest {
             dir: None,
             env: Vec::new(),
             env_files: Vec::new(),
+            after: Vec::new(),
             user: None,
             replicas: 1,
             port: None,
@@ -340,10 +344,12 @@ impl Manifest {
     }
 
     /// Whether `other` runs the same processes, so that changing from one to
-    /// the other only adds or removes instances: they differ in `replicas` only.
+    /// the other only adds or removes instances: they differ in `replicas`
+    /// and in `after` (the start order) only.
     pub fn same_but_replicas(&self, other: &Manifest) -> bool {
         let mut o = other.clone();
         o.replicas = self.replicas;
+        o.after.clone_from(&self.after);
         *self == o
     }
 
@@ -371,6 +377,9 @@ impl Manifest {
         }
         if let Some(user) = &self.user {
             line(format_args!("user {user}"));
+        }
+        for s in &self.after {
+            line(format_args!("after {s}"));
         }
         if self.replicas != d.replicas {
             line(format_args!("replicas {}", self.replicas));
@@ -643,6 +652,30 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
     }
     let bytes = std::fs::read(path).map_err(io)?;
     match parse(&bytes) {
+        Ok(manifest) if manifest.after.contains(&service) => {
+            // parse accepted it, so it is UTF-8.
+            let text = String::from_utf8_lossy(&bytes);
+            let (line, col) = position_of(&text, "after")
+                .into_iter()
+                .find(|&(line, col)| {
+                    let l = text.split('\n').nth(line - 1).unwrap_or("");
+                    l.chars()
+                        .skip(col - 1)
+                        .collect::<String>()
+                        .split_whitespace()
+                        .next()
+                        == Some(service.as_str())
+                })
+                .unwrap_or((1, 1));
+            Err(LoadError::Invalid {
+                file: file.clone(),
+                diagnostics: vec![Diagnostic {
+                    line,
+                    col,
+                    message: format!("after {service}: a service cannot wait for itself"),
+                }],
+            })
+        }
         Ok(manifest) => Ok(Loaded {
             service,
             manifest,

@@ -17,6 +17,8 @@ use nom::character::complete::{digit1, space0, space1};
 use nom::combinator::all_consuming;
 use nom::{IResult, Parser};
 
+use crate::name::ServiceName;
+
 use super::{
     Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES,
     MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy, RESERVED_ENV,
@@ -24,12 +26,13 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 26] = [
+const DIRECTIVES: [&str; 27] = [
     "exec",
     "dir",
     "env",
     "env_file",
     "user",
+    "after",
     "replicas",
     "port",
     "proxy",
@@ -99,6 +102,7 @@ enum Directive {
     Env(String, String),
     EnvFile(String),
     User(User),
+    After(ServiceName),
     Replicas(u32),
     Port(u16),
     Proxy(Proxy),
@@ -280,6 +284,10 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         }
         "env_file" => Directive::EnvFile(v.rest_of_line("a path")?.to_string()),
         "user" => Directive::User(user(v)?),
+        "after" => {
+            let w = v.one_word("a service (one per line)")?;
+            Directive::After(ServiceName::new(w).map_err(|m| v.err(w, format!("after {m}")))?)
+        }
         "replicas" => Directive::Replicas(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
         "port" => Directive::Port(number(v, 1, 65535)? as u16),
         "health_retries" => Directive::HealthRetries(number(v, 1, u64::from(MAX_RETRIES))? as u32),
@@ -607,6 +615,7 @@ impl Builder {
         let key = match &p.directive {
             Directive::Env(k, _) => format!("env {k}"),
             Directive::EnvFile(f) => format!("env_file {f}"),
+            Directive::After(s) => format!("after {s}"),
             _ => p.name.to_string(),
         };
         if let Some((first, _)) = self.seen.get(&key) {
@@ -622,6 +631,7 @@ impl Builder {
             Directive::Env(k, v) => m.env.push((k, v)),
             Directive::EnvFile(f) => m.env_files.push(f),
             Directive::User(u) => m.user = Some(u),
+            Directive::After(s) => m.after.push(s),
             Directive::Replicas(n) => m.replicas = n,
             Directive::Port(n) => m.port = Some(n),
             Directive::Proxy(x) => self.proxy = Some(x),
@@ -676,6 +686,7 @@ impl Builder {
             .unwrap_or_else(|| Health::default_for(m.port));
         m.proxy = self.proxy.unwrap_or_else(|| Proxy::default_for(&m.health));
         m.env.sort();
+        m.after.sort();
 
         if m.update_batch > m.replicas {
             if let Some((line, col)) = self.at("update_batch") {

@@ -724,9 +724,59 @@ fn version_text_round_trips() {
 }
 
 #[test]
+fn after_names_services_one_per_line_in_any_order() {
+    let m = ok("exec a\nafter db\nafter cache\n");
+    let names: Vec<&str> = m.after.iter().map(|s| s.as_str()).collect();
+    assert_eq!(names, ["cache", "db"]);
+    assert!(m.canonical().contains("after cache\nafter db\n"));
+    assert_eq!(
+        m.version(),
+        ok("exec a\nafter cache\nafter db\n").version(),
+        "the order of after lines means nothing"
+    );
+    assert_ne!(m.version(), ok("exec a\nafter db\n").version());
+    assert_eq!(
+        error("exec a\nafter\n"),
+        "2:6: after needs a service (one per line)"
+    );
+    assert_eq!(
+        error("exec a\nafter db cache\n"),
+        "2:10: unexpected 'cache' after the value of after"
+    );
+    assert!(
+        error("exec a\nafter ../db\n").starts_with("2:7: after '../db' is not a service name"),
+        "{}",
+        error("exec a\nafter ../db\n")
+    );
+    assert_eq!(
+        error("exec a\nafter db\nafter db\n"),
+        "3:1: after db given twice (first on line 2)"
+    );
+    assert_eq!(
+        error("exec a\naftr db\n"),
+        "2:1: unknown directive 'aftr' (did you mean 'after'?)"
+    );
+}
+
+#[test]
+fn a_manifest_cannot_wait_for_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("web.manifest");
+    std::fs::write(&path, "exec a\nafter db\n  after   web # no\n").unwrap();
+    let e = load(&path).unwrap_err().to_string();
+    assert!(
+        e.ends_with("web.manifest:3:11: after web: a service cannot wait for itself"),
+        "{e}"
+    );
+    std::fs::write(&path, "exec a\nafter db\n").unwrap();
+    assert!(load(&path).is_ok());
+}
+
+#[test]
 fn same_but_replicas_is_a_scale() {
     let a = ok("exec a\nreplicas 2\n");
     assert!(a.same_but_replicas(&ok("exec a\nreplicas 5\n")));
+    assert!(a.same_but_replicas(&ok("exec a\nreplicas 5\nafter db\n")));
     assert!(!a.same_but_replicas(&ok("exec b\nreplicas 5\n")));
     assert!(!a.same_but_replicas(&ok("exec a\nreplicas 5\nupdate_pause 1\n")));
 }
@@ -819,9 +869,10 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             any::<prop::sample::Index>(),
             proptest::option::of(MIN_MEMORY..=MAX_MEMORY),
             MIN_LOG..=MAX_LOG,
+            proptest::collection::btree_set("[a-z0-9][a-z0-9-]{0,62}", 0..3),
         ),
     )
-        .prop_map(|(a, b, c, d, e, (batch, memory_max, log_max))| {
+        .prop_map(|(a, b, c, d, e, (batch, memory_max, log_max, after))| {
             let (exec, dir, env, replicas, env_files, user) = a;
             let (port, proxy, health) = b;
             let (interval, timeout, retries, grace) = c;
@@ -832,6 +883,10 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             m.env = env;
             m.user = user.map(|(user, group)| User { user, group });
             m.env_files = env_files.into_iter().collect();
+            m.after = after
+                .iter()
+                .filter_map(|s| crate::name::ServiceName::new(s).ok())
+                .collect();
             m.replicas = replicas;
             m.port = port;
             // A proxy is only meaningful (and allowed) with a port.

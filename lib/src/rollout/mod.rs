@@ -165,6 +165,10 @@ pub enum Input {
         /// Resident bytes of its processes, summed.
         rss: u64,
     },
+    /// The services this one still waits for before it starts anything
+    /// (its manifest's `after` that are not ready yet, as the caller sees
+    /// them); empty: go. See [`Service::create_waiting`].
+    Wait(Vec<String>),
     /// Time passed; deadlines up to now are due.
     Tick,
 }
@@ -453,6 +457,8 @@ pub struct Service {
     failure: Option<String>,
     stopped: bool,
     removing: bool,
+    /// Services to wait for before starting anything; see [`Input::Wait`].
+    waiting: Vec<String>,
     next_id: u64,
     outcome: Outcome,
     now: Instant,
@@ -462,7 +468,19 @@ pub struct Service {
 impl Service {
     /// A new service deploying `spec`: every instance starts at once.
     pub fn create(now: Instant, spec: Spec) -> (Service, Vec<Action>) {
+        Service::create_waiting(now, spec, Vec::new())
+    }
+
+    /// [`Service::create`], but nothing starts until [`Input::Wait`] says
+    /// there is nothing left to wait for (the manifest's `after`: services
+    /// that must be ready first). The deployment is in flight meanwhile.
+    pub fn create_waiting(
+        now: Instant,
+        spec: Spec,
+        waiting: Vec<String>,
+    ) -> (Service, Vec<Action>) {
         let mut s = Service::blank(now, spec, None, Vec::new());
+        s.wait_for(waiting);
         s.begin(Kind::Create, None);
         s.drive();
         let actions = std::mem::take(&mut s.out);
@@ -477,12 +495,26 @@ impl Service {
         record: &Record,
         resolve: impl Fn(Version) -> Option<Spec>,
     ) -> Result<(Service, Vec<Action>), String> {
+        Service::restore_waiting(now, record, resolve, Vec::new())
+    }
+
+    /// [`Service::restore`], holding every start until [`Input::Wait`]
+    /// says go, as [`Service::create_waiting`].
+    pub fn restore_waiting(
+        now: Instant,
+        record: &Record,
+        resolve: impl Fn(Version) -> Option<Spec>,
+        waiting: Vec<String>,
+    ) -> Result<(Service, Vec<Action>), String> {
         let target = resolve(record.version)
             .ok_or_else(|| format!("the manifest of version {} is lost", record.version))?;
         let previous = record.previous.and_then(&resolve);
         let slots = recorded_slots(record, &resolve);
         let mut s = Service::blank(now, target, previous, slots);
         s.stopped = record.stopped;
+        if !s.stopped {
+            s.wait_for(waiting);
+        }
         s.failure = record.failure.clone();
         if let Some(reason) = &s.failure {
             s.outcome = Outcome::Failed(reason.clone());
@@ -584,6 +616,7 @@ impl Service {
             failure: None,
             stopped: false,
             removing: false,
+            waiting: Vec::new(),
             next_id: 0,
             now,
             out: Vec::new(),
@@ -617,6 +650,10 @@ impl Service {
             }
             Input::OverMemory { id, rss } => {
                 self.over_memory(id, rss);
+                Ok(String::new())
+            }
+            Input::Wait(waiting) => {
+                self.wait_for(waiting);
                 Ok(String::new())
             }
             Input::Tick => Ok(String::new()),
@@ -689,6 +726,11 @@ impl Service {
     /// Whether the service is stopped.
     pub fn is_stopped(&self) -> bool {
         self.stopped
+    }
+    /// The services it waits for before it starts anything; see
+    /// [`Input::Wait`].
+    pub fn waiting(&self) -> &[String] {
+        &self.waiting
     }
     /// Whether `remove` finished: the caller may forget the service.
     pub fn is_removed(&self) -> bool {
@@ -994,6 +1036,35 @@ impl Service {
         Ok(self.started_message())
     }
 
+    /// Sets what the service waits for, saying what changed.
+    fn wait_for(&mut self, mut waiting: Vec<String>) {
+        waiting.sort();
+        waiting.dedup();
+        if waiting == self.waiting {
+            return;
+        }
+        let done: Vec<String> = self
+            .waiting
+            .iter()
+            .filter(|w| !waiting.contains(w))
+            .cloned()
+            .collect();
+        let msg = match (done.is_empty(), waiting.is_empty()) {
+            (true, _) => format!(
+                "waiting for {} to be ready before starting (after)",
+                waiting.join(", ")
+            ),
+            (false, true) => format!("done waiting for {}; starting", done.join(", ")),
+            (false, false) => format!(
+                "done waiting for {}; still waiting for {}",
+                done.join(", "),
+                waiting.join(", ")
+            ),
+        };
+        self.waiting = waiting;
+        self.event(msg);
+    }
+
     /// `signal SIG [N]`: to every instance whose process runs and is not
     /// being stopped (deployd's own stop signal is under way there), or to
     /// instance N. A rollout in flight is no reason to refuse: a `HUP` that
@@ -1056,6 +1127,7 @@ impl Service {
         self.failure = None;
         self.stopped = true;
         self.removing = remove;
+        self.waiting.clear();
         let live: Vec<usize> = (0..self.instances.len())
             .filter(|&i| self.instances[i].live())
             .collect();
@@ -1228,7 +1300,7 @@ impl Service {
                 }
             };
         }
-        if r.paused {
+        if r.paused || !self.waiting.is_empty() {
             return false;
         }
         if let Some(t) = r.pause_until {
@@ -1959,7 +2031,7 @@ impl Service {
     /// Steady state: every committed slot that has no live instance gets one,
     /// once its backoff allows.
     fn step_slots(&mut self) -> bool {
-        if self.stopped {
+        if self.stopped || !self.waiting.is_empty() {
             return false;
         }
         let mut changed = false;

@@ -2031,3 +2031,82 @@ fn signal_skips_what_is_stopping_and_refuses_what_does_not_run() {
     let r = sim.command(Command::Signal(Signal::Hup, None)).unwrap_err();
     assert_eq!(r.kind, RefusalKind::Busy);
 }
+
+#[test]
+fn a_waiting_service_starts_nothing_until_told_to_go() {
+    let s = spec("v1", 2, 1, Strategy::Rolling);
+    let (svc, actions) = Service::create_waiting(
+        Instant::default(),
+        s.clone(),
+        vec!["db".into(), "cache".into()],
+    );
+    assert!(
+        !actions.iter().any(|a| matches!(a, Action::Start { .. })),
+        "{actions:?}"
+    );
+    let mut sim = Sim::with(Instant::default(), svc, actions);
+    let until = sim.now + Duration::from_secs(60);
+    while sim.now < until && sim.step() {}
+    assert!(sim.procs.is_empty());
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Rolling);
+    assert_eq!(sim.svc.waiting(), ["cache", "db"]);
+    assert!(sim.svc.wait_line().is_none(), "the deployment is in flight");
+    // Commands are taken meanwhile, and held too.
+    sim.command(Command::Restart(None)).unwrap_err();
+    sim.feed(Input::Wait(vec!["db".into()])).unwrap();
+    assert!(sim.procs.is_empty());
+    sim.feed(Input::Wait(Vec::new())).unwrap();
+    sim.settle();
+    sim.check_converged();
+    let waits: Vec<&String> = sim
+        .events
+        .iter()
+        .filter(|e| e.contains("waiting"))
+        .collect();
+    assert_eq!(
+        waits,
+        [
+            "waiting for cache, db to be ready before starting (after)",
+            "done waiting for cache; still waiting for db",
+            "done waiting for db; starting",
+        ]
+    );
+    // Told again what it already knows: nothing is said.
+    let n = sim.events.len();
+    sim.feed(Input::Wait(Vec::new())).unwrap();
+    assert_eq!(sim.events.len(), n);
+}
+
+#[test]
+fn a_restored_service_waits_and_a_stopped_one_does_not() {
+    let s = spec("v1", 3, 1, Strategy::Rolling);
+    let sim = Sim::new(s.clone());
+    let record = sim.svc.record();
+    let resolve = |v: Version| Some(s.clone()).filter(|s| s.version == v);
+    let (svc, actions) =
+        Service::restore_waiting(sim.now, &record, resolve, vec!["db".into()]).unwrap();
+    assert!(!actions.iter().any(|a| matches!(a, Action::Start { .. })));
+    let mut fresh = Sim::with(sim.now, svc, actions);
+    let until = fresh.now + Duration::from_secs(10);
+    while fresh.now < until && fresh.step() {}
+    assert!(fresh.procs.is_empty());
+    assert_eq!(fresh.svc.progress(), (0, 3));
+    fresh.feed(Input::Wait(Vec::new())).unwrap();
+    fresh.settle();
+    fresh.check_converged();
+    // Stopped: nothing to wait for; a stop while waiting forgets the wait.
+    let mut stopped = Sim::new(s.clone());
+    stopped.command(Command::Stop).unwrap();
+    stopped.settle();
+    let record = stopped.svc.record();
+    let (svc, _) =
+        Service::restore_waiting(stopped.now, &record, resolve, vec!["db".into()]).unwrap();
+    assert!(svc.waiting().is_empty());
+    let (svc, actions) = Service::create_waiting(Instant::default(), s.clone(), vec!["db".into()]);
+    let mut sim = Sim::with(Instant::default(), svc, actions);
+    sim.command(Command::Stop).unwrap();
+    assert!(sim.svc.waiting().is_empty());
+    sim.command(Command::Start).unwrap();
+    sim.settle();
+    assert_eq!(sim.svc.healthy(), 3);
+}
