@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -905,4 +905,89 @@ fn signals_reach_the_instances_processes() {
         d.read("active/worker/events")
             .contains("instance 0 exited unexpectedly (killed by SIGKILL)")
     );
+}
+
+/// `after`: a service starts once what it comes after is ready, at its
+/// first deployment and when deployd starts again, and stops before it.
+#[test]
+fn after_orders_starts_and_stops() {
+    // db takes 1.5s to listen; web's shell takes 1s to exit on TERM.
+    let db = app_manifest(1, "env START_DELAY_MS=1500\n");
+    let web = "exec trap 'sleep 1; exit 0' TERM; while :; do sleep 0.05; done\n\
+               after db\nstop_timeout 5s\n";
+    let Some(mut d) = Deployd::start(&[("db", db.clone()), ("web", web.to_string())]) else {
+        return;
+    };
+    let starts_after_db = |d: &Deployd| {
+        wait_for("web to wait", LONG, || {
+            d.try_read("active/web/state") == "waiting\n"
+        });
+        // Until db is ready, web starts nothing.
+        while d.try_read("active/db/update_progress") != "1/1\n" {
+            assert!(
+                d.instances("web").is_empty(),
+                "web started before db was ready"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d.settle("web", LONG);
+        assert_eq!(d.field("active/web/state"), "running");
+        let events = d.read("active/web/events");
+        assert!(
+            events.contains("waiting for db to be ready before starting (after)\n")
+                && events.contains("done waiting for db; starting\n"),
+            "{events}"
+        );
+    };
+    starts_after_db(&d);
+
+    // Refused, changing nothing: a service that is not there, a cycle.
+    d.write_manifest("web", &format!("{web}after nothere\n"));
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("web.manifest:4:7: after nothere: no service nothere is deployed"),
+        "{}",
+        stderr(&out)
+    );
+    d.write_manifest("web", web);
+    d.write_manifest("db", &format!("{db}after web\n"));
+    let out = d.deploy(&["apply", "db"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("after web: a cycle (db → web → db)"),
+        "{}",
+        stderr(&out)
+    );
+    // deploy check sees the cycle among the files it is given, offline.
+    let file = |s: &str| d.manifests.join(format!("{s}.manifest")).display().to_string();
+    let out = d.deploy(&["check", &file("db")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = d.deploy(&["check", &file("db"), &file("web")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("web.manifest:2:7: after db: a cycle (web → db → web)"),
+        "{}",
+        stderr(&out)
+    );
+    d.write_manifest("db", &db);
+
+    // Stopping: web's instances are gone before db's get their signal.
+    let stop_in_order = |d: &mut Deployd| {
+        let web_pid = d.instances("web")[0].1;
+        let db_pid = d.instances("db")[0].1;
+        d.sigterm();
+        let until = Instant::now() + LONG;
+        while alive(web_pid) && Instant::now() < until {
+            assert!(alive(db_pid), "db stopped while web was still stopping");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(d.wait_exit(LONG), Some(0));
+        assert!(!alive(db_pid));
+    };
+    stop_in_order(&mut d);
+    // Started again (restored from its records): the same order.
+    d.launch();
+    starts_after_db(&d);
+    stop_in_order(&mut d);
 }

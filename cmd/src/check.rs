@@ -1,9 +1,11 @@
 //! `deploy check FILE...`: validates manifests offline, without a server:
-//! the language, and what a manifest needs of this machine (its `user`).
+//! the language, what a manifest needs of this machine (its `user`), and
+//! that the files checked together make no `after` cycle.
 
 use std::io::Write;
 use std::path::PathBuf;
 
+use deployd_lib::order::{self, Graph};
 use deployd_lib::{host, manifest};
 
 use crate::{Exit, Fail};
@@ -15,21 +17,39 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
     let load = if syntax { manifest::load } else { host::load };
     let mut out = std::io::stdout().lock();
     let mut failed = 0;
+    let mut loaded = Vec::new();
     for file in files {
         match load(file) {
-            Ok(loaded) => {
-                writeln!(
-                    out,
-                    "{}: ok ({} {})",
-                    file.display(),
-                    loaded.service,
-                    loaded.manifest.version()
-                )?;
-            }
+            Ok(l) => loaded.push((file, l)),
             Err(e) => {
                 failed += 1;
                 eprintln!("{e}");
             }
+        }
+    }
+    // Services named by no file may be deployed already: only cycles
+    // among the files are errors here.
+    let graph: Graph = loaded
+        .iter()
+        .map(|(_, l)| {
+            let after = l.manifest.after.iter().map(|s| s.to_string()).collect();
+            (l.service.to_string(), after)
+        })
+        .collect();
+    for (file, l) in &loaded {
+        match order::cycle_error(&graph, l.service.as_str()) {
+            Some((first, message)) => {
+                failed += 1;
+                let (line, col) = manifest::position_of_after(&l.text, &first).unwrap_or((1, 1));
+                eprintln!("{}:{line}:{col}: {message}", file.display());
+            }
+            None => writeln!(
+                out,
+                "{}: ok ({} {})",
+                file.display(),
+                l.service,
+                l.manifest.version()
+            )?,
         }
     }
     if failed > 0 {

@@ -16,4 +16,5 @@ pub mod envfile;
 pub mod host;
 pub mod manifest;
 pub mod name;
+pub mod order;
 pub mod rollout;

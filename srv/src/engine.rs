@@ -37,6 +37,8 @@ use crate::proxy::{self, Router};
 use crate::store::{HISTORY, Saved, Store};
 use crate::view::{self, EventLog, Runtime, ServiceView, Views};
 
+mod after;
+
 /// How a ctl command's result gets back to its writer.
 pub type CtlDone = Box<dyn FnOnce(Result<String, Refusal>) + Send>;
 
@@ -321,10 +323,11 @@ impl Engine {
         if recorded.is_empty() {
             self.apply_manifests_dir();
         }
-        for name in recorded {
+        for name in &recorded {
+            let name = name.clone();
             let running = handed.remove(name.as_str()).unwrap_or_default();
             let restored = if running.is_empty() {
-                self.restore(&name)
+                self.restore(&name, &recorded)
             } else {
                 self.restore_adopting(&name, running)
             };
@@ -360,15 +363,34 @@ impl Engine {
                 return;
             }
         };
+        let mut specs = Vec::new();
         for file in files {
             match host::load(&file) {
-                Ok(loaded) => {
-                    let spec = Spec::new(loaded.manifest, loaded.text);
-                    if let Err(e) = self.create(loaded.service.clone(), spec) {
-                        tracing::error!("{}: {e}", loaded.service);
-                    }
-                }
+                Ok(loaded) => specs.push((loaded.service, Spec::new(loaded.manifest, loaded.text))),
                 Err(e) => tracing::error!("not applied: {e}"),
+            }
+        }
+        // A manifest whose after names a service that is not here is not
+        // applied, as `apply` would refuse it; and then neither is one
+        // that comes after it.
+        loop {
+            let applied: Vec<(&ServiceName, &manifest::Manifest, &str)> = specs
+                .iter()
+                .map(|(n, s)| (n, &*s.manifest, &*s.text))
+                .collect();
+            let bad = self.check_after(&applied);
+            if bad.is_empty() {
+                break;
+            }
+            for (name, e) in bad {
+                tracing::error!("not applied: {e}");
+                specs.retain(|(n, _)| *n != name);
+            }
+        }
+        let coming: Vec<ServiceName> = specs.iter().map(|(n, _)| n.clone()).collect();
+        for (name, spec) in specs {
+            if let Err(e) = self.create(name.clone(), spec, &coming) {
+                tracing::error!("{name}: {e}");
             }
         }
     }
@@ -397,6 +419,13 @@ impl Engine {
                 Ok(l) => specs.push((l.service, Spec::new(l.manifest, l.text))),
                 Err(e) => errors.push(e.to_string()),
             }
+        }
+        if errors.is_empty() {
+            let applied: Vec<(&ServiceName, &manifest::Manifest, &str)> = specs
+                .iter()
+                .map(|(n, s)| (n, &*s.manifest, &*s.text))
+                .collect();
+            errors.extend(self.check_after(&applied).into_iter().map(|(_, e)| e));
         }
         if !errors.is_empty() {
             return Err(Refusal {
@@ -433,11 +462,20 @@ impl Engine {
             });
         }
         let mut started = Vec::new();
+        let coming: Vec<ServiceName> = specs
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| !self.names.contains_key(n))
+            .collect();
         for (name, spec) in specs {
             if unchanged.contains(&name.to_string()) {
                 continue;
             }
-            match self.apply_spec(&name, spec) {
+            let applied = match self.names.get(&name).copied() {
+                Some(sid) => self.command(sid, Command::Apply(spec)),
+                None => self.create(name.clone(), spec, &coming),
+            };
+            match applied {
                 Ok(_) => started.push(name.to_string()),
                 // Only what the dry run could not foresee (the disk).
                 Err(r) => tracing::error!("{name}: {}", r.message),
@@ -464,10 +502,15 @@ impl Engine {
         Ok((saved, history))
     }
 
-    fn restore(&mut self, name: &ServiceName) -> Result<(), String> {
+    /// Restores a recorded service; `coming`: every service being restored
+    /// with it, which its `after` may name.
+    fn restore(&mut self, name: &ServiceName, coming: &[ServiceName]) -> Result<(), String> {
         let (saved, history) = self.load(name)?;
+        let waiting = resolve(&history, saved.record.version)
+            .map(|target| self.pending_after(name, &target.manifest, coming))
+            .unwrap_or_default();
         let (machine, actions) =
-            Service::restore(self.now(), &saved.record, |v| resolve(&history, v))?;
+            Service::restore_waiting(self.now(), &saved.record, |v| resolve(&history, v), waiting)?;
         let sid = self.add_entry(name.clone(), machine, history);
         if let Some(e) = self.services.get_mut(&sid) {
             e.saved = Some(saved);
@@ -561,7 +604,14 @@ impl Engine {
         sid
     }
 
-    fn create(&mut self, name: ServiceName, spec: Spec) -> Result<String, Refusal> {
+    /// Deploys a new service; `coming`: every service being deployed with
+    /// it, which its `after` may name.
+    fn create(
+        &mut self,
+        name: ServiceName,
+        spec: Spec,
+        coming: &[ServiceName],
+    ) -> Result<String, Refusal> {
         self.store.create(&name).map_err(|e| Refusal {
             kind: RefusalKind::Invalid,
             message: format!("cannot create the state of {name}: {e}"),
@@ -573,14 +623,21 @@ impl Engine {
                 kind: RefusalKind::Invalid,
                 message: format!("cannot save the manifest: {e}"),
             })?;
-        let (machine, actions) = Service::create(self.now(), spec);
-        let msg = actions
+        let waiting = self.pending_after(&name, &spec.manifest, coming);
+        let (machine, actions) = Service::create_waiting(self.now(), spec, waiting);
+        // The deployment's own line, and what it waits for.
+        let events: Vec<&str> = actions
             .iter()
-            .find_map(|a| match a {
-                Action::Event(e) => Some(e.clone()),
+            .filter_map(|a| match a {
+                Action::Event(e) => Some(e.as_str()),
                 _ => None,
             })
-            .unwrap_or_default();
+            .collect();
+        let find = |prefix: &str| events.iter().find(|e| e.starts_with(prefix)).copied();
+        let msg = match (find("deployment of"), find("waiting for")) {
+            (Some(d), Some(w)) => format!("{d}; {w}"),
+            (d, w) => d.or(w).unwrap_or_default().to_string(),
+        };
         let sid = self.add_entry(name, machine, history);
         self.execute(sid, actions);
         Ok(msg)
@@ -628,11 +685,31 @@ impl Engine {
                 .collect(),
             false => Vec::new(),
         };
-        self.finish_traffic(&mut rx, &mut signals).await;
-        if self.reexec && *signals.borrow() == 0 {
-            return Outcome::ReExec(self.handoff(sockets));
+        if self.reexec {
+            let all: Vec<u32> = self.services.keys().copied().collect();
+            self.finish_traffic(&mut rx, &mut signals, &all).await;
+            if *signals.borrow() == 0 {
+                return Outcome::ReExec(self.handoff(sockets));
+            }
+            self.shutdown(&mut rx, &all).await;
+            return Outcome::Stopped;
         }
-        self.shutdown(&mut rx).await;
+        // Services stop in `after` order: those that come after others
+        // first, so that what they need outlives their requests in flight.
+        let groups = self.stop_order();
+        let many = groups.len() > 1;
+        for group in groups {
+            if many {
+                let names: Vec<String> = group
+                    .iter()
+                    .filter_map(|sid| self.services.get(sid).map(|e| e.name.to_string()))
+                    .collect();
+                tracing::info!("stopping {}", names.join(", "));
+            }
+            self.finish_traffic(&mut rx, &mut signals, &group).await;
+            self.shutdown(&mut rx, &group).await;
+        }
+        tracing::info!("every instance stopped");
         Outcome::Stopped
     }
 
@@ -834,6 +911,17 @@ impl Engine {
         let command = match verb {
             Verb::Apply => {
                 let spec = self.load_manifest(service)?;
+                let errors = self.check_after(&[(service, &spec.manifest, &spec.text)]);
+                if !errors.is_empty() {
+                    return Err(Refusal {
+                        kind: RefusalKind::Invalid,
+                        message: errors
+                            .into_iter()
+                            .map(|(_, e)| e)
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                    });
+                }
                 return self.apply_spec(service, spec);
             }
             Verb::Rollback(Some(v)) => {
@@ -857,7 +945,18 @@ impl Engine {
             Verb::Resume => Command::Resume,
             Verb::Restart(n) => Command::Restart(n),
             Verb::Stop => Command::Stop,
-            Verb::Start => Command::Start,
+            Verb::Start => {
+                // Started again, it waits for its `after` as at its creation.
+                let stopped = sid.and_then(|s| self.services.get(&s)).and_then(|e| {
+                    let m = &e.machine;
+                    m.is_stopped().then(|| m.target().manifest.clone())
+                });
+                if let (Some(sid), Some(m)) = (sid, stopped) {
+                    let waiting = self.pending_after(service, &m, &[]);
+                    let _ = self.handle(sid, Input::Wait(waiting));
+                }
+                Command::Start
+            }
             Verb::Remove => Command::Remove,
             Verb::Signal(signal, n) => Command::Signal(signal, n),
         };
@@ -868,7 +967,7 @@ impl Engine {
     /// Rolls `service` out to `spec`, or deploys it if it is new.
     fn apply_spec(&mut self, service: &ServiceName, spec: Spec) -> Result<String, Refusal> {
         let Some(sid) = self.names.get(service).copied() else {
-            return self.create(service.clone(), spec);
+            return self.create(service.clone(), spec, &[]);
         };
         self.command(sid, Command::Apply(spec))
     }
@@ -1356,6 +1455,10 @@ impl Engine {
         while let Some((sid, input)) = self.pending.pop_front() {
             let _ = self.handle(sid, input);
         }
+        self.release_waiting();
+        while let Some((sid, input)) = self.pending.pop_front() {
+            let _ = self.handle(sid, input);
+        }
         let dirty: Vec<u32> = self.dirty.drain().collect();
         for sid in dirty {
             self.persist(sid);
@@ -1466,8 +1569,8 @@ impl Engine {
         tracing::info!(service = %e.name, "removed");
     }
 
-    /// deployd is stopping: no service takes new connections, idle ones
-    /// close, and what is in flight may finish, each service's requests
+    /// deployd is stopping the services `only`: none of them takes new
+    /// connections, idle ones close, and what is in flight may finish, each service's requests
     /// (http) or connections (tcp) for up to its `drain`, as when an
     /// instance is routed out. Its instances keep running meanwhile; a
     /// second stop signal ends the wait.
@@ -1475,10 +1578,11 @@ impl Engine {
         &mut self,
         rx: &mut mpsc::UnboundedReceiver<Msg>,
         signals: &mut watch::Receiver<u32>,
+        only: &[u32],
     ) {
         let now = tokio::time::Instant::now();
         let mut waiting = Vec::new();
-        for (&sid, e) in &self.services {
+        for (&sid, e) in self.services.iter().filter(|(s, _)| only.contains(s)) {
             let Some(r) = &e.router else { continue };
             r.finish();
             let open = r.total_inflight();
@@ -1529,13 +1633,14 @@ impl Engine {
         }
     }
 
-    /// Stops every instance (stop signal, SIGKILL after its stop_timeout) and
-    /// waits for them, refusing commands meanwhile. Records stay as they
+    /// Stops every instance of the services `only` (stop signal, SIGKILL
+    /// after its stop_timeout) and waits for them, refusing commands
+    /// meanwhile. Records stay as they
     /// are, so a rollout in flight comes back paused.
-    async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
+    async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>, only: &[u32]) {
         let mut longest = Duration::ZERO;
         let mut live = Vec::new();
-        for (&sid, e) in &mut self.services {
+        for (&sid, e) in self.services.iter_mut().filter(|(s, _)| only.contains(s)) {
             for (&id, inst) in &mut e.runtime {
                 inst.stop_tasks();
                 live.push((sid, id));
@@ -1558,7 +1663,11 @@ impl Engine {
             longest = longest.max(inst.stop_timeout);
         }
         let until = tokio::time::Instant::now() + longest + Duration::from_secs(2);
-        while self.services.values().any(|e| !e.runtime.is_empty()) {
+        let running = |s: &Self| {
+            only.iter()
+                .any(|sid| s.services.get(sid).is_some_and(|e| !e.runtime.is_empty()))
+        };
+        while running(self) {
             let msg = tokio::select! {
                 m = rx.recv() => m,
                 _ = tokio::time::sleep_until(until) => break,
@@ -1567,11 +1676,12 @@ impl Engine {
                 break;
             }
         }
-        for e in self.services.values_mut() {
-            e.runtime.clear();
-            let _ = self.store.save_pids(&e.name, &[]);
+        for sid in only {
+            if let Some(e) = self.services.get_mut(sid) {
+                e.runtime.clear();
+                let _ = self.store.save_pids(&e.name, &[]);
+            }
         }
-        tracing::info!("every instance stopped");
     }
 
     /// Handles a message while deployd stops: an instance that exited is

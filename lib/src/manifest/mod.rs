@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::name::ServiceName;
 
 pub(crate) use parse::{col, utf8_line};
-pub use parse::{parse, position_of};
+pub use parse::{parse, position_of, position_of_after};
 
 /// Largest accepted `replicas`.
 pub const MAX_REPLICAS: u32 = 1000;
@@ -655,18 +655,7 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         Ok(manifest) if manifest.after.contains(&service) => {
             // parse accepted it, so it is UTF-8.
             let text = String::from_utf8_lossy(&bytes);
-            let (line, col) = position_of(&text, "after")
-                .into_iter()
-                .find(|&(line, col)| {
-                    let l = text.split('\n').nth(line - 1).unwrap_or("");
-                    l.chars()
-                        .skip(col - 1)
-                        .collect::<String>()
-                        .split_whitespace()
-                        .next()
-                        == Some(service.as_str())
-                })
-                .unwrap_or((1, 1));
+            let (line, col) = position_of_after(&text, service.as_str()).unwrap_or((1, 1));
             Err(LoadError::Invalid {
                 file: file.clone(),
                 diagnostics: vec![Diagnostic {

@@ -374,6 +374,22 @@ pub fn position_of(src: &str, directive: &str) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// Where the value of the `after SERVICE` line of `src` starts, as (line,
+/// column): for errors about that service found after parsing.
+pub fn position_of_after(src: &str, service: &str) -> Option<(usize, usize)> {
+    src.split('\n').enumerate().find_map(|(i, raw)| {
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
+        match parse_line(raw) {
+            Ok(Some(Parsed {
+                directive: Directive::After(s),
+                value_col,
+                ..
+            })) if s.as_str() == service => Some((i + 1, value_col)),
+            _ => None,
+        }
+    })
+}
+
 fn check_env_key(key: &str) -> Result<(), String> {
     let valid = key
         .chars()

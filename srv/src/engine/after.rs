@@ -1,0 +1,164 @@
+//! `after`: the order between services. A service whose manifest says
+//! `after db` starts its instances, when it is created, restored at
+//! deployd's start or started again, only once `db` is up; when deployd
+//! stops, it stops before `db`. The state machine holds the starts
+//! ([`Input::Wait`]); the engine, which sees every service, says when to go.
+
+use deployd_lib::manifest::{self, Manifest};
+use deployd_lib::name::ServiceName;
+use deployd_lib::order::{self, Graph};
+use deployd_lib::rollout::{Input, State};
+
+use super::Engine;
+
+impl Engine {
+    /// Every service's `after`, by name, from its target manifest.
+    pub(super) fn after_graph(&self) -> Graph {
+        self.services
+            .values()
+            .map(|e| (e.name.to_string(), names(&e.machine.target().manifest)))
+            .collect()
+    }
+
+    /// Whether `name` is up for the services that come after it: running,
+    /// waiting for nothing itself, and with as many ready instances as its
+    /// `replicas` (of any version: a failed rollout still serves).
+    fn is_up(&self, name: &str) -> bool {
+        let Some(e) = ServiceName::new(name)
+            .ok()
+            .and_then(|n| self.names.get(&n))
+            .and_then(|sid| self.services.get(sid))
+        else {
+            return false;
+        };
+        let m = &e.machine;
+        let ready = m
+            .instances()
+            .iter()
+            .filter(|i| i.state() == State::Ready)
+            .count();
+        !m.is_stopped() && m.waiting().is_empty() && ready >= m.target().manifest.replicas as usize
+    }
+
+    /// What `name`, whose manifest is `m`, waits for now: each service of
+    /// its `after` that exists (or is in `coming`, about to) and is not up.
+    /// One that comes after `name` in turn is left out: a cycle, which
+    /// `apply` refuses but a rollback to an older manifest can bring back,
+    /// must not hold both for ever.
+    pub(super) fn pending_after(
+        &self,
+        name: &ServiceName,
+        m: &Manifest,
+        coming: &[ServiceName],
+    ) -> Vec<String> {
+        let mut graph = self.after_graph();
+        graph.insert(name.to_string(), names(m));
+        m.after
+            .iter()
+            .filter(|d| self.names.contains_key(*d) || coming.contains(d))
+            .filter(|d| !self.is_up(d.as_str()))
+            .filter(|d| !order::reaches(&graph, d.as_str(), name.as_str()))
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    /// Checks the `after` of manifests about to be applied together
+    /// (`(service, manifest, text)`): each names a service that is deployed
+    /// or among them, and none closes a cycle. Each error is the service's
+    /// and `FILE:LINE:COL: message`, at the `after` line.
+    pub(super) fn check_after(
+        &self,
+        applied: &[(&ServiceName, &Manifest, &str)],
+    ) -> Vec<(ServiceName, String)> {
+        let mut graph = self.after_graph();
+        for (name, m, _) in applied {
+            graph.insert(name.to_string(), names(m));
+        }
+        let mut errors = Vec::new();
+        for (name, m, text) in applied {
+            let file = self.config.manifests.join(format!("{name}.manifest"));
+            let at = |dep: &str| {
+                let (line, col) = manifest::position_of_after(text, dep).unwrap_or((1, 1));
+                format!("{}:{line}:{col}", file.display())
+            };
+            for dep in &m.after {
+                if !graph.contains_key(dep.as_str()) {
+                    errors.push((
+                        (*name).clone(),
+                        format!(
+                        "{}: after {dep}: no service {dep} is deployed (deploy it first, or apply every manifest)",
+                            at(dep.as_str())
+                        ),
+                    ));
+                }
+            }
+            if let Some((first, message)) = order::cycle_error(&graph, name.as_str()) {
+                errors.push(((*name).clone(), format!("{}: {message}", at(&first))));
+            }
+        }
+        errors
+    }
+
+    /// Tells each waiting service what it still waits for, once something
+    /// it waited for is up (or gone). Called at each flush: a service that
+    /// goes frees those after it once its instances are ready, which is a
+    /// later message.
+    pub(super) fn release_waiting(&mut self) {
+        let waiting: Vec<(u32, ServiceName, Vec<String>)> = self
+            .services
+            .iter()
+            .filter(|(_, e)| !e.machine.waiting().is_empty())
+            .map(|(&sid, e)| (sid, e.name.clone(), e.machine.waiting().to_vec()))
+            .collect();
+        for (sid, name, was) in waiting {
+            let Some(m) = self
+                .services
+                .get(&sid)
+                .map(|e| e.machine.target().manifest.clone())
+            else {
+                continue;
+            };
+            let now: Vec<String> = self
+                .pending_after(&name, &m, &[])
+                .into_iter()
+                .filter(|d| was.contains(d))
+                .collect();
+            if now != was {
+                let gone: Vec<&String> = was
+                    .iter()
+                    .filter(|d| {
+                        ServiceName::new(d)
+                            .ok()
+                            .is_none_or(|n| !self.names.contains_key(&n))
+                    })
+                    .collect();
+                for g in gone {
+                    self.log(
+                        sid,
+                        &format!("{g} is no longer deployed; not waiting for it"),
+                    );
+                }
+                let _ = self.handle(sid, Input::Wait(now));
+            }
+        }
+    }
+
+    /// The services' ids in the order they stop: see
+    /// [`order::stop_groups`].
+    pub(super) fn stop_order(&self) -> Vec<Vec<u32>> {
+        order::stop_groups(&self.after_graph())
+            .into_iter()
+            .map(|group| {
+                group
+                    .iter()
+                    .filter_map(|n| ServiceName::new(n).ok())
+                    .filter_map(|n| self.names.get(&n).copied())
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+fn names(m: &Manifest) -> Vec<String> {
+    m.after.iter().map(|s| s.to_string()).collect()
+}
