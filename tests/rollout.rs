@@ -651,6 +651,7 @@ dir /
 health exec test \"$(id -u)\" = 65534
 health_interval 100ms
 health_deadline 10s
+memory_max 1G
 ";
     let Some(d) = Deployd::start(&[("svc", m.to_string())]) else {
         return;
@@ -658,6 +659,11 @@ health_deadline 10s
     d.settle("svc", LONG);
     let (_, pid, state, _, _) = d.instances("svc")[0].clone();
     assert_eq!(state, "ready");
+    let shown = stdout(&d.deploy(&["status", "svc"]));
+    assert!(
+        shown.contains("\n  user              nobody\n  memory max        1G\n"),
+        "{shown}"
+    );
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
         status.contains("Uid:\t65534\t65534\t65534\t65534"),
@@ -940,6 +946,11 @@ fn after_orders_starts_and_stops() {
         );
     };
     starts_after_db(&d);
+    let status = stdout(&d.deploy(&["status", "web"]));
+    assert!(status.contains("\n  after             db\n"), "{status}");
+    let out = d.deploy(&["status", "web", "--json"]);
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["after"], serde_json::json!(["db"]), "{j}");
 
     // Refused, changing nothing: a service that is not there, a cycle.
     d.write_manifest("web", &format!("{web}after nothere\n"));
@@ -960,7 +971,12 @@ fn after_orders_starts_and_stops() {
         stderr(&out)
     );
     // deploy check sees the cycle among the files it is given, offline.
-    let file = |s: &str| d.manifests.join(format!("{s}.manifest")).display().to_string();
+    let file = |s: &str| {
+        d.manifests
+            .join(format!("{s}.manifest"))
+            .display()
+            .to_string()
+    };
     let out = d.deploy(&["check", &file("db")]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let out = d.deploy(&["check", &file("db"), &file("web")]);

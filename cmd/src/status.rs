@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use deployd_lib::manifest;
 use serde::Serialize;
 
 use crate::ns::{self, Ns};
@@ -27,6 +28,15 @@ struct Detail {
     update_status: String,
     progress: String,
     state: String,
+    /// From its target manifest: the account its instances run as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user: Option<String>,
+    /// From its target manifest: `memory_max`, bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory_max: Option<u64>,
+    /// From its target manifest: the services it starts after.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    after: Vec<String>,
     /// What the public port served, when the service has one.
     traffic: Option<Traffic>,
     instances: Vec<Instance>,
@@ -248,6 +258,10 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
     let dir = ns.service(service)?;
     let previous = ns::read_field(&dir, "previous_version");
     let traffic_text = ns::read_field(&dir, "traffic");
+    // The target manifest, for what the namespace has no file of.
+    let m = std::fs::read(dir.join("manifest"))
+        .ok()
+        .and_then(|t| manifest::parse(&t).ok());
     let d = Detail {
         service: service.to_string(),
         version: ns::read_field(&dir, "version"),
@@ -255,6 +269,15 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         update_status: ns::read_field(&dir, "update_status"),
         progress: ns::read_field(&dir, "update_progress"),
         state: ns::read_field(&dir, "state"),
+        user: m
+            .as_ref()
+            .and_then(|m| m.user.as_ref())
+            .map(|u| u.to_string()),
+        memory_max: m.as_ref().and_then(|m| m.memory_max),
+        after: m
+            .as_ref()
+            .map(|m| m.after.iter().map(|s| s.to_string()).collect())
+            .unwrap_or_default(),
         traffic: traffic(&traffic_text),
         instances: instances(&dir.join("instances"), &instance_traffic(&traffic_text)),
     };
@@ -277,6 +300,15 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
     ];
     for (k, v) in fields {
         writeln!(out, "  {k:<17} {v}")?;
+    }
+    if let Some(u) = &d.user {
+        writeln!(out, "  {:<17} {u}", "user")?;
+    }
+    if let Some(n) = d.memory_max {
+        writeln!(out, "  {:<17} {}", "memory max", manifest::format_size(n))?;
+    }
+    if !d.after.is_empty() {
+        writeln!(out, "  {:<17} {}", "after", d.after.join(", "))?;
     }
     if let Some(t) = &d.traffic {
         let what = if t.mode == "tcp" {
