@@ -911,6 +911,37 @@ fn signals_reach_the_instances_processes() {
         d.read("active/worker/events")
             .contains("instance 0 exited unexpectedly (killed by SIGKILL)")
     );
+    // The same through the instance's own ctl file.
+    let ctl = "$ROOT/active/worker/instances/1/ctl";
+    let out = d.sh(&format!("cat {ctl}"));
+    assert_eq!(stdout(&out), "commands: restart | signal SIG\n");
+    let out = d.sh(&format!("echo stop > {ctl}"));
+    assert!(
+        stderr(&out).contains("Invalid argument"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.sh(&format!("echo 'signal HUP' > {ctl}"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("a second HUP in instance 1's log", LONG, || {
+        log(1).matches("got-hup").count() == 2
+    });
+    assert_eq!(
+        log(0).matches("got-hup").count(),
+        0,
+        "instance 0 is a new process"
+    );
+    let out = d.sh(&format!("echo restart > {ctl}"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.settle("worker", LONG);
+    let now: Vec<u32> = d.instances("worker").iter().map(|i| i.1).collect();
+    assert_eq!(now.len(), 2);
+    assert_ne!(now[1], pids[1], "instance 1 was replaced");
+    assert!(!alive(pids[1]));
+    assert!(
+        d.read("active/worker/events")
+            .contains("restart of instance 1 complete")
+    );
 }
 
 /// `after`: a service starts once what it comes after is ready, at its

@@ -171,6 +171,49 @@ pub fn parse_service(msg: &[u8]) -> Result<Verb, CtlError> {
     verb_with_args(verb, args)
 }
 
+/// The commands of an instance's `ctl` file: the service's commands that
+/// name an instance, without the number.
+pub const INSTANCE_COMMANDS: [&str; 2] = ["restart", "signal SIG"];
+
+/// The instance `ctl` file's commands, for reading it.
+pub fn instance_usage() -> String {
+    INSTANCE_COMMANDS.join(" | ")
+}
+
+/// Parses a write to `instances/N/ctl`: `restart` or `signal SIG`, as the
+/// service's `restart N` and `signal SIG N`.
+pub fn parse_instance(msg: &[u8], number: u32) -> Result<Verb, CtlError> {
+    let words = words(msg)?;
+    let Some((verb, args)) = words.split_first() else {
+        return Err(CtlError(format!(
+            "empty control message; commands: {}",
+            instance_usage()
+        )));
+    };
+    let n = number.to_string();
+    match (*verb, args) {
+        ("restart", []) | ("signal", [_]) => {
+            let mut args = args.to_vec();
+            args.push(&n);
+            verb_with_args(verb, &args)
+        }
+        ("restart", _) | ("signal", _) => Err(CtlError(format!(
+            "bad # args to command: an instance's ctl takes {}, got {} argument{}",
+            instance_usage(),
+            args.len(),
+            if args.len() == 1 { "" } else { "s" }
+        ))),
+        _ => {
+            let shown: String = verb.chars().take(40).collect();
+            Err(CtlError(format!(
+                "unknown control message '{}'; commands: {}",
+                shown.escape_debug(),
+                instance_usage()
+            )))
+        }
+    }
+}
+
 /// What a write to the root `ctl` file asks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootCommand {
@@ -400,6 +443,39 @@ mod tests {
                 .unwrap_err()
                 .0
                 .contains("is not a service name")
+        );
+    }
+
+    #[test]
+    fn an_instance_ctl_names_its_instance() {
+        assert_eq!(parse_instance(b"restart\n", 3), Ok(Verb::Restart(Some(3))));
+        assert_eq!(
+            parse_instance(b"signal hup", 0),
+            Ok(Verb::Signal(Signal::Hup, Some(0)))
+        );
+        assert_eq!(
+            parse_instance(b"restart 2", 3).unwrap_err().0,
+            "bad # args to command: an instance's ctl takes restart | signal SIG, got 1 argument"
+        );
+        assert_eq!(
+            parse_instance(b"signal", 3).unwrap_err().0,
+            "bad # args to command: an instance's ctl takes restart | signal SIG, got 0 arguments"
+        );
+        assert_eq!(
+            parse_instance(b"stop", 3).unwrap_err().0,
+            "unknown control message 'stop'; commands: restart | signal SIG"
+        );
+        assert!(
+            parse_instance(b"signal WINCH", 3)
+                .unwrap_err()
+                .0
+                .starts_with("unknown signal")
+        );
+        assert!(
+            parse_instance(b"", 3)
+                .unwrap_err()
+                .0
+                .starts_with("empty control message")
         );
     }
 

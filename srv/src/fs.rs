@@ -165,7 +165,10 @@ impl Node {
     }
 
     fn writable(self) -> bool {
-        matches!(self, Node::RootCtl | Node::SvcFile(_, SvcFile::Ctl))
+        matches!(
+            self,
+            Node::RootCtl | Node::SvcFile(_, SvcFile::Ctl) | Node::InstFile(_, _, InstFile::Ctl)
+        )
     }
 }
 
@@ -177,9 +180,11 @@ enum Open {
     Events(Arc<crate::view::EventLog>),
     /// An instance's output file.
     Log(File),
-    /// A ctl file; holds the result of the last command written through it.
+    /// A ctl file (the root's, a service's, or an instance's of that
+    /// service); holds the result of the last command written through it.
     Ctl {
         service: Option<ServiceName>,
+        instance: Option<u32>,
         last: Arc<Mutex<Option<String>>>,
     },
     /// A wait file; holds its answer once there is one.
@@ -400,6 +405,7 @@ impl Fs {
                         let m = meta.and_then(|m| m.modified().ok()).unwrap_or(i.created);
                         (len, m, i.created)
                     }
+                    (InstFile::Ctl, _) => (0, i.created, i.created),
                     _ => return Err(Errno::ENOENT),
                 }
             }
@@ -551,6 +557,7 @@ impl Fs {
         Ok(match node {
             Node::RootCtl => Open::Ctl {
                 service: None,
+                instance: None,
                 last: Arc::default(),
             },
             Node::Status => Open::Bytes(self.status()),
@@ -559,6 +566,7 @@ impl Fs {
                 match f {
                     SvcFile::Ctl => Open::Ctl {
                         service: Some(v.name.clone()),
+                        instance: None,
                         last: Arc::default(),
                     },
                     SvcFile::Events => Open::Events(v.events.clone()),
@@ -580,6 +588,11 @@ impl Fs {
                 let i = v.instance(n).ok_or(Errno::ENOENT)?;
                 match (f, i.file(f)) {
                     (_, Some(d)) => Open::Bytes(d.data.clone()),
+                    (InstFile::Ctl, _) => Open::Ctl {
+                        service: Some(v.name.clone()),
+                        instance: Some(n),
+                        last: Arc::default(),
+                    },
                     (InstFile::Inflight, _) => {
                         Open::Bytes(Arc::from(v.inflight(i.id).into_bytes()))
                     }
@@ -617,11 +630,19 @@ impl Fs {
                     Err(_) => return reply.error(Errno::EIO),
                 }
             }
-            Open::Ctl { service, last } => {
-                let text = last.lock().clone().unwrap_or_else(|| match service {
-                    None => format!("commands: {}\n", ctl::root_usage()),
-                    Some(_) => format!("commands: {}\n", ctl::usage()),
-                });
+            Open::Ctl {
+                service,
+                instance,
+                last,
+            } => {
+                let text = last
+                    .lock()
+                    .clone()
+                    .unwrap_or_else(|| match (service, instance) {
+                        (None, _) => format!("commands: {}\n", ctl::root_usage()),
+                        (Some(_), None) => format!("commands: {}\n", ctl::usage()),
+                        (Some(_), Some(_)) => format!("commands: {}\n", ctl::instance_usage()),
+                    });
                 slice(text.as_bytes(), offset, size).to_vec()
             }
             Open::Wait { sid, answer } => {
@@ -655,12 +676,20 @@ impl Fs {
     }
 
     fn do_write(&self, open: &Open, data: &[u8], reply: ReplyWrite) {
-        let Open::Ctl { service, last } = open else {
+        let Open::Ctl {
+            service,
+            instance,
+            last,
+        } = open
+        else {
             return reply.error(Errno::EBADF);
         };
-        let parsed = match service {
-            None => ctl::parse_root(data),
-            Some(s) => ctl::parse_service(data).map(|v| RootCommand::One(s.clone(), v)),
+        let parsed = match (service, instance) {
+            (None, _) => ctl::parse_root(data),
+            (Some(s), None) => ctl::parse_service(data).map(|v| RootCommand::One(s.clone(), v)),
+            (Some(s), Some(n)) => {
+                ctl::parse_instance(data, *n).map(|v| RootCommand::One(s.clone(), v))
+            }
         };
         let command = match parsed {
             Ok(x) => x,
@@ -986,6 +1015,9 @@ mod tests {
         for (_, f) in SVC_FILES.iter().filter(|(_, f)| *f != SvcFile::Ctl) {
             assert!(!Node::SvcFile(1, *f).writable());
         }
-        assert!(!Node::InstFile(1, 0, InstFile::Log).writable());
+        assert!(Node::InstFile(1, 0, InstFile::Ctl).writable());
+        for (_, f) in INST_FILES.iter().filter(|(_, f)| *f != InstFile::Ctl) {
+            assert!(!Node::InstFile(1, 0, *f).writable());
+        }
     }
 }

@@ -104,10 +104,12 @@ pub enum InstFile {
     Usage,
     /// `restarts`: how often its slot's instance was restarted.
     Restarts,
+    /// `ctl`: `restart`, `signal SIG` for this instance.
+    Ctl,
 }
 
 /// The instance directory's files, in listing order.
-pub const INST_FILES: [(&str, InstFile); 8] = [
+pub const INST_FILES: [(&str, InstFile); 9] = [
     ("pid", InstFile::Pid),
     ("state", InstFile::State),
     ("version", InstFile::Version),
@@ -116,6 +118,7 @@ pub const INST_FILES: [(&str, InstFile); 8] = [
     ("inflight", InstFile::Inflight),
     ("usage", InstFile::Usage),
     ("restarts", InstFile::Restarts),
+    ("ctl", InstFile::Ctl),
 ];
 
 /// One instance as the namespace shows it.
@@ -152,7 +155,7 @@ impl InstanceView {
             InstFile::Version => Some(&self.version),
             InstFile::Port => Some(&self.port),
             InstFile::Restarts => Some(&self.restarts),
-            InstFile::Log | InstFile::Inflight | InstFile::Usage => None,
+            InstFile::Log | InstFile::Inflight | InstFile::Usage | InstFile::Ctl => None,
         }
     }
 }
