@@ -1021,13 +1021,21 @@ impl Service {
             );
         }
         let slot = inst.slot;
-        let committed = self.slots.get(slot as usize).and_then(|s| s.spec.as_ref());
-        if committed != Some(&self.target) {
-            let runs = committed.map_or("no version".to_string(), |s| s.version.to_string());
+        // After a rollout that failed or was cut short, some slots are not
+        // at the target: a fresh process at the target would upgrade its
+        // slot behind the operator's back, and a success would clear the
+        // failure while the versions stay mixed.
+        let behind = self
+            .slots
+            .iter()
+            .filter(|s| s.spec.as_ref() != Some(&self.target))
+            .count();
+        if behind > 0 {
             return refuse(
                 RefusalKind::Invalid,
                 format!(
-                    "instance {number} runs {runs}, not the target {} (the last rollout did not finish); apply or roll back first",
+                    "{behind} of {} instances do not run the target {} (the last rollout did not finish); apply or roll back first",
+                    self.slots.len(),
                     self.target.version
                 ),
             );

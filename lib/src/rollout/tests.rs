@@ -1818,6 +1818,36 @@ fn restart_of_one_instance_is_refused_when_it_cannot_be_done() {
     sim.settle();
     let r = sim.command(Command::Restart(Some(0))).unwrap_err();
     assert_eq!(r.kind, RefusalKind::Busy);
+    // Failed after a first batch: the slot that is at the target is
+    // refused too, or its success would hide the failure.
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    let v2 = spec("v2", 3, 1, Strategy::Rolling);
+    sim.command(Command::Apply(v2.clone())).unwrap();
+    while sim.svc.progress().0 < 1 && sim.step() {}
+    sim.behaviours.insert(
+        v2.version,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    sim.settle();
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+    let at_target = sim
+        .svc
+        .instances()
+        .iter()
+        .find(|i| i.spec().version == v2.version && i.state() == State::Ready)
+        .map(|i| i.number())
+        .unwrap();
+    let r = sim.command(Command::Restart(Some(at_target))).unwrap_err();
+    assert_eq!(
+        r.message,
+        format!(
+            "2 of 3 instances do not run the target {} (the last rollout did not finish); apply or roll back first",
+            v2.version
+        )
+    );
 }
 
 #[test]

@@ -53,11 +53,23 @@ impl Engine {
     ) -> Vec<String> {
         let mut graph = self.after_graph();
         graph.insert(name.to_string(), names(m));
+        self.pending_in(&graph, name, m, coming)
+    }
+
+    /// [`Engine::pending_after`] with the graph already built (and holding
+    /// `name`'s edges).
+    fn pending_in(
+        &self,
+        graph: &Graph,
+        name: &ServiceName,
+        m: &Manifest,
+        coming: &[ServiceName],
+    ) -> Vec<String> {
         m.after
             .iter()
             .filter(|d| self.names.contains_key(*d) || coming.contains(d))
             .filter(|d| !self.is_up(d.as_str()))
-            .filter(|d| !order::reaches(&graph, d.as_str(), name.as_str()))
+            .filter(|d| !order::reaches(graph, d.as_str(), name.as_str()))
             .map(|d| d.to_string())
             .collect()
     }
@@ -110,6 +122,12 @@ impl Engine {
             .filter(|(_, e)| !e.machine.waiting().is_empty())
             .map(|(&sid, e)| (sid, e.name.clone(), e.machine.waiting().to_vec()))
             .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        // Once for all: a thousand services waiting for one must not build
+        // the graph a thousand times at each flush.
+        let graph = self.after_graph();
         for (sid, name, was) in waiting {
             let Some(m) = self
                 .services
@@ -119,7 +137,7 @@ impl Engine {
                 continue;
             };
             let now: Vec<String> = self
-                .pending_after(&name, &m, &[])
+                .pending_in(&graph, &name, &m, &[])
                 .into_iter()
                 .filter(|d| was.contains(d))
                 .collect();
