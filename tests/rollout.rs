@@ -959,12 +959,23 @@ fn after_orders_starts_and_stops() {
         wait_for("web to wait", LONG, || {
             d.try_read("active/web/state") == "waiting\n"
         });
-        // Until db is ready, web starts nothing.
-        while d.try_read("active/db/update_progress") != "1/1\n" {
-            assert!(
-                d.instances("web").is_empty(),
-                "web started before db was ready"
-            );
+        // Until db is ready, web starts nothing. Both files change in one
+        // flush of deployd, web's possibly first: once web has an
+        // instance, db must be ready, or be within a moment.
+        loop {
+            let web_started = !d.instances("web").is_empty();
+            let db_ready = || d.try_read("active/db/update_progress") == "1/1\n";
+            if web_started {
+                let until = Instant::now() + Duration::from_millis(300);
+                while !db_ready() && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                assert!(db_ready(), "web started before db was ready");
+                break;
+            }
+            if db_ready() {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         d.settle("web", LONG);
