@@ -756,3 +756,31 @@ fn reexec_keeps_every_instance_and_loses_no_request() {
     assert!(environ.contains("SERVICE=worker"), "{environ}");
     assert!(!environ.contains("DEPLOYD_HANDOFF"), "{environ}");
 }
+
+/// `response_timeout`: a request whose instance does not start answering
+/// in time gets a 504 from deployd; other requests are served.
+#[test]
+fn a_response_that_does_not_start_in_time_gets_a_504() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, "response_timeout 500ms\n"))])
+    else {
+        return;
+    };
+    d.settle("web", LONG);
+    let started = Instant::now();
+    let (status, body) = http_get(port, "/slow?ms=3000").unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(
+        body,
+        "the instance did not answer within response_timeout 500ms\n"
+    );
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    let (status, _) = http_get(port, "/slow?ms=100").unwrap();
+    assert_eq!(status, 200);
+    let traffic = d.read("active/web/traffic");
+    assert!(traffic.contains("\nerrors 1\n"), "{traffic}");
+}

@@ -1379,12 +1379,13 @@ impl Engine {
             port,
             mode: m.proxy,
             queue_timeout: m.queue_timeout,
+            response_timeout: m.response_timeout,
         });
         let have = e.router.as_ref().map(|r| r.settings());
         match (have, want) {
             (Some(h), Some(w)) if h.port == w.port && h.mode == w.mode => {
                 if let Some(r) = &e.router {
-                    r.set_queue_timeout(w.queue_timeout);
+                    r.set_timeouts(w.queue_timeout, w.response_timeout);
                 }
                 return;
             }

@@ -113,6 +113,10 @@ pub struct Manifest {
     pub drain: Duration,
     /// How long a request waits for an instance when none is routed in.
     pub queue_timeout: Duration,
+    /// `proxy http`: how long an instance may take to start answering a
+    /// request (its response head) before the client gets a 504; `None`:
+    /// no limit.
+    pub response_timeout: Option<Duration>,
 }
 
 /// The `user` directive: an account, and optionally a group, of this machine,
@@ -334,6 +338,7 @@ impl Manifest {
             log_max: 1 << 20,
             drain: Duration::from_secs(5),
             queue_timeout: Duration::from_secs(10),
+            response_timeout: None,
         }
     }
 
@@ -456,6 +461,9 @@ impl Manifest {
             if v != default {
                 line(format_args!("{name} {}", format_duration(v)));
             }
+        }
+        if let Some(d) = self.response_timeout {
+            line(format_args!("response_timeout {}", format_duration(d)));
         }
         out
     }

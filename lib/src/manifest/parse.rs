@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 27] = [
+const DIRECTIVES: [&str; 28] = [
     "exec",
     "dir",
     "env",
@@ -54,6 +54,7 @@ const DIRECTIVES: [&str; 27] = [
     "log_max",
     "drain",
     "queue_timeout",
+    "response_timeout",
 ];
 
 /// Parses a manifest. On error, returns every diagnostic found, in line order.
@@ -670,6 +671,10 @@ impl Builder {
                     "update_pause" => &mut m.update_pause,
                     "stop_timeout" => &mut m.stop_timeout,
                     "drain" => &mut m.drain,
+                    "response_timeout" => {
+                        m.response_timeout = Some(d);
+                        return;
+                    }
                     _ => &mut m.queue_timeout,
                 };
                 *field = d;
@@ -713,10 +718,11 @@ impl Builder {
                 self.error(line, col, message);
             }
         }
-        for name in ["health_timeout", "health_deadline"] {
+        for name in ["health_timeout", "health_deadline", "response_timeout"] {
             let zero = match name {
                 "health_timeout" => m.health_timeout.is_zero(),
-                _ => m.health_deadline.is_zero(),
+                "health_deadline" => m.health_deadline.is_zero(),
+                _ => m.response_timeout.is_some_and(|d| d.is_zero()),
             };
             if let (true, Some((line, col))) = (zero, self.at(name)) {
                 self.error(line, col, format!("{name} must be longer than 0"));
@@ -745,6 +751,13 @@ impl Builder {
         if m.port.is_none() {
             if let Some((line, col)) = self.at("proxy") {
                 self.error(line, col, "proxy needs a port to serve".into());
+            }
+        }
+        if m.response_timeout.is_some() && (m.port.is_none() || m.proxy != Proxy::Http) {
+            if let Some((line, col)) = self.at("response_timeout") {
+                let message = "response_timeout is for a port with proxy http (a tcp \
+                               connection has no response to wait for)";
+                self.error(line, col, message.into());
             }
         }
         if self.errors.is_empty() {

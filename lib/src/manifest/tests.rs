@@ -81,6 +81,18 @@ stop_timeout 20s
 drain 0
 queue_timeout 3s
 ");
+    let r = ok("exec a\nport 80\nhealth http /\nresponse_timeout 30s\n");
+    assert_eq!(r.response_timeout, Some(Duration::from_secs(30)));
+    assert!(r.canonical().ends_with("response_timeout 30s\n"));
+    assert_eq!(ok("exec a\n").response_timeout, None);
+    assert_eq!(
+        error("exec a\nport 80\nproxy http\nresponse_timeout 0\n"),
+        "4:18: response_timeout must be longer than 0"
+    );
+    assert_eq!(
+        error("exec a\nport 80\nresponse_timeout 5s\n"),
+        "3:18: response_timeout is for a port with proxy http (a tcp connection has no response to wait for)"
+    );
     assert_eq!(
         m.exec,
         "exec ./server --port $PORT   # the shell sees this comment"
@@ -922,6 +934,9 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             m.queue_timeout = queue;
             m.memory_max = memory_max;
             m.log_max = log_max;
+            // Only with proxy http, and never 0.
+            m.response_timeout =
+                (m.port.is_some() && m.proxy == Proxy::Http && !queue.is_zero()).then_some(queue);
             m
         })
 }
@@ -951,7 +966,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

@@ -55,6 +55,8 @@ pub struct Settings {
     pub mode: Mode,
     /// How long a request waits for an instance.
     pub queue_timeout: Duration,
+    /// http: how long an instance may take to start its response.
+    pub response_timeout: Option<Duration>,
 }
 
 /// One instance as a target of traffic.
@@ -537,9 +539,11 @@ impl Router {
         *self.settings.read()
     }
 
-    /// Changes how long requests wait for an instance.
-    pub fn set_queue_timeout(&self, d: Duration) {
-        self.settings.write().queue_timeout = d;
+    /// Changes how long requests wait for an instance, and for its answer.
+    pub fn set_timeouts(&self, queue: Duration, response: Option<Duration>) {
+        let mut s = self.settings.write();
+        s.queue_timeout = queue;
+        s.response_timeout = response;
     }
 
     /// Stops listening; connections already accepted go on.

@@ -215,6 +215,7 @@ mod tests {
             }
         });
         let router = Arc::new(Router::new(Settings {
+            response_timeout: None,
             port: 0,
             mode: Mode::Tcp,
             queue_timeout: Duration::from_secs(1),

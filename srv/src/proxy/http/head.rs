@@ -381,6 +381,7 @@ fn reason(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "",
     }
 }

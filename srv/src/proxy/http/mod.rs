@@ -119,6 +119,9 @@ enum Outcome {
     Upgraded,
     /// deployd closed the instance (its drain was over).
     Cut,
+    /// The instance did not start its response within the manifest's
+    /// `response_timeout`; nothing went to the client.
+    TimedOut,
 }
 
 /// Serves one client connection: [`active`] while it is in use; once it
@@ -245,7 +248,7 @@ async fn exchange(
         let pooled = conn.pooled;
         let mut closed = backend.closed.subscribe();
         let outcome = tokio::select! {
-            o = forward(client, &mut conn, s, req, &router.finishing) => o,
+            o = forward(client, &mut conn, s, req, router) => o,
             _ = closed.wait_for(|c| *c) => Outcome::Cut,
         };
         s.bbuf.clear();
@@ -327,6 +330,20 @@ async fn exchange(
                 router.count(Some(&backend), true);
                 return false;
             }
+            Outcome::TimedOut => {
+                // Not sent again: a slow request would only load a second
+                // instance. The connection, mid-request, is dropped.
+                backend.suspect();
+                router.count(Some(&backend), false);
+                let limit = router.settings().response_timeout.unwrap_or_default();
+                let msg = format!(
+                    "the instance did not answer within response_timeout {}\n",
+                    deployd_lib::manifest::format_duration(limit)
+                );
+                let keep = keep_own && !req.upgrade;
+                reply(client, &mut s.rout, 504, &msg, Some(req), keep).await;
+                return keep;
+            }
         }
     }
 }
@@ -338,8 +355,13 @@ async fn forward(
     conn: &mut Conn,
     s: &mut Session,
     req: &RequestHead,
-    finishing: &AtomicBool,
+    router: &Router,
 ) -> Outcome {
+    let finishing = &router.finishing;
+    let deadline = router
+        .settings()
+        .response_timeout
+        .map(|d| tokio::time::Instant::now() + d);
     let Session {
         cbuf,
         bbuf,
@@ -388,7 +410,7 @@ async fn forward(
     };
     let outcome = {
         let keep = || sent.load(Ordering::Relaxed) && !finishing.load(Ordering::Relaxed);
-        let down = respond(&mut up, bbuf, rout, &mut cw, req, keep, answered);
+        let down = respond(&mut up, bbuf, rout, &mut cw, req, keep, answered, deadline);
         tokio::pin!(client_side, down);
         tokio::select! {
             // A response that is through counts, even if its client left
@@ -446,7 +468,9 @@ async fn watch(cr: &mut ReadHalf<'_>, cbuf: &mut Buf) {
 /// client. `keep` says whether the client's connection may go on after
 /// the response as far as deployd goes (the request's body has been passed
 /// whole and deployd is not stopping); `answered` is set before anything
-/// is written to the client.
+/// is written to the client. The head must be whole by `deadline`
+/// (`response_timeout`), if any; the body may take its time.
+#[allow(clippy::too_many_arguments)]
 async fn respond(
     up: &mut Upstream<'_, '_>,
     bbuf: &mut Buf,
@@ -455,16 +479,26 @@ async fn respond(
     req: &RequestHead,
     keep: impl Fn() -> bool,
     answered: &mut bool,
+    deadline: Option<tokio::time::Instant>,
 ) -> Outcome {
     loop {
         let h = loop {
             match head::response(bbuf.filled(), req, keep(), rout) {
                 Ok(h) => break h,
-                Err(HeadError::Partial) => match bbuf.read_from(up).await {
-                    Ok(0) | Err(_) if bbuf.is_empty() && !*answered => return Outcome::NoAnswer,
-                    Ok(0) | Err(_) => return Outcome::Broken { sent: *answered },
-                    Ok(_) => {}
-                },
+                Err(HeadError::Partial) => {
+                    let read = match read_by(bbuf, up, deadline).await {
+                        None if !*answered => return Outcome::TimedOut,
+                        None => return Outcome::Broken { sent: true },
+                        Some(r) => r,
+                    };
+                    match read {
+                        Ok(0) | Err(_) if bbuf.is_empty() && !*answered => {
+                            return Outcome::NoAnswer;
+                        }
+                        Ok(0) | Err(_) => return Outcome::Broken { sent: *answered },
+                        Ok(_) => {}
+                    }
+                }
                 Err(_) => return Outcome::Broken { sent: *answered },
             }
         };
@@ -500,6 +534,18 @@ async fn respond(
                 };
             }
         }
+    }
+}
+
+/// A read from the instance into `bbuf`; `None` once `deadline` passed.
+async fn read_by(
+    bbuf: &mut Buf,
+    up: &mut Upstream<'_, '_>,
+    deadline: Option<tokio::time::Instant>,
+) -> Option<io::Result<usize>> {
+    match deadline {
+        None => Some(bbuf.read_from(up).await),
+        Some(t) => tokio::time::timeout_at(t, bbuf.read_from(up)).await.ok(),
     }
 }
 

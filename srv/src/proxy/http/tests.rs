@@ -281,6 +281,7 @@ async fn proxy(ports: &[u16], queue: Duration) -> (Arc<Router>, u16) {
         port: 0,
         mode: Mode::Http,
         queue_timeout: queue,
+        response_timeout: None,
     }));
     for (i, p) in ports.iter().enumerate() {
         router.route_in(
@@ -1468,4 +1469,46 @@ mod generated {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn an_instance_that_does_not_start_answering_in_time_gets_its_client_a_504() {
+    // Its first connection never answers; later ones do, a head at once
+    // and the body only after longer than the timeout.
+    let backend = instance(|mut s, n| async move {
+        let _ = read_head(&mut s).await;
+        if n == 0 {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nsl")
+            .await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let _ = s.write_all(b"ow\n").await;
+        let _ = read_head(&mut s).await;
+    })
+    .await;
+    let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    router.set_timeouts(Duration::from_secs(1), Some(Duration::from_millis(300)));
+    let started = std::time::Instant::now();
+    let mut c = send(port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let (h, body) = read_response(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 504 Gateway Timeout\r\n"), "{h}");
+    assert_eq!(
+        body,
+        "the instance did not answer within response_timeout 300ms\n"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(counter(&router, "instance 0 ", "errors"), 1);
+    // The client's connection goes on; the instance's, mid-request, does
+    // not. A response whose head came in time may take longer than the
+    // limit for its body: only the head is timed.
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, body) = read_response(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
+    assert_eq!(body, "slow\n");
+    assert_eq!(counter(&router, "instance 0 ", "errors"), 1);
 }
