@@ -784,3 +784,39 @@ fn a_response_that_does_not_start_in_time_gets_a_504() {
     let traffic = d.read("active/web/traffic");
     assert!(traffic.contains("\nerrors 1\n"), "{traffic}");
 }
+
+/// `update_order stop-first` (no surge): under load, a rolling update of 3
+/// loses no request, and never runs more than 3 instances.
+#[test]
+fn a_stop_first_rolling_update_loses_nothing_and_never_surges() {
+    let port = free_port();
+    let o = "update_order stop-first\n";
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 3, o))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let load = Load::start(port, &[(Client::KeepAlive, 3), (Client::Fresh, 3)], "/");
+    std::thread::sleep(Duration::from_millis(300));
+    d.write_manifest("web", &web(port, "http", 3, &format!("{o}env TAG=v2\n")));
+    let out = d.deploy(&["apply", "web", "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut most = 0;
+    while d.try_read("active/web/update_status") == "rolling\n" {
+        let live = d
+            .instances("web")
+            .iter()
+            .filter(|i| i.2 != "exited")
+            .count();
+        most = most.max(live);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.settle("web", LONG);
+    assert!(most <= 3, "{most} instances at once");
+    let events = d.read("active/web/events");
+    assert!(
+        events.contains("batch 1/3: stopping instance ")
+            && events.contains("(3 instances, batch 1, stop first)"),
+        "{events}"
+    );
+    assert_clean(load, 500);
+}

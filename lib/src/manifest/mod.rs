@@ -95,6 +95,8 @@ pub struct Manifest {
     pub update: Strategy,
     /// Instances replaced at a time.
     pub update_batch: u32,
+    /// `update rolling`: start or stop first in each batch.
+    pub update_order: UpdateOrder,
     /// Wait between batches.
     pub update_pause: Duration,
     /// After a failed rollout, roll back to the previous version.
@@ -165,6 +167,28 @@ pub enum Strategy {
     Rolling,
     /// Stop every old instance, then start every new one.
     Replace,
+}
+
+/// In a rolling update, what happens first in each batch (Docker Swarm's
+/// `update_config.order`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateOrder {
+    /// The new instances start, and once ready the old ones stop (surge):
+    /// capacity never drops.
+    StartFirst,
+    /// The old instances are drained and stopped, then the new ones start:
+    /// never more than `replicas` instances, capacity drops by the batch.
+    StopFirst,
+}
+
+impl UpdateOrder {
+    /// The manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            UpdateOrder::StartFirst => "start-first",
+            UpdateOrder::StopFirst => "stop-first",
+        }
+    }
 }
 
 /// What happens when an instance exits between rollouts.
@@ -329,6 +353,7 @@ impl Manifest {
             min_healthy: Duration::ZERO,
             update: Strategy::Rolling,
             update_batch: 1,
+            update_order: UpdateOrder::StartFirst,
             update_pause: Duration::ZERO,
             auto_rollback: false,
             restart: RestartPolicy::Always,
@@ -430,6 +455,9 @@ impl Manifest {
         }
         if self.update_batch != d.update_batch {
             line(format_args!("update_batch {}", self.update_batch));
+        }
+        if self.update_order != d.update_order {
+            line(format_args!("update_order {}", self.update_order.name()));
         }
         if self.update_pause != d.update_pause {
             line(format_args!(

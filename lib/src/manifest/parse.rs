@@ -22,11 +22,11 @@ use crate::name::ServiceName;
 use super::{
     Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES,
     MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy, RESERVED_ENV,
-    RestartPolicy, Signal, Strategy, User, format_duration,
+    RestartPolicy, Signal, Strategy, UpdateOrder, User, format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 28] = [
+const DIRECTIVES: [&str; 29] = [
     "exec",
     "dir",
     "env",
@@ -45,6 +45,7 @@ const DIRECTIVES: [&str; 28] = [
     "min_healthy",
     "update",
     "update_batch",
+    "update_order",
     "update_pause",
     "auto_rollback",
     "restart",
@@ -112,6 +113,7 @@ enum Directive {
     HealthRetries(u32),
     Update(Strategy),
     UpdateBatch(u32),
+    UpdateOrder(UpdateOrder),
     AutoRollback(bool),
     Restart(RestartPolicy),
     StopSignal(Signal),
@@ -293,6 +295,13 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         "port" => Directive::Port(number(v, 1, 65535)? as u16),
         "health_retries" => Directive::HealthRetries(number(v, 1, u64::from(MAX_RETRIES))? as u32),
         "update_batch" => Directive::UpdateBatch(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
+        "update_order" => Directive::UpdateOrder(choice(
+            v,
+            &[
+                ("start-first", UpdateOrder::StartFirst),
+                ("stop-first", UpdateOrder::StopFirst),
+            ],
+        )?),
         "proxy" => Directive::Proxy(choice(v, &[("http", Proxy::Http), ("tcp", Proxy::Tcp)])?),
         "update" => Directive::Update(choice(
             v,
@@ -656,6 +665,7 @@ impl Builder {
             Directive::HealthRetries(n) => m.health_retries = n,
             Directive::Update(s) => m.update = s,
             Directive::UpdateBatch(n) => m.update_batch = n,
+            Directive::UpdateOrder(o) => m.update_order = o,
             Directive::AutoRollback(b) => m.auto_rollback = b,
             Directive::Restart(r) => m.restart = r,
             Directive::StopSignal(s) => m.stop_signal = s,
@@ -751,6 +761,13 @@ impl Builder {
         if m.port.is_none() {
             if let Some((line, col)) = self.at("proxy") {
                 self.error(line, col, "proxy needs a port to serve".into());
+            }
+        }
+        if m.update_order != UpdateOrder::StartFirst && m.update == Strategy::Replace {
+            if let Some((line, col)) = self.at("update_order") {
+                let message = "update_order is for update rolling (replace stops every old \
+                               instance first)";
+                self.error(line, col, message.into());
             }
         }
         if m.response_timeout.is_some() && (m.port.is_none() || m.proxy != Proxy::Http) {

@@ -81,6 +81,23 @@ stop_timeout 20s
 drain 0
 queue_timeout 3s
 ");
+    let o = ok("exec a\nreplicas 3\nupdate_order stop-first\n");
+    assert_eq!(o.update_order, UpdateOrder::StopFirst);
+    assert!(o.canonical().contains("update_order stop-first\n"));
+    assert_eq!(
+        ok("exec a\nupdate_order start-first\n"),
+        ok("exec a\n"),
+        "start-first is the default"
+    );
+    assert_eq!(
+        error("exec a\nupdate replace\nupdate_order stop-first\n"),
+        "3:14: update_order is for update rolling (replace stops every old instance first)"
+    );
+    assert!(
+        error("exec a\nupdate_order stopfirst\n").contains("(did you mean 'stop-first'?)"),
+        "{}",
+        error("exec a\nupdate_order stopfirst\n")
+    );
     let r = ok("exec a\nport 80\nhealth http /\nresponse_timeout 30s\n");
     assert_eq!(r.response_timeout, Some(Duration::from_secs(30)));
     assert!(r.canonical().ends_with("response_timeout 30s\n"));
@@ -921,6 +938,9 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
                 Strategy::Rolling
             };
             m.update_batch = batch.index(replicas as usize) as u32 + 1;
+            if !replace && rollback {
+                m.update_order = UpdateOrder::StopFirst;
+            }
             m.update_pause = pause;
             m.auto_rollback = rollback;
             m.restart = [
@@ -966,7 +986,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "update_order", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

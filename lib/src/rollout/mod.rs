@@ -35,7 +35,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{Manifest, RestartPolicy, Signal, Strategy, Version, format_duration};
+use crate::manifest::{
+    Manifest, RestartPolicy, Signal, Strategy, UpdateOrder, Version, format_duration,
+};
 
 use instance::ProbeEffect;
 pub use instance::{ALLOWED, Exit, Instance, InstanceId, Role, State};
@@ -401,6 +403,13 @@ struct Batch {
     phase: Phase,
 }
 
+/// What a stop-first batch may do now; see [`Service::may_take_out`].
+enum TakeOut {
+    Go,
+    Wait,
+    Failed,
+}
+
 #[derive(Debug, Clone)]
 struct Rollout {
     kind: Kind,
@@ -411,6 +420,9 @@ struct Rollout {
     batch: Option<Batch>,
     batches_done: u32,
     pause_until: Option<Instant>,
+    /// Since when a stop-first batch waits for the rest of the service to
+    /// be ready before it takes instances out.
+    held_since: Option<Instant>,
     paused: bool,
 }
 
@@ -529,6 +541,7 @@ impl Service {
                 batch: None,
                 batches_done: 0,
                 pause_until: None,
+                held_since: None,
                 paused: true,
             });
             let (k, n) = s.progress();
@@ -701,6 +714,9 @@ impl Service {
         }
         if let Some(t) = self.rollout.as_ref().and_then(|r| r.pause_until) {
             at(t);
+        }
+        if let Some(t) = self.rollout.as_ref().and_then(|r| r.held_since) {
+            at(t + self.target.manifest.health_deadline);
         }
         next
     }
@@ -1197,6 +1213,7 @@ impl Service {
             batch: None,
             batches_done: 0,
             pause_until: None,
+            held_since: None,
             paused: false,
         });
         let msg = self.started_message();
@@ -1216,6 +1233,9 @@ impl Service {
         let shape = match (&r.kind, m.update) {
             (Kind::Create | Kind::Scale, _) => n.clone(),
             (_, Strategy::Replace) => format!("{n}, all at once"),
+            (_, Strategy::Rolling) if m.update_order == UpdateOrder::StopFirst => {
+                format!("{n}, batch {}, stop first", m.update_batch)
+            }
             (_, Strategy::Rolling) => format!("{n}, batch {}", m.update_batch),
         };
         match &r.kind {
@@ -1224,9 +1244,11 @@ impl Service {
             Kind::RestartInstance { .. } => format!(
                 "{} started ({to}{})",
                 r.kind.noun(m.update),
-                match m.update {
-                    Strategy::Rolling => ", serving until its replacement is ready",
-                    Strategy::Replace => ", stopping it first",
+                match (m.update, m.update_order) {
+                    (Strategy::Rolling, UpdateOrder::StartFirst) => {
+                        ", serving until its replacement is ready"
+                    }
+                    _ => ", stopping it first",
                 }
             ),
             Kind::Scale => format!("scaling to {n} ({to})"),
@@ -1319,18 +1341,19 @@ impl Service {
         if let Some(r) = &mut self.rollout {
             r.pause_until = None;
         }
-        self.next_batch();
-        true
+        self.next_batch()
     }
 
-    fn next_batch(&mut self) {
+    /// Starts the next batch, or completes the rollout; false if it must
+    /// wait (a stop-first batch, for the rest of the service to be ready).
+    fn next_batch(&mut self) -> bool {
         let m = self.target.manifest.clone();
         let n = m.replicas;
         if self.slots.len() < n as usize {
             self.slots.resize_with(n as usize, Slot::empty);
         }
-        let todo = self.todo();
-        let Some(r) = &self.rollout else { return };
+        let mut todo = self.todo();
+        let Some(r) = &self.rollout else { return false };
         let kind = r.kind.clone();
         let done = r.batches_done;
         if todo.is_empty() {
@@ -1343,7 +1366,7 @@ impl Service {
             if extras.is_empty() {
                 self.slots.truncate(n as usize);
                 self.complete();
-                return;
+                return true;
             }
             let ids: Vec<InstanceId> = extras.iter().map(|&i| self.instances[i].id).collect();
             let numbers: Vec<String> = extras
@@ -1366,7 +1389,7 @@ impl Service {
                 retiring: ids,
                 phase: Phase::Retiring,
             });
-            return;
+            return true;
         }
         let all_at_once =
             matches!(kind, Kind::Create | Kind::Scale) || m.update == Strategy::Replace;
@@ -1376,7 +1399,26 @@ impl Service {
             m.update_batch as usize
         };
         let total = done + todo.len().div_ceil(size) as u32;
+        let stop_first = m.update == Strategy::Rolling
+            && m.update_order == UpdateOrder::StopFirst
+            && !matches!(kind, Kind::Create | Kind::Scale);
+        if stop_first {
+            // Slots that serve nothing go first: replacing them costs no
+            // capacity.
+            todo.sort_by_key(|&s| self.slot_ready(s));
+        }
         let slots: Vec<u32> = todo.into_iter().take(size).collect();
+        if stop_first {
+            match self.may_take_out(&slots, done + 1, total) {
+                TakeOut::Go => {}
+                TakeOut::Wait => return false,
+                // The failure (or the automatic rollback it began) is the change.
+                TakeOut::Failed => return true,
+            }
+        }
+        if let Some(r) = &mut self.rollout {
+            r.held_since = None;
+        }
         let mut batch = Batch {
             number: done + 1,
             total,
@@ -1385,8 +1427,9 @@ impl Service {
             retiring: Vec::new(),
             phase: Phase::Starting,
         };
-        let replace_first =
-            m.update == Strategy::Replace && !matches!(kind, Kind::Create | Kind::Scale);
+        let replace_first = (m.update == Strategy::Replace
+            || m.update_order == UpdateOrder::StopFirst)
+            && !matches!(kind, Kind::Create | Kind::Scale);
         if replace_first {
             // Stop the batch's old instances, and any beyond replicas, first.
             let old: Vec<usize> = (0..self.instances.len())
@@ -1398,19 +1441,76 @@ impl Service {
                 .collect();
             batch.retiring = old.iter().map(|&i| self.instances[i].id).collect();
             batch.phase = Phase::RetireFirst;
-            let count = old.len();
+            let numbers: Vec<String> = old
+                .iter()
+                .map(|&i| self.instances[i].number.to_string())
+                .collect();
             for i in old {
                 self.retire(i);
             }
+            let prefix = if batch.total > 1 {
+                format!("batch {}/{}: ", batch.number, batch.total)
+            } else {
+                String::new()
+            };
             self.event(format!(
-                "stopping {count} old instance{} before starting the new ones",
-                if count == 1 { "" } else { "s" }
+                "{prefix}stopping instance{} {} before starting {}",
+                plural(&numbers),
+                numbers.join(", "),
+                if numbers.len() == 1 {
+                    "its replacement"
+                } else {
+                    "their replacements"
+                }
             ));
             self.set_batch(batch);
         } else {
             self.set_batch(batch);
             self.start_candidates();
         }
+        true
+    }
+
+    /// Whether a stop-first batch of `slots` may stop their old instances
+    /// now: not while it would take a ready instance out and another slot
+    /// has none (a crash, a rollback in the middle of a batch), so that at
+    /// least `replicas - update_batch` stay ready. It waits for that up to
+    /// `health_deadline`, then the rollout fails.
+    fn may_take_out(&mut self, slots: &[u32], number: u32, total: u32) -> TakeOut {
+        let n = self.target.manifest.replicas;
+        let takes_ready = slots.iter().any(|&s| self.slot_ready(s));
+        let missing: Vec<String> = (0..n)
+            .filter(|s| !slots.contains(s) && !self.slot_ready(*s))
+            .map(|s| s.to_string())
+            .collect();
+        if !takes_ready || missing.is_empty() {
+            return TakeOut::Go;
+        }
+        let (now, deadline) = (self.now, self.target.manifest.health_deadline);
+        let Some(r) = &mut self.rollout else {
+            return TakeOut::Wait;
+        };
+        let first = r.held_since.is_none();
+        let since = *r.held_since.get_or_insert(now);
+        let what = format!(
+            "slot{} {} {} no ready instance",
+            plural(&missing),
+            missing.join(", "),
+            if missing.len() == 1 { "has" } else { "have" }
+        );
+        if now >= since + deadline {
+            self.fail(format!(
+                "batch {number}/{total} waited health_deadline {} for the rest of the service to be ready ({what}); update_order stop-first takes no ready instance out meanwhile",
+                format_duration(deadline)
+            ));
+            return TakeOut::Failed;
+        }
+        if first {
+            self.event(format!(
+                "batch {number}/{total} waits: {what}, and stop-first takes no ready instance out meanwhile"
+            ));
+        }
+        TakeOut::Wait
     }
 
     fn set_batch(&mut self, batch: Batch) {

@@ -12,11 +12,55 @@ use crate::manifest::{Health, Manifest, Strategy};
 
 const MS: Duration = Duration::from_millis(1);
 
-fn spec(exec: &str, replicas: u32, batch: u32, strategy: Strategy) -> Spec {
+/// How the exhaustive tests roll out: each strategy, and rolling with
+/// stop-first batches (`update_order stop-first`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Rolling,
+    Replace,
+    StopFirst,
+}
+
+impl From<Strategy> for Mode {
+    fn from(s: Strategy) -> Mode {
+        match s {
+            Strategy::Rolling => Mode::Rolling,
+            Strategy::Replace => Mode::Replace,
+        }
+    }
+}
+
+/// `Mode::Rolling == Strategy::Rolling`: the surge rolling update, which
+/// keeps every instance's capacity; stop-first is neither strategy here.
+impl PartialEq<Strategy> for Mode {
+    fn eq(&self, s: &Strategy) -> bool {
+        *self == Mode::from(*s)
+    }
+}
+
+impl Mode {
+    /// The routed-in instances a rollout of n in batches of b keeps.
+    fn capacity(self, n: u32, b: u32) -> usize {
+        match self {
+            Mode::Rolling => n as usize,
+            Mode::StopFirst => (n - b) as usize,
+            Mode::Replace => 0,
+        }
+    }
+}
+
+fn spec(exec: &str, replicas: u32, batch: u32, mode: impl Into<Mode>) -> Spec {
+    let mode = mode.into();
     let mut m = Manifest::new(exec);
     m.replicas = replicas;
     m.update_batch = batch;
-    m.update = strategy;
+    m.update = match mode {
+        Mode::Replace => Strategy::Replace,
+        _ => Strategy::Rolling,
+    };
+    if mode == Mode::StopFirst {
+        m.update_order = crate::manifest::UpdateOrder::StopFirst;
+    }
     m.port = Some(8080);
     m.health = Health::Http {
         path: "/healthz".into(),
@@ -84,10 +128,10 @@ struct Sim {
 
 /// A converged v1 of this shape, `k` acting steps into its rollout to v2;
 /// with `capacity`, a rolling update must keep `n` instances routed in.
-fn rollout_at_step(st: Strategy, n: u32, b: u32, k: usize, capacity: bool) -> Sim {
+fn rollout_at_step(st: Mode, n: u32, b: u32, k: usize, capacity: bool) -> Sim {
     let mut sim = Sim::new(spec("v1", n, b, st));
-    if capacity && st == Strategy::Rolling {
-        sim.capacity = n as usize;
+    if capacity {
+        sim.capacity = st.capacity(n, b);
     }
     let s0 = sim.steps;
     sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
@@ -96,7 +140,7 @@ fn rollout_at_step(st: Strategy, n: u32, b: u32, k: usize, capacity: bool) -> Si
 }
 
 /// Steps of a clean rollout v1 → v2 of this shape.
-fn clean_steps(st: Strategy, n: u32, b: u32) -> usize {
+fn clean_steps(st: Mode, n: u32, b: u32) -> usize {
     let mut sim = Sim::new(spec("v1", n, b, st));
     let s0 = sim.steps;
     sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
@@ -439,10 +483,10 @@ fn strategies() -> [Strategy; 2] {
     [Strategy::Rolling, Strategy::Replace]
 }
 
-/// Every (strategy, replicas, batch) the exhaustive tests cover.
-fn shapes() -> Vec<(Strategy, u32, u32)> {
+/// Every (mode, replicas, batch) the exhaustive tests cover.
+fn shapes() -> Vec<(Mode, u32, u32)> {
     let mut v = Vec::new();
-    for st in strategies() {
+    for st in [Mode::Rolling, Mode::Replace, Mode::StopFirst] {
         for n in 1..=5 {
             for b in 1..=n {
                 v.push((st, n, b));
@@ -1457,7 +1501,7 @@ fn adopt_leaves_what_does_not_fit_and_refuses_mid_rollout() {
     assert_eq!(starts, vec![1, 2], "the slots without an adopted instance");
 
     // With a rollout in flight nothing is adopted, and it comes back paused.
-    let mid = rollout_at_step(st, n, b, 2, false);
+    let mid = rollout_at_step(st.into(), n, b, 2, false);
     let running: Vec<Running> = mid
         .svc
         .instances()
@@ -1623,7 +1667,7 @@ fn over_memory_max_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops()
 }
 
 /// `spec` with a memory_max.
-fn mem_spec(exec: &str, n: u32, b: u32, st: Strategy) -> Spec {
+fn mem_spec(exec: &str, n: u32, b: u32, st: impl Into<Mode>) -> Spec {
     let mut m = (*spec(exec, n, b, st).manifest).clone();
     m.memory_max = Some(100 << 20);
     let text = m.canonical();
@@ -2139,4 +2183,101 @@ fn a_restored_service_waits_and_a_stopped_one_does_not() {
     sim.command(Command::Start).unwrap();
     sim.settle();
     assert_eq!(sim.svc.healthy(), 3);
+}
+
+#[test]
+fn stop_first_never_runs_more_than_replicas_and_keeps_the_rest_ready() {
+    for (_, n, b) in shapes().into_iter().filter(|s| s.0 == Mode::StopFirst) {
+        let mut sim = Sim::new(spec("v1", n, b, Mode::StopFirst));
+        sim.capacity = (n - b) as usize;
+        sim.command(Command::Apply(spec("v2", n, b, Mode::StopFirst)))
+            .unwrap();
+        let limit = sim.now + Duration::from_secs(120);
+        while sim.now < limit && sim.step() {
+            let alive = sim.procs.values().filter(|p| p.alive).count() as u32;
+            assert!(alive <= n, "{alive} processes for n={n} b={b}");
+            if sim.svc.wait_line().is_some() {
+                break;
+            }
+        }
+        sim.settle();
+        sim.check_converged();
+        assert!(
+            sim.events[0].ends_with(&format!("batch {b}, stop first)")),
+            "{:?}",
+            sim.events[0]
+        );
+    }
+}
+
+#[test]
+fn stop_first_replaces_a_slot_that_serves_nothing_first() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Mode::StopFirst));
+    let v1 = sim.svc.version();
+    // Slot 2's process dies, and v1 never gets healthy again.
+    sim.behaviours.insert(
+        v1,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    let id = sim.serving()[&2].0;
+    sim.crash(id);
+    sim.capacity = 1;
+    sim.command(Command::Apply(spec("v2", 3, 1, Mode::StopFirst)))
+        .unwrap();
+    sim.settle();
+    sim.check_converged();
+    let first = sim.events.iter().find(|e| e.contains("before starting"));
+    assert!(
+        first.is_some_and(|e| e.starts_with("batch 1/3: stopping instance 2 ")),
+        "{:#?}",
+        sim.events
+    );
+}
+
+#[test]
+fn a_stop_first_batch_waits_for_a_missing_slot_then_fails_at_the_deadline() {
+    let v1 = spec("v1", 2, 1, Mode::StopFirst);
+    let mut sim = Sim::new(v1.clone());
+    sim.capacity = 1;
+    sim.command(Command::Apply(spec("v2", 2, 1, Mode::StopFirst)))
+        .unwrap();
+    // Into batch 2: instance 1 (v1) is being stopped.
+    while !sim
+        .events
+        .iter()
+        .any(|e| e.starts_with("batch 2/2: stopping"))
+        && sim.step()
+    {}
+    // Rolled back meanwhile, to a v1 whose new processes never get healthy:
+    // slot 1 never serves again, so slot 0 (v2, the one ready instance)
+    // must not be taken out.
+    sim.behaviours.insert(
+        v1.version,
+        Behaviour {
+            healthy_after: None,
+            ..GOOD
+        },
+    );
+    let at = sim.now;
+    sim.command(Command::Rollback(None)).unwrap();
+    // Slot 1 retries for ever: a bounded run, not a settle.
+    while sim.now.since(at) < Duration::from_secs(20) && sim.step() {}
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+    let line = sim.svc.wait_line().unwrap();
+    assert!(
+        line.starts_with("failed: batch 1/1 waited health_deadline 5s for the rest of the service to be ready (slot 1 has no ready instance)"),
+        "{line}"
+    );
+    assert!(sim.now.since(at) >= Duration::from_secs(5));
+    assert!(
+        sim.events.iter().any(|e| e
+            == "batch 1/1 waits: slot 1 has no ready instance, and stop-first takes no ready instance out meanwhile"),
+        "{:#?}",
+        sim.events
+    );
+    // The ready instance was never touched.
+    assert_eq!(sim.routed.len(), 1);
 }
