@@ -1049,3 +1049,36 @@ fn after_orders_starts_and_stops() {
     starts_after_db(&d);
     stop_in_order(&mut d);
 }
+
+/// `update_canary 1`: a new version replaces one instance, then the
+/// rollout pauses; `deploy apply` says so and exits 1; `resume` finishes it.
+#[test]
+fn a_canary_pauses_after_its_first_instance() {
+    let m = |tag: &str| app_manifest(3, &format!("update_canary 1\nenv TAG={tag}\n"));
+    let Some(d) = Deployd::start(&[("web", m("v1"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    d.write_manifest("web", &m("v2"));
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("web: canary: 1 of 3 instances at ")
+            && stderr(&out).contains("web: paused at 1/3; go on with: deploy resume web"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(d.field("active/web/update_status"), "paused");
+    let versions: Vec<String> = d.instances("web").iter().map(|i| i.3.clone()).collect();
+    let new = d.field("active/web/version");
+    assert_eq!(
+        versions.iter().filter(|v| **v == new).count(),
+        1,
+        "{versions:?}"
+    );
+    let out = d.deploy(&["resume", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    d.settle("web", LONG);
+    assert!(d.instances("web").iter().all(|i| i.3 == new));
+}

@@ -97,6 +97,9 @@ pub struct Manifest {
     pub update_batch: u32,
     /// `update rolling`: start or stop first in each batch.
     pub update_order: UpdateOrder,
+    /// `update rolling`: instances a new version first replaces before the
+    /// rollout pauses for `resume` (or `rollback`); 0: no canary.
+    pub update_canary: u32,
     /// Wait between batches.
     pub update_pause: Duration,
     /// After a failed rollout, roll back to the previous version.
@@ -354,6 +357,7 @@ impl Manifest {
             update: Strategy::Rolling,
             update_batch: 1,
             update_order: UpdateOrder::StartFirst,
+            update_canary: 0,
             update_pause: Duration::ZERO,
             auto_rollback: false,
             restart: RestartPolicy::Always,
@@ -458,6 +462,9 @@ impl Manifest {
         }
         if self.update_order != d.update_order {
             line(format_args!("update_order {}", self.update_order.name()));
+        }
+        if self.update_canary != d.update_canary {
+            line(format_args!("update_canary {}", self.update_canary));
         }
         if self.update_pause != d.update_pause {
             line(format_args!(

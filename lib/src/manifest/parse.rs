@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 29] = [
+const DIRECTIVES: [&str; 30] = [
     "exec",
     "dir",
     "env",
@@ -46,6 +46,7 @@ const DIRECTIVES: [&str; 29] = [
     "update",
     "update_batch",
     "update_order",
+    "update_canary",
     "update_pause",
     "auto_rollback",
     "restart",
@@ -114,6 +115,7 @@ enum Directive {
     Update(Strategy),
     UpdateBatch(u32),
     UpdateOrder(UpdateOrder),
+    UpdateCanary(u32),
     AutoRollback(bool),
     Restart(RestartPolicy),
     StopSignal(Signal),
@@ -295,6 +297,7 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         "port" => Directive::Port(number(v, 1, 65535)? as u16),
         "health_retries" => Directive::HealthRetries(number(v, 1, u64::from(MAX_RETRIES))? as u32),
         "update_batch" => Directive::UpdateBatch(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
+        "update_canary" => Directive::UpdateCanary(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
         "update_order" => Directive::UpdateOrder(choice(
             v,
             &[
@@ -666,6 +669,7 @@ impl Builder {
             Directive::Update(s) => m.update = s,
             Directive::UpdateBatch(n) => m.update_batch = n,
             Directive::UpdateOrder(o) => m.update_order = o,
+            Directive::UpdateCanary(n) => m.update_canary = n,
             Directive::AutoRollback(b) => m.auto_rollback = b,
             Directive::Restart(r) => m.restart = r,
             Directive::StopSignal(s) => m.stop_signal = s,
@@ -761,6 +765,21 @@ impl Builder {
         if m.port.is_none() {
             if let Some((line, col)) = self.at("proxy") {
                 self.error(line, col, "proxy needs a port to serve".into());
+            }
+        }
+        if m.update_canary > 0 {
+            if let Some((line, col)) = self.at("update_canary") {
+                if m.update == Strategy::Replace {
+                    let message = "update_canary is for update rolling (replace replaces \
+                                   every instance at once)";
+                    self.error(line, col, message.into());
+                } else if m.update_canary > m.replicas {
+                    let message = format!(
+                        "update_canary must be at most replicas ({}), got {}",
+                        m.replicas, m.update_canary
+                    );
+                    self.error(line, col, message);
+                }
             }
         }
         if m.update_order != UpdateOrder::StartFirst && m.update == Strategy::Replace {

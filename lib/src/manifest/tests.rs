@@ -81,6 +81,18 @@ stop_timeout 20s
 drain 0
 queue_timeout 3s
 ");
+    let c = ok("exec a\nreplicas 3\nupdate_canary 1\n");
+    assert_eq!(c.update_canary, 1);
+    assert!(c.canonical().contains("update_canary 1\n"));
+    assert_eq!(
+        error("exec a\nreplicas 2\nupdate_canary 3\n"),
+        "3:15: update_canary must be at most replicas (2), got 3"
+    );
+    assert_eq!(
+        error("exec a\nreplicas 2\nupdate replace\nupdate_canary 1\n"),
+        "4:15: update_canary is for update rolling (replace replaces every instance at once)"
+    );
+    assert!(error("exec a\nupdate_canary 0\n").starts_with("2:15: update_canary must be"));
     let o = ok("exec a\nreplicas 3\nupdate_order stop-first\n");
     assert_eq!(o.update_order, UpdateOrder::StopFirst);
     assert!(o.canonical().contains("update_order stop-first\n"));
@@ -940,6 +952,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             m.update_batch = batch.index(replicas as usize) as u32 + 1;
             if !replace && rollback {
                 m.update_order = UpdateOrder::StopFirst;
+                m.update_canary = m.update_batch;
             }
             m.update_pause = pause;
             m.auto_rollback = rollback;
@@ -986,7 +999,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "update_order", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

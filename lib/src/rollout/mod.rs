@@ -401,6 +401,9 @@ struct Batch {
     candidates: Vec<InstanceId>,
     retiring: Vec<InstanceId>,
     phase: Phase,
+    /// The first batch of a new version with `update_canary`: the rollout
+    /// pauses after it.
+    canary: bool,
 }
 
 /// What a stop-first batch may do now; see [`Service::may_take_out`].
@@ -1388,17 +1391,35 @@ impl Service {
                 candidates: Vec::new(),
                 retiring: ids,
                 phase: Phase::Retiring,
+                canary: false,
             });
             return true;
         }
         let all_at_once =
             matches!(kind, Kind::Create | Kind::Scale) || m.update == Strategy::Replace;
+        // A new version's first batch is its canary: `update_canary`
+        // instances, while no slot runs it yet.
+        let canary = kind == Kind::Apply
+            && !all_at_once
+            && m.update_canary > 0
+            && todo.len() == n as usize
+            && self
+                .slots
+                .iter()
+                .all(|s| s.spec.as_ref() != Some(&self.target));
         let size = if all_at_once {
             todo.len()
+        } else if canary {
+            m.update_canary as usize
         } else {
             m.update_batch as usize
         };
-        let total = done + todo.len().div_ceil(size) as u32;
+        let total = if canary {
+            let rest = todo.len().saturating_sub(size);
+            done + 1 + rest.div_ceil(m.update_batch as usize) as u32
+        } else {
+            done + todo.len().div_ceil(size) as u32
+        };
         let stop_first = m.update == Strategy::Rolling
             && m.update_order == UpdateOrder::StopFirst
             && !matches!(kind, Kind::Create | Kind::Scale);
@@ -1426,6 +1447,7 @@ impl Service {
             candidates: Vec::new(),
             retiring: Vec::new(),
             phase: Phase::Starting,
+            canary,
         };
         let replace_first = (m.update == Strategy::Replace
             || m.update_order == UpdateOrder::StopFirst)
@@ -1674,6 +1696,9 @@ impl Service {
         let Some(batch) = r.batch.take() else { return };
         r.batches_done += 1;
         let pause = self.target.manifest.update_pause;
+        if batch.canary && more {
+            r.paused = true;
+        }
         let paused = r.paused;
         if more && !pause.is_zero() {
             r.pause_until = Some(self.now + pause);
@@ -1695,6 +1720,13 @@ impl Service {
             ));
         } else if paused && more {
             self.event("paused".into());
+        }
+        if batch.canary && more {
+            let (k, n) = self.progress();
+            self.event(format!(
+                "canary: {k} of {n} instances at {} and ready; paused: resume rolls out the rest, rollback undoes it",
+                self.target.version
+            ));
         }
     }
 

@@ -2281,3 +2281,88 @@ fn a_stop_first_batch_waits_for_a_missing_slot_then_fails_at_the_deadline() {
     // The ready instance was never touched.
     assert_eq!(sim.routed.len(), 1);
 }
+
+/// `spec` with an `update_canary`.
+fn canary_spec(exec: &str, n: u32, b: u32, st: Mode, canary: u32) -> Spec {
+    let mut m = (*spec(exec, n, b, st).manifest).clone();
+    m.update_canary = canary;
+    let text = m.canonical();
+    Spec::new(m, text)
+}
+
+#[test]
+fn a_canary_pauses_the_rollout_until_resume_or_rollback() {
+    for (st, n, b) in shapes()
+        .into_iter()
+        .filter(|s| s.0 != Mode::Replace && s.1 > 1)
+    {
+        for c in 1..n {
+            for undo in [false, true] {
+                let mut sim = Sim::new(canary_spec("v1", n, b, st, c));
+                sim.capacity = st.capacity(n, b.max(c));
+                let v2 = canary_spec("v2", n, b, st, c);
+                sim.command(Command::Apply(v2.clone())).unwrap();
+                sim.settle();
+                assert_eq!(
+                    sim.svc.update_status(),
+                    UpdateStatus::Paused,
+                    "{st:?} n={n} b={b} c={c}: {:#?}",
+                    sim.events
+                );
+                assert_eq!(sim.svc.progress(), (c, n));
+                assert_eq!(sim.svc.wait_line(), Some(format!("paused {}", v2.version)));
+                let line = format!(
+                    "canary: {c} of {n} instances at {} and ready; paused: resume rolls out the rest, rollback undoes it",
+                    v2.version
+                );
+                assert!(sim.events.contains(&line), "{:#?}", sim.events);
+                let total = 1 + (n - c).div_ceil(b);
+                assert!(
+                    sim.events[0].contains(&format!("batch {b}")),
+                    "{}",
+                    sim.events[0]
+                );
+                assert!(
+                    sim.events
+                        .iter()
+                        .any(|e| e.starts_with(&format!("batch 1/{total} done ({c}/{n}); paused"))),
+                    "{:#?}",
+                    sim.events
+                );
+                if undo {
+                    sim.command(Command::Rollback(None)).unwrap();
+                } else {
+                    sim.command(Command::Resume).unwrap();
+                }
+                sim.settle();
+                sim.check_converged();
+                let want = if undo { "v1" } else { "v2" };
+                assert_eq!(sim.svc.version(), canary_spec(want, n, b, st, c).version);
+                // Only the first batch of a new version is a canary.
+                let pauses = sim
+                    .events
+                    .iter()
+                    .filter(|e| e.starts_with("canary:"))
+                    .count();
+                assert_eq!(pauses, 1, "{:#?}", sim.events);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_restart_or_a_scale_has_no_canary() {
+    let mut sim = Sim::new(canary_spec("v1", 3, 1, Mode::Rolling, 1));
+    sim.command(Command::Restart(None)).unwrap();
+    sim.settle();
+    sim.check_converged();
+    sim.command(Command::Apply(canary_spec("v1", 4, 1, Mode::Rolling, 1)))
+        .unwrap();
+    sim.settle();
+    sim.check_converged();
+    assert!(
+        !sim.events.iter().any(|e| e.starts_with("canary:")),
+        "{:#?}",
+        sim.events
+    );
+}
