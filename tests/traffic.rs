@@ -820,3 +820,43 @@ fn a_stop_first_rolling_update_loses_nothing_and_never_surges() {
     );
     assert_clean(load, 500);
 }
+
+/// `access_log on`: a line per request in the service's `access` file,
+/// which `deploy logs SERVICE --access` prints.
+#[test]
+fn an_access_log_has_a_line_per_request() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("web", web(port, "http", 2, "access_log on\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    for i in 0..5 {
+        let (status, _) = http_get(port, &format!("/?n={i}")).unwrap();
+        assert_eq!(status, 200);
+    }
+    let ports: Vec<String> = d
+        .instances("web")
+        .iter()
+        .filter_map(|i| i.4)
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    wait_for("five lines", LONG, || {
+        d.try_read("active/web/access").lines().count() >= 5
+    });
+    let out = stdout(&d.deploy(&["logs", "web", "--access"]));
+    assert_eq!(out, d.read("active/web/access"));
+    for (i, line) in out.lines().enumerate() {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f.len(), 7, "{line}");
+        assert_eq!(
+            &f[1..5],
+            ["127.0.0.1", "GET", &format!("/?n={i}"), "200"],
+            "{line}"
+        );
+        assert!(ports.contains(&f[6].to_string()), "{line} {ports:?}");
+    }
+    assert!(
+        d.read("active/web/traffic")
+            .contains("\naccess_dropped 0\n")
+    );
+}

@@ -108,13 +108,18 @@ enum Cmd {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Print the output of the service's instances (or of one)
+    /// Print the output of the service's instances (or of one), or its
+    /// access log
     Logs {
         service: String,
+        #[arg(conflicts_with = "access")]
         instance: Option<u32>,
         /// Keep printing new output
         #[arg(short, long)]
         follow: bool,
+        /// The access log of its http port (`access_log on`): a line per request
+        #[arg(long)]
+        access: bool,
     },
     /// Replace deployd with its binary (after an upgrade) keeping every
     /// instance and port; wait until it serves again
@@ -252,8 +257,18 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         }
         Cmd::Logs {
             service,
+            access: true,
+            follow,
+            ..
+        } => {
+            let dir = ns.service(&service)?;
+            tail::run(vec![(None, dir.join("access"))], follow)
+        }
+        Cmd::Logs {
+            service,
             instance,
             follow,
+            access: false,
         } => {
             let dir = ns.service(&service)?;
             tail::run(tail::logs(&dir, instance)?, follow)

@@ -1387,6 +1387,7 @@ impl Engine {
                 if let Some(r) = &e.router {
                     r.set_timeouts(w.queue_timeout, w.response_timeout);
                 }
+                self.sync_access_log(sid);
                 return;
             }
             (None, None) => return,
@@ -1404,8 +1405,29 @@ impl Engine {
             .filter(|i| i.state() == deployd_lib::rollout::State::Ready)
             .map(|i| i.id())
             .collect();
+        self.sync_access_log(sid);
         for id in ready {
             self.route_in(sid, id);
+        }
+    }
+
+    /// Opens or closes the service's access log as its manifest says.
+    fn sync_access_log(&mut self, sid: u32) {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        let Some(r) = &e.router else { return };
+        let m = &e.machine.target().manifest;
+        match (m.access_log, r.has_access_log()) {
+            (true, false) => {
+                let path = self.store.access_path(&e.name);
+                match proxy::access::AccessLog::open(path, m.log_max) {
+                    Ok(log) => r.set_access_log(Some(Arc::new(log))),
+                    Err(err) => tracing::warn!("{}: access log: {err}", e.name),
+                }
+            }
+            (false, true) => r.set_access_log(None),
+            _ => {}
         }
     }
 
@@ -1530,6 +1552,7 @@ impl Engine {
                 events: &e.events,
                 runtime: &runtime,
                 traffic: e.router.clone(),
+                access: self.store.access_path(&e.name),
             },
             e.view.as_deref(),
             SystemTime::now(),

@@ -370,6 +370,12 @@ impl Fs {
                     }
                     SvcFile::Ctl | SvcFile::Wait => (0, v.mtime, v.created),
                     SvcFile::Traffic => (v.traffic().len() as u64, SystemTime::now(), v.created),
+                    SvcFile::Access => {
+                        let meta = std::fs::metadata(&v.access).ok();
+                        let len = meta.as_ref().map_or(0, |m| m.len());
+                        let m = meta.and_then(|m| m.modified().ok()).unwrap_or(v.created);
+                        (len, m, v.created)
+                    }
                     f => {
                         let d = v.file(f).ok_or(Errno::ENOENT)?;
                         (d.data.len() as u64, d.mtime, v.created)
@@ -571,6 +577,11 @@ impl Fs {
                     },
                     SvcFile::Events => Open::Events(v.events.clone()),
                     SvcFile::Traffic => Open::Bytes(Arc::from(v.traffic().into_bytes())),
+                    SvcFile::Access => match File::open(&v.access) {
+                        Ok(file) => Open::Log(file),
+                        // Nothing logged yet (or never: `access_log off`).
+                        Err(_) => Open::Bytes(Arc::from(Vec::new())),
+                    },
                     SvcFile::Wait => Open::Wait {
                         sid: s,
                         answer: Arc::default(),

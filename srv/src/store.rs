@@ -236,6 +236,12 @@ impl Store {
         v
     }
 
+    /// Where the access log of a service's http port goes
+    /// (`access_log on`).
+    pub fn access_path(&self, service: &ServiceName) -> PathBuf {
+        self.dir(service).join("access.log")
+    }
+
     /// Where an instance's output goes.
     pub fn log_path(&self, service: &ServiceName, generation: u64, id: u64) -> PathBuf {
         self.dir(service)

@@ -69,10 +69,12 @@ pub enum SvcFile {
     Wait,
     /// `traffic`: what the public port served.
     Traffic,
+    /// `access`: the http port's access log (`access_log on`).
+    Access,
 }
 
 /// The service directory's files, in listing order: name, file.
-pub const SVC_FILES: [(&str, SvcFile); 10] = [
+pub const SVC_FILES: [(&str, SvcFile); 11] = [
     ("ctl", SvcFile::Ctl),
     ("version", SvcFile::Version),
     ("previous_version", SvcFile::PreviousVersion),
@@ -83,6 +85,7 @@ pub const SVC_FILES: [(&str, SvcFile); 10] = [
     ("manifest", SvcFile::Manifest),
     ("wait", SvcFile::Wait),
     ("traffic", SvcFile::Traffic),
+    ("access", SvcFile::Access),
 ];
 
 /// The files of `/deploy/active/SERVICE/instances/N/`.
@@ -189,6 +192,8 @@ pub struct ServiceView {
     pub events: Arc<EventLog>,
     /// The live traffic counters behind `traffic`, when it has a port.
     pub traffic: Option<Arc<Router>>,
+    /// The file behind `access`.
+    pub access: PathBuf,
     /// The line of `/deploy/status`.
     pub summary: String,
     /// When the service appeared.
@@ -207,7 +212,9 @@ impl ServiceView {
             SvcFile::UpdateProgress => Some(&self.update_progress),
             SvcFile::State => Some(&self.state),
             SvcFile::Manifest => Some(&self.manifest),
-            SvcFile::Ctl | SvcFile::Events | SvcFile::Wait | SvcFile::Traffic => None,
+            SvcFile::Ctl | SvcFile::Events | SvcFile::Wait | SvcFile::Traffic | SvcFile::Access => {
+                None
+            }
         }
     }
 
@@ -259,6 +266,8 @@ pub struct Parts<'a> {
     pub runtime: &'a dyn Fn(InstanceId) -> Option<Runtime>,
     /// Its routing table, when it has a port.
     pub traffic: Option<Arc<Router>>,
+    /// Its access log's file.
+    pub access: PathBuf,
 }
 
 /// Renders a service; files whose content did not change keep `prev`'s mtime.
@@ -355,6 +364,7 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
         instances,
         events: p.events.clone(),
         traffic: p.traffic,
+        access: p.access,
         summary,
         created: prev.map_or(now, |v| v.created),
         mtime: now,

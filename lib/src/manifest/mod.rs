@@ -122,6 +122,9 @@ pub struct Manifest {
     /// request (its response head) before the client gets a 504; `None`:
     /// no limit.
     pub response_timeout: Option<Duration>,
+    /// `proxy http`: write a line per request to the service's `access`
+    /// file.
+    pub access_log: bool,
 }
 
 /// The `user` directive: an account, and optionally a group, of this machine,
@@ -368,6 +371,7 @@ impl Manifest {
             drain: Duration::from_secs(5),
             queue_timeout: Duration::from_secs(10),
             response_timeout: None,
+            access_log: false,
         }
     }
 
@@ -499,6 +503,9 @@ impl Manifest {
         }
         if let Some(d) = self.response_timeout {
             line(format_args!("response_timeout {}", format_duration(d)));
+        }
+        if self.access_log {
+            line(format_args!("access_log on"));
         }
         out
     }

@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 30] = [
+const DIRECTIVES: [&str; 31] = [
     "exec",
     "dir",
     "env",
@@ -57,6 +57,7 @@ const DIRECTIVES: [&str; 30] = [
     "drain",
     "queue_timeout",
     "response_timeout",
+    "access_log",
 ];
 
 /// Parses a manifest. On error, returns every diagnostic found, in line order.
@@ -117,6 +118,7 @@ enum Directive {
     UpdateOrder(UpdateOrder),
     UpdateCanary(u32),
     AutoRollback(bool),
+    AccessLog(bool),
     Restart(RestartPolicy),
     StopSignal(Signal),
     MemoryMax(u64),
@@ -314,6 +316,7 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
             ],
         )?),
         "auto_rollback" => Directive::AutoRollback(choice(v, &[("on", true), ("off", false)])?),
+        "access_log" => Directive::AccessLog(choice(v, &[("on", true), ("off", false)])?),
         "restart" => Directive::Restart(choice(
             v,
             &[
@@ -671,6 +674,7 @@ impl Builder {
             Directive::UpdateOrder(o) => m.update_order = o,
             Directive::UpdateCanary(n) => m.update_canary = n,
             Directive::AutoRollback(b) => m.auto_rollback = b,
+            Directive::AccessLog(b) => m.access_log = b,
             Directive::Restart(r) => m.restart = r,
             Directive::StopSignal(s) => m.stop_signal = s,
             Directive::MemoryMax(n) => m.memory_max = Some(n),
@@ -789,10 +793,17 @@ impl Builder {
                 self.error(line, col, message.into());
             }
         }
-        if m.response_timeout.is_some() && (m.port.is_none() || m.proxy != Proxy::Http) {
+        let http = m.port.is_some() && m.proxy == Proxy::Http;
+        if m.response_timeout.is_some() && !http {
             if let Some((line, col)) = self.at("response_timeout") {
                 let message = "response_timeout is for a port with proxy http (a tcp \
                                connection has no response to wait for)";
+                self.error(line, col, message.into());
+            }
+        }
+        if m.access_log && !http {
+            if let Some((line, col)) = self.at("access_log") {
+                let message = "access_log is for a port with proxy http";
                 self.error(line, col, message.into());
             }
         }

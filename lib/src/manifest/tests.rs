@@ -110,6 +110,13 @@ queue_timeout 3s
         "{}",
         error("exec a\nupdate_order stopfirst\n")
     );
+    let a = ok("exec a\nport 80\nproxy http\naccess_log on\n");
+    assert!(a.access_log && a.canonical().ends_with("access_log on\n"));
+    assert_eq!(ok("exec a\naccess_log off\n"), ok("exec a\n"));
+    assert_eq!(
+        error("exec a\nport 80\naccess_log on\n"),
+        "3:12: access_log is for a port with proxy http"
+    );
     let r = ok("exec a\nport 80\nhealth http /\nresponse_timeout 30s\n");
     assert_eq!(r.response_timeout, Some(Duration::from_secs(30)));
     assert!(r.canonical().ends_with("response_timeout 30s\n"));
@@ -970,6 +977,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             // Only with proxy http, and never 0.
             m.response_timeout =
                 (m.port.is_some() && m.proxy == Proxy::Http && !queue.is_zero()).then_some(queue);
+            m.access_log = m.port.is_some() && m.proxy == Proxy::Http && rollback;
             m
         })
 }
@@ -999,7 +1007,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "access_log", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

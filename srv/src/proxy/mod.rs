@@ -20,6 +20,7 @@
 //! `queue_timeout` instead of being refused, so a `replace` rollout or the
 //! restart of a single instance loses nothing that fits in that window.
 
+pub mod access;
 pub mod activation;
 mod http;
 mod tcp;
@@ -166,6 +167,8 @@ pub struct Router {
     finishing: AtomicBool,
     /// The same, for idle connections to wait on.
     finished: watch::Sender<bool>,
+    /// http, with `access_log on`: where each request is logged.
+    access: RwLock<Option<Arc<access::AccessLog>>>,
 }
 
 impl Router {
@@ -180,6 +183,7 @@ impl Router {
             listener: Mutex::new(None),
             socket: Mutex::new(None),
             finishing: AtomicBool::new(false),
+            access: RwLock::new(None),
             finished: watch::channel(false).0,
         }
     }
@@ -354,6 +358,9 @@ impl Router {
         let http = s.mode == Mode::Http;
         if http {
             out.push_str(&format!("abandoned {}\n", t.get(|c| &c.abandoned)));
+        }
+        if let Some(log) = self.access.read().as_ref() {
+            out.push_str(&format!("access_dropped {}\n", log.dropped()));
         }
         let mut rows: Vec<(u32, &Arc<Backend>)> = known
             .iter()
@@ -544,6 +551,21 @@ impl Router {
         let mut s = self.settings.write();
         s.queue_timeout = queue;
         s.response_timeout = response;
+    }
+
+    /// Logs each request to `log` from now on, or none.
+    pub fn set_access_log(&self, log: Option<Arc<access::AccessLog>>) {
+        *self.access.write() = log;
+    }
+
+    /// Whether requests are logged.
+    pub fn has_access_log(&self) -> bool {
+        self.access.read().is_some()
+    }
+
+    /// The access log, if requests are logged.
+    fn access_log(&self) -> Option<Arc<access::AccessLog>> {
+        self.access.read().clone()
     }
 
     /// Stops listening; connections already accepted go on.

@@ -41,6 +41,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use body::{BodyError, Buf, Remaining};
 use head::{Framing, HeadError, RequestHead};
 
+use super::access::Entry;
 use super::{Backend, HOLD, Router};
 
 /// Idle connections kept per instance.
@@ -197,11 +198,48 @@ async fn active(client: &mut TcpStream, ip: &[u8], router: &Router) -> bool {
             }
         };
         deadline = None;
+        // With an access log: the request line, kept for its line.
+        let log = router.access_log();
+        let logged = log.as_ref().map(|_| {
+            let (method, target) = request_line(&s.cbuf.filled()[..req.len]);
+            (method.to_vec(), target.to_vec(), Instant::now())
+        });
         s.cbuf.consume(req.len);
-        if !exchange(client, s, &req, router).await {
+        let mut served = Served::default();
+        let keep = exchange(client, s, &req, router, &mut served).await;
+        if let (Some(log), Some((method, target, since))) = (log, logged) {
+            log.write(&Entry {
+                client: ip,
+                method: &method,
+                target: &target,
+                status: served.status,
+                took: since.elapsed(),
+                upstream: served.upstream,
+            });
+        }
+        if !keep {
             return false;
         }
     }
+}
+
+/// What became of a request, for the access log.
+#[derive(Default)]
+struct Served {
+    /// The status the client got (`None`: no whole response head).
+    status: Option<u16>,
+    /// The instance that had it last.
+    upstream: Option<SocketAddr>,
+}
+
+/// The method and target of a request head's first line.
+fn request_line(head: &[u8]) -> (&[u8], &[u8]) {
+    let line = head
+        .split(|&b| b == b'\r' || b == b'\n')
+        .next()
+        .unwrap_or(&[]);
+    let mut words = line.splitn(3, |&b| b == b' ');
+    (words.next().unwrap_or(&[]), words.next().unwrap_or(&[]))
 }
 
 /// Sends one request to an instance and its response to the client; returns
@@ -211,6 +249,7 @@ async fn exchange(
     s: &mut Session,
     req: &RequestHead,
     router: &Router,
+    served: &mut Served,
 ) -> bool {
     // Whether the client's connection can go on after a response deployd
     // makes itself: only if no body of the request is left unread.
@@ -233,10 +272,12 @@ async fn exchange(
             } else {
                 "no instance could take the request\n".to_string()
             };
+            served.status = Some(503);
             reply(client, &mut s.rout, 503, &msg, Some(req), keep_own).await;
             return keep_own;
         };
         let backend = guard.backend().clone();
+        served.upstream = Some(backend.addr);
         let mut conn = match checkout(&backend, fresh).await {
             Ok(c) => c,
             Err(_) => {
@@ -262,6 +303,7 @@ async fn exchange(
                 reusable,
                 keep_client,
             } => {
+                served.status = Some(status);
                 router.count(Some(&backend), status < 500);
                 if reusable {
                     checkin(&backend, conn);
@@ -295,6 +337,7 @@ async fn exchange(
                 router.count(Some(&backend), false);
                 let keep = keep_own && !req.upgrade;
                 let msg = "the instance failed before answering\n";
+                served.status = Some(502);
                 reply(client, &mut s.rout, 502, msg, Some(req), keep).await;
                 return keep;
             }
@@ -303,6 +346,7 @@ async fn exchange(
                 router.count(Some(&backend), false);
                 if !sent {
                     let msg = "the instance sent a response that is not HTTP/1\n";
+                    served.status = Some(502);
                     reply(client, &mut s.rout, 502, msg, Some(req), false).await;
                 }
                 return false;
@@ -315,6 +359,7 @@ async fn exchange(
                 router.abandoned(&backend);
                 if !s.answered {
                     let msg = "request body not received in time\n";
+                    served.status = Some(408);
                     reply(client, &mut s.rout, 408, msg, Some(req), false).await;
                 }
                 return false;
@@ -327,6 +372,7 @@ async fn exchange(
                 return false;
             }
             Outcome::Upgraded => {
+                served.status = Some(101);
                 router.count(Some(&backend), true);
                 return false;
             }
@@ -341,6 +387,7 @@ async fn exchange(
                     deployd_lib::manifest::format_duration(limit)
                 );
                 let keep = keep_own && !req.upgrade;
+                served.status = Some(504);
                 reply(client, &mut s.rout, 504, &msg, Some(req), keep).await;
                 return keep;
             }

@@ -1512,3 +1512,51 @@ async fn an_instance_that_does_not_start_answering_in_time_gets_its_client_a_504
     assert_eq!(body, "slow\n");
     assert_eq!(counter(&router, "instance 0 ", "errors"), 1);
 }
+
+#[tokio::test]
+async fn with_an_access_log_each_request_gets_its_line() {
+    let (backend, _) = echo_heads().await;
+    let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let log = crate::proxy::access::AccessLog::open(path.clone(), 1 << 20).unwrap();
+    router.set_access_log(Some(Arc::new(log)));
+    let mut c = send(port, b"GET /orders?id=7 HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let (h, _) = read_response(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    c.write_all(b"DELETE /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = read_response(&mut c).await;
+    // No instance: a 503, with no instance to name.
+    router.route_out(InstanceId(0));
+    let r = get(port, "/none").await;
+    assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+    let mut text = String::new();
+    for _ in 0..300 {
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    let upstream = format!("127.0.0.1:{backend}");
+    assert_eq!(
+        &lines[0][1..5],
+        ["127.0.0.1", "GET", "/orders?id=7", "200"],
+        "{text}"
+    );
+    assert_eq!(lines[0][6], upstream);
+    assert!(lines[0][5].parse::<f64>().is_ok(), "{text}");
+    assert_eq!(&lines[1][2..5], ["DELETE", "/x", "200"]);
+    assert_eq!(&lines[2][2..5], ["GET", "/none", "503"]);
+    assert_eq!(lines[2][6], "-");
+    assert!(router.render(|_| Some(0)).contains("\naccess_dropped 0\n"));
+    // Off again: nothing more is written.
+    router.set_access_log(None);
+    let _ = get(port, "/after").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
+}

@@ -1,0 +1,208 @@
+//! The access log of a service's http port (`access_log on`): one line per
+//! request, as nginx and kamal-proxy write them, in the service's `access`
+//! file:
+//!
+//! ```text
+//! 2026-12-01T21:16:05.123Z 127.0.0.1 GET /orders?id=7 200 1.2 127.0.0.1:41234
+//! ```
+//!
+//! time (UTC), client address, method, target, status (`-`: no response,
+//! the client left or the instance was cut), milliseconds from the whole
+//! request head to the end of the response, and the instance it went to
+//! (`-`: none). The proxy writes each line with one `write(2)` into a
+//! non-blocking pipe; the task that copies the pipe to the file (rotating
+//! it at `log_max`, as an instance's log) is the only one that touches the
+//! disk. A line the pipe has no room for is dropped and counted, never
+//! waited for: the data path does not block on a log.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::process;
+
+/// The longest target written; a longer one is cut and ends in `...`.
+const MAX_TARGET: usize = 1024;
+
+/// A service's access log.
+pub struct AccessLog {
+    pipe: File,
+    dropped: AtomicU64,
+}
+
+/// One request, as the log line says it.
+pub struct Entry<'a> {
+    pub client: &'a [u8],
+    /// The request line's method and target.
+    pub method: &'a [u8],
+    pub target: &'a [u8],
+    pub status: Option<u16>,
+    pub took: Duration,
+    pub upstream: Option<std::net::SocketAddr>,
+}
+
+impl AccessLog {
+    /// A log that goes to `path`, moved to `path.1` past `max` bytes.
+    /// Spawns its copying task: call it within the runtime.
+    pub fn open(path: PathBuf, max: u64) -> std::io::Result<AccessLog> {
+        let (read, write) = process::log_pipe()?;
+        set_nonblocking(&write)?;
+        tokio::spawn(process::pump_log(read, path, max));
+        Ok(AccessLog {
+            pipe: File::from(write),
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Lines dropped because the pipe was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Writes one entry's line.
+    pub fn write(&self, e: &Entry<'_>) {
+        let mut line = Vec::with_capacity(96 + e.target.len().min(MAX_TARGET));
+        utc(&mut line, SystemTime::now());
+        line.push(b' ');
+        line.extend_from_slice(e.client);
+        line.push(b' ');
+        line.extend_from_slice(e.method);
+        line.push(b' ');
+        if e.target.len() > MAX_TARGET {
+            line.extend_from_slice(&e.target[..MAX_TARGET]);
+            line.extend_from_slice(b"...");
+        } else {
+            line.extend_from_slice(e.target);
+        }
+        // Writing to a Vec cannot fail.
+        let _ = match e.status {
+            Some(s) => write!(line, " {s}"),
+            None => write!(line, " -"),
+        };
+        let _ = write!(line, " {:.1}", e.took.as_secs_f64() * 1000.0);
+        let _ = match e.upstream {
+            Some(a) => writeln!(line, " {a}"),
+            None => writeln!(line, " -"),
+        };
+        // One write: a pipe takes up to PIPE_BUF (4096) bytes whole, and
+        // a line is at most about 1.2 KiB.
+        if (&self.pipe).write(&line).map_or(true, |n| n < line.len()) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
+    Ok(())
+}
+
+/// `2026-12-01T21:16:05.123Z`
+fn utc(out: &mut Vec<u8>, t: SystemTime) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60,
+        d.subsec_millis()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64, ms: u64) -> String {
+        let mut v = Vec::new();
+        utc(&mut v, UNIX_EPOCH + Duration::from_millis(secs * 1000 + ms));
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn utc_times_are_iso_8601() {
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        // `date -u -d @1764623765`
+        assert_eq!(at(1_764_623_765, 123), "2025-12-01T21:16:05.123Z");
+        // A leap day, and the end of a century year that is not one.
+        assert_eq!(at(951_782_400, 0), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(4_107_542_399, 999), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[tokio::test]
+    async fn lines_go_to_the_file_and_a_full_pipe_drops_rather_than_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access");
+        let log = AccessLog::open(path.clone(), 1 << 20).unwrap();
+        let long = vec![b'x'; 3000];
+        let e = Entry {
+            client: b"127.0.0.1",
+            method: b"GET",
+            target: &long,
+            status: Some(200),
+            took: Duration::from_micros(1234),
+            upstream: Some(([127, 0, 0, 1], 41234).into()),
+        };
+        log.write(&Entry {
+            target: b"/a?b=1",
+            ..e
+        });
+        log.write(&Entry {
+            status: None,
+            upstream: None,
+            ..e
+        });
+        let want_first = " 127.0.0.1 GET /a?b=1 200 1.2 127.0.0.1:41234\n";
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(
+            text.split('\n')
+                .next()
+                .is_some_and(|l| format!("{l}\n").ends_with(want_first))
+        );
+        assert!(
+            lines[1].ends_with(&format!("{}... - 1.2 -", "x".repeat(MAX_TARGET))),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(
+            lines[0].len(),
+            "2025-12-01T21:16:05.123Z".len() + want_first.len() - 1
+        );
+        // Nothing reads the pipe while the runtime is blocked here: writes
+        // fill it, then are dropped, and none blocks.
+        let started = std::time::Instant::now();
+        for _ in 0..200 {
+            log.write(&e);
+        }
+        assert!(log.dropped() > 0);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
