@@ -1532,14 +1532,9 @@ async fn with_an_access_log_each_request_gets_its_line() {
     router.route_out(InstanceId(0));
     let r = get(port, "/none").await;
     assert!(r.starts_with("HTTP/1.1 503"), "{r}");
-    let mut text = String::new();
-    for _ in 0..300 {
-        text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.lines().count() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let read = || std::fs::read_to_string(&path).unwrap_or_default();
+    wait_until(|| read().lines().count() == 3).await;
+    let text = read();
     let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
     assert_eq!(lines.len(), 3, "{text}");
     let upstream = format!("127.0.0.1:{backend}");
