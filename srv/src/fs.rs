@@ -172,6 +172,9 @@ impl Node {
     }
 }
 
+/// A directory's entries, as one readdir stream serves them.
+type Listing = Arc<Vec<(String, Node)>>;
+
 /// What an open file holds.
 enum Open {
     /// A snapshot taken at open.
@@ -304,6 +307,12 @@ pub struct Fs {
     engine: mpsc::UnboundedSender<Msg>,
     waiters: Arc<Waiters>,
     open: Mutex<HashMap<u64, Arc<Open>>>,
+    /// Each open directory's listing, taken when it is read from its start:
+    /// `ls` reads a directory in several `getdents` calls, and entries
+    /// served by position from snapshots that changed in between would
+    /// mix two listings (an instance renumbered in between shows twice, or
+    /// not at all).
+    dirs: Mutex<HashMap<u64, Listing>>,
     next_fh: AtomicU64,
     uid: u32,
     gid: u32,
@@ -318,6 +327,7 @@ impl Fs {
             engine,
             waiters,
             open: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             uid: nix::unistd::getuid().as_raw(),
             gid: nix::unistd::getgid().as_raw(),
@@ -953,15 +963,50 @@ impl Filesystem for Fs {
         reply.error(Errno::EPERM);
     }
 
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match node(ino) {
+            Ok(n) if n.is_dir() => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = node(ino).and_then(|n| Ok((n, self.entries(n)?)));
+        // From the start (first read, or rewinddir): a new listing, kept
+        // for the reads that go on from where this one stops.
+        let kept = (offset > 0)
+            .then(|| self.dirs.lock().get(&fh.0).cloned())
+            .flatten();
+        let r = node(ino).and_then(|dir| match kept {
+            Some(e) => Ok((dir, e)),
+            None => {
+                let e = Arc::new(self.entries(dir)?);
+                self.dirs.lock().insert(fh.0, e.clone());
+                Ok((dir, e))
+            }
+        });
         let (dir, entries) = match r {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -969,7 +1014,7 @@ impl Filesystem for Fs {
         let dots = [(".".to_string(), dir), ("..".to_string(), Fs::parent(dir))];
         for (i, (name, n)) in dots
             .into_iter()
-            .chain(entries)
+            .chain(entries.iter().cloned())
             .enumerate()
             .skip(offset as usize)
         {
