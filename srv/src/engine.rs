@@ -625,19 +625,17 @@ impl Engine {
             })?;
         let waiting = self.pending_after(&name, &spec.manifest, coming);
         let (machine, actions) = Service::create_waiting(self.now(), spec, waiting);
-        // The deployment's own line, and what it waits for.
-        let events: Vec<&str> = actions
+        // The deployment's own line, then what it waits for, if anything.
+        let lines = if machine.waiting().is_empty() { 1 } else { 2 };
+        let msg = actions
             .iter()
             .filter_map(|a| match a {
                 Action::Event(e) => Some(e.as_str()),
                 _ => None,
             })
-            .collect();
-        let find = |prefix: &str| events.iter().find(|e| e.starts_with(prefix)).copied();
-        let msg = match (find("deployment of"), find("waiting for")) {
-            (Some(d), Some(w)) => format!("{d}; {w}"),
-            (d, w) => d.or(w).unwrap_or_default().to_string(),
-        };
+            .take(lines)
+            .collect::<Vec<_>>()
+            .join("; ");
         let sid = self.add_entry(name, machine, history);
         self.execute(sid, actions);
         Ok(msg)

@@ -28,6 +28,7 @@
 
 mod instance;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::ops::Add;
 use std::sync::Arc;
@@ -315,11 +316,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn noun(&self, strategy: Strategy) -> String {
-        if let Kind::RestartInstance { number, .. } = self {
-            return format!("restart of instance {number}");
-        }
+    fn noun(&self, strategy: Strategy) -> Cow<'static, str> {
         let noun = match (self, strategy) {
+            (Kind::RestartInstance { number, .. }, _) => {
+                return format!("restart of instance {number}").into();
+            }
             (Kind::Create, _) => "deployment",
             (Kind::Scale, _) => "scaling",
             (Kind::Restart, Strategy::Rolling) => "rolling restart",
@@ -328,9 +329,8 @@ impl Kind {
             (Kind::AutoRollback(_), _) => "automatic rollback",
             (Kind::Apply, Strategy::Rolling) => "rolling update",
             (Kind::Apply, Strategy::Replace) => "replace update",
-            (Kind::RestartInstance { .. }, _) => "restart",
         };
-        noun.to_string()
+        noun.into()
     }
 }
 
@@ -404,6 +404,17 @@ struct Batch {
     /// The first batch of a new version with `update_canary`: the rollout
     /// pauses after it.
     canary: bool,
+}
+
+impl Batch {
+    /// `batch 2/3: ` before its events, or nothing when it is the only one.
+    fn prefix(&self) -> String {
+        if self.total > 1 {
+            format!("batch {}/{}: ", self.number, self.total)
+        } else {
+            String::new()
+        }
+    }
 }
 
 /// What a stop-first batch may do now; see [`Service::may_take_out`].
@@ -495,8 +506,8 @@ impl Service {
         waiting: Vec<String>,
     ) -> (Service, Vec<Action>) {
         let mut s = Service::blank(now, spec, None, Vec::new());
-        s.wait_for(waiting);
         s.begin(Kind::Create, None);
+        s.wait_for(waiting);
         s.drive();
         let actions = std::mem::take(&mut s.out);
         (s, actions)
@@ -1395,18 +1406,13 @@ impl Service {
             });
             return true;
         }
-        let all_at_once =
-            matches!(kind, Kind::Create | Kind::Scale) || m.update == Strategy::Replace;
+        // A deployment or a scaling only fills slots: nothing to replace.
+        let fills = matches!(kind, Kind::Create | Kind::Scale);
+        let all_at_once = fills || m.update == Strategy::Replace;
         // A new version's first batch is its canary: `update_canary`
         // instances, while no slot runs it yet.
-        let canary = kind == Kind::Apply
-            && !all_at_once
-            && m.update_canary > 0
-            && todo.len() == n as usize
-            && self
-                .slots
-                .iter()
-                .all(|s| s.spec.as_ref() != Some(&self.target));
+        let canary =
+            kind == Kind::Apply && !all_at_once && m.update_canary > 0 && todo.len() == n as usize;
         let size = if all_at_once {
             todo.len()
         } else if canary {
@@ -1420,9 +1426,8 @@ impl Service {
         } else {
             done + todo.len().div_ceil(size) as u32
         };
-        let stop_first = m.update == Strategy::Rolling
-            && m.update_order == UpdateOrder::StopFirst
-            && !matches!(kind, Kind::Create | Kind::Scale);
+        let stop_first =
+            m.update == Strategy::Rolling && m.update_order == UpdateOrder::StopFirst && !fills;
         if stop_first {
             // Slots that serve nothing go first: replacing them costs no
             // capacity.
@@ -1449,10 +1454,7 @@ impl Service {
             phase: Phase::Starting,
             canary,
         };
-        let replace_first = (m.update == Strategy::Replace
-            || m.update_order == UpdateOrder::StopFirst)
-            && !matches!(kind, Kind::Create | Kind::Scale);
-        if replace_first {
+        if stop_first || (m.update == Strategy::Replace && !fills) {
             // Stop the batch's old instances, and any beyond replicas, first.
             let old: Vec<usize> = (0..self.instances.len())
                 .filter(|&i| {
@@ -1470,13 +1472,9 @@ impl Service {
             for i in old {
                 self.retire(i);
             }
-            let prefix = if batch.total > 1 {
-                format!("batch {}/{}: ", batch.number, batch.total)
-            } else {
-                String::new()
-            };
             self.event(format!(
-                "{prefix}stopping instance{} {} before starting {}",
+                "{}stopping instance{} {} before starting {}",
+                batch.prefix(),
                 plural(&numbers),
                 numbers.join(", "),
                 if numbers.len() == 1 {
@@ -1499,11 +1497,11 @@ impl Service {
     /// least `replicas - update_batch` stay ready. It waits for that up to
     /// `health_deadline`, then the rollout fails.
     fn may_take_out(&mut self, slots: &[u32], number: u32, total: u32) -> TakeOut {
-        let n = self.target.manifest.replicas;
         let takes_ready = slots.iter().any(|&s| self.slot_ready(s));
-        let missing: Vec<String> = (0..n)
-            .filter(|s| !slots.contains(s) && !self.slot_ready(*s))
-            .map(|s| s.to_string())
+        let missing: Vec<String> = self
+            .unready_slots(slots)
+            .iter()
+            .map(u32::to_string)
             .collect();
         if !takes_ready || missing.is_empty() {
             return TakeOut::Go;
@@ -1552,7 +1550,7 @@ impl Service {
     fn start_candidates(&mut self) {
         let Some(batch) = self.batch() else { return };
         let slots = batch.slots.clone();
-        let (number, total) = (batch.number, batch.total);
+        let prefix = batch.prefix();
         let spec = self.target.clone();
         let mut ids = Vec::new();
         let mut numbers = Vec::new();
@@ -1565,13 +1563,8 @@ impl Service {
             b.candidates = ids;
             b.phase = Phase::Starting;
         }
-        let kind_total = if total > 1 {
-            format!("batch {number}/{total}: ")
-        } else {
-            String::new()
-        };
         self.event(format!(
-            "{kind_total}starting instance{} {} ({})",
+            "{prefix}starting instance{} {} ({})",
             if numbers.len() == 1 { "" } else { "s" },
             numbers.join(", "),
             spec.version
@@ -1664,11 +1657,7 @@ impl Service {
                 };
             }
         }
-        let prefix = if batch.total > 1 {
-            format!("batch {}/{}: ", batch.number, batch.total)
-        } else {
-            String::new()
-        };
+        let prefix = batch.prefix();
         let mut msg = format!(
             "{prefix}routed in instance{} {}",
             plural(&routed_in),
@@ -1972,10 +1961,7 @@ impl Service {
         {
             return;
         }
-        let others_ready = (0..self.target.manifest.replicas)
-            .filter(|&s| s != slot)
-            .all(|s| self.slot_ready(s));
-        if !others_ready {
+        if !self.unready_slots(&[slot]).is_empty() {
             return;
         }
         let ready_since = inst.ready_since;
@@ -2001,6 +1987,14 @@ impl Service {
                 s.hold = true;
             }
         }
+    }
+
+    /// The slots below `replicas`, but for `except`, with no ready serving
+    /// instance.
+    fn unready_slots(&self, except: &[u32]) -> Vec<u32> {
+        (0..self.target.manifest.replicas)
+            .filter(|s| !except.contains(s) && !self.slot_ready(*s))
+            .collect()
     }
 
     /// Whether `slot` has a serving instance that is ready.
