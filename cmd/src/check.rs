@@ -31,16 +31,14 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
     // among the files are errors here.
     let graph: Graph = loaded
         .iter()
-        .map(|(_, l)| {
-            let after = l.manifest.after.iter().map(|s| s.to_string()).collect();
-            (l.service.to_string(), after)
-        })
+        .map(|(_, l)| (l.service.clone(), l.manifest.after.clone()))
         .collect();
     for (file, l) in &loaded {
-        match order::cycle_error(&graph, l.service.as_str()) {
+        match order::cycle_error(&graph, &l.service) {
             Some((first, message)) => {
                 failed += 1;
-                let (line, col) = manifest::position_of_after(&l.text, &first).unwrap_or((1, 1));
+                let (line, col) =
+                    manifest::position_of_after(&l.text, first.as_str()).unwrap_or((1, 1));
                 eprintln!("{}:{line}:{col}: {message}", file.display());
             }
             None => writeln!(

@@ -40,6 +40,12 @@ impl fmt::Display for ServiceName {
     }
 }
 
+impl PartialEq<&str> for ServiceName {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 impl AsRef<str> for ServiceName {
     fn as_ref(&self) -> &str {
         &self.0

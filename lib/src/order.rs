@@ -5,31 +5,33 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::name::ServiceName;
+
 /// Each service's `after`, by name.
-pub type Graph = BTreeMap<String, Vec<String>>;
+pub type Graph = BTreeMap<ServiceName, Vec<ServiceName>>;
 
 /// A path `from → … → from` through `after` edges, if `from` is on a cycle:
 /// the names along it, `from` first and last.
-pub fn cycle_through(graph: &Graph, from: &str) -> Option<Vec<String>> {
+pub fn cycle_through(graph: &Graph, from: &ServiceName) -> Option<Vec<ServiceName>> {
     // Depth first, keeping the path; each name is expanded once.
     let mut seen = BTreeSet::new();
-    let mut path = vec![from.to_string()];
+    let mut path = vec![from.clone()];
     find(graph, from, from, &mut seen, &mut path).then_some(path)
 }
 
-fn find(
-    graph: &Graph,
-    at: &str,
-    target: &str,
-    seen: &mut BTreeSet<String>,
-    path: &mut Vec<String>,
+fn find<'g>(
+    graph: &'g Graph,
+    at: &ServiceName,
+    target: &ServiceName,
+    seen: &mut BTreeSet<&'g ServiceName>,
+    path: &mut Vec<ServiceName>,
 ) -> bool {
     for next in graph.get(at).into_iter().flatten() {
         if next == target {
             path.push(next.clone());
             return true;
         }
-        if !graph.contains_key(next) || !seen.insert(next.clone()) {
+        if !graph.contains_key(next) || !seen.insert(next) {
             continue;
         }
         path.push(next.clone());
@@ -43,18 +45,19 @@ fn find(
 
 /// If `from` is on a cycle: the service of its `after` that the cycle goes
 /// through (where to point the error), and the error.
-pub fn cycle_error(graph: &Graph, from: &str) -> Option<(String, String)> {
+pub fn cycle_error(graph: &Graph, from: &ServiceName) -> Option<(ServiceName, String)> {
     let path = cycle_through(graph, from)?;
-    let first = path.get(1).cloned().unwrap_or_default();
+    let first = path.get(1)?.clone();
+    let shown: Vec<&str> = path.iter().map(ServiceName::as_str).collect();
     let message = format!(
         "after {first}: a cycle ({}): none of them could start first",
-        path.join(" → ")
+        shown.join(" → ")
     );
     Some((first, message))
 }
 
 /// Whether `from` reaches `to` through `after` edges (one or more).
-pub fn reaches(graph: &Graph, from: &str, to: &str) -> bool {
+pub fn reaches(graph: &Graph, from: &ServiceName, to: &ServiceName) -> bool {
     let mut seen = BTreeSet::new();
     let mut stack = vec![from];
     while let Some(at) = stack.pop() {
@@ -62,7 +65,7 @@ pub fn reaches(graph: &Graph, from: &str, to: &str) -> bool {
             if next == to {
                 return true;
             }
-            if seen.insert(next.as_str()) {
+            if seen.insert(next) {
                 stack.push(next);
             }
         }
@@ -75,18 +78,18 @@ pub fn reaches(graph: &Graph, from: &str, to: &str) -> bool {
 /// dependencies outlive its requests in flight. Without any `after` it is
 /// one group of everything. Services on a cycle stop together, with
 /// whatever else is left at that point.
-pub fn stop_groups(graph: &Graph) -> Vec<Vec<String>> {
-    let mut left: BTreeSet<&str> = graph.keys().map(String::as_str).collect();
+pub fn stop_groups(graph: &Graph) -> Vec<Vec<ServiceName>> {
+    let mut left: BTreeSet<&ServiceName> = graph.keys().collect();
     let mut groups = Vec::new();
     while !left.is_empty() {
         // Those no remaining service waits for.
-        let free: Vec<&str> = left
+        let free: Vec<&ServiceName> = left
             .iter()
             .copied()
             .filter(|s| {
                 !left
                     .iter()
-                    .any(|o| o != s && graph[*o].iter().any(|d| d == s))
+                    .any(|o| o != s && graph.get(*o).is_some_and(|after| after.contains(s)))
             })
             .collect();
         let group = if free.is_empty() {
@@ -97,7 +100,7 @@ pub fn stop_groups(graph: &Graph) -> Vec<Vec<String>> {
         for s in &group {
             left.remove(s);
         }
-        groups.push(group.into_iter().map(String::from).collect());
+        groups.push(group.into_iter().cloned().collect());
     }
     groups
 }
@@ -106,10 +109,25 @@ pub fn stop_groups(graph: &Graph) -> Vec<Vec<String>> {
 mod tests {
     use super::*;
 
+    fn n(s: &str) -> ServiceName {
+        ServiceName::new(s).unwrap()
+    }
+
     fn graph(edges: &[(&str, &[&str])]) -> Graph {
         edges
             .iter()
-            .map(|(s, after)| (s.to_string(), after.iter().map(|a| a.to_string()).collect()))
+            .map(|(s, after)| (n(s), after.iter().map(|a| n(a)).collect()))
+            .collect()
+    }
+
+    fn cycle(g: &Graph, from: &str) -> Option<Vec<String>> {
+        cycle_through(g, &n(from)).map(|p| p.iter().map(ServiceName::to_string).collect())
+    }
+
+    fn groups(g: &Graph) -> Vec<Vec<String>> {
+        stop_groups(g)
+            .into_iter()
+            .map(|grp| grp.into_iter().map(|s| s.to_string()).collect())
             .collect()
     }
 
@@ -122,18 +140,16 @@ mod tests {
             ("worker", &["db", "gone"]),
         ]);
         assert_eq!(
-            cycle_through(&g, "web"),
+            cycle(&g, "web"),
             Some(vec!["web".into(), "api".into(), "web".into()])
         );
-        assert_eq!(cycle_through(&g, "db"), None);
-        assert_eq!(cycle_through(&g, "worker"), None);
+        assert_eq!(cycle(&g, "db"), None);
+        assert_eq!(cycle(&g, "worker"), None);
         let long = graph(&[("a", &["b"]), ("b", &["c"]), ("c", &["a"])]);
-        assert_eq!(
-            cycle_through(&long, "a").unwrap().join(" → "),
-            "a → b → c → a"
-        );
-        assert!(reaches(&long, "a", "c") && reaches(&long, "c", "b"));
-        assert!(reaches(&g, "worker", "db") && !reaches(&g, "db", "worker"));
+        assert_eq!(cycle(&long, "a").unwrap().join(" → "), "a → b → c → a");
+        let reach = |g: &Graph, a: &str, b: &str| reaches(g, &n(a), &n(b));
+        assert!(reach(&long, "a", "c") && reach(&long, "c", "b"));
+        assert!(reach(&g, "worker", "db") && !reach(&g, "db", "worker"));
     }
 
     #[test]
@@ -147,7 +163,7 @@ mod tests {
             ("worker", &["db", "gone"]),
         ]);
         assert_eq!(
-            stop_groups(&g),
+            groups(&g),
             [
                 vec!["alone", "web", "worker"],
                 vec!["api", "cache"],
@@ -155,10 +171,10 @@ mod tests {
             ]
         );
         let none = graph(&[("a", &[]), ("b", &[])]);
-        assert_eq!(stop_groups(&none), [vec!["a", "b"]]);
+        assert_eq!(groups(&none), [vec!["a", "b"]]);
         // A cycle stops together, after what waits for it.
         let cyc = graph(&[("a", &["b"]), ("b", &["a"]), ("c", &["a"]), ("d", &[])]);
-        assert_eq!(stop_groups(&cyc), [vec!["c", "d"], vec!["a", "b"]]);
+        assert_eq!(groups(&cyc), [vec!["c", "d"], vec!["a", "b"]]);
         assert!(stop_groups(&Graph::new()).is_empty());
     }
 }

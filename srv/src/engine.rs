@@ -374,11 +374,7 @@ impl Engine {
         // applied, as `apply` would refuse it; and then neither is one
         // that comes after it.
         loop {
-            let applied: Vec<(&ServiceName, &manifest::Manifest, &str)> = specs
-                .iter()
-                .map(|(n, s)| (n, &*s.manifest, &*s.text))
-                .collect();
-            let bad = self.check_after(&applied);
+            let bad = self.check_after(&specs);
             if bad.is_empty() {
                 break;
             }
@@ -421,11 +417,7 @@ impl Engine {
             }
         }
         if errors.is_empty() {
-            let applied: Vec<(&ServiceName, &manifest::Manifest, &str)> = specs
-                .iter()
-                .map(|(n, s)| (n, &*s.manifest, &*s.text))
-                .collect();
-            errors.extend(self.check_after(&applied).into_iter().map(|(_, e)| e));
+            errors.extend(self.check_after(&specs).into_iter().map(|(_, e)| e));
         }
         if !errors.is_empty() {
             return Err(Refusal {
@@ -471,11 +463,7 @@ impl Engine {
             if unchanged.contains(&name.to_string()) {
                 continue;
             }
-            let applied = match self.names.get(&name).copied() {
-                Some(sid) => self.command(sid, Command::Apply(spec)),
-                None => self.create(name.clone(), spec, &coming),
-            };
-            match applied {
+            match self.apply_spec(&name, spec, &coming) {
                 Ok(_) => started.push(name.to_string()),
                 // Only what the dry run could not foresee (the disk).
                 Err(r) => tracing::error!("{name}: {}", r.message),
@@ -909,7 +897,7 @@ impl Engine {
         let command = match verb {
             Verb::Apply => {
                 let spec = self.load_manifest(service)?;
-                let errors = self.check_after(&[(service, &spec.manifest, &spec.text)]);
+                let errors = self.check_after(&[(service.clone(), spec.clone())]);
                 if !errors.is_empty() {
                     return Err(Refusal {
                         kind: RefusalKind::Invalid,
@@ -920,7 +908,7 @@ impl Engine {
                             .join("\n"),
                     });
                 }
-                return self.apply_spec(service, spec);
+                return self.apply_spec(service, spec, &[]);
             }
             Verb::Rollback(Some(v)) => {
                 let e = sid
@@ -947,7 +935,7 @@ impl Engine {
                 // Started again, it waits for its `after` as at its creation.
                 let stopped = sid.and_then(|s| self.services.get(&s)).and_then(|e| {
                     let m = &e.machine;
-                    m.is_stopped().then(|| m.target().manifest.clone())
+                    (m.is_stopped() && !m.is_removing()).then(|| m.target().manifest.clone())
                 });
                 if let (Some(sid), Some(m)) = (sid, stopped) {
                     let waiting = self.pending_after(service, &m, &[]);
@@ -962,10 +950,16 @@ impl Engine {
         self.command(sid, command)
     }
 
-    /// Rolls `service` out to `spec`, or deploys it if it is new.
-    fn apply_spec(&mut self, service: &ServiceName, spec: Spec) -> Result<String, Refusal> {
+    /// Rolls `service` out to `spec`, or deploys it if it is new (with
+    /// `coming`, the services deployed with it).
+    fn apply_spec(
+        &mut self,
+        service: &ServiceName,
+        spec: Spec,
+        coming: &[ServiceName],
+    ) -> Result<String, Refusal> {
         let Some(sid) = self.names.get(service).copied() else {
-            return self.create(service.clone(), spec, &[]);
+            return self.create(service.clone(), spec, coming);
         };
         self.command(sid, Command::Apply(spec))
     }

@@ -39,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use crate::manifest::{
     Manifest, RestartPolicy, Signal, Strategy, UpdateOrder, Version, format_duration,
 };
+use crate::name::ServiceName;
 
 use instance::ProbeEffect;
 pub use instance::{ALLOWED, Exit, Instance, InstanceId, Role, State};
@@ -171,7 +172,7 @@ pub enum Input {
     /// The services this one still waits for before it starts anything
     /// (its manifest's `after` that are not ready yet, as the caller sees
     /// them); empty: go. See [`Service::create_waiting`].
-    Wait(Vec<String>),
+    Wait(Vec<ServiceName>),
     /// Time passed; deadlines up to now are due.
     Tick,
 }
@@ -484,7 +485,7 @@ pub struct Service {
     stopped: bool,
     removing: bool,
     /// Services to wait for before starting anything; see [`Input::Wait`].
-    waiting: Vec<String>,
+    waiting: Vec<ServiceName>,
     next_id: u64,
     outcome: Outcome,
     now: Instant,
@@ -503,7 +504,7 @@ impl Service {
     pub fn create_waiting(
         now: Instant,
         spec: Spec,
-        waiting: Vec<String>,
+        waiting: Vec<ServiceName>,
     ) -> (Service, Vec<Action>) {
         let mut s = Service::blank(now, spec, None, Vec::new());
         s.begin(Kind::Create, None);
@@ -530,7 +531,7 @@ impl Service {
         now: Instant,
         record: &Record,
         resolve: impl Fn(Version) -> Option<Spec>,
-        waiting: Vec<String>,
+        waiting: Vec<ServiceName>,
     ) -> Result<(Service, Vec<Action>), String> {
         let target = resolve(record.version)
             .ok_or_else(|| format!("the manifest of version {} is lost", record.version))?;
@@ -759,7 +760,7 @@ impl Service {
     }
     /// The services it waits for before it starts anything; see
     /// [`Input::Wait`].
-    pub fn waiting(&self) -> &[String] {
+    pub fn waiting(&self) -> &[ServiceName] {
         &self.waiting
     }
     /// Whether `remove` finished: the caller may forget the service.
@@ -1075,29 +1076,27 @@ impl Service {
     }
 
     /// Sets what the service waits for, saying what changed.
-    fn wait_for(&mut self, mut waiting: Vec<String>) {
+    fn wait_for(&mut self, mut waiting: Vec<ServiceName>) {
         waiting.sort();
         waiting.dedup();
         if waiting == self.waiting {
             return;
         }
-        let done: Vec<String> = self
-            .waiting
-            .iter()
-            .filter(|w| !waiting.contains(w))
-            .cloned()
-            .collect();
-        let msg = match (done.is_empty(), waiting.is_empty()) {
-            (true, _) => format!(
-                "waiting for {} to be ready before starting (after)",
-                waiting.join(", ")
-            ),
-            (false, true) => format!("done waiting for {}; starting", done.join(", ")),
-            (false, false) => format!(
-                "done waiting for {}; still waiting for {}",
-                done.join(", "),
-                waiting.join(", ")
-            ),
+        let joined = |names: Vec<&ServiceName>| {
+            let names: Vec<&str> = names.iter().map(|n| n.as_str()).collect();
+            names.join(", ")
+        };
+        let done = joined(
+            self.waiting
+                .iter()
+                .filter(|w| !waiting.contains(w))
+                .collect(),
+        );
+        let left = joined(waiting.iter().collect());
+        let msg = match (done.is_empty(), left.is_empty()) {
+            (true, _) => format!("waiting for {left} to be ready before starting (after)"),
+            (false, true) => format!("done waiting for {done}; starting"),
+            (false, false) => format!("done waiting for {done}; still waiting for {left}"),
         };
         self.waiting = waiting;
         self.event(msg);

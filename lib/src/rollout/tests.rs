@@ -2109,11 +2109,8 @@ fn signal_skips_what_is_stopping_and_refuses_what_does_not_run() {
 #[test]
 fn a_waiting_service_starts_nothing_until_told_to_go() {
     let s = spec("v1", 2, 1, Strategy::Rolling);
-    let (svc, actions) = Service::create_waiting(
-        Instant::default(),
-        s.clone(),
-        vec!["db".into(), "cache".into()],
-    );
+    let (svc, actions) =
+        Service::create_waiting(Instant::default(), s.clone(), names(&["db", "cache"]));
     assert!(
         !actions.iter().any(|a| matches!(a, Action::Start { .. })),
         "{actions:?}"
@@ -2127,7 +2124,7 @@ fn a_waiting_service_starts_nothing_until_told_to_go() {
     assert!(sim.svc.wait_line().is_none(), "the deployment is in flight");
     // Commands are taken meanwhile, and held too.
     sim.command(Command::Restart(None)).unwrap_err();
-    sim.feed(Input::Wait(vec!["db".into()])).unwrap();
+    sim.feed(Input::Wait(names(&["db"]))).unwrap();
     assert!(sim.procs.is_empty());
     sim.feed(Input::Wait(Vec::new())).unwrap();
     sim.settle();
@@ -2158,7 +2155,7 @@ fn a_restored_service_waits_and_a_stopped_one_does_not() {
     let record = sim.svc.record();
     let resolve = |v: Version| Some(s.clone()).filter(|s| s.version == v);
     let (svc, actions) =
-        Service::restore_waiting(sim.now, &record, resolve, vec!["db".into()]).unwrap();
+        Service::restore_waiting(sim.now, &record, resolve, names(&["db"])).unwrap();
     assert!(!actions.iter().any(|a| matches!(a, Action::Start { .. })));
     let mut fresh = Sim::with(sim.now, svc, actions);
     let until = fresh.now + Duration::from_secs(10);
@@ -2173,10 +2170,9 @@ fn a_restored_service_waits_and_a_stopped_one_does_not() {
     stopped.command(Command::Stop).unwrap();
     stopped.settle();
     let record = stopped.svc.record();
-    let (svc, _) =
-        Service::restore_waiting(stopped.now, &record, resolve, vec!["db".into()]).unwrap();
+    let (svc, _) = Service::restore_waiting(stopped.now, &record, resolve, names(&["db"])).unwrap();
     assert!(svc.waiting().is_empty());
-    let (svc, actions) = Service::create_waiting(Instant::default(), s.clone(), vec!["db".into()]);
+    let (svc, actions) = Service::create_waiting(Instant::default(), s.clone(), names(&["db"]));
     let mut sim = Sim::with(Instant::default(), svc, actions);
     sim.command(Command::Stop).unwrap();
     assert!(sim.svc.waiting().is_empty());
@@ -2365,4 +2361,11 @@ fn a_restart_or_a_scale_has_no_canary() {
         "{:#?}",
         sim.events
     );
+}
+
+/// Service names, for `after`.
+fn names(v: &[&str]) -> Vec<crate::name::ServiceName> {
+    v.iter()
+        .map(|s| crate::name::ServiceName::new(s).unwrap())
+        .collect()
 }

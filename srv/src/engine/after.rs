@@ -7,7 +7,7 @@
 use deployd_lib::manifest::{self, Manifest};
 use deployd_lib::name::ServiceName;
 use deployd_lib::order::{self, Graph};
-use deployd_lib::rollout::{Input, State};
+use deployd_lib::rollout::{Input, Spec, State};
 
 use super::Engine;
 
@@ -16,19 +16,15 @@ impl Engine {
     pub(super) fn after_graph(&self) -> Graph {
         self.services
             .values()
-            .map(|e| (e.name.to_string(), names(&e.machine.target().manifest)))
+            .map(|e| (e.name.clone(), e.machine.target().manifest.after.clone()))
             .collect()
     }
 
     /// Whether `name` is up for the services that come after it: running,
     /// waiting for nothing itself, and with as many ready instances as its
     /// `replicas` (of any version: a failed rollout still serves).
-    fn is_up(&self, name: &str) -> bool {
-        let Some(e) = ServiceName::new(name)
-            .ok()
-            .and_then(|n| self.names.get(&n))
-            .and_then(|sid| self.services.get(sid))
-        else {
+    fn is_up(&self, name: &ServiceName) -> bool {
+        let Some(e) = self.names.get(name).and_then(|sid| self.services.get(sid)) else {
             return false;
         };
         let m = &e.machine;
@@ -50,9 +46,9 @@ impl Engine {
         name: &ServiceName,
         m: &Manifest,
         coming: &[ServiceName],
-    ) -> Vec<String> {
+    ) -> Vec<ServiceName> {
         let mut graph = self.after_graph();
-        graph.insert(name.to_string(), names(m));
+        graph.insert(name.clone(), m.after.clone());
         self.pending_in(&graph, name, m, coming)
     }
 
@@ -64,37 +60,38 @@ impl Engine {
         name: &ServiceName,
         m: &Manifest,
         coming: &[ServiceName],
-    ) -> Vec<String> {
+    ) -> Vec<ServiceName> {
         m.after
             .iter()
             .filter(|d| self.names.contains_key(*d) || coming.contains(d))
-            .filter(|d| !self.is_up(d.as_str()))
-            .filter(|d| !order::reaches(graph, d.as_str(), name.as_str()))
-            .map(|d| d.to_string())
+            .filter(|d| !self.is_up(d))
+            .filter(|d| !order::reaches(graph, d, name))
+            .cloned()
             .collect()
     }
 
     /// Checks the `after` of manifests about to be applied together
-    /// (`(service, manifest, text)`): each names a service that is deployed
+    /// (each service with its spec): each names a service that is deployed
     /// or among them, and none closes a cycle. Each error is the service's
     /// and `FILE:LINE:COL: message`, at the `after` line.
     pub(super) fn check_after(
         &self,
-        applied: &[(&ServiceName, &Manifest, &str)],
+        applied: &[(ServiceName, Spec)],
     ) -> Vec<(ServiceName, String)> {
         let mut graph = self.after_graph();
-        for (name, m, _) in applied {
-            graph.insert(name.to_string(), names(m));
+        for (name, spec) in applied {
+            graph.insert(name.clone(), spec.manifest.after.clone());
         }
         let mut errors = Vec::new();
-        for (name, m, text) in applied {
+        for (name, spec) in applied {
+            let (m, text) = (&spec.manifest, &spec.text);
             let file = self.config.manifests.join(format!("{name}.manifest"));
             let at = |dep: &str| {
                 let (line, col) = manifest::position_of_after(text, dep).unwrap_or((1, 1));
                 format!("{}:{line}:{col}", file.display())
             };
             for dep in &m.after {
-                if !graph.contains_key(dep.as_str()) {
+                if !graph.contains_key(dep) {
                     errors.push((
                         (*name).clone(),
                         format!(
@@ -104,8 +101,11 @@ impl Engine {
                     ));
                 }
             }
-            if let Some((first, message)) = order::cycle_error(&graph, name.as_str()) {
-                errors.push(((*name).clone(), format!("{}: {message}", at(&first))));
+            if let Some((first, message)) = order::cycle_error(&graph, name) {
+                errors.push((
+                    (*name).clone(),
+                    format!("{}: {message}", at(first.as_str())),
+                ));
             }
         }
         errors
@@ -116,7 +116,7 @@ impl Engine {
     /// goes frees those after it once its instances are ready, which is a
     /// later message.
     pub(super) fn release_waiting(&mut self) {
-        let waiting: Vec<(u32, ServiceName, Vec<String>)> = self
+        let waiting: Vec<(u32, ServiceName, Vec<ServiceName>)> = self
             .services
             .iter()
             .filter(|(_, e)| !e.machine.waiting().is_empty())
@@ -136,19 +136,15 @@ impl Engine {
             else {
                 continue;
             };
-            let now: Vec<String> = self
+            let now: Vec<ServiceName> = self
                 .pending_in(&graph, &name, &m, &[])
                 .into_iter()
                 .filter(|d| was.contains(d))
                 .collect();
             if now != was {
-                let gone: Vec<&String> = was
+                let gone: Vec<&ServiceName> = was
                     .iter()
-                    .filter(|d| {
-                        ServiceName::new(d)
-                            .ok()
-                            .is_none_or(|n| !self.names.contains_key(&n))
-                    })
+                    .filter(|d| !self.names.contains_key(*d))
                     .collect();
                 for g in gone {
                     self.log(
@@ -169,14 +165,9 @@ impl Engine {
             .map(|group| {
                 group
                     .iter()
-                    .filter_map(|n| ServiceName::new(n).ok())
-                    .filter_map(|n| self.names.get(&n).copied())
+                    .filter_map(|n| self.names.get(n).copied())
                     .collect()
             })
             .collect()
     }
-}
-
-fn names(m: &Manifest) -> Vec<String> {
-    m.after.iter().map(|s| s.to_string()).collect()
 }
