@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
@@ -172,6 +173,61 @@ impl Node {
     }
 }
 
+/// Whose ctl file it is.
+enum CtlOf {
+    /// `/ctl`
+    Root,
+    /// `/active/SERVICE/ctl`
+    Service(ServiceName),
+    /// `/active/SERVICE/instances/N/ctl`
+    Instance(ServiceName, u32),
+}
+
+impl CtlOf {
+    fn service(&self) -> Option<&ServiceName> {
+        match self {
+            CtlOf::Root => None,
+            CtlOf::Service(s) | CtlOf::Instance(s, _) => Some(s),
+        }
+    }
+
+    /// What a read of it lists.
+    fn usage(&self) -> String {
+        match self {
+            CtlOf::Root => ctl::root_usage(),
+            CtlOf::Service(_) => ctl::usage(),
+            CtlOf::Instance(..) => ctl::instance_usage(),
+        }
+    }
+
+    fn parse(&self, data: &[u8]) -> Result<RootCommand, ctl::CtlError> {
+        match self {
+            CtlOf::Root => ctl::parse_root(data),
+            CtlOf::Service(s) => ctl::parse_service(data).map(|v| RootCommand::One(s.clone(), v)),
+            CtlOf::Instance(s, n) => {
+                ctl::parse_instance(data, *n).map(|v| RootCommand::One(s.clone(), v))
+            }
+        }
+    }
+}
+
+/// A file deployd writes to disk (a log): its size and mtime, if it
+/// exists yet (`created` otherwise).
+fn disk_stat(path: Option<&Path>, created: SystemTime) -> (u64, SystemTime, SystemTime) {
+    let meta = path.and_then(|p| std::fs::metadata(p).ok());
+    let len = meta.as_ref().map_or(0, |m| m.len());
+    let m = meta.and_then(|m| m.modified().ok()).unwrap_or(created);
+    (len, m, created)
+}
+
+/// Opens a file deployd writes to disk; empty while it does not exist.
+fn disk_open(path: Option<&Path>) -> Open {
+    match path.map(File::open) {
+        Some(Ok(file)) => Open::Log(file),
+        _ => Open::Bytes(Arc::from(Vec::new())),
+    }
+}
+
 /// A directory's entries, as one readdir stream serves them.
 type Listing = Arc<Vec<(String, Node)>>;
 
@@ -183,11 +239,9 @@ enum Open {
     Events(Arc<crate::view::EventLog>),
     /// An instance's output file.
     Log(File),
-    /// A ctl file (the root's, a service's, or an instance's of that
-    /// service); holds the result of the last command written through it.
+    /// A ctl file; holds the result of the last command written through it.
     Ctl {
-        service: Option<ServiceName>,
-        instance: Option<u32>,
+        of: CtlOf,
         last: Arc<Mutex<Option<String>>>,
     },
     /// A wait file; holds its answer once there is one.
@@ -380,12 +434,7 @@ impl Fs {
                     }
                     SvcFile::Ctl | SvcFile::Wait => (0, v.mtime, v.created),
                     SvcFile::Traffic => (v.traffic().len() as u64, SystemTime::now(), v.created),
-                    SvcFile::Access => {
-                        let meta = std::fs::metadata(&v.access).ok();
-                        let len = meta.as_ref().map_or(0, |m| m.len());
-                        let m = meta.and_then(|m| m.modified().ok()).unwrap_or(v.created);
-                        (len, m, v.created)
-                    }
+                    SvcFile::Access => disk_stat(Some(&v.access), v.created),
                     f => {
                         let d = v.file(f).ok_or(Errno::ENOENT)?;
                         (d.data.len() as u64, d.mtime, v.created)
@@ -415,12 +464,7 @@ impl Fs {
                         SystemTime::now(),
                         i.created,
                     ),
-                    (InstFile::Log, _) => {
-                        let meta = i.log.as_ref().and_then(|p| std::fs::metadata(p).ok());
-                        let len = meta.as_ref().map_or(0, |m| m.len());
-                        let m = meta.and_then(|m| m.modified().ok()).unwrap_or(i.created);
-                        (len, m, i.created)
-                    }
+                    (InstFile::Log, _) => disk_stat(i.log.as_deref(), i.created),
                     (InstFile::Ctl, _) => (0, i.created, i.created),
                     _ => return Err(Errno::ENOENT),
                 }
@@ -572,8 +616,7 @@ impl Fs {
         }
         Ok(match node {
             Node::RootCtl => Open::Ctl {
-                service: None,
-                instance: None,
+                of: CtlOf::Root,
                 last: Arc::default(),
             },
             Node::Status => Open::Bytes(self.status()),
@@ -581,17 +624,13 @@ impl Fs {
                 let v = self.view(s)?;
                 match f {
                     SvcFile::Ctl => Open::Ctl {
-                        service: Some(v.name.clone()),
-                        instance: None,
+                        of: CtlOf::Service(v.name.clone()),
                         last: Arc::default(),
                     },
                     SvcFile::Events => Open::Events(v.events.clone()),
                     SvcFile::Traffic => Open::Bytes(Arc::from(v.traffic().into_bytes())),
-                    SvcFile::Access => match File::open(&v.access) {
-                        Ok(file) => Open::Log(file),
-                        // Nothing logged yet (or never: `access_log off`).
-                        Err(_) => Open::Bytes(Arc::from(Vec::new())),
-                    },
+                    // Nothing logged yet (or never: `access_log off`): empty.
+                    SvcFile::Access => disk_open(Some(&v.access)),
                     SvcFile::Wait => Open::Wait {
                         sid: s,
                         answer: Arc::default(),
@@ -610,8 +649,7 @@ impl Fs {
                 match (f, i.file(f)) {
                     (_, Some(d)) => Open::Bytes(d.data.clone()),
                     (InstFile::Ctl, _) => Open::Ctl {
-                        service: Some(v.name.clone()),
-                        instance: Some(n),
+                        of: CtlOf::Instance(v.name.clone(), n),
                         last: Arc::default(),
                     },
                     (InstFile::Inflight, _) => {
@@ -620,11 +658,8 @@ impl Fs {
                     (InstFile::Usage, _) => {
                         Open::Bytes(Arc::from(ServiceView::usage(i).into_bytes()))
                     }
-                    (InstFile::Log, _) => match i.log.as_ref().map(File::open) {
-                        Some(Ok(file)) => Open::Log(file),
-                        // No output yet.
-                        _ => Open::Bytes(Arc::from(Vec::new())),
-                    },
+                    // No output yet: empty.
+                    (InstFile::Log, _) => disk_open(i.log.as_deref()),
                     _ => return Err(Errno::ENOENT),
                 }
             }
@@ -651,19 +686,11 @@ impl Fs {
                     Err(_) => return reply.error(Errno::EIO),
                 }
             }
-            Open::Ctl {
-                service,
-                instance,
-                last,
-            } => {
+            Open::Ctl { of, last } => {
                 let text = last
                     .lock()
                     .clone()
-                    .unwrap_or_else(|| match (service, instance) {
-                        (None, _) => format!("commands: {}\n", ctl::root_usage()),
-                        (Some(_), None) => format!("commands: {}\n", ctl::usage()),
-                        (Some(_), Some(_)) => format!("commands: {}\n", ctl::instance_usage()),
-                    });
+                    .unwrap_or_else(|| format!("commands: {}\n", of.usage()));
                 slice(text.as_bytes(), offset, size).to_vec()
             }
             Open::Wait { sid, answer } => {
@@ -697,26 +724,14 @@ impl Fs {
     }
 
     fn do_write(&self, open: &Open, data: &[u8], reply: ReplyWrite) {
-        let Open::Ctl {
-            service,
-            instance,
-            last,
-        } = open
-        else {
+        let Open::Ctl { of, last } = open else {
             return reply.error(Errno::EBADF);
         };
-        let parsed = match (service, instance) {
-            (None, _) => ctl::parse_root(data),
-            (Some(s), None) => ctl::parse_service(data).map(|v| RootCommand::One(s.clone(), v)),
-            (Some(s), Some(n)) => {
-                ctl::parse_instance(data, *n).map(|v| RootCommand::One(s.clone(), v))
-            }
-        };
-        let command = match parsed {
+        let command = match of.parse(data) {
             Ok(x) => x,
             Err(e) => {
                 *last.lock() = Some(format!("error: {e}\n"));
-                if let Some(s) = service {
+                if let Some(s) = of.service() {
                     let shown: String = String::from_utf8_lossy(data).chars().take(60).collect();
                     let _ = self.engine.send(Msg::Note {
                         service: s.clone(),
