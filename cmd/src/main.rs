@@ -257,21 +257,16 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         }
         Cmd::Logs {
             service,
-            access: true,
-            follow,
-            ..
-        } => {
-            let dir = ns.service(&service)?;
-            tail::run(vec![(None, dir.join("access"))], follow)
-        }
-        Cmd::Logs {
-            service,
             instance,
             follow,
-            access: false,
+            access,
         } => {
             let dir = ns.service(&service)?;
-            tail::run(tail::logs(&dir, instance)?, follow)
+            let files = match access {
+                true => vec![(None, dir.join("access"))],
+                false => tail::logs(&dir, instance)?,
+            };
+            tail::run(files, follow)
         }
     }
 }
