@@ -1467,9 +1467,8 @@ impl Engine {
     /// replacement too), and so that its stopping is on disk before it is
     /// stopped.
     fn flush(&mut self) {
-        while let Some((sid, input)) = self.pending.pop_front() {
-            let _ = self.handle(sid, input);
-        }
+        // What the messages made ready may free a service that waits;
+        // what that frees is queued with the rest.
         self.release_waiting();
         while let Some((sid, input)) = self.pending.pop_front() {
             let _ = self.handle(sid, input);
@@ -1586,9 +1585,9 @@ impl Engine {
     }
 
     /// deployd is stopping the services `only`: none of them takes new
-    /// connections, idle ones close, and what is in flight may finish, each service's requests
-    /// (http) or connections (tcp) for up to its `drain`, as when an
-    /// instance is routed out. Its instances keep running meanwhile; a
+    /// connections, idle ones close, and what is in flight may finish,
+    /// each service's requests (http) or connections (tcp) for up to its
+    /// `drain`, as when an instance is routed out. Its instances keep running meanwhile; a
     /// second stop signal ends the wait.
     async fn finish_traffic(
         &mut self,
@@ -1651,8 +1650,8 @@ impl Engine {
 
     /// Stops every instance of the services `only` (stop signal, SIGKILL
     /// after its stop_timeout) and waits for them, refusing commands
-    /// meanwhile. Records stay as they
-    /// are, so a rollout in flight comes back paused.
+    /// meanwhile. Records stay as they are, so a rollout in flight comes
+    /// back paused.
     async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>, only: &[u32]) {
         let mut longest = Duration::ZERO;
         let mut live = Vec::new();
