@@ -203,31 +203,24 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         }
         Cmd::Restart {
             service,
-            instance: None,
+            instance,
             no_wait,
-        } => command(&ns, &service, "restart", !no_wait, What::Restart),
-        Cmd::Restart {
-            service,
-            instance: Some(n),
-            no_wait,
-        } => command(
-            &ns,
-            &service,
-            &format!("restart {n}"),
-            !no_wait,
-            What::RestartInstance(n),
-        ),
+        } => {
+            let cmd = with_arg("restart", instance);
+            let what = instance.map_or(What::Restart, What::RestartInstance);
+            command(&ns, &service, &cmd, !no_wait, what)
+        }
         Cmd::Rollback {
             service,
             version,
             no_wait,
-        } => {
-            let cmd = match version {
-                Some(v) => format!("rollback {v}"),
-                None => "rollback".into(),
-            };
-            command(&ns, &service, &cmd, !no_wait, What::Rollback)
-        }
+        } => command(
+            &ns,
+            &service,
+            &with_arg("rollback", version),
+            !no_wait,
+            What::Rollback,
+        ),
         Cmd::Pause { service } => command(&ns, &service, "pause", false, What::Deploy),
         Cmd::Stop { service } => command(&ns, &service, "stop", false, What::Deploy),
         Cmd::Start { service } => command(&ns, &service, "start", false, What::Deploy),
@@ -237,10 +230,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             signal,
             instance,
         } => {
-            let cmd = match instance {
-                Some(n) => format!("signal {signal} {n}"),
-                None => format!("signal {signal}"),
-            };
+            let cmd = with_arg(&format!("signal {signal}"), instance);
             command(&ns, &service, &cmd, false, What::Deploy)
         }
         Cmd::Status {
@@ -268,6 +258,14 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             };
             tail::run(files, follow)
         }
+    }
+}
+
+/// `VERB`, or `VERB ARG` when there is an argument.
+fn with_arg(verb: &str, arg: Option<impl std::fmt::Display>) -> String {
+    match arg {
+        Some(a) => format!("{verb} {a}"),
+        None => verb.to_string(),
     }
 }
 
