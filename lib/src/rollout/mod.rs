@@ -1425,8 +1425,7 @@ impl Service {
         } else {
             done + todo.len().div_ceil(size) as u32
         };
-        let stop_first =
-            m.update == Strategy::Rolling && m.update_order == UpdateOrder::StopFirst && !fills;
+        let stop_first = self.stop_first() && !fills;
         if stop_first {
             // Slots that serve nothing go first: replacing them costs no
             // capacity.
@@ -1454,11 +1453,14 @@ impl Service {
             canary,
         };
         if stop_first || (m.update == Strategy::Replace && !fills) {
-            // Stop the batch's old instances, and any beyond replicas, first.
+            // Stop the batch's old instances, and any beyond replicas, first:
+            // every one still alive there, including one a failed batch
+            // started or one replaced over memory_max still serving.
             let old: Vec<usize> = (0..self.instances.len())
                 .filter(|&i| {
                     let inst = &self.instances[i];
-                    inst.role == Role::Serving
+                    inst.live()
+                        && inst.role != Role::Candidate
                         && (batch.slots.contains(&inst.slot) || inst.slot >= n)
                 })
                 .collect();
@@ -1471,17 +1473,21 @@ impl Service {
             for i in old {
                 self.retire(i);
             }
-            self.event(format!(
-                "{}stopping instance{} {} before starting {}",
-                batch.prefix(),
-                plural(&numbers),
-                numbers.join(", "),
-                if numbers.len() == 1 {
-                    "its replacement"
-                } else {
-                    "their replacements"
-                }
-            ));
+            // Slots with nothing alive in them start their instances at
+            // once (at the next step).
+            if !numbers.is_empty() {
+                self.event(format!(
+                    "{}stopping instance{} {} before starting {}",
+                    batch.prefix(),
+                    plural(&numbers),
+                    numbers.join(", "),
+                    if numbers.len() == 1 {
+                        "its replacement"
+                    } else {
+                        "their replacements"
+                    }
+                ));
+            }
             self.set_batch(batch);
         } else {
             self.set_batch(batch);
@@ -1938,7 +1944,9 @@ impl Service {
     /// slot's restart backoff), and only once that one is ready is the old
     /// one routed out, drained and stopped ([`Service::step_instances`]).
     /// If the fresh one fails, the old one goes on serving while the slot
-    /// retries. With `restart never` it is only drained and stopped.
+    /// retries. With `restart never` it is only drained and stopped; under
+    /// stop-first (no room for one more) it is drained and stopped before
+    /// the slot starts again.
     ///
     /// One slot at a time: while another slot has no ready serving
     /// instance, the sample is ignored and a later one decides, so a leak
@@ -1965,17 +1973,23 @@ impl Service {
         }
         let ready_since = inst.ready_since;
         let replace = policy != RestartPolicy::Never;
+        let stop_first = self.stop_first();
         self.event(format!(
             "instance {number} uses {} of memory, over memory_max {}; {}",
             format_bytes(rss),
             crate::manifest::format_size(limit),
-            if replace {
-                "replacing it (it serves until its replacement is ready)".to_string()
-            } else {
+            if !replace {
                 format!("stopping it, not replaced (restart {})", policy.name())
+            } else if stop_first {
+                "replacing it (stop-first: stopping it before its replacement starts)".to_string()
+            } else {
+                "replacing it (it serves until its replacement is ready)".to_string()
             }
         ));
-        if replace {
+        if replace && stop_first {
+            self.retire(i);
+            self.schedule_restart(slot, ready_since);
+        } else if replace {
             // Ready and retiring: routed in until the slot has a ready
             // serving instance again.
             self.instances[i].role = Role::Retiring;
@@ -1994,6 +2008,32 @@ impl Service {
         (0..self.target.manifest.replicas)
             .filter(|s| !except.contains(s) && !self.slot_ready(*s))
             .collect()
+    }
+
+    /// Whether the service never runs more than `replicas` instances
+    /// (`update_order stop-first`): then nothing starts in a slot until
+    /// whatever ran there is gone, rollout or not.
+    fn stop_first(&self) -> bool {
+        let m = &self.target.manifest;
+        m.update == Strategy::Rolling && m.update_order == UpdateOrder::StopFirst
+    }
+
+    /// Whether `slot` may start an instance of `spec` now: not while an
+    /// instance on its way out must be gone first. Under stop-first, one
+    /// in the same slot; under `replace` (which never runs two versions at
+    /// once), one of another version anywhere: the new ones of a failed
+    /// rollout stop before the old version starts again. A change of
+    /// replicas alone is no other version. Waiting is bounded by that
+    /// instance's `drain` and `stop_timeout`.
+    fn slot_clear(&self, slot: u32, spec: &Spec) -> bool {
+        let stop_first = self.stop_first();
+        let replace = self.target.manifest.update == Strategy::Replace;
+        !self.instances.iter().any(|i| {
+            i.live()
+                && i.role != Role::Serving
+                && ((stop_first && i.slot == slot)
+                    || (replace && !i.spec.manifest.same_but_replicas(&spec.manifest)))
+        })
     }
 
     /// Whether `slot` has a serving instance that is ready.
@@ -2182,7 +2222,7 @@ impl Service {
                 .instances
                 .iter()
                 .any(|i| i.slot == s && i.role == Role::Serving && i.live());
-            if live || self.in_batch(s) {
+            if live || self.in_batch(s) || !self.slot_clear(s, &spec) {
                 continue;
             }
             // The exited record gives way to its replacement.

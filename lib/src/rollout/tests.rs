@@ -429,6 +429,51 @@ impl Sim {
             self.now,
             self.events
         );
+        // Stop-first never surges, whatever happens: a slot runs one
+        // process at a time (of any role), and no more run than replicas
+        // (old or new, while it changes).
+        if svc.stop_first() {
+            let mut live = HashSet::new();
+            for i in svc.instances().iter().filter(|i| i.live()) {
+                assert!(
+                    live.insert(i.slot()),
+                    "two instances alive in slot {} at {:?}: {:#?}",
+                    i.slot(),
+                    self.now,
+                    self.events
+                );
+            }
+            let max = svc
+                .target()
+                .manifest
+                .replicas
+                .max(svc.previous().map_or(0, |p| p.manifest.replicas));
+            let alive = self.procs.values().filter(|p| p.alive).count();
+            assert!(
+                alive <= max as usize,
+                "{alive} processes alive (> {max}) at {:?}: {:#?}",
+                self.now,
+                self.events
+            );
+        }
+        // `replace` never runs two versions at once (a change of replicas
+        // alone is not one).
+        if svc.target().manifest.update == Strategy::Replace {
+            let live: Vec<&Instance> = svc.instances().iter().filter(|i| i.live()).collect();
+            for pair in live.windows(2) {
+                assert!(
+                    pair[0]
+                        .spec()
+                        .manifest
+                        .same_but_replicas(&pair[1].spec().manifest),
+                    "{} and {} alive at once at {:?}: {:#?}",
+                    pair[0].spec().version,
+                    pair[1].spec().version,
+                    self.now,
+                    self.events
+                );
+            }
+        }
         // A status line for wait exists exactly when nothing is in flight.
         let in_flight = svc
             .rollout
@@ -1568,6 +1613,42 @@ fn over_memory_max_is_replaced_with_surge() {
     }
 }
 
+/// Under stop-first, a host has no room for an extra instance: an instance
+/// over its memory_max is routed out, drained and stopped before its
+/// replacement starts, one slot at a time, never more than replicas alive.
+#[test]
+fn over_memory_max_under_stop_first_stops_before_it_starts() {
+    let mut sim = Sim::new(mem_spec("v1", 3, 1, Mode::StopFirst));
+    sim.capacity = 2;
+    let old = sim.serving()[&1].0;
+    over(&mut sim, old, 150 << 20);
+    assert_eq!(
+        sim.events,
+        ["instance 1 uses 150.0M of memory, over memory_max 100M; \
+          replacing it (stop-first: stopping it before its replacement starts)"]
+    );
+    assert!(!sim.routed.contains(&old), "still routed in");
+    // Another one over the limit meanwhile waits: slot 1 serves nothing.
+    let other = sim.serving()[&0].0;
+    over(&mut sim, other, 150 << 20);
+    assert_eq!(sim.events.len(), 1, "{:#?}", sim.events);
+    sim.settle();
+    sim.check_converged();
+    let stopped = sim
+        .events
+        .iter()
+        .position(|e| e.starts_with("instance 1 stopped"))
+        .unwrap_or_else(|| panic!("{:#?}", sim.events));
+    let started = sim
+        .events
+        .iter()
+        .position(|e| e.starts_with("instance 1 started (pid "))
+        .unwrap_or_else(|| panic!("{:#?}", sim.events));
+    assert!(stopped < started, "{:#?}", sim.events);
+    assert_ne!(sim.serving()[&1].0, old);
+    assert_eq!(sim.serving()[&0].0, other);
+}
+
 #[test]
 fn over_memory_max_replaces_one_slot_at_a_time() {
     let mut sim = Sim::new(with_memory_max(3, RestartPolicy::Always));
@@ -2225,9 +2306,18 @@ fn stop_first_replaces_a_slot_that_serves_nothing_first() {
         .unwrap();
     sim.settle();
     sim.check_converged();
-    let first = sim.events.iter().find(|e| e.contains("before starting"));
+    // Nothing runs in slot 2: its replacement starts at once, stopping
+    // nothing, and takes its number.
+    let first = sim.events.iter().find(|e| e.starts_with("batch 1/3: "));
     assert!(
-        first.is_some_and(|e| e.starts_with("batch 1/3: stopping instance 2 ")),
+        first.is_some_and(|e| e.starts_with("batch 1/3: starting instance 3 ")),
+        "{:#?}",
+        sim.events
+    );
+    let renamed = sim.events.iter().find(|e| e.contains(" is now instance "));
+    assert_eq!(
+        renamed.map(String::as_str),
+        Some("instance 3 is now instance 2"),
         "{:#?}",
         sim.events
     );
