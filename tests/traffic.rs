@@ -786,7 +786,8 @@ fn a_response_that_does_not_start_in_time_gets_a_504() {
 }
 
 /// `update_order stop-first` (no surge): under load, a rolling update of 3
-/// loses no request, and never runs more than 3 instances.
+/// loses no request, and never runs more than 3 instances, whatever
+/// replaces them.
 #[test]
 fn a_stop_first_rolling_update_loses_nothing_and_never_surges() {
     let port = free_port();
@@ -817,12 +818,11 @@ fn a_stop_first_rolling_update_loses_nothing_and_never_surges() {
     }
     d.settle("web", LONG);
     let events = d.read("active/web/events");
-    // The rollout never starts one before it stopped one; an instance that
-    // its probes find unhealthy meanwhile (a busy machine) is replaced by
-    // the restart policy, which does not wait for it to be gone.
-    let replaced = events.matches("; replacing it").count();
+    // Nothing starts in a slot before what ran there is gone: not in the
+    // rollout, nor when the restart policy replaces an instance its probes
+    // found unhealthy meanwhile (a busy machine).
     assert!(
-        most.0 <= 3 + replaced,
+        most.0 <= 3,
         "{} instances at once: {:?}\n{events}",
         most.0,
         most.1
