@@ -281,18 +281,20 @@ fn a_request_whose_client_left_does_not_hold_up_the_drain() {
 #[test]
 fn tcp_connection_still_open_after_drain_is_closed() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 1, "drain 1s\n"))]) else {
+    let o = "drain 1s\naccess_log on\n";
+    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 1, o))]) else {
         return;
     };
     d.settle("api", LONG);
     let old_pid = d.instances("api")[0].1;
+    let old_port = d.instances("api")[0].4.expect("a port");
     // An idle connection: half a request, so the instance waits for more.
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     wait_inflight(&d, "api", 1, "the connection to be counted");
-    d.write_manifest("api", &web(port, "tcp", 1, "drain 1s\nenv TAG=v2\n"));
+    d.write_manifest("api", &web(port, "tcp", 1, &format!("{o}env TAG=v2\n")));
     let started = Instant::now();
     let apply = std::thread::spawn({
         let out = d.deploy(&["apply", "api", "--no-wait"]);
@@ -321,6 +323,80 @@ fn tcp_connection_still_open_after_drain_is_closed() {
     assert!(
         lines[cut + 1].ends_with("instance 0 stopping (TERM)"),
         "{events}"
+    );
+    // And its access line says deployd cut it, with the 16 bytes it sent.
+    wait_for("the connection's line", LONG, || {
+        !d.try_read("active/api/access").is_empty()
+    });
+    let access = d.read("active/api/access");
+    let f: Vec<&str> = access.trim_end().split(' ').collect();
+    assert_eq!(f.len(), 7, "{access}");
+    assert_eq!(
+        [f[1], f[2], f[3], f[4], f[6]],
+        [
+            "127.0.0.1",
+            "cut",
+            "16",
+            "0",
+            &format!("127.0.0.1:{old_port}")
+        ],
+        "{access}"
+    );
+    let ms: f64 = f[5].parse().unwrap_or_else(|_| panic!("{access}"));
+    assert!(ms >= 900.0, "{access}");
+}
+
+/// `access_log on` in tcp mode: a line per connection once it is over,
+/// with how it ended and the bytes each way.
+#[test]
+fn a_tcp_access_log_has_a_line_per_connection() {
+    let port = free_port();
+    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 2, "access_log on\n"))]) else {
+        return;
+    };
+    d.settle("api", LONG);
+    let ports: Vec<String> = d
+        .instances("api")
+        .iter()
+        .filter_map(|i| i.4)
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let mut sizes = Vec::new();
+    for i in 0..4 {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = format!("GET /?n={i} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        c.write_all(req.as_bytes()).unwrap();
+        let mut resp = Vec::new();
+        c.read_to_end(&mut resp).unwrap();
+        assert!(resp.starts_with(b"HTTP/1."), "{resp:?}");
+        sizes.push((req.len(), resp.len()));
+        drop(c);
+        // Its line is written once both sides closed; in order.
+        wait_for("its line", LONG, || {
+            d.try_read("active/api/access").lines().count() > i
+        });
+    }
+    let access = d.read("active/api/access");
+    assert_eq!(access, stdout(&d.deploy(&["logs", "api", "--access"])));
+    let lines: Vec<&str> = access.lines().collect();
+    assert_eq!(lines.len(), 4, "{access}");
+    for (line, (sent, got)) in lines.iter().zip(&sizes) {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!(f.len(), 7, "{line}");
+        assert_eq!(
+            [f[1], f[2], f[3], f[4]],
+            ["127.0.0.1", "closed", &sent.to_string(), &got.to_string()],
+            "{line}"
+        );
+        assert!(f[5].parse::<f64>().is_ok(), "{line}");
+        assert!(ports.contains(&f[6].to_string()), "{line} {ports:?}");
+    }
+    assert!(
+        d.read("active/api/traffic")
+            .contains("\naccess_dropped 0\n"),
+        "{}",
+        d.read("active/api/traffic")
     );
 }
 

@@ -117,7 +117,8 @@ enum Cmd {
         /// Keep printing new output
         #[arg(short, long)]
         follow: bool,
-        /// The access log of its http port (`access_log on`): a line per request
+        /// The access log of its port (`access_log on`): a line per request
+        /// (http) or connection (tcp)
         #[arg(long)]
         access: bool,
     },

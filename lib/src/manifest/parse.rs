@@ -801,9 +801,9 @@ impl Builder {
                 self.error(line, col, message.into());
             }
         }
-        if m.access_log && !http {
+        if m.access_log && m.port.is_none() {
             if let Some((line, col)) = self.at("access_log") {
-                let message = "access_log is for a port with proxy http";
+                let message = "access_log needs a port (it logs what deployd routes)";
                 self.error(line, col, message.into());
             }
         }

@@ -113,9 +113,11 @@ queue_timeout 3s
     let a = ok("exec a\nport 80\nproxy http\naccess_log on\n");
     assert!(a.access_log && a.canonical().ends_with("access_log on\n"));
     assert_eq!(ok("exec a\naccess_log off\n"), ok("exec a\n"));
+    // A tcp port logs its connections.
+    assert!(ok("exec a\nport 80\nproxy tcp\naccess_log on\n").access_log);
     assert_eq!(
-        error("exec a\nport 80\naccess_log on\n"),
-        "3:12: access_log is for a port with proxy http"
+        error("exec a\naccess_log on\n"),
+        "2:12: access_log needs a port (it logs what deployd routes)"
     );
     let r = ok("exec a\nport 80\nhealth http /\nresponse_timeout 30s\n");
     assert_eq!(r.response_timeout, Some(Duration::from_secs(30)));
@@ -977,7 +979,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             // Only with proxy http, and never 0.
             m.response_timeout =
                 (m.port.is_some() && m.proxy == Proxy::Http && !queue.is_zero()).then_some(queue);
-            m.access_log = m.port.is_some() && m.proxy == Proxy::Http && rollback;
+            m.access_log = m.port.is_some() && rollback;
             m
         })
 }

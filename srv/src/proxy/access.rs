@@ -1,6 +1,6 @@
-//! The access log of a service's http port (`access_log on`): one line per
-//! request, as nginx and kamal-proxy write them, in the service's `access`
-//! file:
+//! The access log of a service's port (`access_log on`), in the service's
+//! `access` file. An http port has a line per request, as nginx and
+//! kamal-proxy write them:
 //!
 //! ```text
 //! 2026-12-01T21:16:05.123Z 127.0.0.1 GET /orders?id=7 200 1.2 127.0.0.1:41234
@@ -9,7 +9,17 @@
 //! time (UTC), client address, method, target, status (`-`: no response,
 //! the client left or the instance was cut), milliseconds from the whole
 //! request head to the end of the response, and the instance it went to
-//! (`-`: none). The proxy writes each line with one `write(2)` into a
+//! (`-`: none). A tcp port has a line per connection, as nginx's stream
+//! log and HAProxy's tcplog do, with the same fields in the same places
+//! where they mean the same:
+//!
+//! ```text
+//! 2026-12-01T21:16:05.123Z 127.0.0.1 closed 517 10240 1234.5 127.0.0.1:41234
+//! ```
+//!
+//! time, client, how it ended ([`End`]), bytes from the client, bytes to
+//! it, milliseconds from accept to close, instance. The proxy writes each
+//! line with one `write(2)` into a
 //! non-blocking pipe; the task that copies the pipe to the file (rotating
 //! it at `log_max`, as an instance's log) is the only one that touches the
 //! disk. A line the pipe has no room for is dropped and counted, never
@@ -42,6 +52,41 @@ pub struct Entry<'a> {
     pub status: Option<u16>,
     pub took: Duration,
     pub upstream: Option<std::net::SocketAddr>,
+}
+
+/// One tcp connection, as the log line says it.
+pub struct Connection<'a> {
+    pub client: &'a [u8],
+    pub end: End,
+    /// Bytes the client sent, and bytes it was sent.
+    pub from_client: u64,
+    pub to_client: u64,
+    pub took: Duration,
+    pub upstream: Option<std::net::SocketAddr>,
+}
+
+/// How a tcp connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Both sides closed their direction.
+    Closed,
+    /// A read or write failed (a reset, most often).
+    Error,
+    /// deployd closed it: its instance's drain was over.
+    Cut,
+    /// No instance took it within `queue_timeout`.
+    Unserved,
+}
+
+impl End {
+    fn word(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::Error => "error",
+            End::Cut => "cut",
+            End::Unserved => "unserved",
+        }
+    }
 }
 
 impl AccessLog {
@@ -82,8 +127,24 @@ impl AccessLog {
             Some(s) => write!(line, " {s}"),
             None => write!(line, " -"),
         };
-        let _ = write!(line, " {:.1}", e.took.as_secs_f64() * 1000.0);
-        let _ = match e.upstream {
+        self.finish(line, e.took, e.upstream);
+    }
+
+    /// Writes one tcp connection's line.
+    pub fn write_connection(&self, c: &Connection<'_>) {
+        let mut line = Vec::with_capacity(112);
+        utc(&mut line, SystemTime::now());
+        line.push(b' ');
+        line.extend_from_slice(c.client);
+        // Writing to a Vec cannot fail.
+        let _ = write!(line, " {} {} {}", c.end.word(), c.from_client, c.to_client);
+        self.finish(line, c.took, c.upstream);
+    }
+
+    /// Ends a line with the milliseconds and the instance, and writes it.
+    fn finish(&self, mut line: Vec<u8>, took: Duration, upstream: Option<std::net::SocketAddr>) {
+        let _ = write!(line, " {:.1}", took.as_secs_f64() * 1000.0);
+        let _ = match upstream {
             Some(a) => writeln!(line, " {a}"),
             None => writeln!(line, " -"),
         };

@@ -167,7 +167,8 @@ pub struct Router {
     finishing: AtomicBool,
     /// The same, for idle connections to wait on.
     finished: watch::Sender<bool>,
-    /// http, with `access_log on`: where each request is logged.
+    /// With `access_log on`: where each request (http) or connection
+    /// (tcp) is logged.
     access: RwLock<Option<Arc<access::AccessLog>>>,
 }
 
@@ -489,7 +490,7 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
             let r = r.clone();
             match settings.mode {
                 Mode::Http => tokio::spawn(http::serve(stream, peer, r)),
-                Mode::Tcp => tokio::spawn(tcp::serve(stream, r)),
+                Mode::Tcp => tokio::spawn(tcp::serve(stream, peer, r)),
             };
         }
     });

@@ -6,26 +6,54 @@
 //!
 //! The buffers exist only while bytes flow: a connection quiet for
 //! [`HOLD`] gives them back and waits for either side with none.
+//!
+//! With `access_log on`, each connection's line is written once it is over.
 
 use std::future::poll_fn;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use deployd_lib::rollout::InstanceId;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::access::{Connection, End};
 use super::{HOLD, Router};
 
 /// Serves one client connection.
-pub(super) async fn serve(mut client: TcpStream, router: Arc<Router>) {
+pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<Router>) {
+    let since = Instant::now();
+    // Bytes moved: client to instance, instance to client.
+    let mut moved = [0u64; 2];
+    let (end, upstream) = join(&mut client, &router, &mut moved).await;
+    if let Some(log) = router.access_log() {
+        log.write_connection(&Connection {
+            client: peer.ip().to_string().as_bytes(),
+            end,
+            from_client: moved[0],
+            to_client: moved[1],
+            took: since.elapsed(),
+            upstream,
+        });
+    }
+}
+
+/// Joins the client to an instance until the connection is over; how it
+/// ended, and the instance it went to.
+async fn join(
+    client: &mut TcpStream,
+    router: &Router,
+    moved: &mut [u64; 2],
+) -> (End, Option<SocketAddr>) {
     let mut tried: Vec<InstanceId> = Vec::new();
     loop {
         let Some(guard) = router.pick(&tried).await else {
             router.count(None, false);
-            return;
+            return (End::Unserved, None);
         };
         let backend = guard.backend().clone();
         let mut upstream = match TcpStream::connect(backend.addr).await {
@@ -37,23 +65,27 @@ pub(super) async fn serve(mut client: TcpStream, router: Arc<Router>) {
         };
         let _ = upstream.set_nodelay(true);
         let mut closed = backend.closed.subscribe();
-        let ok = tokio::select! {
-            r = relay(&mut client, &mut upstream) => r.is_ok(),
-            _ = closed.wait_for(|c| *c) => true,
+        let end = tokio::select! {
+            r = relay(client, &mut upstream, moved) => match r {
+                Ok(()) => End::Closed,
+                Err(_) => End::Error,
+            },
+            _ = closed.wait_for(|c| *c) => End::Cut,
         };
-        router.count(Some(&backend), ok);
+        router.count(Some(&backend), end != End::Error);
         drop(guard);
-        return;
+        return (end, Some(backend.addr));
     }
 }
 
 /// Copies `a` to `b` and `b` to `a` until both directions have ended (each
-/// end of stream passed on as a shutdown), or either fails.
-async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<()> {
+/// end of stream passed on as a shutdown), or either fails; `moved` counts
+/// the bytes written each way as they go.
+async fn relay(a: &mut TcpStream, b: &mut TcpStream, moved: &mut [u64; 2]) -> io::Result<()> {
     // Whether each direction has ended: a to b, b to a.
     let mut ended = [false, false];
     loop {
-        if busy(a, b, &mut ended).await? {
+        if busy(a, b, &mut ended, moved).await? {
             return Ok(());
         }
         // Quiet: wait, holding no buffer, until a side has something.
@@ -67,17 +99,23 @@ async fn relay(a: &mut TcpStream, b: &mut TcpStream) -> io::Result<()> {
 /// Copies both ways with a buffer each, until both directions have ended
 /// (true) or [`HOLD`] passed without a byte while neither holds any
 /// (false).
-async fn busy(a: &mut TcpStream, b: &mut TcpStream, ended: &mut [bool; 2]) -> io::Result<bool> {
+async fn busy(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    ended: &mut [bool; 2],
+    moved: &mut [u64; 2],
+) -> io::Result<bool> {
     let (mut ar, mut aw) = a.split();
     let (mut br, mut bw) = b.split();
     let mut pumps = [Pump::default(), Pump::default()];
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + HOLD, HOLD);
     poll_fn(|cx| {
         let [ab, ba] = &mut pumps;
-        if !ended[0] && ab.poll(cx, &mut ar, &mut bw)?.is_ready() {
+        let [to_b, to_a] = &mut *moved;
+        if !ended[0] && ab.poll(cx, &mut ar, &mut bw, to_b)?.is_ready() {
             ended[0] = true;
         }
-        if !ended[1] && ba.poll(cx, &mut br, &mut aw)?.is_ready() {
+        if !ended[1] && ba.poll(cx, &mut br, &mut aw, to_a)?.is_ready() {
             ended[1] = true;
         }
         if ended[0] && ended[1] {
@@ -121,12 +159,13 @@ impl Pump {
     }
 
     /// Copies until the source ends and the sink is shut down (ready), or
-    /// either side would wait (pending).
+    /// either side would wait (pending); adds what it wrote to `moved`.
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
         src: &mut (impl AsyncRead + Unpin),
         dst: &mut (impl AsyncWrite + Unpin),
+        moved: &mut u64,
     ) -> Poll<io::Result<()>> {
         loop {
             if self.pos < self.end {
@@ -135,6 +174,7 @@ impl Pump {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
                 self.pos += n;
+                *moved += n as u64;
                 self.moved = true;
                 continue;
             }
@@ -174,10 +214,19 @@ mod tests {
 
     /// A client and a server joined by `relay`, which runs until both
     /// directions are done.
-    async fn joined() -> (TcpStream, TcpStream, tokio::task::JoinHandle<bool>) {
+    /// It gives whether it ended well, and the bytes it moved each way.
+    async fn joined() -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(bool, [u64; 2])>,
+    ) {
         let (client, mut a) = pair().await;
         let (mut b, server) = pair().await;
-        let relay = tokio::spawn(async move { super::relay(&mut a, &mut b).await.is_ok() });
+        let relay = tokio::spawn(async move {
+            let mut moved = [0; 2];
+            let ok = super::relay(&mut a, &mut b, &mut moved).await.is_ok();
+            (ok, moved)
+        });
         (client, server, relay)
     }
 
@@ -228,8 +277,8 @@ mod tests {
         let addr = front.local_addr().unwrap();
         let r = router.clone();
         tokio::spawn(async move {
-            while let Ok((s, _)) = front.accept().await {
-                tokio::spawn(super::serve(s, r.clone()));
+            while let Ok((s, peer)) = front.accept().await {
+                tokio::spawn(super::serve(s, peer, r.clone()));
             }
         });
         for i in 0..4 {
@@ -277,7 +326,7 @@ mod tests {
         let mut got = String::new();
         client.read_to_string(&mut got).await.unwrap();
         assert_eq!(got, "pong");
-        assert!(relay.await.unwrap());
+        assert_eq!(relay.await.unwrap(), (true, [4, 4]));
     }
 
     #[tokio::test]
@@ -308,7 +357,10 @@ mod tests {
         server.read_to_end(&mut rest).await.unwrap();
         assert!(rest.is_empty());
         drop(server);
-        assert!(relay.await.unwrap());
+        let (ok, moved) = relay.await.unwrap();
+        assert!(ok);
+        // Each way: two 9-byte messages and two 6-byte answers.
+        assert_eq!(moved, [30, 30]);
     }
 
     #[tokio::test]
@@ -334,6 +386,6 @@ mod tests {
         );
         drop(server);
         drop(writer.await.unwrap());
-        assert!(relay.await.unwrap());
+        assert_eq!(relay.await.unwrap(), (true, [8 << 20, 0]));
     }
 }
