@@ -460,6 +460,42 @@ fn stopping_deployd_lets_requests_in_flight_finish() {
     assert!(!alive(pid));
 }
 
+/// A connection deployd accepted just before it stopped listening is not
+/// closed under its first request, which its client has most likely sent
+/// already: deployd counts it in flight from the accept, waits for it (up
+/// to `drain`), answers it with `Connection: close`, and only then stops.
+#[test]
+fn stopping_deployd_answers_a_connection_it_accepted_before_its_request() {
+    let port = free_port();
+    let Some(mut d) = Deployd::start(&[("web", web(port, "http", 1, "drain 20s\n"))]) else {
+        return;
+    };
+    d.settle("web", LONG);
+    let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(LONG)).unwrap();
+    // Accepted from the backlog within microseconds; this is a margin.
+    std::thread::sleep(Duration::from_millis(200));
+    d.sigterm();
+    wait_for("the port to stop listening", LONG, || {
+        TcpStream::connect(("127.0.0.1", port)).is_err()
+    });
+    wait_for("the wait to be logged", LONG, || {
+        d.try_read("active/web/events")
+            .contains("deployd stopping: waiting up to 20s for 1 request in flight")
+    });
+    (&conn)
+        .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
+        .unwrap();
+    let mut conn = BufReader::new(conn);
+    let (status, body, keep) =
+        common::load::read_response(&mut conn).expect("the first request was not answered");
+    assert_eq!(status, 200, "{body}");
+    assert!(!keep, "the response did not say Connection: close");
+    let mut rest = [0u8; 16];
+    assert_eq!(conn.read(&mut rest).expect("the connection stayed open"), 0);
+    assert_eq!(d.wait_exit(LONG), Some(0), "{}", d.log());
+}
+
 /// A second stop signal does not wait for traffic: a tcp connection that
 /// would hold the stop for its whole `drain` is closed at once.
 #[test]

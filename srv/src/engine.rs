@@ -1600,7 +1600,7 @@ impl Engine {
         for (&sid, e) in self.services.iter().filter(|(s, _)| only.contains(s)) {
             let Some(r) = &e.router else { continue };
             r.finish();
-            let open = r.total_inflight();
+            let open = r.owed();
             if open == 0 {
                 continue;
             }
@@ -1629,7 +1629,7 @@ impl Engine {
                     .services
                     .get(sid)
                     .and_then(|e| e.router.as_ref())
-                    .is_some_and(|r| r.total_inflight() > 0);
+                    .is_some_and(|r| r.owed() > 0);
                 open && now < *until
             });
             if waiting.is_empty() {

@@ -170,6 +170,35 @@ pub struct Router {
     /// With `access_log on`: where each request (http) or connection
     /// (tcp) is logged.
     access: RwLock<Option<Arc<access::AccessLog>>>,
+    /// What deployd owes a client an answer for ([`Owed`]), at an instance
+    /// or not yet: what a stopping deployd waits for.
+    owed: AtomicUsize,
+}
+
+/// One request (http) or connection (tcp) a client is owed an answer for,
+/// from the moment deployd has it (a connection accepted, a request's
+/// first byte read) until it is answered or over: also while it is read,
+/// and while it waits for an instance. A stopping deployd waits for none
+/// left ([`Router::owed`]), so a connection accepted just before it
+/// stopped listening is not closed under its first request.
+pub(super) struct Owed<'a>(&'a AtomicUsize);
+
+impl<'a> Owed<'a> {
+    fn new(count: &'a AtomicUsize) -> Owed<'a> {
+        count.fetch_add(1, Ordering::SeqCst);
+        Owed(count)
+    }
+}
+
+/// A connection counted as owed by the accept loop, before its task runs;
+/// the task takes it over ([`Router::accepted`]).
+#[must_use]
+pub(super) struct Accepted(());
+
+impl Drop for Owed<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Router {
@@ -186,7 +215,31 @@ impl Router {
             finishing: AtomicBool::new(false),
             access: RwLock::new(None),
             finished: watch::channel(false).0,
+            owed: AtomicUsize::new(0),
         }
+    }
+
+    /// A request now owed an answer.
+    pub(super) fn owe(&self) -> Owed<'_> {
+        Owed::new(&self.owed)
+    }
+
+    /// Counts a connection just accepted, before its task runs: a deployd
+    /// stopping meanwhile waits for it.
+    pub(super) fn accept(&self) -> Accepted {
+        self.owed.fetch_add(1, Ordering::SeqCst);
+        Accepted(())
+    }
+
+    /// The connection's task takes over what [`Router::accept`] counted.
+    pub(super) fn accepted(&self, _: Accepted) -> Owed<'_> {
+        Owed(&self.owed)
+    }
+
+    /// Requests (http) or connections (tcp) owed an answer now: at an
+    /// instance, being read, or waiting for one.
+    pub fn owed(&self) -> usize {
+        self.owed.load(Ordering::SeqCst)
     }
 
     /// Sends new traffic to an instance listening on `port`.
@@ -488,9 +541,10 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
                 }
             };
             let r = r.clone();
+            let counted = r.accept();
             match settings.mode {
-                Mode::Http => tokio::spawn(http::serve(stream, peer, r)),
-                Mode::Tcp => tokio::spawn(tcp::serve(stream, peer, r)),
+                Mode::Http => tokio::spawn(http::serve(stream, peer, r, counted)),
+                Mode::Tcp => tokio::spawn(tcp::serve(stream, peer, r, counted)),
             };
         }
     });
@@ -597,11 +651,6 @@ impl Router {
 
     fn finishing(&self) -> bool {
         self.finishing.load(Ordering::Relaxed)
-    }
-
-    /// In flight now, over every instance.
-    pub fn total_inflight(&self) -> usize {
-        self.known.lock().iter().map(|b| b.inflight()).sum()
     }
 }
 

@@ -22,10 +22,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::access::{Connection, End};
-use super::{HOLD, Router};
+use super::{Accepted, HOLD, Router};
 
 /// Serves one client connection.
-pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<Router>) {
+pub(super) async fn serve(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    router: Arc<Router>,
+    counted: Accepted,
+) {
+    // Owed until it is over: a stopping deployd waits for it.
+    let _owed = router.accepted(counted);
     let since = Instant::now();
     // Bytes moved: client to instance, instance to client.
     let mut moved = [0u64; 2];
@@ -278,7 +285,7 @@ mod tests {
         let r = router.clone();
         tokio::spawn(async move {
             while let Ok((s, peer)) = front.accept().await {
-                tokio::spawn(super::serve(s, peer, r.clone()));
+                tokio::spawn(super::serve(s, peer, r.clone(), r.accept()));
             }
         });
         for i in 0..4 {

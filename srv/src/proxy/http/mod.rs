@@ -42,7 +42,7 @@ use body::{BodyError, Buf, Remaining};
 use head::{Framing, HeadError, RequestHead};
 
 use super::access::Entry;
-use super::{Backend, HOLD, Router};
+use super::{Accepted, Backend, HOLD, Owed, Router};
 
 /// Idle connections kept per instance.
 const MAX_IDLE: usize = 256;
@@ -130,11 +130,27 @@ enum Outcome {
 /// given back and it waits holding only its socket, until the client sends
 /// again or [`IDLE_TIMEOUT`] passes. Clients keep connections open and idle
 /// for minutes (browsers, client pools), thousands of them.
-pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<Router>) {
+///
+/// A connection's first request is owed an answer from the moment it is
+/// accepted (its client has most likely sent it already): a deployd that
+/// stops meanwhile waits for it, up to `drain`, rather than close the
+/// connection under it. Idle between later requests, it closes at once,
+/// as HTTP allows.
+pub(super) async fn serve(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    router: Arc<Router>,
+    counted: Accepted,
+) {
     let ip = peer.ip().to_string().into_bytes();
+    let mut first = Some(router.accepted(counted));
     loop {
         // Boxed, so that its state (about 5 KiB) exists only while in use.
-        if !Box::pin(active(&mut client, &ip, &router)).await || router.finishing() {
+        if !Box::pin(active(&mut client, &ip, &router, &mut first)).await {
+            return;
+        }
+        let idle = first.is_none();
+        if idle && router.finishing() {
             return;
         }
         let mut finished = router.finished.subscribe();
@@ -145,15 +161,22 @@ pub(super) async fn serve(mut client: TcpStream, peer: SocketAddr, router: Arc<R
                 Ok(Err(_)) | Err(_) => return,
             },
             // deployd is stopping.
-            Ok(_) = finished.wait_for(|f| *f) => return,
+            Ok(_) = finished.wait_for(|f| *f), if idle => return,
         }
     }
 }
 
 /// Serves the requests of a client connection (`ip`: its address, as
 /// `X-Forwarded-For` gets it) until none has come for [`HOLD`] (true) or
-/// the connection is over (false).
-async fn active(client: &mut TcpStream, ip: &[u8], router: &Router) -> bool {
+/// the connection is over (false). `first` is the connection's first
+/// request, owed since the accept, until it is answered; each later one
+/// is owed from its first byte.
+async fn active<'r>(
+    client: &mut TcpStream,
+    ip: &[u8],
+    router: &'r Router,
+    first: &mut Option<Owed<'r>>,
+) -> bool {
     let s = &mut Session {
         cbuf: Buf::new(),
         bbuf: Buf::new(),
@@ -163,7 +186,11 @@ async fn active(client: &mut TcpStream, ip: &[u8], router: &Router) -> bool {
     };
     // When the head being read must be whole.
     let mut deadline: Option<tokio::time::Instant> = None;
+    let mut owed: Option<Owed<'r>> = None;
     loop {
+        if first.is_none() && owed.is_none() && !s.cbuf.is_empty() {
+            owed = Some(router.owe());
+        }
         let req = match head::request(s.cbuf.filled(), ip, &mut s.out) {
             Ok(r) => r,
             Err(HeadError::Partial) if s.cbuf.is_empty() => {
@@ -217,6 +244,9 @@ async fn active(client: &mut TcpStream, ip: &[u8], router: &Router) -> bool {
                 upstream: served.upstream,
             });
         }
+        // Answered (or given up on): nothing owed until the next one.
+        *first = None;
+        owed = None;
         if !keep {
             return false;
         }

@@ -296,7 +296,7 @@ async fn proxy(ports: &[u16], queue: Duration) -> (Arc<Router>, u16) {
     let r = router.clone();
     tokio::spawn(async move {
         while let Ok((s, peer)) = l.accept().await {
-            tokio::spawn(super::serve(s, peer, r.clone()));
+            tokio::spawn(super::serve(s, peer, r.clone(), r.accept()));
         }
     });
     (router, port)
