@@ -25,6 +25,15 @@ fn web(port: u16, mode: &str, replicas: u32, extra: &str) -> String {
     )
 }
 
+/// The addresses of the service's instances, as access lines name them.
+fn instance_addrs(d: &Deployd, service: &str) -> Vec<String> {
+    d.instances(service)
+        .iter()
+        .filter_map(|i| i.4)
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect()
+}
+
 /// Runs `f` under load and returns (requests ok during it, failures so far).
 fn phase(load: &Load, name: &str, f: impl FnOnce()) -> u64 {
     let before = load.counters.ok();
@@ -355,12 +364,7 @@ fn a_tcp_access_log_has_a_line_per_connection() {
         return;
     };
     d.settle("api", LONG);
-    let ports: Vec<String> = d
-        .instances("api")
-        .iter()
-        .filter_map(|i| i.4)
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
+    let ports = instance_addrs(&d, "api");
     let mut sizes = Vec::new();
     for i in 0..4 {
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -960,12 +964,7 @@ fn an_access_log_has_a_line_per_request() {
         let (status, _) = http_get(port, &format!("/?n={i}")).unwrap();
         assert_eq!(status, 200);
     }
-    let ports: Vec<String> = d
-        .instances("web")
-        .iter()
-        .filter_map(|i| i.4)
-        .map(|p| format!("127.0.0.1:{p}"))
-        .collect();
+    let ports = instance_addrs(&d, "web");
     wait_for("five lines", LONG, || {
         d.try_read("active/web/access").lines().count() >= 5
     });
