@@ -116,6 +116,8 @@ struct Sim {
     procs: HashMap<u64, Proc>,
     behaviours: HashMap<Version, Behaviour>,
     routed: HashSet<u64>,
+    /// Instances routed out and not yet drained, with when.
+    draining: HashMap<u64, Instant>,
     stopped: HashSet<u64>,
     events: Vec<String>,
     /// Signals sent by `signal`, in order.
@@ -160,6 +162,7 @@ impl Sim {
             procs: HashMap::new(),
             behaviours: HashMap::new(),
             routed: HashSet::new(),
+            draining: HashMap::new(),
             stopped: HashSet::new(),
             events: Vec::new(),
             signals: Vec::new(),
@@ -218,6 +221,27 @@ impl Sim {
                 } => {
                     let p = self.procs.get(&id.0).expect("stop of an unknown instance");
                     assert!(self.stopped.insert(id.0), "instance {id} stopped twice");
+                    // Zero downtime: never stopped with traffic, nor before
+                    // its drain (its requests done, or `drain` over).
+                    assert!(
+                        !self.routed.contains(&id.0),
+                        "instance {id} stopped while routed in: {:#?}",
+                        self.events
+                    );
+                    if let Some(out) = self.draining.remove(&id.0) {
+                        let drain = self
+                            .svc
+                            .instances()
+                            .iter()
+                            .find(|i| i.id() == id)
+                            .map_or(Duration::ZERO, |i| i.spec().manifest.drain);
+                        assert!(
+                            !p.alive || self.now >= out + drain.min(p.behaviour.drain),
+                            "instance {id} stopped {:?} after its route-out, before its drain: {:#?}",
+                            self.now.since(out),
+                            self.events
+                        );
+                    }
                     if p.alive {
                         let delay = p.behaviour.stop.min(timeout);
                         self.at(delay, SimEvent::Exit(id.0, signal.number()));
@@ -251,6 +275,7 @@ impl Sim {
                         "route out of {id}, not routed in"
                     );
                     let drain = self.procs[&id.0].behaviour.drain;
+                    self.draining.insert(id.0, self.now);
                     self.at(drain, SimEvent::Drained(id.0));
                 }
                 Action::Event(e) => {
