@@ -190,16 +190,16 @@ impl<'a> Owed<'a> {
     }
 }
 
-/// A connection counted as owed by the accept loop, before its task runs;
-/// the task takes it over ([`Router::accepted`]).
-#[must_use]
-pub(super) struct Accepted(());
-
 impl Drop for Owed<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// A connection counted as owed by the accept loop, before its task runs;
+/// the task takes it over ([`Router::accepted`]).
+#[must_use]
+pub(super) struct Accepted(());
 
 impl Router {
     fn new(settings: Settings) -> Router {

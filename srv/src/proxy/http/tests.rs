@@ -1555,3 +1555,51 @@ async fn with_an_access_log_each_request_gets_its_line() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 3);
 }
+
+/// Waits (bounded) for the router to owe `n` answers.
+async fn owed_becomes(router: &Router, n: usize, what: &str) {
+    for _ in 0..500 {
+        if router.owed() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    panic!("{what}: owed {} (not {n})", router.owed());
+}
+
+/// What a stopping deployd waits for: a fresh connection's first request
+/// from the accept (even quiet past HOLD), each later one from its first
+/// byte, nothing for a connection idle between requests; and every way a
+/// request ends gives its count back.
+#[tokio::test]
+async fn a_request_is_owed_from_its_first_byte_and_a_first_one_from_the_accept() {
+    let (port, _) = echo_heads().await;
+    let (router, front) = proxy(&[port], Duration::from_secs(5)).await;
+    assert_eq!(router.owed(), 0);
+    let mut c = TcpStream::connect(("127.0.0.1", front)).await.unwrap();
+    owed_becomes(&router, 1, "a fresh connection").await;
+    tokio::time::sleep(super::HOLD * 3).await;
+    assert_eq!(router.owed(), 1, "a quiet fresh connection still owed");
+    c.write_all(b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let (h, _) = read_response(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    owed_becomes(&router, 0, "answered, idle between requests").await;
+    // A later request, from its first byte: half a head is owed.
+    c.write_all(b"GET /b HTTP/1.1\r\n").await.unwrap();
+    owed_becomes(&router, 1, "half a head").await;
+    c.write_all(b"Host: t\r\n\r\n").await.unwrap();
+    let (h, _) = read_response(&mut c).await;
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    owed_becomes(&router, 0, "the second answered").await;
+    // Refused (a 400, the connection closed), or never sent: given back.
+    c.write_all(b"BAD\r\n\r\n").await.unwrap();
+    let rest = read_to_end(&mut c).await;
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    owed_becomes(&router, 0, "a refused request").await;
+    let quiet = TcpStream::connect(("127.0.0.1", front)).await.unwrap();
+    owed_becomes(&router, 1, "another fresh connection").await;
+    drop(quiet);
+    owed_becomes(&router, 0, "a connection closed unused").await;
+}
