@@ -58,11 +58,32 @@ pub fn fuse_available() -> bool {
 }
 
 /// A port nothing listens on now.
+///
+/// Taken below the kernel's ephemeral range, where `bind(0)` picks: deployd
+/// picks its instances' ports there, so a test's public port (chosen, then
+/// bound by its deployd a moment later) can never be handed to an instance
+/// of a deployd another test runs meanwhile. Unique within the test
+/// process, so parallel tests never pick the same one either.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    // The range's first port, or Linux's default.
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse().ok()))
+        .unwrap_or(32_768u32)
+        .max(LOW + 1_000);
+    let span = ephemeral - LOW;
+    // Test binaries run one after another; each starts somewhere else.
+    let base = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = LOW + (base + NEXT.fetch_add(1, Ordering::SeqCst)) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port as u16)).is_ok() {
+            return port as u16;
+        }
+    }
+    panic!("no free port in {LOW}..{ephemeral}")
 }
 
 /// Polls `cond` every 20ms until it holds or `timeout` passes.
