@@ -6,6 +6,8 @@ mod common;
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::load::{Client, Load};
@@ -47,7 +49,7 @@ fn assert_clean(load: Load, floor: u64) {
     let c = load.finish();
     let errors = c.errors.lock().clone();
     assert_eq!(c.failed(), 0, "failed requests: {errors:#?}");
-    assert_eq!(c.reconnects.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(c.reconnects.load(Ordering::SeqCst), 0);
     assert!(c.ok() >= floor, "only {} requests (floor {floor})", c.ok());
     eprintln!("total: {} requests, 0 failed", c.ok());
 }
@@ -447,13 +449,16 @@ fn stopping_deployd_lets_requests_in_flight_finish() {
     );
     assert!(!slow.is_finished());
     assert!(alive(pid));
-    wait_for("the port to stop listening", LONG, || {
-        TcpStream::connect(("127.0.0.1", port)).is_err()
-    });
+    // The wait first: a connection made to probe the port, accepted before
+    // it closed, would be owed an answer too.
     wait_for("the wait to be logged", LONG, || {
         d.try_read("active/web/events")
             .contains("deployd stopping: waiting up to 20s for 1 request in flight")
     });
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the port still listens"
+    );
     let (response, after) = slow.join().unwrap();
     let (status, body, keep) = response.expect("the request in flight failed");
     assert_eq!(status, 200);
@@ -477,16 +482,21 @@ fn stopping_deployd_answers_a_connection_it_accepted_before_its_request() {
     d.settle("web", LONG);
     let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(LONG)).unwrap();
-    // Accepted from the backlog within microseconds; this is a margin.
-    std::thread::sleep(Duration::from_millis(200));
-    d.sigterm();
-    wait_for("the port to stop listening", LONG, || {
-        TcpStream::connect(("127.0.0.1", port)).is_err()
+    // Accepted, its first request owed and with no instance yet.
+    wait_for("the connection to be accepted", LONG, || {
+        d.try_read("active/web/traffic").contains("\nwaiting 1\n")
     });
+    d.sigterm();
+    // (Not probed by connecting until then: a connection accepted before
+    // the port closed would be owed too.)
     wait_for("the wait to be logged", LONG, || {
         d.try_read("active/web/events")
             .contains("deployd stopping: waiting up to 20s for 1 request in flight")
     });
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the port still listens"
+    );
     (&conn)
         .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
         .unwrap();
@@ -608,9 +618,31 @@ fn replace_of_a_single_instance_queues_requests() {
             &format!("{extra}env START_DELAY_MS=1000\n"),
         ),
     );
+    // The requests queued in the gap show in `traffic` as waiting.
+    let done = Arc::new(AtomicBool::new(false));
+    let most_waiting = std::thread::spawn({
+        let (file, done) = (d.path("active/web/traffic"), done.clone());
+        move || {
+            let mut most = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                let n = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("waiting "))
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
+                most = most.max(n);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        }
+    });
     let started = Instant::now();
     run(&d, &["apply", "web"], 0);
     assert!(started.elapsed() >= Duration::from_secs(1));
+    done.store(true, Ordering::SeqCst);
+    let most = most_waiting.join().unwrap();
+    assert!(most >= 1, "no request was seen waiting");
     let events = d.read("active/web/events");
     let stopped = events
         .lines()

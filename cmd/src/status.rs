@@ -56,6 +56,8 @@ pub struct Traffic {
     /// Given up by their clients before the answer was through (http only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub abandoned: Option<u64>,
+    /// With deployd and no instance yet: being read, or queued for one.
+    pub waiting: u64,
 }
 
 impl Traffic {
@@ -157,7 +159,8 @@ struct InstanceTraffic {
 
 /// Reads the totals of a `traffic` file: `port P MODE`, then one `NAME N`
 /// line per counter (`requests` or `connections`, `inflight`, `errors`,
-/// `retried`, and in http mode `abandoned`), then the instances.
+/// `retried`, in http mode `abandoned`, and `waiting`), then the
+/// instances.
 fn traffic(text: &str) -> Option<Traffic> {
     let mut lines = text.lines();
     let mut head = lines.next()?.split(' ');
@@ -185,6 +188,7 @@ fn traffic(text: &str) -> Option<Traffic> {
         errors: get("errors")?,
         retried: get("retried").unwrap_or(0),
         abandoned: get("abandoned"),
+        waiting: get("waiting").unwrap_or(0),
         mode,
     })
 }
@@ -324,6 +328,10 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         if let Some(n) = t.abandoned {
             write!(out, ", {n} abandoned")?;
         }
+        // Only when there are: requests queued for want of an instance.
+        if t.waiting > 0 {
+            write!(out, ", {} waiting", t.waiting)?;
+        }
         writeln!(out)?;
     }
     writeln!(out)?;
@@ -444,14 +452,14 @@ mod tests {
     fn reads_the_traffic_totals() {
         let t = super::traffic(
             "port 8080 http\nrequests 12\ninflight 3\nerrors 1\nretried 2\nabandoned 4\n\
-             instance 0 requests 12 inflight 3 errors 1 retried 2 abandoned 4\n",
+             waiting 5\ninstance 0 requests 12 inflight 3 errors 1 retried 2 abandoned 4\n",
         )
         .unwrap();
         assert_eq!(
             (t.port, t.mode.as_str(), t.served, t.inflight, t.errors),
             (8080, "http", 12, 3, 1)
         );
-        assert_eq!((t.retried, t.abandoned), (2, Some(4)));
+        assert_eq!((t.retried, t.abandoned, t.waiting), (2, Some(4), 5));
         let t = super::traffic(
             "port 9 tcp\nconnections 5\ninflight 0\nerrors 0\nretried 1\n\
              instance 0 connections 5 inflight 0 errors 0 retried 1\n",

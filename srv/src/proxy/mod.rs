@@ -413,6 +413,12 @@ impl Router {
         if http {
             out.push_str(&format!("abandoned {}\n", t.get(|c| &c.abandoned)));
         }
+        // Owed and with no instance yet: being read, or queued. Two
+        // counters read apart: never below zero.
+        out.push_str(&format!(
+            "waiting {}\n",
+            self.owed().saturating_sub(inflight)
+        ));
         if let Some(log) = self.access.read().as_ref() {
             out.push_str(&format!("access_dropped {}\n", log.dropped()));
         }
