@@ -1431,13 +1431,20 @@ impl Engine {
         }
     }
 
-    /// A free loopback port, not held by another instance.
+    /// A free loopback port, not held by another instance, nor any
+    /// service's public `port` (which may not be bound yet: its listener
+    /// binds it a moment after the manifest is applied, or retries while
+    /// it is taken).
     fn alloc_port(&mut self) -> std::io::Result<u16> {
         for _ in 0..64 {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
                 .port();
-            if self.ports.insert(port) {
+            let public = self
+                .services
+                .values()
+                .any(|e| e.machine.target().manifest.port == Some(port));
+            if !public && self.ports.insert(port) {
                 return Ok(port);
             }
         }
