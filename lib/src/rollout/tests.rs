@@ -118,6 +118,8 @@ struct Sim {
     routed: HashSet<u64>,
     /// Instances routed out and not yet drained, with when.
     draining: HashMap<u64, Instant>,
+    /// Instances whose last probe passed.
+    passing: HashSet<u64>,
     stopped: HashSet<u64>,
     events: Vec<String>,
     /// Signals sent by `signal`, in order.
@@ -163,6 +165,7 @@ impl Sim {
             behaviours: HashMap::new(),
             routed: HashSet::new(),
             draining: HashMap::new(),
+            passing: HashSet::new(),
             stopped: HashSet::new(),
             events: Vec::new(),
             signals: Vec::new(),
@@ -267,6 +270,12 @@ impl Sim {
                 Action::RouteIn { id } => {
                     let p = &self.procs[&id.0];
                     assert!(p.alive, "route in of a dead instance {id}");
+                    // Traffic only once healthy.
+                    assert!(
+                        self.passing.contains(&id.0),
+                        "route in of {id}, whose last probe failed: {:#?}",
+                        self.events
+                    );
                     assert!(self.routed.insert(id.0), "instance {id} routed in twice");
                 }
                 Action::RouteOut { id } => {
@@ -352,6 +361,11 @@ impl Sim {
                     Some(after) if since >= after => Ok(()),
                     _ => Err("connection refused".to_string()),
                 };
+                if result.is_ok() {
+                    self.passing.insert(id);
+                } else {
+                    self.passing.remove(&id);
+                }
                 let _ = self.feed(Input::Probe {
                     id: InstanceId(id),
                     result,
@@ -1513,6 +1527,8 @@ fn adopt_takes_settled_instances_back_and_starts_nothing() {
                     version: r.version,
                 },
             );
+            // Ready under the deployd before: its probes passed.
+            sim.passing.insert(id.unwrap().0);
         }
         sim.apply(adopted.actions);
         sim.check_invariants();
