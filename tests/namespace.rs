@@ -12,10 +12,9 @@ const LONG: Duration = Duration::from_secs(60);
 
 #[test]
 fn unix_tools_see_sizes_and_lines_right() {
-    let Some(d) = Deployd::start(&[("web", app_manifest(2, ""))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, ""))]) else {
         return;
     };
-    d.settle("web", LONG);
     for f in [
         "version",
         "previous_version",
@@ -86,10 +85,9 @@ fn unix_tools_see_sizes_and_lines_right() {
 
 #[test]
 fn mtimes_change_with_content_only() {
-    let Some(d) = Deployd::start(&[("web", app_manifest(1, "update_pause 1s\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(1, "update_pause 1s\n"))]) else {
         return;
     };
-    d.settle("web", LONG);
     let mtime = |f: &str| {
         std::fs::metadata(d.path(&format!("active/web/{f}")))
             .unwrap()
@@ -113,10 +111,9 @@ fn mtimes_change_with_content_only() {
 
 #[test]
 fn wait_blocks_until_the_rollout_settles() {
-    let Some(d) = Deployd::start(&[("web", app_manifest(2, "update_pause 1s\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, "update_pause 1s\n"))]) else {
         return;
     };
-    d.settle("web", LONG);
     // Nothing in flight: wait answers at once.
     let v1 = d.field("active/web/version");
     assert_eq!(d.read("active/web/wait"), format!("none {v1}\n"));
@@ -173,10 +170,9 @@ fn wait_blocks_until_the_rollout_settles() {
 
 #[test]
 fn other_users_cannot_use_the_mount() {
-    let Some(d) = Deployd::start(&[("web", "exec sleep 1000\n".to_string())]) else {
+    let Some(d) = Deployd::start_settled(&[("web", "exec sleep 1000\n".to_string())]) else {
         return;
     };
-    d.settle("web", LONG);
     // setpriv is util-linux's, part of every Debian.
     let out = d.sh("setpriv --reuid=65534 --regid=65534 --clear-groups cat $ROOT/status");
     assert!(!out.status.success(), "user nobody read the namespace");
@@ -194,10 +190,9 @@ fn other_users_cannot_use_the_mount() {
 /// each refusal is `Operation not permitted`, even for root.
 #[test]
 fn the_namespace_keeps_its_shape() {
-    let Some(d) = Deployd::start(&[("web", "exec sleep 1000\n".to_string())]) else {
+    let Some(d) = Deployd::start_settled(&[("web", "exec sleep 1000\n".to_string())]) else {
         return;
     };
-    d.settle("web", LONG);
     let web = d.mnt.join("active/web");
     let before = d.sh("ls -R $ROOT").stdout;
     let attempts: Vec<(&str, std::io::Result<()>)> = vec![
@@ -240,10 +235,9 @@ fn the_namespace_keeps_its_shape() {
 
 #[test]
 fn stop_start_and_remove_through_the_root_ctl() {
-    let Some(d) = Deployd::start(&[("web", app_manifest(2, ""))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, ""))]) else {
         return;
     };
-    d.settle("web", LONG);
     let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
     let out = d.sh("echo 'stop web' > $ROOT/ctl");
     assert!(out.status.success(), "{}", stderr(&out));
@@ -281,10 +275,9 @@ fn cli_events_logs_and_status() {
     use std::io::BufRead;
     let port = free_port();
     let m = app_manifest(2, &format!("port {port}\n"));
-    let Some(d) = Deployd::start(&[("web", m)]) else {
+    let Some(d) = Deployd::start_settled(&[("web", m)]) else {
         return;
     };
-    d.settle("web", LONG);
     let out = d.deploy(&["events", "web"]);
     assert!(out.status.success());
     assert_eq!(stdout(&out), d.read("active/web/events"));
@@ -385,10 +378,10 @@ fn cli_events_logs_and_status() {
 /// kubectl's exit codes (0 the same, 1 differs) and 2 for a bad file.
 #[test]
 fn diff_says_what_apply_would_change() {
-    let Some(d) = Deployd::start(&[("web", "exec sleep 1000\nreplicas 2\n".to_string())]) else {
+    let Some(d) = Deployd::start_settled(&[("web", "exec sleep 1000\nreplicas 2\n".to_string())])
+    else {
         return;
     };
-    d.settle("web", LONG);
     let web = d.manifests.join("web.manifest");
     let web_arg = web.to_str().unwrap();
     let out = d.deploy(&["diff", web_arg]);

@@ -15,10 +15,9 @@ const LONG: Duration = Duration::from_secs(60);
 #[test]
 fn deploy_three_replicas() {
     let m = app_manifest(3, "");
-    let Some(d) = Deployd::start(&[("web", m.clone())]) else {
+    let Some(d) = Deployd::start_settled(&[("web", m.clone())]) else {
         return;
     };
-    d.settle("web", LONG);
     let version = deployd_lib::manifest::parse(m.as_bytes())
         .unwrap()
         .version()
@@ -163,10 +162,9 @@ impl Sampler {
 #[test]
 fn rolling_update_never_drops_below_replicas() {
     let extra = "update_batch 1\nupdate_pause 500ms\n";
-    let Some(d) = Deployd::start(&[("web", app_manifest(3, extra))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(3, extra))]) else {
         return;
     };
-    d.settle("web", LONG);
     let v1 = d.field("active/web/version");
     let old: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
     d.write_manifest("web", &app_manifest(3, &format!("{extra}env TAG=two\n")));
@@ -246,10 +244,10 @@ fn rolling_update_never_drops_below_replicas() {
 /// swaps the versions.
 #[test]
 fn bad_version_fails_then_rollback() {
-    let Some(d) = Deployd::start(&[("web", app_manifest(3, "health_deadline 2s\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(3, "health_deadline 2s\n"))])
+    else {
         return;
     };
-    d.settle("web", LONG);
     let v1 = d.field("active/web/version");
     let before = d.instances("web");
     d.write_manifest(
@@ -360,10 +358,9 @@ fn pause_resume_and_restart() {
 /// reason is in events and on the same descriptor.
 #[test]
 fn bad_ctl_writes_fail_and_change_nothing() {
-    let Some(d) = Deployd::start(&[("web", app_manifest(1, ""))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(1, ""))]) else {
         return;
     };
-    d.settle("web", LONG);
     let files = [
         "version",
         "previous_version",
@@ -578,10 +575,10 @@ fn crashed_instances_restart_per_policy() {
 #[test]
 fn apply_of_every_manifest_is_all_or_nothing() {
     let worker = "exec sleep 1000\n".to_string();
-    let Some(d) = Deployd::start(&[("web", app_manifest(2, "")), ("worker", worker)]) else {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, "")), ("worker", worker)])
+    else {
         return;
     };
-    d.settle("web", LONG);
     d.settle("worker", LONG);
     let versions = |d: &Deployd| ["web", "worker"].map(|s| d.field(&format!("active/{s}/version")));
     let v1 = versions(&d);
@@ -653,10 +650,9 @@ health_interval 100ms
 health_deadline 10s
 memory_max 1G
 ";
-    let Some(d) = Deployd::start(&[("svc", m.to_string())]) else {
+    let Some(d) = Deployd::start_settled(&[("svc", m.to_string())]) else {
         return;
     };
-    d.settle("svc", LONG);
     let (_, pid, state, _, _) = d.instances("svc")[0].clone();
     assert_eq!(state, "ready");
     let shown = stdout(&d.deploy(&["status", "svc"]));
@@ -856,10 +852,9 @@ fn signals_reach_the_instances_processes() {
     // with `sleep` in the group too, as a real app's workers would be.
     let worker = "exec trap 'echo got-hup' HUP; trap 'echo got-usr1' USR1; \
                   echo up; while :; do sleep 0.05; done\nreplicas 2\n";
-    let Some(d) = Deployd::start(&[("worker", worker.to_string())]) else {
+    let Some(d) = Deployd::start_settled(&[("worker", worker.to_string())]) else {
         return;
     };
-    d.settle("worker", LONG);
     let log = |n: u32| d.try_read(&format!("active/worker/instances/{n}/log"));
     wait_for("both shells up", LONG, || {
         log(0).contains("up") && log(1).contains("up")
@@ -1055,10 +1050,9 @@ fn after_orders_starts_and_stops() {
 #[test]
 fn a_canary_pauses_after_its_first_instance() {
     let m = |tag: &str| app_manifest(3, &format!("update_canary 1\nenv TAG={tag}\n"));
-    let Some(d) = Deployd::start(&[("web", m("v1"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", m("v1"))]) else {
         return;
     };
-    d.settle("web", LONG);
     d.write_manifest("web", &m("v2"));
     let out = d.deploy(&["apply", "web"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));

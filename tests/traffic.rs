@@ -94,10 +94,9 @@ fn served_meanwhile(out: &str, service: &str, what: &str) -> u64 {
 fn http_zero_failures_through_every_kind_of_rollout() {
     let port = free_port();
     let p = "update_pause 300ms\n";
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 3, p))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 3, p))]) else {
         return;
     };
-    d.settle("web", LONG);
     let load = Load::start(port, &[(Client::KeepAlive, 3), (Client::Fresh, 3)], "/");
     std::thread::sleep(Duration::from_millis(500));
     let floor = 500;
@@ -166,10 +165,9 @@ fn http_zero_failures_through_every_kind_of_rollout() {
 fn tcp_zero_failures_through_every_kind_of_rollout() {
     let port = free_port();
     let p = "update_pause 300ms\n";
-    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 3, p))]) else {
+    let Some(d) = Deployd::start_settled(&[("api", web(port, "tcp", 3, p))]) else {
         return;
     };
-    d.settle("api", LONG);
     let load = Load::start(port, &[(Client::Fresh, 4)], "/");
     std::thread::sleep(Duration::from_millis(500));
     let floor = 500;
@@ -212,10 +210,9 @@ fn tcp_zero_failures_through_every_kind_of_rollout() {
 #[test]
 fn a_long_request_finishes_on_the_draining_instance() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, "drain 10s\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, "drain 10s\n"))]) else {
         return;
     };
-    d.settle("web", LONG);
     let v1 = d.field("active/web/version");
     let old_pid = d.instances("web")[0].1;
     let slow = std::thread::spawn(move || {
@@ -266,10 +263,9 @@ fn a_long_request_finishes_on_the_draining_instance() {
 #[test]
 fn a_request_whose_client_left_does_not_hold_up_the_drain() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, "drain 30s\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, "drain 30s\n"))]) else {
         return;
     };
-    d.settle("web", LONG);
     let old_pid = d.instances("web")[0].1;
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: web\r\n\r\n")
@@ -293,10 +289,9 @@ fn a_request_whose_client_left_does_not_hold_up_the_drain() {
 fn tcp_connection_still_open_after_drain_is_closed() {
     let port = free_port();
     let o = "drain 1s\naccess_log on\n";
-    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 1, o))]) else {
+    let Some(d) = Deployd::start_settled(&[("api", web(port, "tcp", 1, o))]) else {
         return;
     };
-    d.settle("api", LONG);
     let old_pid = d.instances("api")[0].1;
     let old_port = d.instances("api")[0].4.expect("a port");
     // An idle connection: half a request, so the instance waits for more.
@@ -362,10 +357,9 @@ fn tcp_connection_still_open_after_drain_is_closed() {
 #[test]
 fn a_tcp_access_log_has_a_line_per_connection() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("api", web(port, "tcp", 2, "access_log on\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("api", web(port, "tcp", 2, "access_log on\n"))]) else {
         return;
     };
-    d.settle("api", LONG);
     let ports = instance_addrs(&d, "api");
     let mut sizes = Vec::new();
     for i in 0..4 {
@@ -413,10 +407,10 @@ fn a_tcp_access_log_has_a_line_per_connection() {
 #[test]
 fn stopping_deployd_lets_requests_in_flight_finish() {
     let port = free_port();
-    let Some(mut d) = Deployd::start(&[("web", web(port, "http", 1, "drain 20s\n"))]) else {
+    let Some(mut d) = Deployd::start_settled(&[("web", web(port, "http", 1, "drain 20s\n"))])
+    else {
         return;
     };
-    d.settle("web", LONG);
     let pid = d.instances("web")[0].1;
     let keep_alive = move |path: &str| {
         let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -476,10 +470,10 @@ fn stopping_deployd_lets_requests_in_flight_finish() {
 #[test]
 fn stopping_deployd_answers_a_connection_it_accepted_before_its_request() {
     let port = free_port();
-    let Some(mut d) = Deployd::start(&[("web", web(port, "http", 1, "drain 20s\n"))]) else {
+    let Some(mut d) = Deployd::start_settled(&[("web", web(port, "http", 1, "drain 20s\n"))])
+    else {
         return;
     };
-    d.settle("web", LONG);
     let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(LONG)).unwrap();
     // Accepted, its first request owed and with no instance yet.
@@ -515,10 +509,9 @@ fn stopping_deployd_answers_a_connection_it_accepted_before_its_request() {
 #[test]
 fn a_second_sigterm_stops_deployd_without_waiting_for_traffic() {
     let port = free_port();
-    let Some(mut d) = Deployd::start(&[("api", web(port, "tcp", 1, "drain 60s\n"))]) else {
+    let Some(mut d) = Deployd::start_settled(&[("api", web(port, "tcp", 1, "drain 60s\n"))]) else {
         return;
     };
-    d.settle("api", LONG);
     let pid = d.instances("api")[0].1;
     let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.write_all(b"GET / HTTP/1.1\r\n").unwrap();
@@ -602,10 +595,9 @@ fn a_restart_of_deployd_under_socket_activation_loses_no_request() {
 fn replace_of_a_single_instance_queues_requests() {
     let port = free_port();
     let extra = "update replace\nqueue_timeout 10s\n";
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, extra))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, extra))]) else {
         return;
     };
-    d.settle("web", LONG);
     let load = Load::start(port, &[(Client::KeepAlive, 2), (Client::Fresh, 2)], "/");
     std::thread::sleep(Duration::from_millis(300));
     // The new version takes a second to listen: a real gap.
@@ -665,10 +657,9 @@ fn replace_of_a_single_instance_queues_requests() {
 #[test]
 fn a_crashed_instance_loses_no_request_that_had_not_started_answering() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 3, ""))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 3, ""))]) else {
         return;
     };
-    d.settle("web", LONG);
     let workers = 6;
     let load = Load::start(port, &[(Client::KeepAlive, 3), (Client::Fresh, 3)], "/");
     std::thread::sleep(Duration::from_millis(500));
@@ -705,10 +696,9 @@ fn a_crashed_instance_loses_no_request_that_had_not_started_answering() {
 #[test]
 fn x_forwarded_for_is_added_and_bodies_stream_both_ways() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, ""))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, ""))]) else {
         return;
     };
-    d.settle("web", LONG);
     // A 1 MiB POST is echoed back whole.
     let body = vec![b'x'; 1 << 20];
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -761,10 +751,9 @@ fn x_forwarded_for_is_added_and_bodies_stream_both_ways() {
 #[test]
 fn upgraded_connections_are_tunnelled_and_drained() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 1, "drain 2s\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, "drain 2s\n"))]) else {
         return;
     };
-    d.settle("web", LONG);
     let old_pid = d.instances("web")[0].1;
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -816,10 +805,10 @@ fn upgraded_connections_are_tunnelled_and_drained() {
 fn reexec_keeps_every_instance_and_loses_no_request() {
     let port = free_port();
     let worker = "exec while true; do echo tick; sleep 0.2; done\n".to_string();
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 2, "")), ("worker", worker)]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 2, "")), ("worker", worker)])
+    else {
         return;
     };
-    d.settle("web", LONG);
     d.settle("worker", LONG);
     let pids = |s: &str| d.instances(s).iter().map(|i| i.1).collect::<Vec<_>>();
     let (web_pids, worker_pids, deployd_pid) = (pids("web"), pids("worker"), d.pid());
@@ -940,10 +929,9 @@ fn a_response_that_does_not_start_in_time_gets_a_504() {
 fn a_stop_first_rolling_update_loses_nothing_and_never_surges() {
     let port = free_port();
     let o = "update_order stop-first\n";
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 3, o))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 3, o))]) else {
         return;
     };
-    d.settle("web", LONG);
     let load = Load::start(port, &[(Client::KeepAlive, 3), (Client::Fresh, 3)], "/");
     std::thread::sleep(Duration::from_millis(300));
     d.write_manifest("web", &web(port, "http", 3, &format!("{o}env TAG=v2\n")));
@@ -988,10 +976,10 @@ fn a_stop_first_rolling_update_loses_nothing_and_never_surges() {
 #[test]
 fn an_access_log_has_a_line_per_request() {
     let port = free_port();
-    let Some(d) = Deployd::start(&[("web", web(port, "http", 2, "access_log on\n"))]) else {
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 2, "access_log on\n"))])
+    else {
         return;
     };
-    d.settle("web", LONG);
     for i in 0..5 {
         let (status, _) = http_get(port, &format!("/?n={i}")).unwrap();
         assert_eq!(status, 200);

@@ -116,6 +116,16 @@ impl Deployd {
         Some(d)
     }
 
+    /// As `start`, then waits (up to a minute each) for every one of the
+    /// services to be deployed and settled.
+    pub fn start_settled(manifests: &[(&str, String)]) -> Option<Deployd> {
+        let d = Deployd::start(manifests)?;
+        for (name, _) in manifests {
+            d.settle(name, Duration::from_secs(60));
+        }
+        Some(d)
+    }
+
     /// As `start`, with `socket` passed by socket activation.
     pub fn start_with_socket(
         manifests: &[(&str, String)],
