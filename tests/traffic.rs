@@ -205,6 +205,21 @@ fn tcp_zero_failures_through_every_kind_of_rollout() {
     assert_clean(load, 3000);
 }
 
+/// Waits for web's stopping deployd to log that it waits for one request,
+/// then checks that its port no longer listens. In that order: a
+/// connection made to probe the port, accepted before it closed, would be
+/// owed an answer too.
+fn stop_waits_for_one_request(d: &Deployd, port: u16) {
+    wait_for("the wait to be logged", LONG, || {
+        d.try_read("active/web/events")
+            .contains("deployd stopping: waiting up to 20s for 1 request in flight")
+    });
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "the port still listens"
+    );
+}
+
 /// Acceptance 3 (http): a long request in flight on the old instance when
 /// it is routed out completes; the instance is stopped only after.
 #[test]
@@ -443,16 +458,7 @@ fn stopping_deployd_lets_requests_in_flight_finish() {
     );
     assert!(!slow.is_finished());
     assert!(alive(pid));
-    // The wait first: a connection made to probe the port, accepted before
-    // it closed, would be owed an answer too.
-    wait_for("the wait to be logged", LONG, || {
-        d.try_read("active/web/events")
-            .contains("deployd stopping: waiting up to 20s for 1 request in flight")
-    });
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "the port still listens"
-    );
+    stop_waits_for_one_request(&d, port);
     let (response, after) = slow.join().unwrap();
     let (status, body, keep) = response.expect("the request in flight failed");
     assert_eq!(status, 200);
@@ -481,16 +487,7 @@ fn stopping_deployd_answers_a_connection_it_accepted_before_its_request() {
         d.try_read("active/web/traffic").contains("\nwaiting 1\n")
     });
     d.sigterm();
-    // (Not probed by connecting until then: a connection accepted before
-    // the port closed would be owed too.)
-    wait_for("the wait to be logged", LONG, || {
-        d.try_read("active/web/events")
-            .contains("deployd stopping: waiting up to 20s for 1 request in flight")
-    });
-    assert!(
-        TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "the port still listens"
-    );
+    stop_waits_for_one_request(&d, port);
     (&conn)
         .write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n")
         .unwrap();
