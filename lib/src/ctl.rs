@@ -203,14 +203,11 @@ pub fn parse_instance(msg: &[u8], number: u32) -> Result<Verb, CtlError> {
             args.len(),
             if args.len() == 1 { "" } else { "s" }
         ))),
-        _ => {
-            let shown: String = verb.chars().take(40).collect();
-            Err(CtlError(format!(
-                "unknown control message '{}'; commands: {}",
-                shown.escape_debug(),
-                instance_usage()
-            )))
-        }
+        _ => Err(CtlError(format!(
+            "unknown control message '{}'; commands: {}",
+            shown(verb),
+            instance_usage()
+        ))),
     }
 }
 
@@ -272,7 +269,6 @@ fn empty() -> CtlError {
 
 fn spec(verb: &str) -> Result<&'static CommandSpec, CtlError> {
     COMMANDS.iter().find(|c| c.name == verb).ok_or_else(|| {
-        let shown: String = verb.chars().take(40).collect();
         let close = COMMANDS
             .iter()
             .map(|c| (strsim::damerau_levenshtein(verb, c.name), c.name))
@@ -282,7 +278,7 @@ fn spec(verb: &str) -> Result<&'static CommandSpec, CtlError> {
             .unwrap_or_default();
         CtlError(format!(
             "unknown control message '{}'{close}; commands: {}",
-            shown.escape_debug(),
+            shown(verb),
             usage()
         ))
     })
@@ -322,11 +318,10 @@ fn verb_with_args(verb: &str, args: &[&str]) -> Result<Verb, CtlError> {
         "signal" => {
             let (sig, rest) = args.split_first().ok_or_else(empty)?;
             let signal = Signal::from_name(&sig.to_ascii_uppercase()).ok_or_else(|| {
-                let shown: String = sig.chars().take(40).collect();
                 let names: Vec<&str> = Signal::ALL.iter().map(|(_, n)| *n).collect();
                 CtlError(format!(
                     "unknown signal '{}'; signals: {}",
-                    shown.escape_debug(),
+                    shown(sig),
                     names.join(", ")
                 ))
             })?;
@@ -344,14 +339,18 @@ fn instance_number(word: &str) -> Result<u32, CtlError> {
         word.bytes().all(|b| b.is_ascii_digit()) && !(word.len() > 1 && word.starts_with('0'));
     match word.parse::<u32>() {
         Ok(n) if canonical => Ok(n),
-        _ => {
-            let shown: String = word.chars().take(40).collect();
-            Err(CtlError(format!(
-                "'{}' is not an instance number (as in instances/N)",
-                shown.escape_debug()
-            )))
-        }
+        _ => Err(CtlError(format!(
+            "'{}' is not an instance number (as in instances/N)",
+            shown(word)
+        ))),
     }
+}
+
+/// A word of a refused message as its error quotes it: at most 40
+/// characters, escaped.
+fn shown(word: &str) -> String {
+    let head: String = word.chars().take(40).collect();
+    head.escape_debug().to_string()
 }
 
 fn word(i: &str) -> IResult<&str, &str> {
@@ -385,6 +384,11 @@ fn words(msg: &[u8]) -> Result<Vec<&str>, CtlError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reason a message is refused with.
+    fn why<T: fmt::Debug>(parsed: Result<T, CtlError>) -> String {
+        parsed.unwrap_err().0
+    }
 
     #[test]
     fn every_verb_parses() {
@@ -427,23 +431,13 @@ mod tests {
         assert_eq!(parse_root(b"apply\n").unwrap(), RootCommand::ApplyAll);
         assert_eq!(parse_root(b" apply \n").unwrap(), RootCommand::ApplyAll);
         assert_eq!(parse_root(b"reexec\n").unwrap(), RootCommand::ReExec);
-        assert!(
-            parse_root(b"reexec now\n")
-                .unwrap_err()
-                .0
-                .contains("reexec takes no arguments")
-        );
+        assert!(why(parse_root(b"reexec now\n")).contains("reexec takes no arguments"));
         assert_eq!(
-            parse_root(b"pause\n").unwrap_err().0,
+            why(parse_root(b"pause\n")),
             "bad # args to command: pause needs a service: pause SERVICE"
         );
         assert!(root_usage().starts_with("apply (every manifest) | apply SERVICE | pause SERVICE"));
-        assert!(
-            parse_root(b"apply ../etc\n")
-                .unwrap_err()
-                .0
-                .contains("is not a service name")
-        );
+        assert!(why(parse_root(b"apply ../etc\n")).contains("is not a service name"));
     }
 
     #[test]
@@ -454,102 +448,72 @@ mod tests {
             Ok(Verb::Signal(Signal::Hup, Some(0)))
         );
         assert_eq!(
-            parse_instance(b"restart 2", 3).unwrap_err().0,
+            why(parse_instance(b"restart 2", 3)),
             "bad # args to command: an instance's ctl takes restart | signal SIG, got 1 argument"
         );
         assert_eq!(
-            parse_instance(b"signal", 3).unwrap_err().0,
+            why(parse_instance(b"signal", 3)),
             "bad # args to command: an instance's ctl takes restart | signal SIG, got 0 arguments"
         );
         assert_eq!(
-            parse_instance(b"stop", 3).unwrap_err().0,
+            why(parse_instance(b"stop", 3)),
             "unknown control message 'stop'; commands: restart | signal SIG"
         );
-        assert!(
-            parse_instance(b"signal WINCH", 3)
-                .unwrap_err()
-                .0
-                .starts_with("unknown signal")
-        );
-        assert!(
-            parse_instance(b"", 3)
-                .unwrap_err()
-                .0
-                .starts_with("empty control message")
-        );
+        assert!(why(parse_instance(b"signal WINCH", 3)).starts_with("unknown signal"));
+        assert!(why(parse_instance(b"", 3)).starts_with("empty control message"));
     }
 
     #[test]
     fn the_two_plan9_errors() {
         assert_eq!(
-            parse_service(b"bogus\n").unwrap_err().0,
+            why(parse_service(b"bogus\n")),
             "unknown control message 'bogus'; commands: apply | pause | resume | rollback [VERSION] | restart [INSTANCE] | stop | start | remove | signal SIG [INSTANCE]"
         );
-        assert!(
-            parse_service(b"puase")
-                .unwrap_err()
-                .0
-                .contains("(did you mean 'pause'?)")
-        );
+        assert!(why(parse_service(b"puase")).contains("(did you mean 'pause'?)"));
         assert_eq!(
-            parse_service(b"pause now\n").unwrap_err().0,
+            why(parse_service(b"pause now\n")),
             "bad # args to command: pause takes no arguments, got 1"
         );
         assert_eq!(
-            parse_service(b"rollback a b\n").unwrap_err().0,
+            why(parse_service(b"rollback a b\n")),
             "bad # args to command: rollback [VERSION] takes at most one argument, got 2"
         );
     }
 
     #[test]
     fn bad_messages_are_refused() {
-        assert!(
-            parse_service(b"")
-                .unwrap_err()
-                .0
-                .starts_with("empty control message")
-        );
-        assert!(
-            parse_service(b"\n")
-                .unwrap_err()
-                .0
-                .starts_with("empty control message")
-        );
+        assert!(why(parse_service(b"")).starts_with("empty control message"));
+        assert!(why(parse_service(b"\n")).starts_with("empty control message"));
         assert_eq!(
-            parse_service(b"pause\nresume\n").unwrap_err().0,
+            why(parse_service(b"pause\nresume\n")),
             "one command per write"
         );
-        assert_eq!(
-            parse_service(&[0xff]).unwrap_err().0,
-            "control message is not UTF-8"
-        );
+        assert_eq!(why(parse_service(&[0xff])), "control message is not UTF-8");
         let huge = vec![b'a'; MAX_MESSAGE + 1];
         assert_eq!(
-            parse_service(&huge).unwrap_err().0,
+            why(parse_service(&huge)),
             "control message is 1025 bytes; the limit is 1024"
         );
         for bad in ["-1", "+1", "01", "x", "4294967296", "1.5"] {
             assert_eq!(
-                parse_service(format!("restart {bad}").as_bytes())
-                    .unwrap_err()
-                    .0,
+                why(parse_service(format!("restart {bad}").as_bytes())),
                 format!("'{bad}' is not an instance number (as in instances/N)")
             );
         }
         assert_eq!(
-            parse_service(b"signal").unwrap_err().0,
+            why(parse_service(b"signal")),
             "bad # args to command: signal SIG [INSTANCE] takes one or two arguments, got 0"
         );
         assert_eq!(
-            parse_service(b"signal WINCH").unwrap_err().0,
+            why(parse_service(b"signal WINCH")),
             "unknown signal 'WINCH'; signals: TERM, INT, QUIT, HUP, USR1, USR2, KILL"
         );
         assert_eq!(
-            parse_service(b"signal HUP x").unwrap_err().0,
+            why(parse_service(b"signal HUP x")),
             "'x' is not an instance number (as in instances/N)"
         );
         assert_eq!(
-            parse_service(b"rollback xyz").unwrap_err().0,
+            why(parse_service(b"rollback xyz")),
             "'xyz' is not a version (12 hex digits)"
         );
     }
