@@ -372,6 +372,15 @@ fn cli_events_logs_and_status() {
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(found);
+
+    // deployd's own log, written to a file (as to the journal), is plain
+    // text: the refusal with its field, and no terminal colour codes.
+    let log = d.log();
+    assert!(
+        log.contains("refused: nothing to pause: no rollout in progress service=web"),
+        "{log}"
+    );
+    assert!(!log.contains('\x1b'), "{log}");
 }
 
 /// `deploy diff`: each file against the manifest its service runs, with

@@ -33,6 +33,7 @@ mod proxy;
 mod store;
 mod view;
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -70,6 +71,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Colours in the log only for a person at a terminal: the journal, a
+/// file or a pipe gets plain text (`NO_COLOR`, set to anything but an empty
+/// string, turns them off there too: no-color.org).
+fn colours(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 fn try_main(args: &Args) -> Result<(), String> {
     // Before anything could start a process that would inherit them.
     let (handed, handoff_problem) = handoff::receive();
@@ -80,6 +88,7 @@ fn try_main(args: &Args) -> Result<(), String> {
     tracing_subscriber::fmt()
         .with_max_level(config.log_level)
         .with_writer(std::io::stderr)
+        .with_ansi(colours(std::io::stderr().is_terminal()))
         .with_target(false)
         .init();
     if let Some(p) = handoff_problem {
