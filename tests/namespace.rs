@@ -61,6 +61,19 @@ fn unix_tools_see_sizes_and_lines_right() {
         .collect();
     let out = d.sh("tail -n 2 $ROOT/active/web/events");
     assert_eq!(stdout(&out), format!("{}\n", last2.join("\n")));
+    // Each event is stamped with the UTC date and time, to the millisecond
+    // (today's date, or yesterday's for a test run across midnight).
+    let days = stdout(&d.sh("date -u +%FT; date -u -d yesterday +%FT"));
+    for line in events.lines() {
+        let (stamp, what) = line.split_once(' ').unwrap_or_default();
+        assert!(
+            stamp.len() == 24
+                && days.lines().any(|day| stamp.starts_with(day))
+                && stamp.ends_with('Z'),
+            "{line:?} in {events}"
+        );
+        assert!(!what.is_empty(), "{line:?}");
+    }
     let out = d.sh("grep -c 'started (pid' $ROOT/active/web/events");
     assert_eq!(stdout(&out).trim(), "2");
     let out = d.sh(

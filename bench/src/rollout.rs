@@ -122,7 +122,7 @@ fn start_to_ready(dir: &std::path::Path, pid: u32) -> Option<Duration> {
 mod tests {
     #[test]
     fn batches_from_events() {
-        let ev = "10:00:00 rolling update started a → b (3 instances, batch 2)\n10:00:00 batch 1/2: starting instances 3, 4 (b)\n10:00:00 instance 3 started (pid 100)\n10:00:00 instance 4 started (pid 101)\n10:00:00 instance 3 healthy (0.1s)\n10:00:01 batch 2/2: starting instance 3 (b)\n10:00:01 instance 3 started (pid 102)\n";
+        let ev = "2026-12-01T10:00:00.100Z rolling update started a → b (3 instances, batch 2)\n2026-12-01T10:00:00.100Z batch 1/2: starting instances 3, 4 (b)\n2026-12-01T10:00:00.100Z instance 3 started (pid 100)\n2026-12-01T10:00:00.100Z instance 4 started (pid 101)\n2026-12-01T10:00:00.100Z instance 3 healthy (0.1s)\n2026-12-01T10:00:01.200Z batch 2/2: starting instance 3 (b)\n2026-12-01T10:00:01.200Z instance 3 started (pid 102)\n";
         assert_eq!(super::batches(ev), vec![vec![100, 101], vec![102]]);
     }
 }

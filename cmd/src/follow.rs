@@ -221,10 +221,16 @@ fn print_events(out: &mut impl Write, service: &str, dir: &Path, offset: u64) ->
     Ok(offset + end as u64)
 }
 
-/// "12:34:05 message" → "message"
+/// "2026-12-01T12:34:05.123Z message" → "message"; also the
+/// "12:34:05 message" of the lines an older deployd left in the log.
 pub fn strip_time(line: &str) -> &str {
     let b = line.as_bytes();
-    if b.len() > 9 && b[2] == b':' && b[5] == b':' && b[8] == b' ' {
+    let stamped = |n: usize, colons: &[usize]| {
+        b.len() > n && b[n] == b' ' && colons.iter().all(|&i| b[i] == b':')
+    };
+    if stamped(24, &[13, 16]) && b[10] == b'T' && b[23] == b'Z' {
+        &line[25..]
+    } else if stamped(8, &[2, 5]) {
         &line[9..]
     } else {
         line
@@ -233,7 +239,23 @@ pub fn strip_time(line: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_apply_all;
+    use super::{parse_apply_all, strip_time};
+
+    #[test]
+    fn strips_the_time_of_an_event_line() {
+        assert_eq!(
+            strip_time("2026-12-01T12:34:05.123Z instance 3 healthy (0.1s)"),
+            "instance 3 healthy (0.1s)"
+        );
+        assert_eq!(
+            strip_time("12:34:05 instance 3 healthy"),
+            "instance 3 healthy"
+        );
+        // Not a time: left whole.
+        assert_eq!(strip_time("2026-12-01 instance"), "2026-12-01 instance");
+        assert_eq!(strip_time("12:34:05"), "12:34:05");
+        assert_eq!(strip_time("é"), "é");
+    }
 
     #[test]
     fn reads_what_apply_of_every_manifest_did() {

@@ -1457,7 +1457,7 @@ impl Engine {
             return;
         };
         tracing::info!(service = %e.name, "{msg}");
-        let line = format!("{} {msg}\n", clock());
+        let line = format!("{} {msg}\n", crate::clock::now());
         e.events.append(&line);
         if let Err(err) = self.store.append_event(&e.name, &line) {
             tracing::warn!("{}: event log: {err}", e.name);
@@ -1854,18 +1854,5 @@ async fn sleep_until(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
-    }
-}
-
-/// The local time of day, `HH:MM:SS`.
-fn clock() -> String {
-    // SAFETY: time and localtime_r write only to the struct we pass.
-    unsafe {
-        let t = libc::time(std::ptr::null_mut());
-        let mut tm: libc::tm = std::mem::zeroed();
-        if libc::localtime_r(&t, &mut tm).is_null() {
-            return "00:00:00".into();
-        }
-        format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
     }
 }

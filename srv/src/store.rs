@@ -342,12 +342,18 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let web = name("web");
         store.create(&web).unwrap();
-        store.append_event(&web, "12:00:00 one\n").unwrap();
-        store.append_event(&web, "12:00:01 two\n").unwrap();
-        store.append_event(&web, "12:00:02 torn").unwrap();
+        store
+            .append_event(&web, "2026-12-01T12:00:00.000Z one\n")
+            .unwrap();
+        store
+            .append_event(&web, "2026-12-01T12:00:01.000Z two\n")
+            .unwrap();
+        store
+            .append_event(&web, "2026-12-01T12:00:02.000Z torn")
+            .unwrap();
         assert_eq!(
             String::from_utf8(store.load_events(&web)).unwrap(),
-            "12:00:00 one\n12:00:01 two\n12:00:02 torn\n"
+            "2026-12-01T12:00:00.000Z one\n2026-12-01T12:00:01.000Z two\n2026-12-01T12:00:02.000Z torn\n"
         );
     }
 

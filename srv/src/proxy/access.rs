@@ -30,9 +30,9 @@ use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use crate::process;
+use crate::{clock, process};
 
 /// The longest target written; a longer one is cut and ends in `...`.
 const MAX_TARGET: usize = 1024;
@@ -110,7 +110,7 @@ impl AccessLog {
     /// Writes one entry's line.
     pub fn write(&self, e: &Entry<'_>) {
         let mut line = Vec::with_capacity(96 + e.target.len().min(MAX_TARGET));
-        utc(&mut line, SystemTime::now());
+        clock::utc(&mut line, SystemTime::now());
         line.push(b' ');
         line.extend_from_slice(e.client);
         line.push(b' ');
@@ -133,7 +133,7 @@ impl AccessLog {
     /// Writes one tcp connection's line.
     pub fn write_connection(&self, c: &Connection<'_>) {
         let mut line = Vec::with_capacity(112);
-        utc(&mut line, SystemTime::now());
+        clock::utc(&mut line, SystemTime::now());
         line.push(b' ');
         line.extend_from_slice(c.client);
         // Writing to a Vec cannot fail.
@@ -164,50 +164,9 @@ fn set_nonblocking(fd: &OwnedFd) -> std::io::Result<()> {
     Ok(())
 }
 
-/// `2026-12-01T21:16:05.123Z`
-fn utc(out: &mut Vec<u8>, t: SystemTime) {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60,
-        d.subsec_millis()
-    );
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn at(secs: u64, ms: u64) -> String {
-        let mut v = Vec::new();
-        utc(&mut v, UNIX_EPOCH + Duration::from_millis(secs * 1000 + ms));
-        String::from_utf8(v).unwrap()
-    }
-
-    #[test]
-    fn utc_times_are_iso_8601() {
-        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
-        // `date -u -d @1764623765`
-        assert_eq!(at(1_764_623_765, 123), "2025-12-01T21:16:05.123Z");
-        // A leap day, and the end of a century year that is not one.
-        assert_eq!(at(951_782_400, 0), "2000-02-29T00:00:00.000Z");
-        assert_eq!(at(4_107_542_399, 999), "2100-02-28T23:59:59.999Z");
-    }
 
     #[tokio::test]
     async fn lines_go_to_the_file_and_a_full_pipe_drops_rather_than_waits() {

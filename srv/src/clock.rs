@@ -1,0 +1,71 @@
+//! Wall-clock times as deployd writes them in its logs (the `events` of a
+//! service, the `access` lines of its port): UTC, ISO 8601, to the
+//! millisecond, `2026-12-01T21:16:05.123Z`. One format for every log, with
+//! the date (an event log outlives days and restarts) and sortable as text.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// `2026-12-01T21:16:05.123Z`
+pub fn utc(out: &mut Vec<u8>, t: SystemTime) {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60,
+        d.subsec_millis()
+    );
+}
+
+/// [`utc`] of now, as a string.
+pub fn now() -> String {
+    let mut v = Vec::with_capacity(24);
+    utc(&mut v, SystemTime::now());
+    String::from_utf8(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64, ms: u64) -> String {
+        let mut v = Vec::new();
+        utc(&mut v, UNIX_EPOCH + Duration::from_millis(secs * 1000 + ms));
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn utc_times_are_iso_8601() {
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        // `date -u -d @1764623765`
+        assert_eq!(at(1_764_623_765, 123), "2025-12-01T21:16:05.123Z");
+        // A leap day, and the end of a century year that is not one.
+        assert_eq!(at(951_782_400, 0), "2000-02-29T00:00:00.000Z");
+        assert_eq!(at(4_107_542_399, 999), "2100-02-28T23:59:59.999Z");
+    }
+
+    #[test]
+    fn now_is_one_token_of_the_format() {
+        let t = now();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(
+            t.starts_with("20") && t.ends_with('Z') && !t.contains(' '),
+            "{t}"
+        );
+    }
+}
