@@ -537,6 +537,25 @@ fn crashed_instances_restart_per_policy() {
         events.contains("instance 0 exited unexpectedly (exit status 3); restarting in 0.1s"),
         "{events}"
     );
+    // What it printed last, read once its pipe was drained (it printed and
+    // exited at once), follows its exit.
+    let lines: Vec<&str> = events
+        .lines()
+        .map(|l| l.split_once(' ').unwrap().1)
+        .collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("exited unexpectedly"))
+        .unwrap();
+    assert!(
+        lines[at + 1].starts_with("instance 0 printed: app ") && lines[at + 1].contains(" pid "),
+        "{events}"
+    );
+    assert_eq!(
+        lines[at + 2],
+        "instance 0 printed: crashing on purpose",
+        "{events}"
+    );
     assert!(events.contains("restarting in 0.2s"), "{events}");
     wait_for("once to exit", LONG, || {
         d.try_read("active/once/events").contains("not restarted")
@@ -567,6 +586,64 @@ fn crashed_instances_restart_per_policy() {
         std::fs::read_to_string(d.path("active/crashy/instances/0/log"))
             .is_ok_and(|l| l.contains("app "))
     });
+}
+
+/// A version that dies at start says why where the failure is reported:
+/// `deploy apply` prints its last lines of output (the last 10, cleaned),
+/// which are in the events too.
+#[test]
+fn a_failed_start_shows_what_the_instance_printed() {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(1, ""))]) else {
+        return;
+    };
+    // A burst of most of a pipe's buffer just before the end: the shown
+    // lines are the log's last, after many reads of the pipe.
+    let script = "import sys\n\
+                  sys.stdout.write(('.' * 99 + '\\n') * 600)\n\
+                  for i in range(12): print('loading module', i)\n\
+                  print('\\x1b[31mFATAL\\x1b[0m: no DATABASE_URL', file=sys.stderr)\n\
+                  sys.exit(2)\n";
+    let py = d.dir.path().join("dies.py");
+    std::fs::write(&py, script).unwrap();
+    d.write_manifest(
+        "web",
+        &format!("exec exec python3 {}\nhealth http /healthz\n", py.display()),
+    );
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let printed = stdout(&out);
+    let shown: Vec<&str> = printed
+        .lines()
+        .filter_map(|l| l.strip_prefix("web: instance 1 printed: "))
+        .collect();
+    let mut want: Vec<String> = (3..12).map(|i| format!("loading module {i}")).collect();
+    want.push("FATAL: no DATABASE_URL".into());
+    assert_eq!(shown, want, "{printed}");
+    // Between its exit and the failure.
+    let exit = printed
+        .find("web: instance 1 exited (exit status 2)")
+        .unwrap();
+    let first = printed.find("web: instance 1 printed: ").unwrap();
+    let failed = printed.find("web: rolling update failed: ").unwrap();
+    assert!(exit < first && first < failed, "{printed}");
+    assert!(
+        stderr(&out).contains("web: failed: instance 1 exited while starting (exit status 2"),
+        "{}",
+        stderr(&out)
+    );
+    let events = d.read("active/web/events");
+    assert!(
+        events.contains(" instance 1 printed: FATAL: no DATABASE_URL\n"),
+        "{events}"
+    );
+    // The old instance serves on, and what it was never asked for is not
+    // shown: no output lines for stops deployd made.
+    assert_eq!(d.field("active/web/instances/0/state"), "ready");
+    assert_eq!(
+        events.matches(" instance 0 printed: ").count(),
+        0,
+        "{events}"
+    );
 }
 
 /// `deploy apply` without a service rolls out every manifest of the

@@ -217,6 +217,9 @@ pub struct Engine {
     deadline_of: HashMap<u32, Instant>,
     ports: HashSet<u16>,
     pending: VecDeque<(u32, Input)>,
+    /// The instance whose exit is being handled, with its log: its runtime
+    /// entry is released first, and the machine may ask for its output.
+    exiting: Option<(u32, InstanceId, PathBuf)>,
     dirty: HashSet<u32>,
     replies: Vec<(CtlDone, Result<String, Refusal>)>,
     /// Stop signals decided in this round, sent once the state that says
@@ -276,6 +279,7 @@ impl Engine {
             deadline_of: HashMap::new(),
             ports: HashSet::new(),
             pending: VecDeque::new(),
+            exiting: None,
             dirty: HashSet::new(),
             replies: Vec::new(),
             stops: Vec::new(),
@@ -749,10 +753,12 @@ impl Engine {
                     .get_mut(&sid)
                     .and_then(|e| e.runtime.remove(&id))
                 {
+                    self.exiting = Some((sid, id, inst.log.clone()));
                     self.release(inst);
                     self.dirty.insert(sid);
                 }
                 let _ = self.handle(sid, Input::Exited { id, exit });
+                self.exiting = None;
             }
         }
     }
@@ -1085,7 +1091,25 @@ impl Engine {
                     }
                 }
                 Action::Event(msg) => self.log(sid, &msg),
+                Action::Output { id, prefix } => self.show_output(sid, id, &prefix),
             }
+        }
+    }
+
+    /// The last lines an instance printed, as events (`instance 3 printed:
+    /// LINE`). Its exit is handled once its log has everything.
+    fn show_output(&mut self, sid: u32, id: InstanceId, prefix: &str) {
+        let log = match &self.exiting {
+            Some((s, i, log)) if (*s, *i) == (sid, id) => Some(log.clone()),
+            _ => self
+                .services
+                .get(&sid)
+                .and_then(|e| e.runtime.get(&id))
+                .map(|i| i.log.clone()),
+        };
+        let Some(log) = log else { return };
+        for line in process::last_lines(&log, process::SHOWN_LINES) {
+            self.log(sid, &format!("{prefix}: {line}"));
         }
     }
 
@@ -1134,9 +1158,10 @@ impl Engine {
         let log_read = read.try_clone().ok();
         // Reads until every holder of the write end is gone, so also what a
         // process that dies at once printed.
-        tokio::spawn(process::pump_log(read, log.clone(), m.log_max));
+        let pumped = process::spawn_pump(read, log.clone(), m.log_max);
         let exited = Arc::new(AtomicBool::new(false));
         let (tx, children, flag) = (self.tx.clone(), self.children.clone(), exited.clone());
+        let rt = tokio::runtime::Handle::current();
         let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
         let user = m.user.clone();
         self.spawner.submit(move || {
@@ -1161,7 +1186,7 @@ impl Engine {
             // delivered by watch(), after it.
             let _ = tx.send(Msg::Spawned { sid, id, result });
             if let Ok(pid) = spawned {
-                watch_exit(&children, &tx, flag, sid, id, pid);
+                watch_exit(&children, &tx, &rt, Exiting { flag, pumped }, sid, id, pid);
             }
         });
         let prober = self.start_prober(sid, id, &m, port, dir, env);
@@ -1237,9 +1262,14 @@ impl Engine {
             self.ports.insert(p);
         }
         let log_read = read.try_clone().ok();
-        tokio::spawn(process::pump_log(read, h.log.clone(), m.log_max));
+        let pumped = process::spawn_pump(read, h.log.clone(), m.log_max);
         let exited = Arc::new(AtomicBool::new(false));
-        watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
+        let rt = tokio::runtime::Handle::current();
+        let exiting = Exiting {
+            flag: exited.clone(),
+            pumped,
+        };
+        watch_exit(&self.children, &self.tx, &rt, exiting, sid, id, h.pid);
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
         let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited);
         inst.pid = Some(h.pid);
@@ -1807,20 +1837,41 @@ fn memory_watch(
 }
 
 /// Tells the engine when `pid`, instance `id` of service `sid`, exits.
+/// What an instance's exit sets off: its `exited` flag, at once (its
+/// pid is no longer its own to signal), and its `Exited` message once its
+/// log has all it printed.
+struct Exiting {
+    flag: Arc<AtomicBool>,
+    /// Its log's pump is done.
+    pumped: tokio::sync::oneshot::Receiver<()>,
+}
+
+/// How long an exit waits for its log's pump: the reaper has killed the
+/// group, so the pipe's last writer is gone at once, unless a process that
+/// left the group (a daemon) still holds it.
+const PUMP_WAIT: Duration = Duration::from_millis(50);
+
 fn watch_exit(
     children: &Children,
     tx: &mpsc::UnboundedSender<Msg>,
-    flag: Arc<AtomicBool>,
+    rt: &tokio::runtime::Handle,
+    exiting: Exiting,
     sid: u32,
     id: InstanceId,
     pid: u32,
 ) {
-    let tx = tx.clone();
+    let (tx, rt) = (tx.clone(), rt.clone());
     children.watch(
         pid,
         Waiter::Notify(Box::new(move |exit| {
+            let Exiting { flag, pumped } = exiting;
             flag.store(true, Ordering::SeqCst);
-            let _ = tx.send(Msg::Exited { sid, id, exit });
+            // The last lines it printed before it died are in the log
+            // before the machine hears of the exit and may show them.
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(PUMP_WAIT, pumped).await;
+                let _ = tx.send(Msg::Exited { sid, id, exit });
+            });
         })),
     );
 }

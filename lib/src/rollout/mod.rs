@@ -219,6 +219,17 @@ pub enum Action {
     },
     /// Append a line to the service's event log.
     Event(String),
+    /// Append the last lines the instance printed (its log's last 10
+    /// non-blank lines) to the event log, each as `PREFIX: LINE`: after an
+    /// exit or a failure its output may explain (a candidate that exited or
+    /// missed its deadline, a serving instance that exited or turned
+    /// unhealthy), so that the reason is where the failure is reported.
+    Output {
+        /// Which instance.
+        id: InstanceId,
+        /// `instance N printed`.
+        prefix: String,
+    },
 }
 
 /// Why a command was refused. A refused command changes nothing.
@@ -1616,6 +1627,9 @@ impl Service {
                         format_duration(m.health_deadline),
                         inst.last_probe()
                     );
+                    // What it printed, then the failure (as after an exit).
+                    let prefix = format!("instance {} printed", inst.number);
+                    self.out.push(Action::Output { id, prefix });
                     self.fail(reason);
                     return true;
                 }
@@ -1929,6 +1943,10 @@ impl Service {
                     "instance {number} unhealthy after {retries} failed probe{} ({why}){what}",
                     if retries == 1 { "" } else { "s" }
                 ));
+                if was_ready {
+                    let prefix = format!("instance {number} printed");
+                    self.out.push(Action::Output { id, prefix });
+                }
                 if role == Role::Serving && policy != RestartPolicy::Never && was_ready {
                     let slot = self.instances[i].slot;
                     self.retire(i);
@@ -2063,6 +2081,7 @@ impl Service {
             }
             Role::Candidate => {
                 self.event(format!("instance {number} exited ({exit})"));
+                self.show_output(id, number, &exit);
             }
             Role::Serving => {
                 let policy = self.instances[i].spec.manifest.restart;
@@ -2088,7 +2107,17 @@ impl Service {
                         policy.name()
                     ));
                 }
+                self.show_output(id, number, &exit);
             }
+        }
+    }
+
+    /// The last lines an instance printed, to explain its exit; none for a
+    /// process that never started.
+    fn show_output(&mut self, id: InstanceId, number: u32, exit: &Exit) {
+        if !matches!(exit, Exit::SpawnFailed(_)) {
+            let prefix = format!("instance {number} printed");
+            self.out.push(Action::Output { id, prefix });
         }
     }
 

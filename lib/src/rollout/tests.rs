@@ -291,6 +291,12 @@ impl Sim {
                     assert!(!e.starts_with("internal:"), "{e}");
                     self.events.push(e)
                 }
+                // The sim's processes print nothing: the request is kept
+                // in the events, where the engine puts the lines.
+                Action::Output { id, prefix } => {
+                    assert!(self.procs.contains_key(&id.0), "output of unknown {id}");
+                    self.events.push(format!("{prefix}: (output of {id})"));
+                }
             }
         }
     }
@@ -1161,7 +1167,8 @@ fn steady_state_crash_loop_backs_off_exponentially() {
         for id in live {
             sim.crash(id);
         }
-        if let Some(e) = sim.events.last() {
+        // The last event, but for the output request after an exit.
+        if let Some(e) = sim.events.iter().rev().find(|e| !e.contains(" printed: ")) {
             if e.contains("restarting in") && restarts.last() != Some(e) {
                 restarts.push(e.clone());
             }
@@ -1234,16 +1241,100 @@ fn unhealthy_instance_is_routed_out_and_replaced() {
         .unwrap();
     }
     assert!(!sim.routed.contains(&id));
-    let e = sim.events.iter().find(|e| e.contains("unhealthy")).unwrap();
+    let at = sim
+        .events
+        .iter()
+        .position(|e| e.contains("unhealthy"))
+        .unwrap();
     assert_eq!(
-        e,
+        sim.events[at],
         "instance 0 unhealthy after 3 failed probes (last probe: HTTP 500); replacing it"
+    );
+    // What it printed may say why.
+    assert_eq!(
+        sim.events[at + 1],
+        format!("instance 0 printed: (output of {id})")
     );
     // Stop the simulated probes of the sick one from reviving it.
     sim.procs.get_mut(&id).unwrap().behaviour.healthy_after = None;
     sim.settle();
     sim.check_converged();
     assert!(!sim.procs[&id].alive);
+}
+
+/// The instance's last output is asked for right where its failure or
+/// unexpected exit is reported, and not for what deployd stopped itself.
+#[test]
+fn output_is_shown_where_a_failure_or_an_unexpected_exit_is_reported() {
+    let after = |events: &[String], what: &str| -> Vec<String> {
+        let at = events
+            .iter()
+            .position(|e| e.contains(what))
+            .unwrap_or_else(|| panic!("{what}: {events:#?}"));
+        events[at + 1..].to_vec()
+    };
+    let printed = |e: &String| e.contains(" printed: ");
+
+    // A serving instance that exits: right after its exit.
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let quiet = sim.events.len();
+    assert!(!sim.events.iter().any(printed), "{:#?}", sim.events);
+    let id = sim.serving()[&1].0;
+    sim.crash(id);
+    let next = after(&sim.events[quiet..], "instance 1 exited unexpectedly");
+    assert_eq!(next[0], format!("instance 1 printed: (output of {id})"));
+    sim.settle();
+
+    // A candidate that exits while starting: between its exit and the
+    // failure it causes.
+    let v2 = spec("v2", 2, 1, Strategy::Rolling);
+    let from = sim.events.len();
+    sim.command(Command::Apply(v2)).unwrap();
+    while !sim.events[from..]
+        .iter()
+        .any(|e| e.contains("started (pid"))
+    {
+        assert!(sim.step());
+    }
+    let cand = sim
+        .procs
+        .iter()
+        .find(|(_, p)| p.alive && p.started.is_some() && p.version != sim.serving()[&0].1);
+    let (&cand, _) = cand.expect("a started candidate");
+    sim.crash(cand);
+    let next = after(&sim.events[from..], "instance 2 exited (exit status 1)");
+    assert_eq!(next[0], format!("instance 2 printed: (output of {cand})"));
+    assert!(
+        next[1].starts_with("rolling update failed: instance 2 exited while starting"),
+        "{next:#?}"
+    );
+    sim.settle();
+
+    // A candidate that is never healthy: what it printed, then the
+    // failure, as after an exit.
+    let v3 = spec("v3", 2, 1, Strategy::Rolling);
+    let never = Behaviour {
+        healthy_after: None,
+        ..GOOD
+    };
+    sim.behaviours.insert(v3.version, never);
+    let from = sim.events.len();
+    sim.command(Command::Apply(v3)).unwrap();
+    sim.settle();
+    let next = after(&sim.events[from..], "instance 2 printed: ");
+    assert!(
+        next[0].starts_with("rolling update failed: instance 2 not healthy within"),
+        "{next:#?}"
+    );
+
+    // A rollout that succeeds stops old instances: none of them is shown.
+    let v4 = spec("v4", 2, 1, Strategy::Rolling);
+    let from = sim.events.len();
+    sim.command(Command::Apply(v4)).unwrap();
+    sim.settle();
+    sim.check_converged();
+    let shown: Vec<&String> = sim.events[from..].iter().filter(|e| printed(e)).collect();
+    assert!(shown.is_empty(), "{:#?}", sim.events[from..].to_vec());
 }
 
 #[test]

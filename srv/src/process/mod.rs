@@ -350,6 +350,87 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64) {
     }
 }
 
+/// [`pump_log`] on its own task; the receiver hears when it has copied
+/// everything (the pipe's last writer closed), or is dropped.
+pub fn spawn_pump(read: OwnedFd, path: PathBuf, max: u64) -> tokio::sync::oneshot::Receiver<()> {
+    let (done, pumped) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        pump_log(read, path, max).await;
+        let _ = done.send(());
+    });
+    pumped
+}
+
+/// Lines of output shown in the events after an exit or a failure, as
+/// `systemctl status` shows a unit's last lines.
+pub const SHOWN_LINES: usize = 10;
+/// How much of a log's end is read for them.
+const TAIL_BYTES: u64 = 4096;
+/// Characters kept of each line.
+const LINE_WIDTH: usize = 200;
+
+/// The last `n` non-blank lines of a log (from its last 4 KiB), fit for an
+/// event line: terminal escape sequences removed, other control characters
+/// as spaces, what a carriage return overwrote dropped, each cut at 200
+/// characters. Nothing if the file cannot be read.
+pub fn last_lines(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let from = len.saturating_sub(TAIL_BYTES);
+    let mut buf = Vec::new();
+    if f.seek(SeekFrom::Start(from)).is_err() || f.take(TAIL_BYTES).read_to_end(&mut buf).is_err() {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    if from > 0 && lines.len() > 1 {
+        // Started mid-line.
+        lines.remove(0);
+    }
+    let mut shown: Vec<String> = lines
+        .into_iter()
+        .rev()
+        .filter_map(shown_line)
+        .take(n)
+        .collect();
+    shown.reverse();
+    shown
+}
+
+fn shown_line(line: &str) -> Option<String> {
+    // A progress bar redrawn with \r, or a \r\n ending: what is visible.
+    let line = line.rsplit('\r').find(|s| !s.trim().is_empty())?;
+    let mut out = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI: ESC [ parameters final byte; others: ESC and one more.
+                if chars.next() == Some('[') {
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                }
+            }
+            c if c.is_control() => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    let trimmed = out.trim_end();
+    if trimmed.trim_start().is_empty() {
+        return None;
+    }
+    Some(match trimmed.char_indices().nth(LINE_WIDTH) {
+        Some((cut, _)) => format!("{}...", &trimmed[..cut]),
+        None => trimmed.to_string(),
+    })
+}
+
 fn open_log(path: &Path) -> Option<File> {
     match OpenOptions::new().create(true).append(true).open(path) {
         Ok(f) => Some(f),
@@ -556,6 +637,45 @@ mod tests {
         assert_eq!(old.len() + new.len(), 120 << 10);
         assert!(old.len() <= 100 << 10 && new.len() <= 100 << 10);
         assert_eq!((old[0], new.last().copied()), (b'a', Some(b'c')));
+    }
+
+    #[test]
+    fn the_last_lines_of_a_log_are_shown_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("0.log");
+        assert!(last_lines(&path, 10).is_empty(), "no file, no lines");
+        std::fs::write(
+            &path,
+            "starting\n\n  \ndownloading 10%\rdownloading 100%\r\n\x1b[31merror:\x1b[0m no\tconfig\r\nbye\n",
+        )
+        .unwrap();
+        assert_eq!(
+            last_lines(&path, 10),
+            ["starting", "downloading 100%", "error: no config", "bye"]
+        );
+        assert_eq!(last_lines(&path, 2), ["error: no config", "bye"]);
+
+        // A long log: from its end, never a cut first line, long lines cut.
+        let long = format!("{}\n", "x".repeat(300));
+        let mut text = String::new();
+        for i in 0..100 {
+            text.push_str(&format!("line {i}\n"));
+        }
+        text.push_str(&long);
+        text.push_str("last");
+        std::fs::write(&path, &text).unwrap();
+        let lines = last_lines(&path, 10);
+        assert_eq!(lines.len(), 10, "{lines:?}");
+        assert_eq!(lines[8], format!("{}...", "x".repeat(200)));
+        assert_eq!(lines[9], "last");
+        assert_eq!(lines[0], "line 92");
+        // Multibyte characters are cut whole, and invalid bytes shown.
+        let mut bytes = "é".repeat(250).into_bytes();
+        bytes.extend(b"\n\xff ok");
+        std::fs::write(&path, bytes).unwrap();
+        let lines = last_lines(&path, 10);
+        assert_eq!(lines[0], format!("{}...", "é".repeat(200)));
+        assert_eq!(lines[1], "\u{fffd} ok");
     }
 
     #[test]
