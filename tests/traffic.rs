@@ -560,10 +560,21 @@ fn a_restart_of_deployd_under_socket_activation_loses_no_request() {
         "{}",
         d.log()
     );
+    // Its log went to "the journal": each line with its priority, no time.
+    let log = d.log();
+    assert!(log.lines().all(|l| l.starts_with('<')), "{log}");
+    assert!(
+        log.contains(&format!(
+            "<6>listening on 127.0.0.1:{port} (http) service=web\n"
+        )),
+        "{log}"
+    );
     // Instances do not see what was deployd's.
     let pid = d.instances("web")[0].1;
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    assert!(!String::from_utf8_lossy(&environ).contains("LISTEN_FDS"));
+    let environ = String::from_utf8_lossy(&environ);
+    assert!(!environ.contains("LISTEN_FDS"), "{environ}");
+    assert!(!environ.contains("JOURNAL_STREAM"), "{environ}");
     let load = Load::start(port, &[(Client::Fresh, 3)], "/");
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(d.terminate(), Some(0), "{}", d.log());

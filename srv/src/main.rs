@@ -13,6 +13,7 @@
 //! - [`store`]: the state directory: atomic records, history, event logs.
 //! - [`view`]: the snapshots the engine publishes for the namespace.
 //! - [`fs`]: the namespace, served through FUSE.
+//! - [`logging`]: deployd's own log, fit for a terminal or the journal.
 //! - [`handoff`]: what deployd passes to itself across `execve` when it
 //!   replaces itself (`reexec`), keeping every instance.
 //!
@@ -28,13 +29,13 @@ mod config;
 mod engine;
 mod fs;
 mod handoff;
+mod logging;
 mod probe;
 mod process;
 mod proxy;
 mod store;
 mod view;
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -72,13 +73,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Colours in the log only for a person at a terminal: the journal, a
-/// file or a pipe gets plain text (`NO_COLOR`, set to anything but an empty
-/// string, turns them off there too: no-color.org).
-fn colours(terminal: bool) -> bool {
-    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
-}
-
 fn try_main(args: &Args) -> Result<(), String> {
     // Before anything could start a process that would inherit them.
     let (handed, handoff_problem) = handoff::receive();
@@ -86,12 +80,7 @@ fn try_main(args: &Args) -> Result<(), String> {
     // Where this binary is now: an upgrade puts the next one there.
     let exe = std::env::current_exe().ok();
     let config = Config::load(&args.config)?;
-    tracing_subscriber::fmt()
-        .with_max_level(config.log_level)
-        .with_writer(std::io::stderr)
-        .with_ansi(colours(std::io::stderr().is_terminal()))
-        .with_target(false)
-        .init();
+    logging::init(config.log_level);
     if let Some(p) = handoff_problem {
         tracing::warn!("handoff: {p}; starting as after a restart");
     }

@@ -175,7 +175,8 @@ impl Deployd {
 
     /// Starts the deployd process as systemd's socket activation would,
     /// with `socket` as its descriptor 3, `LISTEN_FDS=1` and `LISTEN_PID`
-    /// its pid (`None`: as `launch`); waits for its namespace.
+    /// its pid, and its log as systemd's journal stream (`JOURNAL_STREAM`
+    /// naming it); `None`: as `launch`. Waits for its namespace.
     pub fn launch_with_socket(&mut self, socket: Option<std::os::fd::RawFd>) {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
@@ -188,6 +189,9 @@ impl Deployd {
             Some(fd) => {
                 // The shell's pid is deployd's once it execs.
                 let mut c = Command::new("/bin/sh");
+                use std::os::unix::fs::MetadataExt;
+                let m = log.metadata().unwrap();
+                c.env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()));
                 c.arg("-c")
                     .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"")
                     .arg(deployd_bin());

@@ -276,9 +276,10 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
         Some(words) => words.into_iter().map(OsStr::new).collect(),
         None => shell.to_vec(),
     };
-    // Socket activation and the handoff were deployd's, not the instance's.
+    // Socket activation and the handoff were deployd's, not the instance's,
+    // and so is the journal's stream: an instance's output is deployd's pipe.
     let [pid, fds, names] = crate::proxy::activation::VARS;
-    let remove = [pid, fds, names, crate::handoff::ENV];
+    let remove = [pid, fds, names, crate::handoff::ENV, "JOURNAL_STREAM"];
     let Some(account) = s.account else {
         return launch::launch(&words, s.dir, &s.env, &remove, s.output, None);
     };

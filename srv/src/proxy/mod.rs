@@ -511,7 +511,7 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
                 Some(l)
             }
             Some(Err(e)) => {
-                tracing::warn!(service, "the passed socket for port {}: {e}", settings.port);
+                tracing::warn!(service = %service, "the passed socket for port {}: {e}", settings.port);
                 None
             }
             None => None,
@@ -522,26 +522,26 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
                 match TcpListener::bind(addr).await {
                     Ok(l) => break l,
                     Err(e) => {
-                        tracing::warn!(service, "cannot listen on {addr}: {e}; trying again in 2s");
+                        tracing::warn!(service = %service, "cannot listen on {addr}: {e}; trying again in 2s");
                         tokio::time::sleep(Duration::from_secs(2)).await;
                     }
                 }
             },
         };
         if let Err(e) = tune_listener(&listener) {
-            tracing::warn!(service, "socket options on {addr}: {e}");
+            tracing::warn!(service = %service, "socket options on {addr}: {e}");
         }
         {
             use std::os::fd::AsFd;
             *r.socket.lock() = listener.as_fd().try_clone_to_owned().ok();
         }
-        tracing::info!(service, "listening on {addr} ({})", settings.mode.name());
+        tracing::info!(service = %service, "listening on {addr} ({})", settings.mode.name());
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
                     // Out of descriptors, most likely: let some close.
-                    tracing::warn!(service, "accept: {e}");
+                    tracing::warn!(service = %service, "accept: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
