@@ -23,8 +23,8 @@ use deployd_lib::host;
 use deployd_lib::manifest::{self, Health, LoadError, Version};
 use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{
-    Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Running, Service,
-    Spec, State, UpdateStatus,
+    Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Role, Running,
+    Service, Spec, State, UpdateStatus,
 };
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::AbortHandle;
@@ -141,6 +141,9 @@ struct Inst {
     /// Asks the prober for a probe now.
     poke: Arc<Notify>,
     exited: Arc<AtomicBool>,
+    /// Hears when its log's pump has copied all the process printed;
+    /// taken by the first look at its exit.
+    pumped: Option<tokio::sync::oneshot::Receiver<()>>,
     stop_signal: i32,
     stop_timeout: Duration,
     memory_max: Option<u64>,
@@ -177,6 +180,7 @@ impl Inst {
             memory: None,
             poke,
             exited,
+            pumped: None,
             stop_signal: m.stop_signal.number(),
             stop_timeout: m.stop_timeout,
             memory_max: m.memory_max,
@@ -748,6 +752,9 @@ impl Engine {
                         r.close(id);
                     }
                 }
+                if self.defer_exit(sid, id, &exit) {
+                    return;
+                }
                 if let Some(inst) = self
                     .services
                     .get_mut(&sid)
@@ -1096,6 +1103,34 @@ impl Engine {
         }
     }
 
+    /// Whether an exit waits for the rest of its process's output: one the
+    /// machine did not ask for (it may show what the process printed last)
+    /// while the log's pump is still copying. It comes back once the pump
+    /// is done, or after [`PUMP_WAIT`]. Stops deployd made, the many exits
+    /// of a rollout's batches, are handled at once, together.
+    fn defer_exit(&mut self, sid: u32, id: InstanceId, exit: &Exit) -> bool {
+        let Some(e) = self.services.get_mut(&sid) else {
+            return false;
+        };
+        let Some(mut pumped) = e.runtime.get_mut(&id).and_then(|i| i.pumped.take()) else {
+            return false;
+        };
+        let asked = e
+            .machine
+            .instances()
+            .iter()
+            .any(|i| i.id() == id && i.role() == Role::Retiring);
+        if asked || pumped.try_recv() != Err(tokio::sync::oneshot::error::TryRecvError::Empty) {
+            return false;
+        }
+        let (tx, exit) = (self.tx.clone(), exit.clone());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(PUMP_WAIT, pumped).await;
+            let _ = tx.send(Msg::Exited { sid, id, exit });
+        });
+        true
+    }
+
     /// The last lines an instance printed, as events (`instance 3 printed:
     /// LINE`). Its exit is handled once its log has everything.
     fn show_output(&mut self, sid: u32, id: InstanceId, prefix: &str) {
@@ -1161,7 +1196,6 @@ impl Engine {
         let pumped = process::spawn_pump(read, log.clone(), m.log_max);
         let exited = Arc::new(AtomicBool::new(false));
         let (tx, children, flag) = (self.tx.clone(), self.children.clone(), exited.clone());
-        let rt = tokio::runtime::Handle::current();
         let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
         let user = m.user.clone();
         self.spawner.submit(move || {
@@ -1186,11 +1220,12 @@ impl Engine {
             // delivered by watch(), after it.
             let _ = tx.send(Msg::Spawned { sid, id, result });
             if let Ok(pid) = spawned {
-                watch_exit(&children, &tx, &rt, Exiting { flag, pumped }, sid, id, pid);
+                watch_exit(&children, &tx, flag, sid, id, pid);
             }
         });
         let prober = self.start_prober(sid, id, &m, port, dir, env);
-        let inst = Inst::new(&m, port, log, log_read, prober, exited);
+        let mut inst = Inst::new(&m, port, log, log_read, prober, exited);
+        inst.pumped = Some(pumped);
         if let Some(e) = self.services.get_mut(&sid) {
             e.runtime.insert(id, inst);
         }
@@ -1264,14 +1299,10 @@ impl Engine {
         let log_read = read.try_clone().ok();
         let pumped = process::spawn_pump(read, h.log.clone(), m.log_max);
         let exited = Arc::new(AtomicBool::new(false));
-        let rt = tokio::runtime::Handle::current();
-        let exiting = Exiting {
-            flag: exited.clone(),
-            pumped,
-        };
-        watch_exit(&self.children, &self.tx, &rt, exiting, sid, id, h.pid);
+        watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
         let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited);
+        inst.pumped = Some(pumped);
         inst.pid = Some(h.pid);
         inst.memory = memory_watch(&self.tx, sid, id, inst.memory_max, h.pid);
         inst.start_time = h.start_time;
@@ -1837,44 +1868,28 @@ fn memory_watch(
 }
 
 /// Tells the engine when `pid`, instance `id` of service `sid`, exits.
-/// What an instance's exit sets off: its `exited` flag, at once (its
-/// pid is no longer its own to signal), and its `Exited` message once its
-/// log has all it printed.
-struct Exiting {
-    flag: Arc<AtomicBool>,
-    /// Its log's pump is done.
-    pumped: tokio::sync::oneshot::Receiver<()>,
-}
-
-/// How long an exit waits for its log's pump: the reaper has killed the
-/// group, so the pipe's last writer is gone at once, unless a process that
-/// left the group (a daemon) still holds it.
-const PUMP_WAIT: Duration = Duration::from_millis(50);
-
 fn watch_exit(
     children: &Children,
     tx: &mpsc::UnboundedSender<Msg>,
-    rt: &tokio::runtime::Handle,
-    exiting: Exiting,
+    flag: Arc<AtomicBool>,
     sid: u32,
     id: InstanceId,
     pid: u32,
 ) {
-    let (tx, rt) = (tx.clone(), rt.clone());
+    let tx = tx.clone();
     children.watch(
         pid,
         Waiter::Notify(Box::new(move |exit| {
-            let Exiting { flag, pumped } = exiting;
             flag.store(true, Ordering::SeqCst);
-            // The last lines it printed before it died are in the log
-            // before the machine hears of the exit and may show them.
-            rt.spawn(async move {
-                let _ = tokio::time::timeout(PUMP_WAIT, pumped).await;
-                let _ = tx.send(Msg::Exited { sid, id, exit });
-            });
+            let _ = tx.send(Msg::Exited { sid, id, exit });
         })),
     );
 }
+
+/// How long an unexpected exit waits for its log's pump: the reaper has
+/// killed the group, so the pipe's last writer is gone at once, unless a
+/// process that left the group (a daemon) still holds it.
+const PUMP_WAIT: Duration = Duration::from_millis(50);
 
 /// `open` requests or connections, as the router's mode counts them.
 fn open_traffic(r: &Router, open: usize) -> String {

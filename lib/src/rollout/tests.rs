@@ -1326,6 +1326,9 @@ fn output_is_shown_where_a_failure_or_an_unexpected_exit_is_reported() {
         next[0].starts_with("rolling update failed: instance 2 not healthy within"),
         "{next:#?}"
     );
+    // Once: its stop, which deployd made, shows nothing more.
+    let shown = sim.events[from..].iter().filter(|e| printed(e)).count();
+    assert_eq!(shown, 1, "{:#?}", sim.events[from..].to_vec());
 
     // A rollout that succeeds stops old instances: none of them is shown.
     let v4 = spec("v4", 2, 1, Strategy::Rolling);
