@@ -285,7 +285,6 @@ fn stop_start_and_remove_through_the_root_ctl() {
 /// both forms.
 #[test]
 fn cli_events_logs_and_status() {
-    use std::io::BufRead;
     let port = free_port();
     let m = app_manifest(2, &format!("port {port}\n"));
     let Some(d) = Deployd::start_settled(&[("web", m)]) else {
@@ -370,21 +369,16 @@ fn cli_events_logs_and_status() {
     );
 
     // -f follows: a new event shows up in the running command's output.
-    let mut follow = std::process::Command::new(deploy_bin())
-        .args(["events", "web", "-f"])
-        .env("DEPLOY_ROOT", &d.mnt)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(follow.stdout.take().unwrap()).lines();
+    let follow = Following::start(&d, &["events", "web", "-f"]);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(d.deploy(&["pause", "web"]).status.code(), Some(5));
-    let found = (&mut lines)
-        .map_while(Result::ok)
-        .any(|l| l.ends_with("refused: nothing to pause: no rollout in progress"));
-    let _ = follow.kill();
-    let _ = follow.wait();
-    assert!(found);
+    wait_for("the refusal in the followed events", LONG, || {
+        follow
+            .lines()
+            .iter()
+            .any(|l| l.ends_with("refused: nothing to pause: no rollout in progress"))
+    });
+    drop(follow);
 
     // deployd's own log, written to a file (as to the journal), is plain
     // text: the refusal with its field, and no terminal colour codes.

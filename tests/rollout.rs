@@ -646,6 +646,44 @@ fn a_failed_start_shows_what_the_instance_printed() {
     );
 }
 
+/// `deploy logs SERVICE -f` keeps up with a rollout: the new instances'
+/// output appears from their first line, each line once, though the new
+/// instances are renumbered into the old ones' numbers (and old logs and
+/// new ones are the same size here, so a size alone would not tell).
+#[test]
+fn logs_follow_the_instances_through_a_rollout() {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, ""))]) else {
+        return;
+    };
+    let v1 = d.field("active/web/version");
+    let follow = Following::start(&d, &["logs", "web", "-f"]);
+    let first = |lines: &[String], v: &str, slot: u32| {
+        let what = format!("] app {v} instance {slot} pid ");
+        lines.iter().filter(|l| l.contains(&what)).count()
+    };
+    wait_for("the old instances' lines", LONG, || {
+        let lines = follow.lines();
+        first(&lines, &v1, 0) == 1 && first(&lines, &v1, 1) == 1
+    });
+    d.write_manifest("web", &app_manifest(2, "env TAG=two\n"));
+    let out = d.deploy(&["apply", "web"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v2 = d.field("active/web/version");
+    wait_for("the new instances' lines", LONG, || {
+        let lines = follow.lines();
+        first(&lines, &v2, 0) >= 1 && first(&lines, &v2, 1) >= 1
+    });
+    // A few polls more: nothing comes twice.
+    std::thread::sleep(Duration::from_millis(800));
+    let lines = follow.lines();
+    for v in [&v1, &v2] {
+        for slot in 0..2 {
+            assert_eq!(first(&lines, v, slot), 1, "{v} {slot}: {lines:#?}");
+        }
+    }
+    assert!(lines.iter().all(|l| l.starts_with('[')), "{lines:#?}");
+}
+
 /// `deploy apply` without a service rolls out every manifest of the
 /// directory, or none: a manifest that does not parse, or a service that
 /// cannot take its apply, refuses the whole command.

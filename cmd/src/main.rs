@@ -114,7 +114,8 @@ enum Cmd {
         service: String,
         #[arg(conflicts_with = "access")]
         instance: Option<u32>,
-        /// Keep printing new output
+        /// Keep printing new output, also of the instances a rollout or a
+        /// restart starts (from their first line)
         #[arg(short, long)]
         follow: bool,
         /// The access log of its port (`access_log on`): a line per request
@@ -244,7 +245,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         } => status::one(&ns, &s, json),
         Cmd::Events { service, follow } => {
             let dir = ns.service(&service)?;
-            tail::run(vec![(None, dir.join("events"))], follow)
+            tail::run(&dir.join("events"), follow)
         }
         Cmd::Logs {
             service,
@@ -253,11 +254,10 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             access,
         } => {
             let dir = ns.service(&service)?;
-            let files = match access {
-                true => vec![(None, dir.join("access"))],
-                false => tail::logs(&dir, instance)?,
-            };
-            tail::run(files, follow)
+            match access {
+                true => tail::run(&dir.join("access"), follow),
+                false => tail::logs(&dir, instance, follow),
+            }
         }
     }
 }

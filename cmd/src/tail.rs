@@ -1,9 +1,11 @@
-//! `deploy events` and `deploy logs`: print a file of the namespace, and with
-//! `-f` keep printing what is appended, like `tail -f`.
+//! `deploy events` and `deploy logs`: print a file of the namespace (or the
+//! logs of a service's instances), and with `-f` keep printing what is
+//! appended, like `tail -f`.
 
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::ns;
@@ -11,20 +13,16 @@ use crate::{Exit, Fail};
 
 const POLL: Duration = Duration::from_millis(200);
 
-/// Prints `files` (each line prefixed by its label, if any); with `follow`,
-/// keeps polling for more until killed. A file that shrank (rotated or
-/// trimmed) is read from its start again.
-pub fn run(files: Vec<(Option<String>, PathBuf)>, follow: bool) -> Result<Exit, Fail> {
-    let mut offsets = vec![0u64; files.len()];
-    let mut partial = vec![Vec::new(); files.len()];
+/// Prints the file at `path`; with `follow`, keeps polling for more until
+/// killed. A file that shrank (rotated or trimmed) is read from its start
+/// again.
+pub fn run(path: &Path, follow: bool) -> Result<Exit, Fail> {
+    let (mut offset, mut partial) = (0, Vec::new());
     let mut out = std::io::stdout().lock();
     loop {
-        for (i, (label, path)) in files.iter().enumerate() {
-            let Some(chunk) = read_from(path, &mut offsets[i])? else {
-                continue;
-            };
-            partial[i].extend_from_slice(&chunk);
-            emit(&mut out, label.as_deref(), &mut partial[i], !follow)?;
+        if let Some(chunk) = read_from(path, &mut offset)? {
+            partial.extend_from_slice(&chunk);
+            emit(&mut out, None, &mut partial, !follow)?;
         }
         out.flush()?;
         if !follow {
@@ -85,33 +83,69 @@ fn emit(
     }
 }
 
-/// The log files of a service's instances (or of one), labelled by number.
-pub fn logs(dir: &Path, instance: Option<u32>) -> Result<Vec<(Option<String>, PathBuf)>, Fail> {
+/// `deploy logs SERVICE [INSTANCE] [-f]`: the output of the service's
+/// instances (or of the one numbered `instance`), each line labelled with
+/// its instance's number when there are several. With `follow`, it keeps
+/// polling the instances as they come and go: one started since (by a
+/// rollout, a restart) is printed from its first line, one replaced under
+/// the same number starts afresh, and one renumbered (`instance 3 is now
+/// instance 0`) goes on where it was, under its new label. An instance is
+/// known by its pid, read around each read of its log.
+pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fail> {
     let instances = dir.join("instances");
-    match instance {
-        Some(n) => {
-            let path = instances.join(n.to_string()).join("log");
-            if !path.exists() {
-                return Err(Fail::new(ns::NOT_FOUND, format!("no instance {n}")));
-            }
-            Ok(vec![(None, path)])
-        }
-        None => {
-            let mut numbers: Vec<u32> = std::fs::read_dir(&instances)
-                .map_err(|e| Fail::new(1, format!("{}: {e}", instances.display())))?
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect();
-            numbers.sort();
-            Ok(numbers
-                .into_iter()
-                .map(|n| {
-                    (
-                        Some(n.to_string()),
-                        instances.join(n.to_string()).join("log"),
-                    )
-                })
-                .collect())
+    if let Some(n) = instance {
+        if !instances.join(n.to_string()).join("log").exists() {
+            return Err(Fail::new(ns::NOT_FOUND, format!("no instance {n}")));
         }
     }
+    // Per process: how far its log was printed, and a line not yet whole.
+    let mut seen: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let numbers = match instance {
+            Some(n) => vec![n],
+            None => numbers(&instances)?,
+        };
+        let mut live = HashSet::new();
+        for n in numbers {
+            let inst = instances.join(n.to_string());
+            let pid = || std::fs::read_to_string(inst.join("pid")).unwrap_or_default();
+            let before = pid();
+            let key = before.trim().to_string();
+            if key.is_empty() {
+                // Not started yet: nothing printed.
+                continue;
+            }
+            let (offset, partial) = seen.entry(key.clone()).or_default();
+            let mut at = *offset;
+            let chunk = read_from(&inst.join("log"), &mut at)?;
+            // Renumbered or replaced between the reads: next time.
+            if pid() != before {
+                continue;
+            }
+            live.insert(key);
+            let Some(chunk) = chunk else { continue };
+            *offset = at;
+            partial.extend_from_slice(&chunk);
+            let label = instance.is_none().then(|| n.to_string());
+            emit(&mut out, label.as_deref(), partial, !follow)?;
+        }
+        seen.retain(|k, _| live.contains(k));
+        out.flush()?;
+        if !follow {
+            return Ok(Exit::Ok);
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// The instance numbers under `instances/`, in order.
+fn numbers(instances: &Path) -> Result<Vec<u32>, Fail> {
+    let mut numbers: Vec<u32> = std::fs::read_dir(instances)
+        .map_err(|e| Fail::new(1, format!("{}: {e}", instances.display())))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    numbers.sort();
+    Ok(numbers)
 }

@@ -430,6 +430,46 @@ impl Drop for Deployd {
     }
 }
 
+/// A `deploy` command left running (`-f`), its output lines collected as
+/// they come; killed and reaped when dropped, even by a failing test.
+pub struct Following {
+    child: Child,
+    lines: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+}
+
+impl Following {
+    pub fn start(d: &Deployd, args: &[&str]) -> Following {
+        use std::io::BufRead;
+        let mut child = Command::new(deploy_bin())
+            .args(args)
+            .env("DEPLOY_ROOT", &d.mnt)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start deploy");
+        let out = child.stdout.take().expect("piped stdout");
+        let lines = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().push(line);
+            }
+        });
+        Following { child, lines }
+    }
+
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().clone()
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
