@@ -470,6 +470,19 @@ impl Drop for Following {
     }
 }
 
+/// The live (not zombie) children of `pid`'s main thread, which starts
+/// every instance: the kernel lists them in one read, so unlike a walk of
+/// the namespace (a file at a time, across renumberings) this is what ran
+/// at one moment.
+pub fn live_children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|&p| alive(p))
+        .collect()
+}
+
 /// Whether a process exists (and is not a zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
