@@ -295,6 +295,12 @@ impl Sim {
                 // in the events, where the engine puts the lines.
                 Action::Output { id, prefix } => {
                     assert!(self.procs.contains_key(&id.0), "output of unknown {id}");
+                    // What deployd stopped itself has nothing to explain.
+                    assert!(
+                        !self.stopped.contains(&id.0),
+                        "output of {id}, which the machine stopped: {:#?}",
+                        self.events
+                    );
                     self.events.push(format!("{prefix}: (output of {id})"));
                 }
             }
