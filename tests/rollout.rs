@@ -646,6 +646,35 @@ fn a_failed_start_shows_what_the_instance_printed() {
     );
 }
 
+/// A crash loop printing the same error at each restart shows it once; the
+/// exits after it refer to it by its time, as Kubernetes counts a repeated
+/// event rather than repeating it.
+#[test]
+fn a_crash_loop_shows_its_output_once_then_refers_to_it() {
+    let m = "exec sleep 0.3; echo 'FATAL: no DATABASE_URL'; exit 3\n";
+    let Some(d) = Deployd::start(&[("api", m.to_string())]) else {
+        return;
+    };
+    wait_for("three crashes", LONG, || {
+        d.try_read("active/api/events")
+            .matches("exited unexpectedly")
+            .count()
+            >= 3
+    });
+    let events = d.read("active/api/events");
+    let full: Vec<&str> = events
+        .lines()
+        .filter(|l| l.ends_with(" instance 0 printed: FATAL: no DATABASE_URL"))
+        .collect();
+    assert_eq!(full.len(), 1, "{events}");
+    let stamp = full[0].split(' ').next().unwrap();
+    let again = format!(" instance 0 printed the same 1 line as at {stamp}");
+    assert!(
+        events.lines().filter(|l| l.ends_with(&again)).count() >= 2,
+        "{events}"
+    );
+}
+
 /// `deploy logs SERVICE -f` keeps up with a rollout: the new instances'
 /// output appears from their first line, each line once, though the new
 /// instances are renumbered into the old ones' numbers (and old logs and

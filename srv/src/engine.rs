@@ -200,7 +200,22 @@ struct Entry {
     view: Option<Arc<ServiceView>>,
     /// Its routing table, when it has a port.
     router: Option<Arc<Router>>,
+    /// The output its events showed last.
+    shown: Option<Shown>,
 }
+
+/// Lines of an instance's output the events showed, the stamp of their
+/// first line and when. The same lines again (a crash loop printing the
+/// same error at each restart) are referred to rather than repeated, as
+/// Kubernetes counts a repeated event; shown in full again after
+/// [`SHOWN_AGAIN`], so the block referred to is never far back.
+struct Shown {
+    lines: Vec<String>,
+    stamp: String,
+    at: Instant,
+}
+
+const SHOWN_AGAIN: Duration = Duration::from_secs(3600);
 
 /// The engine's state. See the module documentation.
 pub struct Engine {
@@ -593,6 +608,7 @@ impl Engine {
                 pids: Vec::new(),
                 view: None,
                 router: None,
+                shown: None,
             },
         );
         self.dirty.insert(sid);
@@ -1097,7 +1113,9 @@ impl Engine {
                         self.pending.push_back((sid, Input::Drained { id }));
                     }
                 }
-                Action::Event(msg) => self.log(sid, &msg),
+                Action::Event(msg) => {
+                    self.log(sid, &msg);
+                }
                 Action::Output { id, prefix } => self.show_output(sid, id, &prefix),
             }
         }
@@ -1143,8 +1161,30 @@ impl Engine {
                 .map(|i| i.log.clone()),
         };
         let Some(log) = log else { return };
-        for line in process::last_lines(&log, process::SHOWN_LINES) {
-            self.log(sid, &format!("{prefix}: {line}"));
+        let lines = process::last_lines(&log, process::SHOWN_LINES);
+        if lines.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let before = self.services.get(&sid).and_then(|e| e.shown.as_ref());
+        if let Some(b) = before.filter(|b| b.lines == lines && now.since(b.at) < SHOWN_AGAIN) {
+            let n = lines.len();
+            let what = if n == 1 { "line" } else { "lines" };
+            let msg = format!("{prefix} the same {n} {what} as at {}", b.stamp);
+            self.log(sid, &msg);
+            return;
+        }
+        let mut stamp = None;
+        for line in &lines {
+            let at = self.log(sid, &format!("{prefix}: {line}"));
+            stamp.get_or_insert(at);
+        }
+        if let (Some(e), Some(stamp)) = (self.services.get_mut(&sid), stamp) {
+            e.shown = Some(Shown {
+                lines,
+                stamp,
+                at: now,
+            });
         }
     }
 
@@ -1512,18 +1552,21 @@ impl Engine {
         Err(std::io::Error::other("every port tried is taken"))
     }
 
-    /// Appends a line to a service's event log, in memory and on disk.
-    fn log(&mut self, sid: u32, msg: &str) {
+    /// Appends a line to a service's event log, in memory and on disk;
+    /// returns its time stamp.
+    fn log(&mut self, sid: u32, msg: &str) -> String {
+        let stamp = crate::clock::now();
         let Some(e) = self.services.get(&sid) else {
-            return;
+            return stamp;
         };
         tracing::info!(service = %e.name, "{msg}");
-        let line = format!("{} {msg}\n", crate::clock::now());
+        let line = format!("{stamp} {msg}\n");
         e.events.append(&line);
         if let Err(err) = self.store.append_event(&e.name, &line) {
             tracing::warn!("{}: event log: {err}", e.name);
         }
         self.dirty.insert(sid);
+        stamp
     }
 
     /// Feeds the inputs that actions produced, then persists and publishes
