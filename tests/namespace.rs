@@ -322,8 +322,26 @@ fn cli_events_logs_and_status() {
         detail.contains("INFLIGHT  REQUESTS  ERRORS  RETRIED"),
         "{detail}"
     );
+    // It ends with the service's last events, as `systemctl status` ends
+    // with a unit's last log lines.
+    let events = d.read("active/web/events");
+    let (_, recent) = detail
+        .split_once("\nrecent events (deploy events web)\n")
+        .unwrap_or_else(|| panic!("{detail}"));
+    let recent: Vec<&str> = recent.lines().map(str::trim_start).collect();
+    let last: Vec<&str> = events.lines().rev().take(10).collect();
+    assert_eq!(recent.len(), last.len(), "{detail}");
+    assert!(
+        recent.iter().all(|l| events.contains(&format!("{l}\n"))),
+        "{detail}"
+    );
     let j: serde_json::Value =
         serde_json::from_slice(&d.deploy(&["status", "web", "--json"]).stdout).unwrap();
+    assert_eq!(
+        j["events"].as_array().map(Vec::len),
+        Some(last.len()),
+        "{j}"
+    );
     assert_eq!(j["traffic"]["served"], 1);
     assert_eq!(j["traffic"]["abandoned"], 0);
     let per_instance: u64 = (0..2)

@@ -49,7 +49,7 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Every service as a table, or one service with its instances
+    /// Every service as a table, or one service with its instances and its last 10 events
     Status {
         /// One service
         service: Option<String>,

@@ -40,7 +40,13 @@ struct Detail {
     /// What the public port served, when the service has one.
     traffic: Option<Traffic>,
     instances: Vec<Instance>,
+    /// The last lines of its `events`, oldest first (as `systemctl status`
+    /// ends with a unit's last log lines, `kubectl describe` with events).
+    events: Vec<String>,
 }
+
+/// Event lines `deploy status SERVICE` ends with.
+const RECENT_EVENTS: usize = 10;
 
 /// The totals of the `traffic` file.
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
@@ -284,6 +290,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             .unwrap_or_default(),
         traffic: traffic(&traffic_text),
         instances: instances(&dir.join("instances"), &instance_traffic(&traffic_text)),
+        events: last_lines(&dir.join("events"), RECENT_EVENTS),
     };
     let mut out = std::io::stdout().lock();
     if json {
@@ -375,7 +382,41 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         table.push(row);
     }
     print_table(&mut out, &table)?;
+    if !d.events.is_empty() {
+        writeln!(out, "\nrecent events (deploy events {})", d.service)?;
+        for e in &d.events {
+            writeln!(out, "  {e}")?;
+        }
+    }
     Ok(Exit::Ok)
+}
+
+/// The last `n` whole lines of a file, read from its end.
+fn last_lines(path: &Path, n: usize) -> Vec<String> {
+    use std::os::unix::fs::FileExt;
+    const TAIL: u64 = 16 << 10;
+    let Ok(f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    let from = len.saturating_sub(TAIL);
+    let mut buf = vec![0u8; (len - from) as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], from + got as u64) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got += k,
+        }
+    }
+    buf.truncate(got);
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if from > 0 && !lines.is_empty() {
+        // Started mid-line.
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines[skip..].iter().map(|l| l.to_string()).collect()
 }
 
 fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
@@ -436,6 +477,26 @@ fn print_table<R: AsRef<[S]>, S: AsRef<str>>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_last_lines_of_a_long_file_are_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        let text: String = (0..2000).map(|i| format!("event number {i}\n")).collect();
+        std::fs::write(&path, &text).unwrap();
+        let last = super::last_lines(&path, 3);
+        assert_eq!(
+            last,
+            [
+                "event number 1997",
+                "event number 1998",
+                "event number 1999"
+            ]
+        );
+        std::fs::write(&path, "one\ntwo\n").unwrap();
+        assert_eq!(super::last_lines(&path, 10), ["one", "two"]);
+        assert!(super::last_lines(&dir.path().join("none"), 10).is_empty());
+    }
+
     #[test]
     fn reads_an_instances_usage() {
         let u = super::usage("processes 2\nrss 13107200\ncpu 1.25\n").expect("usage");
