@@ -162,6 +162,11 @@ pub struct Router {
     /// The listening socket, once bound: kept open when the accept loop is
     /// stopped, for a deployd replacing itself to hand on.
     socket: Mutex<Option<std::os::fd::OwnedFd>>,
+    /// The socket was bound by this deployd (not passed by systemd, nor
+    /// handed on by the deployd it replaced).
+    bound_here: AtomicBool,
+    /// Told to stop listening: the accept loop ends at its next error.
+    unlistened: AtomicBool,
     /// deployd is stopping: a client connection ends once the request it
     /// has in flight is answered (read on every response).
     finishing: AtomicBool,
@@ -212,6 +217,8 @@ impl Router {
             totals: Counts::default(),
             listener: Mutex::new(None),
             socket: Mutex::new(None),
+            bound_here: AtomicBool::new(false),
+            unlistened: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
             access: RwLock::new(None),
             finished: watch::channel(false).0,
@@ -520,7 +527,10 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
             Some(l) => l,
             None => loop {
                 match TcpListener::bind(addr).await {
-                    Ok(l) => break l,
+                    Ok(l) => {
+                        r.bound_here.store(true, Ordering::SeqCst);
+                        break l;
+                    }
                     Err(e) => {
                         tracing::warn!(service = %service, "cannot listen on {addr}: {e}; trying again in 2s");
                         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -539,6 +549,8 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
         loop {
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
+                // Its socket shut down by stop_listening.
+                Err(_) if r.unlistened.load(Ordering::SeqCst) => return,
                 Err(e) => {
                     // Out of descriptors, most likely: let some close.
                     tracing::warn!(service = %service, "accept: {e}");
@@ -629,10 +641,24 @@ impl Router {
         self.access.read().clone()
     }
 
-    /// Stops listening; connections already accepted go on.
+    /// Stops listening; connections already accepted go on. A port this
+    /// deployd bound refuses connections from the moment this returns: the
+    /// aborted accept loop drops its listener only when the proxy runtime
+    /// next gets to it, and until then the kernel would still queue
+    /// connections that nobody accepts (reset at the close), so the socket
+    /// is shut down here. One systemd passed stays listening: its
+    /// connections wait in the backlog for the next deployd.
     pub fn stop_listening(&self) {
+        self.unlistened.store(true, Ordering::SeqCst);
         if let Some(t) = self.listener.lock().take() {
             t.abort();
+        }
+        if self.bound_here.load(Ordering::SeqCst) {
+            if let Some(fd) = self.socket.lock().as_ref() {
+                use nix::sys::socket::{Shutdown, shutdown};
+                use std::os::fd::AsRawFd;
+                let _ = shutdown(fd.as_raw_fd(), Shutdown::Read);
+            }
         }
     }
 
@@ -681,6 +707,37 @@ mod tests {
         };
         assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
         v
+    }
+
+    /// A port deployd bound stops listening as stop_listening returns, not
+    /// when the proxy runtime gets to drop the aborted accept loop; the
+    /// port can be bound again at once (a service's proxy mode changed).
+    #[tokio::test]
+    async fn a_port_deployd_bound_stops_listening_at_once() {
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let settings = super::Settings {
+            port,
+            mode: super::Mode::Tcp,
+            queue_timeout: std::time::Duration::from_secs(1),
+            response_timeout: None,
+        };
+        let r = super::listen([127, 0, 0, 1].into(), settings, "t".into());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while r.socket.lock().is_none() {
+            assert!(std::time::Instant::now() < deadline, "never listened");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let fd = r.socket.lock().as_ref().unwrap().as_raw_fd();
+        assert_eq!(get_int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN), 1);
+        r.stop_listening();
+        // No await since: the accept loop may well still hold its listener.
+        assert_eq!(get_int_opt(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN), 0);
+        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        let again = std::net::TcpListener::bind(("127.0.0.1", port));
+        assert!(again.is_ok(), "{again:?}");
     }
 
     #[tokio::test]
