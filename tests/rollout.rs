@@ -526,13 +526,7 @@ fn crashed_instances_restart_per_policy() {
     ]) else {
         return;
     };
-    wait_for("crashy to restart twice", LONG, || {
-        d.try_read("active/crashy/events")
-            .matches("restarting in")
-            .count()
-            >= 2
-    });
-    let events = d.read("active/crashy/events");
+    let events = d.wait_events("crashy", "restarting in", 2);
     assert!(
         events.contains("instance 0 exited unexpectedly (exit status 3); restarting in 0.1s"),
         "{events}"
@@ -655,13 +649,7 @@ fn a_crash_loop_shows_its_output_once_then_refers_to_it() {
     let Some(d) = Deployd::start(&[("api", m.to_string())]) else {
         return;
     };
-    wait_for("three crashes", LONG, || {
-        d.try_read("active/api/events")
-            .matches("exited unexpectedly")
-            .count()
-            >= 3
-    });
-    let events = d.read("active/api/events");
+    let events = d.wait_events("api", "exited unexpectedly", 3);
     let full: Vec<&str> = events
         .lines()
         .filter(|l| l.ends_with(" instance 0 printed: FATAL: no DATABASE_URL"))

@@ -370,6 +370,18 @@ impl Deployd {
         v
     }
 
+    /// Waits (up to a minute) until the service's events hold `what` at
+    /// least `times` times; returns the events then.
+    pub fn wait_events(&self, service: &str, what: &str, times: usize) -> String {
+        let path = format!("active/{service}/events");
+        wait_for(
+            &format!("{times} × {what:?} in {service}'s events"),
+            Duration::from_secs(60),
+            || self.try_read(&path).matches(what).count() >= times,
+        );
+        self.read(&path)
+    }
+
     /// Waits until the service has no rollout in flight and every slot runs
     /// a ready instance of its version (`update_progress` k/n with k = n).
     pub fn settle(&self, service: &str, timeout: Duration) {
