@@ -1628,8 +1628,7 @@ impl Service {
                         inst.last_probe()
                     );
                     // What it printed, then the failure (as after an exit).
-                    let prefix = format!("instance {} printed", inst.number);
-                    self.out.push(Action::Output { id, prefix });
+                    self.show_output(id, inst.number);
                     self.fail(reason);
                     return true;
                 }
@@ -1944,8 +1943,7 @@ impl Service {
                     if retries == 1 { "" } else { "s" }
                 ));
                 if was_ready {
-                    let prefix = format!("instance {number} printed");
-                    self.out.push(Action::Output { id, prefix });
+                    self.show_output(id, number);
                 }
                 if role == Role::Serving && policy != RestartPolicy::Never && was_ready {
                     let slot = self.instances[i].slot;
@@ -2081,7 +2079,6 @@ impl Service {
             }
             Role::Candidate => {
                 self.event(format!("instance {number} exited ({exit})"));
-                self.show_output(id, number, &exit);
             }
             Role::Serving => {
                 let policy = self.instances[i].spec.manifest.restart;
@@ -2107,18 +2104,19 @@ impl Service {
                         policy.name()
                     ));
                 }
-                self.show_output(id, number, &exit);
             }
+        }
+        // Not asked to stop, it may have said why; a process that never
+        // started said nothing.
+        if role != Role::Retiring && !matches!(exit, Exit::SpawnFailed(_)) {
+            self.show_output(id, number);
         }
     }
 
-    /// The last lines an instance printed, to explain its exit; none for a
-    /// process that never started.
-    fn show_output(&mut self, id: InstanceId, number: u32, exit: &Exit) {
-        if !matches!(exit, Exit::SpawnFailed(_)) {
-            let prefix = format!("instance {number} printed");
-            self.out.push(Action::Output { id, prefix });
-        }
+    /// Asks for the last lines an instance printed, as events.
+    fn show_output(&mut self, id: InstanceId, number: u32) {
+        let prefix = format!("instance {number} printed");
+        self.out.push(Action::Output { id, prefix });
     }
 
     /// Schedules the restart of a slot with exponential backoff; returns the delay.
