@@ -236,9 +236,6 @@ pub struct Engine {
     deadline_of: HashMap<u32, Instant>,
     ports: HashSet<u16>,
     pending: VecDeque<(u32, Input)>,
-    /// The instance whose exit is being handled, with its log: its runtime
-    /// entry is released first, and the machine may ask for its output.
-    exiting: Option<(u32, InstanceId, PathBuf)>,
     dirty: HashSet<u32>,
     replies: Vec<(CtlDone, Result<String, Refusal>)>,
     /// Stop signals decided in this round, sent once the state that says
@@ -298,7 +295,6 @@ impl Engine {
             deadline_of: HashMap::new(),
             ports: HashSet::new(),
             pending: VecDeque::new(),
-            exiting: None,
             dirty: HashSet::new(),
             replies: Vec::new(),
             stops: Vec::new(),
@@ -771,17 +767,17 @@ impl Engine {
                 if self.defer_exit(sid, id, &exit) {
                     return;
                 }
+                let _ = self.handle(sid, Input::Exited { id, exit });
+                // Released once the machine has it: it may ask for the
+                // output in the instance's log.
                 if let Some(inst) = self
                     .services
                     .get_mut(&sid)
                     .and_then(|e| e.runtime.remove(&id))
                 {
-                    self.exiting = Some((sid, id, inst.log.clone()));
                     self.release(inst);
                     self.dirty.insert(sid);
                 }
-                let _ = self.handle(sid, Input::Exited { id, exit });
-                self.exiting = None;
             }
         }
     }
@@ -1152,15 +1148,14 @@ impl Engine {
     /// The last lines an instance printed, as events (`instance 3 printed:
     /// LINE`). Its exit is handled once its log has everything.
     fn show_output(&mut self, sid: u32, id: InstanceId, prefix: &str) {
-        let log = match &self.exiting {
-            Some((s, i, log)) if (*s, *i) == (sid, id) => Some(log.clone()),
-            _ => self
-                .services
-                .get(&sid)
-                .and_then(|e| e.runtime.get(&id))
-                .map(|i| i.log.clone()),
+        let Some(log) = self
+            .services
+            .get(&sid)
+            .and_then(|e| e.runtime.get(&id))
+            .map(|i| i.log.clone())
+        else {
+            return;
         };
-        let Some(log) = log else { return };
         let lines = process::last_lines(&log, process::SHOWN_LINES);
         if lines.is_empty() {
             return;
