@@ -79,6 +79,16 @@ pub fn read(path: &Path) -> Result<String, Fail> {
 }
 
 /// Reads a small text file, trimmed; empty if it does not exist.
+/// The instance numbers in a service's `instances/` directory, in order.
+pub fn instance_numbers(instances: &Path) -> std::io::Result<Vec<u32>> {
+    let mut numbers: Vec<u32> = std::fs::read_dir(instances)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    numbers.sort();
+    Ok(numbers)
+}
+
 pub fn read_field(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name))
         .map(|s| s.trim_end().to_string())

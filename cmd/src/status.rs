@@ -391,44 +391,16 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
     Ok(Exit::Ok)
 }
 
-/// The last `n` whole lines of a file, read from its end.
+/// The last `n` lines of a file (from its last 16 KiB).
 fn last_lines(path: &Path, n: usize) -> Vec<String> {
-    use std::os::unix::fs::FileExt;
-    const TAIL: u64 = 16 << 10;
-    let Ok(f) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map_or(0, |m| m.len());
-    let from = len.saturating_sub(TAIL);
-    let mut buf = vec![0u8; (len - from) as usize];
-    let mut got = 0;
-    while got < buf.len() {
-        match f.read_at(&mut buf[got..], from + got as u64) {
-            Ok(0) | Err(_) => break,
-            Ok(k) => got += k,
-        }
-    }
-    buf.truncate(got);
-    let text = String::from_utf8_lossy(&buf);
-    let mut lines: Vec<&str> = text.lines().collect();
-    if from > 0 && !lines.is_empty() {
-        // Started mid-line.
-        lines.remove(0);
-    }
-    let skip = lines.len().saturating_sub(n);
-    lines[skip..].iter().map(|l| l.to_string()).collect()
+    let mut lines = deployd_lib::tail::last_lines(path, 16 << 10);
+    lines.drain(..lines.len().saturating_sub(n));
+    lines
 }
 
 fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
-    let mut numbers: Vec<u32> = std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    numbers.sort();
-    numbers
+    ns::instance_numbers(dir)
+        .unwrap_or_default()
         .into_iter()
         .map(|n| {
             let d = dir.join(n.to_string());

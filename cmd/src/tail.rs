@@ -104,7 +104,8 @@ pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fai
     loop {
         let numbers = match instance {
             Some(n) => vec![n],
-            None => numbers(&instances)?,
+            None => ns::instance_numbers(&instances)
+                .map_err(|e| Fail::new(1, format!("{}: {e}", instances.display())))?,
         };
         let mut live = HashSet::new();
         for n in numbers {
@@ -137,15 +138,4 @@ pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fai
         }
         std::thread::sleep(POLL);
     }
-}
-
-/// The instance numbers under `instances/`, in order.
-fn numbers(instances: &Path) -> Result<Vec<u32>, Fail> {
-    let mut numbers: Vec<u32> = std::fs::read_dir(instances)
-        .map_err(|e| Fail::new(1, format!("{}: {e}", instances.display())))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.parse().ok())
-        .collect();
-    numbers.sort();
-    Ok(numbers)
 }

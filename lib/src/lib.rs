@@ -10,6 +10,7 @@
 //! - [`name`]: service names, the one check that keeps user input out of paths.
 //! - [`ctl`]: the language of the namespace's `ctl` files.
 //! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
+//! - [`tail`]: the last whole lines of a file.
 
 pub mod ctl;
 pub mod envfile;
@@ -18,3 +19,4 @@ pub mod manifest;
 pub mod name;
 pub mod order;
 pub mod rollout;
+pub mod tail;

@@ -375,26 +375,11 @@ const LINE_WIDTH: usize = 200;
 /// as spaces, what a carriage return overwrote dropped, each cut at 200
 /// characters. Nothing if the file cannot be read.
 pub fn last_lines(path: &Path, n: usize) -> Vec<String> {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = File::open(path) else {
-        return Vec::new();
-    };
-    let len = f.metadata().map_or(0, |m| m.len());
-    let from = len.saturating_sub(TAIL_BYTES);
-    let mut buf = Vec::new();
-    if f.seek(SeekFrom::Start(from)).is_err() || f.take(TAIL_BYTES).read_to_end(&mut buf).is_err() {
-        return Vec::new();
-    }
-    let text = String::from_utf8_lossy(&buf);
-    let mut lines: Vec<&str> = text.split('\n').collect();
-    if from > 0 && lines.len() > 1 {
-        // Started mid-line.
-        lines.remove(0);
-    }
+    let lines = deployd_lib::tail::last_lines(path, TAIL_BYTES);
     let mut shown: Vec<String> = lines
-        .into_iter()
+        .iter()
         .rev()
-        .filter_map(shown_line)
+        .filter_map(|l| shown_line(l))
         .take(n)
         .collect();
     shown.reverse();
