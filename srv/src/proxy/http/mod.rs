@@ -302,8 +302,7 @@ async fn exchange(
             } else {
                 "no instance could take the request\n".to_string()
             };
-            served.status = Some(503);
-            reply(client, &mut s.rout, 503, &msg, Some(req), keep_own).await;
+            answer(client, &mut s.rout, served, 503, &msg, req, keep_own).await;
             return keep_own;
         };
         let backend = guard.backend().clone();
@@ -367,8 +366,7 @@ async fn exchange(
                 router.count(Some(&backend), false);
                 let keep = keep_own && !req.upgrade;
                 let msg = "the instance failed before answering\n";
-                served.status = Some(502);
-                reply(client, &mut s.rout, 502, msg, Some(req), keep).await;
+                answer(client, &mut s.rout, served, 502, msg, req, keep).await;
                 return keep;
             }
             Outcome::Broken { sent } => {
@@ -376,8 +374,7 @@ async fn exchange(
                 router.count(Some(&backend), false);
                 if !sent {
                     let msg = "the instance sent a response that is not HTTP/1\n";
-                    served.status = Some(502);
-                    reply(client, &mut s.rout, 502, msg, Some(req), false).await;
+                    answer(client, &mut s.rout, served, 502, msg, req, false).await;
                 }
                 return false;
             }
@@ -389,8 +386,7 @@ async fn exchange(
                 router.abandoned(&backend);
                 if !s.answered {
                     let msg = "request body not received in time\n";
-                    served.status = Some(408);
-                    reply(client, &mut s.rout, 408, msg, Some(req), false).await;
+                    answer(client, &mut s.rout, served, 408, msg, req, false).await;
                 }
                 return false;
             }
@@ -417,8 +413,7 @@ async fn exchange(
                     deployd_lib::manifest::format_duration(limit)
                 );
                 let keep = keep_own && !req.upgrade;
-                served.status = Some(504);
-                reply(client, &mut s.rout, 504, &msg, Some(req), keep).await;
+                answer(client, &mut s.rout, served, 504, &msg, req, keep).await;
                 return keep;
             }
         }
@@ -647,6 +642,21 @@ async fn reply(
     if client.write_all(out).await.is_ok() && !keep {
         linger(client).await;
     }
+}
+
+/// [`reply`] to a request of a session: what the client got, for the
+/// access log.
+async fn answer(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    served: &mut Served,
+    status: u16,
+    msg: &str,
+    req: &RequestHead,
+    keep: bool,
+) {
+    served.status = Some(status);
+    reply(client, out, status, msg, Some(req), keep).await;
 }
 
 /// Before closing a connection whose request was not read whole: stops
