@@ -236,8 +236,7 @@ impl Store {
         v
     }
 
-    /// Where the access log of a service's http port goes
-    /// (`access_log on`).
+    /// Where the access log of a service's port goes (`access_log on`).
     pub fn access_path(&self, service: &ServiceName) -> PathBuf {
         self.dir(service).join("access.log")
     }

@@ -69,7 +69,7 @@ pub enum SvcFile {
     Wait,
     /// `traffic`: what the public port served.
     Traffic,
-    /// `access`: the http port's access log (`access_log on`).
+    /// `access`: the port's access log (`access_log on`).
     Access,
 }
 

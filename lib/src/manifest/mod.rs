@@ -122,8 +122,8 @@ pub struct Manifest {
     /// request (its response head) before the client gets a 504; `None`:
     /// no limit.
     pub response_timeout: Option<Duration>,
-    /// `proxy http`: write a line per request to the service's `access`
-    /// file.
+    /// Write a line per request (`proxy http`) or per connection (`proxy
+    /// tcp`) to the service's `access` file.
     pub access_log: bool,
 }
 

@@ -626,12 +626,13 @@ impl Router {
         s.response_timeout = response;
     }
 
-    /// Logs each request to `log` from now on, or none.
+    /// Logs each request (http) or connection (tcp) to `log` from now on,
+    /// or none.
     pub fn set_access_log(&self, log: Option<Arc<access::AccessLog>>) {
         *self.access.write() = log;
     }
 
-    /// Whether requests are logged.
+    /// Whether there is an access log.
     pub fn has_access_log(&self) -> bool {
         self.access.read().is_some()
     }
