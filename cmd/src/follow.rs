@@ -225,12 +225,9 @@ fn print_events(out: &mut impl Write, service: &str, dir: &Path, offset: u64) ->
 /// "12:34:05 message" of the lines an older deployd left in the log.
 pub fn strip_time(line: &str) -> &str {
     let b = line.as_bytes();
-    let stamped = |n: usize, colons: &[usize]| {
-        b.len() > n && b[n] == b' ' && colons.iter().all(|&i| b[i] == b':')
-    };
-    if stamped(24, &[13, 16]) && b[10] == b'T' && b[23] == b'Z' {
-        &line[25..]
-    } else if stamped(8, &[2, 5]) {
+    if let Some((_, rest)) = deployd_lib::stamp::split(line) {
+        rest
+    } else if b.len() > 8 && b[8] == b' ' && b[2] == b':' && b[5] == b':' {
         &line[9..]
     } else {
         line

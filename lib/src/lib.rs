@@ -11,6 +11,7 @@
 //! - [`ctl`]: the language of the namespace's `ctl` files.
 //! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
 //! - [`tail`]: the last whole lines of a file.
+//! - [`stamp`]: the time at the start of each line of deployd's logs.
 
 pub mod ctl;
 pub mod envfile;
@@ -19,4 +20,5 @@ pub mod manifest;
 pub mod name;
 pub mod order;
 pub mod rollout;
+pub mod stamp;
 pub mod tail;

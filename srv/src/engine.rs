@@ -1550,7 +1550,7 @@ impl Engine {
     /// Appends a line to a service's event log, in memory and on disk;
     /// returns its time stamp.
     fn log(&mut self, sid: u32, msg: &str) -> String {
-        let stamp = crate::clock::now();
+        let stamp = deployd_lib::stamp::now();
         let Some(e) = self.services.get(&sid) else {
             return stamp;
         };

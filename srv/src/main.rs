@@ -24,7 +24,6 @@
 //! Exit codes: 0 after a clean shutdown (SIGTERM or SIGINT), 1 when it
 //! cannot run (bad configuration, mount failed, state directory locked).
 
-mod clock;
 mod config;
 mod engine;
 mod fs;

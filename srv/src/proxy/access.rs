@@ -32,7 +32,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use crate::{clock, process};
+use crate::process;
+use deployd_lib::stamp;
 
 /// The longest target written; a longer one is cut and ends in `...`.
 const MAX_TARGET: usize = 1024;
@@ -110,7 +111,7 @@ impl AccessLog {
     /// Writes one entry's line.
     pub fn write(&self, e: &Entry<'_>) {
         let mut line = Vec::with_capacity(96 + e.target.len().min(MAX_TARGET));
-        clock::utc(&mut line, SystemTime::now());
+        stamp::utc(&mut line, SystemTime::now());
         line.push(b' ');
         line.extend_from_slice(e.client);
         line.push(b' ');
@@ -133,7 +134,7 @@ impl AccessLog {
     /// Writes one tcp connection's line.
     pub fn write_connection(&self, c: &Connection<'_>) {
         let mut line = Vec::with_capacity(112);
-        clock::utc(&mut line, SystemTime::now());
+        stamp::utc(&mut line, SystemTime::now());
         line.push(b' ');
         line.extend_from_slice(c.client);
         // Writing to a Vec cannot fail.

@@ -1,7 +1,10 @@
-//! Wall-clock times as deployd writes them in its logs (the `events` of a
-//! service, the `access` lines of its port): UTC, ISO 8601, to the
-//! millisecond, `2026-12-01T21:16:05.123Z`. One format for every log, with
-//! the date (an event log outlives days and restarts) and sortable as text.
+//! Wall-clock times as deployd writes them at the start of its log lines
+//! (the `events` of a service, the `access` lines of its port, each line of
+//! an instance's output): UTC, ISO 8601, to the millisecond,
+//! `2026-12-01T21:16:05.123Z`. One format for every log, with the date (a
+//! log outlives days and restarts), sortable as text (so `deploy logs
+//! --since` compares strings), and told apart from what follows it by
+//! [`split`].
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -38,6 +41,22 @@ pub fn now() -> String {
     String::from_utf8(v).unwrap_or_default()
 }
 
+/// Bytes of a stamp.
+pub const LEN: usize = 24;
+
+/// A line that begins with a stamp and a space: the stamp and the rest.
+/// `None` for any other line (one written before deployd stamped it).
+pub fn split(line: &str) -> Option<(&str, &str)> {
+    let b = line.as_bytes();
+    let shape = b"dddd-dd-ddTdd:dd:dd.dddZ ";
+    let fits = b.len() > LEN
+        && shape.iter().zip(b).all(|(&want, &got)| match want {
+            b'd' => got.is_ascii_digit(),
+            c => got == c,
+        });
+    fits.then(|| (&line[..LEN], &line[LEN + 1..]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,9 +79,30 @@ mod tests {
     }
 
     #[test]
+    fn a_leading_stamp_is_split_off() {
+        let t = at(1_764_623_765, 123);
+        let line = format!("{t} listening on 8080");
+        assert_eq!(split(&line), Some((t.as_str(), "listening on 8080")));
+        assert_eq!(split(&format!("{t} ")), Some((t.as_str(), "")));
+        // Not a stamp, or not one followed by a space: no split.
+        for other in [
+            "listening on 8080",
+            "2026-12-01 12:00:00 from the app",
+            "2026-12-01T21:16:05Z without milliseconds",
+            "2026-12-01T21:16:05.123Z",
+            "2026-12-01T21:16:05.123Zx",
+            "é",
+            "",
+        ] {
+            assert_eq!(split(other), None, "{other:?}");
+        }
+        assert_eq!(split(&now()).map(|s| s.1), None);
+    }
+
+    #[test]
     fn now_is_one_token_of_the_format() {
         let t = now();
-        assert_eq!(t.len(), 24, "{t}");
+        assert_eq!(t.len(), LEN, "{t}");
         assert!(
             t.starts_with("20") && t.ends_with('Z') && !t.contains(' '),
             "{t}"
