@@ -329,8 +329,9 @@ impl Deployd {
             .expect("run sh")
     }
 
-    /// The log of instance `n` of `service` once it holds a whole line: the
-    /// log pump may copy an instance's output after its probe passed.
+    /// The output of instance `n` of `service` once its log holds a whole
+    /// line (the log pump may copy an instance's output after its probe
+    /// passed): the log's lines without the time stamp each must begin with.
     pub fn instance_log(&self, service: &str, n: u32) -> String {
         let rel = format!("active/{service}/instances/{n}/log");
         wait_for(
@@ -338,7 +339,13 @@ impl Deployd {
             Duration::from_secs(30),
             || self.try_read(&rel).ends_with('\n'),
         );
-        self.read(&rel)
+        let log = self.read(&rel);
+        log.lines()
+            .map(|l| match deployd_lib::stamp::split(l) {
+                Some((_, line)) => format!("{line}\n"),
+                None => panic!("an unstamped line in {rel}: {l:?}\n{log}"),
+            })
+            .collect()
     }
 
     /// Instances of a service: (number, pid, state, version, port).

@@ -17,12 +17,14 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use deployd_lib::host::Account;
 use deployd_lib::rollout::Exit;
+use deployd_lib::stamp;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
@@ -313,10 +315,13 @@ pub fn log_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-/// Copies a child's output to `path`, moving the file to `path.1` when it
-/// would pass `max` bytes (the manifest's `log_max`). Ends at end of file
-/// (every writer closed).
-pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64) {
+/// Copies what comes down a pipe to the log at `path`, moving the file to
+/// `path.1` when it would pass `max` bytes (the manifest's `log_max`). With
+/// `stamped`, each line that begins there is preceded by the time deployd
+/// read it (a [`stamp`] and a space): a child's output; the lines of an
+/// access log come with their own. Ends at end of file (every writer
+/// closed).
+pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
     let rx = match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
         Ok(rx) => rx,
         Err(e) => {
@@ -326,17 +331,25 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64) {
     };
     let mut rx = rx;
     let mut buf = vec![0u8; 4096];
+    let mut out = Vec::with_capacity(2 * buf.len());
     let mut file = open_log(&path);
     let mut size = file
         .as_ref()
         .and_then(|f| f.metadata().ok())
         .map_or(0, |m| m.len());
+    // A log taken over mid-line (by a re-executed deployd) goes on with it.
+    let mut at_start = file.as_ref().is_none_or(|f| ends_a_line(f, size));
     loop {
         let n = match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if size + n as u64 > max {
+        out.clear();
+        match stamped {
+            true => stamp_lines(&buf[..n], SystemTime::now(), &mut at_start, &mut out),
+            false => out.extend_from_slice(&buf[..n]),
+        }
+        if size + out.len() as u64 > max {
             let mut old = path.clone().into_os_string();
             old.push(".1");
             let _ = std::fs::rename(&path, &old);
@@ -344,19 +357,50 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64) {
             size = 0;
         }
         if let Some(f) = file.as_mut() {
-            if f.write_all(&buf[..n]).is_ok() {
-                size += n as u64;
+            if f.write_all(&out).is_ok() {
+                size += out.len() as u64;
             }
         }
     }
 }
 
-/// [`pump_log`] on its own task; the receiver hears when it has copied
-/// everything (the pipe's last writer closed), or is dropped.
+/// Whether the file of `len` bytes is empty or ends with a newline.
+fn ends_a_line(f: &File, len: u64) -> bool {
+    let mut last = [0u8];
+    len == 0 || matches!(f.read_at(&mut last, len - 1), Ok(1) if last[0] == b'\n')
+}
+
+/// Appends `chunk` to `out` with the stamp of `at` before each line that
+/// begins in it. `at_start` says whether the chunk begins a line, and is
+/// left saying whether the next one does.
+fn stamp_lines(chunk: &[u8], at: SystemTime, at_start: &mut bool, out: &mut Vec<u8>) {
+    let mut stamp = Vec::with_capacity(stamp::LEN + 1);
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        if *at_start {
+            if stamp.is_empty() {
+                stamp::utc(&mut stamp, at);
+                stamp.push(b' ');
+            }
+            out.extend_from_slice(&stamp);
+        }
+        let line = rest
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(rest.len(), |nl| nl + 1);
+        out.extend_from_slice(&rest[..line]);
+        *at_start = rest[line - 1] == b'\n';
+        rest = &rest[line..];
+    }
+}
+
+/// [`pump_log`] of a child's output on its own task; the receiver hears
+/// when it has copied everything (the pipe's last writer closed), or is
+/// dropped.
 pub fn spawn_pump(read: OwnedFd, path: PathBuf, max: u64) -> tokio::sync::oneshot::Receiver<()> {
     let (done, pumped) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        pump_log(read, path, max).await;
+        pump_log(read, path, max, true).await;
         let _ = done.send(());
     });
     pumped
@@ -371,7 +415,7 @@ const TAIL_BYTES: u64 = 4096;
 const LINE_WIDTH: usize = 200;
 
 /// The last `n` non-blank lines of a log (from its last 4 KiB), fit for an
-/// event line: terminal escape sequences removed, other control characters
+/// event line: without their time stamps, terminal escape sequences removed, other control characters
 /// as spaces, what a carriage return overwrote dropped, each cut at 200
 /// characters. Nothing if the file cannot be read.
 pub fn last_lines(path: &Path, n: usize) -> Vec<String> {
@@ -379,7 +423,7 @@ pub fn last_lines(path: &Path, n: usize) -> Vec<String> {
     let mut shown: Vec<String> = lines
         .iter()
         .rev()
-        .filter_map(|l| shown_line(l))
+        .filter_map(|l| shown_line(stamp::split(l).map_or(l.as_str(), |(_, rest)| rest)))
         .take(n)
         .collect();
     shown.reverse();
@@ -418,7 +462,13 @@ fn shown_line(line: &str) -> Option<String> {
 }
 
 fn open_log(path: &Path) -> Option<File> {
-    match OpenOptions::new().create(true).append(true).open(path) {
+    // Read too: whether it ends mid-line.
+    match OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+    {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::warn!("log {}: {e}", path.display());
@@ -608,7 +658,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("0.log");
         let (r, w) = log_pipe().expect("pipe");
-        let pump = tokio::spawn(pump_log(r, path.clone(), 100 << 10));
+        let pump = tokio::spawn(pump_log(r, path.clone(), 100 << 10, true));
         let mut w = File::from(w);
         // 40 KiB chunks, each one write: the third would pass 100 KiB.
         for c in [b'a', b'b', b'c'] {
@@ -620,9 +670,57 @@ mod tests {
         pump.await.expect("pump");
         let old = std::fs::read(dir.path().join("0.log.1")).expect("0.log.1");
         let new = std::fs::read(&path).expect("0.log");
-        assert_eq!(old.len() + new.len(), 120 << 10);
+        // One line: one stamp, at its start.
+        assert_eq!(old.len() + new.len(), (120 << 10) + stamp::LEN + 1);
         assert!(old.len() <= 100 << 10 && new.len() <= 100 << 10);
-        assert_eq!((old[0], new.last().copied()), (b'a', Some(b'c')));
+        assert_eq!(
+            (old[stamp::LEN + 1], new.last().copied()),
+            (b'a', Some(b'c'))
+        );
+    }
+
+    #[test]
+    fn each_line_is_stamped_where_it_begins() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_764_623_765_123);
+        let t = "2025-12-01T21:16:05.123Z ";
+        let stamped = |chunks: &[&str], mut at_start: bool| {
+            let mut out = Vec::new();
+            for c in chunks {
+                stamp_lines(c.as_bytes(), at, &mut at_start, &mut out);
+            }
+            (String::from_utf8(out).unwrap(), at_start)
+        };
+        assert_eq!(
+            stamped(&["one\ntwo\n"], true),
+            (format!("{t}one\n{t}two\n"), true)
+        );
+        // A line split across reads has one stamp; an empty line has its own.
+        assert_eq!(
+            stamped(&["par", "tial\n\nx"], true),
+            (format!("{t}partial\n{t}\n{t}x"), false)
+        );
+        // Carried on from a line begun before: not stamped again.
+        assert_eq!(stamped(&["end\n"], false), ("end\n".to_string(), true));
+        assert_eq!(stamped(&[""], true), (String::new(), true));
+    }
+
+    #[tokio::test]
+    async fn a_log_taken_over_mid_line_goes_on_with_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("0.log");
+        std::fs::write(&path, "2025-12-01T21:16:05.123Z half a").unwrap();
+        let (r, w) = log_pipe().expect("pipe");
+        let pump = tokio::spawn(pump_log(r, path.clone(), 1 << 20, true));
+        File::from(w).write_all(b" line\nnext\n").expect("write");
+        pump.await.expect("pump");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines[0], "2025-12-01T21:16:05.123Z half a line");
+        let (t, next) = stamp::split(lines[1]).expect("a stamp");
+        assert_eq!((t.len(), next, lines.len()), (stamp::LEN, "next", 2));
+        assert!(t > "2026-", "{t}");
+        // What the events show of it: the lines, without their stamps.
+        assert_eq!(last_lines(&path, 10), ["half a line", "next"]);
     }
 
     #[test]
