@@ -304,6 +304,34 @@ fn cli_events_logs_and_status() {
         "{one}"
     );
     assert_eq!(d.deploy(&["logs", "web", "7"]).status.code(), Some(4));
+    // The log file has the time deployd read each line; -t shows it.
+    let file = d.read("active/web/instances/1/log");
+    let stamped = stdout(&d.deploy(&["logs", "web", "1", "-t"]));
+    assert_eq!(stamped, file);
+    let (t, line) = deployd_lib::stamp::split(&file).unwrap_or_else(|| panic!("{file}"));
+    assert!(
+        one.starts_with(line.lines().next().unwrap()),
+        "{one}\n{file}"
+    );
+    let labelled = stdout(&d.deploy(&["logs", "web", "--timestamps"]));
+    assert!(labelled.contains(&format!("[1] {t} app ")), "{labelled}");
+    // --since: lines from then on, or none if nothing was printed since.
+    assert_eq!(stdout(&d.deploy(&["logs", "web", "1", "--since", t])), one);
+    let later = stdout(&d.deploy(&["logs", "web", "--since", "2099-01-01"]));
+    assert_eq!(later, "");
+    assert_eq!(
+        stdout(&d.deploy(&["logs", "web", "--since", "1h"])),
+        stdout(&d.deploy(&["logs", "web"]))
+    );
+    let events = stdout(&d.deploy(&["events", "web", "--since", "1h"]));
+    assert_eq!(events, d.read("active/web/events"));
+    let bad = d.deploy(&["logs", "web", "--since", "yesterday"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("neither a time ago"),
+        "{}",
+        stderr(&bad)
+    );
 
     let all: serde_json::Value =
         serde_json::from_slice(&d.deploy(&["status", "--json"]).stdout).unwrap();

@@ -107,6 +107,10 @@ enum Cmd {
         /// Keep printing new events
         #[arg(short, long)]
         follow: bool,
+        /// Only events since a time ago (30s, 10m, 2h, 1d) or a UTC time
+        /// (2026-12-02T01:30)
+        #[arg(long, value_name = "WHEN", value_parser = tail::parse_since)]
+        since: Option<String>,
     },
     /// Print the output of the service's instances (or of one), or its
     /// access log
@@ -122,6 +126,14 @@ enum Cmd {
         /// (http) or connection (tcp)
         #[arg(long)]
         access: bool,
+        /// Show the time deployd read each line of output (UTC); access
+        /// log lines always begin with theirs
+        #[arg(short, long, conflicts_with = "access")]
+        timestamps: bool,
+        /// Only lines since a time ago (30s, 10m, 2h, 1d) or a UTC time
+        /// (2026-12-02T01:30)
+        #[arg(long, value_name = "WHEN", value_parser = tail::parse_since)]
+        since: Option<String>,
     },
     /// Replace deployd with its binary (after an upgrade) keeping every
     /// instance and port; wait until it serves again
@@ -243,20 +255,34 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             service: Some(s),
             json,
         } => status::one(&ns, &s, json),
-        Cmd::Events { service, follow } => {
+        Cmd::Events {
+            service,
+            follow,
+            since,
+        } => {
             let dir = ns.service(&service)?;
-            tail::run(&dir.join("events"), follow)
+            let filter = tail::Filter {
+                since,
+                unstamped: false,
+            };
+            tail::run(&dir.join("events"), follow, &filter)
         }
         Cmd::Logs {
             service,
             instance,
             follow,
             access,
+            timestamps,
+            since,
         } => {
             let dir = ns.service(&service)?;
+            let filter = tail::Filter {
+                since,
+                unstamped: !access && !timestamps,
+            };
             match access {
-                true => tail::run(&dir.join("access"), follow),
-                false => tail::logs(&dir, instance, follow),
+                true => tail::run(&dir.join("access"), follow, &filter),
+                false => tail::logs(&dir, instance, follow, &filter),
             }
         }
     }

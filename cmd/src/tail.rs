@@ -1,28 +1,87 @@
 //! `deploy events` and `deploy logs`: print a file of the namespace (or the
 //! logs of a service's instances), and with `-f` keep printing what is
-//! appended, like `tail -f`.
+//! appended, like `tail -f`; with `--since`, only the lines stamped since.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+use deployd_lib::stamp;
 
 use crate::ns;
 use crate::{Exit, Fail};
 
 const POLL: Duration = Duration::from_millis(200);
 
+/// Which lines of a log are printed, and how.
+#[derive(Debug, Default, Clone)]
+pub struct Filter {
+    /// Only the lines stamped at or after this (a stamp, or the beginning
+    /// of one: `2026-12-02`, `2026-12-02T01:30`), and the unstamped lines
+    /// that follow them.
+    pub since: Option<String>,
+    /// Print each line without the stamp it begins with (instance output,
+    /// whose stamps deployd added: `deploy logs` without `--timestamps`).
+    pub unstamped: bool,
+}
+
+/// `--since`: a time ago (`30s`, `10m`, `2h`, `1d`; a bare number is
+/// seconds) or a UTC time, written as deployd stamps lines
+/// (`2026-12-02T01:30:00Z`, or any beginning of it; a space may stand for
+/// the `T`). Gives the stamp lines are compared with.
+pub fn parse_since(arg: &str) -> Result<String, String> {
+    let units = [("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)];
+    let (digits, per) = units
+        .iter()
+        .find_map(|(u, n)| arg.strip_suffix(u).map(|d| (d, *n)))
+        .unwrap_or((arg, 1));
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(per));
+        let at = secs.and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(s)));
+        let mut cut = Vec::new();
+        stamp::utc(&mut cut, at.unwrap_or(SystemTime::UNIX_EPOCH));
+        return Ok(String::from_utf8_lossy(&cut).into_owned());
+    }
+    // `Z` ends a stamp: one given with it, without its milliseconds,
+    // compares as the whole second.
+    let t = arg.replacen(' ', "T", 1);
+    let t = t.strip_suffix('Z').unwrap_or(&t);
+    let shape = "dddd-dd-ddTdd:dd:dd.ddd";
+    // Down to a day, an hour, a minute, a second or a part of one.
+    let fits = [10, 13, 16, 19, 21, 22, 23].contains(&t.len())
+        && shape.bytes().zip(t.bytes()).all(|(want, got)| match want {
+            b'd' => got.is_ascii_digit(),
+            c => got == c,
+        });
+    match fits {
+        true => Ok(t.to_string()),
+        false => Err(format!(
+            "'{arg}' is neither a time ago (30s, 10m, 2h, 1d) nor a UTC time (2026-12-02T01:30)"
+        )),
+    }
+}
+
+/// One log being printed: how far, the line not yet whole, and whether the
+/// last stamped line was shown (an unstamped one goes with it).
+#[derive(Debug, Default)]
+struct Stream {
+    offset: u64,
+    partial: Vec<u8>,
+    shown: Option<bool>,
+}
+
 /// Prints the file at `path`; with `follow`, keeps polling for more until
 /// killed. A file that shrank (rotated or trimmed) is read from its start
 /// again.
-pub fn run(path: &Path, follow: bool) -> Result<Exit, Fail> {
-    let (mut offset, mut partial) = (0, Vec::new());
+pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
+    let mut stream = Stream::default();
     let mut out = std::io::stdout().lock();
     loop {
-        if let Some(chunk) = read_from(path, &mut offset)? {
-            partial.extend_from_slice(&chunk);
-            emit(&mut out, None, &mut partial, !follow)?;
+        if let Some(chunk) = read_from(path, &mut stream.offset)? {
+            stream.partial.extend_from_slice(&chunk);
+            emit(&mut out, None, &mut stream, !follow, filter)?;
         }
         out.flush()?;
         if !follow {
@@ -55,13 +114,16 @@ fn read_from(path: &Path, offset: &mut u64) -> Result<Option<Vec<u8>>, Fail> {
     Ok(Some(data))
 }
 
-/// Writes the complete lines of `pending` (all of it if `all`).
+/// Writes the complete lines of the stream's pending bytes (all of them if
+/// `all`) that `filter` lets through, each after `[label] ` if there is one.
 fn emit(
     out: &mut impl Write,
     label: Option<&str>,
-    pending: &mut Vec<u8>,
+    stream: &mut Stream,
     all: bool,
+    filter: &Filter,
 ) -> std::io::Result<()> {
+    let pending = &mut stream.partial;
     let end = if all {
         pending.len()
     } else {
@@ -72,15 +134,26 @@ fn emit(
     };
     let text = String::from_utf8_lossy(&pending[..end]).into_owned();
     pending.drain(..end);
-    match label {
-        None => out.write_all(text.as_bytes()),
-        Some(l) => {
-            for line in text.lines() {
-                writeln!(out, "[{l}] {line}")?;
+    for line in text.split_inclusive('\n') {
+        let mut body = line;
+        if let Some((t, rest)) = stamp::split(line) {
+            if let Some(since) = &filter.since {
+                stream.shown = Some(t >= since.as_str());
             }
-            Ok(())
+            if filter.unstamped {
+                body = rest;
+            }
+        }
+        // Before any stamped line: shown unless only lines since are.
+        if !stream.shown.unwrap_or(filter.since.is_none()) {
+            continue;
+        }
+        match label {
+            None => out.write_all(body.as_bytes())?,
+            Some(l) => writeln!(out, "[{l}] {}", body.trim_end_matches(['\n', '\r']))?,
         }
     }
+    Ok(())
 }
 
 /// `deploy logs SERVICE [INSTANCE] [-f]`: the output of the service's
@@ -91,7 +164,12 @@ fn emit(
 /// the same number starts afresh, and one renumbered (`instance 3 is now
 /// instance 0`) goes on where it was, under its new label. An instance is
 /// known by its pid, read around each read of its log.
-pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fail> {
+pub fn logs(
+    dir: &Path,
+    instance: Option<u32>,
+    follow: bool,
+    filter: &Filter,
+) -> Result<Exit, Fail> {
     let instances = dir.join("instances");
     if let Some(n) = instance {
         if !instances.join(n.to_string()).join("log").exists() {
@@ -99,7 +177,7 @@ pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fai
         }
     }
     // Per process: how far its log was printed, and a line not yet whole.
-    let mut seen: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+    let mut seen: HashMap<String, Stream> = HashMap::new();
     let mut out = std::io::stdout().lock();
     loop {
         let numbers = match instance {
@@ -117,8 +195,8 @@ pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fai
                 // Not started yet: nothing printed.
                 continue;
             }
-            let (offset, partial) = seen.entry(key.clone()).or_default();
-            let mut at = *offset;
+            let stream = seen.entry(key.clone()).or_default();
+            let mut at = stream.offset;
             let chunk = read_from(&inst.join("log"), &mut at)?;
             // Renumbered or replaced between the reads: next time.
             if pid() != before {
@@ -126,10 +204,10 @@ pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fai
             }
             live.insert(key);
             let Some(chunk) = chunk else { continue };
-            *offset = at;
-            partial.extend_from_slice(&chunk);
+            stream.offset = at;
+            stream.partial.extend_from_slice(&chunk);
             let label = instance.is_none().then(|| n.to_string());
-            emit(&mut out, label.as_deref(), partial, !follow)?;
+            emit(&mut out, label.as_deref(), stream, !follow, filter)?;
         }
         seen.retain(|k, _| live.contains(k));
         out.flush()?;
@@ -137,5 +215,96 @@ pub fn logs(dir: &Path, instance: Option<u32>, follow: bool) -> Result<Exit, Fai
             return Ok(Exit::Ok);
         }
         std::thread::sleep(POLL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn printed(chunks: &[&str], filter: &Filter, label: Option<&str>) -> String {
+        let mut stream = Stream::default();
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            stream.partial.extend_from_slice(c.as_bytes());
+            emit(&mut out, label, &mut stream, i + 1 == chunks.len(), filter).unwrap();
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    const LOG: &str = "2025-12-02T01:00:00.000Z one\n\
+                       2025-12-02T01:30:00.000Z two\n\
+                       after a rotation, unstamped\n\
+                       2025-12-02T02:00:00.000Z three\n";
+
+    #[test]
+    fn stamps_are_kept_or_taken_off() {
+        let all = Filter::default();
+        assert_eq!(printed(&[LOG], &all, None), LOG);
+        let plain = Filter {
+            unstamped: true,
+            ..all
+        };
+        assert_eq!(
+            printed(&[LOG], &plain, None),
+            "one\ntwo\nafter a rotation, unstamped\nthree\n"
+        );
+        // Only whole lines until the end; labelled, each line.
+        assert_eq!(
+            printed(
+                &["2025-12-02T01:00:00.000Z o", "ne\nlast"],
+                &plain,
+                Some("1")
+            ),
+            "[1] one\n[1] last\n"
+        );
+    }
+
+    #[test]
+    fn since_keeps_the_lines_stamped_from_then() {
+        let since = |s: &str| Filter {
+            since: Some(parse_since(s).unwrap()),
+            unstamped: false,
+        };
+        let lines = |f: &Filter| printed(&[LOG], f, None).lines().count();
+        assert_eq!(lines(&since("2025-12-02")), 4);
+        // An unstamped line goes with the stamped line before it.
+        assert_eq!(lines(&since("2025-12-02T01:30")), 3);
+        assert_eq!(lines(&since("2025-12-02 01:30:00Z")), 3);
+        assert_eq!(lines(&since("2025-12-02T01:30:00.001")), 1);
+        assert_eq!(lines(&since("2025-12-03")), 0);
+        // A time ago: every line here is older than a second ago.
+        assert_eq!(lines(&since("1s")), 0);
+        assert_eq!(lines(&since("99999d")), 4);
+        // Unstamped lines before any stamp (an old log): only without --since.
+        assert_eq!(printed(&["old\n"], &since("0"), None), "");
+        assert_eq!(printed(&["old\n"], &Filter::default(), None), "old\n");
+    }
+
+    #[test]
+    fn since_reads_times_ago_and_utc_times() {
+        let now = deployd_lib::stamp::now();
+        let ago = parse_since("10m").unwrap();
+        assert_eq!(ago.len(), now.len());
+        assert!(ago < now, "{ago} {now}");
+        assert!(parse_since("0").unwrap() <= deployd_lib::stamp::now());
+        assert_eq!(parse_since("2026-12-02").unwrap(), "2026-12-02");
+        assert_eq!(
+            parse_since("2026-12-02T01:30:00Z").unwrap(),
+            "2026-12-02T01:30:00"
+        );
+        for bad in [
+            "",
+            "m",
+            "10x",
+            "-5m",
+            "yesterday",
+            "2026-1-2",
+            "2026-12-02T1",
+            "12:00",
+        ] {
+            let e = parse_since(bad).unwrap_err();
+            assert!(e.contains("neither a time ago"), "{bad}: {e}");
+        }
     }
 }
