@@ -325,6 +325,15 @@ fn cli_events_logs_and_status() {
     );
     let events = stdout(&d.deploy(&["events", "web", "--since", "1h"]));
     assert_eq!(events, d.read("active/web/events"));
+    // -n: from the last lines.
+    let last3: Vec<&str> = events.lines().rev().take(3).collect();
+    let tail = stdout(&d.deploy(&["events", "web", "-n", "3"]));
+    assert_eq!(tail.lines().rev().collect::<Vec<_>>(), last3, "{tail}");
+    let last = one.lines().last().unwrap_or_default();
+    assert_eq!(
+        stdout(&d.deploy(&["logs", "web", "1", "--tail", "1"])),
+        format!("{last}\n")
+    );
     let bad = d.deploy(&["logs", "web", "--since", "yesterday"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(

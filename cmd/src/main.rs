@@ -111,6 +111,9 @@ enum Cmd {
         /// (2026-12-02T01:30)
         #[arg(long, value_name = "WHEN", value_parser = tail::parse_since)]
         since: Option<String>,
+        /// Begin with the last N events
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<u64>,
     },
     /// Print the output of the service's instances (or of one), or its
     /// access log
@@ -134,6 +137,9 @@ enum Cmd {
         /// (2026-12-02T01:30)
         #[arg(long, value_name = "WHEN", value_parser = tail::parse_since)]
         since: Option<String>,
+        /// Begin with the last N lines of each log
+        #[arg(short = 'n', long, value_name = "N")]
+        tail: Option<u64>,
     },
     /// Replace deployd with its binary (after an upgrade) keeping every
     /// instance and port; wait until it serves again
@@ -259,11 +265,13 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             service,
             follow,
             since,
+            tail,
         } => {
             let dir = ns.service(&service)?;
             let filter = tail::Filter {
                 since,
                 unstamped: false,
+                tail,
             };
             tail::run(&dir.join("events"), follow, &filter)
         }
@@ -274,11 +282,13 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             access,
             timestamps,
             since,
+            tail,
         } => {
             let dir = ns.service(&service)?;
             let filter = tail::Filter {
                 since,
                 unstamped: !access && !timestamps,
+                tail,
             };
             match access {
                 true => tail::run(&dir.join("access"), follow, &filter),

@@ -25,6 +25,9 @@ pub struct Filter {
     /// Print each line without the stamp it begins with (instance output,
     /// whose stamps deployd added: `deploy logs` without `--timestamps`).
     pub unstamped: bool,
+    /// Begin with the last this many lines of each log (then `since`
+    /// applies), rather than its first.
+    pub tail: Option<u64>,
 }
 
 /// `--since`: a time ago (`30s`, `10m`, `2h`, `1d`; a bare number is
@@ -76,7 +79,10 @@ struct Stream {
 /// killed. A file that shrank (rotated or trimmed) is read from its start
 /// again.
 pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
-    let mut stream = Stream::default();
+    let mut stream = Stream {
+        offset: start(path, filter),
+        ..Stream::default()
+    };
     let mut out = std::io::stdout().lock();
     loop {
         if let Some(chunk) = read_from(path, &mut stream.offset)? {
@@ -89,6 +95,42 @@ pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// Where printing `path` begins: at its start, or at its last `filter.tail`
+/// lines (a last line not yet ended counts as one).
+fn start(path: &Path, filter: &Filter) -> u64 {
+    let Some(n) = filter.tail else { return 0 };
+    let Ok(f) = std::fs::File::open(path) else {
+        return 0;
+    };
+    let mut end = f.metadata().map_or(0, |m| m.len());
+    let mut buf = vec![0u8; 64 * 1024];
+    // Newlines to pass going back: one per line, and the one that ends
+    // the last line if it is whole.
+    let mut last = [0u8];
+    let whole = end > 0 && matches!(f.read_at(&mut last, end - 1), Ok(1) if last[0] == b'\n');
+    let mut left = n + u64::from(whole);
+    if left == 0 {
+        return end;
+    }
+    while end > 0 {
+        let from = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - from) as usize];
+        if f.read_exact_at(chunk, from).is_err() {
+            return 0;
+        }
+        for (i, &b) in chunk.iter().enumerate().rev() {
+            if b == b'\n' {
+                left -= 1;
+                if left == 0 {
+                    return from + i as u64 + 1;
+                }
+            }
+        }
+        end = from;
+    }
+    0
 }
 
 /// New bytes of `path` after `offset`; `None` if it is gone.
@@ -179,6 +221,7 @@ pub fn logs(
     // Per process: how far its log was printed, and a line not yet whole.
     let mut seen: HashMap<String, Stream> = HashMap::new();
     let mut out = std::io::stdout().lock();
+    let mut first = true;
     loop {
         let numbers = match instance {
             Some(n) => vec![n],
@@ -195,9 +238,15 @@ pub fn logs(
                 // Not started yet: nothing printed.
                 continue;
             }
-            let stream = seen.entry(key.clone()).or_default();
+            let log = inst.join("log");
+            // Those there at first from their last lines if asked; any
+            // later from its first.
+            let stream = seen.entry(key.clone()).or_insert_with(|| Stream {
+                offset: if first { start(&log, filter) } else { 0 },
+                ..Stream::default()
+            });
             let mut at = stream.offset;
-            let chunk = read_from(&inst.join("log"), &mut at)?;
+            let chunk = read_from(&log, &mut at)?;
             // Renumbered or replaced between the reads: next time.
             if pid() != before {
                 continue;
@@ -210,6 +259,7 @@ pub fn logs(
             emit(&mut out, label.as_deref(), stream, !follow, filter)?;
         }
         seen.retain(|k, _| live.contains(k));
+        first = false;
         out.flush()?;
         if !follow {
             return Ok(Exit::Ok);
@@ -261,10 +311,50 @@ mod tests {
     }
 
     #[test]
+    fn tail_begins_at_the_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let at = |text: &str, n: u64| {
+            std::fs::write(&path, text).unwrap();
+            let filter = Filter {
+                tail: Some(n),
+                ..Filter::default()
+            };
+            text[start(&path, &filter) as usize..].to_string()
+        };
+        assert_eq!(at("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(at("a\nb\nc\n", 3), "a\nb\nc\n");
+        assert_eq!(at("a\nb\nc\n", 9), "a\nb\nc\n");
+        assert_eq!(at("a\nb\nc\n", 0), "");
+        // A last line not yet ended is one.
+        assert_eq!(at("a\nb\nc", 1), "c");
+        assert_eq!(at("a\nb\nc", 2), "b\nc");
+        assert_eq!(at("a\nb\nc", 0), "");
+        assert_eq!(at("", 5), "");
+        assert_eq!(at("\n\n", 1), "\n");
+        // Lines across the reads of 64 KiB going back.
+        let long: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(at(&long, 2), "line 19998\nline 19999\n");
+        assert_eq!(at(&long, 15_000).lines().next(), Some("line 5000"));
+        let filter = Filter::default();
+        assert_eq!(start(&path, &filter), 0, "no --tail: from the start");
+        assert_eq!(
+            start(
+                &dir.path().join("none"),
+                &Filter {
+                    tail: Some(1),
+                    ..filter
+                }
+            ),
+            0
+        );
+    }
+
+    #[test]
     fn since_keeps_the_lines_stamped_from_then() {
         let since = |s: &str| Filter {
             since: Some(parse_since(s).unwrap()),
-            unstamped: false,
+            ..Filter::default()
         };
         let lines = |f: &Filter| printed(&[LOG], f, None).lines().count();
         assert_eq!(lines(&since("2025-12-02")), 4);
