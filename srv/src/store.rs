@@ -263,8 +263,11 @@ impl Store {
         files.sort();
         let excess = files.len() - LOGS_KEPT;
         for (_, path) in files.into_iter().take(excess) {
-            let base = path.with_extension("log");
-            if !live.contains(&path) && !live.contains(&base) {
+            // A rotated log (`ID.log.1`) goes with its log.
+            let base = path.with_extension("");
+            let rotated = path.extension().is_some_and(|e| e == "1");
+            let kept = live.contains(&path) || (rotated && live.contains(&base));
+            if !kept {
                 let _ = fs::remove_file(path);
             }
         }
@@ -354,6 +357,42 @@ mod tests {
             String::from_utf8(store.load_events(&web)).unwrap(),
             "2026-12-01T12:00:00.000Z one\n2026-12-01T12:00:01.000Z two\n2026-12-01T12:00:02.000Z torn\n"
         );
+    }
+
+    #[test]
+    fn old_logs_are_pruned_but_never_a_live_one_or_its_dot_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let web = name("web");
+        store.create(&web).unwrap();
+        let logs = dir.path().join("services/web/logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let live = store.log_path(&web, 1, 0);
+        let mut live_old = live.clone().into_os_string();
+        live_old.push(".1");
+        // The live log and its .1 are the oldest files.
+        std::fs::write(&live, "x").unwrap();
+        std::fs::write(&live_old, "x").unwrap();
+        let t = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        for f in [&live, &PathBuf::from(&live_old)] {
+            File::options()
+                .write(true)
+                .open(f)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        for id in 1..=LOGS_KEPT as u64 + 5 {
+            std::fs::write(store.log_path(&web, 1, id), "x").unwrap();
+        }
+        store.prune_logs(&web, std::slice::from_ref(&live));
+        assert!(live.exists());
+        assert!(
+            PathBuf::from(&live_old).exists(),
+            "the .1 of a live log was pruned"
+        );
+        let left = std::fs::read_dir(&logs).unwrap().count();
+        assert_eq!(left, LOGS_KEPT + 2, "the kept ones and the live ones");
     }
 
     #[test]
