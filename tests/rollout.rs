@@ -587,7 +587,7 @@ fn crashed_instances_restart_per_policy() {
 /// which are in the events too.
 #[test]
 fn a_failed_start_shows_what_the_instance_printed() {
-    let Some(d) = Deployd::start_settled(&[("web", app_manifest(1, ""))]) else {
+    let Some(mut d) = Deployd::start_settled(&[("web", app_manifest(1, ""))]) else {
         return;
     };
     // A burst of most of a pipe's buffer just before the end: the shown
@@ -638,6 +638,30 @@ fn a_failed_start_shows_what_the_instance_printed() {
         0,
         "{events}"
     );
+
+    // Its whole output is the service's failed_log, each line stamped;
+    // `deploy logs --failed` prints it as the program printed it.
+    let whole = d.read("active/web/failed_log");
+    assert_eq!(whole.lines().count(), 600 + 12 + 1, "{whole}");
+    assert!(
+        whole
+            .lines()
+            .all(|l| deployd_lib::stamp::split(l).is_some()),
+        "{whole}"
+    );
+    let failed = |d: &Deployd| stdout(&d.deploy(&["logs", "web", "--failed"]));
+    let plain = failed(&d);
+    assert!(
+        plain.starts_with(&format!("{}\n", ".".repeat(99)))
+            && plain.ends_with("loading module 11\n\x1b[31mFATAL\x1b[0m: no DATABASE_URL\n"),
+        "{plain}"
+    );
+    let last = stdout(&d.deploy(&["logs", "web", "--failed", "-n", "1", "-t"]));
+    assert_eq!(last, format!("{}\n", whole.lines().last().unwrap()));
+    // It outlives a restart of deployd.
+    d.terminate();
+    d.launch();
+    assert_eq!(failed(&d), plain);
 }
 
 /// A crash loop printing the same error at each restart shows it once; the

@@ -129,6 +129,11 @@ enum Cmd {
         /// (http) or connection (tcp)
         #[arg(long)]
         access: bool,
+        /// The whole output of the last instance that failed (exited
+        /// unexpectedly, missed its health deadline, turned unhealthy): what
+        /// the events showed the last lines of
+        #[arg(long, conflicts_with_all = ["access", "instance"])]
+        failed: bool,
         /// Show the time deployd read each line of output (UTC); access
         /// log lines always begin with theirs
         #[arg(short, long, conflicts_with = "access")]
@@ -280,6 +285,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             instance,
             follow,
             access,
+            failed,
             timestamps,
             since,
             tail,
@@ -290,9 +296,10 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 unstamped: !access && !timestamps,
                 tail,
             };
-            match access {
-                true => tail::run(&dir.join("access"), follow, &filter),
-                false => tail::logs(&dir, instance, follow, &filter),
+            match (access, failed) {
+                (true, _) => tail::run(&dir.join("access"), follow, &filter),
+                (_, true) => tail::run(&dir.join("failed_log"), follow, &filter),
+                _ => tail::logs(&dir, instance, follow, &filter),
             }
         }
     }

@@ -1146,7 +1146,8 @@ impl Engine {
     }
 
     /// The last lines an instance printed, as events (`instance 3 printed:
-    /// LINE`). Its exit is handled once its log has everything.
+    /// LINE`), and its whole log as the service's `failed_log`. Its exit is
+    /// handled once its log has everything.
     fn show_output(&mut self, sid: u32, id: InstanceId, prefix: &str) {
         let Some(log) = self
             .services
@@ -1156,6 +1157,11 @@ impl Engine {
         else {
             return;
         };
+        if let Some(e) = self.services.get(&sid) {
+            if let Err(err) = self.store.link_failed_log(&e.name, &log) {
+                tracing::warn!("{}: failed_log: {err}", e.name);
+            }
+        }
         let lines = process::last_lines(&log, process::SHOWN_LINES);
         if lines.is_empty() {
             return;
@@ -1650,6 +1656,7 @@ impl Engine {
                 runtime: &runtime,
                 traffic: e.router.clone(),
                 access: self.store.access_path(&e.name),
+                failed_log: self.store.failed_log_path(&e.name),
             },
             e.view.as_deref(),
             SystemTime::now(),

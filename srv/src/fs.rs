@@ -435,6 +435,7 @@ impl Fs {
                     SvcFile::Ctl | SvcFile::Wait => (0, v.mtime, v.created),
                     SvcFile::Traffic => (v.traffic().len() as u64, SystemTime::now(), v.created),
                     SvcFile::Access => disk_stat(Some(&v.access), v.created),
+                    SvcFile::FailedLog => disk_stat(Some(&v.failed_log), v.created),
                     f => {
                         let d = v.file(f).ok_or(Errno::ENOENT)?;
                         (d.data.len() as u64, d.mtime, v.created)
@@ -631,6 +632,7 @@ impl Fs {
                     SvcFile::Traffic => Open::Bytes(Arc::from(v.traffic().into_bytes())),
                     // Nothing logged yet (or never: `access_log off`): empty.
                     SvcFile::Access => disk_open(Some(&v.access)),
+                    SvcFile::FailedLog => disk_open(Some(&v.failed_log)),
                     SvcFile::Wait => Open::Wait {
                         sid: s,
                         answer: Arc::default(),

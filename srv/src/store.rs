@@ -7,6 +7,7 @@
 //! STATE/services/SERVICE/events.log  the event log (appended, rotated at 4 MiB)
 //! STATE/services/SERVICE/pids        process groups to kill after a crash (atomic)
 //! STATE/services/SERVICE/logs/       instance output
+//! STATE/services/SERVICE/failed.log  the last failed instance's log (a hard link)
 //! ```
 //!
 //! Records and manifests are written to a temporary file, fsynced and renamed
@@ -241,6 +242,23 @@ impl Store {
         self.dir(service).join("access.log")
     }
 
+    /// `failed_log`: a hard link to the log of the last instance whose
+    /// output the events showed after a failure.
+    pub fn failed_log_path(&self, service: &ServiceName) -> PathBuf {
+        self.dir(service).join("failed.log")
+    }
+
+    /// Makes `failed.log` the log at `log` (a second name for the same
+    /// file, so that the instance's output goes on reaching it, and pruning
+    /// the instance's logs leaves it), replacing the one before atomically.
+    pub fn link_failed_log(&self, service: &ServiceName, log: &Path) -> std::io::Result<()> {
+        let path = self.failed_log_path(service);
+        let tmp = self.dir(service).join("failed.log.tmp");
+        let _ = fs::remove_file(&tmp);
+        fs::hard_link(log, &tmp)?;
+        fs::rename(&tmp, &path)
+    }
+
     /// Where an instance's output goes.
     pub fn log_path(&self, service: &ServiceName, generation: u64, id: u64) -> PathBuf {
         self.dir(service)
@@ -393,6 +411,34 @@ mod tests {
         );
         let left = std::fs::read_dir(&logs).unwrap().count();
         assert_eq!(left, LOGS_KEPT + 2, "the kept ones and the live ones");
+    }
+
+    #[test]
+    fn the_failed_log_is_the_instance_log_under_a_second_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let web = name("web");
+        store.create(&web).unwrap();
+        std::fs::create_dir_all(dir.path().join("services/web/logs")).unwrap();
+        let (a, b) = (store.log_path(&web, 1, 1), store.log_path(&web, 1, 2));
+        std::fs::write(&a, "first\n").unwrap();
+        std::fs::write(&b, "second\n").unwrap();
+        store.link_failed_log(&web, &a).unwrap();
+        // What the instance prints after goes on reaching it.
+        File::options()
+            .append(true)
+            .open(&a)
+            .unwrap()
+            .write_all(b"more\n")
+            .unwrap();
+        let failed = store.failed_log_path(&web);
+        assert_eq!(std::fs::read_to_string(&failed).unwrap(), "first\nmore\n");
+        // The next failure replaces it; pruning the log leaves it.
+        store.link_failed_log(&web, &b).unwrap();
+        std::fs::remove_file(&b).unwrap();
+        assert_eq!(std::fs::read_to_string(&failed).unwrap(), "second\n");
+        assert!(store.link_failed_log(&web, &b).is_err(), "a log gone");
+        assert_eq!(std::fs::read_to_string(&failed).unwrap(), "second\n");
     }
 
     #[test]

@@ -71,10 +71,13 @@ pub enum SvcFile {
     Traffic,
     /// `access`: the port's access log (`access_log on`).
     Access,
+    /// `failed_log`: the output of the last instance whose failure the
+    /// events report.
+    FailedLog,
 }
 
 /// The service directory's files, in listing order: name, file.
-pub const SVC_FILES: [(&str, SvcFile); 11] = [
+pub const SVC_FILES: [(&str, SvcFile); 12] = [
     ("ctl", SvcFile::Ctl),
     ("version", SvcFile::Version),
     ("previous_version", SvcFile::PreviousVersion),
@@ -86,6 +89,7 @@ pub const SVC_FILES: [(&str, SvcFile); 11] = [
     ("wait", SvcFile::Wait),
     ("traffic", SvcFile::Traffic),
     ("access", SvcFile::Access),
+    ("failed_log", SvcFile::FailedLog),
 ];
 
 /// The files of `/deploy/active/SERVICE/instances/N/`.
@@ -194,6 +198,8 @@ pub struct ServiceView {
     pub traffic: Option<Arc<Router>>,
     /// The file behind `access`.
     pub access: PathBuf,
+    /// The file behind `failed_log`.
+    pub failed_log: PathBuf,
     /// The line of `/deploy/status`.
     pub summary: String,
     /// When the service appeared.
@@ -212,9 +218,12 @@ impl ServiceView {
             SvcFile::UpdateProgress => Some(&self.update_progress),
             SvcFile::State => Some(&self.state),
             SvcFile::Manifest => Some(&self.manifest),
-            SvcFile::Ctl | SvcFile::Events | SvcFile::Wait | SvcFile::Traffic | SvcFile::Access => {
-                None
-            }
+            SvcFile::Ctl
+            | SvcFile::Events
+            | SvcFile::Wait
+            | SvcFile::Traffic
+            | SvcFile::Access
+            | SvcFile::FailedLog => None,
         }
     }
 
@@ -268,6 +277,8 @@ pub struct Parts<'a> {
     pub traffic: Option<Arc<Router>>,
     /// Its access log's file.
     pub access: PathBuf,
+    /// The file of `failed_log`.
+    pub failed_log: PathBuf,
 }
 
 /// Renders a service; files whose content did not change keep `prev`'s mtime.
@@ -365,6 +376,7 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
         events: p.events.clone(),
         traffic: p.traffic,
         access: p.access,
+        failed_log: p.failed_log,
         summary,
         created: prev.map_or(now, |v| v.created),
         mtime: now,
