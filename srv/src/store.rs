@@ -319,6 +319,15 @@ mod tests {
         ServiceName::new(n).unwrap()
     }
 
+    /// A store in a fresh directory, with the service `web` created.
+    fn web_store() -> (tempfile::TempDir, Store, ServiceName) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let web = name("web");
+        store.create(&web).unwrap();
+        (dir, store, web)
+    }
+
     #[test]
     fn record_round_trips_and_the_lock_is_exclusive() {
         let dir = tempfile::tempdir().unwrap();
@@ -358,10 +367,7 @@ mod tests {
 
     #[test]
     fn events_are_appended_and_a_torn_line_is_completed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let web = name("web");
-        store.create(&web).unwrap();
+        let (_dir, store, web) = web_store();
         store
             .append_event(&web, "2026-12-01T12:00:00.000Z one\n")
             .unwrap();
@@ -379,10 +385,7 @@ mod tests {
 
     #[test]
     fn old_logs_are_pruned_but_never_a_live_one_or_its_dot_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let web = name("web");
-        store.create(&web).unwrap();
+        let (dir, store, web) = web_store();
         let logs = dir.path().join("services/web/logs");
         std::fs::create_dir_all(&logs).unwrap();
         let live = store.log_path(&web, 1, 0);
@@ -415,10 +418,7 @@ mod tests {
 
     #[test]
     fn the_failed_log_is_the_instance_log_under_a_second_name() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let web = name("web");
-        store.create(&web).unwrap();
+        let (dir, store, web) = web_store();
         std::fs::create_dir_all(dir.path().join("services/web/logs")).unwrap();
         let (a, b) = (store.log_path(&web, 1, 1), store.log_path(&web, 1, 2));
         std::fs::write(&a, "first\n").unwrap();
