@@ -331,7 +331,7 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
     };
     let mut rx = rx;
     let mut buf = vec![0u8; 4096];
-    let mut out = Vec::with_capacity(2 * buf.len());
+    let mut out = Vec::new();
     let mut file = open_log(&path);
     let mut size = file
         .as_ref()
@@ -344,12 +344,15 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        out.clear();
-        match stamped {
-            true => stamp_lines(&buf[..n], SystemTime::now(), &mut at_start, &mut out),
-            false => out.extend_from_slice(&buf[..n]),
-        }
-        if size + out.len() as u64 > max {
+        let data = match stamped {
+            true => {
+                out.clear();
+                stamp_lines(&buf[..n], SystemTime::now(), &mut at_start, &mut out);
+                &out[..]
+            }
+            false => &buf[..n],
+        };
+        if size + data.len() as u64 > max {
             let mut old = path.clone().into_os_string();
             old.push(".1");
             let _ = std::fs::rename(&path, &old);
@@ -357,8 +360,8 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
             size = 0;
         }
         if let Some(f) = file.as_mut() {
-            if f.write_all(&out).is_ok() {
-                size += out.len() as u64;
+            if f.write_all(data).is_ok() {
+                size += data.len() as u64;
             }
         }
     }
