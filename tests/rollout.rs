@@ -625,6 +625,11 @@ fn a_failed_start_shows_what_the_instance_printed() {
         "{}",
         stderr(&out)
     );
+    assert!(
+        stderr(&out).ends_with("\nweb: all it printed: deploy logs web --failed\n"),
+        "{}",
+        stderr(&out)
+    );
     let events = d.read("active/web/events");
     assert!(
         events.contains(" instance 1 printed: FATAL: no DATABASE_URL\n"),

@@ -146,6 +146,8 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         started,
         traffic,
     } = start;
+    // A file's mtime comes from a coarser clock.
+    let since = std::time::SystemTime::now() - Duration::from_secs(1);
     let (tx, rx) = mpsc::channel();
     let wait = dir.join("wait");
     std::thread::spawn(move || {
@@ -197,6 +199,12 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     } else {
         let reason = line.strip_prefix("failed: ").unwrap_or(&line);
         eprintln!("{service}: failed: {reason}");
+        // The events showed the last lines of what the failed instance
+        // printed; say where the rest is, if it printed in this rollout.
+        let log = std::fs::metadata(dir.join("failed_log"));
+        if log.is_ok_and(|m| m.len() > 0 && m.modified().is_ok_and(|t| t >= since)) {
+            eprintln!("{service}: all it printed: deploy logs {service} --failed");
+        }
         Ok(Exit::Failed)
     }
 }
