@@ -147,7 +147,8 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         traffic,
     } = start;
     // A file's mtime comes from a coarser clock.
-    let since = std::time::SystemTime::now() - Duration::from_secs(1);
+    let now = std::time::SystemTime::now();
+    let since = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
     let (tx, rx) = mpsc::channel();
     let wait = dir.join("wait");
     std::thread::spawn(move || {

@@ -78,7 +78,6 @@ pub fn read(path: &Path) -> Result<String, Fail> {
     std::fs::read_to_string(path).map_err(|e| io_fail(path, e))
 }
 
-/// Reads a small text file, trimmed; empty if it does not exist.
 /// The instance numbers in a service's `instances/` directory, in order.
 pub fn instance_numbers(instances: &Path) -> std::io::Result<Vec<u32>> {
     let mut numbers: Vec<u32> = std::fs::read_dir(instances)?
@@ -89,6 +88,7 @@ pub fn instance_numbers(instances: &Path) -> std::io::Result<Vec<u32>> {
     Ok(numbers)
 }
 
+/// Reads a small text file, trimmed; empty if it does not exist.
 pub fn read_field(dir: &Path, name: &str) -> String {
     std::fs::read_to_string(dir.join(name))
         .map(|s| s.trim_end().to_string())
