@@ -43,21 +43,14 @@ pub fn parse_since(arg: &str) -> Result<String, String> {
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
         let secs = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(per));
         let at = secs.and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(s)));
-        let mut cut = Vec::new();
-        stamp::utc(&mut cut, at.unwrap_or(SystemTime::UNIX_EPOCH));
-        return Ok(String::from_utf8_lossy(&cut).into_owned());
+        return Ok(stamp::at(at.unwrap_or(SystemTime::UNIX_EPOCH)));
     }
     // `Z` ends a stamp: one given with it, without its milliseconds,
     // compares as the whole second.
     let t = arg.replacen(' ', "T", 1);
     let t = t.strip_suffix('Z').unwrap_or(&t);
-    let shape = "dddd-dd-ddTdd:dd:dd.ddd";
     // Down to a day, an hour, a minute, a second or a part of one.
-    let fits = [10, 13, 16, 19, 21, 22, 23].contains(&t.len())
-        && shape.bytes().zip(t.bytes()).all(|(want, got)| match want {
-            b'd' => got.is_ascii_digit(),
-            c => got == c,
-        });
+    let fits = [10, 13, 16, 19, 21, 22, 23].contains(&t.len()) && stamp::begins(t.as_bytes());
     match fits {
         true => Ok(t.to_string()),
         false => Err(format!(

@@ -34,27 +34,39 @@ pub fn utc(out: &mut Vec<u8>, t: SystemTime) {
     );
 }
 
+/// [`utc`] of `t`, as a string.
+pub fn at(t: SystemTime) -> String {
+    let mut v = Vec::with_capacity(LEN);
+    utc(&mut v, t);
+    String::from_utf8(v).unwrap_or_default()
+}
+
 /// [`utc`] of now, as a string.
 pub fn now() -> String {
-    let mut v = Vec::with_capacity(24);
-    utc(&mut v, SystemTime::now());
-    String::from_utf8(v).unwrap_or_default()
+    at(SystemTime::now())
 }
 
 /// Bytes of a stamp.
 pub const LEN: usize = 24;
 
+/// A stamp and the space after it, `d` for a digit.
+const SHAPE: &[u8; LEN + 1] = b"dddd-dd-ddTdd:dd:dd.dddZ ";
+
+/// Whether `b` is the beginning of a stamp and its space (`2026-12-02`,
+/// `2026-12-02T01:30`, ...: any length up to the whole).
+pub fn begins(b: &[u8]) -> bool {
+    b.len() <= SHAPE.len()
+        && SHAPE.iter().zip(b).all(|(&want, &got)| match want {
+            b'd' => got.is_ascii_digit(),
+            c => got == c,
+        })
+}
+
 /// A line that begins with a stamp and a space: the stamp and the rest.
 /// `None` for any other line (one written before deployd stamped it).
 pub fn split(line: &str) -> Option<(&str, &str)> {
     let b = line.as_bytes();
-    let shape = b"dddd-dd-ddTdd:dd:dd.dddZ ";
-    let fits = b.len() > LEN
-        && shape.iter().zip(b).all(|(&want, &got)| match want {
-            b'd' => got.is_ascii_digit(),
-            c => got == c,
-        });
-    fits.then(|| (&line[..LEN], &line[LEN + 1..]))
+    (b.len() > LEN && begins(&b[..=LEN])).then(|| (&line[..LEN], &line[LEN + 1..]))
 }
 
 #[cfg(test)]
@@ -63,9 +75,7 @@ mod tests {
     use std::time::Duration;
 
     fn at(secs: u64, ms: u64) -> String {
-        let mut v = Vec::new();
-        utc(&mut v, UNIX_EPOCH + Duration::from_millis(secs * 1000 + ms));
-        String::from_utf8(v).unwrap()
+        super::at(UNIX_EPOCH + Duration::from_millis(secs * 1000 + ms))
     }
 
     #[test]
@@ -97,6 +107,30 @@ mod tests {
             assert_eq!(split(other), None, "{other:?}");
         }
         assert_eq!(split(&now()).map(|s| s.1), None);
+    }
+
+    #[test]
+    fn beginnings_of_a_stamp() {
+        for yes in [
+            "",
+            "2026",
+            "2026-12-02",
+            "2026-12-02T01:30",
+            "2026-12-02T01:30:00.1",
+        ] {
+            assert!(begins(yes.as_bytes()), "{yes}");
+        }
+        let whole = format!("{} ", at(0, 0));
+        assert!(begins(whole.as_bytes()));
+        for no in [
+            "2026-x",
+            "2026-12-02 01:30",
+            "12:00",
+            "x",
+            &format!("{whole}x"),
+        ] {
+            assert!(!begins(no.as_bytes()), "{no}");
+        }
     }
 
     #[test]
