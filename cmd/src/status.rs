@@ -46,7 +46,7 @@ struct Detail {
 }
 
 /// Event lines `deploy status SERVICE` ends with.
-const RECENT_EVENTS: usize = 10;
+const RECENT_EVENTS: u64 = 10;
 
 /// The totals of the `traffic` file.
 #[derive(Serialize, Debug, Clone, PartialEq, Eq)]
@@ -290,7 +290,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             .unwrap_or_default(),
         traffic: traffic(&traffic_text),
         instances: instances(&dir.join("instances"), &instance_traffic(&traffic_text)),
-        events: last_lines(&dir.join("events"), RECENT_EVENTS),
+        events: crate::tail::last_lines(&dir.join("events"), RECENT_EVENTS),
     };
     let mut out = std::io::stdout().lock();
     if json {
@@ -392,12 +392,6 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
 }
 
 /// The last `n` lines of a file (from its last 16 KiB).
-fn last_lines(path: &Path, n: usize) -> Vec<String> {
-    let mut lines = deployd_lib::tail::last_lines(path, 16 << 10);
-    lines.drain(..lines.len().saturating_sub(n));
-    lines
-}
-
 fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
     ns::instance_numbers(dir)
         .unwrap_or_default()
@@ -455,7 +449,7 @@ mod tests {
         let path = dir.path().join("events");
         let text: String = (0..2000).map(|i| format!("event number {i}\n")).collect();
         std::fs::write(&path, &text).unwrap();
-        let last = super::last_lines(&path, 3);
+        let last = crate::tail::last_lines(&path, 3);
         assert_eq!(
             last,
             [
@@ -465,8 +459,8 @@ mod tests {
             ]
         );
         std::fs::write(&path, "one\ntwo\n").unwrap();
-        assert_eq!(super::last_lines(&path, 10), ["one", "two"]);
-        assert!(super::last_lines(&dir.path().join("none"), 10).is_empty());
+        assert_eq!(crate::tail::last_lines(&path, 10), ["one", "two"]);
+        assert!(crate::tail::last_lines(&dir.path().join("none"), 10).is_empty());
     }
 
     #[test]

@@ -73,7 +73,7 @@ struct Stream {
 /// again.
 pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
     let mut stream = Stream {
-        offset: start(path, filter),
+        offset: start(path, filter.tail),
         ..Stream::default()
     };
     let mut out = std::io::stdout().lock();
@@ -90,10 +90,22 @@ pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
     }
 }
 
-/// Where printing `path` begins: at its start, or at its last `filter.tail`
+/// The last `n` lines of the file at `path`; nothing if it cannot be read.
+pub fn last_lines(path: &Path, n: u64) -> Vec<String> {
+    let mut offset = start(path, Some(n));
+    match read_from(path, &mut offset) {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes)
+            .lines()
+            .map(str::to_string)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Where printing `path` begins: at its start, or at its last `tail`
 /// lines (a last line not yet ended counts as one).
-fn start(path: &Path, filter: &Filter) -> u64 {
-    let Some(n) = filter.tail else { return 0 };
+fn start(path: &Path, tail: Option<u64>) -> u64 {
+    let Some(n) = tail else { return 0 };
     let Ok(f) = std::fs::File::open(path) else {
         return 0;
     };
@@ -101,8 +113,7 @@ fn start(path: &Path, filter: &Filter) -> u64 {
     let mut buf = vec![0u8; 64 * 1024];
     // Newlines to pass going back: one per line, and the one that ends
     // the last line if it is whole.
-    let mut last = [0u8];
-    let whole = end > 0 && matches!(f.read_at(&mut last, end - 1), Ok(1) if last[0] == b'\n');
+    let whole = end > 0 && deployd_lib::tail::ends_a_line(&f, end);
     let mut left = n + u64::from(whole);
     if left == 0 {
         return end;
@@ -235,7 +246,7 @@ pub fn logs(
             // Those there at first from their last lines if asked; any
             // later from its first.
             let stream = seen.entry(key.clone()).or_insert_with(|| Stream {
-                offset: if first { start(&log, filter) } else { 0 },
+                offset: if first { start(&log, filter.tail) } else { 0 },
                 ..Stream::default()
             });
             let mut at = stream.offset;
@@ -309,11 +320,7 @@ mod tests {
         let path = dir.path().join("log");
         let at = |text: &str, n: u64| {
             std::fs::write(&path, text).unwrap();
-            let filter = Filter {
-                tail: Some(n),
-                ..Filter::default()
-            };
-            text[start(&path, &filter) as usize..].to_string()
+            text[start(&path, Some(n)) as usize..].to_string()
         };
         assert_eq!(at("a\nb\nc\n", 2), "b\nc\n");
         assert_eq!(at("a\nb\nc\n", 3), "a\nb\nc\n");
@@ -329,18 +336,8 @@ mod tests {
         let long: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
         assert_eq!(at(&long, 2), "line 19998\nline 19999\n");
         assert_eq!(at(&long, 15_000).lines().next(), Some("line 5000"));
-        let filter = Filter::default();
-        assert_eq!(start(&path, &filter), 0, "no --tail: from the start");
-        assert_eq!(
-            start(
-                &dir.path().join("none"),
-                &Filter {
-                    tail: Some(1),
-                    ..filter
-                }
-            ),
-            0
-        );
+        assert_eq!(start(&path, None), 0, "no --tail: from the start");
+        assert_eq!(start(&dir.path().join("none"), Some(1)), 0);
     }
 
     #[test]

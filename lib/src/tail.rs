@@ -1,6 +1,5 @@
-//! The end of a file as whole lines: what `deploy status SERVICE` shows of
-//! a service's `events`, and what deployd shows in the events of an
-//! instance's log. Read with positioned reads, so it works the same on a
+//! The end of a file as whole lines: what deployd shows in the events of
+//! an instance's log, and whether a file ends a line. Read with positioned reads, so it works the same on a
 //! file of the namespace (FUSE) and on one of deployd's own.
 
 use std::fs::File;
@@ -39,9 +38,27 @@ pub fn last_lines(path: &Path, bytes: u64) -> Vec<String> {
         .collect()
 }
 
+/// Whether the file `f`, of `len` bytes, is empty or ends with a newline:
+/// whether what comes after begins a line.
+pub fn ends_a_line(f: &File, len: u64) -> bool {
+    let mut last = [0u8];
+    len == 0 || matches!(f.read_at(&mut last, len - 1), Ok(1) if last[0] == b'\n')
+}
+
 #[cfg(test)]
 mod tests {
-    use super::last_lines;
+    use super::{File, ends_a_line, last_lines};
+
+    #[test]
+    fn whether_a_file_ends_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        for (text, ends) in [("", true), ("a\n", true), ("a\nb", false), ("\n", true)] {
+            std::fs::write(&path, text).unwrap();
+            let f = File::open(&path).unwrap();
+            assert_eq!(ends_a_line(&f, text.len() as u64), ends, "{text:?}");
+        }
+    }
 
     #[test]
     fn whole_lines_from_the_end() {

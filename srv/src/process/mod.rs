@@ -17,7 +17,6 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -338,7 +337,9 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
         .and_then(|f| f.metadata().ok())
         .map_or(0, |m| m.len());
     // A log taken over mid-line (by a re-executed deployd) goes on with it.
-    let mut at_start = file.as_ref().is_none_or(|f| ends_a_line(f, size));
+    let mut at_start = file
+        .as_ref()
+        .is_none_or(|f| deployd_lib::tail::ends_a_line(f, size));
     loop {
         let n = match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -365,12 +366,6 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
             }
         }
     }
-}
-
-/// Whether the file of `len` bytes is empty or ends with a newline.
-fn ends_a_line(f: &File, len: u64) -> bool {
-    let mut last = [0u8];
-    len == 0 || matches!(f.read_at(&mut last, len - 1), Ok(1) if last[0] == b'\n')
 }
 
 /// Appends `chunk` to `out` with the stamp of `at` before each line that
