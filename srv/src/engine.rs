@@ -1149,18 +1149,14 @@ impl Engine {
     /// LINE`), and its whole log as the service's `failed_log`. Its exit is
     /// handled once its log has everything.
     fn show_output(&mut self, sid: u32, id: InstanceId, prefix: &str) {
-        let Some(log) = self
-            .services
-            .get(&sid)
-            .and_then(|e| e.runtime.get(&id))
-            .map(|i| i.log.clone())
-        else {
+        let Some(e) = self.services.get(&sid) else {
             return;
         };
-        if let Some(e) = self.services.get(&sid) {
-            if let Err(err) = self.store.link_failed_log(&e.name, &log) {
-                tracing::warn!("{}: failed_log: {err}", e.name);
-            }
+        let Some(log) = e.runtime.get(&id).map(|i| i.log.clone()) else {
+            return;
+        };
+        if let Err(err) = self.store.link_failed_log(&e.name, &log) {
+            tracing::warn!("{}: failed_log: {err}", e.name);
         }
         let lines = process::last_lines(&log, process::SHOWN_LINES);
         if lines.is_empty() {

@@ -372,15 +372,20 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
 /// begins in it. `at_start` says whether the chunk begins a line, and is
 /// left saying whether the next one does.
 fn stamp_lines(chunk: &[u8], at: SystemTime, at_start: &mut bool, out: &mut Vec<u8>) {
-    let mut stamp = Vec::with_capacity(stamp::LEN + 1);
+    // Formatted once, where it is first written; copied from there after.
+    let mut stamp: Option<std::ops::Range<usize>> = None;
     let mut rest = chunk;
     while !rest.is_empty() {
         if *at_start {
-            if stamp.is_empty() {
-                stamp::utc(&mut stamp, at);
-                stamp.push(b' ');
+            match stamp.clone() {
+                Some(written) => out.extend_from_within(written),
+                None => {
+                    let from = out.len();
+                    stamp::utc(out, at);
+                    out.push(b' ');
+                    stamp = Some(from..out.len());
+                }
             }
-            out.extend_from_slice(&stamp);
         }
         let line = rest
             .iter()
@@ -413,9 +418,10 @@ const TAIL_BYTES: u64 = 4096;
 const LINE_WIDTH: usize = 200;
 
 /// The last `n` non-blank lines of a log (from its last 4 KiB), fit for an
-/// event line: without their time stamps, terminal escape sequences removed, other control characters
-/// as spaces, what a carriage return overwrote dropped, each cut at 200
-/// characters. Nothing if the file cannot be read.
+/// event line: without their time stamps, terminal escape sequences
+/// removed, other control characters as spaces, what a carriage return
+/// overwrote dropped, each cut at 200 characters. Nothing if the file
+/// cannot be read.
 pub fn last_lines(path: &Path, n: usize) -> Vec<String> {
     let lines = deployd_lib::tail::last_lines(path, TAIL_BYTES);
     let mut shown: Vec<String> = lines
