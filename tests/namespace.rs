@@ -246,6 +246,33 @@ fn the_namespace_keeps_its_shape() {
     assert_eq!(d.field("active/web/state"), "running");
 }
 
+/// A shell reads a command's answer back on the descriptor it wrote
+/// through, from where the write left it, whether the command was taken
+/// (the offset moved past it) or refused (it did not); again and again.
+#[test]
+fn a_shell_reads_each_answer_on_its_descriptor() {
+    let Some(d) = Deployd::start_settled(&[("web", "exec sleep 1000\n".to_string())]) else {
+        return;
+    };
+    let version = d.field("active/web/version");
+    let out = d.sh("exec 3<>$ROOT/active/web/ctl
+         echo apply >&3 && cat <&3
+         echo pause >&3 || cat <&3
+         echo 'apply' >&3 && cat <&3
+         exec 4<>$ROOT/ctl
+         echo 'pause web' >&4 || cat <&4");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "ok: unchanged: already at {version}\n\
+             error: nothing to pause: no rollout in progress\n\
+             ok: unchanged: already at {version}\n\
+             error: nothing to pause: no rollout in progress\n"
+        )
+    );
+}
+
 #[test]
 fn stop_start_and_remove_through_the_root_ctl() {
     let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, ""))]) else {

@@ -242,7 +242,7 @@ enum Open {
     /// A ctl file; holds the result of the last command written through it.
     Ctl {
         of: CtlOf,
-        last: Arc<Mutex<Option<String>>>,
+        last: Arc<Mutex<Option<Answer>>>,
     },
     /// A wait file; holds its answer once there is one.
     Wait {
@@ -347,6 +347,29 @@ fn dying(pid: u32) -> bool {
         .filter_map(|l| l.split_whitespace().nth(1))
         .filter_map(|mask| u64::from_str_radix(mask, 16).ok())
         .any(|mask| mask & (1 << (libc::SIGKILL - 1)) != 0)
+}
+
+/// A ctl command's answer, and the offset the descriptor is at after the
+/// write (the kernel moves it past what a write took, not past a refused
+/// one). A read from there on (`cat <&3` after `echo cmd >&3`) gets the
+/// answer from its start, and so does one from offset 0 (`pread`, as
+/// `deploy` reads it). Offsets in between count from 0 as well; only a
+/// reader that took part of an answer at 0 and went on below `at` would
+/// be misled, and answers are a line or a few, far below one read.
+struct Answer {
+    at: u64,
+    text: String,
+}
+
+impl Answer {
+    fn read(&self, offset: u64, size: u32) -> &[u8] {
+        let from = if offset >= self.at {
+            offset - self.at
+        } else {
+            offset
+        };
+        slice(self.text.as_bytes(), from, size)
+    }
 }
 
 fn slice(data: &[u8], offset: u64, size: u32) -> &[u8] {
@@ -688,13 +711,13 @@ impl Fs {
                     Err(_) => return reply.error(Errno::EIO),
                 }
             }
-            Open::Ctl { of, last } => {
-                let text = last
-                    .lock()
-                    .clone()
-                    .unwrap_or_else(|| format!("commands: {}\n", of.usage()));
-                slice(text.as_bytes(), offset, size).to_vec()
-            }
+            Open::Ctl { of, last } => match &*last.lock() {
+                Some(answer) => answer.read(offset, size).to_vec(),
+                None => {
+                    let usage = format!("commands: {}\n", of.usage());
+                    slice(usage.as_bytes(), offset, size).to_vec()
+                }
+            },
             Open::Wait { sid, answer } => {
                 if let Some(a) = answer.lock().clone() {
                     return reply.data(slice(&a, offset, size));
@@ -725,14 +748,15 @@ impl Fs {
         reply.data(&data)
     }
 
-    fn do_write(&self, open: &Open, data: &[u8], reply: ReplyWrite) {
+    fn do_write(&self, open: &Open, offset: u64, data: &[u8], reply: ReplyWrite) {
         let Open::Ctl { of, last } = open else {
             return reply.error(Errno::EBADF);
         };
+        let refused = move |text: String| Answer { at: offset, text };
         let command = match of.parse(data) {
             Ok(x) => x,
             Err(e) => {
-                *last.lock() = Some(format!("error: {e}\n"));
+                *last.lock() = Some(refused(format!("error: {e}\n")));
                 if let Some(s) = of.service() {
                     let shown: String = String::from_utf8_lossy(data).chars().take(60).collect();
                     let _ = self.engine.send(Msg::Note {
@@ -747,11 +771,14 @@ impl Fs {
         let last = last.clone();
         let done: CtlDone = Box::new(move |result: Result<String, Refusal>| match result {
             Ok(msg) => {
-                *last.lock() = Some(format!("ok: {msg}\n"));
+                *last.lock() = Some(Answer {
+                    at: offset.saturating_add(u64::from(len)),
+                    text: format!("ok: {msg}\n"),
+                });
                 reply.written(len);
             }
             Err(r) => {
-                *last.lock() = Some(format!("error: {}\n", r.message));
+                *last.lock() = Some(refused(format!("error: {}\n", r.message)));
                 reply.error(match r.kind {
                     RefusalKind::Invalid => Errno::EINVAL,
                     RefusalKind::Busy => Errno::EBUSY,
@@ -869,7 +896,7 @@ impl Filesystem for Fs {
         _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
-        _offset: u64,
+        offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
@@ -877,7 +904,7 @@ impl Filesystem for Fs {
         reply: ReplyWrite,
     ) {
         match self.handle(fh) {
-            Ok(open) => self.do_write(&open, data, reply),
+            Ok(open) => self.do_write(&open, offset, data, reply),
             Err(e) => reply.error(e),
         }
     }
