@@ -299,15 +299,41 @@ impl Store {
 
 /// Writes `bytes` to `path` through a temporary file in the same directory,
 /// fsynced if `durable`, then renamed over `path`.
+/// An error is the OS's own (`No space left on device (os error 28)`,
+/// its errno kept for the namespace to answer with), not tempfile's
+/// wrapping of it, which names the temporary file.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    if durable {
-        tmp.as_file().sync_all()?;
+    let write = || {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(bytes)?;
+        if durable {
+            tmp.as_file().sync_all()?;
+        }
+        tmp.persist(path).map_err(|e| e.error)?;
+        Ok(())
+    };
+    write().map_err(os_error)
+}
+
+/// The OS error behind `e`. tempfile wraps what the OS said with the
+/// temporary file's path and keeps only its kind, so the errno comes back
+/// from the kind, for those a write can meet.
+fn os_error(e: std::io::Error) -> std::io::Error {
+    use std::io::ErrorKind as K;
+    if e.raw_os_error().is_some() {
+        return e;
     }
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    let errno = match e.kind() {
+        K::StorageFull => libc::ENOSPC,
+        K::ReadOnlyFilesystem => libc::EROFS,
+        K::QuotaExceeded => libc::EDQUOT,
+        K::FileTooLarge => libc::EFBIG,
+        K::PermissionDenied => libc::EACCES,
+        K::NotFound => libc::ENOENT,
+        _ => return e,
+    };
+    std::io::Error::from_raw_os_error(errno)
 }
 
 #[cfg(test)]
@@ -326,6 +352,15 @@ mod tests {
         let web = name("web");
         store.create(&web).unwrap();
         (dir, store, web)
+    }
+
+    #[test]
+    fn a_failed_write_says_what_the_os_said() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone/state.json");
+        let e = write_atomic(&path, b"{}", true).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(e.to_string(), "No such file or directory (os error 2)");
     }
 
     #[test]
