@@ -450,6 +450,111 @@ fn bad_ctl_writes_fail_and_change_nothing() {
     assert_eq!(snapshot(&d), before);
 }
 
+/// The state directory made read-only under deployd (as a full disk would
+/// fail its writes), until dropped.
+struct ReadOnly(std::path::PathBuf);
+
+impl ReadOnly {
+    fn bind(dir: &std::path::Path) -> ReadOnly {
+        use nix::mount::{MsFlags, mount};
+        let none: Option<&str> = None;
+        mount(Some(dir), dir, none, MsFlags::MS_BIND, none).expect("bind mount");
+        let guard = ReadOnly(dir.to_path_buf());
+        let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+        mount(none, dir, none, flags, none).expect("remount read-only");
+        guard
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A command whose effect cannot be saved is refused with the OS's errno
+/// and changes nothing, so a restart cannot come back to less than was
+/// acknowledged; what changes on its own meanwhile is saved once the disk
+/// takes writes again, and events say both.
+#[test]
+fn unsaved_changes_are_refused_or_retried() {
+    let Some(mut d) = Deployd::start_settled(&[("web", app_manifest(2, ""))]) else {
+        return;
+    };
+    let version = d.field("active/web/version");
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    let ro = ReadOnly::bind(&d.state);
+    d.write_manifest("web", &app_manifest(2, "env NEW=1\n"));
+    d.write_manifest("api", &app_manifest(1, ""));
+
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(
+            "cannot save the state of web (nothing changed): Read-only file system (os error 30)"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.sh("echo apply > $ROOT/active/web/ctl");
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.deploy(&["apply", "api"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let out = d.sh("echo apply > $ROOT/ctl");
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!d.path("active/api").exists());
+    assert_eq!(d.field("active/web/version"), version);
+    assert_eq!(d.field("active/web/update_status"), "none");
+    let now: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    assert_eq!(now, pids);
+
+    // An instance dies and is restarted: its pid cannot be recorded.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill instance 0");
+    let events = d.wait_events("web", "retrying every 1s", 1);
+    assert!(
+        events.contains(
+            "cannot save its state: Read-only file system (os error 30); retrying every 1s"
+        ),
+        "{events}"
+    );
+    d.settle("web", LONG);
+    let restarted = d.instances("web")[0].1;
+    assert_ne!(restarted, pids[0]);
+
+    drop(ro);
+    d.wait_events("web", "state saved again", 1);
+    let recorded = std::fs::read_to_string(d.state.join("services/web/pids")).expect("pids");
+    assert!(
+        recorded
+            .lines()
+            .any(|l| l.starts_with(&format!("{restarted} "))),
+        "{recorded}"
+    );
+    let out = d.deploy(&["apply", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let new = d.field("active/web/version");
+    assert_ne!(new, version);
+
+    // What was acknowledged survives a kill -9.
+    d.kill9();
+    d.launch();
+    d.settle("web", LONG);
+    assert_eq!(d.field("active/web/version"), new);
+    assert!(!d.path("active/api").exists());
+}
+
 /// Acceptance 7: kill -9 mid-rollout; the next deployd brings the service
 /// back paused with its events, resume finishes it, nothing of the old
 /// deployd survives.

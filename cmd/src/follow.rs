@@ -64,15 +64,23 @@ pub fn apply_all(ns: &Ns, no_wait: bool) -> Result<Exit, Fail> {
     let msg = ns
         .ctl_root("apply\n")
         .map_err(|f| crate::refused("apply", f))?;
-    let (started, unchanged) = parse_apply_all(&msg);
+    let (started, unchanged, not_started) = parse_apply_all(&msg);
     for s in &unchanged {
         println!("{s}: unchanged");
     }
+    for why in &not_started {
+        eprintln!("deploy: not started: {why}");
+    }
+    let failed = if not_started.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Failed
+    };
     if no_wait {
         for s in &started {
             println!("{s}: started");
         }
-        return Ok(Exit::Ok);
+        return Ok(failed);
     }
     let followers: Vec<_> = started
         .into_iter()
@@ -85,7 +93,7 @@ pub fn apply_all(ns: &Ns, no_wait: bool) -> Result<Exit, Fail> {
             })
         })
         .collect();
-    let mut exit = Ok(Exit::Ok);
+    let mut exit = Ok(failed);
     for f in followers {
         let r = f
             .join()
@@ -109,19 +117,25 @@ pub fn apply_all(ns: &Ns, no_wait: bool) -> Result<Exit, Fail> {
     exit
 }
 
-/// `started: a, b; unchanged: c` → (started, unchanged).
-fn parse_apply_all(msg: &str) -> (Vec<String>, Vec<String>) {
+/// `started: a, b; unchanged: c; not started: REASON` → (started,
+/// unchanged, the reasons of those not started).
+fn parse_apply_all(msg: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
     let mut started = Vec::new();
     let mut unchanged = Vec::new();
+    let mut not_started = Vec::new();
     for part in msg.trim().split("; ") {
         let (list, names) = match part.split_once(": ") {
             Some(("started", names)) => (&mut started, names),
             Some(("unchanged", names)) => (&mut unchanged, names),
+            Some(("not started", why)) => {
+                not_started.push(why.to_string());
+                continue;
+            }
             _ => continue,
         };
         list.extend(names.split(", ").map(|n| n.trim().to_string()));
     }
-    (started, unchanged)
+    (started, unchanged, not_started)
 }
 
 /// What the rollout was, for the final line.
@@ -268,10 +282,16 @@ mod tests {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         assert_eq!(
             parse_apply_all("started: api, web; unchanged: worker\n"),
-            (s(&["api", "web"]), s(&["worker"]))
+            (s(&["api", "web"]), s(&["worker"]), s(&[]))
         );
-        assert_eq!(parse_apply_all("unchanged: a"), (s(&[]), s(&["a"])));
-        assert_eq!(parse_apply_all("started: a"), (s(&["a"]), s(&[])));
-        assert_eq!(parse_apply_all(""), (s(&[]), s(&[])));
+        assert_eq!(parse_apply_all("unchanged: a"), (s(&[]), s(&["a"]), s(&[])));
+        assert_eq!(parse_apply_all("started: a"), (s(&["a"]), s(&[]), s(&[])));
+        assert_eq!(parse_apply_all(""), (s(&[]), s(&[]), s(&[])));
+        let full =
+            "cannot save the state of b (nothing changed): No space left on device (os error 28)";
+        assert_eq!(
+            parse_apply_all(&format!("started: a; not started: {full}\n")),
+            (s(&["a"]), s(&[]), s(&[full]))
+        );
     }
 }

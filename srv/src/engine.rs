@@ -202,6 +202,9 @@ struct Entry {
     router: Option<Arc<Router>>,
     /// The output its events showed last.
     shown: Option<Shown>,
+    /// Why its record or pid file could not be written last time, until
+    /// a write succeeds; retried every [`SAVE_RETRY`].
+    unsaved: Option<String>,
 }
 
 /// Lines of an instance's output the events showed, the stamp of their
@@ -216,6 +219,9 @@ struct Shown {
 }
 
 const SHOWN_AGAIN: Duration = Duration::from_secs(3600);
+
+/// How often a record that could not be written is tried again.
+const SAVE_RETRY: Duration = Duration::from_secs(1);
 
 /// The engine's state. See the module documentation.
 pub struct Engine {
@@ -245,6 +251,8 @@ pub struct Engine {
     exe: Option<PathBuf>,
     /// `reexec` was accepted: the loop ends, the instances stay.
     reexec: bool,
+    /// When to write again the records that could not be written.
+    retry_save: Option<tokio::time::Instant>,
 }
 
 /// How [`Engine::run`] ended.
@@ -300,6 +308,7 @@ impl Engine {
             stops: Vec::new(),
             exe: None,
             reexec: false,
+            retry_save: None,
         }
     }
 
@@ -414,7 +423,9 @@ impl Engine {
     /// directory, or none. Every manifest must parse and every service must
     /// accept its apply (tried first on a copy of its state machine);
     /// otherwise the refusal lists every reason and nothing changes.
-    /// Answers `started: a, b; unchanged: c` (empty parts left out).
+    /// Answers `started: a, b; unchanged: c` (empty parts left out), then
+    /// a `not started: REASON` for each service whose state could not be
+    /// saved.
     fn apply_all(&mut self) -> Result<String, Refusal> {
         let dir = self.config.manifests.clone();
         let files = self.manifest_files().map_err(|e| Refusal {
@@ -478,21 +489,36 @@ impl Engine {
             .map(|(n, _)| n.clone())
             .filter(|n| !self.names.contains_key(n))
             .collect();
+        // What the dry run cannot foresee: the disk. A service whose
+        // state cannot be saved is not started; the others are.
+        let mut failed: Vec<Refusal> = Vec::new();
         for (name, spec) in specs {
             if unchanged.contains(&name.to_string()) {
                 continue;
             }
             match self.apply_spec(&name, spec, &coming) {
                 Ok(_) => started.push(name.to_string()),
-                // Only what the dry run could not foresee (the disk).
-                Err(r) => tracing::error!("{name}: {}", r.message),
+                Err(r) => failed.push(r),
             }
         }
-        let parts: Vec<String> = [("started", started), ("unchanged", unchanged)]
+        if started.is_empty() && unchanged.is_empty() {
+            if let Some(first) = failed.first() {
+                return Err(Refusal {
+                    kind: first.kind,
+                    message: failed
+                        .iter()
+                        .map(|r| r.message.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                });
+            }
+        }
+        let mut parts: Vec<String> = [("started", started), ("unchanged", unchanged)]
             .into_iter()
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| format!("{k}: {}", v.join(", ")))
             .collect();
+        parts.extend(failed.iter().map(|r| format!("not started: {}", r.message)));
         Ok(parts.join("; "))
     }
 
@@ -605,6 +631,7 @@ impl Engine {
                 view: None,
                 router: None,
                 shown: None,
+                unsaved: None,
             },
         );
         self.dirty.insert(sid);
@@ -620,19 +647,24 @@ impl Engine {
         spec: Spec,
         coming: &[ServiceName],
     ) -> Result<String, Refusal> {
-        self.store.create(&name).map_err(|e| Refusal {
-            kind: RefusalKind::Invalid,
-            message: format!("cannot create the state of {name}: {e}"),
-        })?;
-        let history = vec![(spec.version, spec.text.clone())];
-        self.store
-            .save_manifest(&name, spec.version, &spec.text)
-            .map_err(|e| Refusal {
-                kind: RefusalKind::Invalid,
-                message: format!("cannot save the manifest: {e}"),
-            })?;
+        let (version, text) = (spec.version, spec.text.clone());
+        let history = vec![(version, text.clone())];
         let waiting = self.pending_after(&name, &spec.manifest, coming);
         let (machine, actions) = Service::create_waiting(self.now(), spec, waiting);
+        // On disk before anything starts, as for any command.
+        let saved = Saved {
+            record: machine.record(),
+            history: history.iter().map(|(v, _)| *v).collect(),
+        };
+        let written = self
+            .store
+            .create(&name)
+            .and_then(|()| self.store.save_manifest(&name, version, &text))
+            .and_then(|()| self.store.save(&name, &saved));
+        if let Err(err) = written {
+            let _ = self.store.remove(&name);
+            return Err(storage_refusal(&name, &err));
+        }
         // The deployment's own line, then what it waits for, if anything.
         let lines = if machine.waiting().is_empty() { 1 } else { 2 };
         let msg = actions
@@ -645,6 +677,9 @@ impl Engine {
             .collect::<Vec<_>>()
             .join("; ");
         let sid = self.add_entry(name, machine, history);
+        if let Some(e) = self.services.get_mut(&sid) {
+            e.saved = Some(saved);
+        }
         self.execute(sid, actions);
         Ok(msg)
     }
@@ -675,6 +710,11 @@ impl Engine {
                     }
                 }
                 _ = sleep_until(wake) => self.on_timers(),
+                _ = sleep_until(self.retry_save) => {
+                    self.retry_save = None;
+                    let unsaved = self.services.iter().filter(|(_, e)| e.unsaved.is_some());
+                    self.dirty.extend(unsaved.map(|(sid, _)| *sid));
+                }
                 Ok(_) = signals.wait_for(|n| *n >= 1) => break,
             }
             self.flush();
@@ -990,14 +1030,42 @@ impl Engine {
     }
 
     /// Hands `command` to the service's machine; keeps the history and the
-    /// routing in step with what it accepted.
+    /// routing in step with what it accepted. What an accepted command
+    /// changes is on disk before anything is done about it: the manifest
+    /// of a new version, then the record. If either cannot be written
+    /// (a full disk), the machine is put back as it was and the command is
+    /// refused with the OS's errno: nothing started, nothing lost at the
+    /// next restart.
     fn command(&mut self, sid: u32, command: Command) -> Result<String, Refusal> {
-        let result = self.handle(sid, Input::Command(command));
-        if result.is_ok() {
-            self.remember_versions(sid);
+        let now = self.now();
+        let Some(e) = self.services.get_mut(&sid) else {
+            return Err(Refusal {
+                kind: RefusalKind::NotFound,
+                message: "no such service".into(),
+            });
+        };
+        let before = e.machine.clone();
+        let handled = e.machine.handle(now, Input::Command(command));
+        if handled.result.is_ok() {
+            let history = next_history(&e.machine, &e.history);
+            if let Err(err) = save_first(&self.store, e, &history) {
+                e.machine = before;
+                return Err(storage_refusal(&e.name, &err));
+            }
+            e.history = history;
+            let keep: Vec<Version> = e.history.iter().map(|(v, _)| *v).collect();
+            self.store.prune_history(&e.name, &keep);
+            self.dirty.insert(sid);
+        }
+        if !handled.actions.is_empty() {
+            self.dirty.insert(sid);
+        }
+        self.execute(sid, handled.actions);
+        self.schedule(sid);
+        if handled.result.is_ok() {
             self.sync_proxy(sid);
         }
-        result
+        handled.result
     }
 
     fn load_manifest(&self, service: &ServiceName) -> Result<Spec, Refusal> {
@@ -1018,47 +1086,6 @@ impl Engine {
                 message: e.to_string(),
             }),
         }
-    }
-
-    /// Keeps the target and previous manifests in the history, trimmed to
-    /// [`HISTORY`] but never dropping a version still running.
-    fn remember_versions(&mut self, sid: u32) {
-        let Some(e) = self.services.get_mut(&sid) else {
-            return;
-        };
-        let mut specs = vec![e.machine.target().clone()];
-        specs.extend(e.machine.previous().cloned());
-        for spec in specs {
-            if let Some(pos) = e.history.iter().position(|(v, _)| *v == spec.version) {
-                let item = e.history.remove(pos);
-                e.history.push(item);
-                continue;
-            }
-            if let Err(err) = self.store.save_manifest(&e.name, spec.version, &spec.text) {
-                tracing::error!("{}: cannot save manifest {}: {err}", e.name, spec.version);
-            }
-            e.history.push((spec.version, spec.text.clone()));
-        }
-        // The target is newest; the previous version just before it.
-        let target = e.machine.version();
-        if let Some(pos) = e.history.iter().position(|(v, _)| *v == target) {
-            let item = e.history.remove(pos);
-            e.history.push(item);
-        }
-        let mut in_use = e.machine.versions_in_use();
-        in_use.push(target);
-        in_use.extend(e.machine.previous().map(|p| p.version));
-        while e.history.len() > HISTORY {
-            match e.history.iter().position(|(v, _)| !in_use.contains(v)) {
-                Some(pos) => {
-                    e.history.remove(pos);
-                }
-                None => break,
-            }
-        }
-        let keep: Vec<Version> = e.history.iter().map(|(v, _)| *v).collect();
-        self.store.prune_history(&e.name, &keep);
-        self.dirty.insert(sid);
     }
 
     fn handle(&mut self, sid: u32, input: Input) -> Result<String, Refusal> {
@@ -1610,10 +1637,11 @@ impl Engine {
             record: e.machine.record(),
             history: e.history.iter().map(|(v, _)| *v).collect(),
         };
+        let mut failed = None;
         if e.saved.as_ref() != Some(&saved) {
             match self.store.save(&e.name, &saved) {
                 Ok(()) => e.saved = Some(saved),
-                Err(err) => tracing::error!("{}: cannot save state: {err}", e.name),
+                Err(err) => failed = Some(format!("cannot save its state: {err}")),
             }
         }
         let mut pids: Vec<(u32, u64)> = e
@@ -1623,12 +1651,43 @@ impl Engine {
             .collect();
         pids.sort();
         if pids != e.pids {
-            if let Err(err) = self.store.save_pids(&e.name, &pids) {
-                tracing::warn!("{}: cannot save pids: {err}", e.name);
+            match self.store.save_pids(&e.name, &pids) {
+                Ok(()) => e.pids = pids,
+                Err(err) => {
+                    failed.get_or_insert(format!("cannot save its pid file: {err}"));
+                }
             }
-            e.pids = pids;
             let live: Vec<PathBuf> = e.runtime.values().map(|i| i.log.clone()).collect();
             self.store.prune_logs(&e.name, &live);
+        }
+        // Said once when it starts failing and once when it works again,
+        // in events (kept in memory too): every line of a rollout that
+        // goes on meanwhile would otherwise say it.
+        let line = match (&e.unsaved, failed) {
+            (None, Some(why)) => {
+                tracing::error!("{}: {why}", e.name);
+                let line = format!(
+                    "{why}; retrying every {}s; until it works, a restart of deployd comes back to what was saved before",
+                    SAVE_RETRY.as_secs()
+                );
+                e.unsaved = Some(why);
+                Some(line)
+            }
+            (Some(_), Some(why)) => {
+                e.unsaved = Some(why);
+                None
+            }
+            (Some(_), None) => {
+                e.unsaved = None;
+                Some("state saved again".to_string())
+            }
+            (None, None) => None,
+        };
+        if e.unsaved.is_some() && self.retry_save.is_none() {
+            self.retry_save = Some(tokio::time::Instant::now() + SAVE_RETRY);
+        }
+        if let Some(line) = line {
+            self.log(sid, &line);
         }
     }
 
@@ -1862,6 +1921,69 @@ impl Engine {
 type History = Vec<(Version, Arc<str>)>;
 
 /// The manifest of version `v`, from a service's history.
+/// The history once `machine` has taken a command: its target and
+/// previous manifests added or moved up (the target newest, the previous
+/// version just before it), trimmed to [`HISTORY`] but never dropping a
+/// version still running.
+fn next_history(machine: &Service, history: &[(Version, Arc<str>)]) -> History {
+    let mut next = history.to_vec();
+    let mut specs = vec![machine.target().clone()];
+    specs.extend(machine.previous().cloned());
+    for spec in specs {
+        match next.iter().position(|(v, _)| *v == spec.version) {
+            Some(pos) => {
+                let item = next.remove(pos);
+                next.push(item);
+            }
+            None => next.push((spec.version, spec.text.clone())),
+        }
+    }
+    let target = machine.version();
+    if let Some(pos) = next.iter().position(|(v, _)| *v == target) {
+        let item = next.remove(pos);
+        next.push(item);
+    }
+    let mut in_use = machine.versions_in_use();
+    in_use.push(target);
+    in_use.extend(machine.previous().map(|p| p.version));
+    while next.len() > HISTORY {
+        match next.iter().position(|(v, _)| !in_use.contains(v)) {
+            Some(pos) => {
+                next.remove(pos);
+            }
+            None => break,
+        }
+    }
+    next
+}
+
+/// Writes what a command changed before it is acted on: the manifests
+/// `history` has that the service's does not, then its record.
+fn save_first(store: &Store, e: &mut Entry, history: &History) -> std::io::Result<()> {
+    for (v, text) in history {
+        if !e.history.iter().any(|(hv, _)| hv == v) {
+            store.save_manifest(&e.name, *v, text)?;
+        }
+    }
+    let saved = Saved {
+        record: e.machine.record(),
+        history: history.iter().map(|(v, _)| *v).collect(),
+    };
+    if e.saved.as_ref() != Some(&saved) {
+        store.save(&e.name, &saved)?;
+        e.saved = Some(saved);
+    }
+    Ok(())
+}
+
+/// A command refused because what it changes could not be saved.
+fn storage_refusal(name: &ServiceName, err: &std::io::Error) -> Refusal {
+    Refusal {
+        kind: RefusalKind::Storage(err.raw_os_error().unwrap_or(libc::EIO)),
+        message: format!("cannot save the state of {name} (nothing changed): {err}"),
+    }
+}
+
 fn resolve(history: &[(Version, Arc<str>)], v: Version) -> Option<Spec> {
     let (_, text) = history.iter().find(|(hv, _)| *hv == v)?;
     let m = manifest::parse(text.as_bytes()).ok()?;

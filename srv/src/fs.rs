@@ -783,6 +783,7 @@ impl Fs {
                     RefusalKind::Invalid => Errno::EINVAL,
                     RefusalKind::Busy => Errno::EBUSY,
                     RefusalKind::NotFound => Errno::ENOENT,
+                    RefusalKind::Storage(errno) => Errno::from_i32(errno),
                 });
             }
         });

@@ -250,6 +250,10 @@ pub enum RefusalKind {
     Busy,
     /// What it names does not exist (`ENOENT`).
     NotFound,
+    /// What it would change could not be written to disk; the errno the
+    /// OS gave (`ENOSPC`, `EROFS`, `EIO`, ...). Never the machine's: the
+    /// engine's, which saves a command's effect before acting on it.
+    Storage(i32),
 }
 
 impl fmt::Display for Refusal {
