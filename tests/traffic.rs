@@ -1016,3 +1016,46 @@ fn an_access_log_has_a_line_per_request() {
             .contains("\naccess_dropped 0\n")
     );
 }
+
+/// A port another program holds (the one deployd takes over from, still
+/// running): the instances start, events and `traffic` say the port is
+/// not served and why, and deployd takes it once it is let go.
+#[test]
+fn a_taken_port_is_said_and_taken_once_free() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = holder.local_addr().expect("addr").port();
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, ""))]) else {
+        return;
+    };
+    let taken = format!("cannot listen on 127.0.0.1:{port}: Address already in use (os error 98)");
+    let events = d.wait_events("web", &taken, 1);
+    assert!(
+        events.contains(&format!(
+            "{taken}; trying again every 2s; the instances run, but nothing reaches them through port {port}"
+        )),
+        "{events}"
+    );
+    assert!(
+        d.read("active/web/traffic")
+            .contains(&format!("\nnot_listening {taken}\n")),
+        "{}",
+        d.read("active/web/traffic")
+    );
+    let out = d.deploy(&["status", "web"]);
+    assert!(
+        stdout(&out).contains(&format!("not listening: {taken}")),
+        "{}",
+        stdout(&out)
+    );
+
+    drop(holder);
+    d.wait_events(
+        "web",
+        &format!("listening on 127.0.0.1:{port} (http) at last"),
+        1,
+    );
+    let (status, body) = http_get(port, "/").expect("served once listening");
+    assert_eq!(status, 200, "{body}");
+    assert!(!d.read("active/web/traffic").contains("not_listening"));
+    assert_eq!(d.read("active/web/events").matches(&taken).count(), 1);
+}

@@ -64,6 +64,9 @@ pub struct Traffic {
     pub abandoned: Option<u64>,
     /// With deployd and no instance yet: being read, or queued for one.
     pub waiting: u64,
+    /// Why deployd is not listening on the port yet (it is taken).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_listening: Option<String>,
 }
 
 impl Traffic {
@@ -195,6 +198,10 @@ fn traffic(text: &str) -> Option<Traffic> {
         retried: get("retried").unwrap_or(0),
         abandoned: get("abandoned"),
         waiting: get("waiting").unwrap_or(0),
+        not_listening: text
+            .lines()
+            .find_map(|l| l.strip_prefix("not_listening "))
+            .map(String::from),
         mode,
     })
 }
@@ -340,6 +347,9 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             write!(out, ", {} waiting", t.waiting)?;
         }
         writeln!(out)?;
+        if let Some(why) = &t.not_listening {
+            writeln!(out, "  {:<17} not listening: {why}", "")?;
+        }
     }
     writeln!(out)?;
     // With a port, what each instance served and failed.

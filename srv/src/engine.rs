@@ -63,7 +63,8 @@ pub enum Msg {
         /// Called with the result once it is persisted.
         done: CtlDone,
     },
-    /// A line for a service's event log (a ctl write that did not parse).
+    /// A line for a service's event log (a ctl write that did not parse,
+    /// a port that cannot be listened on).
     Note {
         /// The service.
         service: ServiceName,
@@ -1514,7 +1515,14 @@ impl Engine {
             old.stop_listening();
         }
         let Some(w) = want else { return };
-        e.router = Some(proxy::listen(bind, w, e.name.to_string()));
+        let (tx, service) = (self.tx.clone(), e.name.clone());
+        let note: proxy::Note = Box::new(move |line| {
+            let _ = tx.send(Msg::Note {
+                service: service.clone(),
+                line,
+            });
+        });
+        e.router = Some(proxy::listen(bind, w, e.name.to_string(), note));
         let ready: Vec<InstanceId> = e
             .machine
             .instances()

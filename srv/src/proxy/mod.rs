@@ -167,6 +167,8 @@ pub struct Router {
     bound_here: AtomicBool,
     /// Told to stop listening: the accept loop ends at its next error.
     unlistened: AtomicBool,
+    /// Why the port is not listening yet (it is taken), while it is not.
+    unbound: Mutex<Option<String>>,
     /// deployd is stopping: a client connection ends once the request it
     /// has in flight is answered (read on every response).
     finishing: AtomicBool,
@@ -219,6 +221,7 @@ impl Router {
             socket: Mutex::new(None),
             bound_here: AtomicBool::new(false),
             unlistened: AtomicBool::new(false),
+            unbound: Mutex::new(None),
             finishing: AtomicBool::new(false),
             access: RwLock::new(None),
             finished: watch::channel(false).0,
@@ -429,6 +432,9 @@ impl Router {
         if let Some(log) = self.access.read().as_ref() {
             out.push_str(&format!("access_dropped {}\n", log.dropped()));
         }
+        if let Some(why) = self.unbound.lock().as_ref() {
+            out.push_str(&format!("not_listening {why}\n"));
+        }
         let mut rows: Vec<(u32, &Arc<Backend>)> = known
             .iter()
             .filter_map(|b| Some((number(b.id)?, b)))
@@ -502,10 +508,20 @@ fn runtime() -> &'static tokio::runtime::Handle {
     })
 }
 
+/// Says a line in the service's events.
+pub type Note = Box<dyn Fn(String) + Send + Sync>;
+
+/// How long a taken port is left before it is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(2);
+
 /// Listens on a service's port and serves it through its router, binding
-/// again every 2s while the port is taken. A socket for the port passed by
-/// socket activation ([`activation`]) is used as it is, wherever it is bound.
-pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> {
+/// again every 2s while the port is taken (by the program deployd takes
+/// over from, say, which lets it go once stopped). That it is taken, and
+/// that it is listening at last, go to the service's events through
+/// `note`, and its `traffic` file says `not_listening` meanwhile. A socket
+/// for the port passed by socket activation ([`activation`]) is used as it
+/// is, wherever it is bound.
+pub fn listen(bind: IpAddr, settings: Settings, service: String, note: Note) -> Arc<Router> {
     let router = Arc::new(Router::new(settings));
     let r = router.clone();
     let passed = activation::take(settings.port);
@@ -529,11 +545,24 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String) -> Arc<Router> 
                 match TcpListener::bind(addr).await {
                     Ok(l) => {
                         r.bound_here.store(true, Ordering::SeqCst);
+                        if r.unbound.lock().take().is_some() {
+                            note(format!("listening on {addr} ({}) at last", settings.mode.name()));
+                        }
                         break l;
                     }
                     Err(e) => {
-                        tracing::warn!(service = %service, "cannot listen on {addr}: {e}; trying again in 2s");
-                        tokio::time::sleep(Duration::from_secs(2)).await;
+                        let why = format!("cannot listen on {addr}: {e}");
+                        // Said again only when the reason changes.
+                        let said = r.unbound.lock().replace(why.clone());
+                        if said.as_deref() != Some(why.as_str()) {
+                            tracing::warn!(service = %service, "{why}; trying again every 2s");
+                            note(format!(
+                                "{why}; trying again every {}s; the instances run, but nothing reaches them through port {}",
+                                BIND_RETRY.as_secs(),
+                                settings.port
+                            ));
+                        }
+                        tokio::time::sleep(BIND_RETRY).await;
                     }
                 }
             },
@@ -725,7 +754,12 @@ mod tests {
             queue_timeout: std::time::Duration::from_secs(1),
             response_timeout: None,
         };
-        let r = super::listen([127, 0, 0, 1].into(), settings, "t".into());
+        let r = super::listen(
+            [127, 0, 0, 1].into(),
+            settings,
+            "t".into(),
+            Box::new(|_| {}),
+        );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while r.socket.lock().is_none() {
             assert!(std::time::Instant::now() < deadline, "never listened");
