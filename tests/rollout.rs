@@ -774,12 +774,35 @@ fn a_failed_start_shows_what_the_instance_printed() {
     assert_eq!(failed(&d), plain);
 }
 
+/// A service with no probe whose program exits at once (a typo in its
+/// `exec`) fails its deployment, with what the shell said, rather than
+/// being reported deployed and crash-looping.
+#[test]
+fn a_program_that_exits_at_once_fails_its_deployment() {
+    let Some(d) = Deployd::start(&[]) else {
+        return;
+    };
+    d.write_manifest("job", "exec /no/such/program --flag\nreplicas 2\n");
+    let out = d.deploy(&["apply", "job"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let said = stdout(&out);
+    assert!(
+        said.contains("job: deployment failed: instance ")
+            && said.contains("exited while starting (exit status 127"),
+        "{said}"
+    );
+    assert!(said.contains("/no/such/program: not found"), "{said}");
+    assert_eq!(d.field("active/job/update_status"), "failed");
+    assert!(d.instances("job").is_empty(), "{:?}", d.instances("job"));
+}
+
 /// A crash loop printing the same error at each restart shows it once; the
 /// exits after it refer to it by its time, as Kubernetes counts a repeated
-/// event rather than repeating it.
+/// event rather than repeating it. (It runs past the second a `health none`
+/// instance needs to be ready: sooner, its deployment fails instead.)
 #[test]
 fn a_crash_loop_shows_its_output_once_then_refers_to_it() {
-    let m = "exec sleep 0.3; echo 'FATAL: no DATABASE_URL'; exit 3\n";
+    let m = "exec sleep 1.2; echo 'FATAL: no DATABASE_URL'; exit 3\n";
     let Some(d) = Deployd::start(&[("api", m.to_string())]) else {
         return;
     };

@@ -89,7 +89,8 @@ pub struct Manifest {
     pub health_grace: Duration,
     /// A new instance must be ready within this, or the rollout fails.
     pub health_deadline: Duration,
-    /// A new instance must stay healthy this long before it counts as ready.
+    /// A new instance must stay healthy this long before it counts as ready
+    /// (see [`Manifest::ready_after`] for `health none`).
     pub min_healthy: Duration,
     /// How a new version replaces the running one.
     pub update: Strategy,
@@ -337,6 +338,9 @@ impl Proxy {
     }
 }
 
+/// With `health none`, how long a new instance must run to be ready.
+pub const RUNNING_FOR: Duration = Duration::from_secs(1);
+
 impl Manifest {
     /// A manifest running `exec` with every other directive at its default.
     pub fn new(exec: impl Into<String>) -> Manifest {
@@ -508,6 +512,22 @@ impl Manifest {
             line(format_args!("access_log on"));
         }
         out
+    }
+
+    /// How long a new instance must stay healthy before it counts as
+    /// ready: `min_healthy`, and with `health none` at least
+    /// [`RUNNING_FOR`] (at most half the `health_deadline`): nothing but
+    /// its running says it works, and a program that exits at once (a
+    /// typo in `exec`, a missing file) then fails its rollout rather than
+    /// crash-looping after `deployed`. PM2 waits its `min_uptime` (1s),
+    /// Docker Swarm its `update-monitor` (5s) the same way.
+    pub fn ready_after(&self) -> Duration {
+        match self.health {
+            Health::None => self
+                .min_healthy
+                .max(RUNNING_FOR.min(self.health_deadline / 2)),
+            _ => self.min_healthy,
+        }
     }
 
     /// The version: the first 12 hex digits of the SHA-256 of the canonical text.

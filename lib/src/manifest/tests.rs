@@ -189,6 +189,25 @@ fn health_forms_and_their_defaults() {
     );
 }
 
+/// A probe says when an instance works; without one, having run a second
+/// does (less with a short health_deadline, more with min_healthy), and
+/// the version is that of the text, as before.
+#[test]
+fn ready_after_is_min_healthy_or_a_second_of_running() {
+    let s = Duration::from_secs;
+    let ready = |src: &str| ok(src).ready_after();
+    assert_eq!(ready("exec a\nport 80\n"), Duration::ZERO);
+    assert_eq!(ready("exec a\nhealth http /\nmin_healthy 3s\n"), s(3));
+    assert_eq!(ready("exec a\n"), s(1));
+    assert_eq!(ready("exec a\nmin_healthy 0\n"), s(1));
+    assert_eq!(ready("exec a\nmin_healthy 5s\n"), s(5));
+    assert_eq!(
+        ready("exec a\nhealth_deadline 600ms\n"),
+        Duration::from_millis(300)
+    );
+    assert_eq!(ok("exec a\n").canonical(), "exec a\n");
+}
+
 #[test]
 fn restart_and_signal_spellings() {
     for (word, policy) in [

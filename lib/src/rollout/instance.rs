@@ -257,11 +257,13 @@ impl Instance {
         matches!(self.state, State::Healthy | State::Ready)
     }
 
-    /// Healthy for `min_healthy` without a break: may be routed in.
+    /// Healthy for `min_healthy` without a break (see
+    /// [`Manifest::ready_after`](crate::manifest::Manifest::ready_after)):
+    /// may be routed in.
     pub(crate) fn eligible(&self, now: Instant) -> bool {
         match (self.state, self.healthy_since) {
             (State::Ready, _) => true,
-            (State::Healthy, Some(since)) => now >= since + self.spec.manifest.min_healthy,
+            (State::Healthy, Some(since)) => now >= since + self.spec.manifest.ready_after(),
             _ => false,
         }
     }

@@ -725,7 +725,7 @@ impl Service {
                 State::Starting => at(inst.deadline()),
                 State::Healthy => {
                     if let Some(since) = inst.healthy_since {
-                        at(since + inst.spec.manifest.min_healthy);
+                        at(since + inst.spec.manifest.ready_after());
                     }
                     at(inst.deadline());
                 }
@@ -1617,10 +1617,10 @@ impl Service {
                 all_ready = false;
                 if self.now >= inst.deadline() {
                     let m = &inst.spec.manifest;
-                    let what = if inst.state == State::Healthy && !m.min_healthy.is_zero() {
+                    let what = if inst.state == State::Healthy && !m.ready_after().is_zero() {
                         format!(
                             "did not stay healthy for min_healthy {}",
-                            format_duration(m.min_healthy)
+                            format_duration(m.ready_after())
                         )
                     } else {
                         "not healthy".to_string()

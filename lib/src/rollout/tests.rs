@@ -1413,6 +1413,61 @@ fn min_healthy_holds_the_batch_and_flapping_resets_it() {
     sim.check_converged();
 }
 
+/// With no probe, running is all that says an instance works: one that
+/// exits within its first second (a typo in `exec`) fails the rollout
+/// instead of being counted ready at its start.
+#[test]
+fn with_health_none_an_instance_must_run_a_second_to_be_ready() {
+    let mut m = (*spec("v1", 1, 1, Strategy::Rolling).manifest).clone();
+    m.health = Health::None;
+    m.port = None;
+    let mut sim = Sim::new(Spec::new(m.clone(), "a"));
+    m.exec = "v2".into();
+    sim.command(Command::Apply(Spec::new(m.clone(), "b")))
+        .unwrap();
+    let candidate = loop {
+        let started = sim
+            .svc
+            .instances()
+            .iter()
+            .find_map(|i| (i.role() == Role::Candidate && i.pid().is_some()).then(|| i.id()));
+        if let Some(id) = started {
+            break id;
+        }
+        assert!(sim.step());
+    };
+    sim.at(500 * MS, SimEvent::Exit(candidate.0, 0));
+    sim.settle();
+    assert_eq!(
+        sim.svc.update_status(),
+        UpdateStatus::Failed,
+        "{:#?}",
+        sim.events
+    );
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e.contains("exited while starting")),
+        "{:#?}",
+        sim.events
+    );
+
+    // One that keeps running is ready after that second, not before.
+    m.exec = "v3".into();
+    sim.events.clear();
+    let t0 = sim.now;
+    sim.command(Command::Apply(Spec::new(m, "c"))).unwrap();
+    sim.settle();
+    assert_eq!(
+        sim.svc.update_status(),
+        UpdateStatus::None,
+        "{:#?}",
+        sim.events
+    );
+    assert!(sim.now.since(t0) >= Duration::from_secs(1));
+    sim.check_converged();
+}
+
 #[test]
 fn replace_stops_all_old_before_starting_new() {
     let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Replace));
