@@ -1,7 +1,8 @@
 //! What a manifest needs of the machine it runs on: the account its `user`
 //! directive names, looked up in the machine's user database (through the
 //! C library, so `/etc/passwd` and whatever NSS adds: LDAP, systemd's
-//! dynamic users), and the files its `env_file` lines name.
+//! dynamic users), its working directory, and the files its `env_file`
+//! lines name.
 //!
 //! [`parse`](crate::manifest::parse) only checks that these are well
 //! formed; [`load`] also checks that this machine has the account and that
@@ -129,7 +130,8 @@ fn env_file(dir: &Path, f: &str) -> Result<Vec<(String, String)>, String> {
 }
 
 /// [`manifest::load`], and then the checks that need this machine: its
-/// `user` must exist here and its env files must read and parse. Each
+/// `user` must exist here, its `dir` be a directory, and its env files
+/// must read and parse. Each
 /// problem is reported like a parse error, at its directive's line.
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
     let loaded = manifest::load(path)?;
@@ -146,6 +148,14 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         }
     }
     let dir = path.parent().unwrap_or(Path::new("."));
+    if let Some(d) = &m.dir {
+        let wd = dir.join(d);
+        match std::fs::metadata(&wd) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => at("dir", 0, format!("dir {}: not a directory", wd.display())),
+            Err(e) => at("dir", 0, format!("dir {}: {e}", wd.display())),
+        }
+    }
     for (nth, f) in m.env_files.iter().enumerate() {
         if let Err(message) = env_file(dir, f) {
             at("env_file", nth, message);
@@ -382,6 +392,25 @@ mod tests {
                  {p}:4:10: env_file {d}/secret.env:2:1: PORT is set by deployd for each instance"
             )
         );
+    }
+
+    #[test]
+    fn load_reports_a_dir_that_is_not_there_at_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("web.manifest");
+        std::fs::create_dir(dir.path().join("app")).expect("mkdir");
+        std::fs::write(dir.path().join("file"), "").expect("write");
+        std::fs::write(&path, "exec ./run\ndir app\n").expect("write");
+        load(&path).expect("an existing dir");
+        let d = dir.path().display();
+        for (wd, why) in [
+            ("gone", "No such file or directory (os error 2)"),
+            ("file", "not a directory"),
+        ] {
+            std::fs::write(&path, format!("exec ./run\ndir {wd}\n")).expect("write");
+            let e = load(&path).expect_err("invalid").to_string();
+            assert_eq!(e, format!("{}:2:5: dir {d}/{wd}: {why}", path.display()));
+        }
     }
 
     #[test]
