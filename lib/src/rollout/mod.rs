@@ -2221,11 +2221,14 @@ impl Service {
         changed
     }
 
-    /// Gives each instance its slot's number once that number is free.
+    /// Gives each instance its slot's number once that number is free; not
+    /// one on its way out (a failed candidate still stopping), which would
+    /// take the number from the instance that serves the slot.
     fn renumber(&mut self) {
         for i in 0..self.instances.len() {
-            let (number, slot) = (self.instances[i].number, self.instances[i].slot);
-            if number != slot && !self.number_used(slot) {
+            let inst = &self.instances[i];
+            let (number, slot) = (inst.number, inst.slot);
+            if number != slot && inst.role != Role::Retiring && !self.number_used(slot) {
                 self.instances[i].number = slot;
                 self.event(format!("instance {number} is now instance {slot}"));
             }

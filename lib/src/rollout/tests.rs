@@ -1555,6 +1555,54 @@ fn numbers_are_contiguous_after_every_rollout() {
     assert!(renames > 0);
 }
 
+/// A failed candidate slow to stop does not take its slot's number from
+/// the instance that now serves the slot: a rollout started at once after
+/// the failure completes while it is still stopping, and `instances/0` is
+/// then the new instance, not the one on its way out.
+#[test]
+fn an_instance_on_its_way_out_keeps_its_number() {
+    let mut sim = Sim::new(spec("v1", 1, 1, Strategy::Rolling));
+    let bad = spec("bad", 1, 1, Strategy::Rolling);
+    sim.behaviours.insert(
+        bad.version,
+        Behaviour {
+            healthy_after: None,
+            stop: Duration::from_millis(2500),
+            ..GOOD
+        },
+    );
+    sim.command(Command::Apply(bad.clone())).unwrap();
+    while sim.svc.update_status() != UpdateStatus::Failed {
+        assert!(sim.step(), "{:#?}", sim.events);
+    }
+    let v3 = spec("v3", 1, 1, Strategy::Rolling);
+    sim.command(Command::Apply(v3.clone())).unwrap();
+    while sim.svc.update_status() != UpdateStatus::None {
+        assert!(sim.step(), "{:#?}", sim.events);
+    }
+    let shown: Vec<(u32, Version, Role)> = sim
+        .svc
+        .instances()
+        .iter()
+        .map(|i| (i.number(), i.spec().version, i.role()))
+        .collect();
+    assert!(
+        shown
+            .iter()
+            .any(|(_, v, r)| *v == bad.version && *r == Role::Retiring),
+        "the failed candidate is still stopping: {shown:?}"
+    );
+    let zero: Vec<_> = shown.iter().filter(|(n, _, _)| *n == 0).collect();
+    assert_eq!(zero.len(), 1, "{shown:?}");
+    assert_eq!(
+        (zero[0].1, zero[0].2),
+        (v3.version, Role::Serving),
+        "{shown:?}"
+    );
+    sim.settle();
+    sim.check_converged();
+}
+
 #[test]
 fn drain_waits_for_requests_up_to_the_drain_limit() {
     // Requests that never finish: drain ends at the manifest's limit (2s).
