@@ -888,8 +888,10 @@ fn apply_of_every_manifest_is_all_or_nothing() {
     );
 
     // Without it: web rolls out, extra is deployed, worker is left alone;
-    // both rollouts are followed to their end.
+    // both rollouts are followed to their end. An editor's hidden lock
+    // file is no service.
     std::fs::remove_file(d.manifests.join("bad.manifest")).unwrap();
+    std::fs::write(d.manifests.join(".#web.manifest"), "").unwrap();
     let worker_pid = d.instances("worker")[0].1;
     let out = d.deploy(&["apply"]);
     let text = stdout(&out);

@@ -373,9 +373,13 @@ impl Engine {
     }
 
     /// The `*.manifest` files of the manifests directory, in name order.
+    /// The `*.manifest` files of the manifests directory, but not hidden
+    /// ones: Emacs's lock file `.#web.manifest` while web is being edited,
+    /// or macOS's `._web.manifest` in a copied directory, is no service.
     fn manifest_files(&self) -> std::io::Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.config.manifests)?
             .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().as_encoded_bytes().starts_with(b"."))
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "manifest"))
             .collect();
