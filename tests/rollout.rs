@@ -585,6 +585,18 @@ fn kill9_mid_rollout_comes_back_paused() {
         events.contains("deployd restarted during the rolling update: paused at"),
         "{events}"
     );
+    let mut sorted = pids.clone();
+    sorted.sort();
+    let said = format!(
+        "deployd started after one that ended without stopping its instances (killed or \
+         crashed): they ended with it (pids {}); starting them again",
+        sorted
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(events.contains(&said), "{said}\n{events}");
     let out = d.deploy(&["resume", "web"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     d.settle("web", LONG);
@@ -616,6 +628,10 @@ fn sigterm_stops_everything_and_unmounts() {
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&*d.mnt.to_string_lossy()), "still mounted");
+    // Started again, its events tell a clean stop from a crash.
+    d.launch();
+    let events = d.wait_events("web", "deployd started; starting the instances again", 1);
+    assert!(!events.contains("ended without stopping"), "{events}");
 }
 
 /// Steady state: a crashed instance is restarted with backoff, an event

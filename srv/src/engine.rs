@@ -338,12 +338,16 @@ impl Engine {
             })
             .unwrap_or_default();
         let kept: HashSet<u32> = handed.values().flatten().map(|i| i.pid).collect();
-        let leftovers: Vec<(u32, u64)> = self
-            .store
-            .all_pids()
-            .into_iter()
-            .filter(|(pid, _)| !kept.contains(pid))
-            .collect();
+        // What a deployd that did not stop its instances (killed, crashed)
+        // left recorded: a clean stop leaves no pid behind.
+        let mut ended: HashMap<String, Vec<u32>> = HashMap::new();
+        let mut leftovers: Vec<(u32, u64)> = Vec::new();
+        for (service, groups) in self.store.all_pids() {
+            for (pid, start) in groups.into_iter().filter(|(p, _)| !kept.contains(p)) {
+                ended.entry(service.clone()).or_default().push(pid);
+                leftovers.push((pid, start));
+            }
+        }
         if !leftovers.is_empty() {
             let n = process::kill_leftovers(&leftovers);
             tracing::info!("killed {n} process groups left by a previous deployd");
@@ -356,7 +360,8 @@ impl Engine {
             let name = name.clone();
             let running = handed.remove(name.as_str()).unwrap_or_default();
             let restored = if running.is_empty() {
-                self.restore(&name, &recorded)
+                let ended = ended.remove(name.as_str()).unwrap_or_default();
+                self.restore(&name, &recorded, &ended)
             } else {
                 self.restore_adopting(&name, running)
             };
@@ -372,10 +377,10 @@ impl Engine {
         self.flush();
     }
 
-    /// The `*.manifest` files of the manifests directory, in name order.
-    /// The `*.manifest` files of the manifests directory, but not hidden
-    /// ones: Emacs's lock file `.#web.manifest` while web is being edited,
-    /// or macOS's `._web.manifest` in a copied directory, is no service.
+    /// The `*.manifest` files of the manifests directory in name order, but
+    /// not hidden ones: Emacs's lock file `.#web.manifest` while web is
+    /// being edited, or macOS's `._web.manifest` in a copied directory, is
+    /// no service.
     fn manifest_files(&self) -> std::io::Result<Vec<PathBuf>> {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.config.manifests)?
             .filter_map(|e| e.ok())
@@ -542,7 +547,15 @@ impl Engine {
 
     /// Restores a recorded service; `coming`: every service being restored
     /// with it, which its `after` may name.
-    fn restore(&mut self, name: &ServiceName, coming: &[ServiceName]) -> Result<(), String> {
+    /// Brings a recorded service back at its recorded versions; `ended`:
+    /// the pids its instances had when the deployd before ended without
+    /// stopping them, which its events then say.
+    fn restore(
+        &mut self,
+        name: &ServiceName,
+        coming: &[ServiceName],
+        ended: &[u32],
+    ) -> Result<(), String> {
         let (saved, history) = self.load(name)?;
         let waiting = resolve(&history, saved.record.version)
             .map(|target| self.pending_after(name, &target.manifest, coming))
@@ -553,6 +566,18 @@ impl Engine {
         if let Some(e) = self.services.get_mut(&sid) {
             e.saved = Some(saved);
         }
+        let line = match ended {
+            [] => "deployd started; starting the instances again".to_string(),
+            pids => format!(
+                "deployd started after one that ended without stopping its instances \
+                 (killed or crashed): they ended with it (pids {}); starting them again",
+                pids.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        self.log(sid, &line);
         self.execute(sid, actions);
         Ok(())
     }

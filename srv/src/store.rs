@@ -215,8 +215,9 @@ impl Store {
         write_atomic(&self.dir(service).join("pids"), text.as_bytes(), false)
     }
 
-    /// The process groups recorded by [`Store::save_pids`], of every service.
-    pub fn all_pids(&self) -> Vec<(u32, u64)> {
+    /// The process groups [`Store::save_pids`] recorded for each service
+    /// (those with none left out), by the service's directory name.
+    pub fn all_pids(&self) -> Vec<(String, Vec<(u32, u64)>)> {
         let mut v = Vec::new();
         let Ok(entries) = fs::read_dir(self.root.join("services")) else {
             return v;
@@ -225,13 +226,18 @@ impl Store {
             let Ok(text) = fs::read_to_string(e.path().join("pids")) else {
                 continue;
             };
-            for line in text.lines() {
-                let mut it = line.split(' ').map(|w| w.parse::<u64>());
-                if let (Some(Ok(p)), Some(Ok(t))) = (it.next(), it.next()) {
-                    if let Ok(p) = u32::try_from(p) {
-                        v.push((p, t));
+            let groups: Vec<(u32, u64)> = text
+                .lines()
+                .filter_map(|line| {
+                    let mut it = line.split(' ').map(|w| w.parse::<u64>());
+                    match (it.next(), it.next()) {
+                        (Some(Ok(p)), Some(Ok(t))) => Some((u32::try_from(p).ok()?, t)),
+                        _ => None,
                     }
-                }
+                })
+                .collect();
+            if !groups.is_empty() {
+                v.push((e.file_name().to_string_lossy().into_owned(), groups));
             }
         }
         v
@@ -484,8 +490,13 @@ mod tests {
             store.create(&name(s)).unwrap();
             store.save_pids(&name(s), &[(p, 99)]).unwrap();
         }
+        store.create(&name("c")).unwrap();
+        store.save_pids(&name("c"), &[]).unwrap();
         let mut all = store.all_pids();
         all.sort();
-        assert_eq!(all, vec![(10, 99), (20, 99)]);
+        assert_eq!(
+            all,
+            vec![("a".into(), vec![(10, 99)]), ("b".into(), vec![(20, 99)])]
+        );
     }
 }
