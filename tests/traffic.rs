@@ -741,13 +741,24 @@ fn x_forwarded_for_is_added_and_bodies_stream_both_ways() {
         !seen.contains("x-hop") && !seen.contains("keep-alive: timeout"),
         "{seen}"
     );
-    // No instance: after queue_timeout, a 503 that says why.
-    d.write_manifest("web", &web(port, "http", 1, "queue_timeout 500ms\n"));
-    run(&d, &["apply", "web"], 0);
-    run(&d, &["stop", "web"], 0);
-    wait_for("web to stop", LONG, || d.instances("web").is_empty());
+    // No instance ready (a new service's only one never gets healthy):
+    // after queue_timeout, a 503 that says why.
+    let dark = free_port();
+    d.write_manifest(
+        "dark",
+        &web(
+            dark,
+            "http",
+            1,
+            "queue_timeout 500ms\nenv FAIL_HEALTH=1\nhealth_deadline 60s\n",
+        ),
+    );
+    run(&d, &["apply", "dark", "--no-wait"], 0);
+    wait_for("dark's port", LONG, || {
+        TcpStream::connect(("127.0.0.1", dark)).is_ok()
+    });
     let started = Instant::now();
-    let (status, body) = http_get(port, "/").unwrap();
+    let (status, body) = http_get(dark, "/").unwrap();
     assert_eq!(status, 503);
     assert_eq!(body, "no instance is ready (waited 500ms)\n");
     assert!(started.elapsed() >= Duration::from_millis(450));
@@ -1058,4 +1069,33 @@ fn a_taken_port_is_said_and_taken_once_free() {
     assert_eq!(status, 200, "{body}");
     assert!(!d.read("active/web/traffic").contains("not_listening"));
     assert_eq!(d.read("active/web/events").matches(&taken).count(), 1);
+}
+
+/// A stopped service has no instance coming: a request is answered 503 at
+/// once, saying so, rather than after `queue_timeout`; started again, it
+/// is served.
+#[test]
+fn a_stopped_service_answers_at_once() {
+    let port = free_port();
+    let m = web(port, "http", 1, "queue_timeout 30s\n");
+    let Some(d) = Deployd::start_settled(&[("web", m)]) else {
+        return;
+    };
+    let out = d.deploy(&["stop", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let t0 = Instant::now();
+    let (status, body) = http_get(port, "/").expect("answered");
+    assert_eq!(
+        (status, body.as_str()),
+        (
+            503,
+            "the service is stopped: no instance serves it until it is started again\n"
+        )
+    );
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    let out = d.deploy(&["start", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.settle("web", LONG);
+    let (status, _) = http_get(port, "/").expect("served");
+    assert_eq!(status, 200);
 }

@@ -1732,6 +1732,9 @@ impl Engine {
         let Some(e) = self.services.get_mut(&sid) else {
             return;
         };
+        if let Some(r) = &e.router {
+            r.set_stopped(e.machine.is_stopped());
+        }
         let runtime = |id: InstanceId| {
             e.runtime.get(&id).map(|i| Runtime {
                 port: i.port,

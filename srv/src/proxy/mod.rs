@@ -169,6 +169,9 @@ pub struct Router {
     unlistened: AtomicBool,
     /// Why the port is not listening yet (it is taken), while it is not.
     unbound: Mutex<Option<String>>,
+    /// The service is stopped (`deploy stop`): no instance is coming, so
+    /// nothing waits for one.
+    stopped: AtomicBool,
     /// deployd is stopping: a client connection ends once the request it
     /// has in flight is answered (read on every response).
     finishing: AtomicBool,
@@ -222,6 +225,7 @@ impl Router {
             bound_here: AtomicBool::new(false),
             unlistened: AtomicBool::new(false),
             unbound: Mutex::new(None),
+            stopped: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
             access: RwLock::new(None),
             finished: watch::channel(false).0,
@@ -321,7 +325,7 @@ impl Router {
     }
 
     /// The least loaded routed-in backend not in `tried`, counted in flight;
-    /// waits for one up to `queue_timeout`.
+    /// waits for one up to `queue_timeout`, unless the service is stopped.
     async fn pick(&self, tried: &[InstanceId]) -> Option<Guard> {
         // The usual case first: an instance is there, nothing to wait on.
         if let Some(g) = self.try_pick(tried) {
@@ -336,9 +340,26 @@ impl Router {
             if let Some(g) = self.try_pick(tried) {
                 return Some(g);
             }
+            if self.is_stopped() {
+                return None;
+            }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return None;
             }
+        }
+    }
+
+    /// Whether the service is stopped: what `pick` found nothing for is
+    /// answered at once.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+
+    /// The service was stopped or started: once stopped, what waits for an
+    /// instance is answered at once, and so is what comes.
+    pub fn set_stopped(&self, stopped: bool) {
+        if self.stopped.swap(stopped, Ordering::SeqCst) != stopped {
+            self.changed.notify_waiters();
         }
     }
 

@@ -294,7 +294,10 @@ async fn exchange(
     loop {
         let Some(guard) = router.pick(&tried).await else {
             router.count(None, false);
-            let msg = if tried.is_empty() {
+            let msg = if router.is_stopped() {
+                "the service is stopped: no instance serves it until it is started again\n"
+                    .to_string()
+            } else if tried.is_empty() {
                 format!(
                     "no instance is ready (waited {})\n",
                     deployd_lib::manifest::format_duration(router.settings().queue_timeout)
