@@ -308,6 +308,63 @@ fn stop_start_and_remove_through_the_root_ctl() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+/// `deploy stop`, `start` and `remove` return once done, as `systemctl
+/// stop` does: what a script runs next finds no instance running, every
+/// instance ready, the service gone.
+#[test]
+fn stop_start_and_remove_return_once_done() {
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, ""))]) else {
+        return;
+    };
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    let out = d.deploy(&["stop", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("web: instance 0 stopping (TERM)\n"), "{text}");
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("web: stopped (")),
+        "{text}"
+    );
+    for p in &pids {
+        assert!(
+            !alive(*p),
+            "instance {p} still runs after deploy stop returned"
+        );
+    }
+    assert!(d.instances("web").is_empty());
+
+    let out = d.deploy(&["start", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("web: started (")),
+        "{text}"
+    );
+    assert_eq!(d.field("active/web/update_progress"), "2/2");
+
+    let out = d.deploy(&["remove", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("web: removed (")),
+        "{text}"
+    );
+    assert!(!d.path("active/web").exists());
+
+    // --no-wait returns at once, as before.
+    d.write_manifest("web", &app_manifest(1, ""));
+    assert!(d.deploy(&["apply", "web"]).status.success());
+    let out = d.deploy(&["stop", "web", "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "web: stopping 1 instance\n");
+}
+
 /// The reading commands of the CLI: events, logs (each with -f), status in
 /// both forms.
 #[test]

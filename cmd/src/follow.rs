@@ -224,6 +224,110 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     }
 }
 
+/// What `deploy stop`, `start` and `remove` wait for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Until {
+    /// No instance left running.
+    Stopped,
+    /// Every slot runs a ready instance (or the service waits for what it
+    /// comes after).
+    Started,
+    /// The service is gone from the namespace.
+    Removed,
+}
+
+/// Prints the service's events from `start` until `until` holds, then says
+/// so. Gives up (exit 1) once the manifest says it should have happened
+/// (`drain` then `stop_timeout` for a stop, `health_deadline` for a start)
+/// and ten seconds more.
+pub fn until(service: &str, dir: &Path, start: Start, until: Until) -> Result<Exit, Fail> {
+    let Start {
+        mut offset,
+        started,
+        ..
+    } = start;
+    let m = std::fs::read(dir.join("manifest"))
+        .ok()
+        .and_then(|text| deployd_lib::manifest::parse(&text).ok());
+    let limit = match until {
+        Until::Stopped | Until::Removed => m.map(|m| m.drain + m.stop_timeout),
+        Until::Started => m.map(|m| m.health_deadline),
+    }
+    .unwrap_or(Duration::from_secs(60))
+        + Duration::from_secs(10);
+    let mut out = std::io::stdout();
+    loop {
+        offset = print_events(&mut out, service, dir, offset)?;
+        if reached(dir, until)? {
+            break;
+        }
+        if started.elapsed() > limit {
+            let (state, progress) = (
+                ns::read_field(dir, "state"),
+                ns::read_field(dir, "update_progress"),
+            );
+            eprintln!(
+                "{service}: not {} after {:.0}s ({state}, {progress} ready); see deploy status {service}",
+                match until {
+                    Until::Stopped => "stopped",
+                    Until::Started => "started",
+                    Until::Removed => "removed",
+                },
+                limit.as_secs_f64()
+            );
+            return Ok(Exit::Failed);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = format!("{:.1}s", started.elapsed().as_secs_f64());
+    match until {
+        Until::Stopped => writeln!(out, "{service}: stopped ({took})")?,
+        Until::Removed => writeln!(out, "{service}: removed ({took})")?,
+        Until::Started if ns::read_field(dir, "state") == "waiting" => writeln!(
+            out,
+            "{service}: started; waiting for the services it comes after (deploy status {service})"
+        )?,
+        Until::Started => writeln!(out, "{service}: started ({took})")?,
+    }
+    Ok(Exit::Ok)
+}
+
+/// Whether `until` holds now. The namespace gone (deployd stopped) is a
+/// failure, not a removal.
+fn reached(dir: &Path, until: Until) -> Result<bool, Fail> {
+    let gone = |e: std::io::Error| -> Result<bool, Fail> {
+        match e.kind() {
+            std::io::ErrorKind::NotFound if until == Until::Removed => Ok(true),
+            _ => Err(Fail::new(NOT_RUNNING, format!("{}: {e}", dir.display()))),
+        }
+    };
+    match until {
+        Until::Removed => match std::fs::metadata(dir) {
+            Ok(_) => Ok(false),
+            Err(e) => gone(e),
+        },
+        Until::Stopped => {
+            let numbers = match ns::instance_numbers(&dir.join("instances")) {
+                Ok(n) => n,
+                Err(e) => return gone(e),
+            };
+            // An exited instance (restart never) stays listed; it runs not.
+            Ok(numbers
+                .iter()
+                .all(|n| ns::read_field(&dir.join(format!("instances/{n}")), "state") == "exited"))
+        }
+        Until::Started => {
+            let state = match std::fs::read_to_string(dir.join("state")) {
+                Ok(s) => s,
+                Err(e) => return gone(e),
+            };
+            let progress = ns::read_field(dir, "update_progress");
+            let all = progress.split_once('/').is_some_and(|(k, n)| k == n);
+            Ok(state.trim_end() == "waiting" || (state.trim_end() == "running" && all))
+        }
+    }
+}
+
 /// Prints the event lines after `offset` as `service: message`; returns the
 /// new offset. A log that shrank (trimmed) is read again from its start.
 fn print_events(out: &mut impl Write, service: &str, dir: &Path, offset: u64) -> Result<u64, Fail> {

@@ -21,7 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::follow::What;
+use crate::follow::{Until, What};
 use crate::ns::Ns;
 
 #[derive(Parser)]
@@ -85,12 +85,28 @@ enum Cmd {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Stop every instance; the service stays, stopped
-    Stop { service: String },
-    /// Start a stopped service
-    Start { service: String },
-    /// Stop every instance and forget the service
-    Remove { service: String },
+    /// Stop every instance and wait until they are all gone; the service
+    /// stays, stopped
+    Stop {
+        service: String,
+        /// Return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Start a stopped service and wait until every instance is ready
+    Start {
+        service: String,
+        /// Return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop every instance and forget the service; waits until it is gone
+    Remove {
+        service: String,
+        /// Return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Send a signal (HUP, USR1, ...) to the processes of every running
     /// instance, or of one: to reload a configuration, reopen files
     Signal {
@@ -247,9 +263,9 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             What::Rollback,
         ),
         Cmd::Pause { service } => command(&ns, &service, "pause", false, What::Deploy),
-        Cmd::Stop { service } => command(&ns, &service, "stop", false, What::Deploy),
-        Cmd::Start { service } => command(&ns, &service, "start", false, What::Deploy),
-        Cmd::Remove { service } => command(&ns, &service, "remove", false, What::Deploy),
+        Cmd::Stop { service, no_wait } => settle(&ns, &service, Until::Stopped, no_wait),
+        Cmd::Start { service, no_wait } => settle(&ns, &service, Until::Started, no_wait),
+        Cmd::Remove { service, no_wait } => settle(&ns, &service, Until::Removed, no_wait),
         Cmd::Signal {
             service,
             signal,
@@ -324,6 +340,26 @@ fn command(ns: &Ns, service: &str, cmd: &str, wait: bool, what: What) -> Result<
         return Ok(Exit::Ok);
     }
     follow::follow(service, &dir, start, what)
+}
+
+/// `stop`, `start` or `remove`, then (unless `no_wait`) its events until
+/// it is done: as `systemctl stop` returns once the unit is down, so that
+/// what a script does next (`pg_upgrade`, a restore) never meets an
+/// instance still running.
+fn settle(ns: &Ns, service: &str, until: Until, no_wait: bool) -> Result<Exit, Fail> {
+    let dir = ns.service(service)?;
+    let start = follow::Start::now(&dir);
+    let verb = match until {
+        Until::Stopped => "stop",
+        Until::Started => "start",
+        Until::Removed => "remove",
+    };
+    let msg = ns::ctl(&dir.join("ctl"), &format!("{verb}\n")).map_err(|f| refused(service, f))?;
+    println!("{service}: {msg}");
+    if no_wait {
+        return Ok(Exit::Ok);
+    }
+    follow::until(service, &dir, start, until)
 }
 
 /// `reexec` on the root ctl, then waits (up to a minute) for the new
