@@ -363,6 +363,19 @@ fn stop_start_and_remove_return_once_done() {
     let out = d.deploy(&["stop", "web", "--no-wait"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&out), "web: stopping 1 instance\n");
+
+    // A removal under way says so, until the service is gone.
+    d.write_manifest(
+        "stubborn",
+        "exec trap '' TERM; sleep 1000\nstop_timeout 2s\n",
+    );
+    assert!(d.deploy(&["apply", "stubborn"]).status.success());
+    let out = d.deploy(&["remove", "stubborn", "--no-wait"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.field("active/stubborn/state"), "removing");
+    wait_for("stubborn to be gone", LONG, || {
+        !d.path("active/stubborn").exists()
+    });
 }
 
 /// The reading commands of the CLI: events, logs (each with -f), status in

@@ -374,13 +374,17 @@ fn reexec(ns: &Ns, root: &std::path::Path) -> Result<Exit, Fail> {
             .ok()
     };
     let old = started_at(root);
-    // The new deployd mounts, then takes its services back: wait for all.
+    // The new deployd mounts, then takes its services back: wait for all
+    // (but one being removed, which the new one may never have).
     let services = |p: &std::path::Path| -> Vec<std::ffi::OsString> {
         std::fs::read_dir(p.join("active"))
             .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
             .unwrap_or_default()
     };
-    let before = services(root);
+    let before: Vec<std::ffi::OsString> = services(root)
+        .into_iter()
+        .filter(|s| ns::read_field(&root.join("active").join(s), "state") != "removing")
+        .collect();
     let msg = ns
         .ctl_root("reexec\n")
         .map_err(|f| crate::refused("reexec", f))?;

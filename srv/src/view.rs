@@ -287,7 +287,9 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
     let pf = |f: SvcFile| prev.and_then(|v| v.file(f));
     let (k, n) = m.progress();
     let status = m.update_status().name();
-    let state = if m.is_stopped() {
+    let state = if m.is_removing() {
+        "removing"
+    } else if m.is_stopped() {
         "stopped"
     } else if !m.waiting().is_empty() {
         "waiting"
