@@ -1063,9 +1063,13 @@ impl Engine {
     /// routing in step with what it accepted. What an accepted command
     /// changes is on disk before anything is done about it: the manifest
     /// of a new version, then the record. If either cannot be written
-    /// (a full disk), the machine is put back as it was and the command is
-    /// refused with the OS's errno: nothing started, nothing lost at the
-    /// next restart.
+    /// (a full disk), a command that would start processes (`apply`,
+    /// `rollback`, `restart`, `start`, `resume`) is refused with the OS's
+    /// errno and the machine put back as it was: nothing started, nothing
+    /// acknowledged that a restart would forget. One that holds or stops
+    /// (`pause`, `stop`, `remove`, `signal`) acts all the same, since it
+    /// may be what frees the disk; its record is written again until it
+    /// can be, as for any change ([`Engine::persist`]).
     fn command(&mut self, sid: u32, command: Command) -> Result<String, Refusal> {
         let now = self.now();
         let Some(e) = self.services.get_mut(&sid) else {
@@ -1074,13 +1078,26 @@ impl Engine {
                 message: "no such service".into(),
             });
         };
+        let starts = matches!(
+            command,
+            Command::Apply(_)
+                | Command::Rollback(_)
+                | Command::Restart(_)
+                | Command::Start
+                | Command::Resume
+        );
         let before = e.machine.clone();
         let handled = e.machine.handle(now, Input::Command(command));
         if handled.result.is_ok() {
             let history = next_history(&e.machine, &e.history);
-            if let Err(err) = save_first(&self.store, e, &history) {
-                e.machine = before;
-                return Err(storage_refusal(&e.name, &err));
+            match save_first(&self.store, e, &history) {
+                Ok(()) => {}
+                Err(err) if starts => {
+                    e.machine = before;
+                    return Err(storage_refusal(&e.name, &err));
+                }
+                // Written again by persist, which says it cannot.
+                Err(_) => {}
             }
             e.history = history;
             let keep: Vec<Version> = e.history.iter().map(|(v, _)| *v).collect();
