@@ -317,16 +317,17 @@ fn stop_start_and_remove_return_once_done() {
         return;
     };
     let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
-    let out = d.deploy(&["stop", "web"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
+    // Runs the command; its output, which must end with `last...`.
+    let done = |verb: &str, last: &str| {
+        let out = d.deploy(&[verb, "web"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let end = text.lines().last().unwrap_or("");
+        assert!(end.starts_with(last), "{text}");
+        text
+    };
+    let text = done("stop", "web: stopped (");
     assert!(text.contains("web: instance 0 stopping (TERM)\n"), "{text}");
-    assert!(
-        text.lines()
-            .last()
-            .is_some_and(|l| l.starts_with("web: stopped (")),
-        "{text}"
-    );
     for p in &pids {
         assert!(
             !alive(*p),
@@ -334,27 +335,9 @@ fn stop_start_and_remove_return_once_done() {
         );
     }
     assert!(d.instances("web").is_empty());
-
-    let out = d.deploy(&["start", "web"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
-    assert!(
-        text.lines()
-            .last()
-            .is_some_and(|l| l.starts_with("web: started (")),
-        "{text}"
-    );
+    done("start", "web: started (");
     assert_eq!(d.field("active/web/update_progress"), "2/2");
-
-    let out = d.deploy(&["remove", "web"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let text = stdout(&out);
-    assert!(
-        text.lines()
-            .last()
-            .is_some_and(|l| l.starts_with("web: removed (")),
-        "{text}"
-    );
+    done("remove", "web: removed (");
     assert!(!d.path("active/web").exists());
 
     // --no-wait returns at once, as before.
