@@ -284,7 +284,11 @@ mod tests {
             probe(&target(Health::Tcp, Some(port)), None, &Children::default()).await,
             Ok(())
         );
-        drop(l);
+        // A port bound and not listening: refused. (A port merely let go
+        // could be taken by a parallel test, or be connected to itself.)
+        let held = tokio::net::TcpSocket::new_v4().unwrap();
+        held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = held.local_addr().unwrap().port();
         assert!(
             probe(&target(Health::Tcp, Some(port)), None, &Children::default())
                 .await
