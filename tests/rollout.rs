@@ -1381,3 +1381,40 @@ fn a_canary_pauses_after_its_first_instance() {
     d.settle("web", LONG);
     assert!(d.instances("web").iter().all(|i| i.3 == new));
 }
+
+/// An instance printing as fast as it can is copied at its `log_rate`, no
+/// faster (its writes wait), and the events say so once.
+#[test]
+fn output_past_log_rate_waits_and_is_said() {
+    let t0 = Instant::now();
+    let m = "exec exec yes flood\nlog_rate 64K\nlog_max 1T\n".to_string();
+    let Some(d) = Deployd::start_settled(&[("flood", m)]) else {
+        return;
+    };
+    let events = d.wait_events("flood", "prints more than", 1);
+    assert!(
+        events.contains(
+            "instance 0 prints more than 64K a second: its writes now wait for deployd to keep up \
+             (log_rate 64K)"
+        ),
+        "{events}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let logs = d.state.join("services/flood/logs");
+    let copied: u64 = std::fs::read_dir(&logs)
+        .expect("logs")
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    // Each 6-byte line "flood\n" gets a stamp and a space: ×31/6. At most
+    // a second's burst, 64K a second since deployd started, and the read
+    // (a pipe's worth at most) whose wait is not over yet.
+    let read = copied * 6 / 31;
+    let allowed = (64 << 10) as f64 * (2.0 + t0.elapsed().as_secs_f64());
+    assert!(
+        read as f64 <= allowed,
+        "{read} bytes read, {allowed} allowed"
+    );
+    assert!(read >= 64 << 10, "{read}");
+    assert_eq!(events.matches("prints more than").count(), 1, "{events}");
+}

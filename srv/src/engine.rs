@@ -98,6 +98,14 @@ pub enum Msg {
         /// Its pid, or why it could not start.
         result: Result<u32, String>,
     },
+    /// An instance's output comes faster than its `log_rate`: its log's
+    /// pump now waits.
+    Throttled {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+    },
     /// An instance routed out has nothing in flight any more.
     Drained {
         /// The service's number.
@@ -828,6 +836,20 @@ impl Engine {
             Msg::Drained { sid, id } => {
                 let _ = self.handle(sid, Input::Drained { id });
             }
+            Msg::Throttled { sid, id } => {
+                let said = self.services.get(&sid).and_then(|e| {
+                    let i = e.machine.instances().iter().find(|i| i.id() == id)?;
+                    let rate = manifest::format_size(i.spec().manifest.log_rate);
+                    Some(format!(
+                        "instance {} prints more than {rate} a second: its writes now wait for \
+                         deployd to keep up (log_rate {rate})",
+                        i.number()
+                    ))
+                });
+                if let Some(line) = said {
+                    self.log(sid, &line);
+                }
+            }
             Msg::Exited { sid, id, exit } => {
                 if let Some(e) = self.services.get_mut(&sid) {
                     if let Some(r) = &e.router {
@@ -1304,7 +1326,8 @@ impl Engine {
         let log_read = read.try_clone().ok();
         // Reads until every holder of the write end is gone, so also what a
         // process that dies at once printed.
-        let pumped = process::spawn_pump(read, log.clone(), m.log_max);
+        let pumped =
+            process::spawn_pump(read, log.clone(), m.log_max, self.pump_options(sid, id, &m));
         let exited = Arc::new(AtomicBool::new(false));
         let (tx, children, flag) = (self.tx.clone(), self.children.clone(), exited.clone());
         let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
@@ -1343,6 +1366,24 @@ impl Engine {
     }
 
     /// An instance's working directory.
+    /// How an instance's output is copied: stamped, at most at its
+    /// `log_rate`, the first wait said in its service's events.
+    fn pump_options(
+        &self,
+        sid: u32,
+        id: InstanceId,
+        m: &manifest::Manifest,
+    ) -> process::PumpOptions {
+        let tx = self.tx.clone();
+        process::PumpOptions {
+            stamped: true,
+            rate: m.log_rate,
+            throttled: Some(Box::new(move || {
+                let _ = tx.send(Msg::Throttled { sid, id });
+            })),
+        }
+    }
+
     fn instance_dir(&self, m: &manifest::Manifest) -> PathBuf {
         match &m.dir {
             Some(d) => self.config.manifests.join(d),
@@ -1408,7 +1449,12 @@ impl Engine {
             self.ports.insert(p);
         }
         let log_read = read.try_clone().ok();
-        let pumped = process::spawn_pump(read, h.log.clone(), m.log_max);
+        let pumped = process::spawn_pump(
+            read,
+            h.log.clone(),
+            m.log_max,
+            self.pump_options(sid, id, &m),
+        );
         let exited = Arc::new(AtomicBool::new(false));
         watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);

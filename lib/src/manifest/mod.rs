@@ -115,6 +115,9 @@ pub struct Manifest {
     pub memory_max: Option<u64>,
     /// Size of an instance's log, in bytes, past which it is moved to `.1`.
     pub log_max: u64,
+    /// Bytes of output a second an instance may write before its writes
+    /// wait for deployd (a burst of as much first).
+    pub log_rate: u64,
     /// Time an instance routed out may finish its open requests before it is stopped.
     pub drain: Duration,
     /// How long a request waits for an instance when none is routed in.
@@ -372,6 +375,7 @@ impl Manifest {
             stop_timeout: Duration::from_secs(10),
             memory_max: None,
             log_max: 1 << 20,
+            log_rate: 8 << 20,
             drain: Duration::from_secs(5),
             queue_timeout: Duration::from_secs(10),
             response_timeout: None,
@@ -494,6 +498,9 @@ impl Manifest {
         }
         if self.log_max != d.log_max {
             line(format_args!("log_max {}", format_size(self.log_max)));
+        }
+        if self.log_rate != d.log_rate {
+            line(format_args!("log_rate {}", format_size(self.log_rate)));
         }
         let durations = [
             ("stop_timeout", self.stop_timeout, d.stop_timeout),

@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 31] = [
+const DIRECTIVES: [&str; 32] = [
     "exec",
     "dir",
     "env",
@@ -54,6 +54,7 @@ const DIRECTIVES: [&str; 31] = [
     "stop_timeout",
     "memory_max",
     "log_max",
+    "log_rate",
     "drain",
     "queue_timeout",
     "response_timeout",
@@ -123,6 +124,7 @@ enum Directive {
     StopSignal(Signal),
     MemoryMax(u64),
     LogMax(u64),
+    LogRate(u64),
 }
 
 /// A parsed line: the directive's canonical name, its column, the column of
@@ -328,6 +330,7 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         "stop_signal" => Directive::StopSignal(signal(v)?),
         "memory_max" => Directive::MemoryMax(size(v, MIN_MEMORY, MAX_MEMORY)?),
         "log_max" => Directive::LogMax(size(v, MIN_LOG, MAX_LOG)?),
+        "log_rate" => Directive::LogRate(size(v, MIN_LOG, MAX_LOG)?),
         "health" => Directive::Health(health(v)?),
         _ => Directive::Duration(name, duration(v)?),
     })
@@ -679,6 +682,7 @@ impl Builder {
             Directive::StopSignal(s) => m.stop_signal = s,
             Directive::MemoryMax(n) => m.memory_max = Some(n),
             Directive::LogMax(n) => m.log_max = n,
+            Directive::LogRate(n) => m.log_rate = n,
             Directive::Duration(name, d) => {
                 let field = match name {
                     "health_interval" => &mut m.health_interval,

@@ -611,6 +611,17 @@ fn log_max_forms_and_errors() {
         error("exec a\nlog_max 1K\n"),
         "2:9: log_max must be between 64K and 1T, got 1K"
     );
+    assert_eq!(ok("exec a\n").log_rate, 8 << 20);
+    assert_eq!(ok("exec a\nlog_rate 64K\n").log_rate, 64 << 10);
+    assert!(!ok("exec a\nlog_rate 8M\n").canonical().contains("log_rate"));
+    assert_eq!(
+        ok("exec a\nlog_rate 1G\n").canonical(),
+        "exec a\nlog_rate 1G\n"
+    );
+    assert_eq!(
+        error("exec a\nlog_rate 10\n"),
+        "2:10: log_rate must be between 64K and 1T, got 10"
+    );
 }
 
 #[test]
@@ -1028,7 +1039,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "access_log", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "access_log", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

@@ -314,13 +314,61 @@ pub fn log_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
+/// What a log pump does besides copying.
+pub struct PumpOptions {
+    /// Each line that begins is preceded by the time deployd read it (a
+    /// [`stamp`] and a space): a child's output; the lines of an access
+    /// log come with their own.
+    pub stamped: bool,
+    /// Bytes a second it reads at most (the manifest's `log_rate`), after
+    /// a burst of as much; 0: no limit. Past it the pump waits, the pipe
+    /// fills and the writer's writes wait: nothing is lost, and a process
+    /// printing as fast as it can costs deployd no more than that.
+    pub rate: u64,
+    /// Called the first time the pump waits.
+    pub throttled: Option<Box<dyn FnOnce() + Send>>,
+}
+
+/// The read buffer of a pump held to its rate: a pipe's capacity. Only
+/// those get it; the many quiet instances keep 4 KiB.
+const THROTTLED_BUF: usize = 64 * 1024;
+
+/// Reads allowed by a [`PumpOptions::rate`]: a token bucket of a second.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        Bucket {
+            rate: rate as f64,
+            tokens: rate as f64,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes `n` bytes; how long to wait before reading again, if at all.
+    fn take(&mut self, n: usize) -> Option<Duration> {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate) - n as f64;
+        self.at = now;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
 /// Copies what comes down a pipe to the log at `path`, moving the file to
-/// `path.1` when it would pass `max` bytes (the manifest's `log_max`). With
-/// `stamped`, each line that begins there is preceded by the time deployd
-/// read it (a [`stamp`] and a space): a child's output; the lines of an
-/// access log come with their own. Ends at end of file (every writer
-/// closed).
-pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
+/// `path.1` when it would pass `max` bytes (the manifest's `log_max`), as
+/// `opts` says. Ends at end of file (every writer closed).
+pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, opts: PumpOptions) {
+    let PumpOptions {
+        stamped,
+        rate,
+        mut throttled,
+    } = opts;
+    let mut bucket = (rate > 0).then(|| Bucket::new(rate));
     let rx = match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
         Ok(rx) => rx,
         Err(e) => {
@@ -365,6 +413,17 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, stamped: bool) {
                 size += data.len() as u64;
             }
         }
+        if let Some(wait) = bucket.as_mut().and_then(|b| b.take(n)) {
+            if let Some(say) = throttled.take() {
+                say();
+            }
+            // The pipe fills meanwhile: take a pipe's worth at each
+            // wake-up rather than 4 KiB (16 times fewer of them).
+            if buf.len() < THROTTLED_BUF {
+                buf.resize(THROTTLED_BUF, 0);
+            }
+            tokio::time::sleep(wait).await;
+        }
     }
 }
 
@@ -400,10 +459,15 @@ fn stamp_lines(chunk: &[u8], at: SystemTime, at_start: &mut bool, out: &mut Vec<
 /// [`pump_log`] of a child's output on its own task; the receiver hears
 /// when it has copied everything (the pipe's last writer closed), or is
 /// dropped.
-pub fn spawn_pump(read: OwnedFd, path: PathBuf, max: u64) -> tokio::sync::oneshot::Receiver<()> {
+pub fn spawn_pump(
+    read: OwnedFd,
+    path: PathBuf,
+    max: u64,
+    opts: PumpOptions,
+) -> tokio::sync::oneshot::Receiver<()> {
     let (done, pumped) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        pump_log(read, path, max, true).await;
+        pump_log(read, path, max, opts).await;
         let _ = done.send(());
     });
     pumped
@@ -657,12 +721,61 @@ fn running_in_groups(groups: &[u32]) -> bool {
 mod tests {
     use super::*;
 
+    /// A child's output: stamped, no rate.
+    fn stamped() -> PumpOptions {
+        PumpOptions {
+            stamped: true,
+            rate: 0,
+            throttled: None,
+        }
+    }
+
+    /// Past its rate the pump reads no faster: the writer waits (its
+    /// writes block on a full pipe), nothing is lost, the first wait is
+    /// said once. 1.5 MiB at 512 KiB/s, a second's burst first: at least
+    /// two seconds.
+    #[tokio::test]
+    async fn a_pump_reads_no_faster_than_its_rate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("0.log");
+        let (r, w) = log_pipe().expect("pipe");
+        let said = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = said.clone();
+        let opts = PumpOptions {
+            stamped: false,
+            rate: 512 << 10,
+            throttled: Some(Box::new(move || {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })),
+        };
+        let pump = tokio::spawn(pump_log(r, path.clone(), 1 << 30, opts));
+        let t0 = std::time::Instant::now();
+        let writer = std::thread::spawn(move || {
+            let mut w = File::from(w);
+            for _ in 0..24 {
+                w.write_all(&[b'x'; 64 << 10]).expect("write");
+            }
+        });
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .expect("join")
+            .expect("writer");
+        pump.await.expect("pump");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(1900),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(std::fs::metadata(&path).expect("log").len(), 24 << 16);
+        assert_eq!(said.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[tokio::test]
     async fn a_log_past_its_max_moves_to_dot_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("0.log");
         let (r, w) = log_pipe().expect("pipe");
-        let pump = tokio::spawn(pump_log(r, path.clone(), 100 << 10, true));
+        let pump = tokio::spawn(pump_log(r, path.clone(), 100 << 10, stamped()));
         let mut w = File::from(w);
         // 40 KiB chunks, each one write: the third would pass 100 KiB.
         for c in [b'a', b'b', b'c'] {
@@ -714,7 +827,7 @@ mod tests {
         let path = dir.path().join("0.log");
         std::fs::write(&path, "2025-12-01T21:16:05.123Z half a").unwrap();
         let (r, w) = log_pipe().expect("pipe");
-        let pump = tokio::spawn(pump_log(r, path.clone(), 1 << 20, true));
+        let pump = tokio::spawn(pump_log(r, path.clone(), 1 << 20, stamped()));
         File::from(w).write_all(b" line\nnext\n").expect("write");
         pump.await.expect("pump");
         let text = std::fs::read_to_string(&path).unwrap();

@@ -96,7 +96,12 @@ impl AccessLog {
     pub fn open(path: PathBuf, max: u64) -> std::io::Result<AccessLog> {
         let (read, write) = process::log_pipe()?;
         set_nonblocking(&write)?;
-        tokio::spawn(process::pump_log(read, path, max, false));
+        let opts = process::PumpOptions {
+            stamped: false,
+            rate: 0,
+            throttled: None,
+        };
+        tokio::spawn(process::pump_log(read, path, max, opts));
         Ok(AccessLog {
             pipe: File::from(write),
             dropped: AtomicU64::new(0),
