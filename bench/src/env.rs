@@ -331,6 +331,21 @@ pub fn kill_group(pid: u32) {
     );
 }
 
+/// utime + stime of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+    let rest = &stat[stat.rfind(')').ok_or("bad stat")? + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(n(11) + n(12))
+}
+
+/// Clock ticks a second, as `/proc/PID/stat` counts them.
+pub fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf reads a constant.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,9 @@
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::env::{Deployd, free_port, kill_group, sibling, wait_until, wrk};
+use crate::env::{
+    Deployd, cpu_ticks, free_port, kill_group, sibling, ticks_per_sec, wait_until, wrk,
+};
 use crate::{Report, verdict};
 
 const POLL: Duration = Duration::from_millis(1);
@@ -96,7 +98,44 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     );
     drop(d);
     restarts(report, &app)?;
-    reexec(report, &app)
+    reexec(report, &app)?;
+    log_flood(report)
+}
+
+/// An instance printing as fast as it can (`yes`): how much of a core its
+/// output costs deployd, at the default `log_rate` and with none to speak
+/// of, and how fast its log grows.
+fn log_flood(report: &mut Report) -> Result<(), String> {
+    for (what, extra) in [
+        ("log_rate 8M, the default", ""),
+        ("log_rate 1T (no limit)", "log_rate 1T\n"),
+    ] {
+        let m = format!(
+            "exec exec yes a line of output, some fifty bytes long, again\nlog_max 1T\n{extra}"
+        );
+        let d = Deployd::start(&[("flood".into(), m)])?;
+        if !d.settle("flood", Duration::from_secs(30)) {
+            return Err("flood did not deploy".into());
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let log = d.mnt.join("active/flood/instances/0/log");
+        let size = || std::fs::metadata(&log).map_or(0, |m| m.len());
+        let (cpu0, size0, t0) = (cpu_ticks(d.pid())?, size(), Instant::now());
+        std::thread::sleep(Duration::from_secs(5));
+        let (cpu1, size1) = (cpu_ticks(d.pid())?, size());
+        let secs = t0.elapsed().as_secs_f64();
+        let cores = (cpu1 - cpu0) as f64 / ticks_per_sec() / secs;
+        report.info(
+            "failure",
+            format!("an instance printing as fast as it can (yes), {what}"),
+            format!(
+                "deployd {:.0}% of a core; its log grows {:.1} MB/s (stamps included)",
+                cores * 100.0,
+                size1.saturating_sub(size0) as f64 / secs / 1e6
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// `reexec` under wrk's load (a new connection per request): deployd

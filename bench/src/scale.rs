@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::env::{Deployd, percentile, rss_kib, sibling, wait_until};
+use crate::env::{Deployd, cpu_ticks, percentile, rss_kib, sibling, ticks_per_sec, wait_until};
 use crate::{Report, verdict};
 
 const SERVICES: usize = 1000;
@@ -101,18 +101,4 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         format!("{:.1} ms", percentile(&ls, 50.0)),
     );
     Ok(())
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64, String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
-    let rest = &stat[stat.rfind(')').ok_or("bad stat")? + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    Ok(n(11) + n(12))
-}
-
-fn ticks_per_sec() -> f64 {
-    // SAFETY: sysconf reads a constant.
-    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
