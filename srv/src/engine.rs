@@ -553,11 +553,10 @@ impl Engine {
         Ok((saved, history))
     }
 
-    /// Restores a recorded service; `coming`: every service being restored
-    /// with it, which its `after` may name.
-    /// Brings a recorded service back at its recorded versions; `ended`:
-    /// the pids its instances had when the deployd before ended without
-    /// stopping them, which its events then say.
+    /// Brings a recorded service back at its recorded versions; `coming`:
+    /// every service being restored with it, which its `after` may name;
+    /// `ended`: the pids its instances had when the deployd before ended
+    /// without stopping them, which its events then say.
     fn restore(
         &mut self,
         name: &ServiceName,
@@ -690,10 +689,7 @@ impl Engine {
         let waiting = self.pending_after(&name, &spec.manifest, coming);
         let (machine, actions) = Service::create_waiting(self.now(), spec, waiting);
         // On disk before anything starts, as for any command.
-        let saved = Saved {
-            record: machine.record(),
-            history: history.iter().map(|(v, _)| *v).collect(),
-        };
+        let saved = saved(&machine, &history);
         let written = self
             .store
             .create(&name)
@@ -1126,11 +1122,7 @@ impl Engine {
             self.store.prune_history(&e.name, &keep);
             self.dirty.insert(sid);
         }
-        if !handled.actions.is_empty() {
-            self.dirty.insert(sid);
-        }
-        self.execute(sid, handled.actions);
-        self.schedule(sid);
+        self.act(sid, handled.actions);
         if handled.result.is_ok() {
             self.sync_proxy(sid);
         }
@@ -1166,12 +1158,17 @@ impl Engine {
             });
         };
         let handled = e.machine.handle(now, input);
-        if !handled.actions.is_empty() {
+        self.act(sid, handled.actions);
+        handled.result
+    }
+
+    /// Carries out what the machine decided, and sets its next timer.
+    fn act(&mut self, sid: u32, actions: Vec<Action>) {
+        if !actions.is_empty() {
             self.dirty.insert(sid);
         }
-        self.execute(sid, handled.actions);
+        self.execute(sid, actions);
         self.schedule(sid);
-        handled.result
     }
 
     fn execute(&mut self, sid: u32, actions: Vec<Action>) {
@@ -1365,7 +1362,6 @@ impl Engine {
         }
     }
 
-    /// An instance's working directory.
     /// How an instance's output is copied: stamped, at most at its
     /// `log_rate`, the first wait said in its service's events.
     fn pump_options(
@@ -1384,6 +1380,7 @@ impl Engine {
         }
     }
 
+    /// An instance's working directory.
     fn instance_dir(&self, m: &manifest::Manifest) -> PathBuf {
         match &m.dir {
             Some(d) => self.config.manifests.join(d),
@@ -1733,16 +1730,10 @@ impl Engine {
         let Some(e) = self.services.get_mut(&sid) else {
             return;
         };
-        let saved = Saved {
-            record: e.machine.record(),
-            history: e.history.iter().map(|(v, _)| *v).collect(),
-        };
         let mut failed = None;
-        if e.saved.as_ref() != Some(&saved) {
-            match self.store.save(&e.name, &saved) {
-                Ok(()) => e.saved = Some(saved),
-                Err(err) => failed = Some(format!("cannot save its state: {err}")),
-            }
+        let record = saved(&e.machine, &e.history);
+        if let Err(err) = save_record(&self.store, e, record) {
+            failed = Some(format!("cannot save its state: {err}"));
         }
         let mut pids: Vec<(u32, u64)> = e
             .runtime
@@ -2023,7 +2014,6 @@ impl Engine {
 /// A service's manifests by version, oldest first.
 type History = Vec<(Version, Arc<str>)>;
 
-/// The manifest of version `v`, from a service's history.
 /// The history once `machine` has taken a command: its target and
 /// previous manifests added or moved up (the target newest, the previous
 /// version just before it), trimmed to [`HISTORY`] but never dropping a
@@ -2068,15 +2058,26 @@ fn save_first(store: &Store, e: &mut Entry, history: &History) -> std::io::Resul
             store.save_manifest(&e.name, *v, text)?;
         }
     }
-    let saved = Saved {
-        record: e.machine.record(),
-        history: history.iter().map(|(v, _)| *v).collect(),
-    };
+    save_record(store, e, saved(&e.machine, history))
+}
+
+/// Writes `saved` as the service's record, unless it is what was written
+/// last.
+fn save_record(store: &Store, e: &mut Entry, saved: Saved) -> std::io::Result<()> {
     if e.saved.as_ref() != Some(&saved) {
         store.save(&e.name, &saved)?;
         e.saved = Some(saved);
     }
     Ok(())
+}
+
+/// What is saved of a service: its machine's record and its history's
+/// versions.
+fn saved(machine: &Service, history: &[(Version, Arc<str>)]) -> Saved {
+    Saved {
+        record: machine.record(),
+        history: history.iter().map(|(v, _)| *v).collect(),
+    }
 }
 
 /// A command refused because what it changes could not be saved.
@@ -2087,6 +2088,7 @@ fn storage_refusal(name: &ServiceName, err: &std::io::Error) -> Refusal {
     }
 }
 
+/// The manifest of version `v`, from a service's history.
 fn resolve(history: &[(Version, Arc<str>)], v: Version) -> Option<Spec> {
     let (_, text) = history.iter().find(|(hv, _)| *hv == v)?;
     let m = manifest::parse(text.as_bytes()).ok()?;
