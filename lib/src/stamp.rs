@@ -69,6 +69,12 @@ pub fn split(line: &str) -> Option<(&str, &str)> {
     (b.len() > LEN && begins(&b[..=LEN])).then(|| (&line[..LEN], &line[LEN + 1..]))
 }
 
+/// `line` without its stamp and the space after it, if it begins with
+/// them.
+pub fn strip(line: &str) -> &str {
+    split(line).map_or(line, |(_, rest)| rest)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,7 +111,9 @@ mod tests {
             "",
         ] {
             assert_eq!(split(other), None, "{other:?}");
+            assert_eq!(strip(other), other);
         }
+        assert_eq!(strip(&line), "listening on 8080");
         assert_eq!(split(&now()).map(|s| s.1), None);
     }
 

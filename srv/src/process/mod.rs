@@ -314,7 +314,9 @@ pub fn log_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-/// What a log pump does besides copying.
+/// What a log pump does besides copying; by default nothing (an access
+/// log's pump).
+#[derive(Default)]
 pub struct PumpOptions {
     /// Each line that begins is preceded by the time deployd read it (a
     /// [`stamp`] and a space): a child's output; the lines of an access
@@ -337,7 +339,7 @@ const THROTTLED_BUF: usize = 64 * 1024;
 struct Bucket {
     rate: f64,
     tokens: f64,
-    at: std::time::Instant,
+    at: Instant,
 }
 
 impl Bucket {
@@ -345,13 +347,13 @@ impl Bucket {
         Bucket {
             rate: rate as f64,
             tokens: rate as f64,
-            at: std::time::Instant::now(),
+            at: Instant::now(),
         }
     }
 
     /// Takes `n` bytes; how long to wait before reading again, if at all.
     fn take(&mut self, n: usize) -> Option<Duration> {
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.rate) - n as f64;
         self.at = now;
@@ -491,7 +493,7 @@ pub fn last_lines(path: &Path, n: usize) -> Vec<String> {
     let mut shown: Vec<String> = lines
         .iter()
         .rev()
-        .filter_map(|l| shown_line(stamp::split(l).map_or(l.as_str(), |(_, rest)| rest)))
+        .filter_map(|l| shown_line(stamp::strip(l)))
         .take(n)
         .collect();
     shown.reverse();
@@ -725,8 +727,7 @@ mod tests {
     fn stamped() -> PumpOptions {
         PumpOptions {
             stamped: true,
-            rate: 0,
-            throttled: None,
+            ..PumpOptions::default()
         }
     }
 

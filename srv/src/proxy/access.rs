@@ -96,11 +96,7 @@ impl AccessLog {
     pub fn open(path: PathBuf, max: u64) -> std::io::Result<AccessLog> {
         let (read, write) = process::log_pipe()?;
         set_nonblocking(&write)?;
-        let opts = process::PumpOptions {
-            stamped: false,
-            rate: 0,
-            throttled: None,
-        };
+        let opts = process::PumpOptions::default();
         tokio::spawn(process::pump_log(read, path, max, opts));
         Ok(AccessLog {
             pipe: File::from(write),
