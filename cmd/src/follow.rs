@@ -236,6 +236,26 @@ pub enum Until {
     Removed,
 }
 
+impl Until {
+    /// The ctl command that gets there.
+    pub fn command(self) -> &'static str {
+        match self {
+            Until::Stopped => "stop",
+            Until::Started => "start",
+            Until::Removed => "remove",
+        }
+    }
+
+    /// What the service is once there.
+    fn done(self) -> &'static str {
+        match self {
+            Until::Stopped => "stopped",
+            Until::Started => "started",
+            Until::Removed => "removed",
+        }
+    }
+}
+
 /// Prints the service's events from `start` until `until` holds, then says
 /// so. Gives up (exit 1) once the manifest says it should have happened
 /// (`drain` then `stop_timeout` for a stop, `health_deadline` for a start)
@@ -268,11 +288,7 @@ pub fn until(service: &str, dir: &Path, start: Start, until: Until) -> Result<Ex
             );
             eprintln!(
                 "{service}: not {} after {:.0}s ({state}, {progress} ready); see deploy status {service}",
-                match until {
-                    Until::Stopped => "stopped",
-                    Until::Started => "started",
-                    Until::Removed => "removed",
-                },
+                until.done(),
                 limit.as_secs_f64()
             );
             return Ok(Exit::Failed);
@@ -280,14 +296,13 @@ pub fn until(service: &str, dir: &Path, start: Start, until: Until) -> Result<Ex
         std::thread::sleep(Duration::from_millis(50));
     }
     let took = format!("{:.1}s", started.elapsed().as_secs_f64());
-    match until {
-        Until::Stopped => writeln!(out, "{service}: stopped ({took})")?,
-        Until::Removed => writeln!(out, "{service}: removed ({took})")?,
-        Until::Started if ns::read_field(dir, "state") == "waiting" => writeln!(
+    if until == Until::Started && ns::read_field(dir, "state") == "waiting" {
+        writeln!(
             out,
             "{service}: started; waiting for the services it comes after (deploy status {service})"
-        )?,
-        Until::Started => writeln!(out, "{service}: started ({took})")?,
+        )?;
+    } else {
+        writeln!(out, "{service}: {} ({took})", until.done())?;
     }
     Ok(Exit::Ok)
 }

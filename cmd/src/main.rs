@@ -332,9 +332,7 @@ fn with_arg(verb: &str, arg: Option<impl std::fmt::Display>) -> String {
 /// Writes a command to the service's ctl file; follows the rollout it
 /// starts if `wait`.
 fn command(ns: &Ns, service: &str, cmd: &str, wait: bool, what: What) -> Result<Exit, Fail> {
-    let dir = ns.service(service)?;
-    let start = follow::Start::now(&dir);
-    let msg = ns::ctl(&dir.join("ctl"), &format!("{cmd}\n")).map_err(|f| refused(service, f))?;
+    let (dir, start, msg) = send(ns, service, cmd)?;
     if !wait {
         println!("{service}: {msg}");
         return Ok(Exit::Ok);
@@ -342,19 +340,21 @@ fn command(ns: &Ns, service: &str, cmd: &str, wait: bool, what: What) -> Result<
     follow::follow(service, &dir, start, what)
 }
 
+/// Writes `cmd` to the service's ctl file: the service's directory, where
+/// its events and traffic stood just before, and deployd's answer.
+fn send(ns: &Ns, service: &str, cmd: &str) -> Result<(PathBuf, follow::Start, String), Fail> {
+    let dir = ns.service(service)?;
+    let start = follow::Start::now(&dir);
+    let msg = ns::ctl(&dir.join("ctl"), &format!("{cmd}\n")).map_err(|f| refused(service, f))?;
+    Ok((dir, start, msg))
+}
+
 /// `stop`, `start` or `remove`, then (unless `no_wait`) its events until
 /// it is done: as `systemctl stop` returns once the unit is down, so that
 /// what a script does next (`pg_upgrade`, a restore) never meets an
 /// instance still running.
 fn settle(ns: &Ns, service: &str, until: Until, no_wait: bool) -> Result<Exit, Fail> {
-    let dir = ns.service(service)?;
-    let start = follow::Start::now(&dir);
-    let verb = match until {
-        Until::Stopped => "stop",
-        Until::Started => "start",
-        Until::Removed => "remove",
-    };
-    let msg = ns::ctl(&dir.join("ctl"), &format!("{verb}\n")).map_err(|f| refused(service, f))?;
+    let (dir, start, msg) = send(ns, service, until.command())?;
     println!("{service}: {msg}");
     if no_wait {
         return Ok(Exit::Ok);

@@ -401,7 +401,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
     Ok(Exit::Ok)
 }
 
-/// The last `n` lines of a file (from its last 16 KiB).
+/// The service's instances, as their files and `traffic` say.
 fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
     ns::instance_numbers(dir)
         .unwrap_or_default()
@@ -453,26 +453,6 @@ fn print_table<R: AsRef<[S]>, S: AsRef<str>>(
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_last_lines_of_a_long_file_are_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("events");
-        let text: String = (0..2000).map(|i| format!("event number {i}\n")).collect();
-        std::fs::write(&path, &text).unwrap();
-        let last = crate::tail::last_lines(&path, 3);
-        assert_eq!(
-            last,
-            [
-                "event number 1997",
-                "event number 1998",
-                "event number 1999"
-            ]
-        );
-        std::fs::write(&path, "one\ntwo\n").unwrap();
-        assert_eq!(crate::tail::last_lines(&path, 10), ["one", "two"]);
-        assert!(crate::tail::last_lines(&dir.path().join("none"), 10).is_empty());
-    }
-
     #[test]
     fn reads_an_instances_usage() {
         let u = super::usage("processes 2\nrss 13107200\ncpu 1.25\n").expect("usage");

@@ -276,6 +276,26 @@ pub fn logs(
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_last_lines_of_a_long_file_are_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        let text: String = (0..2000).map(|i| format!("event number {i}\n")).collect();
+        std::fs::write(&path, &text).unwrap();
+        let last = last_lines(&path, 3);
+        assert_eq!(
+            last,
+            [
+                "event number 1997",
+                "event number 1998",
+                "event number 1999"
+            ]
+        );
+        std::fs::write(&path, "one\ntwo\n").unwrap();
+        assert_eq!(last_lines(&path, 10), ["one", "two"]);
+        assert!(last_lines(&dir.path().join("none"), 10).is_empty());
+    }
+
     fn printed(chunks: &[&str], filter: &Filter, label: Option<&str>) -> String {
         let mut stream = Stream::default();
         let mut out = Vec::new();
