@@ -735,8 +735,13 @@ impl Engine {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
                     self.on_msg(msg);
-                    // Take what else is queued before flushing once.
+                    // Take what else is queued before flushing once; not
+                    // past an accepted `reexec`, which nothing may follow:
+                    // what is left is refused while traffic finishes.
                     for _ in 0..1024 {
+                        if self.reexec {
+                            break;
+                        }
                         match rx.try_recv() {
                             Ok(m) => self.on_msg(m),
                             Err(_) => break,
@@ -1999,9 +2004,13 @@ impl Engine {
                 }
             }
             Some(Msg::Ctl { done, .. } | Msg::ApplyAll { done } | Msg::ReExec { done }) => {
+                let message = match self.reexec {
+                    true => "deployd is replacing itself (reexec); try again once it is back",
+                    false => "deployd is shutting down",
+                };
                 done(Err(Refusal {
                     kind: RefusalKind::Busy,
-                    message: "deployd is shutting down".into(),
+                    message: message.into(),
                 }))
             }
             Some(_) => {}
