@@ -58,9 +58,13 @@ enum Cmd {
         json: bool,
     },
     /// Hold the rollout after the batch in flight
-    Pause { service: String },
+    Pause {
+        /// The service, as in /deploy/active/SERVICE
+        service: String,
+    },
     /// Go on with a paused rollout and follow it
     Resume {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// Return at once
         #[arg(long)]
@@ -68,6 +72,7 @@ enum Cmd {
     },
     /// Roll back to the previous version (or to VERSION from history) and follow it
     Rollback {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// A version from the service's history/
         version: Option<String>,
@@ -78,6 +83,7 @@ enum Cmd {
     /// Replace every instance with a fresh process, one batch at a time; or
     /// only INSTANCE (its number, as in `deploy status SERVICE`)
     Restart {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// One instance: its replacement serves before it is stopped
         instance: Option<u32>,
@@ -88,6 +94,7 @@ enum Cmd {
     /// Stop every instance and wait until they are all gone; the service
     /// stays, stopped
     Stop {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// Return at once
         #[arg(long)]
@@ -95,6 +102,7 @@ enum Cmd {
     },
     /// Start a stopped service and wait until every instance is ready
     Start {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// Return at once
         #[arg(long)]
@@ -102,6 +110,7 @@ enum Cmd {
     },
     /// Stop every instance and forget the service; waits until it is gone
     Remove {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// Return at once
         #[arg(long)]
@@ -110,6 +119,7 @@ enum Cmd {
     /// Send a signal (HUP, USR1, ...) to the processes of every running
     /// instance, or of one: to reload a configuration, reopen files
     Signal {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// TERM, INT, QUIT, HUP, USR1, USR2 or KILL (SIG prefix and lower
         /// case accepted)
@@ -119,6 +129,7 @@ enum Cmd {
     },
     /// Print the service's event log
     Events {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
         /// Keep printing new events
         #[arg(short, long)]
@@ -134,7 +145,9 @@ enum Cmd {
     /// Print the output of the service's instances (or of one), or its
     /// access log
     Logs {
+        /// The service, as in /deploy/active/SERVICE
         service: String,
+        /// One instance (its number, as in `deploy status SERVICE`)
         #[arg(conflicts_with = "access")]
         instance: Option<u32>,
         /// Keep printing new output, also of the instances a rollout or a
