@@ -47,6 +47,8 @@ pub struct Deployd {
     log: PathBuf,
     /// A listening socket passed as by systemd's socket activation.
     socket: Option<RawFd>,
+    /// A program deployd runs under (`valgrind --tool=dhat`), if any.
+    wrapper: Vec<String>,
     child: Option<Child>,
 }
 
@@ -56,11 +58,28 @@ impl Deployd {
         Deployd::start_with_socket(manifests, None)
     }
 
+    /// As `start`, with deployd run by `wrapper` (a program and its
+    /// arguments, deployd's command line after them).
+    pub fn start_under(
+        manifests: &[(String, String)],
+        wrapper: &[String],
+    ) -> Result<Deployd, String> {
+        Deployd::new(manifests, None, wrapper)
+    }
+
     /// As `start`, with `socket` (if any) passed as systemd's socket
     /// activation passes one: descriptor 3, `LISTEN_FDS=1`, `LISTEN_PID`.
     pub fn start_with_socket(
         manifests: &[(String, String)],
         socket: Option<RawFd>,
+    ) -> Result<Deployd, String> {
+        Deployd::new(manifests, socket, &[])
+    }
+
+    fn new(
+        manifests: &[(String, String)],
+        socket: Option<RawFd>,
+        wrapper: &[String],
     ) -> Result<Deployd, String> {
         let dir = tempfile::Builder::new()
             .prefix("deployd-bench")
@@ -83,6 +102,7 @@ impl Deployd {
             config,
             log: dir.path().join("deployd.log"),
             socket,
+            wrapper: wrapper.to_vec(),
             child: None,
             _dir: dir,
         };
@@ -100,6 +120,11 @@ impl Deployd {
         // DEPLOYD names another build to measure (two builds compared).
         let bin = std::env::var_os("DEPLOYD").map_or_else(|| sibling("deployd"), PathBuf::from);
         let mut cmd = match self.socket {
+            None if !self.wrapper.is_empty() => {
+                let mut c = Command::new(&self.wrapper[0]);
+                c.args(&self.wrapper[1..]).arg(bin);
+                c
+            }
             None => Command::new(bin),
             Some(fd) => {
                 use std::os::unix::process::CommandExt;
@@ -164,6 +189,12 @@ impl Deployd {
                 let _ = c.wait();
             }
         }
+    }
+
+    /// Stops deployd and returns what it wrote to its standard error.
+    pub fn finish(mut self) -> String {
+        self.stop();
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> u32 {

@@ -10,6 +10,9 @@
 //! this machine, reusing its backend connections. Each proxy's CPU time per
 //! request (user + system, from /proc) shows what the data path costs,
 //! which is steadier than requests/s on a shared machine.
+//!
+//! Last, what the data path allocates: deployd under valgrind's DHAT,
+//! heap blocks per request beyond what an idle deployd allocates.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -107,7 +110,161 @@ pub fn run(report: &mut Report) -> Result<(), String> {
             format!("{:.1} / {:.1} KiB{reference}", ours.0, ours.1),
         );
     }
+    allocations(report, &svc)
+}
+
+/// Requests (or connections) each run of the allocation figures sends.
+const ALLOC_REQUESTS: usize = 10_000;
+
+/// What the proxy allocates per request: deployd under valgrind's DHAT,
+/// which counts every heap block a process allocates, once serving nothing
+/// and once for each kind of client, each time a fresh deployd with the
+/// same two services; the difference over [`ALLOC_REQUESTS`]. The probes
+/// are a minute apart, so they do not land in one run more than another.
+fn allocations(report: &mut Report, svc: &dyn Fn(u16, &str) -> String) -> Result<(), String> {
+    let what = "heap allocations per request (DHAT), beyond a deployd serving nothing";
+    if Command::new("valgrind")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_err()
+    {
+        report.info("proxy", what, "valgrind is not installed: not measured");
+        return Ok(());
+    }
+    let (ph, pt) = (free_port(), free_port());
+    let slow = |port: u16, mode: &str| format!("{}health_interval 60s\n", svc(port, mode));
+    let manifests = [
+        ("h".into(), slow(ph, "http")),
+        ("t".into(), slow(pt, "tcp")),
+    ];
+    let runs: [(&str, u16, bool, usize); 6] = [
+        ("nothing", ph, false, 0),
+        ("nothing", ph, false, 0),
+        ("http, keep-alive", ph, false, ALLOC_REQUESTS),
+        ("http, new connection per request", ph, true, ALLOC_REQUESTS),
+        ("tcp, keep-alive", pt, false, ALLOC_REQUESTS),
+        ("tcp, new connection per request", pt, true, ALLOC_REQUESTS),
+    ];
+    // Two runs serving nothing: how much a deployd's own count varies.
+    let mut base: Vec<(u64, u64)> = Vec::new();
+    let mut parts = Vec::new();
+    let mut keep_alive_worst: f64 = 0.0;
+    for (name, port, close, n) in runs {
+        let out = std::env::temp_dir().join(format!("deployd-bench-dhat-{}", std::process::id()));
+        let wrapper = [
+            "valgrind".to_string(),
+            "--tool=dhat".into(),
+            format!("--dhat-out-file={}", out.display()),
+        ];
+        let d = Deployd::start_under(&manifests, &wrapper)?;
+        for s in ["h", "t"] {
+            if !d.settle(s, Duration::from_secs(120)) {
+                return Err(format!("service {s} did not deploy under valgrind"));
+            }
+        }
+        let sent = send_requests(port, n, close);
+        let log = d.finish();
+        let _ = std::fs::remove_file(&out);
+        sent?;
+        let (bytes, blocks) = dhat_total(&log).ok_or("no DHAT total in deployd's log")?;
+        if n == 0 {
+            base.push((bytes, blocks));
+            continue;
+        }
+        let mean = |f: fn(&(u64, u64)) -> u64| {
+            base.iter().map(f).sum::<u64>() as f64 / base.len().max(1) as f64
+        };
+        let per = (blocks as f64 - mean(|b| b.1)) / n as f64;
+        let kib = (bytes as f64 - mean(|b| b.0)) / n as f64 / 1024.0;
+        if !close {
+            keep_alive_worst = keep_alive_worst.max(per);
+        }
+        // Within a count's own variation of zero, zero (not "-0.00").
+        let shown = |x: f64| if x.abs() < 0.005 { 0.0 } else { x };
+        parts.push(format!("{name} {:.2} ({:.1} KiB)", shown(per), shown(kib)));
+    }
+    let lo = base.iter().map(|b| b.1).min().unwrap_or(0);
+    let hi = base.iter().map(|b| b.1).max().unwrap_or(0);
+    report.add(
+        "proxy",
+        what,
+        format!(
+            "{}; over {ALLOC_REQUESTS} each, against {lo}–{hi} blocks serving nothing",
+            parts.join(", ")
+        ),
+        "none per keep-alive request (< 0.05)",
+        verdict(keep_alive_worst < 0.05),
+    );
     Ok(())
+}
+
+/// `==PID== Total:     84,430,269 bytes in 1,401 blocks`: bytes and blocks.
+fn dhat_total(log: &str) -> Option<(u64, u64)> {
+    let line = log.lines().find(|l| l.contains("Total:"))?;
+    let number = |s: &str| s.replace(',', "").parse::<u64>().ok();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "Total:")?;
+    Some((number(words.get(at + 1)?)?, number(words.get(at + 4)?)?))
+}
+
+/// Sends `n` GETs to `port` one after another: on one connection, or each
+/// on its own (`Connection: close`). Every answer must be a 200.
+fn send_requests(port: u16, n: usize, close: bool) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let connect = || -> Result<std::net::TcpStream, String> {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| e.to_string())?;
+        Ok(s)
+    };
+    let request: &[u8] = match close {
+        true => b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n",
+        false => b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n",
+    };
+    let mut conn = None;
+    let mut buf = Vec::with_capacity(4096);
+    for i in 0..n {
+        let s = match &mut conn {
+            Some(s) if !close => s,
+            _ => conn.insert(connect()?),
+        };
+        s.write_all(request)
+            .map_err(|e| format!("request {i}: {e}"))?;
+        buf.clear();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let got = s
+                .read(&mut chunk)
+                .map_err(|e| format!("request {i}: {e}"))?;
+            buf.extend_from_slice(&chunk[..got]);
+            if got == 0 || (!close && response_complete(&buf)) {
+                break;
+            }
+        }
+        if !buf.starts_with(b"HTTP/1.1 200") {
+            return Err(format!("request {i}: no 200 through port {port}"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `buf` holds a whole response: its head and a body of its
+/// `Content-Length`, or chunks up to the last.
+fn response_complete(buf: &[u8]) -> bool {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let body = buf.len() - end - 4;
+    match head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        Some(len) => body >= len,
+        None => buf.ends_with(b"0\r\n\r\n"),
+    }
 }
 
 /// Client connections per wave of the memory figure.
