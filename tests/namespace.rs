@@ -328,6 +328,12 @@ fn stop_start_and_remove_return_once_done() {
     };
     let text = done("stop", "web: stopped (");
     assert!(text.contains("web: instance 0 stopping (TERM)\n"), "{text}");
+    // Each line once: deployd's answer is also the first event.
+    assert_eq!(
+        text.matches("web: stopping 2 instances\n").count(),
+        1,
+        "{text}"
+    );
     for p in &pids {
         assert!(
             !alive(*p),
@@ -335,9 +341,20 @@ fn stop_start_and_remove_return_once_done() {
         );
     }
     assert!(d.instances("web").is_empty());
-    done("start", "web: started (");
+    let text = done("start", "web: started (");
+    assert_eq!(
+        text.matches("web: starting 2 instances\n").count(),
+        1,
+        "{text}"
+    );
     assert_eq!(d.field("active/web/update_progress"), "2/2");
-    done("remove", "web: removed (");
+    let text = done("remove", "web: removed (");
+    assert_eq!(
+        text.matches("web: removing: stopping 2 instances\n")
+            .count(),
+        1,
+        "{text}"
+    );
     assert!(!d.path("active/web").exists());
 
     // --no-wait returns at once, as before.

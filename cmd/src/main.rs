@@ -368,10 +368,11 @@ fn send(ns: &Ns, service: &str, cmd: &str) -> Result<(PathBuf, follow::Start, St
 /// instance still running.
 fn settle(ns: &Ns, service: &str, until: Until, no_wait: bool) -> Result<Exit, Fail> {
     let (dir, start, msg) = send(ns, service, until.command())?;
-    println!("{service}: {msg}");
     if no_wait {
+        println!("{service}: {msg}");
         return Ok(Exit::Ok);
     }
+    // The answer is the first event, which the following prints.
     follow::until(service, &dir, start, until)
 }
 
