@@ -378,6 +378,73 @@ fn stop_start_and_remove_return_once_done() {
     });
 }
 
+/// `--timeout` ends the following, not what is followed: `deploy apply` of
+/// a service waiting for a stopped one (`after`) exits 1 once it is up,
+/// and the deployment goes on waiting. `deploy start` of a service whose
+/// last rollout failed returns once its instances (of the version before
+/// the failed one) are ready.
+#[test]
+fn timeout_ends_the_following_and_start_counts_any_ready_version() {
+    let Some(d) = Deployd::start_settled(&[("db", app_manifest(1, ""))]) else {
+        return;
+    };
+    d.write_manifest("db", "exec false\n");
+    let out = d.deploy(&["apply", "db"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(d.deploy(&["stop", "db"]).status.success());
+    let out = d.deploy(&["start", "db"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("db: started ("), "{}", stdout(&out));
+    assert_eq!(d.instances("db").len(), 1);
+
+    assert!(d.deploy(&["stop", "db"]).status.success());
+    d.write_manifest("api", "exec sleep 1000\nafter db\n");
+    // Bounded from outside too: without --timeout it would wait for ever.
+    let run = |args: &[&str]| {
+        std::process::Command::new("timeout")
+            .arg("60")
+            .arg(deploy_bin())
+            .args(args)
+            .env("DEPLOY_ROOT", &d.mnt)
+            .output()
+            .expect("run deploy")
+    };
+    let out = run(&["apply", "api", "--timeout", "2s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("api: waiting for db to be ready before starting (after)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).starts_with("api: not over after 2s (--timeout): rolling at 0/1; "),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(d.field("active/api/state"), "waiting");
+    // The same for what stop, start and remove wait for: an instance that
+    // ignores its stop signal is not stopped within a second.
+    d.write_manifest(
+        "stubborn",
+        "exec trap '' TERM; sleep 1000\nstop_timeout 3s\n",
+    );
+    assert!(d.deploy(&["apply", "stubborn"]).status.success());
+    let out = run(&["stop", "stubborn", "--timeout", "1s"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).starts_with("stubborn: not stopped after 1s ("),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["apply", "api", "--timeout", "soon"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--timeout needs a duration like 10, 10s, 500ms or 2m, got 'soon'"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// The reading commands of the CLI: events, logs (each with -f), status in
 /// both forms.
 #[test]

@@ -18,6 +18,8 @@ pub struct Start {
     offset: u64,
     started: Instant,
     traffic: Option<Traffic>,
+    /// `--timeout`: how long to follow before giving up.
+    limit: Option<Duration>,
 }
 
 impl Start {
@@ -28,7 +30,13 @@ impl Start {
             offset: std::fs::metadata(dir.join("events")).map_or(0, |m| m.len()),
             started: Instant::now(),
             traffic: Traffic::read(dir),
+            limit: None,
         }
+    }
+
+    /// With `--timeout`, if given.
+    pub fn limit(self, limit: Option<Duration>) -> Start {
+        Start { limit, ..self }
     }
 }
 
@@ -40,6 +48,7 @@ impl Start {
             offset: 0,
             started: Instant::now(),
             traffic: None,
+            limit: None,
         }
     }
 }
@@ -48,7 +57,7 @@ impl Start {
 /// out every manifest of deployd's manifests directory or, if one is
 /// invalid or refused, none; then follows every rollout it started, side by
 /// side. Fails if any of them does.
-pub fn apply_all(ns: &Ns, no_wait: bool) -> Result<Exit, Fail> {
+pub fn apply_all(ns: &Ns, no_wait: bool, limit: Option<Duration>) -> Result<Exit, Fail> {
     let active = ns.service_path("");
     let mut before: HashMap<String, Start> = std::fs::read_dir(&active)
         .map(|d| {
@@ -85,7 +94,10 @@ pub fn apply_all(ns: &Ns, no_wait: bool) -> Result<Exit, Fail> {
     let followers: Vec<_> = started
         .into_iter()
         .map(|service| {
-            let start = before.remove(&service).unwrap_or_else(Start::fresh);
+            let start = before
+                .remove(&service)
+                .unwrap_or_else(Start::fresh)
+                .limit(limit);
             let dir = ns.service_path(&service);
             std::thread::spawn(move || {
                 let r = follow(&service, &dir, start, What::Deploy);
@@ -159,6 +171,7 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         mut offset,
         started,
         traffic,
+        limit,
     } = start;
     // A file's mtime comes from a coarser clock.
     let now = std::time::SystemTime::now();
@@ -173,6 +186,17 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     let mut out = std::io::stdout();
     let outcome = loop {
         offset = print_events(&mut out, service, dir, offset)?;
+        if let Some(limit) = limit.filter(|l| started.elapsed() >= *l) {
+            let (status, progress) = (
+                ns::read_field(dir, "update_status"),
+                ns::read_field(dir, "update_progress"),
+            );
+            eprintln!(
+                "{service}: not over after {} (--timeout): {status} at {progress}; deployd goes on with it (deploy status {service}, or deploy pause|rollback {service})",
+                deployd_lib::manifest::format_duration(limit)
+            );
+            return Ok(Exit::Failed);
+        }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(r) => break r,
             Err(mpsc::RecvTimeoutError::Timeout) => continue,
@@ -260,21 +284,31 @@ impl Until {
 /// so. Gives up (exit 1) once the manifest says it should have happened
 /// (`drain` then `stop_timeout` for a stop, `health_deadline` for a start)
 /// and ten seconds more.
-pub fn until(service: &str, dir: &Path, start: Start, until: Until) -> Result<Exit, Fail> {
+pub fn until(
+    service: &str,
+    dir: &Path,
+    start: Start,
+    until: Until,
+    answer: &str,
+) -> Result<Exit, Fail> {
     let Start {
         mut offset,
         started,
+        limit,
         ..
     } = start;
+    let from = offset;
     let m = std::fs::read(dir.join("manifest"))
         .ok()
         .and_then(|text| deployd_lib::manifest::parse(&text).ok());
-    let limit = match until {
-        Until::Stopped | Until::Removed => m.map(|m| m.drain + m.stop_timeout),
-        Until::Started => m.map(|m| m.health_deadline),
-    }
-    .unwrap_or(Duration::from_secs(60))
-        + Duration::from_secs(10);
+    let limit = limit.unwrap_or_else(|| {
+        match until {
+            Until::Stopped | Until::Removed => m.map(|m| m.drain + m.stop_timeout),
+            Until::Started => m.map(|m| m.health_deadline),
+        }
+        .unwrap_or(Duration::from_secs(60))
+            + Duration::from_secs(10)
+    });
     let mut out = std::io::stdout();
     loop {
         offset = print_events(&mut out, service, dir, offset)?;
@@ -287,13 +321,18 @@ pub fn until(service: &str, dir: &Path, start: Start, until: Until) -> Result<Ex
                 ns::read_field(dir, "update_progress"),
             );
             eprintln!(
-                "{service}: not {} after {:.0}s ({state}, {progress} ready); see deploy status {service}",
+                "{service}: not {} after {} ({state}, {progress} ready); see deploy status {service}",
                 until.done(),
-                limit.as_secs_f64()
+                deployd_lib::manifest::format_duration(limit)
             );
             return Ok(Exit::Failed);
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    // The answer is the first event; a service removed before its events
+    // could be read has only the answer to say it.
+    if offset == from {
+        writeln!(out, "{service}: {answer}")?;
     }
     let took = format!("{:.1}s", started.elapsed().as_secs_f64());
     if until == Until::Started && ns::read_field(dir, "state") == "waiting" {
@@ -336,8 +375,18 @@ fn reached(dir: &Path, until: Until) -> Result<bool, Fail> {
                 Ok(s) => s,
                 Err(e) => return gone(e),
             };
-            let progress = ns::read_field(dir, "update_progress");
-            let all = progress.split_once('/').is_some_and(|(k, n)| k == n);
+            // Every slot ready, of whichever version: after a failed
+            // rollout the slots run the version before the target, which
+            // update_progress does not count.
+            let replicas = ns::read_field(dir, "update_progress")
+                .split_once('/')
+                .and_then(|(_, n)| n.parse::<usize>().ok());
+            let numbers = ns::instance_numbers(&dir.join("instances")).unwrap_or_default();
+            let ready = numbers
+                .iter()
+                .filter(|n| ns::read_field(&dir.join(format!("instances/{n}")), "state") == "ready")
+                .count();
+            let all = replicas.is_some_and(|n| ready >= n);
             Ok(state.trim_end() == "waiting" || (state.trim_end() == "running" && all))
         }
     }

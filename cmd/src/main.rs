@@ -18,6 +18,7 @@ mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -45,9 +46,8 @@ enum Cmd {
     Apply {
         /// The service (its manifest is SERVICE.manifest in deployd's manifests directory)
         service: Option<String>,
-        /// Return once the rollout has started
-        #[arg(long)]
-        no_wait: bool,
+        #[command(flatten)]
+        wait: Waiting,
     },
     /// Every service as a table, or one service with its instances and its last 10 events
     Status {
@@ -66,9 +66,8 @@ enum Cmd {
     Resume {
         /// The service, as in /deploy/active/SERVICE
         service: String,
-        /// Return at once
-        #[arg(long)]
-        no_wait: bool,
+        #[command(flatten)]
+        wait: Waiting,
     },
     /// Roll back to the previous version (or to VERSION from history) and follow it
     Rollback {
@@ -76,9 +75,8 @@ enum Cmd {
         service: String,
         /// A version from the service's history/
         version: Option<String>,
-        /// Return at once
-        #[arg(long)]
-        no_wait: bool,
+        #[command(flatten)]
+        wait: Waiting,
     },
     /// Replace every instance with a fresh process, one batch at a time; or
     /// only INSTANCE (its number, as in `deploy status SERVICE`)
@@ -87,34 +85,30 @@ enum Cmd {
         service: String,
         /// One instance: its replacement serves before it is stopped
         instance: Option<u32>,
-        /// Return at once
-        #[arg(long)]
-        no_wait: bool,
+        #[command(flatten)]
+        wait: Waiting,
     },
     /// Stop every instance and wait until they are all gone; the service
     /// stays, stopped
     Stop {
         /// The service, as in /deploy/active/SERVICE
         service: String,
-        /// Return at once
-        #[arg(long)]
-        no_wait: bool,
+        #[command(flatten)]
+        wait: Waiting,
     },
     /// Start a stopped service and wait until every instance is ready
     Start {
         /// The service, as in /deploy/active/SERVICE
         service: String,
-        /// Return at once
-        #[arg(long)]
-        no_wait: bool,
+        #[command(flatten)]
+        wait: Waiting,
     },
     /// Stop every instance and forget the service; waits until it is gone
     Remove {
         /// The service, as in /deploy/active/SERVICE
         service: String,
-        /// Return at once
-        #[arg(long)]
-        no_wait: bool,
+        #[command(flatten)]
+        wait: Waiting,
     },
     /// Send a signal (HUP, USR1, ...) to the processes of every running
     /// instance, or of one: to reload a configuration, reopen files
@@ -196,6 +190,22 @@ enum Cmd {
     },
 }
 
+/// How long a command that follows what it started may wait.
+#[derive(clap::Args, Clone, Copy)]
+struct Waiting {
+    /// Return once deployd has accepted the command
+    #[arg(long)]
+    no_wait: bool,
+    /// Stop following after DUR (90s, 10m, 1h) and exit 1; deployd goes on
+    /// with it (as kubectl rollout status --timeout)
+    #[arg(long, value_name = "DUR", value_parser = timeout, conflicts_with = "no_wait")]
+    timeout: Option<Duration>,
+}
+
+fn timeout(text: &str) -> Result<Duration, String> {
+    deployd_lib::manifest::parse_duration("--timeout", text)
+}
+
 /// How `deploy` ends when nothing went wrong on its side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -235,57 +245,55 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         Cmd::Reexec => reexec(&ns, &args.root),
         Cmd::Apply {
             service: None,
-            no_wait,
-        } => follow::apply_all(&ns, no_wait),
+            wait,
+        } => follow::apply_all(&ns, wait.no_wait, wait.timeout),
         Cmd::Apply {
             service: Some(service),
-            no_wait,
+            wait,
         } => {
             let dir = ns.service_path(&service);
-            let start = follow::Start::now(&dir);
+            let start = follow::Start::now(&dir).limit(wait.timeout);
             let msg = ns
                 .ctl_root(&format!("apply {service}\n"))
                 .map_err(|f| refused(&service, f))?;
-            if no_wait || msg.starts_with("unchanged") {
+            if wait.no_wait || msg.starts_with("unchanged") {
                 println!("{service}: {msg}");
                 return Ok(Exit::Ok);
             }
             follow::follow(&service, &dir, start, What::Deploy)
         }
-        Cmd::Resume { service, no_wait } => {
-            command(&ns, &service, "resume", !no_wait, What::Deploy)
-        }
+        Cmd::Resume { service, wait } => command(&ns, &service, "resume", wait, What::Deploy),
         Cmd::Restart {
             service,
             instance,
-            no_wait,
+            wait,
         } => {
             let cmd = with_arg("restart", instance);
             let what = instance.map_or(What::Restart, What::RestartInstance);
-            command(&ns, &service, &cmd, !no_wait, what)
+            command(&ns, &service, &cmd, wait, what)
         }
         Cmd::Rollback {
             service,
             version,
-            no_wait,
+            wait,
         } => command(
             &ns,
             &service,
             &with_arg("rollback", version),
-            !no_wait,
+            wait,
             What::Rollback,
         ),
-        Cmd::Pause { service } => command(&ns, &service, "pause", false, What::Deploy),
-        Cmd::Stop { service, no_wait } => settle(&ns, &service, Until::Stopped, no_wait),
-        Cmd::Start { service, no_wait } => settle(&ns, &service, Until::Started, no_wait),
-        Cmd::Remove { service, no_wait } => settle(&ns, &service, Until::Removed, no_wait),
+        Cmd::Pause { service } => command(&ns, &service, "pause", NO_WAIT, What::Deploy),
+        Cmd::Stop { service, wait } => settle(&ns, &service, Until::Stopped, wait),
+        Cmd::Start { service, wait } => settle(&ns, &service, Until::Started, wait),
+        Cmd::Remove { service, wait } => settle(&ns, &service, Until::Removed, wait),
         Cmd::Signal {
             service,
             signal,
             instance,
         } => {
             let cmd = with_arg(&format!("signal {signal}"), instance);
-            command(&ns, &service, &cmd, false, What::Deploy)
+            command(&ns, &service, &cmd, NO_WAIT, What::Deploy)
         }
         Cmd::Status {
             service: None,
@@ -342,15 +350,21 @@ fn with_arg(verb: &str, arg: Option<impl std::fmt::Display>) -> String {
     }
 }
 
+/// For the commands that do not follow anything.
+const NO_WAIT: Waiting = Waiting {
+    no_wait: true,
+    timeout: None,
+};
+
 /// Writes a command to the service's ctl file; follows the rollout it
-/// starts if `wait`.
-fn command(ns: &Ns, service: &str, cmd: &str, wait: bool, what: What) -> Result<Exit, Fail> {
+/// starts unless `wait` says not to.
+fn command(ns: &Ns, service: &str, cmd: &str, wait: Waiting, what: What) -> Result<Exit, Fail> {
     let (dir, start, msg) = send(ns, service, cmd)?;
-    if !wait {
+    if wait.no_wait {
         println!("{service}: {msg}");
         return Ok(Exit::Ok);
     }
-    follow::follow(service, &dir, start, what)
+    follow::follow(service, &dir, start.limit(wait.timeout), what)
 }
 
 /// Writes `cmd` to the service's ctl file: the service's directory, where
@@ -366,14 +380,14 @@ fn send(ns: &Ns, service: &str, cmd: &str) -> Result<(PathBuf, follow::Start, St
 /// it is done: as `systemctl stop` returns once the unit is down, so that
 /// what a script does next (`pg_upgrade`, a restore) never meets an
 /// instance still running.
-fn settle(ns: &Ns, service: &str, until: Until, no_wait: bool) -> Result<Exit, Fail> {
+fn settle(ns: &Ns, service: &str, until: Until, wait: Waiting) -> Result<Exit, Fail> {
     let (dir, start, msg) = send(ns, service, until.command())?;
-    if no_wait {
+    if wait.no_wait {
         println!("{service}: {msg}");
         return Ok(Exit::Ok);
     }
     // The answer is the first event, which the following prints.
-    follow::until(service, &dir, start, until)
+    follow::until(service, &dir, start.limit(wait.timeout), until, &msg)
 }
 
 /// `reexec` on the root ctl, then waits (up to a minute) for the new

@@ -470,6 +470,19 @@ fn quantity<'a>(
     Ok((w, amount))
 }
 
+/// A duration written as in a manifest (`10`, `10s`, `500ms`, `2m`, `1h`;
+/// at most a day), for a command-line option named `name`; the error says
+/// what was wrong as the manifest's would.
+pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, String> {
+    duration(&Value {
+        line: text,
+        text,
+        name,
+        end_of_name: 0,
+    })
+    .map_err(|e| e.message)
+}
+
 fn duration(v: &Value) -> Result<Duration, LineError> {
     const UNITS: [(&str, u64); 4] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)];
     let (w, ms) = quantity(v, "a duration like 10, 10s, 500ms or 2m", &UNITS, 1000)?;

@@ -1065,3 +1065,28 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_duration_for_the_command_line() {
+    use super::parse_duration;
+    assert_eq!(
+        parse_duration("--timeout", "5m"),
+        Ok(Duration::from_secs(300))
+    );
+    assert_eq!(
+        parse_duration("--timeout", "90"),
+        Ok(Duration::from_secs(90))
+    );
+    assert_eq!(
+        parse_duration("--timeout", "1.5s"),
+        Err("--timeout needs a duration like 10, 10s, 500ms or 2m, got '1.5s'".into())
+    );
+    assert_eq!(
+        parse_duration("--timeout", ""),
+        Err("--timeout needs a duration like 10, 10s, 500ms or 2m".into())
+    );
+    assert_eq!(
+        parse_duration("--timeout", "25h"),
+        Err("--timeout must be at most 24h, got 25h".into())
+    );
+}

@@ -1170,6 +1170,19 @@ impl Service {
         if self.stopped && !remove {
             return refuse(RefusalKind::Invalid, "already stopped");
         }
+        // Said before anything it does, so that each instance's own line
+        // (a candidate not routed in is stopped at once) comes after it.
+        let live = self.instances.iter().filter(|i| i.live()).count();
+        let msg = format!(
+            "{} {live} instance{}",
+            if remove {
+                "removing: stopping"
+            } else {
+                "stopping"
+            },
+            if live == 1 { "" } else { "s" }
+        );
+        self.event(msg.clone());
         if self.rollout.is_some() {
             self.cancel_batch();
             self.rollout = None;
@@ -1188,17 +1201,6 @@ impl Service {
         }
         // Exited records have nothing left to stop.
         self.instances.retain(|i| i.live());
-        let msg = format!(
-            "{} {} instance{}",
-            if remove {
-                "removing: stopping"
-            } else {
-                "stopping"
-            },
-            live.len(),
-            if live.len() == 1 { "" } else { "s" }
-        );
-        self.event(msg.clone());
         Ok(msg)
     }
 

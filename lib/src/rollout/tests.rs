@@ -1510,8 +1510,15 @@ fn stop_during_a_rollout_cancels_it() {
     for _ in 0..5 {
         sim.step();
     }
+    let before = sim.events.len();
     sim.command(Command::Stop).unwrap();
     assert!(sim.svc.wait_line().unwrap().contains("cancelled"));
+    // The stop's own line first, then each instance's: the candidate, not
+    // routed in yet, is stopped at once, but not said before it.
+    let said = &sim.events[before..];
+    let stop = said.iter().position(|e| e == "stopping 4 instances");
+    let first = said.iter().position(|e| e.contains("stopping ("));
+    assert!(stop.is_some() && stop < first, "{said:#?}");
     sim.settle();
     assert!(sim.procs.values().all(|p| !p.alive));
 }
