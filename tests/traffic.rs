@@ -1099,3 +1099,80 @@ fn a_stopped_service_answers_at_once() {
     let (status, _) = http_get(port, "/").expect("served");
     assert_eq!(status, 200);
 }
+
+/// A public port is one service's: `apply` of a second service on the port
+/// of a first is refused at its `port` line, and so are `apply` of every
+/// manifest with two on one port, `deploy check` of both files, and a
+/// rollback to a version whose port another service took meanwhile; none
+/// changes anything. Services applied together may trade ports.
+#[test]
+fn two_services_cannot_share_a_public_port() {
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let svc = |port: u16, tag: &str| web(port, "http", 1, &format!("env TAG={tag}\n"));
+    let Some(d) = Deployd::start_settled(&[("web", svc(p1, "web"))]) else {
+        return;
+    };
+    let refused = |out: &std::process::Output, want: &str| {
+        assert_eq!(out.status.code(), Some(5), "{}", stderr(out));
+        assert!(stderr(out).contains(want), "{}", stderr(out));
+    };
+    let shared = "two services cannot share a public port";
+    d.write_manifest("api", &svc(p1, "api"));
+    refused(
+        &d.deploy(&["apply", "api"]),
+        &format!("api.manifest:5:6: port {p1}: already the port of web; {shared}"),
+    );
+    assert!(!d.path("active/api").exists());
+    let out = d.sh("echo apply api > $ROOT/ctl");
+    assert!(
+        stderr(&out).contains("Invalid argument"),
+        "{}",
+        stderr(&out)
+    );
+    refused(
+        &d.deploy(&["apply"]),
+        &format!("port {p1}: also the port of "),
+    );
+    assert!(!d.path("active/api").exists());
+    let file = |s: &str| {
+        d.manifests
+            .join(format!("{s}.manifest"))
+            .display()
+            .to_string()
+    };
+    let out = d.deploy(&["check", &file("web"), &file("api")]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "api.manifest:5:6: port {p1}: also the port of web; {shared}"
+        )),
+        "{}",
+        stderr(&out)
+    );
+
+    // api on p2, then on p3; web takes p2: api cannot go back to it.
+    d.write_manifest("api", &svc(p2, "api"));
+    assert!(d.deploy(&["apply", "api"]).status.success());
+    d.write_manifest("api", &svc(p3, "api"));
+    assert!(d.deploy(&["apply", "api"]).status.success());
+    d.write_manifest("web", &svc(p2, "web"));
+    assert!(d.deploy(&["apply", "web"]).status.success());
+    let version = d.field("active/api/version");
+    refused(
+        &d.deploy(&["rollback", "api"]),
+        &format!("listens on port {p2}, which is now the port of web; {shared}"),
+    );
+    assert_eq!(d.field("active/api/version"), version);
+
+    // Traded in one apply: each listens once the other has let go.
+    d.write_manifest("api", &svc(p2, "api"));
+    d.write_manifest("web", &svc(p3, "web"));
+    let out = d.deploy(&["apply"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (port, tag) in [(p2, "api"), (p3, "web")] {
+        wait_for("the traded ports to serve", LONG, || {
+            http_get(port, "/")
+                .is_ok_and(|(status, body)| status == 200 && body.ends_with(&format!(" {tag}\n")))
+        });
+    }
+}

@@ -1,6 +1,7 @@
 //! `deploy check FILE...`: validates manifests offline, without a server:
 //! the language, what a manifest needs of this machine (its `user`), and
-//! that the files checked together make no `after` cycle.
+//! that the files checked together make no `after` cycle and share no
+//! public port.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -33,15 +34,29 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
         .iter()
         .map(|(_, l)| (l.service.clone(), l.manifest.after.clone()))
         .collect();
+    // Nor can two of them share a public port.
+    let shared = manifest::shared_ports(loaded.iter().map(|(_, l)| (&l.service, l.manifest.port)));
     for (file, l) in &loaded {
-        match order::cycle_error(&graph, &l.service) {
-            Some((first, message)) => {
+        let port = shared.iter().find(|(name, _, _)| **name == l.service);
+        match (order::cycle_error(&graph, &l.service), port) {
+            (Some((first, message)), _) => {
                 failed += 1;
                 let (line, col) =
                     manifest::position_of_after(&l.text, first.as_str()).unwrap_or((1, 1));
                 eprintln!("{}:{line}:{col}: {message}", file.display());
             }
-            None => writeln!(
+            (None, Some((_, port, other))) => {
+                failed += 1;
+                let (line, col) = manifest::position_of(&l.text, "port")
+                    .last()
+                    .copied()
+                    .unwrap_or((1, 1));
+                eprintln!(
+                    "{}:{line}:{col}: port {port}: also the port of {other}; two services cannot share a public port",
+                    file.display()
+                );
+            }
+            (None, None) => writeln!(
                 out,
                 "{}: ok ({} {})",
                 file.display(),

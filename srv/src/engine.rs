@@ -420,7 +420,8 @@ impl Engine {
         // applied, as `apply` would refuse it; and then neither is one
         // that comes after it.
         loop {
-            let bad = self.check_after(&specs);
+            let mut bad = self.check_after(&specs);
+            bad.extend(self.check_ports(&specs));
             if bad.is_empty() {
                 break;
             }
@@ -466,6 +467,7 @@ impl Engine {
         }
         if errors.is_empty() {
             errors.extend(self.check_after(&specs).into_iter().map(|(_, e)| e));
+            errors.extend(self.check_ports(&specs).into_iter().map(|(_, e)| e));
         }
         if !errors.is_empty() {
             return Err(Refusal {
@@ -1015,7 +1017,9 @@ impl Engine {
         let command = match verb {
             Verb::Apply => {
                 let spec = self.load_manifest(service)?;
-                let errors = self.check_after(&[(service.clone(), spec.clone())]);
+                let applied = [(service.clone(), spec.clone())];
+                let mut errors = self.check_after(&applied);
+                errors.extend(self.check_ports(&applied));
                 if !errors.is_empty() {
                     return Err(Refusal {
                         kind: RefusalKind::Invalid,
@@ -1042,9 +1046,19 @@ impl Engine {
                     kind: RefusalKind::Invalid,
                     message: format!("the manifest of {v} no longer parses"),
                 })?;
-                Command::Rollback(Some(Spec::new(m, text.clone())))
+                let spec = Spec::new(m, text.clone());
+                self.rollback_port(service, &spec)?;
+                Command::Rollback(Some(spec))
             }
-            Verb::Rollback(None) => Command::Rollback(None),
+            Verb::Rollback(None) => {
+                let previous = sid
+                    .and_then(|s| self.services.get(&s))
+                    .and_then(|e| e.machine.previous().cloned());
+                if let Some(spec) = previous {
+                    self.rollback_port(service, &spec)?;
+                }
+                Command::Rollback(None)
+            }
             Verb::Pause => Command::Pause,
             Verb::Resume => Command::Resume,
             Verb::Restart(n) => Command::Restart(n),
@@ -1132,6 +1146,65 @@ impl Engine {
             self.sync_proxy(sid);
         }
         handled.result
+    }
+
+    /// Checks that the services about to run `applied` (each with its
+    /// spec) share no public port with another deployed service, nor with
+    /// each other: one listener per port. Each error is the service's and
+    /// `FILE:LINE:COL: message`, at its `port` line. Services applied
+    /// together may trade ports: each listens once the other has let go.
+    fn check_ports(&self, applied: &[(ServiceName, Spec)]) -> Vec<(ServiceName, String)> {
+        let is_applied = |name: &ServiceName| applied.iter().any(|(n, _)| n == name);
+        let deployed = self
+            .services
+            .values()
+            .filter(|e| !is_applied(&e.name))
+            .map(|e| (&e.name, e.machine.target().manifest.port));
+        let new = applied.iter().map(|(n, spec)| (n, spec.manifest.port));
+        manifest::shared_ports(deployed.chain(new))
+            .into_iter()
+            .filter_map(|(name, port, other)| {
+                let (_, spec) = applied.iter().find(|(n, _)| n == name)?;
+                let file = self.config.manifests.join(format!("{name}.manifest"));
+                let (line, col) = manifest::position_of(&spec.text, "port")
+                    .last()
+                    .copied()
+                    .unwrap_or((1, 1));
+                let whose = match is_applied(other) {
+                    true => format!("also the port of {other}, applied with it"),
+                    false => format!("already the port of {other}"),
+                };
+                Some((
+                    name.clone(),
+                    format!(
+                        "{}:{line}:{col}: port {port}: {whose}; two services cannot share a public port",
+                        file.display()
+                    ),
+                ))
+            })
+            .collect()
+    }
+
+    /// A rollback to `spec` is refused if its port is now another
+    /// service's.
+    fn rollback_port(&self, service: &ServiceName, spec: &Spec) -> Result<(), Refusal> {
+        let others = self
+            .services
+            .values()
+            .filter(|e| e.name != *service)
+            .map(|e| (&e.name, e.machine.target().manifest.port));
+        let this = std::iter::once((service, spec.manifest.port));
+        let shared = manifest::shared_ports(others.chain(this));
+        match shared.iter().find(|(name, _, _)| *name == service) {
+            Some((_, port, other)) => Err(Refusal {
+                kind: RefusalKind::Invalid,
+                message: format!(
+                    "{} listens on port {port}, which is now the port of {other}; two services cannot share a public port",
+                    spec.version
+                ),
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn load_manifest(&self, service: &ServiceName) -> Result<Spec, Refusal> {

@@ -583,6 +583,27 @@ impl<'de> serde::Deserialize<'de> for Version {
     }
 }
 
+/// Two services cannot share a public port (one listener per port). Of
+/// `services`, each a name and its manifest's `port`, in order: each one
+/// whose port an earlier one has, with that port and the earlier one.
+pub fn shared_ports<'a>(
+    services: impl IntoIterator<Item = (&'a ServiceName, Option<u16>)>,
+) -> Vec<(&'a ServiceName, u16, &'a ServiceName)> {
+    let mut owner: std::collections::HashMap<u16, &ServiceName> = Default::default();
+    let mut shared = Vec::new();
+    for (name, port) in services {
+        let Some(port) = port else { continue };
+        match owner.get(&port) {
+            Some(first) if *first != name => shared.push((name, port, *first)),
+            Some(_) => {}
+            None => {
+                owner.insert(port, name);
+            }
+        }
+    }
+    shared
+}
+
 /// Formats a duration in its largest exact unit: `2m`, `10s`, `500ms`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();

@@ -1090,3 +1090,13 @@ fn a_duration_for_the_command_line() {
         Err("--timeout must be at most 24h, got 25h".into())
     );
 }
+
+#[test]
+fn a_port_is_one_services() {
+    let n = |s: &str| ServiceName::new(s).unwrap();
+    let (web, api, db) = (n("web"), n("api"), n("db"));
+    let services = [(&web, Some(8080)), (&db, None), (&api, Some(8080))];
+    assert_eq!(super::shared_ports(services), vec![(&api, 8080, &web)]);
+    let apart = [(&web, Some(8080)), (&api, Some(8081)), (&db, None)];
+    assert!(super::shared_ports(apart).is_empty());
+}
