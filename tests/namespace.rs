@@ -373,6 +373,17 @@ fn stop_start_and_remove_return_once_done() {
     let out = d.deploy(&["remove", "stubborn", "--no-wait"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(d.field("active/stubborn/state"), "removing");
+    // Removing again is waiting for the same end; an apply must wait for
+    // the service to be gone.
+    let out = d.deploy(&["remove", "stubborn", "--no-wait"]);
+    assert_eq!(stdout(&out), "stubborn: already being removed\n");
+    let out = d.deploy(&["apply", "stubborn"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the service is being removed; try again once it is gone"),
+        "{}",
+        stderr(&out)
+    );
     wait_for("stubborn to be gone", LONG, || {
         !d.path("active/stubborn").exists()
     });

@@ -880,7 +880,16 @@ impl Service {
 
     fn command(&mut self, cmd: Command) -> Result<String, Refusal> {
         if self.removing {
-            return refuse(RefusalKind::NotFound, "the service is being removed");
+            // Removing twice is waiting for the first to end; anything
+            // else waits for the service to be gone (then apply deploys
+            // it anew).
+            if matches!(cmd, Command::Remove) {
+                return Ok("already being removed".into());
+            }
+            return refuse(
+                RefusalKind::Busy,
+                "the service is being removed; try again once it is gone",
+            );
         }
         match cmd {
             Command::Apply(spec) => self.apply(spec),

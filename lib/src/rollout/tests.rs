@@ -1528,6 +1528,16 @@ fn remove_stops_everything_then_reports_removed() {
     let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
     sim.command(Command::Remove).unwrap();
     assert!(!sim.svc.is_removed());
+    // Removing again waits for the same end; anything else is refused
+    // until the service is gone.
+    assert_eq!(
+        sim.command(Command::Remove).unwrap(),
+        "already being removed"
+    );
+    let r = sim
+        .command(Command::Apply(spec("v2", 2, 1, Strategy::Rolling)))
+        .unwrap_err();
+    assert_eq!(r.kind, RefusalKind::Busy);
     sim.settle();
     assert!(sim.svc.is_removed());
     assert!(sim.procs.values().all(|p| !p.alive));
