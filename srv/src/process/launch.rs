@@ -26,12 +26,16 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// Everything the child needs, prepared before it exists.
 struct Plan {
-    program: CString,
+    /// Where the program may be, tried in turn as the child's own user
+    /// (as execvp searches `PATH`): the one path given, or each `PATH`
+    /// entry with the program's name.
+    programs: Vec<CString>,
     argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
-    /// `/bin/sh PROGRAM ARGS…`, for a script without `#!` (as execvp does).
+    /// `/bin/sh PROGRAM ARGS…` for each of `programs`, for a script
+    /// without `#!` (as execvp does).
     sh: CString,
-    sh_argv_ptrs: Vec<*const libc::c_char>,
+    sh_argv_ptrs: Vec<Vec<*const libc::c_char>>,
     envp: Vec<CString>,
     envp_ptrs: Vec<*const libc::c_char>,
     dir: CString,
@@ -46,6 +50,8 @@ struct Plan {
     /// The step that failed in the child (0: none), and its errno.
     step: AtomicI32,
     errno: AtomicI32,
+    /// Which of `programs` the error of a failed exec is about.
+    tried: AtomicI32,
 }
 
 /// Which step of the child failed, for the error message.
@@ -76,7 +82,7 @@ pub fn launch(
         ));
     };
     let envs = environment(env, remove);
-    let program = resolve(first, dir, &envs)?;
+    let programs = candidates(first, dir, &envs);
     let argv = words
         .iter()
         .map(|w| cstring(w))
@@ -109,7 +115,10 @@ pub fn launch(
         above_stdio(stderr)?,
     );
     let mut plan = Plan {
-        program: cstring(program.as_os_str())?,
+        programs: programs
+            .iter()
+            .map(|p| cstring(p.as_os_str()))
+            .collect::<Result<Vec<_>, _>>()?,
         argv_ptrs: Vec::new(),
         sh: cstring(OsStr::new("/bin/sh"))?,
         sh_argv_ptrs: Vec::new(),
@@ -125,13 +134,20 @@ pub fn launch(
         max_fd: open_files_limit(),
         step: AtomicI32::new(0),
         errno: AtomicI32::new(0),
+        tried: AtomicI32::new(0),
     };
     plan.argv_ptrs = plan.argv.iter().map(|a| a.as_ptr()).collect();
     plan.argv_ptrs.push(std::ptr::null());
-    plan.sh_argv_ptrs = [plan.sh.as_ptr(), plan.program.as_ptr()]
-        .into_iter()
-        .chain(plan.argv.iter().skip(1).map(|a| a.as_ptr()))
-        .chain([std::ptr::null()])
+    plan.sh_argv_ptrs = plan
+        .programs
+        .iter()
+        .map(|program| {
+            [plan.sh.as_ptr(), program.as_ptr()]
+                .into_iter()
+                .chain(plan.argv.iter().skip(1).map(|a| a.as_ptr()))
+                .chain([std::ptr::null()])
+                .collect()
+        })
         .collect();
     plan.envp_ptrs = plan.envp.iter().map(|a| a.as_ptr()).collect();
     plan.envp_ptrs.push(std::ptr::null());
@@ -176,7 +192,22 @@ pub fn launch(
                     });
                     std::io::Error::new(err.kind(), format!("{err} (switching user{who})"))
                 }
-                _ => err,
+                _ => {
+                    let tried = plan.tried.load(Ordering::SeqCst) as usize;
+                    let path = programs.get(tried).map(|p| p.display().to_string());
+                    let searched = !first.as_bytes().contains(&b'/');
+                    let what = match (err.kind(), searched) {
+                        (std::io::ErrorKind::NotFound, true) => {
+                            format!("{}: not in PATH", first.to_string_lossy())
+                        }
+                        _ => format!("running {}", path.unwrap_or_default()),
+                    };
+                    let who = account.map_or(String::new(), |a| match &a.name {
+                        Some(name) => format!(" as {name}"),
+                        None => format!(" as uid {}", a.uid),
+                    });
+                    std::io::Error::new(err.kind(), format!("{err} ({what}{who})"))
+                }
             })
         }
     }
@@ -298,17 +329,35 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
                 libc::close(fd);
             }
         }
-        libc::execve(
-            plan.program.as_ptr(),
-            plan.argv_ptrs.as_ptr(),
-            plan.envp_ptrs.as_ptr(),
-        );
-        if *libc::__errno_location() == libc::ENOEXEC {
+        // As execvp: a candidate that is not there (or not a directory on
+        // the way) is skipped, and so is one this user may not run, the
+        // next being tried; a denial is what is said if none runs.
+        let mut denied: Option<usize> = None;
+        *libc::__errno_location() = libc::ENOENT;
+        for (i, program) in plan.programs.iter().enumerate() {
             libc::execve(
-                plan.sh.as_ptr(),
-                plan.sh_argv_ptrs.as_ptr(),
+                program.as_ptr(),
+                plan.argv_ptrs.as_ptr(),
                 plan.envp_ptrs.as_ptr(),
             );
+            plan.tried.store(i as i32, Ordering::SeqCst);
+            match *libc::__errno_location() {
+                libc::ENOEXEC => {
+                    if let Some(sh_argv) = plan.sh_argv_ptrs.get(i) {
+                        libc::execve(plan.sh.as_ptr(), sh_argv.as_ptr(), plan.envp_ptrs.as_ptr());
+                    }
+                    fail(STEP_EXEC)
+                }
+                libc::EACCES => {
+                    denied.get_or_insert(i);
+                }
+                libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
+                _ => fail(STEP_EXEC),
+            }
+        }
+        if let Some(i) = denied {
+            plan.tried.store(i as i32, Ordering::SeqCst);
+            *libc::__errno_location() = libc::EACCES;
         }
         fail(STEP_EXEC)
     }
@@ -330,31 +379,29 @@ fn environment(env: &[(String, String)], remove: &[&str]) -> Vec<(OsString, OsSt
     out
 }
 
-/// The file `execve` should run: `program` itself if it names a path (the
-/// child resolves it from `dir`), else the first executable file of that
-/// name in the child's `PATH`, as execvp would find it.
-fn resolve(program: &OsStr, dir: &Path, env: &[(OsString, OsString)]) -> std::io::Result<PathBuf> {
+/// Where `program` may be, in the order execvp tries them: itself if it
+/// names a path, else each entry of the child's `PATH` (relative ones, and
+/// an empty one, in `dir`) with its name.
+fn candidates(program: &OsStr, dir: &Path, env: &[(OsString, OsString)]) -> Vec<PathBuf> {
     if program.as_bytes().contains(&b'/') {
-        return Ok(PathBuf::from(program));
+        return vec![PathBuf::from(program)];
     }
     let path = env
         .iter()
         .find(|(k, _)| k == "PATH")
         .map(|(_, v)| v.clone())
         .unwrap_or_else(|| DEFAULT_PATH.into());
-    for entry in std::env::split_paths(&path) {
-        // An empty entry is the working directory, as for execvp.
-        let base = if entry.as_os_str().is_empty() {
-            dir.to_path_buf()
-        } else {
-            dir.join(entry)
-        };
-        let candidate = base.join(program);
-        if is_executable_file(&candidate) {
-            return Ok(candidate);
-        }
-    }
-    Err(std::io::Error::from_raw_os_error(libc::ENOENT))
+    std::env::split_paths(&path)
+        .map(|entry| {
+            // An empty entry is the working directory, as for execvp.
+            let base = if entry.as_os_str().is_empty() {
+                dir.to_path_buf()
+            } else {
+                dir.join(entry)
+            };
+            base.join(program)
+        })
+        .collect()
 }
 
 /// Whether `p` is a file this process may execute.
@@ -565,7 +612,12 @@ mod tests {
             None,
         )
         .expect_err("missing program");
-        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+        assert!(
+            err.to_string()
+                .ends_with("(os error 2) (no-such-program-x: not in PATH)"),
+            "{err}"
+        );
         let err = launch(&[OsStr::new("./nothing")], dir.path(), &[], &[], None, None)
             .expect_err("missing file");
         assert!(err.to_string().contains("No such file"), "{err}");
@@ -573,6 +625,48 @@ mod tests {
         let err = launch(&[OsStr::new("/bin/true")], &gone, &[], &[], None, None)
             .expect_err("missing dir");
         assert!(err.to_string().contains("chdir"), "{err}");
+    }
+
+    #[test]
+    fn path_is_searched_as_the_account_a_login_would_search_it() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // Only root may start a child as another account.
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
+        // The same name in a folder only root may enter (root's own
+        // toolchain, say) and in one anybody may.
+        let (closed, open) = (dir.path().join("closed"), dir.path().join("open"));
+        for (d, mode, says) in [(&closed, 0o700, "closed"), (&open, 0o755, "open")] {
+            std::fs::create_dir(d).expect("mkdir");
+            let tool = d.join("tool-x");
+            std::fs::write(&tool, format!("#!/bin/sh\necho {says}\n")).expect("write");
+            std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        }
+        let account = Account {
+            uid: 3999001,
+            gid: 3999002,
+            groups: vec![3999002],
+            name: None,
+            home: None,
+        };
+        let path = |p: String| vec![("PATH".to_string(), p)];
+        let both = path(format!("{}:{}", closed.display(), open.display()));
+        let (out, _) = run_as(&["tool-x"], dir.path(), &both, Some(&account)).expect("runs");
+        assert_eq!(out, "open\n", "the next in PATH, as execvp does");
+        // Root itself finds the first.
+        let (out, _) = run_as(&["tool-x"], dir.path(), &both, None).expect("runs");
+        assert_eq!(out, "closed\n");
+        // Only the closed one: refused, naming it and the account.
+        let only = path(closed.display().to_string());
+        let err = run_as(&["tool-x"], dir.path(), &only, Some(&account)).expect_err("denied");
+        assert_eq!(err.kind(), std::io::ErrorKind::PermissionDenied, "{err}");
+        let want = format!("(running {}/tool-x as uid 3999001)", closed.display());
+        assert!(err.to_string().ends_with(&want), "{err}");
     }
 
     #[test]
