@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::ns::{self, NOT_RUNNING, Ns};
 use crate::status::Traffic;
+use crate::tail::Cursor;
 use crate::{Exit, Fail};
 
 /// Where things stood just before a command: where to follow the event
@@ -168,11 +169,12 @@ pub enum What {
 /// client anything is right there), then the outcome; returns the exit.
 pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exit, Fail> {
     let Start {
-        mut offset,
+        offset,
         started,
         traffic,
         limit,
     } = start;
+    let mut events = Cursor::at(offset);
     // A file's mtime comes from a coarser clock.
     let now = std::time::SystemTime::now();
     let since = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
@@ -185,7 +187,7 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     // several side by side, a line at a time.
     let mut out = std::io::stdout();
     let outcome = loop {
-        offset = print_events(&mut out, service, dir, offset)?;
+        print_events(&mut out, service, dir, &mut events)?;
         if let Some(limit) = limit.filter(|l| started.elapsed() >= *l) {
             let (status, progress) = (
                 ns::read_field(dir, "update_status"),
@@ -205,7 +207,7 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
             }
         }
     };
-    print_events(&mut out, service, dir, offset)?;
+    print_events(&mut out, service, dir, &mut events)?;
     let took = format!("{:.1}s", started.elapsed().as_secs_f64());
     if let (Some(before), Some(now)) = (traffic, Traffic::read(dir)) {
         if let Some(line) = now.since(&before) {
@@ -292,12 +294,13 @@ pub fn until(
     answer: &str,
 ) -> Result<Exit, Fail> {
     let Start {
-        mut offset,
+        offset,
         started,
         limit,
         ..
     } = start;
-    let from = offset;
+    let mut events = Cursor::at(offset);
+    let mut printed = false;
     let m = std::fs::read(dir.join("manifest"))
         .ok()
         .and_then(|text| deployd_lib::manifest::parse(&text).ok());
@@ -311,7 +314,7 @@ pub fn until(
     });
     let mut out = std::io::stdout();
     loop {
-        offset = print_events(&mut out, service, dir, offset)?;
+        printed |= print_events(&mut out, service, dir, &mut events)?;
         if reached(dir, until)? {
             break;
         }
@@ -331,7 +334,7 @@ pub fn until(
     }
     // The answer is the first event; a service removed before its events
     // could be read has only the answer to say it.
-    if offset == from {
+    if !printed {
         writeln!(out, "{service}: {answer}")?;
     }
     let took = format!("{:.1}s", started.elapsed().as_secs_f64());
@@ -392,24 +395,21 @@ fn reached(dir: &Path, until: Until) -> Result<bool, Fail> {
     }
 }
 
-/// Prints the event lines after `offset` as `service: message`; returns the
-/// new offset. A log that shrank (trimmed) is read again from its start.
-fn print_events(out: &mut impl Write, service: &str, dir: &Path, offset: u64) -> Result<u64, Fail> {
-    let text = std::fs::read(dir.join("events")).unwrap_or_default();
-    let offset = if (text.len() as u64) < offset {
-        0
-    } else {
-        offset
-    };
-    let new = &text[offset as usize..];
-    // Only whole lines.
-    let end = new.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
-    for line in String::from_utf8_lossy(&new[..end]).lines() {
+/// Prints the event lines after the cursor as `service: message`; whether
+/// there were any.
+fn print_events(
+    out: &mut impl Write,
+    service: &str,
+    dir: &Path,
+    events: &mut Cursor,
+) -> Result<bool, Fail> {
+    let new = events.read(&dir.join("events"), true).unwrap_or_default();
+    for line in String::from_utf8_lossy(&new).lines() {
         let msg = strip_time(line);
         writeln!(out, "{service}: {msg}")?;
     }
     out.flush()?;
-    Ok(offset + end as u64)
+    Ok(!new.is_empty())
 }
 
 /// "2026-12-01T12:34:05.123Z message" → "message"; also the

@@ -63,22 +63,118 @@ pub fn parse_since(arg: &str) -> Result<String, String> {
 /// last stamped line was shown (an unstamped one goes with it).
 #[derive(Debug, Default)]
 struct Stream {
-    offset: u64,
+    at: Cursor,
     partial: Vec<u8>,
     shown: Option<bool>,
 }
 
+/// Bytes a [`Cursor`] keeps of what it read last.
+const MARK: usize = 128;
+
+/// A reader's place in a file that may be begun again (a log moved to `.1`)
+/// or lose its start (the event log drops its older half past 1 MiB): how
+/// far it has read, and the bytes just before, by which it finds its place
+/// again, as `tail -F` does not: it would print the kept half again.
+#[derive(Debug, Default, Clone)]
+pub struct Cursor {
+    offset: u64,
+    mark: Vec<u8>,
+}
+
+impl Cursor {
+    /// At `offset` of a file (its length, to read only what comes).
+    pub fn at(offset: u64) -> Cursor {
+        Cursor {
+            offset,
+            mark: Vec::new(),
+        }
+    }
+
+    /// What the file at `path` holds after the cursor (up to its last
+    /// newline, with `lines`), the cursor then after it; `None` if the
+    /// file is gone.
+    pub fn read(&mut self, path: &Path, lines: bool) -> Option<Vec<u8>> {
+        let f = std::fs::File::open(path).ok()?;
+        let len = f.metadata().map_or(0, |m| m.len());
+        self.find_place(&f, len);
+        let mut data = read_rest(&f, self.offset);
+        if lines {
+            let end = data.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+            data.truncate(end);
+        }
+        let mut mark = std::mem::take(&mut self.mark);
+        mark.extend_from_slice(&data);
+        let keep = mark.len().saturating_sub(MARK);
+        mark.drain(..keep);
+        self.mark = mark;
+        self.offset += data.len() as u64;
+        Some(data)
+    }
+
+    /// Checks that the bytes before the cursor are still those it read
+    /// last; if not, puts it after them where they now are, or at the start
+    /// if they are gone (a file begun again).
+    fn find_place(&mut self, f: &std::fs::File, len: u64) {
+        let m = self.mark.len() as u64;
+        if self.offset > len && m == 0 {
+            self.offset = 0;
+        }
+        if m == 0 {
+            // Placed, not read yet: what is before it is what it follows.
+            let from = self.offset.saturating_sub(MARK as u64);
+            let mut before = vec![0u8; (self.offset - from) as usize];
+            if f.read_exact_at(&mut before, from).is_ok() {
+                self.mark = before;
+            }
+            return;
+        }
+        if self.offset <= len && self.offset >= m {
+            let mut before = vec![0u8; m as usize];
+            if f.read_exact_at(&mut before, self.offset - m).is_ok() && before == self.mark {
+                return;
+            }
+        }
+        let whole = read_rest(f, 0);
+        let found = whole
+            .windows(self.mark.len())
+            .position(|w| w == self.mark.as_slice());
+        match found {
+            Some(p) => self.offset = (p + self.mark.len()) as u64,
+            None => {
+                // Begun again: what it reads from now on is its mark.
+                self.offset = 0;
+                self.mark.clear();
+            }
+        }
+    }
+}
+
+/// What `f` holds from `from` to its end (as far as it reads).
+fn read_rest(f: &std::fs::File, from: u64) -> Vec<u8> {
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = from;
+    loop {
+        let n = f.read_at(&mut buf, at).unwrap_or(0);
+        if n == 0 {
+            return data;
+        }
+        at += n as u64;
+        data.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// Prints the file at `path`; with `follow`, keeps polling for more until
-/// killed. A file that shrank (rotated or trimmed) is read from its start
-/// again.
+/// killed. A file begun again is read from its start; one that lost its
+/// start, from where the reader was ([`Cursor`]).
 pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
     let mut stream = Stream {
-        offset: start(path, filter.tail),
+        at: Cursor::at(start(path, filter.tail)),
         ..Stream::default()
     };
     let mut out = std::io::stdout().lock();
     loop {
-        if let Some(chunk) = read_from(path, &mut stream.offset)? {
+        if let Some(chunk) = stream.at.read(path, false) {
             stream.partial.extend_from_slice(&chunk);
             emit(&mut out, None, &mut stream, !follow, filter)?;
         }
@@ -92,9 +188,8 @@ pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
 
 /// The last `n` lines of the file at `path`; nothing if it cannot be read.
 pub fn last_lines(path: &Path, n: u64) -> Vec<String> {
-    let mut offset = start(path, Some(n));
-    match read_from(path, &mut offset) {
-        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes)
+    match Cursor::at(start(path, Some(n))).read(path, false) {
+        Some(bytes) => String::from_utf8_lossy(&bytes)
             .lines()
             .map(str::to_string)
             .collect(),
@@ -135,29 +230,6 @@ fn start(path: &Path, tail: Option<u64>) -> u64 {
         end = from;
     }
     0
-}
-
-/// New bytes of `path` after `offset`; `None` if it is gone.
-fn read_from(path: &Path, offset: &mut u64) -> Result<Option<Vec<u8>>, Fail> {
-    let f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(_) => return Ok(None),
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    if len < *offset {
-        *offset = 0;
-    }
-    let mut data = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = f.read_at(&mut buf, *offset).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        *offset += n as u64;
-        data.extend_from_slice(&buf[..n]);
-    }
-    Ok(Some(data))
 }
 
 /// Writes the complete lines of the stream's pending bytes (all of them if
@@ -246,18 +318,18 @@ pub fn logs(
             // Those there at first from their last lines if asked; any
             // later from its first.
             let stream = seen.entry(key.clone()).or_insert_with(|| Stream {
-                offset: if first { start(&log, filter.tail) } else { 0 },
+                at: Cursor::at(if first { start(&log, filter.tail) } else { 0 }),
                 ..Stream::default()
             });
-            let mut at = stream.offset;
-            let chunk = read_from(&log, &mut at)?;
+            let mut at = stream.at.clone();
+            let chunk = at.read(&log, false);
             // Renumbered or replaced between the reads: next time.
             if pid() != before {
                 continue;
             }
+            stream.at = at;
             live.insert(key);
             let Some(chunk) = chunk else { continue };
-            stream.offset = at;
             stream.partial.extend_from_slice(&chunk);
             let label = instance.is_none().then(|| n.to_string());
             emit(&mut out, label.as_deref(), stream, !follow, filter)?;
@@ -294,6 +366,45 @@ mod tests {
         std::fs::write(&path, "one\ntwo\n").unwrap();
         assert_eq!(last_lines(&path, 10), ["one", "two"]);
         assert!(last_lines(&dir.path().join("none"), 10).is_empty());
+    }
+
+    #[test]
+    fn a_cursor_finds_its_place_in_a_trimmed_file_and_starts_a_new_one_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events");
+        let line = |i: u32| format!("2026-12-02T07:00:{:02}.{i:03}Z event {i}\n", i % 60);
+        let lines = |r: std::ops::Range<u32>| r.map(line).collect::<String>();
+        std::fs::write(&path, lines(0..100)).unwrap();
+        let mut c = Cursor::at(0);
+        let read =
+            |c: &mut Cursor, whole: bool| String::from_utf8(c.read(&path, whole).unwrap()).unwrap();
+        assert_eq!(read(&mut c, false), lines(0..100));
+        // Appended to: what was appended.
+        std::fs::write(&path, lines(0..110)).unwrap();
+        assert_eq!(read(&mut c, false), lines(100..110));
+        // The older half dropped, then more appended, the file longer or
+        // shorter than where the cursor was: only what is new.
+        std::fs::write(&path, lines(55..112)).unwrap();
+        assert_eq!(read(&mut c, false), lines(110..112));
+        std::fs::write(&path, lines(80..200)).unwrap();
+        assert_eq!(read(&mut c, false), lines(112..200));
+        // Begun again (a log moved to .1): all of it.
+        std::fs::write(&path, "a new file\n").unwrap();
+        assert_eq!(read(&mut c, false), "a new file\n");
+        // Whole lines only: the rest waits for its newline.
+        std::fs::write(&path, "a new file\nhalf").unwrap();
+        assert_eq!(read(&mut c, true), "");
+        std::fs::write(&path, "a new file\nhalf a line\n").unwrap();
+        assert_eq!(read(&mut c, true), "half a line\n");
+        // Placed in the middle before reading: from there.
+        let mut c = Cursor::at(line(0).len() as u64);
+        std::fs::write(&path, lines(0..3)).unwrap();
+        assert_eq!(read(&mut c, false), lines(1..3));
+        assert!(
+            Cursor::at(0)
+                .read(&dir.path().join("gone"), false)
+                .is_none()
+        );
     }
 
     fn printed(chunks: &[&str], filter: &Filter, label: Option<&str>) -> String {
