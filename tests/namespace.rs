@@ -478,7 +478,12 @@ fn cli_events_logs_and_status() {
         one.starts_with("app ") && one.contains(" instance 1 "),
         "{one}"
     );
-    assert_eq!(d.deploy(&["logs", "web", "7"]).status.code(), Some(4));
+    let out = d.deploy(&["logs", "web", "7"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        stderr(&out),
+        "deploy: web: no instance 7 (instances: 0, 1)\n"
+    );
     // The log file has the time deployd read each line; -t shows it.
     let file = d.read("active/web/instances/1/log");
     let stamped = stdout(&d.deploy(&["logs", "web", "1", "-t"]));

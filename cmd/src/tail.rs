@@ -291,7 +291,19 @@ pub fn logs(
     let instances = dir.join("instances");
     if let Some(n) = instance {
         if !instances.join(n.to_string()).join("log").exists() {
-            return Err(Fail::new(ns::NOT_FOUND, format!("no instance {n}")));
+            let service = dir.file_name().map_or("".into(), |s| s.to_string_lossy());
+            let there = ns::instance_numbers(&instances).unwrap_or_default();
+            let there: Vec<String> = there.iter().map(u32::to_string).collect();
+            return Err(Fail::new(
+                ns::NOT_FOUND,
+                format!(
+                    "{service}: no instance {n} (instances: {})",
+                    match there.is_empty() {
+                        true => "none".to_string(),
+                        false => there.join(", "),
+                    }
+                ),
+            ));
         }
     }
     // Per process: how far its log was printed, and a line not yet whole.
