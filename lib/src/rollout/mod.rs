@@ -927,18 +927,7 @@ impl Service {
 
     fn apply(&mut self, spec: Spec) -> Result<String, Refusal> {
         self.refuse_if_stopped()?;
-        if let Some(r) = &self.rollout {
-            let (k, n) = self.progress();
-            return refuse(
-                RefusalKind::Busy,
-                format!(
-                    "a {} to {} is in progress ({k}/{n}{}); wait for it, or roll back",
-                    r.kind.noun(self.target.manifest.update),
-                    self.target.version,
-                    if r.paused { ", paused" } else { "" }
-                ),
-            );
-        }
+        self.refuse_if_rolling()?;
         if spec == self.target {
             if self.converged() {
                 let msg = format!("unchanged: already at {}", spec.version);
@@ -1035,14 +1024,29 @@ impl Service {
         Ok(self.started_message())
     }
 
+    /// `EBUSY` while a rollout is in flight, saying what will end it.
+    fn refuse_if_rolling(&self) -> Result<(), Refusal> {
+        let Some(r) = &self.rollout else {
+            return Ok(());
+        };
+        let (k, n) = self.progress();
+        refuse(
+            RefusalKind::Busy,
+            format!(
+                "a {} to {} is in progress ({k}/{n}); {}",
+                r.kind.noun(self.target.manifest.update),
+                self.target.version,
+                match r.paused {
+                    true => "it is paused: resume it, or roll back",
+                    false => "wait for it, or roll back",
+                }
+            ),
+        )
+    }
+
     fn restart(&mut self) -> Result<String, Refusal> {
         self.refuse_if_stopped()?;
-        if self.rollout.is_some() {
-            return refuse(
-                RefusalKind::Busy,
-                "a rollout is in progress; wait for it, or roll back",
-            );
-        }
+        self.refuse_if_rolling()?;
         self.begin(Kind::Restart, None);
         Ok(self.started_message())
     }
@@ -1050,12 +1054,7 @@ impl Service {
     /// `restart N`: one slot's rollout to a fresh process of its version.
     fn restart_instance(&mut self, number: u32) -> Result<String, Refusal> {
         self.refuse_if_stopped()?;
-        if self.rollout.is_some() {
-            return refuse(
-                RefusalKind::Busy,
-                "a rollout is in progress; wait for it, or roll back",
-            );
-        }
+        self.refuse_if_rolling()?;
         let Some(inst) = self.instances.iter().find(|i| i.number == number) else {
             let mut numbers: Vec<u32> = self.instances.iter().map(|i| i.number).collect();
             numbers.sort_unstable();

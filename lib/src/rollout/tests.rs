@@ -847,6 +847,15 @@ fn pause_at_every_step_holds_then_resume_completes() {
                 sim.command(Command::Pause).unwrap_err().message,
                 "already paused"
             );
+            // What else would start one says what ends this one.
+            let r = sim.command(Command::Restart(None)).unwrap_err();
+            assert_eq!(r.kind, RefusalKind::Busy);
+            assert!(
+                r.message
+                    .ends_with("; it is paused: resume it, or roll back"),
+                "{}",
+                r.message
+            );
             sim.command(Command::Resume).unwrap();
             sim.settle();
             sim.check_converged();
