@@ -423,7 +423,10 @@ fn timeout_ends_the_following_and_start_counts_any_ready_version() {
     let out = run(&["apply", "api", "--timeout", "2s"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("api: waiting for db to be ready before starting (after)"),
+        stdout(&out).contains(
+            "api: waiting for db to be ready before starting (after)\n\
+             api: db is stopped: this waits until it is started (deploy start db)\n"
+        ),
         "{}",
         stdout(&out)
     );

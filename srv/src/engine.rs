@@ -717,6 +717,7 @@ impl Engine {
             e.saved = Some(saved);
         }
         self.execute(sid, actions);
+        self.say_stopped(sid);
         Ok(msg)
     }
 
@@ -1072,6 +1073,9 @@ impl Engine {
                 if let (Some(sid), Some(m)) = (sid, stopped) {
                     let waiting = self.pending_after(service, &m, &[]);
                     let _ = self.handle(sid, Input::Wait(waiting));
+                    let result = self.command(sid, Command::Start);
+                    self.say_stopped(sid);
+                    return result;
                 }
                 Command::Start
             }

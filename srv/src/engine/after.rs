@@ -36,6 +36,31 @@ impl Engine {
         !m.is_stopped() && m.waiting().is_empty() && ready >= m.target().manifest.replicas as usize
     }
 
+    /// Says which of the services `sid` waits for are stopped: only a
+    /// `start` of theirs gets it going, which an operator had better know
+    /// than find out from a wait that does not end.
+    pub(super) fn say_stopped(&mut self, sid: u32) {
+        let Some(e) = self.services.get(&sid) else {
+            return;
+        };
+        let stopped: Vec<ServiceName> = e
+            .machine
+            .waiting()
+            .iter()
+            .filter(|d| {
+                let dep = self.names.get(*d).and_then(|s| self.services.get(s));
+                dep.is_some_and(|e| e.machine.is_stopped() && !e.machine.is_removing())
+            })
+            .cloned()
+            .collect();
+        for dep in stopped {
+            self.log(
+                sid,
+                &format!("{dep} is stopped: this waits until it is started (deploy start {dep})"),
+            );
+        }
+    }
+
     /// What `name`, whose manifest is `m`, waits for now: each service of
     /// its `after` that exists (or is in `coming`, about to) and is not up.
     /// One that comes after `name` in turn is left out: a cycle, which
