@@ -377,6 +377,12 @@ impl Engine {
                 tracing::error!("{name}: cannot restore: {e}");
             }
         }
+        // Once all are back: a service can wait only for one restored
+        // stopped, whichever came first.
+        let sids: Vec<u32> = self.services.keys().copied().collect();
+        for sid in sids {
+            self.say_stopped(sid);
+        }
         // Instances of services that are no longer recorded.
         handed
             .into_values()
