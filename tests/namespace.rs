@@ -396,7 +396,7 @@ fn stop_start_and_remove_return_once_done() {
 /// the failed one) are ready.
 #[test]
 fn timeout_ends_the_following_and_start_counts_any_ready_version() {
-    let Some(d) = Deployd::start_settled(&[("db", app_manifest(1, ""))]) else {
+    let Some(mut d) = Deployd::start_settled(&[("db", app_manifest(1, ""))]) else {
         return;
     };
     d.write_manifest("db", "exec false\n");
@@ -457,6 +457,16 @@ fn timeout_ends_the_following_and_start_counts_any_ready_version() {
         "{}",
         stderr(&out)
     );
+
+    // Restored by the next deployd, api waits for db again, and says why.
+    d.sigterm();
+    assert_eq!(d.wait_exit(LONG), Some(0));
+    d.launch();
+    let stopped = "db is stopped: this waits until it is started (deploy start db)\n";
+    wait_for("api to say db is stopped again", LONG, || {
+        d.try_read("active/api/events").matches(stopped).count() == 2
+    });
+    assert_eq!(d.field("active/api/state"), "waiting");
 }
 
 /// The reading commands of the CLI: events, logs (each with -f), status in
