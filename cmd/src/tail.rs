@@ -68,8 +68,10 @@ struct Stream {
     shown: Option<bool>,
 }
 
-/// Bytes a [`Cursor`] keeps of what it read last.
-const MARK: usize = 128;
+/// Bytes a [`Cursor`] keeps of what it read last: many lines, so that
+/// their stamps make them unique (the end of one line alone is not: every
+/// refused command's line ends with the list of commands).
+const MARK: usize = 4096;
 
 /// A reader's place in a file that may be begun again (a log moved to `.1`)
 /// or lose its start (the event log drops its older half past 1 MiB): how
@@ -135,9 +137,7 @@ impl Cursor {
             }
         }
         let whole = read_rest(f, 0);
-        let found = whole
-            .windows(self.mark.len())
-            .position(|w| w == self.mark.as_slice());
+        let found = memchr::memmem::find(&whole, &self.mark);
         match found {
             Some(p) => self.offset = (p + self.mark.len()) as u64,
             None => {
@@ -384,7 +384,9 @@ mod tests {
     fn a_cursor_finds_its_place_in_a_trimmed_file_and_starts_a_new_one_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events");
-        let line = |i: u32| format!("2026-12-02T07:00:{:02}.{i:03}Z event {i}\n", i % 60);
+        // Lines longer than a mark's worth of identical ending.
+        let same = "x".repeat(300);
+        let line = |i: u32| format!("2026-12-02T07:00:{:02}.{i:03}Z event {i} {same}\n", i % 60);
         let lines = |r: std::ops::Range<u32>| r.map(line).collect::<String>();
         std::fs::write(&path, lines(0..100)).unwrap();
         let mut c = Cursor::at(0);
