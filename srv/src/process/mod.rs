@@ -390,6 +390,9 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, opts: PumpOptions)
     let mut at_start = file
         .as_ref()
         .is_none_or(|f| deployd_lib::tail::ends_a_line(f, size));
+    // Whether the file's last byte ends a line (it is not the same as
+    // `at_start` for output that is not stamped).
+    let mut ends_line = at_start;
     loop {
         let n = match rx.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -403,7 +406,19 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, opts: PumpOptions)
             }
             false => &buf[..n],
         };
+        let mut data = data;
         if size + data.len() as u64 > max {
+            // The line under way ends in the old file if its end is in
+            // this read, so that each file begins with a line of its own
+            // (a line longer than a read is cut, as before).
+            let head = match ends_line {
+                true => 0,
+                false => data.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1),
+            };
+            if let Some(f) = file.as_mut() {
+                let _ = f.write_all(&data[..head]);
+            }
+            data = &data[head..];
             let mut old = path.clone().into_os_string();
             old.push(".1");
             let _ = std::fs::rename(&path, &old);
@@ -414,6 +429,9 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, opts: PumpOptions)
             if f.write_all(data).is_ok() {
                 size += data.len() as u64;
             }
+        }
+        if let Some(&last) = data.last() {
+            ends_line = last == b'\n';
         }
         if let Some(wait) = bucket.as_mut().and_then(|b| b.take(n)) {
             if let Some(say) = throttled.take() {
@@ -769,6 +787,36 @@ mod tests {
         );
         assert_eq!(std::fs::metadata(&path).expect("log").len(), 24 << 16);
         assert_eq!(said.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_line_under_way_at_the_move_to_dot_one_ends_in_the_old_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("0.log");
+        let (r, w) = log_pipe().expect("pipe");
+        let pump = tokio::spawn(pump_log(r, path.clone(), 64 << 10, stamped()));
+        let mut w = File::from(w);
+        // A line begun in one write and ended in the next, which passes
+        // the limit; then a line of its own.
+        for chunk in [
+            vec![b'a'; 60 << 10],
+            [vec![b'a'; 1000], b"\nbbb\n".to_vec(), vec![b'c'; 4000]].concat(),
+        ] {
+            w.write_all(&chunk).expect("write");
+            w.flush().expect("flush");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(w);
+        pump.await.expect("pump");
+        let old = std::fs::read(dir.path().join("0.log.1")).expect("0.log.1");
+        let new = std::fs::read(&path).expect("0.log");
+        assert_eq!(old.last(), Some(&b'\n'), "the old file ends its line");
+        assert_eq!(old.len(), stamp::LEN + 1 + (60 << 10) + 1000 + 1);
+        // The new one begins with a line of its own, stamped.
+        let new = String::from_utf8(new).expect("utf-8");
+        assert!(stamp::split(&new).is_some(), "{}", &new[..40]);
+        let lines: Vec<&str> = new.lines().map(stamp::strip).collect();
+        assert_eq!(lines, ["bbb".to_string(), "c".repeat(4000)]);
     }
 
     #[tokio::test]
