@@ -789,27 +789,34 @@ mod tests {
         assert_eq!(said.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
-    #[tokio::test]
-    async fn a_line_under_way_at_the_move_to_dot_one_ends_in_the_old_file() {
+    /// What a pump with `max` made of `chunks`, each one write: the log
+    /// moved to `.1`, and the log.
+    async fn pumped(max: u64, chunks: &[Vec<u8>]) -> (Vec<u8>, Vec<u8>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("0.log");
         let (r, w) = log_pipe().expect("pipe");
-        let pump = tokio::spawn(pump_log(r, path.clone(), 64 << 10, stamped()));
+        let pump = tokio::spawn(pump_log(r, path.clone(), max, stamped()));
         let mut w = File::from(w);
-        // A line begun in one write and ended in the next, which passes
-        // the limit; then a line of its own.
-        for chunk in [
-            vec![b'a'; 60 << 10],
-            [vec![b'a'; 1000], b"\nbbb\n".to_vec(), vec![b'c'; 4000]].concat(),
-        ] {
-            w.write_all(&chunk).expect("write");
+        for chunk in chunks {
+            w.write_all(chunk).expect("write");
             w.flush().expect("flush");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(w);
         pump.await.expect("pump");
         let old = std::fs::read(dir.path().join("0.log.1")).expect("0.log.1");
-        let new = std::fs::read(&path).expect("0.log");
+        (old, std::fs::read(&path).expect("0.log"))
+    }
+
+    #[tokio::test]
+    async fn a_line_under_way_at_the_move_to_dot_one_ends_in_the_old_file() {
+        // A line begun in one write and ended in the next, which passes
+        // the limit; then a line of its own.
+        let chunks = [
+            vec![b'a'; 60 << 10],
+            [vec![b'a'; 1000], b"\nbbb\n".to_vec(), vec![b'c'; 4000]].concat(),
+        ];
+        let (old, new) = pumped(64 << 10, &chunks).await;
         assert_eq!(old.last(), Some(&b'\n'), "the old file ends its line");
         assert_eq!(old.len(), stamp::LEN + 1 + (60 << 10) + 1000 + 1);
         // The new one begins with a line of its own, stamped.
@@ -821,21 +828,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_log_past_its_max_moves_to_dot_one() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("0.log");
-        let (r, w) = log_pipe().expect("pipe");
-        let pump = tokio::spawn(pump_log(r, path.clone(), 100 << 10, stamped()));
-        let mut w = File::from(w);
         // 40 KiB chunks, each one write: the third would pass 100 KiB.
-        for c in [b'a', b'b', b'c'] {
-            w.write_all(&[c; 40 << 10]).expect("write");
-            w.flush().expect("flush");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        drop(w);
-        pump.await.expect("pump");
-        let old = std::fs::read(dir.path().join("0.log.1")).expect("0.log.1");
-        let new = std::fs::read(&path).expect("0.log");
+        let chunks = [b'a', b'b', b'c'].map(|c| vec![c; 40 << 10]);
+        let (old, new) = pumped(100 << 10, &chunks).await;
         // One line: one stamp, at its start.
         assert_eq!(old.len() + new.len(), (120 << 10) + stamp::LEN + 1);
         assert!(old.len() <= 100 << 10 && new.len() <= 100 << 10);
