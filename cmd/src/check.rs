@@ -47,14 +47,9 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
             }
             (None, Some((_, port, other))) => {
                 failed += 1;
-                let (line, col) = manifest::position_of(&l.text, "port")
-                    .last()
-                    .copied()
-                    .unwrap_or((1, 1));
-                eprintln!(
-                    "{}:{line}:{col}: port {port}: also the port of {other}; two services cannot share a public port",
-                    file.display()
-                );
+                let whose = format!("also the port of {other}");
+                let error = manifest::shared_port_error(&l.text, *port, &whose);
+                eprintln!("{}:{error}", file.display());
             }
             (None, None) => writeln!(
                 out,

@@ -1079,9 +1079,7 @@ impl Engine {
                 if let (Some(sid), Some(m)) = (sid, stopped) {
                     let waiting = self.pending_after(service, &m, &[]);
                     let _ = self.handle(sid, Input::Wait(waiting));
-                    let result = self.command(sid, Command::Start);
                     self.say_stopped(sid);
-                    return result;
                 }
                 Command::Start
             }
@@ -1158,12 +1156,13 @@ impl Engine {
         handled.result
     }
 
-    /// Checks that the services about to run `applied` (each with its
-    /// spec) share no public port with another deployed service, nor with
-    /// each other: one listener per port. Each error is the service's and
-    /// `FILE:LINE:COL: message`, at its `port` line. Services applied
-    /// together may trade ports: each listens once the other has let go.
-    fn check_ports(&self, applied: &[(ServiceName, Spec)]) -> Vec<(ServiceName, String)> {
+    /// Of `applied` (services with the specs they are about to run), each
+    /// whose public port another service has, deployed or applied before
+    /// it: the service, its spec, the port and the other service.
+    fn taken_ports<'a>(
+        &'a self,
+        applied: &'a [(ServiceName, Spec)],
+    ) -> Vec<(&'a ServiceName, &'a Spec, u16, &'a ServiceName)> {
         let is_applied = |name: &ServiceName| applied.iter().any(|(n, _)| n == name);
         let deployed = self
             .services
@@ -1175,22 +1174,27 @@ impl Engine {
             .into_iter()
             .filter_map(|(name, port, other)| {
                 let (_, spec) = applied.iter().find(|(n, _)| n == name)?;
+                Some((name, spec, port, other))
+            })
+            .collect()
+    }
+
+    /// Checks that the services about to run `applied` (each with its
+    /// spec) share no public port with another deployed service, nor with
+    /// each other: one listener per port. Each error is the service's and
+    /// `FILE:LINE:COL: message`, at its `port` line. Services applied
+    /// together may trade ports: each listens once the other has let go.
+    fn check_ports(&self, applied: &[(ServiceName, Spec)]) -> Vec<(ServiceName, String)> {
+        self.taken_ports(applied)
+            .into_iter()
+            .map(|(name, spec, port, other)| {
                 let file = self.config.manifests.join(format!("{name}.manifest"));
-                let (line, col) = manifest::position_of(&spec.text, "port")
-                    .last()
-                    .copied()
-                    .unwrap_or((1, 1));
-                let whose = match is_applied(other) {
+                let whose = match applied.iter().any(|(n, _)| n == other) {
                     true => format!("also the port of {other}, applied with it"),
                     false => format!("already the port of {other}"),
                 };
-                Some((
-                    name.clone(),
-                    format!(
-                        "{}:{line}:{col}: port {port}: {whose}; two services cannot share a public port",
-                        file.display()
-                    ),
-                ))
+                let error = manifest::shared_port_error(&spec.text, port, &whose);
+                (name.clone(), format!("{}:{error}", file.display()))
             })
             .collect()
     }
@@ -1198,22 +1202,16 @@ impl Engine {
     /// A rollback to `spec` is refused if its port is now another
     /// service's.
     fn rollback_port(&self, service: &ServiceName, spec: &Spec) -> Result<(), Refusal> {
-        let others = self
-            .services
-            .values()
-            .filter(|e| e.name != *service)
-            .map(|e| (&e.name, e.machine.target().manifest.port));
-        let this = std::iter::once((service, spec.manifest.port));
-        let shared = manifest::shared_ports(others.chain(this));
-        match shared.iter().find(|(name, _, _)| *name == service) {
-            Some((_, port, other)) => Err(Refusal {
+        let applied = [(service.clone(), spec.clone())];
+        match self.taken_ports(&applied).first() {
+            Some((_, _, port, other)) => Err(Refusal {
                 kind: RefusalKind::Invalid,
                 message: format!(
                     "{} listens on port {port}, which is now the port of {other}; two services cannot share a public port",
                     spec.version
                 ),
             }),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 

@@ -604,6 +604,14 @@ pub fn shared_ports<'a>(
     shared
 }
 
+/// `LINE:COL: port PORT: WHOSE; two services cannot share a public port`,
+/// at the `port` line of the manifest text `src`, for a port
+/// [`shared_ports`] found taken (`whose`: `already the port of web`).
+pub fn shared_port_error(src: &str, port: u16, whose: &str) -> String {
+    let (line, col) = position_of(src, "port").last().copied().unwrap_or((1, 1));
+    format!("{line}:{col}: port {port}: {whose}; two services cannot share a public port")
+}
+
 /// Formats a duration in its largest exact unit: `2m`, `10s`, `500ms`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
