@@ -415,8 +415,11 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, opts: PumpOptions)
                 true => 0,
                 false => data.iter().position(|&b| b == b'\n').map_or(0, |p| p + 1),
             };
-            if let Some(f) = file.as_mut() {
-                let _ = f.write_all(&data[..head]);
+            if head > 0 {
+                if let Some(f) = file.as_mut() {
+                    let _ = f.write_all(&data[..head]);
+                }
+                ends_line = true;
             }
             data = &data[head..];
             let mut old = path.clone().into_os_string();
