@@ -17,7 +17,10 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::env::{Deployd, Wrk, bench_dir, free_port, percentile, rss_kib, wait_until, wrk};
+use crate::env::{
+    Deployd, Wrk, bench_dir, cpu_ticks, free_port, percentile, rss_kib, ticks_per_sec, wait_until,
+    wrk,
+};
 use crate::{Report, verdict};
 
 const CONNS: u32 = 16;
@@ -478,23 +481,7 @@ fn with_cpu<T>(pid: u32, f: impl FnOnce() -> Result<T, String>) -> Result<(T, f6
 
 /// User + system time of a process, all its threads, in seconds.
 fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return f64::NAN;
-    };
-    // Fields after the command (which may hold spaces) start after ')'.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return f64::NAN;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 here.
-    let ticks = |i: usize| {
-        f.get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(f64::NAN)
-    };
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (ticks(11) + ticks(12)) / hz
+    cpu_ticks(pid).map_or(f64::NAN, |t| t as f64 / ticks_per_sec())
 }
 
 /// HAProxy in front of the same instance: `http` in http mode, `tcp` in tcp

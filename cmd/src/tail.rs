@@ -188,12 +188,12 @@ pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
 
 /// The last `n` lines of the file at `path`; nothing if it cannot be read.
 pub fn last_lines(path: &Path, n: u64) -> Vec<String> {
-    match Cursor::at(start(path, Some(n))).read(path, false) {
-        Some(bytes) => String::from_utf8_lossy(&bytes)
+    match std::fs::File::open(path) {
+        Ok(f) => String::from_utf8_lossy(&read_rest(&f, start(path, Some(n))))
             .lines()
             .map(str::to_string)
             .collect(),
-        _ => Vec::new(),
+        Err(_) => Vec::new(),
     }
 }
 

@@ -576,7 +576,8 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String, note: Note) -> 
                         // Said again only when the reason changes.
                         let said = r.unbound.lock().replace(why.clone());
                         if said.as_deref() != Some(why.as_str()) {
-                            tracing::warn!(service = %service, "{why}; trying again every 2s");
+                            let every = BIND_RETRY.as_secs();
+                            tracing::warn!(service = %service, "{why}; trying again every {every}s");
                             note(format!(
                                 "{why}; trying again every {}s; the instances run, but nothing reaches them through port {}",
                                 BIND_RETRY.as_secs(),
