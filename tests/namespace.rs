@@ -377,12 +377,10 @@ fn stop_start_and_remove_return_once_done() {
     // the service to be gone.
     let out = d.deploy(&["remove", "stubborn", "--no-wait"]);
     assert_eq!(stdout(&out), "stubborn: already being removed\n");
-    let out = d.deploy(&["apply", "stubborn"]);
-    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let err = failed_with(&d.deploy(&["apply", "stubborn"]), 5);
     assert!(
-        stderr(&out).contains("the service is being removed; try again once it is gone"),
-        "{}",
-        stderr(&out)
+        err.contains("the service is being removed; try again once it is gone"),
+        "{err}"
     );
     wait_for("stubborn to be gone", LONG, || {
         !d.path("active/stubborn").exists()
@@ -421,7 +419,7 @@ fn timeout_ends_the_following_and_start_counts_any_ready_version() {
             .expect("run deploy")
     };
     let out = run(&["apply", "api", "--timeout", "2s"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = failed_with(&out, 1);
     assert!(
         stdout(&out).contains(
             "api: waiting for db to be ready before starting (after)\n\
@@ -431,9 +429,8 @@ fn timeout_ends_the_following_and_start_counts_any_ready_version() {
         stdout(&out)
     );
     assert!(
-        stderr(&out).starts_with("api: not over after 2s (--timeout): rolling at 0/1; "),
-        "{}",
-        stderr(&out)
+        err.starts_with("api: not over after 2s (--timeout): rolling at 0/1; "),
+        "{err}"
     );
     assert_eq!(d.field("active/api/state"), "waiting");
     // The same for what stop, start and remove wait for: an instance that
@@ -443,19 +440,12 @@ fn timeout_ends_the_following_and_start_counts_any_ready_version() {
         "exec trap '' TERM; sleep 1000\nstop_timeout 3s\n",
     );
     assert!(d.deploy(&["apply", "stubborn"]).status.success());
-    let out = run(&["stop", "stubborn", "--timeout", "1s"]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = failed_with(&run(&["stop", "stubborn", "--timeout", "1s"]), 1);
+    assert!(err.starts_with("stubborn: not stopped after 1s ("), "{err}");
+    let err = failed_with(&run(&["apply", "api", "--timeout", "soon"]), 2);
     assert!(
-        stderr(&out).starts_with("stubborn: not stopped after 1s ("),
-        "{}",
-        stderr(&out)
-    );
-    let out = run(&["apply", "api", "--timeout", "soon"]);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("--timeout needs a duration like 10, 10s, 500ms or 2m, got 'soon'"),
-        "{}",
-        stderr(&out)
+        err.contains("--timeout needs a duration like 10, 10s, 500ms or 2m, got 'soon'"),
+        "{err}"
     );
 
     // Restored by the next deployd, api waits for db again, and says why.

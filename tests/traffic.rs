@@ -1113,8 +1113,8 @@ fn two_services_cannot_share_a_public_port() {
         return;
     };
     let refused = |out: &std::process::Output, want: &str| {
-        assert_eq!(out.status.code(), Some(5), "{}", stderr(out));
-        assert!(stderr(out).contains(want), "{}", stderr(out));
+        let err = failed_with(out, 5);
+        assert!(err.contains(want), "{err}");
     };
     let shared = "two services cannot share a public port";
     d.write_manifest("api", &svc(p1, "api"));
@@ -1140,15 +1140,9 @@ fn two_services_cannot_share_a_public_port() {
             .display()
             .to_string()
     };
-    let out = d.deploy(&["check", &file("web"), &file("api")]);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains(&format!(
-            "api.manifest:5:6: port {p1}: also the port of web; {shared}"
-        )),
-        "{}",
-        stderr(&out)
-    );
+    let err = failed_with(&d.deploy(&["check", &file("web"), &file("api")]), 1);
+    let want = format!("api.manifest:5:6: port {p1}: also the port of web; {shared}");
+    assert!(err.contains(&want), "{err}");
 
     // api on p2, then on p3; web takes p2: api cannot go back to it.
     d.write_manifest("api", &svc(p2, "api"));
