@@ -22,7 +22,7 @@ use nom::character::complete::{char, space0};
 use nom::combinator::opt;
 use nom::{IResult, Parser};
 
-use crate::manifest::{Diagnostic, RESERVED_ENV, col, utf8_line};
+use crate::manifest::{Diagnostic, RESERVED_ENV, col, raw_lines, utf8_line};
 
 /// Largest env file read, in bytes.
 pub const MAX_SIZE: usize = 1 << 20;
@@ -40,12 +40,11 @@ pub fn parse(src: &[u8]) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
     }
     let mut vars: Vec<(String, String)> = Vec::new();
     let mut errors = Vec::new();
-    for (i, raw) in src.split(|&b| b == b'\n').enumerate() {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    for (lineno, raw) in raw_lines(src) {
         let line = match utf8_line(raw) {
             Ok(l) => l,
             Err(c) => {
-                errors.push(at(i + 1, c, "invalid UTF-8".into()));
+                errors.push(at(lineno, c, "invalid UTF-8".into()));
                 continue;
             }
         };
@@ -55,7 +54,7 @@ pub fn parse(src: &[u8]) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
                 Some(slot) => slot.1 = v,
                 None => vars.push((k, v)),
             },
-            Err((rest, message)) => errors.push(at(i + 1, col(line, rest), message)),
+            Err((rest, message)) => errors.push(at(lineno, col(line, rest), message)),
         }
     }
     if errors.is_empty() {
@@ -215,6 +214,11 @@ _x1=1
                 ("_x1", "1"),
             ])
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_first_is_not_part_of_the_key() {
+        assert_eq!(ok("\u{feff}A=1\r\nB=2\r\n"), kv(&[("A", "1"), ("B", "2")]));
     }
 
     #[test]

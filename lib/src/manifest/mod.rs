@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::name::ServiceName;
 
-pub(crate) use parse::{col, utf8_line};
+pub(crate) use parse::{col, raw_lines, utf8_line};
 pub use parse::{parse, parse_duration, position_of, position_of_after};
 
 /// Largest accepted `replicas`.

@@ -67,9 +67,7 @@ pub fn parse(src: &[u8]) -> Result<Manifest, Vec<Diagnostic>> {
         return Err(vec![super::too_large(src.len())]);
     }
     let mut b = Builder::default();
-    for (i, raw) in src.split(|&c| c == b'\n').enumerate() {
-        let lineno = i + 1;
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    for (lineno, raw) in raw_lines(src) {
         if raw.len() > MAX_LINE {
             b.error(
                 lineno,
@@ -142,6 +140,17 @@ struct LineError {
     message: String,
     /// The directive, when the line named a known one.
     directive: Option<&'static str>,
+}
+
+/// The lines of a text file, numbered from 1, without their `\n` or
+/// `\r\n` and without the byte-order mark some Windows editors put first:
+/// a file saved by Notepad reads as the same text as one saved by vi.
+pub(crate) fn raw_lines(src: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    let src = src.strip_prefix("\u{feff}".as_bytes()).unwrap_or(src);
+    src.split(|&c| c == b'\n')
+        .map(|raw| raw.strip_suffix(b"\r").unwrap_or(raw))
+        .zip(1..)
+        .map(|(raw, lineno)| (lineno, raw))
 }
 
 /// A line as text, or the column (1-based, in characters) of its first
@@ -381,31 +390,26 @@ fn check_account_name(s: &str) -> Result<(), String> {
 /// column), in line order: for errors found after parsing (a `user` this
 /// machine does not have, an `env_file` that does not read).
 pub fn position_of(src: &str, directive: &str) -> Vec<(usize, usize)> {
-    src.split('\n')
-        .enumerate()
-        .filter_map(|(i, raw)| {
-            let raw = raw.strip_suffix('\r').unwrap_or(raw);
-            match parse_line(raw) {
-                Ok(Some(p)) if p.name == directive => Some((i + 1, p.value_col)),
-                _ => None,
-            }
-        })
+    valid_lines(src)
+        .filter(|(_, p)| p.name == directive)
+        .map(|(lineno, p)| (lineno, p.value_col))
         .collect()
 }
 
 /// Where the value of the `after SERVICE` line of `src` starts, as (line,
 /// column): for errors about that service found after parsing.
 pub fn position_of_after(src: &str, service: &str) -> Option<(usize, usize)> {
-    src.split('\n').enumerate().find_map(|(i, raw)| {
-        let raw = raw.strip_suffix('\r').unwrap_or(raw);
-        match parse_line(raw) {
-            Ok(Some(Parsed {
-                directive: Directive::After(s),
-                value_col,
-                ..
-            })) if s.as_str() == service => Some((i + 1, value_col)),
-            _ => None,
-        }
+    valid_lines(src).find_map(|(lineno, p)| match p.directive {
+        Directive::After(s) if s.as_str() == service => Some((lineno, p.value_col)),
+        _ => None,
+    })
+}
+
+/// The lines of `src` that hold a valid directive, with their numbers.
+fn valid_lines(src: &str) -> impl Iterator<Item = (usize, Parsed)> {
+    raw_lines(src.as_bytes()).filter_map(|(lineno, raw)| {
+        let line = utf8_line(raw).ok()?;
+        Some((lineno, parse_line(line).ok()??))
     })
 }
 

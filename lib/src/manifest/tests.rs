@@ -267,6 +267,19 @@ fn blank_lines_comments_indentation_and_crlf_are_ignored() {
 }
 
 #[test]
+fn a_byte_order_mark_first_is_not_part_of_the_text() {
+    let src = "\u{feff}exec ./app\r\nreplicas 2\r\nport 80\r\n";
+    let m = ok(src);
+    assert_eq!((m.exec.as_str(), m.replicas), ("./app", 2));
+    assert_eq!(position_of(src, "port"), [(3, 6)]);
+    // Only first: anywhere else it is a character like any other.
+    assert_eq!(
+        error("exec ./app\n\u{feff}replicas 2\n"),
+        "2:1: unknown directive '\u{feff}replicas' (did you mean 'replicas'?)"
+    );
+}
+
+#[test]
 fn unknown_directive_suggests_the_closest() {
     assert_eq!(
         error("exec a\n\n\n\n\n\nupdate_bach 1\n"),
