@@ -487,6 +487,24 @@ fn cli_events_logs_and_status() {
         stderr(&out),
         "deploy: web: no instance 7 (instances: 0, 1)\n"
     );
+    // A name that cannot be a service is a usage error, found before any
+    // ctl file is written: 'my svc' would otherwise reach the root ctl as
+    // two words, and '../x' name a path outside active/.
+    for args in [
+        &["apply", "my svc"][..],
+        &["events", "../x"],
+        &["stop", "Web"],
+    ] {
+        let err = failed_with(&d.deploy(args), 2);
+        let name = args[1];
+        assert!(
+            err.contains(&format!(
+                "'{name}' is not a service name: use 1 to 63 of a-z"
+            )),
+            "{err}"
+        );
+    }
+    assert_eq!(d.field("active/web/state"), "running");
     // The log file has the time deployd read each line; -t shows it.
     let file = d.read("active/web/instances/1/log");
     let stamped = stdout(&d.deploy(&["logs", "web", "1", "-t"]));

@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use deployd_lib::name::ServiceName;
 
 use crate::follow::{Until, What};
 use crate::ns::Ns;
@@ -45,6 +46,7 @@ enum Cmd {
     /// without a service, every manifest of deployd's manifests directory
     Apply {
         /// The service (its manifest is SERVICE.manifest in deployd's manifests directory)
+        #[arg(value_parser = service_arg)]
         service: Option<String>,
         #[command(flatten)]
         wait: Waiting,
@@ -52,6 +54,7 @@ enum Cmd {
     /// Every service as a table, or one service with its instances and its last 10 events
     Status {
         /// One service
+        #[arg(value_parser = service_arg)]
         service: Option<String>,
         /// Print JSON
         #[arg(long)]
@@ -60,11 +63,13 @@ enum Cmd {
     /// Hold the rollout after the batch in flight
     Pause {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
     },
     /// Go on with a paused rollout and follow it
     Resume {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -72,6 +77,7 @@ enum Cmd {
     /// Roll back to the previous version (or to VERSION from history) and follow it
     Rollback {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         /// A version from the service's history/
         version: Option<String>,
@@ -82,6 +88,7 @@ enum Cmd {
     /// only INSTANCE (its number, as in `deploy status SERVICE`)
     Restart {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         /// One instance: its replacement serves before it is stopped
         instance: Option<u32>,
@@ -92,6 +99,7 @@ enum Cmd {
     /// stays, stopped
     Stop {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -99,6 +107,7 @@ enum Cmd {
     /// Start a stopped service and wait until every instance is ready
     Start {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -106,6 +115,7 @@ enum Cmd {
     /// Stop every instance and forget the service; waits until it is gone
     Remove {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -114,6 +124,7 @@ enum Cmd {
     /// instance, or of one: to reload a configuration, reopen files
     Signal {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         /// TERM, INT, QUIT, HUP, USR1, USR2 or KILL (SIG prefix and lower
         /// case accepted)
@@ -124,6 +135,7 @@ enum Cmd {
     /// Print the service's event log
     Events {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         /// Keep printing new events
         #[arg(short, long)]
@@ -140,6 +152,7 @@ enum Cmd {
     /// access log
     Logs {
         /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
         service: String,
         /// One instance (its number, as in `deploy status SERVICE`)
         #[arg(conflicts_with = "access")]
@@ -232,6 +245,13 @@ impl From<std::io::Error> for Fail {
     fn from(e: std::io::Error) -> Fail {
         Fail::new(1, e.to_string())
     }
+}
+
+/// A SERVICE argument: refused as usage (exit 2) unless it is a service
+/// name, so `deploy apply 'my svc'` or `deploy stop ../x` never reaches a
+/// ctl file or a path.
+fn service_arg(name: &str) -> Result<String, String> {
+    ServiceName::new(name).map(|_| name.to_string())
 }
 
 fn try_main(args: Args) -> Result<Exit, Fail> {
