@@ -293,9 +293,12 @@ fn bad_version_fails_then_rollback() {
     // Both versions are in the history, readable.
     let history = d.read(&format!("active/web/history/{v_bad}"));
     assert!(history.contains("FAIL_HEALTH=1"));
-    // Rolling back to a version from history by name.
-    let out = d.deploy(&["rollback", "web", &v_bad, "--no-wait"]);
+    // Rolling back to a version from history by name, abbreviated as git
+    // takes a commit: the first digits that no other version there shares.
+    let n = (4..12).find(|&n| v_bad[..n] != v1[..n]).unwrap_or(12);
+    let out = d.deploy(&["rollback", "web", &v_bad[..n], "--no-wait"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.field("active/web/version"), v_bad);
     let out = d.deploy(&["rollback", "web", "000000000000"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }

@@ -79,7 +79,7 @@ enum Cmd {
         /// The service, as in /deploy/active/SERVICE
         #[arg(value_parser = service_arg)]
         service: String,
-        /// A version from the service's history/
+        /// A version from the service's history/: its 12 hex digits, or its first 4 or more
         version: Option<String>,
         #[command(flatten)]
         wait: Waiting,

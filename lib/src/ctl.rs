@@ -14,7 +14,7 @@ use nom::multi::many0;
 use nom::sequence::preceded;
 use nom::{IResult, Parser};
 
-use crate::manifest::{Signal, Version};
+use crate::manifest::{Signal, VersionPrefix};
 use crate::name::ServiceName;
 
 /// Longest accepted control message, in bytes.
@@ -30,7 +30,7 @@ pub enum Verb {
     /// Go on with a paused rollout.
     Resume,
     /// Roll back to the previous version, or to the given one from history.
-    Rollback(Option<Version>),
+    Rollback(Option<VersionPrefix>),
     /// Replace every instance with a fresh process of the same version, or
     /// only the instance numbered so (as in `instances/N`).
     Restart(Option<u32>),
@@ -408,12 +408,15 @@ mod tests {
         ] {
             assert_eq!(parse_service(text.as_bytes()), Ok(verb));
         }
-        let v: Version = "0123456789ab".parse().unwrap();
-        assert_eq!(
-            parse_service(b"rollback 0123456789ab\n"),
-            Ok(Verb::Rollback(Some(v)))
-        );
-        assert_eq!(Verb::Rollback(Some(v)).to_string(), "rollback 0123456789ab");
+        for v in ["0123456789ab", "0123"] {
+            let p: VersionPrefix = v.parse().unwrap();
+            let text = format!("rollback {v}\n");
+            assert_eq!(
+                parse_service(text.as_bytes()),
+                Ok(Verb::Rollback(Some(p.clone())))
+            );
+            assert_eq!(Verb::Rollback(Some(p)).to_string(), format!("rollback {v}"));
+        }
     }
 
     #[test]
@@ -514,7 +517,11 @@ mod tests {
         );
         assert_eq!(
             why(parse_service(b"rollback xyz")),
-            "'xyz' is not a version (12 hex digits)"
+            "'xyz' is not a version (12 hex digits, or at least its first 4)"
         );
+        for bad in ["012", "0123456789abc", "0123456789AB"] {
+            let text = format!("rollback {bad}");
+            assert!(why(parse_service(text.as_bytes())).starts_with(&format!("'{bad}' is not")));
+        }
     }
 }

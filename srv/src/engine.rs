@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use deployd_lib::ctl::Verb;
 use deployd_lib::host;
-use deployd_lib::manifest::{self, Health, LoadError, Version};
+use deployd_lib::manifest::{self, Health, LoadError, Version, VersionPrefix};
 use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{
     Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Role, Running,
@@ -1039,16 +1039,11 @@ impl Engine {
                 }
                 return self.apply_spec(service, spec, &[]);
             }
-            Verb::Rollback(Some(v)) => {
+            Verb::Rollback(Some(prefix)) => {
                 let e = sid
                     .and_then(|s| self.services.get(&s))
                     .ok_or_else(unknown)?;
-                let (_, text) = e.history.iter().find(|(hv, _)| *hv == v).ok_or_else(|| Refusal {
-                    kind: RefusalKind::NotFound,
-                    message: format!(
-                        "version {v} is not in the history of {service} (see its history/ directory)"
-                    ),
-                })?;
+                let (v, text) = history_version(&e.history, &prefix, service)?;
                 let m = manifest::parse(text.as_bytes()).map_err(|_| Refusal {
                     kind: RefusalKind::Invalid,
                     message: format!("the manifest of {v} no longer parses"),
@@ -2178,6 +2173,36 @@ fn storage_refusal(name: &ServiceName, err: &std::io::Error) -> Refusal {
     }
 }
 
+/// The one version of a service's history that `prefix` names, with its
+/// manifest text: none is ENOENT, several EINVAL naming them.
+fn history_version<'h>(
+    history: &'h [(Version, Arc<str>)],
+    prefix: &VersionPrefix,
+    service: &ServiceName,
+) -> Result<(Version, &'h Arc<str>), Refusal> {
+    let mut found = history.iter().filter(|(v, _)| prefix.matches(*v));
+    match (found.next(), found.next()) {
+        (Some((v, text)), None) => Ok((*v, text)),
+        (None, _) => Err(Refusal {
+            kind: RefusalKind::NotFound,
+            message: format!(
+                "version {prefix} is not in the history of {service} (see its history/ directory)"
+            ),
+        }),
+        (Some((a, _)), Some((b, _))) => {
+            let mut all = vec![a.to_string(), b.to_string()];
+            all.extend(found.map(|(v, _)| v.to_string()));
+            Err(Refusal {
+                kind: RefusalKind::Invalid,
+                message: format!(
+                    "version {prefix} is ambiguous in the history of {service}: {}; give more digits",
+                    all.join(", ")
+                ),
+            })
+        }
+    }
+}
+
 /// The manifest of version `v`, from a service's history.
 fn resolve(history: &[(Version, Arc<str>)], v: Version) -> Option<Spec> {
     let (_, text) = history.iter().find(|(hv, _)| *hv == v)?;
@@ -2278,5 +2303,39 @@ async fn sleep_until(t: Option<tokio::time::Instant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_prefix_names_one_version_of_the_history() {
+        let history: Vec<(Version, Arc<str>)> = ["0123456789ab", "0123ffffffff", "abcdef012345"]
+            .iter()
+            .map(|v| (v.parse().unwrap(), Arc::from(format!("exec {v}\n"))))
+            .collect();
+        let web = ServiceName::new("web").unwrap();
+        let find = |p: &str| history_version(&history, &p.parse().unwrap(), &web);
+        let (v, text) = find("abcd").unwrap();
+        assert_eq!(
+            (v.to_string(), &**text),
+            ("abcdef012345".into(), "exec abcdef012345\n")
+        );
+        assert_eq!(find("01234").unwrap().0.to_string(), "0123456789ab");
+        assert_eq!(find("0123ffffffff").unwrap().0.to_string(), "0123ffffffff");
+        let err = find("0123").unwrap_err();
+        assert!(matches!(err.kind, RefusalKind::Invalid));
+        assert_eq!(
+            err.message,
+            "version 0123 is ambiguous in the history of web: 0123456789ab, 0123ffffffff; give more digits"
+        );
+        let err = find("fff0").unwrap_err();
+        assert!(matches!(err.kind, RefusalKind::NotFound));
+        assert!(
+            err.message
+                .starts_with("version fff0 is not in the history of web")
+        );
     }
 }

@@ -583,6 +583,40 @@ impl<'de> serde::Deserialize<'de> for Version {
     }
 }
 
+/// A version as an operator may type it: its first 4 to 12 hex digits,
+/// as git takes an abbreviated commit (`rollback web 36c8`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionPrefix(String);
+
+impl VersionPrefix {
+    /// Whether `v` starts with these digits.
+    pub fn matches(&self, v: Version) -> bool {
+        v.to_string().starts_with(&self.0)
+    }
+}
+
+impl fmt::Display for VersionPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for VersionPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<VersionPrefix, String> {
+        let hex = s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if hex && (4..=12).contains(&s.len()) {
+            Ok(VersionPrefix(s.to_string()))
+        } else {
+            let shown: String = s.chars().take(40).collect();
+            Err(format!(
+                "'{}' is not a version (12 hex digits, or at least its first 4)",
+                shown.escape_debug()
+            ))
+        }
+    }
+}
+
 /// Two services cannot share a public port (one listener per port). Of
 /// `services`, each a name and its manifest's `port`, in order: each one
 /// whose port an earlier one has, with that port and the earlier one.
