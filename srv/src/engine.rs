@@ -1215,13 +1215,19 @@ impl Engine {
         match host::load(&path) {
             Ok(loaded) => Ok(Spec::new(loaded.manifest, loaded.text)),
             Err(LoadError::Io {
-                not_found: true, ..
+                not_found: true,
+                error,
+                ..
             }) => Err(Refusal {
                 kind: RefusalKind::NotFound,
-                message: format!(
-                    "no manifest for {service}: {} does not exist",
-                    path.display()
-                ),
+                message: if path.is_symlink() {
+                    format!("no manifest for {service}: {} is {error}", path.display())
+                } else {
+                    format!(
+                        "no manifest for {service}: {} does not exist",
+                        path.display()
+                    )
+                },
             }),
             Err(e) => Err(Refusal {
                 kind: RefusalKind::Invalid,

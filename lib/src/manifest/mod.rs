@@ -771,10 +771,20 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         file: file.clone(),
         error,
     })?;
-    let io = |e: std::io::Error| LoadError::Io {
-        file: file.clone(),
-        not_found: e.kind() == std::io::ErrorKind::NotFound,
-        error: e.to_string(),
+    let io = |e: std::io::Error| {
+        let not_found = e.kind() == std::io::ErrorKind::NotFound;
+        let error = match std::fs::read_link(path) {
+            // A dangling link: say where it points, not "No such file".
+            Ok(target) if not_found => {
+                format!("a link to {}, which does not exist", target.display())
+            }
+            _ => e.to_string(),
+        };
+        LoadError::Io {
+            file: file.clone(),
+            not_found,
+            error,
+        }
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     if meta.is_dir() {

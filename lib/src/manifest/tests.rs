@@ -866,6 +866,36 @@ fn a_manifest_cannot_wait_for_itself() {
 }
 
 #[test]
+fn a_file_that_is_not_a_manifest_says_what_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("web.manifest");
+    let not_found = |e: &LoadError| {
+        matches!(
+            e,
+            LoadError::Io {
+                not_found: true,
+                ..
+            }
+        )
+    };
+    let e = load(&path).unwrap_err();
+    assert!(not_found(&e), "{e}");
+    let gone = dir.path().join("gone");
+    std::os::unix::fs::symlink(&gone, &path).unwrap();
+    let e = load(&path).unwrap_err();
+    assert!(not_found(&e), "{e}");
+    let says = format!(
+        "web.manifest: a link to {}, which does not exist",
+        gone.display()
+    );
+    assert!(e.to_string().ends_with(&says), "{e}");
+    let sub = dir.path().join("api.manifest");
+    std::fs::create_dir(&sub).unwrap();
+    let e = load(&sub).unwrap_err().to_string();
+    assert!(e.ends_with("api.manifest: is a directory"), "{e}");
+}
+
+#[test]
 fn same_but_replicas_is_a_scale() {
     let a = ok("exec a\nreplicas 2\n");
     assert!(a.same_but_replicas(&ok("exec a\nreplicas 5\n")));
