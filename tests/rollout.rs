@@ -633,6 +633,30 @@ fn sigterm_stops_everything_and_unmounts() {
     d.launch();
     let events = d.wait_events("web", "deployd started; starting the instances again", 1);
     assert!(!events.contains("ended without stopping"), "{events}");
+
+    // SIGHUP, as from the terminal a deployd was started in closing, is
+    // the same clean stop, not a death that leaves the mount dead.
+    d.settle("idle", LONG);
+    let pids: Vec<u32> = d.instances("idle").iter().map(|i| i.1).collect();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap();
+    assert_eq!(
+        ignored & 1,
+        0,
+        "run without nohup: deployd keeps an ignored SIGHUP"
+    );
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    assert_eq!(d.wait_exit(LONG), Some(0), "{}", d.log());
+    assert!(d.log().contains("SIGHUP: stopping"), "{}", d.log());
+    for p in pids {
+        assert!(!alive(p), "{p} survived deployd");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&*d.mnt.to_string_lossy()), "still mounted");
 }
 
 /// Steady state: a crashed instance is restarted with backoff, an event

@@ -21,7 +21,7 @@
 //! calls `execve` for `reexec`); the engine, the namespace and the probes
 //! run on a tokio runtime on other threads, the public ports on their own.
 //!
-//! Exit codes: 0 after a clean shutdown (SIGTERM or SIGINT), 1 when it
+//! Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT or SIGHUP), 1 when it
 //! cannot run (bad configuration, mount failed, state directory locked).
 
 mod config;
@@ -246,9 +246,13 @@ async fn run(
     }
 }
 
-/// Counts the SIGTERMs and SIGINTs deployd gets into `count`: the first
-/// stops it gracefully (traffic in flight finishes, then every instance
-/// stops), a second skips the wait for traffic.
+/// Counts the SIGTERMs, SIGINTs and SIGHUPs deployd gets into `count`: the
+/// first stops it gracefully (traffic in flight finishes, then every
+/// instance stops), a second skips the wait for traffic. SIGHUP is what a
+/// terminal sends when it closes on a deployd started in it: left to its
+/// default, it would kill deployd with the namespace still mounted (every
+/// later access ENOTCONN) and instances orphaned. Under `nohup` (SIGHUP
+/// ignored from the start) it stays ignored.
 async fn count_stop_signals(count: tokio::sync::watch::Sender<u32>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
@@ -259,10 +263,23 @@ async fn count_stop_signals(count: tokio::sync::watch::Sender<u32>) {
         // Keeps `count` open: deployd then runs until killed.
         return std::future::pending().await;
     };
+    let mut hup = if process::ignored(libc::SIGHUP) {
+        None
+    } else {
+        signal(SignalKind::hangup())
+            .inspect_err(|e| tracing::warn!("cannot watch SIGHUP: {e}"))
+            .ok()
+    };
     loop {
         let which = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
+            Some(()) = async {
+                match &mut hup {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
         };
         count.send_modify(|n| *n += 1);
         match *count.borrow() {

@@ -164,6 +164,17 @@ pub fn become_subreaper() {
     }
 }
 
+/// Whether `signal` is ignored (SIG_IGN) in this process, as `nohup`
+/// leaves SIGHUP for what it starts.
+pub fn ignored(signal: i32) -> bool {
+    // SAFETY: with a null new action, sigaction only writes `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 /// Raises the soft limit on open files to the hard limit: every instance
 /// holds a pipe and a log file open in deployd.
 pub fn raise_fd_limit() {
