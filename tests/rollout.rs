@@ -605,6 +605,63 @@ fn kill9_mid_rollout_comes_back_paused() {
     assert!(now.iter().all(|i| i.3 == v2 && i.2 == "ready"), "{now:?}");
 }
 
+/// The live processes of a process group.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+                let f: Vec<&str> = s[s.rfind(')').map_or(0, |i| i + 2)..].split(' ').collect();
+                f.first() != Some(&"Z") && f.get(2) == Some(&pgid.to_string().as_str())
+            })
+        })
+        .collect()
+}
+
+/// deployd's guard: the child of deployd named deployd-guard.
+fn guards(deployd: u32) -> Vec<u32> {
+    children(deployd)
+        .into_iter()
+        .filter(|&p| alive(p) && is_guard(p))
+        .collect()
+}
+
+/// kill -9: what an instance's shell started (PDEATHSIG reaches only the
+/// shell) goes too, at once, not at deployd's next start; the guard that
+/// sees to it is kept across a reexec and ends after.
+#[test]
+fn a_killed_deployd_takes_what_its_instances_started_with_it() {
+    let Some(mut d) = Deployd::start(&[("kids", "exec sleep 1000; true\nreplicas 2\n".into())])
+    else {
+        return;
+    };
+    d.settle("kids", LONG);
+    let leaders: Vec<u32> = d.instances("kids").iter().map(|i| i.1).collect();
+    assert_eq!(leaders.len(), 2);
+    for &g in &leaders {
+        assert_eq!(group_members(g).len(), 2, "sh and its sleep in group {g}");
+    }
+    let guard = guards(d.pid());
+    assert_eq!(guard.len(), 1, "{guard:?}");
+    let out = d.deploy(&["reexec"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(guards(d.pid()), guard, "the guard was not kept");
+    let after: Vec<u32> = d.instances("kids").iter().map(|i| i.1).collect();
+    assert_eq!(after, leaders);
+
+    d.kill9();
+    wait_for(
+        "the instances' groups to end",
+        Duration::from_secs(10),
+        || leaders.iter().all(|&g| group_members(g).is_empty()),
+    );
+    wait_for("the guard to end", Duration::from_secs(10), || {
+        !alive(guard[0])
+    });
+}
+
 /// SIGTERM stops every instance, unmounts and exits 0.
 #[test]
 fn sigterm_stops_everything_and_unmounts() {

@@ -911,6 +911,7 @@ fn reexec_keeps_every_instance_and_loses_no_request() {
     let environ = String::from_utf8_lossy(&environ);
     assert!(environ.contains("SERVICE=worker"), "{environ}");
     assert!(!environ.contains("DEPLOYD_HANDOFF"), "{environ}");
+    assert!(!environ.contains("DEPLOYD_GUARD"), "{environ}");
 }
 
 /// `response_timeout`: a request whose instance does not start answering

@@ -1421,7 +1421,7 @@ impl Engine {
             // thread (NSS may be slow): the account may have changed since
             // the apply that checked it.
             let spawned = match user.as_ref().map(host::lookup).transpose() {
-                Ok(account) => process::spawn(Spawn {
+                Ok(account) => process::spawn_guarded(Spawn {
                     command: &command,
                     dir: &spawn_dir,
                     env: spawn_env,
@@ -1540,6 +1540,8 @@ impl Engine {
             self.pump_options(sid, id, &m),
         );
         let exited = Arc::new(AtomicBool::new(false));
+        // Known to the guard already, unless the deployd before had none.
+        process::guard::watch(h.pid);
         watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
         let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited);

@@ -73,6 +73,8 @@ fn main() -> ExitCode {
 }
 
 fn try_main(args: &Args) -> Result<(), String> {
+    // While deployd has one thread: the guard is forked.
+    let guard_problem = process::guard::start();
     // Before anything could start a process that would inherit them.
     let (handed, handoff_problem) = handoff::receive();
     let (passed, problems) = proxy::activation::adopt(&handed);
@@ -80,6 +82,9 @@ fn try_main(args: &Args) -> Result<(), String> {
     let exe = std::env::current_exe().ok();
     let config = Config::load(&args.config)?;
     logging::init(config.log_level);
+    if let Some(p) = guard_problem {
+        tracing::warn!("{}: {p}", process::guard::NAME);
+    }
     if let Some(p) = handoff_problem {
         tracing::warn!("handoff: {p}; starting as after a restart");
     }
@@ -132,6 +137,9 @@ fn reexec(exe: &Path, handoff: &Path) -> String {
         cmd.env_remove(var);
     }
     cmd.env(handoff::ENV, handoff);
+    if let Some(fd) = process::guard::pass() {
+        cmd.env(process::guard::ENV, fd);
+    }
     let e = cmd.exec();
     format!("cannot run {}: {e}", exe.display())
 }

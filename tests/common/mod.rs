@@ -492,16 +492,29 @@ impl Drop for Following {
 }
 
 /// The live (not zombie) children of `pid`'s main thread, which starts
-/// every instance: the kernel lists them in one read, so unlike a walk of
-/// the namespace (a file at a time, across renumberings) this is what ran
-/// at one moment.
+/// every instance, but for deployd's guard: the kernel lists them in one
+/// read, so unlike a walk of the namespace (a file at a time, across
+/// renumberings) this is what ran at one moment.
 pub fn live_children(pid: u32) -> Vec<u32> {
+    children(pid)
+        .into_iter()
+        .filter(|&p| alive(p) && !is_guard(p))
+        .collect()
+}
+
+/// Every child of `pid`'s main thread, as the kernel lists them.
+pub fn children(pid: u32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .unwrap_or_default()
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
-        .filter(|&p| alive(p))
         .collect()
+}
+
+/// Whether `pid` is a deployd's guard (it kills what is left of the
+/// instances of a deployd that died).
+pub fn is_guard(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c == "deployd-guard\n")
 }
 
 /// Whether a process exists (and is not a zombie).

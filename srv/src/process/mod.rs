@@ -9,8 +9,9 @@
 //! deployd may wait for children (no `tokio::process`).
 //!
 //! A child gets `PR_SET_PDEATHSIG`, so a deployd killed with SIGKILL takes its
-//! instances down with it; the pid file written by the engine lets the next
-//! deployd kill whatever survived (see [`kill_leftovers`]).
+//! instances down with it, and [`guard`] the rest of their process groups;
+//! the pid file written by the engine lets the next deployd kill whatever
+//! survived (see [`kill_leftovers`]).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -32,6 +33,7 @@ use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
+pub mod guard;
 mod launch;
 
 pub use launch::is_executable_file;
@@ -82,6 +84,8 @@ impl Children {
     /// Reaps every child that has exited. Returns how many.
     pub fn reap(&self) -> usize {
         let mut n = 0;
+        // Not while an instance starts: the guard hears of it first.
+        let _spawning = SPAWNING.lock();
         loop {
             let status = match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => break,
@@ -100,6 +104,7 @@ impl Children {
             n += 1;
             // The group may still hold processes the leader left behind.
             let _ = killpg(pid, Signal::SIGKILL);
+            guard::forget(pid.as_raw() as u32);
             let waiter = {
                 let mut t = self.inner.lock();
                 match t.waiting.remove(&pid.as_raw()) {
@@ -291,7 +296,14 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
     // Socket activation and the handoff were deployd's, not the instance's,
     // and so is the journal's stream: an instance's output is deployd's pipe.
     let [pid, fds, names] = crate::proxy::activation::VARS;
-    let remove = [pid, fds, names, crate::handoff::ENV, "JOURNAL_STREAM"];
+    let remove = [
+        pid,
+        fds,
+        names,
+        crate::handoff::ENV,
+        guard::ENV,
+        "JOURNAL_STREAM",
+    ];
     let Some(account) = s.account else {
         return launch::launch(&words, s.dir, &s.env, &remove, s.output, None);
     };
@@ -304,6 +316,19 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
         remove.extend(["USER", "LOGNAME"]);
     }
     launch::launch(&words, s.dir, &env, &remove, s.output, Some(account))
+}
+
+/// Held while an instance starts and while children are reaped, so that
+/// the guard hears of a group before it can hear of its end.
+static SPAWNING: Mutex<()> = Mutex::new(());
+
+/// [`spawn`], for an instance: the guard kills what is left of its group
+/// if deployd dies without stopping it.
+pub fn spawn_guarded(s: Spawn<'_>) -> std::io::Result<u32> {
+    let _spawning = SPAWNING.lock();
+    let pid = spawn(s)?;
+    guard::watch(pid);
+    Ok(pid)
 }
 
 /// Sends `signal` to the process group led by `pid`. A group already gone is

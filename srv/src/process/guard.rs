@@ -1,0 +1,283 @@
+//! deployd's guard: a small process forked first thing, while deployd has
+//! one thread, that outlives a deployd killed without stopping its
+//! instances (`kill -9`, a crash) and kills what is left of their process
+//! groups.
+//!
+//! `PR_SET_PDEATHSIG` reaches only an instance's leader. What the leader
+//! started does not get it: the `sleep` of `exec sleep 60; echo done` under
+//! `/bin/sh`, each side of a pipe, the workers of a pre-forking server. Left
+//! alone, those ran on untracked, holding ports and consuming queues, until
+//! the next deployd started and killed the groups it had recorded
+//! ([`super::kill_leftovers`]); with no next start, for ever.
+//!
+//! deployd tells the guard each group it starts (`+PID\n` on a pipe) and
+//! each one it reaps (`-PID\n`). When the pipe's write end closes, deployd
+//! is gone: every group still listed gets SIGTERM and, [`GRACE`] later,
+//! SIGKILL; then the guard exits. After a clean stop the list is empty and
+//! it exits at once. On `reexec` the write end stays open across `execve`
+//! (its number in [`ENV`]) and the new deployd keeps the same guard.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// The variable that gives the new deployd the guard's pipe on `reexec`.
+pub const ENV: &str = "DEPLOYD_GUARD";
+
+/// How long what is left of a group has between SIGTERM and SIGKILL.
+pub const GRACE: Duration = Duration::from_secs(5);
+
+/// The guard's process name, as `ps` and `pkill -x` see it.
+pub const NAME: &str = "deployd-guard";
+
+/// The write end of the pipe; `None` inside once a write failed (the guard
+/// was killed), so the failure is told once.
+static PIPE: OnceLock<Mutex<Option<File>>> = OnceLock::new();
+
+/// Starts the guard, or takes back the one the deployd this one replaced
+/// had. Call first thing in `main`, while this is the only thread (fork
+/// copies only the calling thread). Returns what went wrong, to log once
+/// logging is set up: deployd then runs without a guard, as before it had
+/// one.
+pub fn start() -> Option<String> {
+    if let Some(fd) = std::env::var_os(ENV) {
+        return adopt(&fd.to_string_lossy()).err();
+    }
+    if threads() != Some(1) {
+        return Some("not started: deployd already runs threads".into());
+    }
+    let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return Some(format!("not started: pipe: {e}")),
+    };
+    // SAFETY: this process has one thread (checked above), so the child
+    // may run any code: no lock is held by a thread that fork left behind.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            drop(w);
+            watch_groups(r)
+        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            drop(r);
+            let _ = PIPE.set(Mutex::new(Some(File::from(w))));
+            None
+        }
+        Err(e) => Some(format!("not started: fork: {e}")),
+    }
+}
+
+/// Takes the pipe named by [`ENV`] back after `reexec`.
+fn adopt(fd: &str) -> Result<(), String> {
+    let fd: RawFd = fd
+        .parse()
+        .map_err(|_| format!("{ENV}={fd} is not a descriptor"))?;
+    // SAFETY: fstat and fcntl on a descriptor number only read or set flags.
+    let is_pipe = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO
+    };
+    if !is_pipe {
+        return Err(format!("{ENV}={fd} is not an open pipe"));
+    }
+    // SAFETY: as above; the descriptor is ours from here on.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let file = unsafe { File::from_raw_fd(fd) };
+    let _ = PIPE.set(Mutex::new(Some(file)));
+    Ok(())
+}
+
+/// The guard's pipe, left open across `execve` for the deployd that
+/// replaces this one: the value for [`ENV`], if there is a guard.
+pub fn pass() -> Option<String> {
+    let pipe = PIPE.get()?.lock();
+    let fd = pipe.as_ref()?.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own.
+    (unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0).then(|| fd.to_string())
+}
+
+/// The guard kills what is left of the group led by `pid` if deployd dies.
+pub fn watch(pid: u32) {
+    tell('+', pid);
+}
+
+/// The group led by `pid` is gone (its leader reaped, the rest killed).
+pub fn forget(pid: u32) {
+    tell('-', pid);
+}
+
+fn tell(op: char, pid: u32) {
+    let Some(pipe) = PIPE.get() else { return };
+    let mut pipe = pipe.lock();
+    let Some(file) = pipe.as_mut() else { return };
+    // Shorter than PIPE_BUF: written whole or not at all.
+    if let Err(e) = file.write_all(format!("{op}{pid}\n").as_bytes()) {
+        tracing::warn!(
+            "{NAME}: {e}; if deployd is killed now, what its instances started \
+             runs on until it starts again"
+        );
+        *pipe = None;
+    }
+}
+
+/// The number of threads of this process.
+fn threads() -> Option<u32> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The guard itself: reads the pipe until deployd is gone, then kills the
+/// groups still listed, and exits.
+fn watch_groups(pipe: OwnedFd) -> ! {
+    detach(pipe.as_raw_fd());
+    let mut groups: HashSet<u32> = HashSet::new();
+    let mut file = File::from(pipe);
+    let mut buf = [0u8; 4096];
+    let mut partial = Vec::new();
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                partial.extend_from_slice(&buf[..n]);
+                let end = partial
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |i| i + 1);
+                for line in partial[..end].split(|&b| b == b'\n') {
+                    apply(&mut groups, line);
+                }
+                partial.drain(..end);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    kill_groups(&groups, GRACE);
+    // SAFETY: _exit ends the process without running deployd's atexit
+    // handlers or flushing its buffers, which are the parent's.
+    unsafe { libc::_exit(0) }
+}
+
+/// One `+PID` or `-PID` line.
+fn apply(groups: &mut HashSet<u32>, line: &[u8]) {
+    let Some((&op, pid)) = line.split_first() else {
+        return;
+    };
+    let Some(pid) = std::str::from_utf8(pid).ok().and_then(|p| p.parse().ok()) else {
+        return;
+    };
+    match op {
+        b'+' => groups.insert(pid),
+        b'-' => groups.remove(&pid),
+        _ => false,
+    };
+}
+
+/// Cuts the guard loose from what deployd holds and hears: no descriptor
+/// but the pipe and stderr (a listening socket or the state directory's
+/// lock held here would outlive deployd), no terminal signals (Ctrl-C
+/// stops deployd, which then closes the pipe), its own name, `/` as its
+/// directory.
+fn detach(keep: RawFd) {
+    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // SAFETY: plain system calls on descriptors and signal dispositions of
+    // this single-threaded process; the name is a NUL-terminated literal.
+    unsafe {
+        for fd in open {
+            if fd != keep && fd != 2 {
+                libc::close(fd);
+            }
+        }
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            libc::dup2(null, 0);
+            libc::dup2(null, 1);
+            if null > 2 {
+                libc::close(null);
+            }
+        }
+        for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGTERM, libc::SIGQUIT] {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+        libc::prctl(libc::PR_SET_NAME, c"deployd-guard".as_ptr(), 0, 0, 0);
+        libc::chdir(c"/".as_ptr());
+    }
+}
+
+/// SIGTERM to every group, and SIGKILL to those not empty `grace` later.
+fn kill_groups(groups: &HashSet<u32>, grace: Duration) {
+    let signal = |g: u32, sig: i32| {
+        // SAFETY: kill with a negative pid signals a process group.
+        unsafe { libc::kill(-(g as i32), sig) == 0 }
+    };
+    let signalled: Vec<u32> = groups
+        .iter()
+        .copied()
+        .filter(|&g| signal(g, libc::SIGTERM))
+        .collect();
+    // Zombies don't count: their new parent reaps them when it will.
+    let until = Instant::now() + grace;
+    while super::running_in_groups(&signalled) {
+        if Instant::now() >= until {
+            for &g in &signalled {
+                signal(g, libc::SIGKILL);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_add_and_remove_groups() {
+        let mut groups = HashSet::new();
+        for line in ["+12", "+13", "-12", "+", "x14", "+abc", "", "-99"] {
+            apply(&mut groups, line.as_bytes());
+        }
+        assert_eq!(groups, HashSet::from([13]));
+    }
+
+    #[test]
+    fn a_group_that_ignores_sigterm_is_killed_after_the_grace() {
+        use std::os::unix::process::CommandExt;
+        use std::process::Command;
+        // A group of two: a shell that ignores TERM, and its sleep.
+        let mut child = Command::new("/bin/sh")
+            .args(["-c", "trap '' TERM; sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .expect("sh");
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        kill_groups(&HashSet::from([pid]), Duration::from_millis(300));
+        let status = child.wait().expect("wait");
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
+        // The sleep went with it.
+        let until = Instant::now() + Duration::from_secs(5);
+        while super::super::running_in_groups(&[pid]) {
+            assert!(Instant::now() < until, "group {pid} still runs");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
