@@ -224,16 +224,22 @@ fn kill_groups(groups: &HashSet<u32>, grace: Duration) {
         // SAFETY: kill with a negative pid signals a process group.
         unsafe { libc::kill(-(g as i32), sig) == 0 }
     };
-    let signalled: Vec<u32> = groups
+    let mut left: Vec<u32> = groups
         .iter()
         .copied()
         .filter(|&g| signal(g, libc::SIGTERM))
         .collect();
-    // Zombies don't count: their new parent reaps them when it will.
+    // Zombies don't count: their new parent reaps them when it will. A
+    // group seen empty is dropped at once, so that its number, free again,
+    // is not taken for it (a next deployd's instance may get it).
     let until = Instant::now() + grace;
-    while super::running_in_groups(&signalled) {
+    loop {
+        left = super::live_groups(&left);
+        if left.is_empty() {
+            return;
+        }
         if Instant::now() >= until {
-            for &g in &signalled {
+            for &g in &left {
                 signal(g, libc::SIGKILL);
             }
             return;

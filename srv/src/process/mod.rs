@@ -754,26 +754,34 @@ pub fn kill_leftovers(groups: &[(u32, u64)]) -> usize {
 
 /// Whether a process that is not a zombie belongs to one of these groups.
 fn running_in_groups(groups: &[u32]) -> bool {
+    !live_groups(groups).is_empty()
+}
+
+/// Those of `groups` that hold a process that is not a zombie.
+pub(crate) fn live_groups(groups: &[u32]) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return false;
+        return Vec::new();
     };
-    dir.filter_map(|e| e.ok())
+    let mut live: Vec<u32> = dir
+        .filter_map(|e| e.ok())
         .filter(|e| {
             e.file_name()
                 .to_str()
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
         .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .any(|stat| {
+        .filter_map(|stat| {
             // After the command name: state, ppid, pgrp.
-            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-                return false;
-            };
+            let rest = &stat[stat.rfind(')')? + 2..];
             let mut f = rest.split(' ');
-            let state = f.next().unwrap_or("Z");
-            let pgrp = f.nth(1).and_then(|p| p.parse::<u32>().ok());
-            state != "Z" && pgrp.is_some_and(|g| groups.contains(&g))
+            let state = f.next()?;
+            let pgrp = f.nth(1)?.parse::<u32>().ok()?;
+            (state != "Z" && groups.contains(&pgrp)).then_some(pgrp)
         })
+        .collect();
+    live.sort_unstable();
+    live.dedup();
+    live
 }
 
 #[cfg(test)]
