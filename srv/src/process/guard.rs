@@ -64,6 +64,7 @@ pub fn start() -> Option<String> {
         }
         Ok(nix::unistd::ForkResult::Parent { .. }) => {
             drop(r);
+            set_nonblocking(w.as_raw_fd());
             let _ = PIPE.set(Mutex::new(Some(File::from(w))));
             None
         }
@@ -86,6 +87,7 @@ fn adopt(fd: &str) -> Result<(), String> {
     }
     // SAFETY: as above; the descriptor is ours from here on.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    set_nonblocking(fd);
     let file = unsafe { File::from_raw_fd(fd) };
     let _ = PIPE.set(Mutex::new(Some(file)));
     Ok(())
@@ -114,13 +116,31 @@ fn tell(op: char, pid: u32) {
     let Some(pipe) = PIPE.get() else { return };
     let mut pipe = pipe.lock();
     let Some(file) = pipe.as_mut() else { return };
-    // Shorter than PIPE_BUF: written whole or not at all.
-    if let Err(e) = file.write_all(format!("{op}{pid}\n").as_bytes()) {
-        tracing::warn!(
-            "{NAME}: {e}; if deployd is killed now, what its instances started \
-             runs on until it starts again"
-        );
-        *pipe = None;
+    // Shorter than PIPE_BUF: written whole or not at all. Never waits: a
+    // guard that does not read (stopped) must not stop instance starts.
+    match file.write(format!("{op}{pid}\n").as_bytes()) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            tracing::warn!("{NAME} is not reading; it did not hear of {op}{pid}");
+        }
+        Err(e) => {
+            tracing::warn!(
+                "{NAME}: {e}; if deployd is killed now, what its instances started \
+                 runs on until it starts again"
+            );
+            *pipe = None;
+        }
+    }
+}
+
+/// Writes to `fd` fail with EAGAIN instead of waiting.
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: fcntl reads and sets the flags of a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
     }
 }
 
