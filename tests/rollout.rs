@@ -1006,10 +1006,20 @@ fn apply_of_every_manifest_is_all_or_nothing() {
     assert_eq!(d.instances("worker")[0].1, worker_pid);
     assert!(!d.read("active/worker/events").contains("apply"));
 
-    // A service that is busy refuses everything, with its reason.
-    d.write_manifest("web", &app_manifest(2, "env ROUND=3\nupdate_pause 60s\n"));
+    // A service that is busy refuses everything, with its reason; but the
+    // manifest rolling out, applied again, is told it is under way.
+    let round3 = app_manifest(2, "env ROUND=3\nupdate_pause 60s\n");
+    d.write_manifest("web", &round3);
     let out = d.deploy(&["apply", "web", "--no-wait"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.deploy(&["apply", "web", "--no-wait"]);
+    assert!(
+        stdout(&out).starts_with("web: already in progress: a rolling update to "),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    d.write_manifest("web", &app_manifest(2, "env ROUND=4\nupdate_pause 60s\n"));
     d.write_manifest("worker", "exec sleep 999\n");
     let out = d.deploy(&["apply"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
@@ -1176,10 +1186,11 @@ while True:
     assert_eq!(d.field("active/hog/update_progress"), "2/2");
 }
 
-/// `env_file`: read at each start, under the manifest's `env`; a change
-/// reaches instances at `deploy restart` (not in the version, as with
-/// systemd's EnvironmentFile=); a broken file is refused at apply and
-/// fails a restart without touching the instances that run.
+/// `env_file`: read at each start, under the manifest's `env`; a change is
+/// not in the version (secrets stay out of it) but `apply` sees it and
+/// restarts the instances, as Compose recreates a container whose
+/// env_file changed; a broken file is refused at apply and fails a
+/// restart without touching the instances that run.
 #[test]
 fn env_files_are_read_at_each_start() {
     let m =
@@ -1196,16 +1207,43 @@ fn env_files_are_read_at_each_start() {
     assert_eq!(d.instance_log("svc", 0), "A=from file B=manifest C=unset\n");
     let (v1, pid1) = (d.field("active/svc/version"), d.instances("svc")[0].1);
 
-    // A changed file is no new version; a restart starts with it.
+    // A comment is no change; a changed variable is no new version, but
+    // apply restarts the instance with it, and then has nothing to do.
+    std::fs::write(&env_file, "# app, commented\nA='from file'\nB=file\n").unwrap();
+    let out = d.deploy(&["apply", "svc"]);
+    assert_eq!(stdout(&out), format!("svc: unchanged: already at {v1}\n"));
     std::fs::write(&env_file, "A=again\nC=new\n").unwrap();
     let out = d.deploy(&["apply", "svc"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with(
+            "svc: apply: env_file changed since instance 0 started: restarting every instance\n\
+             svc: rolling restart of "
+        ),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains(&format!("svc: deployed {v1} (")),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(d.field("active/svc/version"), v1);
-    assert_eq!(d.instances("svc")[0].1, pid1);
+    assert_ne!(d.instances("svc")[0].1, pid1);
+    assert_eq!(d.instance_log("svc", 0), "A=again B=manifest C=new\n");
+    let out = d.deploy(&["apply", "svc"]);
+    assert_eq!(stdout(&out), format!("svc: unchanged: already at {v1}\n"));
+    // And so does an apply of every manifest.
+    std::fs::write(&env_file, "A=all\n").unwrap();
+    let out = d.deploy(&["apply"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    d.settle("svc", LONG);
+    assert_eq!(d.instance_log("svc", 0), "A=all B=manifest C=unset\n");
+    // restart reads it too.
+    std::fs::write(&env_file, "A=again\nC=new\n").unwrap();
     let out = d.deploy(&["restart", "svc"]);
     assert!(out.status.success(), "{}", stderr(&out));
     d.settle("svc", LONG);
-    assert_ne!(d.instances("svc")[0].1, pid1);
     assert_eq!(d.instance_log("svc", 0), "A=again B=manifest C=new\n");
 
     // Broken: apply is refused at the env_file line; a restart fails at

@@ -109,6 +109,25 @@ pub fn env_files(dir: &Path, m: &Manifest) -> Result<Vec<(String, String)>, Stri
     Ok(vars)
 }
 
+/// A fingerprint of the variables [`env_files`] read: deployd keeps the
+/// one each instance started with, so that `apply` can tell an env file
+/// changed since (and restart the instances) without keeping secrets.
+pub fn env_digest(vars: &[(String, String)]) -> u64 {
+    use sha2::{Digest, Sha256};
+    // An environment has no order: lines moved around are no change.
+    let mut sorted: Vec<&(String, String)> = vars.iter().collect();
+    sorted.sort();
+    let mut h = Sha256::new();
+    for (k, v) in sorted {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    let d = h.finalize();
+    d[..8].iter().fold(0, |n, b| (n << 8) | u64::from(*b))
+}
+
 fn env_file(dir: &Path, f: &str) -> Result<Vec<(String, String)>, String> {
     let path = dir.join(f);
     let shown = path.display();
@@ -357,6 +376,25 @@ mod tests {
             (3999999, 3999999, &[3999999][..])
         );
         assert_eq!(a.environment(), [("HOME".to_string(), "/".to_string())]);
+    }
+
+    #[test]
+    fn an_env_digest_changes_with_a_value_not_with_the_order() {
+        let vars = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let d = env_digest(&vars(&[("A", "1"), ("B", "2")]));
+        assert_eq!(d, env_digest(&vars(&[("B", "2"), ("A", "1")])));
+        assert_ne!(d, env_digest(&vars(&[("A", "1"), ("B", "3")])));
+        assert_ne!(d, env_digest(&vars(&[("A", "1")])));
+        // A key and value are not run together: A=1B is not A1=B.
+        assert_ne!(
+            env_digest(&vars(&[("A", "1B")])),
+            env_digest(&vars(&[("A1", "B")]))
+        );
     }
 
     #[test]

@@ -156,6 +156,8 @@ struct Inst {
     stop_signal: i32,
     stop_timeout: Duration,
     memory_max: Option<u64>,
+    /// What its env files said when it started ([`host::env_digest`]).
+    env: u64,
 }
 
 impl Inst {
@@ -177,6 +179,7 @@ impl Inst {
         log_read: Option<OwnedFd>,
         (prober, poke): (Option<AbortHandle>, Arc<Notify>),
         exited: Arc<AtomicBool>,
+        env: u64,
     ) -> Inst {
         Inst {
             pid: None,
@@ -193,6 +196,7 @@ impl Inst {
             stop_signal: m.stop_signal.number(),
             stop_timeout: m.stop_timeout,
             memory_max: m.memory_max,
+            env,
         }
     }
 }
@@ -486,7 +490,11 @@ impl Engine {
         let mut refusals: Vec<(RefusalKind, String)> = Vec::new();
         let mut unchanged = Vec::new();
         for (name, spec) in &specs {
-            let Some(e) = self.names.get(name).and_then(|s| self.services.get(s)) else {
+            let Some((sid, e)) = self
+                .names
+                .get(name)
+                .and_then(|&s| Some((s, self.services.get(&s)?)))
+            else {
                 continue;
             };
             let mut copy = e.machine.clone();
@@ -494,7 +502,10 @@ impl Engine {
                 .handle(now, Input::Command(Command::Apply(spec.clone())))
                 .result
             {
-                Ok(m) if m.starts_with("unchanged") => unchanged.push(name.to_string()),
+                // Unless its env files changed: then apply_spec restarts it.
+                Ok(m) if m.starts_with("unchanged") && self.stale_env(sid, spec).is_none() => {
+                    unchanged.push(name.to_string())
+                }
                 Ok(_) => {}
                 Err(r) => refusals.push((r.kind, format!("{name}: {}", r.message))),
             }
@@ -993,6 +1004,7 @@ impl Engine {
                     port: inst.port,
                     log: inst.log.clone(),
                     log_fd,
+                    env: Some(inst.env),
                 });
             }
             h.services.push(handoff::Service {
@@ -1096,7 +1108,48 @@ impl Engine {
         let Some(sid) = self.names.get(service).copied() else {
             return self.create(service.clone(), spec, coming);
         };
+        if let Some(stale) = self.stale_env(sid, &spec) {
+            let why = format!(
+                "env_file changed since instance{} {} started",
+                if stale.len() == 1 { "" } else { "s" },
+                stale
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            self.log(sid, &format!("apply: {why}: restarting every instance"));
+            return self
+                .command(sid, Command::Restart(None))
+                .map(|answer| format!("{why}; {answer}"));
+        }
         self.command(sid, Command::Apply(spec))
+    }
+
+    /// When `spec` is what the service already runs (`apply` would answer
+    /// `unchanged`) but its env files say something else now than when
+    /// some instances started: their numbers. systemd and Kubernetes leave
+    /// such a change for the next start; `apply` means "run what the files
+    /// say", so it restarts them, as Compose recreates a container whose
+    /// `env_file` changed.
+    fn stale_env(&self, sid: u32, spec: &Spec) -> Option<Vec<u32>> {
+        let e = self.services.get(&sid)?;
+        if e.machine.target() != spec
+            || !e.machine.converged()
+            || spec.manifest.env_files.is_empty()
+        {
+            return None;
+        }
+        let now = host::env_digest(&host::env_files(&self.config.manifests, &spec.manifest).ok()?);
+        let mut stale: Vec<u32> = e
+            .machine
+            .instances()
+            .iter()
+            .filter(|i| e.runtime.get(&i.id()).is_some_and(|r| r.env != now))
+            .map(|i| i.number())
+            .collect();
+        stale.sort_unstable();
+        (!stale.is_empty()).then_some(stale)
     }
 
     /// Hands `command` to the service's machine; keeps the history and the
@@ -1394,6 +1447,7 @@ impl Engine {
             None
         };
         let dir = self.instance_dir(&m);
+        let env_digest = host::env_digest(&files);
         let env = instance_env(&name, &m, files, port, slot, spec.version);
         let log = self.store.log_path(&name, self.generation, id.0);
         let (read, write) = match process::log_pipe() {
@@ -1442,7 +1496,7 @@ impl Engine {
             }
         });
         let prober = self.start_prober(sid, id, &m, port, dir, env);
-        let mut inst = Inst::new(&m, port, log, log_read, prober, exited);
+        let mut inst = Inst::new(&m, port, log, log_read, prober, exited, env_digest);
         inst.pumped = Some(pumped);
         if let Some(e) = self.services.get_mut(&sid) {
             e.runtime.insert(id, inst);
@@ -1528,6 +1582,7 @@ impl Engine {
             tracing::warn!("{name}: instance {}: {err}", h.number);
             Vec::new()
         });
+        let env_digest = h.env.unwrap_or_else(|| host::env_digest(&files));
         let env = instance_env(&name, &m, files, h.port, h.slot, h.version);
         if let Some(p) = h.port {
             self.ports.insert(p);
@@ -1544,7 +1599,7 @@ impl Engine {
         process::guard::watch(h.pid);
         watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
         let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
-        let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited);
+        let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited, env_digest);
         inst.pumped = Some(pumped);
         inst.pid = Some(h.pid);
         inst.memory = memory_watch(&self.tx, sid, id, inst.memory_max, h.pid);

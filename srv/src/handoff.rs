@@ -64,6 +64,12 @@ pub struct Instance {
     pub log: PathBuf,
     /// The read end of its output pipe.
     pub log_fd: RawFd,
+    /// What its env files said when it started ([`host::env_digest`]);
+    /// absent from a handoff written before deployd kept it.
+    ///
+    /// [`host::env_digest`]: deployd_lib::host::env_digest
+    #[serde(default)]
+    pub env: Option<u64>,
 }
 
 /// Writes `h` to `STATE/handoff.json` (temporary file, fsync, rename) and

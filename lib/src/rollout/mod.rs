@@ -913,8 +913,9 @@ impl Service {
         }
     }
 
-    /// Every slot committed at the target, no rollout, nothing extra.
-    fn converged(&self) -> bool {
+    /// Every slot committed at the target, no rollout, nothing extra:
+    /// where an `apply` of the target answers `unchanged`.
+    pub fn converged(&self) -> bool {
         let n = self.target.manifest.replicas as usize;
         self.rollout.is_none()
             && self.failure.is_none()
@@ -927,6 +928,23 @@ impl Service {
 
     fn apply(&mut self, spec: Spec) -> Result<String, Refusal> {
         self.refuse_if_stopped()?;
+        // The same manifest again while it rolls out (a CI job retried,
+        // a script that applies what deployd's start already applies):
+        // nothing to refuse, the rollout under way is its answer.
+        if let Some(r) = self
+            .rollout
+            .as_ref()
+            .filter(|r| !r.paused && spec == self.target)
+        {
+            let (k, n) = self.progress();
+            let msg = format!(
+                "already in progress: a {} to {} ({k}/{n})",
+                r.kind.noun(self.target.manifest.update),
+                self.target.version
+            );
+            self.event(format!("apply: {msg}"));
+            return Ok(msg);
+        }
         self.refuse_if_rolling()?;
         if spec == self.target {
             if self.converged() {

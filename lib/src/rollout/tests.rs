@@ -1123,6 +1123,32 @@ fn refusals_change_nothing() {
     let r = sim.command(Command::Restart(None)).unwrap_err();
     assert_eq!(r.kind, RefusalKind::Busy);
     assert_eq!(sim.svc.record(), during);
+    // The manifest rolling out, applied again: the rollout is the answer,
+    // and nothing else happens.
+    let again = Input::Command(Command::Apply(spec("v2", 3, 1, Strategy::Rolling)));
+    let handled = sim.svc.handle(sim.now, again);
+    let r = handled.result.unwrap();
+    assert!(
+        r.starts_with("already in progress: a rolling update to "),
+        "{r}"
+    );
+    assert_eq!(sim.svc.record(), during);
+    assert!(
+        matches!(&handled.actions[..], [Action::Event(e)] if *e == format!("apply: {r}")),
+        "{:?}",
+        handled.actions
+    );
+    // But not while paused: that is the operator's to resume.
+    sim.command(Command::Pause).unwrap();
+    let r = sim
+        .command(Command::Apply(spec("v2", 3, 1, Strategy::Rolling)))
+        .unwrap_err();
+    assert!(
+        r.message.ends_with("it is paused: resume it, or roll back"),
+        "{}",
+        r.message
+    );
+    sim.command(Command::Resume).unwrap();
     sim.settle();
     sim.check_converged();
 }
