@@ -181,6 +181,16 @@ fn watch_groups(pipe: OwnedFd) -> ! {
             Err(_) => break,
         }
     }
+    if !groups.is_empty() {
+        let mut list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        list.sort();
+        // On deployd's stderr, which this shares: the journal, a terminal.
+        eprintln!(
+            "{NAME}: deployd ended without stopping its instances; stopping what is \
+             left of process groups {}",
+            list.join(", ")
+        );
+    }
     kill_groups(&groups, GRACE);
     // SAFETY: _exit ends the process without running deployd's atexit
     // handlers or flushing its buffers, which are the parent's.
