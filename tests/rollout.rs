@@ -660,6 +660,15 @@ fn a_killed_deployd_takes_what_its_instances_started_with_it() {
     wait_for("the guard to end", Duration::from_secs(10), || {
         !alive(guard[0])
     });
+    // It says so on deployd's stderr (here its log).
+    let mut groups: Vec<String> = leaders.iter().map(u32::to_string).collect();
+    groups.sort();
+    let said = format!(
+        "deployd-guard: deployd ended without stopping its instances; stopping what is \
+         left of process groups {}",
+        groups.join(", ")
+    );
+    assert!(d.log().contains(&said), "{}", d.log());
 }
 
 /// SIGTERM stops every instance, unmounts and exits 0.
