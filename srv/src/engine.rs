@@ -362,7 +362,9 @@ impl Engine {
         }
         if !leftovers.is_empty() {
             let n = process::kill_leftovers(&leftovers);
-            tracing::info!("killed {n} process groups left by a previous deployd");
+            if n > 0 {
+                tracing::info!("killed {n} process groups left by a previous deployd");
+            }
         }
         let recorded = self.store.services();
         if recorded.is_empty() {

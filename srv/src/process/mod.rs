@@ -731,18 +731,19 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
 /// each group leader's pid and start time, as recorded when it was started.
 /// Returns how many groups were signalled.
 pub fn kill_leftovers(groups: &[(u32, u64)]) -> usize {
-    let mut killed = Vec::new();
-    for &(pid, started) in groups {
-        match start_time(pid) {
-            // The pid now names another process: the old group is long gone
-            // (a pid is not reused while its group exists).
-            Some(t) if t != started => continue,
-            _ => {}
-        }
-        if killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok() {
-            killed.push(pid);
-        }
-    }
+    let candidates: Vec<u32> = groups
+        .iter()
+        // The pid now names another process: the old group is long gone
+        // (a pid is not reused while its group exists).
+        .filter(|&&(pid, started)| start_time(pid).is_none_or(|t| t == started))
+        .map(|&(pid, _)| pid)
+        .collect();
+    // Only groups with a live process: the guard has usually stopped them
+    // already, and zombies waiting for init are not worth a word.
+    let killed: Vec<u32> = live_groups(&candidates)
+        .into_iter()
+        .filter(|&pid| killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok())
+        .collect();
     // They are not our children; wait (briefly) until none is running.
     // Zombies don't count: their new parent reaps them when it will.
     let until = Instant::now() + Duration::from_secs(2);
@@ -1034,6 +1035,28 @@ mod tests {
         );
         // Gone (reaped here or by another test's reaper): nothing.
         assert_eq!(usage(pid), Usage::default());
+    }
+
+    #[test]
+    fn leftovers_are_killed_only_when_theirs_and_running() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        let started = start_time(pid).expect("start time");
+        // Another process's start time: the pid was reused, not ours.
+        assert_eq!(kill_leftovers(&[(pid, started + 1)]), 0);
+        assert!(running_in_groups(&[pid]));
+        // It waits for the group to end (a zombie has ended).
+        assert_eq!(kill_leftovers(&[(pid, started)]), 1);
+        assert!(!running_in_groups(&[pid]));
+        // Ended: nothing to kill, nothing to report.
+        assert_eq!(kill_leftovers(&[(pid, started)]), 0);
+        // Reaped here, or by another test's reaper (waitpid(-1)).
+        let _ = child.wait();
     }
 
     #[test]
