@@ -1489,7 +1489,7 @@ impl Engine {
             let result = spawned
                 .as_ref()
                 .map(|pid| *pid)
-                .map_err(|e| format!("{e} (dir {})", spawn_dir.display()));
+                .map_err(|e| e.to_string());
             // Spawned goes first: an exit the reaper already saw is only
             // delivered by watch(), after it.
             let _ = tx.send(Msg::Spawned { sid, id, result });

@@ -183,8 +183,15 @@ pub fn launch(
             // reaper was quicker.
             let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
             let err = std::io::Error::from_raw_os_error(plan.errno.load(Ordering::SeqCst));
+            let who = account.map_or(String::new(), |a| match &a.name {
+                Some(name) => format!(" as {name}"),
+                None => format!(" as uid {}", a.uid),
+            });
             Err(match step {
-                STEP_CHDIR => std::io::Error::new(err.kind(), format!("{err} (chdir)")),
+                STEP_CHDIR => std::io::Error::new(
+                    err.kind(),
+                    format!("{err} (entering {}{who})", dir.display()),
+                ),
                 STEP_DUP => std::io::Error::new(err.kind(), format!("{err} (dup2)")),
                 STEP_USER => {
                     let who = account.map_or(String::new(), |a| {
@@ -200,12 +207,14 @@ pub fn launch(
                         (std::io::ErrorKind::NotFound, true) => {
                             format!("{}: not in PATH", first.to_string_lossy())
                         }
+                        // A relative path means something only with the directory.
+                        _ if !first.as_bytes().starts_with(b"/") && !searched => format!(
+                            "running {} in {}",
+                            path.unwrap_or_default(),
+                            dir.display()
+                        ),
                         _ => format!("running {}", path.unwrap_or_default()),
                     };
-                    let who = account.map_or(String::new(), |a| match &a.name {
-                        Some(name) => format!(" as {name}"),
-                        None => format!(" as uid {}", a.uid),
-                    });
                     std::io::Error::new(err.kind(), format!("{err} ({what}{who})"))
                 }
             })
@@ -620,11 +629,13 @@ mod tests {
         );
         let err = launch(&[OsStr::new("./nothing")], dir.path(), &[], &[], None, None)
             .expect_err("missing file");
-        assert!(err.to_string().contains("No such file"), "{err}");
+        let want = format!("(os error 2) (running ./nothing in {})", dir.path().display());
+        assert!(err.to_string().ends_with(&want), "{err}");
         let gone = dir.path().join("gone");
         let err = launch(&[OsStr::new("/bin/true")], &gone, &[], &[], None, None)
             .expect_err("missing dir");
-        assert!(err.to_string().contains("chdir"), "{err}");
+        let want = format!("(os error 2) (entering {})", gone.display());
+        assert!(err.to_string().ends_with(&want), "{err}");
     }
 
     #[test]
