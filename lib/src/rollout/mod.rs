@@ -1905,8 +1905,16 @@ impl Service {
             signal: m.stop_signal,
             timeout: m.stop_timeout,
         });
+        // Its process may not be started yet (the spawning thread has not
+        // said): then the signal waits for it, and the events say so
+        // rather than showing "stopping" before "started".
+        let when = if self.instances[i].pid.is_none() {
+            " once started"
+        } else {
+            ""
+        };
         self.event(format!(
-            "instance {number} stopping ({})",
+            "instance {number} stopping ({}){when}",
             m.stop_signal.name()
         ));
     }

@@ -1688,6 +1688,66 @@ fn update_pause_waits_between_batches() {
     assert!(sim.events.iter().any(|e| e.ends_with("; next in 10s")));
 }
 
+/// A deployment that fails while another instance's process is still
+/// being started says the stop waits for it, not "stopping" before
+/// "started".
+#[test]
+fn a_stop_before_the_start_is_heard_says_it_waits() {
+    let now = Instant::default();
+    let (mut svc, actions) = Service::create(now, spec("v1", 2, 1, Strategy::Rolling));
+    let ids: Vec<InstanceId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start { id, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 2);
+    svc.handle(
+        now,
+        Input::Started {
+            id: ids[0],
+            pid: 10,
+        },
+    );
+    let handled = svc.handle(
+        now,
+        Input::Exited {
+            id: ids[0],
+            exit: Exit::Code(3),
+        },
+    );
+    let events: Vec<&String> = handled
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Event(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| *e == "instance 1 stopping (TERM) once started"),
+        "{events:#?}"
+    );
+    let handled = svc.handle(
+        now,
+        Input::Started {
+            id: ids[1],
+            pid: 11,
+        },
+    );
+    assert!(
+        handled
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Event(e) if e == "instance 1 started (pid 11)")),
+        "{:#?}",
+        handled.actions
+    );
+}
+
 #[test]
 fn stale_and_unknown_inputs_are_ignored() {
     let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));

@@ -208,11 +208,9 @@ pub fn launch(
                             format!("{}: not in PATH", first.to_string_lossy())
                         }
                         // A relative path means something only with the directory.
-                        _ if !first.as_bytes().starts_with(b"/") && !searched => format!(
-                            "running {} in {}",
-                            path.unwrap_or_default(),
-                            dir.display()
-                        ),
+                        _ if !first.as_bytes().starts_with(b"/") && !searched => {
+                            format!("running {} in {}", path.unwrap_or_default(), dir.display())
+                        }
                         _ => format!("running {}", path.unwrap_or_default()),
                     };
                     std::io::Error::new(err.kind(), format!("{err} ({what}{who})"))
@@ -629,7 +627,10 @@ mod tests {
         );
         let err = launch(&[OsStr::new("./nothing")], dir.path(), &[], &[], None, None)
             .expect_err("missing file");
-        let want = format!("(os error 2) (running ./nothing in {})", dir.path().display());
+        let want = format!(
+            "(os error 2) (running ./nothing in {})",
+            dir.path().display()
+        );
         assert!(err.to_string().ends_with(&want), "{err}");
         let gone = dir.path().join("gone");
         let err = launch(&[OsStr::new("/bin/true")], &gone, &[], &[], None, None)
