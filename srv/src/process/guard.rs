@@ -185,7 +185,10 @@ fn watch_groups(pipe: OwnedFd) -> ! {
         let mut list: Vec<String> = groups.iter().map(u32::to_string).collect();
         list.sort();
         // On deployd's stderr, which this shares: the journal, a terminal.
-        eprintln!(
+        // Not eprintln!, which panics when that is gone (a closed pipe):
+        // the groups come first.
+        let _ = writeln!(
+            std::io::stderr(),
             "{NAME}: deployd ended without stopping its instances; stopping what is \
              left of process groups {}",
             list.join(", ")
