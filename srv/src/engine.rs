@@ -23,7 +23,7 @@ use deployd_lib::host;
 use deployd_lib::manifest::{self, Health, LoadError, Version, VersionPrefix};
 use deployd_lib::name::ServiceName;
 use deployd_lib::rollout::{
-    Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Role, Running,
+    self, Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Role, Running,
     Service, Spec, State, UpdateStatus,
 };
 use tokio::sync::{Notify, mpsc, watch};
@@ -656,9 +656,8 @@ impl Engine {
         }
         if !kept.is_empty() {
             let msg = format!(
-                "deployd replaced itself; instance{} {} kept running",
-                if kept.len() == 1 { "" } else { "s" },
-                kept.join(", ")
+                "deployd replaced itself; {} kept running",
+                rollout::instance_list(&kept)
             );
             self.log(sid, &msg);
         }
@@ -1112,13 +1111,8 @@ impl Engine {
         };
         if let Some(stale) = self.stale_env(sid, &spec) {
             let why = format!(
-                "env_file changed since instance{} {} started",
-                if stale.len() == 1 { "" } else { "s" },
-                stale
-                    .iter()
-                    .map(u32::to_string)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "env_file changed since {} started",
+                rollout::instance_list(&stale)
             );
             self.log(sid, &format!("apply: {why}: restarting every instance"));
             return self
@@ -1134,7 +1128,7 @@ impl Engine {
     /// such a change for the next start; `apply` means "run what the files
     /// say", so it restarts them, as Compose recreates a container whose
     /// `env_file` changed.
-    fn stale_env(&self, sid: u32, spec: &Spec) -> Option<Vec<u32>> {
+    fn stale_env(&self, sid: u32, spec: &Spec) -> Option<Vec<String>> {
         let e = self.services.get(&sid)?;
         if e.machine.target() != spec
             || !e.machine.converged()
@@ -1151,7 +1145,7 @@ impl Engine {
             .map(|i| i.number())
             .collect();
         stale.sort_unstable();
-        (!stale.is_empty()).then_some(stale)
+        (!stale.is_empty()).then(|| stale.iter().map(u32::to_string).collect())
     }
 
     /// Hands `command` to the service's machine; keeps the history and the

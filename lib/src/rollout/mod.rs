@@ -1182,12 +1182,7 @@ impl Service {
             self.out.push(Action::Signal { id: *id, signal });
         }
         let numbers: Vec<String> = targets.iter().map(|(n, _)| n.to_string()).collect();
-        let msg = format!(
-            "sent {} to instance{} {}",
-            signal.name(),
-            plural(&numbers),
-            numbers.join(", ")
-        );
+        let msg = format!("sent {} to {}", signal.name(), instance_list(&numbers));
         self.event(msg.clone());
         Ok(msg)
     }
@@ -1433,9 +1428,8 @@ impl Service {
                 self.retire(i);
             }
             self.event(format!(
-                "stopping instance{} {} (beyond replicas {n})",
-                if ids.len() == 1 { "" } else { "s" },
-                numbers.join(", ")
+                "stopping {} (beyond replicas {n})",
+                instance_list(&numbers)
             ));
             self.set_batch(Batch {
                 number: done + 1,
@@ -1520,10 +1514,9 @@ impl Service {
             // once (at the next step).
             if !numbers.is_empty() {
                 self.event(format!(
-                    "{}stopping instance{} {} before starting {}",
+                    "{}stopping {} before starting {}",
                     batch.prefix(),
-                    plural(&numbers),
-                    numbers.join(", "),
+                    instance_list(&numbers),
                     if numbers.len() == 1 {
                         "its replacement"
                     } else {
@@ -1612,9 +1605,8 @@ impl Service {
             b.phase = Phase::Starting;
         }
         self.event(format!(
-            "{prefix}starting instance{} {} ({})",
-            if numbers.len() == 1 { "" } else { "s" },
-            numbers.join(", "),
+            "{prefix}starting {} ({})",
+            instance_list(&numbers),
             spec.version
         ));
     }
@@ -1708,17 +1700,9 @@ impl Service {
             }
         }
         let prefix = batch.prefix();
-        let mut msg = format!(
-            "{prefix}routed in instance{} {}",
-            plural(&routed_in),
-            routed_in.join(", ")
-        );
+        let mut msg = format!("{prefix}routed in {}", instance_list(&routed_in));
         if !routed_out.is_empty() {
-            msg += &format!(
-                "; routed out instance{} {}",
-                plural(&routed_out),
-                routed_out.join(", ")
-            );
+            msg += &format!("; routed out {}", instance_list(&routed_out));
         }
         self.event(msg);
         if retiring.is_empty() {
@@ -2335,6 +2319,11 @@ fn recorded_slots(record: &Record, resolve: impl Fn(Version) -> Option<Spec>) ->
             ..Slot::empty()
         })
         .collect()
+}
+
+/// "instance 1", "instances 0, 2": instance numbers as events say them.
+pub fn instance_list(numbers: &[String]) -> String {
+    format!("instance{} {}", plural(numbers), numbers.join(", "))
 }
 
 fn plural<T>(items: &[T]) -> &'static str {
