@@ -94,12 +94,11 @@ fn adopt(fd: &str) -> Result<(), String> {
 }
 
 /// The guard's pipe, left open across `execve` for the deployd that
-/// replaces this one: the value for [`ENV`], if there is a guard.
+/// replaces this one (nothing is told to the guard after): the value for
+/// [`ENV`], if there is a guard.
 pub fn pass() -> Option<String> {
-    let pipe = PIPE.get()?.lock();
-    let fd = pipe.as_ref()?.as_raw_fd();
-    // SAFETY: fcntl on a descriptor we own.
-    (unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0).then(|| fd.to_string())
+    let file = PIPE.get()?.lock().take()?;
+    crate::handoff::pass(OwnedFd::from(file)).map(|fd| fd.to_string())
 }
 
 /// The guard kills what is left of the group led by `pid` if deployd dies.
@@ -227,8 +226,9 @@ fn detach(keep: RawFd) {
                 .collect()
         })
         .unwrap_or_default();
+    let name = std::ffi::CString::new(NAME).unwrap_or_default();
     // SAFETY: plain system calls on descriptors and signal dispositions of
-    // this single-threaded process; the name is a NUL-terminated literal.
+    // this single-threaded process; the name is NUL-terminated.
     unsafe {
         for fd in open {
             if fd != keep && fd != 2 {
@@ -246,21 +246,19 @@ fn detach(keep: RawFd) {
         for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGTERM, libc::SIGQUIT] {
             libc::signal(sig, libc::SIG_IGN);
         }
-        libc::prctl(libc::PR_SET_NAME, c"deployd-guard".as_ptr(), 0, 0, 0);
+        libc::prctl(libc::PR_SET_NAME, name.as_ptr(), 0, 0, 0);
         libc::chdir(c"/".as_ptr());
     }
 }
 
 /// SIGTERM to every group, and SIGKILL to those not empty `grace` later.
 fn kill_groups(groups: &HashSet<u32>, grace: Duration) {
-    let signal = |g: u32, sig: i32| {
-        // SAFETY: kill with a negative pid signals a process group.
-        unsafe { libc::kill(-(g as i32), sig) == 0 }
-    };
+    use nix::sys::signal::{Signal, killpg};
+    let signal = |g: u32, sig| killpg(nix::unistd::Pid::from_raw(g as i32), sig).is_ok();
     let mut left: Vec<u32> = groups
         .iter()
         .copied()
-        .filter(|&g| signal(g, libc::SIGTERM))
+        .filter(|&g| signal(g, Signal::SIGTERM))
         .collect();
     // Zombies don't count: their new parent reaps them when it will. A
     // group seen empty is dropped at once, so that its number, free again,
@@ -273,7 +271,7 @@ fn kill_groups(groups: &HashSet<u32>, grace: Duration) {
         }
         if Instant::now() >= until {
             for &g in &left {
-                signal(g, libc::SIGKILL);
+                signal(g, Signal::SIGKILL);
             }
             return;
         }
