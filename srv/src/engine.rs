@@ -648,7 +648,7 @@ impl Engine {
         for (h, id) in running.into_iter().zip(adopted.ids) {
             match id {
                 Some(id) => {
-                    kept.push(h.number.to_string());
+                    kept.push(h.number);
                     self.adopt_instance(sid, id, h);
                 }
                 None => h.discard(),
@@ -1128,7 +1128,7 @@ impl Engine {
     /// such a change for the next start; `apply` means "run what the files
     /// say", so it restarts them, as Compose recreates a container whose
     /// `env_file` changed.
-    fn stale_env(&self, sid: u32, spec: &Spec) -> Option<Vec<String>> {
+    fn stale_env(&self, sid: u32, spec: &Spec) -> Option<Vec<u32>> {
         let e = self.services.get(&sid)?;
         if e.machine.target() != spec
             || !e.machine.converged()
@@ -1145,7 +1145,7 @@ impl Engine {
             .map(|i| i.number())
             .collect();
         stale.sort_unstable();
-        (!stale.is_empty()).then(|| stale.iter().map(u32::to_string).collect())
+        (!stale.is_empty()).then_some(stale)
     }
 
     /// Hands `command` to the service's machine; keeps the history and the

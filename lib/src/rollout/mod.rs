@@ -1181,7 +1181,7 @@ impl Service {
         for (_, id) in &targets {
             self.out.push(Action::Signal { id: *id, signal });
         }
-        let numbers: Vec<String> = targets.iter().map(|(n, _)| n.to_string()).collect();
+        let numbers: Vec<u32> = targets.iter().map(|&(n, _)| n).collect();
         let msg = format!("sent {} to {}", signal.name(), instance_list(&numbers));
         self.event(msg.clone());
         Ok(msg)
@@ -1420,10 +1420,7 @@ impl Service {
                 return true;
             }
             let ids: Vec<InstanceId> = extras.iter().map(|&i| self.instances[i].id).collect();
-            let numbers: Vec<String> = extras
-                .iter()
-                .map(|&i| self.instances[i].number.to_string())
-                .collect();
+            let numbers: Vec<u32> = extras.iter().map(|&i| self.instances[i].number).collect();
             for i in extras {
                 self.retire(i);
             }
@@ -1503,10 +1500,7 @@ impl Service {
                 .collect();
             batch.retiring = old.iter().map(|&i| self.instances[i].id).collect();
             batch.phase = Phase::RetireFirst;
-            let numbers: Vec<String> = old
-                .iter()
-                .map(|&i| self.instances[i].number.to_string())
-                .collect();
+            let numbers: Vec<u32> = old.iter().map(|&i| self.instances[i].number).collect();
             for i in old {
                 self.retire(i);
             }
@@ -1598,7 +1592,7 @@ impl Service {
         for slot in slots {
             let i = self.spawn(slot, spec.clone(), Role::Candidate);
             ids.push(self.instances[i].id);
-            numbers.push(self.instances[i].number.to_string());
+            numbers.push(self.instances[i].number);
         }
         if let Some(b) = self.batch_mut() {
             b.candidates = ids;
@@ -1677,14 +1671,14 @@ impl Service {
             // New capacity goes in before old capacity goes out.
             self.instances[c].role = Role::Serving;
             self.route_in(c);
-            routed_in.push(self.instances[c].number.to_string());
+            routed_in.push(self.instances[c].number);
             if let Some(old) = self
                 .instances
                 .iter()
                 .position(|i| i.slot == *slot && i.role == Role::Serving && i.id != *cand)
             {
                 if self.instances[old].live() {
-                    routed_out.push(self.instances[old].number.to_string());
+                    routed_out.push(self.instances[old].number);
                     retiring.push(self.instances[old].id);
                     self.retire(old);
                 } else {
@@ -2322,8 +2316,9 @@ fn recorded_slots(record: &Record, resolve: impl Fn(Version) -> Option<Spec>) ->
 }
 
 /// "instance 1", "instances 0, 2": instance numbers as events say them.
-pub fn instance_list(numbers: &[String]) -> String {
-    format!("instance{} {}", plural(numbers), numbers.join(", "))
+pub fn instance_list<T: std::fmt::Display>(numbers: &[T]) -> String {
+    let list: Vec<String> = numbers.iter().map(T::to_string).collect();
+    format!("instance{} {}", plural(numbers), list.join(", "))
 }
 
 fn plural<T>(items: &[T]) -> &'static str {
