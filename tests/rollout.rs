@@ -1015,6 +1015,20 @@ fn apply_of_every_manifest_is_all_or_nothing() {
     assert_eq!(d.instances("worker")[0].1, worker_pid);
     assert!(!d.read("active/worker/events").contains("apply"));
 
+    // A service whose manifest is gone is left running, and named.
+    let extra_pid = d.instances("extra")[0].1;
+    std::fs::remove_file(d.manifests.join("extra.manifest")).unwrap();
+    let out = d.deploy(&["apply"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("deploy: extra: runs without a manifest file; left as it is"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stdout(&out), "web: unchanged\nworker: unchanged\n");
+    assert_eq!(d.instances("extra")[0].1, extra_pid);
+    assert_eq!(d.field("active/extra/update_progress"), "1/1");
+
     // A service that is busy refuses everything, with its reason; but the
     // manifest rolling out, applied again, is told it is under way.
     let round3 = app_manifest(2, "env ROUND=3\nupdate_pause 60s\n");

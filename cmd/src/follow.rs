@@ -74,9 +74,19 @@ pub fn apply_all(ns: &Ns, no_wait: bool, limit: Option<Duration>) -> Result<Exit
     let msg = ns
         .ctl_root("apply\n")
         .map_err(|f| crate::refused("apply", f))?;
-    let (started, unchanged, not_started) = parse_apply_all(&msg);
+    let Answer {
+        started,
+        unchanged,
+        unlisted,
+        not_started,
+    } = parse_apply_all(&msg);
     for s in &unchanged {
         println!("{s}: unchanged");
+    }
+    for s in &unlisted {
+        eprintln!(
+            "deploy: {s}: runs without a manifest file; left as it is (deploy remove {s} removes it)"
+        );
     }
     for why in &not_started {
         eprintln!("deploy: not started: {why}");
@@ -130,25 +140,35 @@ pub fn apply_all(ns: &Ns, no_wait: bool, limit: Option<Duration>) -> Result<Exit
     exit
 }
 
-/// `started: a, b; unchanged: c; not started: REASON` → (started,
-/// unchanged, the reasons of those not started).
-fn parse_apply_all(msg: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
-    let mut started = Vec::new();
-    let mut unchanged = Vec::new();
-    let mut not_started = Vec::new();
+/// The answer of `apply` on the root ctl, part by part.
+#[derive(Debug, Default, PartialEq)]
+struct Answer {
+    started: Vec<String>,
+    unchanged: Vec<String>,
+    /// Services that run without a manifest file.
+    unlisted: Vec<String>,
+    /// The reasons of those not started.
+    not_started: Vec<String>,
+}
+
+/// `started: a, b; unchanged: c; no manifest: d; not started: REASON`;
+/// parts it does not know are skipped.
+fn parse_apply_all(msg: &str) -> Answer {
+    let mut a = Answer::default();
     for part in msg.trim().split("; ") {
         let (list, names) = match part.split_once(": ") {
-            Some(("started", names)) => (&mut started, names),
-            Some(("unchanged", names)) => (&mut unchanged, names),
+            Some(("started", names)) => (&mut a.started, names),
+            Some(("unchanged", names)) => (&mut a.unchanged, names),
+            Some(("no manifest", names)) => (&mut a.unlisted, names),
             Some(("not started", why)) => {
-                not_started.push(why.to_string());
+                a.not_started.push(why.to_string());
                 continue;
             }
             _ => continue,
         };
         list.extend(names.split(", ").map(|n| n.trim().to_string()));
     }
-    (started, unchanged, not_started)
+    a
 }
 
 /// What the rollout was, for the final line.
@@ -427,7 +447,7 @@ pub fn strip_time(line: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_apply_all, strip_time};
+    use super::{Answer, parse_apply_all, strip_time};
 
     #[test]
     fn strips_the_time_of_an_event_line() {
@@ -448,18 +468,37 @@ mod tests {
     #[test]
     fn reads_what_apply_of_every_manifest_did() {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let answer =
+            |started: &[&str], unchanged: &[&str], unlisted: &[&str], why: &[&str]| Answer {
+                started: s(started),
+                unchanged: s(unchanged),
+                unlisted: s(unlisted),
+                not_started: s(why),
+            };
         assert_eq!(
             parse_apply_all("started: api, web; unchanged: worker\n"),
-            (s(&["api", "web"]), s(&["worker"]), s(&[]))
+            answer(&["api", "web"], &["worker"], &[], &[])
         );
-        assert_eq!(parse_apply_all("unchanged: a"), (s(&[]), s(&["a"]), s(&[])));
-        assert_eq!(parse_apply_all("started: a"), (s(&["a"]), s(&[]), s(&[])));
-        assert_eq!(parse_apply_all(""), (s(&[]), s(&[]), s(&[])));
+        assert_eq!(
+            parse_apply_all("unchanged: a"),
+            answer(&[], &["a"], &[], &[])
+        );
+        assert_eq!(parse_apply_all("started: a"), answer(&["a"], &[], &[], &[]));
+        assert_eq!(parse_apply_all(""), Answer::default());
+        assert_eq!(
+            parse_apply_all("unchanged: a; no manifest: b, c"),
+            answer(&[], &["a"], &["b", "c"], &[])
+        );
+        // A part a newer deployd adds is skipped.
+        assert_eq!(
+            parse_apply_all("started: a; later: x"),
+            answer(&["a"], &[], &[], &[])
+        );
         let full =
             "cannot save the state of b (nothing changed): No space left on device (os error 28)";
         assert_eq!(
             parse_apply_all(&format!("started: a; not started: {full}\n")),
-            (s(&["a"]), s(&[]), s(&[full]))
+            answer(&["a"], &[], &[], &[full])
         );
     }
 }

@@ -454,9 +454,10 @@ impl Engine {
     /// directory, or none. Every manifest must parse and every service must
     /// accept its apply (tried first on a copy of its state machine);
     /// otherwise the refusal lists every reason and nothing changes.
-    /// Answers `started: a, b; unchanged: c` (empty parts left out), then
-    /// a `not started: REASON` for each service whose state could not be
-    /// saved.
+    /// Answers `started: a, b; unchanged: c; no manifest: d` (empty parts
+    /// left out; `no manifest`: services that run without a manifest file,
+    /// left alone), then a `not started: REASON` for each service whose
+    /// state could not be saved.
     fn apply_all(&mut self) -> Result<String, Refusal> {
         let dir = self.config.manifests.clone();
         let files = self.manifest_files().map_err(|e| Refusal {
@@ -522,6 +523,16 @@ impl Engine {
                     .join("\n"),
             });
         }
+        // Services that run but whose manifest is gone are left as they
+        // are (removing one takes `remove`), and named, as docker compose
+        // names its orphans, so the operator knows.
+        let mut unlisted: Vec<String> = self
+            .names
+            .keys()
+            .filter(|n| !specs.iter().any(|(s, _)| s == *n))
+            .map(|n| n.to_string())
+            .collect();
+        unlisted.sort();
         let mut started = Vec::new();
         let coming: Vec<ServiceName> = specs
             .iter()
@@ -552,11 +563,15 @@ impl Engine {
                 });
             }
         }
-        let mut parts: Vec<String> = [("started", started), ("unchanged", unchanged)]
-            .into_iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| format!("{k}: {}", v.join(", ")))
-            .collect();
+        let mut parts: Vec<String> = [
+            ("started", started),
+            ("unchanged", unchanged),
+            ("no manifest", unlisted),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| format!("{k}: {}", v.join(", ")))
+        .collect();
         parts.extend(failed.iter().map(|r| format!("not started: {}", r.message)));
         Ok(parts.join("; "))
     }
