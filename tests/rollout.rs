@@ -671,6 +671,36 @@ fn a_killed_deployd_takes_what_its_instances_started_with_it() {
     assert!(d.log().contains(&said), "{}", d.log());
 }
 
+/// reexec waits for every service to settle; one whose first rollout
+/// failed has no instance and will not settle by itself, so its refusal
+/// says what will, and once it is removed reexec goes ahead.
+#[test]
+fn reexec_says_what_a_failed_service_needs() {
+    let never = "exec sleep 1000\nhealth exec false\nhealth_interval 100ms\nhealth_deadline 1s\n";
+    let Some(d) = Deployd::start(&[("never", never.into())]) else {
+        return;
+    };
+    d.wait_events("never", "deployment failed", 1);
+    wait_for("the failed instance to go", LONG, || {
+        d.instances("never").is_empty()
+    });
+    let out = d.deploy(&["reexec"]);
+    let why = failed_with(&out, 5);
+    assert!(
+        why.contains(
+            "never: its last rollout failed and 0 of 1 instances are ready; apply a manifest \
+             that works (or remove never), then reexec"
+        ),
+        "{why}"
+    );
+    let pid = d.pid();
+    let out = d.deploy(&["remove", "never"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.deploy(&["reexec"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.pid(), pid);
+}
+
 /// SIGTERM stops every instance, unmounts and exits 0.
 #[test]
 fn sigterm_stops_everything_and_unmounts() {

@@ -953,6 +953,14 @@ impl Engine {
                 .runtime
                 .values()
                 .all(|i| i.pid.is_some() && i.log_read.is_some());
+            if ready != replicas && m.update_status() == UpdateStatus::Failed {
+                // Nothing will bring the missing ones: say what will.
+                return Err(busy(format!(
+                    "{name}: its last rollout failed and {ready} of {replicas} instances are \
+                     ready; apply a manifest that works (or remove {name}), then reexec",
+                    name = e.name
+                )));
+            }
             if ready != replicas || m.instances().len() != replicas || !handed {
                 return Err(busy(format!(
                     "{}: {ready} of {replicas} instances ready; reexec once every one is",
