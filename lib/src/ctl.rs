@@ -269,13 +269,7 @@ fn empty() -> CtlError {
 
 fn spec(verb: &str) -> Result<&'static CommandSpec, CtlError> {
     COMMANDS.iter().find(|c| c.name == verb).ok_or_else(|| {
-        let close = COMMANDS
-            .iter()
-            .map(|c| (strsim::damerau_levenshtein(verb, c.name), c.name))
-            .filter(|(d, n)| *d <= (n.len() / 3).max(1))
-            .min_by_key(|(d, _)| *d)
-            .map(|(_, n)| format!(" (did you mean '{n}'?)"))
-            .unwrap_or_default();
+        let close = crate::suggest::did_you_mean(verb, COMMANDS.iter().map(|c| c.name));
         CtlError(format!(
             "unknown control message '{}'{close}; commands: {}",
             shown(verb),

@@ -21,4 +21,5 @@ pub mod name;
 pub mod order;
 pub mod rollout;
 pub mod stamp;
+pub mod suggest;
 pub mod tail;

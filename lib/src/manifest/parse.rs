@@ -625,19 +625,7 @@ fn one_of(names: &[&str]) -> String {
 
 /// " (did you mean 'x'?)" when a known word is close to `word`.
 fn suggest(word: &str, known: &[&str]) -> String {
-    let lower = word.to_ascii_lowercase();
-    known
-        .iter()
-        .map(|k| {
-            (
-                strsim::damerau_levenshtein(&lower, &k.to_ascii_lowercase()),
-                *k,
-            )
-        })
-        .filter(|(d, k)| *d <= (k.len() / 3).max(1) || (*d == 0))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| format!(" (did you mean '{k}'?)"))
-        .unwrap_or_default()
+    crate::suggest::did_you_mean(word, known.iter().copied())
 }
 
 /// Assembles directives into a manifest and checks the rules across lines.
