@@ -436,7 +436,22 @@ fn bad_ctl_writes_fail_and_change_nothing() {
         "deploy: web: refused: nothing to pause: no rollout in progress\n"
     );
     let out = d.deploy(&["status", "nothere"]);
-    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        failed_with(&out, 4),
+        "deploy: no service 'nothere'; start it with: deploy apply nothere\n"
+    );
+    // A typo is answered with the service it is close to, by the CLI and
+    // by the root ctl alike.
+    let out = d.deploy(&["status", "wbe"]);
+    assert_eq!(
+        failed_with(&out, 4),
+        "deploy: no service 'wbe' (did you mean 'web'?)\n"
+    );
+    let out = d.sh("exec 3<>$ROOT/ctl; echo 'pause wbe' >&3; cat <&3");
+    assert_eq!(
+        stdout(&out),
+        "error: no service 'wbe' (did you mean 'web'?)\n"
+    );
     // An invalid manifest is refused with file:line:col and changes nothing.
     d.write_manifest("web", "exec true\nreplicas 0\nupdate_bach 1\n");
     let out = d.deploy(&["apply", "web"]);

@@ -55,9 +55,15 @@ impl Ns {
         let dir = self.root.join("active").join(name);
         // `name` is a service name (main's service_arg): no `/`, no `..`.
         if !dir.is_dir() {
+            let known: Vec<String> = std::fs::read_dir(self.root.join("active"))
+                .map(|d| {
+                    d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
             return Err(Fail::new(
                 NOT_FOUND,
-                format!("no service '{name}'; start it with: deploy apply {name}"),
+                deployd_lib::name::no_such_service(name, known.iter().map(String::as_str)),
             ));
         }
         Ok(dir)

@@ -52,6 +52,16 @@ impl AsRef<str> for ServiceName {
     }
 }
 
+/// The error for a service that does not exist, with the name of one that
+/// does if it is close (a typo), else how to deploy it: the same words from
+/// a ctl file and from the CLI.
+pub fn no_such_service<'a>(name: &str, known: impl IntoIterator<Item = &'a str>) -> String {
+    match crate::suggest::closest(name, known) {
+        Some(close) => format!("no service '{name}' (did you mean '{close}'?)"),
+        None => format!("no service '{name}'; start it with: deploy apply {name}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

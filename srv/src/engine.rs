@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use deployd_lib::ctl::Verb;
 use deployd_lib::host;
 use deployd_lib::manifest::{self, Health, LoadError, Version, VersionPrefix};
-use deployd_lib::name::ServiceName;
+use deployd_lib::name::{self, ServiceName};
 use deployd_lib::rollout::{
     self, Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Role, Running,
     Service, Spec, State, UpdateStatus,
@@ -1051,12 +1051,20 @@ impl Engine {
         }
     }
 
+    /// The refusal for a service that does not exist: with the name of one
+    /// that does if it is close.
+    fn unknown(&self, service: &ServiceName) -> Refusal {
+        Refusal {
+            kind: RefusalKind::NotFound,
+            message: name::no_such_service(
+                service.as_str(),
+                self.names.keys().map(ServiceName::as_str),
+            ),
+        }
+    }
+
     fn ctl(&mut self, service: &ServiceName, verb: Verb) -> Result<String, Refusal> {
         let sid = self.names.get(service).copied();
-        let unknown = || Refusal {
-            kind: RefusalKind::NotFound,
-            message: format!("no service '{service}'; start it with: deploy apply {service}"),
-        };
         let command = match verb {
             Verb::Apply => {
                 let spec = self.load_manifest(service)?;
@@ -1078,7 +1086,7 @@ impl Engine {
             Verb::Rollback(Some(prefix)) => {
                 let e = sid
                     .and_then(|s| self.services.get(&s))
-                    .ok_or_else(unknown)?;
+                    .ok_or_else(|| self.unknown(service))?;
                 let (v, text) = history_version(&e.history, &prefix, service)?;
                 let m = manifest::parse(text.as_bytes()).map_err(|_| Refusal {
                     kind: RefusalKind::Invalid,
@@ -1117,7 +1125,7 @@ impl Engine {
             Verb::Remove => Command::Remove,
             Verb::Signal(signal, n) => Command::Signal(signal, n),
         };
-        let sid = sid.ok_or_else(unknown)?;
+        let sid = sid.ok_or_else(|| self.unknown(service))?;
         self.command(sid, command)
     }
 
