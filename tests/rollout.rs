@@ -452,6 +452,22 @@ fn bad_ctl_writes_fail_and_change_nothing() {
         stdout(&out),
         "error: no service 'wbe' (did you mean 'web'?)\n"
     );
+    let missing = |name: &str| {
+        format!(
+            "deploy: {name}: no manifest for {name}: {} does not exist",
+            d.manifests.join(format!("{name}.manifest")).display()
+        )
+    };
+    let out = d.deploy(&["apply", "nothere"]);
+    assert_eq!(failed_with(&out, 4), format!("{}\n", missing("nothere")));
+    let out = d.deploy(&["apply", "wbe"]);
+    assert_eq!(
+        failed_with(&out, 4),
+        format!(
+            "{} (did you mean web? web.manifest is there)\n",
+            missing("wbe")
+        )
+    );
     // An invalid manifest is refused with file:line:col and changes nothing.
     d.write_manifest("web", "exec true\nreplicas 0\nupdate_bach 1\n");
     let out = d.deploy(&["apply", "web"]);

@@ -26,6 +26,7 @@ use deployd_lib::rollout::{
     self, Action, Command, Exit, Input, InstanceId, Instant, Refusal, RefusalKind, Role, Running,
     Service, Spec, State, UpdateStatus,
 };
+use deployd_lib::suggest;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::AbortHandle;
 
@@ -1303,8 +1304,18 @@ impl Engine {
                 message: if path.is_symlink() {
                     format!("no manifest for {service}: {} is {error}", path.display())
                 } else {
+                    let stems: Vec<String> = self
+                        .manifest_files()
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_string()))
+                        .collect();
+                    let close =
+                        suggest::closest(service.as_str(), stems.iter().map(String::as_str))
+                            .map(|s| format!(" (did you mean {s}? {s}.manifest is there)"))
+                            .unwrap_or_default();
                     format!(
-                        "no manifest for {service}: {} does not exist",
+                        "no manifest for {service}: {} does not exist{close}",
                         path.display()
                     )
                 },
