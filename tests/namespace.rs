@@ -246,6 +246,31 @@ fn the_namespace_keeps_its_shape() {
     assert_eq!(d.field("active/web/state"), "running");
 }
 
+/// The root `ctl` appears once every recorded service is back: whoever
+/// sees it (a script waiting for deployd, a follower telling a removed
+/// service from a deployd restarting) sees them all.
+#[test]
+fn the_root_ctl_comes_with_every_service() {
+    let names: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    let manifests: Vec<(&str, String)> = names
+        .iter()
+        .map(|n| (n.as_str(), "exec sleep 1000\n".to_string()))
+        .collect();
+    let Some(mut d) = Deployd::start(&manifests) else {
+        return;
+    };
+    let listed = |d: &Deployd| {
+        std::fs::read_dir(d.mnt.join("active"))
+            .map(|r| r.count())
+            .unwrap_or(0)
+    };
+    wait_for("every service", LONG, || listed(&d) == names.len());
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    // launch returns as soon as ctl is there.
+    d.launch();
+    assert_eq!(listed(&d), names.len());
+}
+
 /// A shell reads a command's answer back on the descriptor it wrote
 /// through, from where the write left it, whether the command was taken
 /// (the offset moved past it) or refused (it did not); again and again.

@@ -396,6 +396,9 @@ impl Engine {
             .flatten()
             .for_each(handoff::Instance::discard);
         self.flush();
+        // Now the root ctl appears: a service not there then is not
+        // deployd still coming back, but gone (or never deployed).
+        self.views.set_whole();
     }
 
     /// The `*.manifest` files of the manifests directory in name order, but

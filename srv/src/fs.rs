@@ -523,7 +523,7 @@ impl Fs {
     fn lookup_node(&self, parent: Node, name: &str) -> Result<Node, Errno> {
         let node = match parent {
             Node::Root => match name {
-                "ctl" => Node::RootCtl,
+                "ctl" if self.views.whole() => Node::RootCtl,
                 "status" => Node::Status,
                 "active" => Node::Active,
                 _ => return Err(Errno::ENOENT),
@@ -574,11 +574,16 @@ impl Fs {
     /// Directory entries after `.` and `..`: name, node.
     fn entries(&self, node: Node) -> Result<Vec<(String, Node)>, Errno> {
         Ok(match node {
-            Node::Root => vec![
-                ("ctl".into(), Node::RootCtl),
-                ("status".into(), Node::Status),
-                ("active".into(), Node::Active),
-            ],
+            Node::Root => {
+                let mut v = vec![
+                    ("status".into(), Node::Status),
+                    ("active".into(), Node::Active),
+                ];
+                if self.views.whole() {
+                    v.insert(0, ("ctl".into(), Node::RootCtl));
+                }
+                v
+            }
             Node::Active => self.views.with(|ns| {
                 ns.by_name
                     .iter()

@@ -414,6 +414,10 @@ pub struct Namespace {
     pub by_sid: HashMap<u32, Arc<ServiceView>>,
     /// When a service last appeared or went.
     pub mtime: Option<SystemTime>,
+    /// Every recorded service is back (deployd started or replaced
+    /// itself): until then the root `ctl` is not there, so whoever sees it
+    /// sees every service.
+    pub whole: bool,
 }
 
 impl Views {
@@ -424,6 +428,16 @@ impl Views {
             ns.mtime = Some(SystemTime::now());
         }
         ns.by_sid.insert(view.sid, view);
+    }
+
+    /// Says that every recorded service is published.
+    pub fn set_whole(&self) {
+        self.inner.write().whole = true;
+    }
+
+    /// Whether every recorded service is published.
+    pub fn whole(&self) -> bool {
+        self.inner.read().whole
     }
 
     /// Takes a service out of the namespace.
