@@ -732,6 +732,58 @@ fn reexec_says_what_a_failed_service_needs() {
     assert_eq!(d.pid(), pid);
 }
 
+/// The followers go on across a reexec, neither stopping nor printing a
+/// line twice, and end (exit 0, saying so) once the service is removed.
+/// None holds a file open between its reads: the reexecs are not slowed
+/// by the 2 s deployd gives open files before it detaches its mount.
+#[test]
+fn followers_outlive_a_reexec_and_end_with_their_service() {
+    let talk = "exec sh -c 'i=0; while :; do i=$((i+1)); echo line $i; sleep 0.02; done'\n";
+    let Some(d) = Deployd::start_settled(&[("talk", talk.into())]) else {
+        return;
+    };
+    let mut logs = Following::start(&d, &["logs", "talk", "-f"]);
+    let mut one = Following::start(&d, &["logs", "talk", "0", "-f"]);
+    let mut events = Following::start(&d, &["events", "talk", "-f"]);
+    for _ in 0..3 {
+        let out = d.deploy(&["reexec"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(!d.log().contains("still in use"), "{}", d.log());
+    let out = d.deploy(&["remove", "talk"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for f in [&mut logs, &mut one, &mut events] {
+        assert_eq!(
+            f.wait_exit(Duration::from_secs(10)),
+            Some(0),
+            "{:?}",
+            f.errors()
+        );
+        assert_eq!(f.errors(), ["deploy: talk: removed"]);
+    }
+    for f in [&logs, &one] {
+        // Every line once, in order, across the three reexecs.
+        let numbers: Vec<u64> = f
+            .lines()
+            .iter()
+            .map(|l| {
+                let l = l.strip_prefix("[0] ").unwrap_or(l);
+                let n = l.strip_prefix("line ").unwrap_or_else(|| panic!("{l:?}"));
+                n.parse().unwrap_or_else(|_| panic!("{l:?}"))
+            })
+            .collect();
+        assert!(numbers.len() > 30, "{numbers:?}");
+        assert!(numbers.windows(2).all(|w| w[1] == w[0] + 1), "{numbers:?}");
+    }
+    let lines = events.lines();
+    let kept = lines
+        .iter()
+        .filter(|l| l.ends_with("deployd replaced itself; instance 0 kept running"))
+        .count();
+    assert_eq!(kept, 3, "{lines:#?}");
+}
+
 /// SIGTERM stops every instance, unmounts and exits 0.
 #[test]
 fn sigterm_stops_everything_and_unmounts() {

@@ -335,7 +335,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 unstamped: false,
                 tail,
             };
-            tail::run(&dir.join("events"), follow, &filter)
+            tail::run(&dir, "events", follow, &filter)
         }
         Cmd::Logs {
             service,
@@ -354,8 +354,8 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 tail,
             };
             match (access, failed) {
-                (true, _) => tail::run(&dir.join("access"), follow, &filter),
-                (_, true) => tail::run(&dir.join("failed_log"), follow, &filter),
+                (true, _) => tail::run(&dir, "access", follow, &filter),
+                (_, true) => tail::run(&dir, "failed_log", follow, &filter),
                 _ => tail::logs(&dir, instance, follow, &filter),
             }
         }

@@ -68,6 +68,25 @@ struct Stream {
     shown: Option<bool>,
 }
 
+/// Whether the service whose directory is `dir` was removed: deployd is
+/// there (its root `ctl` appears once every service is back, after a
+/// restart or a reexec) and the service is not. While deployd is away for
+/// a moment, neither: a follower waits for it.
+fn removed(dir: &Path) -> bool {
+    let ctl = dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("ctl"));
+    ctl.is_some_and(|c| c.exists())
+        && std::fs::metadata(dir).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+}
+
+/// What a follower says as it ends because its service is gone.
+fn say_removed(dir: &Path) {
+    let service = dir.file_name().map_or("".into(), |s| s.to_string_lossy());
+    eprintln!("deploy: {service}: removed");
+}
+
 /// Bytes a [`Cursor`] keeps of what it read last: many lines, so that
 /// their stamps make them unique (the end of one line alone is not: every
 /// refused command's line ends with the list of commands).
@@ -164,22 +183,29 @@ fn read_rest(f: &std::fs::File, from: u64) -> Vec<u8> {
     }
 }
 
-/// Prints the file at `path`; with `follow`, keeps polling for more until
-/// killed. A file begun again is read from its start; one that lost its
-/// start, from where the reader was ([`Cursor`]).
-pub fn run(path: &Path, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
+/// Prints the file `file` of the service directory `dir`; with `follow`,
+/// keeps polling for more until killed, across a reexec or a restart of
+/// deployd, or until the service is removed. A file begun again is read
+/// from its start; one that lost its start, from where the reader was
+/// ([`Cursor`]).
+pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit, Fail> {
+    let path = dir.join(file);
     let mut stream = Stream {
-        at: Cursor::at(start(path, filter.tail)),
+        at: Cursor::at(start(&path, filter.tail)),
         ..Stream::default()
     };
     let mut out = std::io::stdout().lock();
     loop {
-        if let Some(chunk) = stream.at.read(path, false) {
+        if let Some(chunk) = stream.at.read(&path, false) {
             stream.partial.extend_from_slice(&chunk);
             emit(&mut out, None, &mut stream, !follow, filter)?;
         }
         out.flush()?;
         if !follow {
+            return Ok(Exit::Ok);
+        }
+        if removed(dir) {
+            say_removed(dir);
             return Ok(Exit::Ok);
         }
         std::thread::sleep(POLL);
@@ -311,10 +337,21 @@ pub fn logs(
     let mut out = std::io::stdout().lock();
     let mut first = true;
     loop {
+        if follow && removed(dir) {
+            say_removed(dir);
+            return Ok(Exit::Ok);
+        }
         let numbers = match instance {
             Some(n) => vec![n],
-            None => ns::instance_numbers(&instances)
-                .map_err(|e| Fail::new(1, format!("{}: {e}", instances.display())))?,
+            None => match ns::instance_numbers(&instances) {
+                Ok(n) => n,
+                // deployd away for a moment (replacing itself): again.
+                Err(_) if follow => {
+                    std::thread::sleep(POLL);
+                    continue;
+                }
+                Err(e) => return Err(Fail::new(1, format!("{}: {e}", instances.display()))),
+            },
         };
         let mut live = HashSet::new();
         for n in numbers {
@@ -346,7 +383,11 @@ pub fn logs(
             let label = instance.is_none().then(|| n.to_string());
             emit(&mut out, label.as_deref(), stream, !follow, filter)?;
         }
-        seen.retain(|k, _| live.contains(k));
+        // Not while the service is away with deployd: those are kept, to
+        // go on with where they were.
+        if dir.is_dir() {
+            seen.retain(|k, _| live.contains(k));
+        }
         first = false;
         out.flush()?;
         if !follow {

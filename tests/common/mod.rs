@@ -456,6 +456,8 @@ impl Drop for Deployd {
 pub struct Following {
     child: Child,
     lines: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+    errors: std::sync::Arc<parking_lot::Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Following {
@@ -465,22 +467,54 @@ impl Following {
             .args(args)
             .env("DEPLOY_ROOT", &d.mnt)
             .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start deploy");
-        let out = child.stdout.take().expect("piped stdout");
-        let lines = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                sink.lock().push(line);
-            }
-        });
-        Following { child, lines }
+        let mut readers = Vec::new();
+        let mut collect = |from: Box<dyn std::io::Read + Send>| {
+            let lines = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+            let sink = lines.clone();
+            readers.push(std::thread::spawn(move || {
+                for line in std::io::BufReader::new(from).lines().map_while(Result::ok) {
+                    sink.lock().push(line);
+                }
+            }));
+            lines
+        };
+        let lines = collect(Box::new(child.stdout.take().expect("piped stdout")));
+        let errors = collect(Box::new(child.stderr.take().expect("piped stderr")));
+        Following {
+            child,
+            lines,
+            errors,
+            readers,
+        }
     }
 
     /// Every line so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().clone()
+    }
+
+    /// Every line of its standard error so far.
+    pub fn errors(&self) -> Vec<String> {
+        self.errors.lock().clone()
+    }
+
+    /// Its exit code, once it has exited within `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let until = Instant::now() + timeout;
+        while Instant::now() < until {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Its pipes end with it: every line it wrote is collected.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
     }
 }
 
