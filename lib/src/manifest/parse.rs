@@ -113,7 +113,8 @@ enum Directive {
     Duration(&'static str, Duration),
     HealthRetries(u32),
     Update(Strategy),
-    UpdateBatch(u32),
+    /// A number of instances, or a percentage of `replicas` (`25%`).
+    UpdateBatch(Batch),
     UpdateOrder(UpdateOrder),
     UpdateCanary(u32),
     AutoRollback(bool),
@@ -309,7 +310,7 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         "replicas" => Directive::Replicas(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
         "port" => Directive::Port(number(v, 1, 65535)? as u16),
         "health_retries" => Directive::HealthRetries(number(v, 1, u64::from(MAX_RETRIES))? as u32),
-        "update_batch" => Directive::UpdateBatch(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
+        "update_batch" => Directive::UpdateBatch(batch(v)?),
         "update_canary" => Directive::UpdateCanary(number(v, 1, u64::from(MAX_REPLICAS))? as u32),
         "update_order" => Directive::UpdateOrder(choice(
             v,
@@ -441,6 +442,31 @@ fn number(v: &Value, min: u64, max: u64) -> Result<u64, LineError> {
         _ => Err(v.err(
             w,
             format!("{} must be between {min} and {max}, got {w}", v.name),
+        )),
+    }
+}
+
+/// `update_batch`: how many instances a batch replaces.
+#[derive(Debug)]
+enum Batch {
+    Count(u32),
+    /// Of `replicas`, rounded up, as Kubernetes rounds `maxSurge`.
+    Percent(u32),
+}
+
+/// `update_batch N` or `update_batch P%` (1 to 100).
+fn batch(v: &Value) -> Result<Batch, LineError> {
+    let w = v.one_word("a number")?;
+    let Some(digits) = w.strip_suffix('%') else {
+        return Ok(Batch::Count(number(v, 1, u64::from(MAX_REPLICAS))? as u32));
+    };
+    match digits.parse::<u32>() {
+        Ok(p) if (1..=100).contains(&p) && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(Batch::Percent(p))
+        }
+        _ => Err(v.err(
+            w,
+            format!("update_batch must be a number or a percentage from 1% to 100%, got '{w}'"),
         )),
     }
 }
@@ -639,6 +665,8 @@ struct Builder {
     seen: HashMap<String, (usize, usize)>,
     health: Option<Health>,
     proxy: Option<Proxy>,
+    /// `update_batch P%`, resolved once `replicas` is known.
+    batch_percent: Option<u32>,
     errors: Vec<Diagnostic>,
 }
 
@@ -678,7 +706,8 @@ impl Builder {
             Directive::Health(h) => self.health = Some(h),
             Directive::HealthRetries(n) => m.health_retries = n,
             Directive::Update(s) => m.update = s,
-            Directive::UpdateBatch(n) => m.update_batch = n,
+            Directive::UpdateBatch(Batch::Count(n)) => m.update_batch = n,
+            Directive::UpdateBatch(Batch::Percent(p)) => self.batch_percent = Some(p),
             Directive::UpdateOrder(o) => m.update_order = o,
             Directive::UpdateCanary(n) => m.update_canary = n,
             Directive::AutoRollback(b) => m.auto_rollback = b,
@@ -736,6 +765,9 @@ impl Builder {
         m.env.sort();
         m.after.sort();
 
+        if let Some(p) = self.batch_percent {
+            m.update_batch = (m.replicas * p).div_ceil(100).max(1);
+        }
         if m.update_batch > m.replicas {
             if let Some((line, col)) = self.at("update_batch") {
                 let message = format!(

@@ -682,6 +682,32 @@ fn batch_larger_than_replicas() {
     );
 }
 
+/// `update_batch P%`: of `replicas`, rounded up (at least one), whichever
+/// line comes first; the version is that of the number it comes to.
+#[test]
+fn batch_as_a_percentage_of_replicas() {
+    let batch = |src: &str| ok(src).update_batch;
+    assert_eq!(batch("exec a\nreplicas 10\nupdate_batch 25%\n"), 3);
+    assert_eq!(batch("exec a\nupdate_batch 25%\nreplicas 10\n"), 3);
+    assert_eq!(batch("exec a\nreplicas 4\nupdate_batch 50%\n"), 2);
+    assert_eq!(batch("exec a\nreplicas 3\nupdate_batch 1%\n"), 1);
+    assert_eq!(batch("exec a\nreplicas 3\nupdate_batch 100%\n"), 3);
+    assert_eq!(batch("exec a\nupdate_batch 50%\n"), 1);
+    assert_eq!(
+        ok("exec a\nreplicas 4\nupdate_batch 50%\n").version(),
+        ok("exec a\nreplicas 4\nupdate_batch 2\n").version()
+    );
+    for bad in ["0%", "101%", "%", "5.5%", "-5%", "+5%", "50%%"] {
+        assert_eq!(
+            error(&format!("exec a\nreplicas 4\nupdate_batch {bad}\n")),
+            format!(
+                "3:14: update_batch must be a number or a percentage from 1% to 100%, got '{bad}'"
+            ),
+            "{bad}"
+        );
+    }
+}
+
 #[test]
 fn non_utf8_and_long_lines() {
     let mut src = b"exec a\nenv A=caf".to_vec();
