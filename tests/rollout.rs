@@ -784,6 +784,63 @@ fn followers_outlive_a_reexec_and_end_with_their_service() {
     assert_eq!(kept, 3, "{lines:#?}");
 }
 
+/// What an instance starts goes with it even once out of its process group
+/// (`setsid`, as a daemonizing program does): each instance has a cgroup,
+/// killed when it is stopped (a restart), when its leader dies, and, by
+/// the guard, when deployd is killed.
+#[test]
+fn what_leaves_an_instances_group_goes_with_it() {
+    if !cgroup2_available() {
+        return;
+    }
+    // A sleep no other test runs: its length says which test started it.
+    let secs = format!("{}.{}", 5000 + std::process::id() % 1000, free_port());
+    let stray = ["sleep", secs.as_str()];
+    let m = format!("exec sh -c 'setsid sleep {secs} & exec sleep 1000'\n");
+    let Some(mut d) = Deployd::start_settled(&[("strays", m)]) else {
+        return;
+    };
+    wait_for("the stray", LONG, || pids_running(&stray).len() == 1);
+    let first = pids_running(&stray);
+    let group = |p: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        stat.rsplit(')')
+            .next()
+            .and_then(|r| r.split(' ').nth(3))
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        group(first[0]),
+        Some(first[0].to_string()),
+        "not in a group of its own"
+    );
+
+    // Stopped with its instance (a restart), its replacement's running.
+    let out = d.deploy(&["restart", "strays"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_for("the first stray to go", LONG, || !alive(first[0]));
+    wait_for("the second stray", LONG, || pids_running(&stray).len() == 1);
+    let second = pids_running(&stray);
+
+    // Killed when its leader dies.
+    let leader = d.instances("strays")[0].1;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leader as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_for("the second stray to go", LONG, || !alive(second[0]));
+    wait_for("the third stray", LONG, || pids_running(&stray).len() == 1);
+    let third = pids_running(&stray);
+
+    // And by the guard when deployd is killed.
+    d.kill9();
+    wait_for("the third stray to go", Duration::from_secs(15), || {
+        !alive(third[0])
+    });
+    assert!(pids_running(&stray).is_empty());
+}
+
 /// SIGTERM stops every instance, unmounts and exits 0.
 #[test]
 fn sigterm_stops_everything_and_unmounts() {

@@ -2389,6 +2389,9 @@ fn open_traffic(r: &Router, open: usize) -> String {
 /// exited by then.
 fn stop_group(pid: u32, signal: i32, timeout: Duration, exited: Arc<AtomicBool>) {
     process::signal_group(pid, signal);
+    // What left the group (setsid) but not the instance's cgroup; the
+    // rest of the cgroup is killed once the leader is reaped.
+    process::cgroup::signal_strays(pid, signal);
     if signal == libc::SIGKILL {
         return;
     }

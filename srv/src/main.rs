@@ -98,6 +98,14 @@ fn try_main(args: &Args) -> Result<(), String> {
     }
     process::raise_fd_limit();
     process::become_subreaper();
+    // After `reexec`, the instances handed on are in the tree: kept.
+    let keep = std::env::var_os(handoff::ENV).is_some();
+    match process::cgroup::init(keep) {
+        Ok(tree) => tracing::debug!("instances' cgroups under {}", tree.display()),
+        Err(e) => tracing::info!(
+            "cgroup v2: {e}; what an instance starts is tracked by its process group only"
+        ),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -245,6 +253,7 @@ async fn run(
     }
     match outcome {
         Outcome::Stopped => {
+            process::cgroup::release();
             tracing::info!("unmounted; bye");
             Ok(None)
         }

@@ -57,6 +57,41 @@ pub fn fuse_available() -> bool {
     }
 }
 
+/// Whether cgroup v2 is mounted here, for the tests of what deployd does
+/// with it. Under CI it must be (the machine CI runs on has it).
+pub fn cgroup2_available() -> bool {
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .is_ok_and(|m| m.lines().any(|l| l.contains(" - cgroup2 ")));
+    match mounted {
+        true => true,
+        false if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("cgroup tests cannot run under CI: no cgroup v2 is mounted")
+        }
+        false => {
+            eprintln!("skipping a cgroup test: no cgroup v2 is mounted");
+            false
+        }
+    }
+}
+
+/// The pids of the processes whose command line is exactly `words`.
+pub fn pids_running(words: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = words
+        .iter()
+        .flat_map(|w| [w.as_bytes(), b"\0"].concat())
+        .collect();
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| c == want))
+                .filter(|&p| alive(p))
+                .collect()
+        })
+        .unwrap_or_default();
+    pids.sort();
+    pids
+}
+
 /// A port nothing listens on now.
 ///
 /// Taken below the kernel's ephemeral range, where `bind(0)` picks: deployd

@@ -157,6 +157,8 @@ fn threads() -> Option<u32> {
 /// The guard itself: reads the pipe until deployd is gone, then kills the
 /// groups still listed, and exits.
 fn watch_groups(pipe: OwnedFd) -> ! {
+    // Forked by deployd, which is the parent until it is gone.
+    let deployd = std::os::unix::process::parent_id();
     detach(pipe.as_raw_fd());
     let mut groups: HashSet<u32> = HashSet::new();
     let mut file = File::from(pipe);
@@ -194,6 +196,10 @@ fn watch_groups(pipe: OwnedFd) -> ! {
         );
     }
     kill_groups(&groups, GRACE);
+    // And what left its group but not its instance's cgroup.
+    if let Ok(tree) = super::cgroup::tree_for(deployd) {
+        super::cgroup::kill_tree(&tree);
+    }
     // SAFETY: _exit ends the process without running deployd's atexit
     // handlers or flushing its buffers, which are the parent's.
     unsafe { libc::_exit(0) }

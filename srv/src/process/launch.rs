@@ -11,7 +11,7 @@
 //! system calls on memory prepared beforehand, on a stack of its own.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -45,6 +45,9 @@ struct Plan {
     stdout: OwnedFd,
     stderr: OwnedFd,
     parent: libc::pid_t,
+    /// The directory (a cgroup v2 tree) the child makes its cgroup in,
+    /// named after its pid, and moves itself into; or -1.
+    cgroup: libc::c_int,
     /// Descriptors to close without close_range (kernels before 5.9).
     max_fd: libc::c_int,
     /// The step that failed in the child (0: none), and its errno.
@@ -66,7 +69,9 @@ const STEP_USER: i32 = 4;
 /// child gets `PR_SET_PDEATHSIG` SIGTERM, default signal handling and an
 /// empty signal mask. With `account`, it runs as that account (its uid, gid
 /// and supplementary groups; the environment is the caller's to set).
-/// Returns its pid once it has called `execve`.
+/// With `cgroup` (a cgroup v2 directory, open), it first makes a cgroup
+/// there named after its pid and moves itself in. Returns its pid once it
+/// has called `execve`.
 pub fn launch(
     words: &[&OsStr],
     dir: &Path,
@@ -74,6 +79,7 @@ pub fn launch(
     remove: &[&str],
     out: Option<OwnedFd>,
     account: Option<&Account>,
+    cgroup: Option<RawFd>,
 ) -> std::io::Result<u32> {
     let Some(first) = words.first() else {
         return Err(std::io::Error::new(
@@ -131,6 +137,7 @@ pub fn launch(
         stdout,
         stderr,
         parent: std::process::id() as libc::pid_t,
+        cgroup: cgroup.unwrap_or(-1),
         max_fd: open_files_limit(),
         step: AtomicI32::new(0),
         errno: AtomicI32::new(0),
@@ -220,6 +227,45 @@ pub fn launch(
     }
 }
 
+/// In the child: makes the cgroup `PID` in the directory `tree` and moves
+/// the calling process into it (writing "0", the writer, to its
+/// `cgroup.procs`). Formats the pid on the stack: no allocation, only
+/// async-signal-safe calls.
+///
+/// # Safety
+///
+/// `tree` must be an open directory descriptor.
+unsafe fn enter_cgroup(tree: libc::c_int) {
+    const PROCS: &[u8] = b"/cgroup.procs\0";
+    let mut pid = unsafe { libc::syscall(libc::SYS_getpid) } as u64;
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (pid % 10) as u8;
+        n += 1;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    let mut path = [0u8; 20 + PROCS.len()];
+    for i in 0..n {
+        path[i] = digits[n - 1 - i];
+    }
+    // "PID\0" for the directory, then "PID/cgroup.procs\0".
+    path[n] = 0;
+    // SAFETY: `path` is NUL-terminated; the calls only take paths and bytes.
+    unsafe {
+        libc::mkdirat(tree, path.as_ptr().cast(), 0o755);
+        path[n..n + PROCS.len()].copy_from_slice(PROCS);
+        let fd = libc::openat(tree, path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+}
+
 /// The soft limit on open files, at most 65536: the descriptors a child
 /// closes one by one where close_range is missing.
 fn open_files_limit() -> libc::c_int {
@@ -278,6 +324,11 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
             libc::_exit(127)
         };
         libc::setpgid(0, 0);
+        // As root, before the change of user. A failure leaves it in
+        // deployd's cgroup, tracked by its process group alone.
+        if plan.cgroup >= 0 {
+            enter_cgroup(plan.cgroup);
+        }
         // Raw system calls, not libc's wrappers: in a multithreaded process
         // glibc's setuid() and friends signal every thread of its list to
         // change too, and that list is deployd's, whose memory we share.
@@ -457,6 +508,7 @@ mod tests {
             &["DEPLOYD_TEST_REMOVED"],
             Some(w),
             account,
+            None,
         )?;
         let mut out = String::new();
         std::fs::File::from(r)
@@ -520,7 +572,7 @@ mod tests {
         let (d, a) = (dir.path().to_path_buf(), account.clone());
         let pid = std::thread::spawn(move || {
             let words = [OsStr::new("sleep"), OsStr::new("30")];
-            launch(&words, &d, &[], &[], None, Some(&a)).expect("sleep")
+            launch(&words, &d, &[], &[], None, Some(&a), None).expect("sleep")
         })
         .join()
         .expect("thread");
@@ -617,6 +669,7 @@ mod tests {
             &[],
             None,
             None,
+            None,
         )
         .expect_err("missing program");
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
@@ -625,16 +678,32 @@ mod tests {
                 .ends_with("(os error 2) (no-such-program-x: not in PATH)"),
             "{err}"
         );
-        let err = launch(&[OsStr::new("./nothing")], dir.path(), &[], &[], None, None)
-            .expect_err("missing file");
+        let err = launch(
+            &[OsStr::new("./nothing")],
+            dir.path(),
+            &[],
+            &[],
+            None,
+            None,
+            None,
+        )
+        .expect_err("missing file");
         let want = format!(
             "(os error 2) (running ./nothing in {})",
             dir.path().display()
         );
         assert!(err.to_string().ends_with(&want), "{err}");
         let gone = dir.path().join("gone");
-        let err = launch(&[OsStr::new("/bin/true")], &gone, &[], &[], None, None)
-            .expect_err("missing dir");
+        let err = launch(
+            &[OsStr::new("/bin/true")],
+            &gone,
+            &[],
+            &[],
+            None,
+            None,
+            None,
+        )
+        .expect_err("missing dir");
         let want = format!("(os error 2) (entering {})", gone.display());
         assert!(err.to_string().ends_with(&want), "{err}");
     }

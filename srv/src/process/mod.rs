@@ -33,6 +33,7 @@ use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
 
+pub mod cgroup;
 pub mod guard;
 mod launch;
 
@@ -102,8 +103,10 @@ impl Children {
                 _ => continue,
             };
             n += 1;
-            // The group may still hold processes the leader left behind.
+            // The group may still hold processes the leader left behind,
+            // and its cgroup those that left the group.
             let _ = killpg(pid, Signal::SIGKILL);
+            cgroup::ended(pid.as_raw() as u32);
             guard::forget(pid.as_raw() as u32);
             let waiter = {
                 let mut t = self.inner.lock();
@@ -284,6 +287,12 @@ pub fn plain_words(command: &str) -> Option<Vec<&str>> {
 /// ([`plain_words`]: one exec saved per instance start). Returns its pid;
 /// the caller must [`Children::watch`] it at once.
 pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
+    spawn_in(s, None)
+}
+
+/// [`spawn`], the child making its cgroup in the tree open as `cgroup`
+/// and moving itself in before it calls `execve`.
+fn spawn_in(s: Spawn<'_>, cgroup: Option<std::os::fd::RawFd>) -> std::io::Result<u32> {
     let shell = [
         OsStr::new("/bin/sh"),
         OsStr::new("-c"),
@@ -305,7 +314,7 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
         "JOURNAL_STREAM",
     ];
     let Some(account) = s.account else {
-        return launch::launch(&words, s.dir, &s.env, &remove, s.output, None);
+        return launch::launch(&words, s.dir, &s.env, &remove, s.output, None, cgroup);
     };
     // HOME, USER and LOGNAME are the account's, unless the manifest sets
     // them; without a login name, deployd's USER and LOGNAME would lie.
@@ -315,18 +324,27 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
     if account.name.is_none() {
         remove.extend(["USER", "LOGNAME"]);
     }
-    launch::launch(&words, s.dir, &env, &remove, s.output, Some(account))
+    launch::launch(
+        &words,
+        s.dir,
+        &env,
+        &remove,
+        s.output,
+        Some(account),
+        cgroup,
+    )
 }
 
 /// Held while an instance starts and while children are reaped, so that
 /// the guard hears of a group before it can hear of its end.
 static SPAWNING: Mutex<()> = Mutex::new(());
 
-/// [`spawn`], for an instance: the guard kills what is left of its group
-/// if deployd dies without stopping it.
+/// [`spawn`], for an instance: in a cgroup of its own if there is cgroup
+/// v2 ([`cgroup`]), and the guard kills what is left of its group if
+/// deployd dies without stopping it.
 pub fn spawn_guarded(s: Spawn<'_>) -> std::io::Result<u32> {
     let _spawning = SPAWNING.lock();
-    let pid = spawn(s)?;
+    let pid = spawn_in(s, cgroup::tree_fd())?;
     guard::watch(pid);
     Ok(pid)
 }
@@ -712,6 +730,11 @@ struct ProcStat {
     /// utime + stime + cutime + cstime, in clock ticks.
     ticks: u64,
     rss_pages: u64,
+}
+
+/// The process group `pid` is in, while it runs.
+fn group_of(pid: u32) -> Option<u32> {
+    proc_stat(pid).map(|st| st.pgrp)
 }
 
 fn proc_stat(pid: u32) -> Option<ProcStat> {
