@@ -786,8 +786,8 @@ fn followers_outlive_a_reexec_and_end_with_their_service() {
 
 /// What an instance starts goes with it even once out of its process group
 /// (`setsid`, as a daemonizing program does): each instance has a cgroup,
-/// killed when it is stopped (a restart), when its leader dies, and, by
-/// the guard, when deployd is killed.
+/// killed when it is stopped (a restart), when its leader dies (after a
+/// reexec too), and, by the guard, when deployd is killed.
 #[test]
 fn what_leaves_an_instances_group_goes_with_it() {
     if !cgroup2_available() {
@@ -822,7 +822,11 @@ fn what_leaves_an_instances_group_goes_with_it() {
     wait_for("the second stray", LONG, || pids_running(&stray).len() == 1);
     let second = pids_running(&stray);
 
-    // Killed when its leader dies.
+    // Killed when its leader dies, also after a reexec (the instance
+    // taken back with its cgroup).
+    let out = d.deploy(&["reexec"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(alive(second[0]));
     let leader = d.instances("strays")[0].1;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(leader as i32),

@@ -395,6 +395,8 @@ impl Engine {
             .into_values()
             .flatten()
             .for_each(handoff::Instance::discard);
+        // And what was left of instances not taken back.
+        process::cgroup::adopted_all();
         self.flush();
         // Now the root ctl appears: a service not there then is not
         // deployd still coming back, but gone (or never deployed).
@@ -1606,6 +1608,7 @@ impl Engine {
 
     /// Takes back an instance the deployd this one replaced left running.
     fn adopt_instance(&mut self, sid: u32, id: InstanceId, h: handoff::Instance) {
+        process::cgroup::adopt(h.pid);
         let read = h.pipe();
         let Some(e) = self.services.get(&sid) else {
             return;

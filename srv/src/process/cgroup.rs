@@ -5,67 +5,132 @@
 //! stopped, and after their service was removed. A cgroup holds every
 //! descendant, as systemd's `KillMode=control-group` relies on.
 //!
-//! The tree: `CGROUP/deployd-PID/LEADER`, where CGROUP is deployd's own
-//! cgroup, PID deployd's pid (the same across `reexec`, which keeps the
-//! tree) and LEADER the pid of the instance's leader. The child makes its
-//! cgroup, named after its own pid (cgroup v2 does not rename), and moves
-//! itself in before `execve`, so what it starts is in from the first.
-//! When the leader is reaped, what is left in its cgroup is killed and
-//! the cgroup removed.
+//! The tree: `CGROUP/deployd-PID/iN`, where CGROUP is deployd's own cgroup
+//! and PID deployd's pid (the same across `reexec`, which keeps the tree).
+//! Making and removing a cgroup is slow (1.3 to 1.5 ms each, measured
+//! here: the kernel waits for RCU), and so is moving a process into one
+//! (8.6 ms when it is not done often: a grace period again), starting a
+//! process in one is not (clone3's `CLONE_INTO_CGROUP`: 0.24 ms). So
+//! a keeper thread makes cgroups ahead and removes, once empty, those
+//! whose instance ended (what was left in them killed with `cgroup.kill`:
+//! one killed is not used again, as Linux 6.18 kills every process that
+//! clone3 starts in it after); the child starts in the one it is given
+//! (without clone3, it moves itself in before `execve`), so what it starts
+//! is in from the first.
 //! deployd's guard kills the whole tree if deployd dies without stopping
 //! its instances.
 //!
 //! Without cgroup v2 (not mounted, not writable), instances are tracked by
 //! their process group alone, as before.
 
+use std::collections::HashMap;
+use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// deployd's tree, and a descriptor of it for the child to make its
-/// cgroup in, once [`init`] found cgroup v2 usable.
-static TREE: OnceLock<Option<(PathBuf, OwnedFd)>> = OnceLock::new();
+use parking_lot::{Condvar, Mutex};
+
+/// deployd's tree, once [`init`] found cgroup v2 usable.
+static POOL: OnceLock<Pool> = OnceLock::new();
+
+/// Empty cgroups the keeper keeps ready: a rollout's batch takes its
+/// instances' from these.
+const READY: usize = 32;
+
+/// Below this many ready, the keeper makes more at once; above, only once
+/// no instance has started for [`QUIET`]: making and removing cgroups
+/// while a batch starts (each holds the kernel's cgroup lock for a while)
+/// slowed batches of ten from 15 to 23 ms.
+const LOW: usize = 4;
+const QUIET: Duration = Duration::from_millis(100);
 
 /// How long a cgroup killed has to empty before its removal is given up.
 const EMPTYING: Duration = Duration::from_secs(5);
 
+struct Pool {
+    tree: PathBuf,
+    /// The tree, open, for the child to make its cgroup in.
+    dir: OwnedFd,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Empty cgroups, ready for an instance.
+    free: Vec<String>,
+    /// Killed: removed once empty.
+    dead: Vec<String>,
+    /// The cgroup of each instance, by its leader's pid.
+    by_leader: HashMap<u32, String>,
+    /// Held after `reexec` until the instance in it is taken back.
+    held: Vec<String>,
+    next: u64,
+    /// When an instance last took a cgroup.
+    last_take: Option<Instant>,
+}
+
+/// Where an instance is to start: the tree, open, and the names (relative
+/// to it) of its cgroup and of that cgroup's `cgroup.procs`.
+pub struct Place {
+    pub tree: RawFd,
+    pub dir: CString,
+    pub procs: CString,
+    /// The cgroup itself, open, for clone3 to start the child in.
+    pub fd: Option<OwnedFd>,
+    name: String,
+}
+
 /// Sets up deployd's tree: removes the trees of deployds that are gone
 /// (what was left in them is killed), then makes this one's, or with
-/// `keep` (after `reexec`: the instances handed on are in it) keeps it.
-/// Returns where it is, or why there is none.
+/// `keep` (after `reexec`: the instances handed on are in it) keeps it,
+/// its cgroups held for [`adopt`]. Returns where it is, or why there is
+/// none.
 pub fn init(keep: bool) -> Result<PathBuf, String> {
-    let made = tree_for(std::process::id()).and_then(|tree| {
-        sweep(tree.parent().unwrap_or(Path::new("/")));
-        if !keep {
-            // A deployd that had this pid before, killed with its guard.
-            kill_tree(&tree);
-        }
-        match std::fs::create_dir(&tree) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            Err(e) => Err(e),
-        }
-        .and_then(|()| {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECTORY)
-                .open(&tree)
-        })
-        .map(|dir| (tree.clone(), OwnedFd::from(dir)))
-        .map_err(|e| format!("{}: {e}", tree.display()))
-    });
-    match made {
-        Ok((tree, fd)) => {
-            let _ = TREE.set(Some((tree.clone(), fd)));
-            Ok(tree)
-        }
-        Err(e) => {
-            let _ = TREE.set(None);
-            Err(e)
+    let tree = tree_for(std::process::id())?;
+    sweep(tree.parent().unwrap_or(Path::new("/")));
+    if !keep {
+        // A deployd that had this pid before, killed with its guard.
+        kill_tree(&tree);
+    }
+    let dir = match std::fs::create_dir(&tree) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+    .and_then(|()| {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&tree)
+    })
+    .map_err(|e| format!("{}: {e}", tree.display()))?;
+    let mut state = State::default();
+    for name in children(&tree) {
+        let n = name.strip_prefix('i').and_then(|n| n.parse::<u64>().ok());
+        state.next = state.next.max(n.map_or(0, |n| n + 1));
+        // An empty one may have been killed (and so not to be used again).
+        match procs(&tree.join(&name)).is_empty() {
+            true => state.dead.push(name),
+            false => state.held.push(name),
         }
     }
+    let pool = Pool {
+        tree: tree.clone(),
+        dir: OwnedFd::from(dir),
+        state: Mutex::new(state),
+        wake: Condvar::new(),
+    };
+    if POOL.set(pool).is_ok() {
+        std::thread::Builder::new()
+            .name("cgroups".into())
+            .spawn(keep_ready)
+            .map_err(|e| format!("cannot start its thread: {e}"))?;
+    }
+    Ok(tree)
 }
 
 /// Where the tree of the deployd with this pid is (or would be): under the
@@ -98,14 +163,9 @@ fn cgroup2_mount() -> Option<PathBuf> {
 /// killing what was left in them (the guard of a deployd killed does this
 /// already; this is for one whose guard was killed with it).
 fn sweep(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.filter_map(|e| e.ok()) {
-        let name = e.file_name();
+    for name in children(dir) {
         let Some(pid) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("deployd-"))
+            .strip_prefix("deployd-")
             .and_then(|p| p.parse::<u32>().ok())
         else {
             continue;
@@ -114,21 +174,155 @@ fn sweep(dir: &Path) {
         // binary under another name, `deployd-next`, still counts.)
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if pid != std::process::id() && !comm.starts_with("deployd") {
-            kill_tree(&e.path());
+            kill_tree(&dir.join(name));
         }
     }
 }
 
-/// The descriptor of deployd's tree, for a child to make its cgroup in
-/// ([`super::launch`]); `None` without cgroup v2.
-pub fn tree_fd() -> Option<RawFd> {
-    TREE.get()?.as_ref().map(|(_, fd)| fd.as_raw_fd())
+/// The names of the directories in `dir`.
+fn children(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
-/// The cgroup of the instance led by `pid`, if it has one.
-fn of(pid: u32) -> Option<PathBuf> {
-    let dir = TREE.get()?.as_ref()?.0.join(pid.to_string());
-    dir.is_dir().then_some(dir)
+/// The keeper: removes the killed cgroups once empty and keeps [`READY`]
+/// made ahead, off the path of an instance start.
+fn keep_ready() {
+    let Some(pool) = POOL.get() else { return };
+    loop {
+        let (dead, wanted) = {
+            let mut s = pool.state.lock();
+            // Soon again while some have yet to empty.
+            let wait = match s.dead.is_empty() {
+                true => Duration::from_millis(500),
+                false => Duration::from_millis(20),
+            };
+            pool.wake.wait_for(&mut s, wait);
+            let busy = s.last_take.is_some_and(|t| t.elapsed() < QUIET);
+            if busy && s.free.len() >= LOW {
+                continue;
+            }
+            let wanted = READY.saturating_sub(s.free.len());
+            let names: Vec<String> = (0..wanted).map(|_| s.fresh()).collect();
+            (std::mem::take(&mut s.dead), names)
+        };
+        let still: Vec<String> = dead
+            .into_iter()
+            .filter(|name| match std::fs::remove_dir(pool.tree.join(name)) {
+                Ok(()) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            })
+            .collect();
+        let mut made = Vec::new();
+        for name in wanted {
+            match std::fs::create_dir(pool.tree.join(&name)) {
+                Ok(()) => made.push(name),
+                Err(e) => tracing::debug!("cgroup {name}: {e}"),
+            }
+        }
+        let mut s = pool.state.lock();
+        s.free.extend(made);
+        s.dead.extend(still);
+    }
+}
+
+impl State {
+    fn fresh(&mut self) -> String {
+        let name = format!("i{}", self.next);
+        self.next += 1;
+        name
+    }
+}
+
+/// A cgroup for an instance about to start: an empty one from the pool,
+/// or, if it ran dry, one made now. `None` without cgroup v2.
+pub fn take() -> Option<Place> {
+    let pool = POOL.get()?;
+    let (name, made) = {
+        let mut s = pool.state.lock();
+        let name = s.free.pop();
+        s.last_take = Some(Instant::now());
+        pool.wake.notify_one();
+        match name {
+            Some(name) => (name, true),
+            None => (s.fresh(), false),
+        }
+    };
+    let dir = pool.tree.join(&name);
+    if !made {
+        if let Err(e) = std::fs::create_dir(&dir) {
+            tracing::warn!("{}: {e}; the instance runs without a cgroup", dir.display());
+            return None;
+        }
+    }
+    let fd = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&dir)
+            .ok()
+            .map(OwnedFd::from)
+    };
+    Some(Place {
+        tree: pool.dir.as_raw_fd(),
+        dir: CString::new(name.as_str()).ok()?,
+        procs: CString::new(format!("{name}/cgroup.procs")).ok()?,
+        fd,
+        name,
+    })
+}
+
+/// The instance given `place` runs, led by `pid` (or did not start).
+pub fn placed(place: Place, pid: Option<u32>) {
+    let Some(pool) = POOL.get() else { return };
+    let mut s = pool.state.lock();
+    match pid {
+        Some(pid) => {
+            s.by_leader.insert(pid, place.name);
+        }
+        // Never used: free again.
+        None => s.free.push(place.name),
+    }
+}
+
+/// After `reexec`: the instance led by `pid`, taken back, is in the
+/// cgroup it was in.
+pub fn adopt(pid: u32) {
+    let Some(pool) = POOL.get() else { return };
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return;
+    };
+    let Some(name) = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_owned))
+    else {
+        return;
+    };
+    let mut s = pool.state.lock();
+    if let Some(i) = s.held.iter().position(|h| *h == name) {
+        s.held.swap_remove(i);
+        s.by_leader.insert(pid, name);
+    }
+}
+
+/// After `reexec`, once every instance handed on was taken back or not:
+/// what is left in the cgroups not taken is killed.
+pub fn adopted_all() {
+    let Some(pool) = POOL.get() else { return };
+    let mut s = pool.state.lock();
+    let held = std::mem::take(&mut s.held);
+    for name in &held {
+        kill(&pool.tree.join(name));
+    }
+    s.dead.extend(held);
 }
 
 /// The processes of a cgroup.
@@ -138,6 +332,13 @@ fn procs(dir: &Path) -> Vec<u32> {
         .lines()
         .filter_map(|l| l.parse().ok())
         .collect()
+}
+
+/// The cgroup of the instance led by `pid`, if it has one.
+fn of(pid: u32) -> Option<PathBuf> {
+    let pool = POOL.get()?;
+    let name = pool.state.lock().by_leader.get(&pid)?.clone();
+    Some(pool.tree.join(name))
 }
 
 /// Sends `signal` to the processes of the instance led by `pid` that left
@@ -153,17 +354,15 @@ pub fn signal_strays(pid: u32, signal: i32) {
     }
 }
 
-/// The leader `pid` was reaped: what is left of its instance is killed and
-/// its cgroup removed (once empty, on a thread of its own if that takes a
-/// while).
+/// The leader `pid` was reaped: what is left of its instance is killed,
+/// and its cgroup removed once empty.
 pub fn ended(pid: u32) {
-    if let Some(dir) = of(pid) {
-        kill(&dir);
-        if std::fs::remove_dir(&dir).is_err() {
-            let _ = std::thread::Builder::new()
-                .name("cgroup".into())
-                .spawn(move || remove_when_empty(&dir));
-        }
+    let Some(pool) = POOL.get() else { return };
+    let mut s = pool.state.lock();
+    if let Some(name) = s.by_leader.remove(&pid) {
+        kill(&pool.tree.join(&name));
+        s.dead.push(name);
+        pool.wake.notify_one();
     }
 }
 
@@ -188,23 +387,16 @@ fn remove_when_empty(dir: &Path) {
 
 /// Kills everything in a tree and removes it: the guard's last act for a
 /// deployd that died without stopping its instances, and deployd's for a
-/// tree left by one that is gone.
+/// tree left by one that is gone, and for its own at a clean stop.
 pub fn kill_tree(tree: &Path) {
     if !tree.is_dir() {
         return;
     }
     kill(tree);
-    let leaves: Vec<PathBuf> = std::fs::read_dir(tree)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                .map(|e| e.path())
-                .collect()
-        })
-        .unwrap_or_default();
-    for leaf in &leaves {
-        kill(leaf);
-        remove_when_empty(leaf);
+    for leaf in children(tree) {
+        let leaf = tree.join(leaf);
+        kill(&leaf);
+        remove_when_empty(&leaf);
     }
     remove_when_empty(tree);
 }
@@ -212,7 +404,7 @@ pub fn kill_tree(tree: &Path) {
 /// Removes deployd's tree at a clean stop (every instance stopped, so it
 /// is empty); kept on `reexec`, for the deployd that takes the instances.
 pub fn release() {
-    if let Some(Some((tree, _))) = TREE.get() {
-        kill_tree(tree);
+    if let Some(pool) = POOL.get() {
+        kill_tree(&pool.tree);
     }
 }

@@ -11,7 +11,7 @@
 //! system calls on memory prepared beforehand, on a stack of its own.
 
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -45,9 +45,12 @@ struct Plan {
     stdout: OwnedFd,
     stderr: OwnedFd,
     parent: libc::pid_t,
-    /// The directory (a cgroup v2 tree) the child makes its cgroup in,
-    /// named after its pid, and moves itself into; or -1.
+    /// The cgroup v2 tree (or -1), and the names in it of the cgroup the
+    /// child moves itself into (made if not there yet) and of its
+    /// `cgroup.procs`.
     cgroup: libc::c_int,
+    cgroup_dir: *const libc::c_char,
+    cgroup_procs: *const libc::c_char,
     /// Descriptors to close without close_range (kernels before 5.9).
     max_fd: libc::c_int,
     /// The step that failed in the child (0: none), and its errno.
@@ -69,9 +72,8 @@ const STEP_USER: i32 = 4;
 /// child gets `PR_SET_PDEATHSIG` SIGTERM, default signal handling and an
 /// empty signal mask. With `account`, it runs as that account (its uid, gid
 /// and supplementary groups; the environment is the caller's to set).
-/// With `cgroup` (a cgroup v2 directory, open), it first makes a cgroup
-/// there named after its pid and moves itself in. Returns its pid once it
-/// has called `execve`.
+/// With `cgroup`, it first moves itself into that cgroup (making it if it
+/// is not there yet). Returns its pid once it has called `execve`.
 pub fn launch(
     words: &[&OsStr],
     dir: &Path,
@@ -79,7 +81,7 @@ pub fn launch(
     remove: &[&str],
     out: Option<OwnedFd>,
     account: Option<&Account>,
-    cgroup: Option<RawFd>,
+    cgroup: Option<&super::cgroup::Place>,
 ) -> std::io::Result<u32> {
     let Some(first) = words.first() else {
         return Err(std::io::Error::new(
@@ -137,7 +139,9 @@ pub fn launch(
         stdout,
         stderr,
         parent: std::process::id() as libc::pid_t,
-        cgroup: cgroup.unwrap_or(-1),
+        cgroup: cgroup.map_or(-1, |c| c.tree),
+        cgroup_dir: cgroup.map_or(std::ptr::null(), |c| c.dir.as_ptr()),
+        cgroup_procs: cgroup.map_or(std::ptr::null(), |c| c.procs.as_ptr()),
         max_fd: open_files_limit(),
         step: AtomicI32::new(0),
         errno: AtomicI32::new(0),
@@ -165,19 +169,48 @@ pub fn launch(
     // thread is suspended until the child has called execve or _exit).
     let top = unsafe { stack.as_mut_ptr().add(STACK) };
     let top = (top as usize & !15) as *mut libc::c_void;
-    let pid = with_signals_blocked(|| {
-        // SAFETY: `child` only reads `plan`, which outlives the child's use of
-        // deployd's memory, and makes async-signal-safe calls; signals are
-        // blocked so no handler of deployd runs on the child's stack.
-        unsafe {
-            libc::clone(
-                child,
-                top,
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-                &plan as *const Plan as *mut libc::c_void,
-            )
+    // Into its cgroup from the first with clone3, where there is one: a
+    // move after (the child writing to cgroup.procs) waits for an RCU
+    // grace period, measured here at 8.6 ms, against 0.24 ms.
+    let into = cgroup
+        .and_then(|c| c.fd.as_ref())
+        .filter(|_| !NO_CLONE3.load(Ordering::Relaxed));
+    let mut pid = -1;
+    if let Some(fd) = into {
+        plan.cgroup = -1;
+        let base = stack.as_mut_ptr();
+        pid = with_signals_blocked(|| {
+            // SAFETY: as for clone below; the stack is `base` up to `top`.
+            unsafe { clone3_into(fd.as_raw_fd(), base, top, &plan) }
+        });
+        if pid < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // A kernel before 5.7, or one that refuses this cgroup:
+                // the child moves itself in instead, from now on.
+                Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP) => {
+                    NO_CLONE3.store(true, Ordering::Relaxed);
+                    plan.cgroup = cgroup.map_or(-1, |c| c.tree);
+                }
+                _ => return Err(e),
+            }
         }
-    });
+    }
+    if pid < 0 {
+        pid = with_signals_blocked(|| {
+            // SAFETY: `child` only reads `plan`, which outlives the child's use of
+            // deployd's memory, and makes async-signal-safe calls; signals are
+            // blocked so no handler of deployd runs on the child's stack.
+            unsafe {
+                libc::clone(
+                    child,
+                    top,
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    &plan as *const Plan as *mut libc::c_void,
+                )
+            }
+        });
+    }
     drop(stack);
     if pid < 0 {
         return Err(std::io::Error::last_os_error());
@@ -227,43 +260,107 @@ pub fn launch(
     }
 }
 
-/// In the child: makes the cgroup `PID` in the directory `tree` and moves
-/// the calling process into it (writing "0", the writer, to its
-/// `cgroup.procs`). Formats the pid on the stack: no allocation, only
-/// async-signal-safe calls.
+/// Set once clone3 with `CLONE_INTO_CGROUP` failed for want of support.
+static NO_CLONE3: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `struct clone_args` of clone3(2), up to `cgroup` (its second version).
+#[repr(C)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// `CLONE_INTO_CGROUP` (Linux 5.7).
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// As `clone(child, top, CLONE_VM | CLONE_VFORK | SIGCHLD, plan)`, the
+/// child starting in the cgroup open as `cgroup`: clone3 has no C library
+/// wrapper that calls a function on the new stack, so this does what
+/// glibc's clone does after the system call: the child calls `child` and
+/// exits with what it returns (it never does: it execs or `_exit`s).
+/// Returns the pid, or -1 with errno set.
 ///
 /// # Safety
 ///
-/// `tree` must be an open directory descriptor.
-unsafe fn enter_cgroup(tree: libc::c_int) {
-    const PROCS: &[u8] = b"/cgroup.procs\0";
-    let mut pid = unsafe { libc::syscall(libc::SYS_getpid) } as u64;
-    let mut digits = [0u8; 20];
-    let mut n = 0;
-    loop {
-        digits[n] = b'0' + (pid % 10) as u8;
-        n += 1;
-        pid /= 10;
-        if pid == 0 {
-            break;
-        }
-    }
-    let mut path = [0u8; 20 + PROCS.len()];
-    for i in 0..n {
-        path[i] = digits[n - 1 - i];
-    }
-    // "PID\0" for the directory, then "PID/cgroup.procs\0".
-    path[n] = 0;
-    // SAFETY: `path` is NUL-terminated; the calls only take paths and bytes.
+/// `base..top` must be memory this thread does not use, `top` 16-byte
+/// aligned, and everything `child` reads must outlive its `execve` (the
+/// caller is suspended until then).
+#[cfg(target_arch = "x86_64")]
+unsafe fn clone3_into(
+    cgroup: libc::c_int,
+    base: *mut u8,
+    top: *mut libc::c_void,
+    plan: &Plan,
+) -> libc::pid_t {
+    let args = CloneArgs {
+        flags: (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | CLONE_INTO_CGROUP,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: base as u64,
+        stack_size: top as u64 - base as u64,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: cgroup as u64,
+    };
+    let f: extern "C" fn(*mut libc::c_void) -> libc::c_int = child;
+    let ret: i64;
+    // SAFETY: the system call reads `args`; in the parent only rax, rcx
+    // and r11 change. The child runs on its own stack (rsp = top, so the
+    // call leaves it aligned as the ABI wants) and never comes back here.
     unsafe {
-        libc::mkdirat(tree, path.as_ptr().cast(), 0o755);
-        path[n..n + PROCS.len()].copy_from_slice(PROCS);
-        let fd = libc::openat(tree, path.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
-        if fd >= 0 {
-            libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-        }
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r12",
+            "call r13",
+            "mov edi, eax",
+            "mov eax, {exit_group}",
+            "syscall",
+            "ud2",
+            "2:",
+            exit_group = const libc::SYS_exit_group,
+            inlateout("rax") libc::SYS_clone3 => ret,
+            in("rdi") &args as *const CloneArgs,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("r12") plan as *const Plan as *mut libc::c_void,
+            in("r13") f,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
     }
+    if ret < 0 {
+        // SAFETY: errno is this thread's.
+        unsafe { *libc::__errno_location() = -ret as libc::c_int };
+        return -1;
+    }
+    ret as libc::pid_t
+}
+
+/// Elsewhere, no clone3: the child moves itself in.
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn clone3_into(
+    _cgroup: libc::c_int,
+    _base: *mut u8,
+    _top: *mut libc::c_void,
+    _plan: &Plan,
+) -> libc::pid_t {
+    // SAFETY: errno is this thread's.
+    unsafe { *libc::__errno_location() = libc::ENOSYS };
+    -1
 }
 
 /// The soft limit on open files, at most 65536: the descriptors a child
@@ -327,7 +424,18 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
         // As root, before the change of user. A failure leaves it in
         // deployd's cgroup, tracked by its process group alone.
         if plan.cgroup >= 0 {
-            enter_cgroup(plan.cgroup);
+            // EEXIST for one the pool made ahead.
+            libc::mkdirat(plan.cgroup, plan.cgroup_dir, 0o755);
+            let fd = libc::openat(
+                plan.cgroup,
+                plan.cgroup_procs,
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                // "0": the writer.
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+            }
         }
         // Raw system calls, not libc's wrappers: in a multithreaded process
         // glibc's setuid() and friends signal every thread of its list to

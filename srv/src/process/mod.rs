@@ -290,9 +290,9 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
     spawn_in(s, None)
 }
 
-/// [`spawn`], the child making its cgroup in the tree open as `cgroup`
-/// and moving itself in before it calls `execve`.
-fn spawn_in(s: Spawn<'_>, cgroup: Option<std::os::fd::RawFd>) -> std::io::Result<u32> {
+/// [`spawn`], the child moving itself into the cgroup `cgroup` before it
+/// calls `execve`.
+fn spawn_in(s: Spawn<'_>, cgroup: Option<&cgroup::Place>) -> std::io::Result<u32> {
     let shell = [
         OsStr::new("/bin/sh"),
         OsStr::new("-c"),
@@ -344,7 +344,12 @@ static SPAWNING: Mutex<()> = Mutex::new(());
 /// deployd dies without stopping it.
 pub fn spawn_guarded(s: Spawn<'_>) -> std::io::Result<u32> {
     let _spawning = SPAWNING.lock();
-    let pid = spawn_in(s, cgroup::tree_fd())?;
+    let place = cgroup::take();
+    let pid = spawn_in(s, place.as_ref());
+    if let Some(place) = place {
+        cgroup::placed(place, pid.as_ref().ok().copied());
+    }
+    let pid = pid?;
     guard::watch(pid);
     Ok(pid)
 }
