@@ -195,40 +195,46 @@ fn children(dir: &Path) -> Vec<String> {
 /// made ahead, off the path of an instance start.
 fn keep_ready() {
     let Some(pool) = POOL.get() else { return };
+    let mut s = pool.state.lock();
     loop {
-        let (dead, wanted) = {
-            let mut s = pool.state.lock();
-            // Soon again while some have yet to empty.
-            let wait = match s.dead.is_empty() {
-                true => Duration::from_millis(500),
-                false => Duration::from_millis(20),
-            };
-            pool.wake.wait_for(&mut s, wait);
-            let busy = s.last_take.is_some_and(|t| t.elapsed() < QUIET);
-            if busy && s.free.len() >= LOW {
-                continue;
-            }
-            let wanted = READY.saturating_sub(s.free.len());
-            let names: Vec<String> = (0..wanted).map(|_| s.fresh()).collect();
-            (std::mem::take(&mut s.dead), names)
+        // Soon again while some have yet to empty or be made.
+        let wait = match s.dead.is_empty() && s.free.len() >= READY {
+            true => Duration::from_millis(500),
+            false => Duration::from_millis(20),
         };
-        let still: Vec<String> = dead
-            .into_iter()
-            .filter(|name| match std::fs::remove_dir(pool.tree.join(name)) {
-                Ok(()) => false,
-                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
-            })
-            .collect();
-        let mut made = Vec::new();
-        for name in wanted {
-            match std::fs::create_dir(pool.tree.join(&name)) {
-                Ok(()) => made.push(name),
-                Err(e) => tracing::debug!("cgroup {name}: {e}"),
+        pool.wake.wait_for(&mut s, wait);
+        // One cgroup at a time, the lock released meanwhile, each time
+        // asking again whether a batch is starting.
+        loop {
+            let busy = s.last_take.is_some_and(|t| t.elapsed() < QUIET);
+            let job = if s.free.len() < LOW || (!busy && s.free.len() < READY) {
+                Some((s.fresh(), true))
+            } else if !busy {
+                s.dead.pop().map(|name| (name, false))
+            } else {
+                None
+            };
+            let Some((name, make)) = job else { break };
+            let dir = pool.tree.join(&name);
+            let done = parking_lot::MutexGuard::unlocked(&mut s, || match make {
+                true => std::fs::create_dir(&dir),
+                false => std::fs::remove_dir(&dir),
+            });
+            match (make, done) {
+                (true, Ok(())) => s.free.push(name),
+                (true, Err(e)) => {
+                    tracing::debug!("cgroup {name}: {e}");
+                    break;
+                }
+                (false, Ok(())) => {}
+                (false, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Not empty yet: later.
+                (false, Err(_)) => {
+                    s.dead.insert(0, name);
+                    break;
+                }
             }
         }
-        let mut s = pool.state.lock();
-        s.free.extend(made);
-        s.dead.extend(still);
     }
 }
 
