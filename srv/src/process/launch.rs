@@ -597,6 +597,11 @@ mod tests {
     use std::io::Read;
 
     /// Runs `words` and returns what it printed and its pid, once it exited.
+    /// Runs `program` in `dir`, with deployd's environment and no output.
+    fn launch_bare(program: &str, dir: &Path) -> std::io::Result<u32> {
+        launch(&[OsStr::new(program)], dir, &[], &[], None, None, None)
+    }
+
     fn run(words: &[&str], dir: &Path, env: &[(String, String)]) -> (String, u32) {
         run_as(words, dir, env, None).expect("launch")
     }
@@ -770,48 +775,21 @@ mod tests {
     #[test]
     fn a_missing_program_or_dir_is_an_error_not_a_child() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = launch(
-            &[OsStr::new("no-such-program-x")],
-            dir.path(),
-            &[],
-            &[],
-            None,
-            None,
-            None,
-        )
-        .expect_err("missing program");
+        let err = launch_bare("no-such-program-x", dir.path()).expect_err("missing program");
         assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
         assert!(
             err.to_string()
                 .ends_with("(os error 2) (no-such-program-x: not in PATH)"),
             "{err}"
         );
-        let err = launch(
-            &[OsStr::new("./nothing")],
-            dir.path(),
-            &[],
-            &[],
-            None,
-            None,
-            None,
-        )
-        .expect_err("missing file");
+        let err = launch_bare("./nothing", dir.path()).expect_err("missing file");
         let want = format!(
             "(os error 2) (running ./nothing in {})",
             dir.path().display()
         );
         assert!(err.to_string().ends_with(&want), "{err}");
         let gone = dir.path().join("gone");
-        let err = launch(
-            &[OsStr::new("/bin/true")],
-            &gone,
-            &[],
-            &[],
-            None,
-            None,
-            None,
-        )
-        .expect_err("missing dir");
+        let err = launch_bare("/bin/true", &gone).expect_err("missing dir");
         let want = format!("(os error 2) (entering {})", gone.display());
         assert!(err.to_string().ends_with(&want), "{err}");
     }
