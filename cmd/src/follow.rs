@@ -59,18 +59,14 @@ impl Start {
 /// invalid or refused, none; then follows every rollout it started, side by
 /// side. Fails if any of them does.
 pub fn apply_all(ns: &Ns, no_wait: bool, limit: Option<Duration>) -> Result<Exit, Fail> {
-    let active = ns.service_path("");
-    let mut before: HashMap<String, Start> = std::fs::read_dir(&active)
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().map(String::from))
-                .map(|name| {
-                    let start = Start::now(&active.join(&name));
-                    (name, start)
-                })
-                .collect()
+    let mut before: HashMap<String, Start> = ns
+        .services()
+        .into_iter()
+        .map(|name| {
+            let start = Start::now(&ns.service_path(&name));
+            (name, start)
         })
-        .unwrap_or_default();
+        .collect();
     let msg = ns
         .ctl_root("apply\n")
         .map_err(|f| crate::refused("apply", f))?;

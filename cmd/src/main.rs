@@ -421,18 +421,9 @@ fn reexec(ns: &Ns, root: &std::path::Path) -> Result<Exit, Fail> {
             .and_then(|m| m.modified())
             .ok()
     };
+    // Its ctl appears once it has taken every service back: nothing more
+    // to wait for.
     let old = started_at(root);
-    // The new deployd mounts, then takes its services back: wait for all
-    // (but one being removed, which the new one may never have).
-    let services = |p: &std::path::Path| -> Vec<std::ffi::OsString> {
-        std::fs::read_dir(p.join("active"))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-            .unwrap_or_default()
-    };
-    let before: Vec<std::ffi::OsString> = services(root)
-        .into_iter()
-        .filter(|s| ns::read_field(&root.join("active").join(s), "state") != "removing")
-        .collect();
     let msg = ns
         .ctl_root("reexec\n")
         .map_err(|f| crate::refused("reexec", f))?;
@@ -440,10 +431,7 @@ fn reexec(ns: &Ns, root: &std::path::Path) -> Result<Exit, Fail> {
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_secs(60) {
         let now = started_at(root);
-        let back = now.is_some() && now != old && Ns::open(root).is_ok() && {
-            let after = services(root);
-            before.iter().all(|s| after.contains(s))
-        };
+        let back = now.is_some() && now != old && Ns::open(root).is_ok();
         if back {
             println!("deployd: back in {:.2}s", started.elapsed().as_secs_f64());
             return Ok(Exit::Ok);

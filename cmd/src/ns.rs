@@ -55,18 +55,23 @@ impl Ns {
         let dir = self.root.join("active").join(name);
         // `name` is a service name (main's service_arg): no `/`, no `..`.
         if !dir.is_dir() {
-            let known: Vec<String> = std::fs::read_dir(self.root.join("active"))
-                .map(|d| {
-                    d.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                        .collect()
-                })
-                .unwrap_or_default();
+            let known = self.services();
             return Err(Fail::new(
                 NOT_FOUND,
                 deployd_lib::name::no_such_service(name, known.iter().map(String::as_str)),
             ));
         }
         Ok(dir)
+    }
+
+    /// The names in `/deploy/active`; none if it cannot be read.
+    pub fn services(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join("active"))
+            .map(|d| {
+                d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// `/deploy/active/SERVICE`, whether or not it exists yet.
