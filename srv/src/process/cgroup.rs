@@ -100,13 +100,7 @@ pub fn init(keep: bool) -> Result<PathBuf, String> {
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
-    .and_then(|()| {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(&tree)
-    })
+    .and_then(|()| open_dir(&tree))
     .map_err(|e| format!("{}: {e}", tree.display()))?;
     let mut state = State::default();
     for name in children(&tree) {
@@ -120,7 +114,7 @@ pub fn init(keep: bool) -> Result<PathBuf, String> {
     }
     let pool = Pool {
         tree: tree.clone(),
-        dir: OwnedFd::from(dir),
+        dir,
         state: Mutex::new(state),
         wake: Condvar::new(),
     };
@@ -137,14 +131,28 @@ pub fn init(keep: bool) -> Result<PathBuf, String> {
 /// cgroup this process is in, which the guard shares with deployd.
 pub fn tree_for(deployd: u32) -> Result<PathBuf, String> {
     let mount = cgroup2_mount().ok_or("no cgroup v2 file system is mounted")?;
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .map_err(|e| format!("/proc/self/cgroup: {e}"))?;
-    let own = own
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .ok_or("this process is in no cgroup v2")?;
+    let own = cgroup_of("self").ok_or("this process is in no cgroup v2")?;
     let dir = mount.join(own.trim_start_matches('/'));
     Ok(dir.join(format!("deployd-{deployd}")))
+}
+
+/// The cgroup v2 path (from the mount's root) of the process `pid`
+/// (`self` for this one).
+fn cgroup_of(pid: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// A directory, open (for `openat`, or for clone3 to start a child in).
+fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .map(OwnedFd::from)
 }
 
 /// The mount point of the cgroup v2 file system (`/sys/fs/cgroup`, or
@@ -196,12 +204,16 @@ fn children(dir: &Path) -> Vec<String> {
 fn keep_ready() {
     let Some(pool) = POOL.get() else { return };
     let mut s = pool.state.lock();
+    // A cgroup that could not be made (a limit on descendants): not tried
+    // again at once.
+    let mut failed = false;
     loop {
         // Soon again while some have yet to empty or be made.
-        let wait = match s.dead.is_empty() && s.free.len() >= READY {
+        let wait = match failed || (s.dead.is_empty() && s.free.len() >= READY) {
             true => Duration::from_millis(500),
             false => Duration::from_millis(20),
         };
+        failed = false;
         pool.wake.wait_for(&mut s, wait);
         // One cgroup at a time, the lock released meanwhile, each time
         // asking again whether a batch is starting.
@@ -224,6 +236,7 @@ fn keep_ready() {
                 (true, Ok(())) => s.free.push(name),
                 (true, Err(e)) => {
                     tracing::debug!("cgroup {name}: {e}");
+                    failed = true;
                     break;
                 }
                 (false, Ok(())) => {}
@@ -267,15 +280,7 @@ pub fn take() -> Option<Place> {
             return None;
         }
     }
-    let fd = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(&dir)
-            .ok()
-            .map(OwnedFd::from)
-    };
+    let fd = open_dir(&dir).ok();
     Some(Place {
         tree: pool.dir.as_raw_fd(),
         dir: CString::new(name.as_str()).ok()?,
@@ -302,13 +307,8 @@ pub fn placed(place: Place, pid: Option<u32>) {
 /// cgroup it was in.
 pub fn adopt(pid: u32) {
     let Some(pool) = POOL.get() else { return };
-    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
-        return;
-    };
-    let Some(name) = text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .and_then(|p| Path::new(p).file_name()?.to_str().map(str::to_owned))
+    let Some(name) = cgroup_of(&pid.to_string())
+        .and_then(|p| Path::new(&p).file_name()?.to_str().map(str::to_owned))
     else {
         return;
     };
@@ -375,10 +375,13 @@ pub fn ended(pid: u32) {
 /// Kills every process of a cgroup and of those below it.
 fn kill(dir: &Path) {
     if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        // Before Linux 5.14: one by one.
+        // Before Linux 5.14: one by one, cgroup by cgroup.
         for p in procs(dir) {
             // SAFETY: kill only sends a signal.
             unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
+        }
+        for below in children(dir) {
+            kill(&dir.join(below));
         }
     }
 }
@@ -400,9 +403,7 @@ pub fn kill_tree(tree: &Path) {
     }
     kill(tree);
     for leaf in children(tree) {
-        let leaf = tree.join(leaf);
-        kill(&leaf);
-        remove_when_empty(&leaf);
+        remove_when_empty(&tree.join(leaf));
     }
     remove_when_empty(tree);
 }
