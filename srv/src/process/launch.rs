@@ -186,14 +186,17 @@ pub fn launch(
         if pid < 0 {
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
-                // A kernel before 5.7, or one that refuses this cgroup:
-                // the child moves itself in instead, from now on.
+                // What a plain clone would meet too.
+                Some(libc::EAGAIN | libc::ENOMEM) => return Err(e),
+                // A kernel before 5.7: the child moves itself in instead,
+                // from now on.
                 Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP) => {
                     NO_CLONE3.store(true, Ordering::Relaxed);
-                    plan.cgroup = cgroup.map_or(-1, |c| c.tree);
                 }
-                _ => return Err(e),
+                // This cgroup refused (gone, a limit): it tries itself.
+                _ => {}
             }
+            plan.cgroup = cgroup.map_or(-1, |c| c.tree);
         }
     }
     if pid < 0 {

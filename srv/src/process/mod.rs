@@ -290,8 +290,8 @@ pub fn spawn(s: Spawn<'_>) -> std::io::Result<u32> {
     spawn_in(s, None)
 }
 
-/// [`spawn`], the child moving itself into the cgroup `cgroup` before it
-/// calls `execve`.
+/// [`spawn`], the child starting in the cgroup `cgroup` (or moving
+/// itself in before it calls `execve`).
 fn spawn_in(s: Spawn<'_>, cgroup: Option<&cgroup::Place>) -> std::io::Result<u32> {
     let shell = [
         OsStr::new("/bin/sh"),
