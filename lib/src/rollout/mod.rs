@@ -1520,8 +1520,25 @@ impl Service {
             }
             self.set_batch(batch);
         } else {
+            // What a cancelled batch left on its way out goes first where
+            // the slot must be clear: a scaling of `replace` starts no new
+            // instance beside a stopping one of another version.
+            let mut blocking: Vec<InstanceId> = batch
+                .slots
+                .iter()
+                .flat_map(|&s| self.blocking(s, &self.target).map(|i| i.id))
+                .collect();
+            blocking.sort_unstable();
+            blocking.dedup();
+            let wait = !blocking.is_empty();
+            if wait {
+                batch.retiring = blocking;
+                batch.phase = Phase::RetireFirst;
+            }
             self.set_batch(batch);
-            self.start_candidates();
+            if !wait {
+                self.start_candidates();
+            }
         }
         true
     }
@@ -2058,11 +2075,28 @@ impl Service {
     /// once), one of another version anywhere: the new ones of a failed
     /// rollout stop before the old version starts again. A change of
     /// replicas alone is no other version. Waiting is bounded by that
-    /// instance's `drain` and `stop_timeout`.
+    /// instance's `drain` and `stop_timeout`. Nor, under `replace`, while
+    /// another version serves: slots whose versions differ (deployd
+    /// restarted in the middle of a rollout) start one version, and the
+    /// rollout, once resumed, the rest.
     fn slot_clear(&self, slot: u32, spec: &Spec) -> bool {
+        let replace = self.target.manifest.update == Strategy::Replace;
+        let other_serves = || {
+            self.instances.iter().any(|i| {
+                i.live()
+                    && i.role == Role::Serving
+                    && !i.spec.manifest.same_but_replicas(&spec.manifest)
+            })
+        };
+        self.blocking(slot, spec).next().is_none() && !(replace && other_serves())
+    }
+
+    /// The instances on their way out that keep `slot` from starting an
+    /// instance of `spec` (see [`Service::slot_clear`]).
+    fn blocking<'a>(&'a self, slot: u32, spec: &'a Spec) -> impl Iterator<Item = &'a Instance> {
         let stop_first = self.stop_first();
         let replace = self.target.manifest.update == Strategy::Replace;
-        !self.instances.iter().any(|i| {
+        self.instances.iter().filter(move |i| {
             i.live()
                 && i.role != Role::Serving
                 && ((stop_first && i.slot == slot)
@@ -2262,8 +2296,11 @@ impl Service {
             let Some(spec) = slot.spec.clone() else {
                 continue;
             };
-            // Slots beyond replicas are on their way out, never restarted.
-            if s >= n || slot.hold || slot.restart_at.is_some_and(|t| self.now < t) {
+            // Slots beyond replicas are on their way out, never restarted,
+            // unless the rollout that was to take them out failed: then
+            // they are the old version's, kept serving as it was.
+            let leaving = s >= n && self.failure.is_none();
+            if leaving || slot.hold || slot.restart_at.is_some_and(|t| self.now < t) {
                 continue;
             }
             let live = self

@@ -128,6 +128,8 @@ struct Sim {
     /// Minimum routed instances to keep at every step (capacity invariant).
     capacity: usize,
     steps: usize,
+    /// The most replicas a target of the service had.
+    replicas_seen: u32,
 }
 
 /// A converged v1 of this shape, `k` acting steps into its rollout to v2;
@@ -172,6 +174,7 @@ impl Sim {
             next_pid: 1000,
             capacity: 0,
             steps: 0,
+            replicas_seen: 0,
         };
         sim.apply(actions);
         sim
@@ -309,6 +312,7 @@ impl Sim {
 
     fn feed(&mut self, input: Input) -> Result<String, Refusal> {
         let handled = self.svc.handle(self.now, input);
+        self.replicas_seen = self.replicas_seen.max(self.svc.target().manifest.replicas);
         // A step is an input the machine acted on; probes that change
         // nothing are not steps.
         if !handled.actions.is_empty() {
@@ -505,11 +509,16 @@ impl Sim {
                     self.events
                 );
             }
+            // Slots a failed rollout could not take out are still the
+            // old version's, and a candidate started for a target with
+            // more replicas is stopped once it starts: the bound is the
+            // most replicas any target had.
             let max = svc
                 .target()
                 .manifest
                 .replicas
-                .max(svc.previous().map_or(0, |p| p.manifest.replicas));
+                .max(svc.previous().map_or(0, |p| p.manifest.replicas))
+                .max(self.replicas_seen);
             let alive = self.procs.values().filter(|p| p.alive).count();
             assert!(
                 alive <= max as usize,
@@ -2802,4 +2811,226 @@ fn names(v: &[&str]) -> Vec<crate::name::ServiceName> {
     v.iter()
         .map(|s| crate::name::ServiceName::new(s).unwrap())
         .collect()
+}
+
+/// One thing that happens to a service in [`any_story_keeps_the_invariants`].
+#[derive(Debug, Clone)]
+enum Turn {
+    /// The world goes on for this many acting steps.
+    Steps(u8),
+    /// The process of the live instance with this index (modulo) crashes.
+    Crash(u8),
+    /// `apply` of version `v{0}` with this many replicas; `bad`: it never
+    /// gets healthy; `auto`: with `auto_rollback on`.
+    Apply {
+        v: u8,
+        replicas: u32,
+        bad: bool,
+        auto: bool,
+    },
+    Command(Command),
+    /// deployd killed and started again: its processes are gone with it,
+    /// the record is all that is left.
+    Restore,
+}
+
+fn turn() -> impl proptest::strategy::Strategy<Value = Turn> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (1u8..25).prop_map(Turn::Steps),
+        2 => any::<u8>().prop_map(Turn::Crash),
+        3 => (0u8..4, 1u32..=4, any::<bool>(), any::<bool>())
+            .prop_map(|(v, replicas, bad, auto)| Turn::Apply { v, replicas, bad, auto }),
+        1 => Just(Turn::Command(Command::Pause)),
+        1 => Just(Turn::Command(Command::Resume)),
+        1 => Just(Turn::Command(Command::Rollback(None))),
+        1 => (0u32..5).prop_map(|n| Turn::Command(Command::Restart(Some(n)))),
+        1 => Just(Turn::Command(Command::Signal(Signal::Hup, None))),
+        1 => Just(Turn::Restore),
+    ]
+}
+
+/// Any story of commands, crashes, bad versions and restarts of deployd
+/// keeps every invariant at every input (`check_invariants`: the routing
+/// table is the ready instances, nothing stopped while routed in or before
+/// its drain, stop-first never surges, `replace` never runs two versions),
+/// and once it is over, an `apply` of a good version converges on it with
+/// no process left behind. The exhaustive tests inject one fault into a
+/// clean run; this one mixes them.
+#[test]
+fn any_story_keeps_the_invariants() {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let story = (
+        0usize..3,
+        1u32..=4,
+        1u32..=4,
+        proptest::collection::vec(turn(), 1..40),
+    );
+    // One fixed sequence of stories, so that a run fails only on a change.
+    let mut runner = TestRunner::new_with_rng(
+        Config {
+            cases: 512,
+            ..Config::default()
+        },
+        TestRng::deterministic_rng(RngAlgorithm::ChaCha),
+    );
+    let result = runner.run(&story, |(mode, n, b, turns)| {
+        let mode = [Mode::Rolling, Mode::Replace, Mode::StopFirst][mode];
+        tell(mode, n, b, turns)
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+/// Tells one story of [`any_story_keeps_the_invariants`].
+fn tell(
+    mode: Mode,
+    n: u32,
+    b: u32,
+    turns: Vec<Turn>,
+) -> Result<(), proptest::test_runner::TestCaseError> {
+    use proptest::prelude::*;
+    {
+        let shape = |exec: &str, n: u32| spec(exec, n, b.min(n), mode);
+        let mut sim = Sim::new(shape("v0", n));
+        let mut known: HashMap<Version, Spec> = HashMap::new();
+        let first = sim.svc.target().clone();
+        known.insert(first.version, first);
+        for t in turns {
+            match t {
+                Turn::Steps(k) => {
+                    // Probes that change nothing are not steps: a settled
+                    // service takes none, so the clock bounds the turn too.
+                    let (s0, until) = (sim.steps, sim.now + Duration::from_secs(20));
+                    while sim.steps - s0 < usize::from(k) && sim.now < until && sim.step() {}
+                }
+                Turn::Crash(i) => {
+                    let mut live: Vec<u64> = sim
+                        .procs
+                        .iter()
+                        .filter(|(_, p)| p.alive && p.started.is_some())
+                        .map(|(id, _)| *id)
+                        .collect();
+                    live.sort();
+                    if !live.is_empty() {
+                        sim.crash(live[usize::from(i) % live.len()]);
+                    }
+                }
+                Turn::Apply {
+                    v,
+                    replicas,
+                    bad,
+                    auto,
+                } => {
+                    let name = if bad {
+                        format!("bad{v}")
+                    } else {
+                        format!("v{v}")
+                    };
+                    let mut m = (*shape(&name, replicas).manifest).clone();
+                    m.auto_rollback = auto;
+                    let text = m.canonical();
+                    let s = Spec::new(m, text);
+                    if bad {
+                        sim.behaviours.insert(
+                            s.version,
+                            Behaviour {
+                                healthy_after: None,
+                                ..GOOD
+                            },
+                        );
+                    }
+                    known.insert(s.version, s.clone());
+                    let _ = sim.command(Command::Apply(s));
+                }
+                Turn::Command(c) => {
+                    let _ = sim.command(c);
+                }
+                Turn::Restore => {
+                    let record = sim.svc.record();
+                    let resolve = |v: Version| known.get(&v).cloned();
+                    let (svc, actions) =
+                        Service::restore(sim.now, &record, resolve).expect("a record restores");
+                    let behaviours = std::mem::take(&mut sim.behaviours);
+                    let mut fresh = Sim::with(sim.now, svc, Vec::new());
+                    fresh.behaviours = behaviours;
+                    fresh.replicas_seen = sim.replicas_seen;
+                    fresh.apply(actions);
+                    sim = fresh;
+                }
+            }
+        }
+        // The story is over: whatever it left, start, resume, and a good
+        // version applied once nothing moves converges.
+        let _ = sim.command(Command::Start);
+        let _ = sim.command(Command::Resume);
+        sim.settle();
+        let good = shape("good", n);
+        sim.command(Command::Apply(good.clone()))
+            .map_err(|r| TestCaseError::fail(format!("{r:?}: {:#?}", sim.events)))?;
+        sim.settle();
+        sim.check_converged();
+        prop_assert_eq!(sim.svc.version(), good.version);
+        Ok(())
+    }
+}
+
+/// Stories [`any_story_keeps_the_invariants`] found, each a bug fixed.
+#[test]
+fn stories_that_broke_an_invariant() {
+    let bad = |v, replicas| Turn::Apply {
+        v,
+        replicas,
+        bad: true,
+        auto: false,
+    };
+    let good = |v, replicas, auto| Turn::Apply {
+        v,
+        replicas,
+        bad: false,
+        auto,
+    };
+    let rollback = || Turn::Command(Command::Rollback(None));
+    // An old instance beyond the new replicas crashed; the rollout that
+    // was to take it out failed: it is restarted, as the old version ran.
+    tell(Mode::Rolling, 2, 1, vec![Turn::Crash(13), bad(0, 1)]).unwrap();
+    tell(
+        Mode::Rolling,
+        2,
+        1,
+        vec![bad(0, 1), rollback(), Turn::Crash(35), rollback()],
+    )
+    .unwrap();
+    // A scaling of `replace` waits for the stopping candidate of another
+    // version that a rollback left.
+    tell(
+        Mode::Replace,
+        1,
+        1,
+        vec![
+            good(3, 1, false),
+            Turn::Steps(4),
+            rollback(),
+            Turn::Crash(0),
+            Turn::Crash(0),
+            rollback(),
+            good(3, 2, false),
+        ],
+    )
+    .unwrap();
+    // deployd restarted with slots of two versions: `replace` starts one.
+    tell(
+        Mode::Replace,
+        2,
+        1,
+        vec![
+            good(0, 1, true),
+            Turn::Command(Command::Pause),
+            Turn::Steps(6),
+            rollback(),
+            Turn::Restore,
+        ],
+    )
+    .unwrap();
 }
