@@ -1530,14 +1530,13 @@ impl Service {
                 .collect();
             blocking.sort_unstable();
             blocking.dedup();
-            let wait = !blocking.is_empty();
-            if wait {
+            if blocking.is_empty() {
+                self.set_batch(batch);
+                self.start_candidates();
+            } else {
                 batch.retiring = blocking;
                 batch.phase = Phase::RetireFirst;
-            }
-            self.set_batch(batch);
-            if !wait {
-                self.start_candidates();
+                self.set_batch(batch);
             }
         }
         true

@@ -2891,89 +2891,87 @@ fn tell(
     turns: Vec<Turn>,
 ) -> Result<(), proptest::test_runner::TestCaseError> {
     use proptest::prelude::*;
-    {
-        let shape = |exec: &str, n: u32| spec(exec, n, b.min(n), mode);
-        let mut sim = Sim::new(shape("v0", n));
-        let mut known: HashMap<Version, Spec> = HashMap::new();
-        let first = sim.svc.target().clone();
-        known.insert(first.version, first);
-        for t in turns {
-            match t {
-                Turn::Steps(k) => {
-                    // Probes that change nothing are not steps: a settled
-                    // service takes none, so the clock bounds the turn too.
-                    let (s0, until) = (sim.steps, sim.now + Duration::from_secs(20));
-                    while sim.steps - s0 < usize::from(k) && sim.now < until && sim.step() {}
-                }
-                Turn::Crash(i) => {
-                    let mut live: Vec<u64> = sim
-                        .procs
-                        .iter()
-                        .filter(|(_, p)| p.alive && p.started.is_some())
-                        .map(|(id, _)| *id)
-                        .collect();
-                    live.sort();
-                    if !live.is_empty() {
-                        sim.crash(live[usize::from(i) % live.len()]);
-                    }
-                }
-                Turn::Apply {
-                    v,
-                    replicas,
-                    bad,
-                    auto,
-                } => {
-                    let name = if bad {
-                        format!("bad{v}")
-                    } else {
-                        format!("v{v}")
-                    };
-                    let mut m = (*shape(&name, replicas).manifest).clone();
-                    m.auto_rollback = auto;
-                    let text = m.canonical();
-                    let s = Spec::new(m, text);
-                    if bad {
-                        sim.behaviours.insert(
-                            s.version,
-                            Behaviour {
-                                healthy_after: None,
-                                ..GOOD
-                            },
-                        );
-                    }
-                    known.insert(s.version, s.clone());
-                    let _ = sim.command(Command::Apply(s));
-                }
-                Turn::Command(c) => {
-                    let _ = sim.command(c);
-                }
-                Turn::Restore => {
-                    let record = sim.svc.record();
-                    let resolve = |v: Version| known.get(&v).cloned();
-                    let (svc, actions) =
-                        Service::restore(sim.now, &record, resolve).expect("a record restores");
-                    let behaviours = std::mem::take(&mut sim.behaviours);
-                    let mut fresh = Sim::with(sim.now, svc, Vec::new());
-                    fresh.behaviours = behaviours;
-                    fresh.replicas_seen = sim.replicas_seen;
-                    fresh.apply(actions);
-                    sim = fresh;
+    let shape = |exec: &str, n: u32| spec(exec, n, b.min(n), mode);
+    let mut sim = Sim::new(shape("v0", n));
+    let mut known: HashMap<Version, Spec> = HashMap::new();
+    let first = sim.svc.target().clone();
+    known.insert(first.version, first);
+    for t in turns {
+        match t {
+            Turn::Steps(k) => {
+                // Probes that change nothing are not steps: a settled
+                // service takes none, so the clock bounds the turn too.
+                let (s0, until) = (sim.steps, sim.now + Duration::from_secs(20));
+                while sim.steps - s0 < usize::from(k) && sim.now < until && sim.step() {}
+            }
+            Turn::Crash(i) => {
+                let mut live: Vec<u64> = sim
+                    .procs
+                    .iter()
+                    .filter(|(_, p)| p.alive && p.started.is_some())
+                    .map(|(id, _)| *id)
+                    .collect();
+                live.sort();
+                if !live.is_empty() {
+                    sim.crash(live[usize::from(i) % live.len()]);
                 }
             }
+            Turn::Apply {
+                v,
+                replicas,
+                bad,
+                auto,
+            } => {
+                let name = if bad {
+                    format!("bad{v}")
+                } else {
+                    format!("v{v}")
+                };
+                let mut m = (*shape(&name, replicas).manifest).clone();
+                m.auto_rollback = auto;
+                let text = m.canonical();
+                let s = Spec::new(m, text);
+                if bad {
+                    sim.behaviours.insert(
+                        s.version,
+                        Behaviour {
+                            healthy_after: None,
+                            ..GOOD
+                        },
+                    );
+                }
+                known.insert(s.version, s.clone());
+                let _ = sim.command(Command::Apply(s));
+            }
+            Turn::Command(c) => {
+                let _ = sim.command(c);
+            }
+            Turn::Restore => {
+                let record = sim.svc.record();
+                let resolve = |v: Version| known.get(&v).cloned();
+                let (svc, actions) =
+                    Service::restore(sim.now, &record, resolve).expect("a record restores");
+                let behaviours = std::mem::take(&mut sim.behaviours);
+                let mut fresh = Sim::with(sim.now, svc, Vec::new());
+                fresh.behaviours = behaviours;
+                fresh.replicas_seen = sim.replicas_seen;
+                fresh.apply(actions);
+                sim = fresh;
+            }
         }
-        // The story is over: whatever it left, start, resume, and a good
-        // version applied once nothing moves converges.
-        let _ = sim.command(Command::Start);
-        let _ = sim.command(Command::Resume);
-        sim.settle();
-        let good = shape("good", n);
-        sim.command(Command::Apply(good.clone()))
-            .map_err(|r| TestCaseError::fail(format!("{r:?}: {:#?}", sim.events)))?;
-        sim.settle();
-        sim.check_converged();
-        prop_assert_eq!(sim.svc.version(), good.version);
-        Ok(())
     }
+    // The story is over: whatever it left, start, resume, and a good
+    // version applied once nothing moves converges.
+    let _ = sim.command(Command::Start);
+    let _ = sim.command(Command::Resume);
+    sim.settle();
+    let good = shape("good", n);
+    sim.command(Command::Apply(good.clone()))
+        .map_err(|r| TestCaseError::fail(format!("{r:?}: {:#?}", sim.events)))?;
+    sim.settle();
+    sim.check_converged();
+    prop_assert_eq!(sim.svc.version(), good.version);
+    Ok(())
 }
 
 /// Stories [`any_story_keeps_the_invariants`] found, each a bug fixed.
