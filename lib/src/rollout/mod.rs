@@ -1065,6 +1065,7 @@ impl Service {
     fn restart(&mut self) -> Result<String, Refusal> {
         self.refuse_if_stopped()?;
         self.refuse_if_rolling()?;
+        self.refuse_if_behind()?;
         self.begin(Kind::Restart, None);
         Ok(self.started_message())
     }
@@ -1093,27 +1094,33 @@ impl Service {
             );
         }
         let slot = inst.slot;
-        // After a rollout that failed or was cut short, some slots are not
-        // at the target: a fresh process at the target would upgrade its
-        // slot behind the operator's back, and a success would clear the
-        // failure while the versions stay mixed.
+        self.refuse_if_behind()?;
+        self.begin(Kind::RestartInstance { slot, number }, None);
+        Ok(self.started_message())
+    }
+
+    /// After a rollout that failed or was cut short, some slots are not at
+    /// the target: a restart would roll them to it behind the operator's
+    /// back (a failed version tried again under the name of a restart),
+    /// and a success would clear the failure while the versions stay
+    /// mixed. `apply` (try again) and `rollback` are the ways out.
+    fn refuse_if_behind(&self) -> Result<(), Refusal> {
         let behind = self
             .slots
             .iter()
             .filter(|s| s.spec.as_ref() != Some(&self.target))
             .count();
-        if behind > 0 {
-            return refuse(
-                RefusalKind::Invalid,
-                format!(
-                    "{behind} of {} instances do not run the target {} (the last rollout did not finish); apply or roll back first",
-                    self.slots.len(),
-                    self.target.version
-                ),
-            );
+        if behind == 0 {
+            return Ok(());
         }
-        self.begin(Kind::RestartInstance { slot, number }, None);
-        Ok(self.started_message())
+        refuse(
+            RefusalKind::Invalid,
+            format!(
+                "{behind} of {} instances do not run the target {} (the last rollout did not finish); apply or roll back first",
+                self.slots.len(),
+                self.target.version
+            ),
+        )
     }
 
     /// Sets what the service waits for, saying what changed.

@@ -2291,6 +2291,11 @@ fn restart_of_one_instance_is_refused_when_it_cannot_be_done() {
         r.message
     );
     assert_eq!(sim.svc.record(), record);
+    // So is a restart of them all: it would roll the failed version out
+    // again under the name of a restart.
+    let all = sim.command(Command::Restart(None)).unwrap_err();
+    assert_eq!((all.kind, &all.message), (r.kind, &r.message));
+    assert_eq!(sim.svc.record(), record);
     // Stopped.
     sim.command(Command::Stop).unwrap();
     sim.settle();
