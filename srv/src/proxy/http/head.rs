@@ -34,6 +34,8 @@ pub enum HeadError {
     TooLarge,
     /// Not valid HTTP/1, or ambiguous about its body.
     Bad(&'static str),
+    /// Valid, but asks for what a reverse proxy does not do (`CONNECT`).
+    Unsupported(&'static str),
 }
 
 /// What the proxy knows of a request.
@@ -187,18 +189,22 @@ impl Scan<'_, '_> {
     /// by them, so the next hop must too. Without them an instance would
     /// read a request's body as the next request on a connection other
     /// clients' requests share (smuggling), and a client a response's.
+    /// `Host` stays too: deployd took the request for the site it names,
+    /// and an HTTP/1.1 request without one is refused.
     fn write_end_to_end(&self, out: &mut Vec<u8>, skip: impl Fn(&str) -> bool) {
         let any_named = self
             .headers
             .iter()
             .any(|h| h.name.eq_ignore_ascii_case("connection"));
-        let framing = |n: &str| {
-            n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding")
+        let end_to_end = |n: &str| {
+            n.eq_ignore_ascii_case("content-length")
+                || n.eq_ignore_ascii_case("transfer-encoding")
+                || n.eq_ignore_ascii_case("host")
         };
         for h in self.headers {
             if hop_by_hop(h.name)
                 || skip(h.name)
-                || (any_named && !framing(h.name) && self.named_in_connection(h.name))
+                || (any_named && !end_to_end(h.name) && self.named_in_connection(h.name))
             {
                 continue;
             }
@@ -229,6 +235,34 @@ fn head_len(parsed: httparse::Result<usize>, buffered: usize) -> Result<usize, H
     }
 }
 
+/// The host and the rest of a request target in absolute form
+/// (`http://host:port/path?query`), which a client may send to any server
+/// (RFC 9112 §3.2.2); `None` for the origin form (`/path?query`) and `*`.
+///
+/// The request goes on in origin form, with the target's host as its
+/// `Host` (the received one is ignored, as the RFC says a server must), so
+/// an instance never sees a target and a `Host` that disagree.
+fn absolute_form(target: &str) -> Result<Option<(&str, &str)>, HeadError> {
+    if target.starts_with('/') || target == "*" {
+        return Ok(None);
+    }
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return Err(HeadError::Bad("malformed request target"));
+    };
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(HeadError::Bad("request target is not an http URI"));
+    }
+    let (authority, path) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    // User information is never part of a host (RFC 9110 §4.2.4).
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() {
+        return Err(HeadError::Bad("request target without a host"));
+    }
+    // A fragment is the client's own business (RFC 9110 §4.2.5).
+    let path = path.split_once('#').map_or(path, |(p, _)| p);
+    Ok(Some((host, path)))
+}
+
 /// Parses a request head at the start of `buf` and writes the head to send
 /// to an instance into `out` (replacing what was there). `client_ip` goes
 /// at the end of `X-Forwarded-For`.
@@ -247,6 +281,19 @@ pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<Reques
         return Err(HeadError::Bad("more than one Host header"));
     }
     let http10 = version == 0;
+    if !http10 && s.hosts == 0 {
+        // RFC 9112 §3.2 again: an HTTP/1.1 request names its site.
+        return Err(HeadError::Bad("missing Host header"));
+    }
+    if method == "CONNECT" {
+        // A tunnel to wherever the client names is a forward proxy's
+        // job; passed on, an instance's 2xx would turn the connection
+        // into bytes deployd could no longer frame.
+        return Err(HeadError::Unsupported(
+            "CONNECT is not supported: deployd is a reverse proxy",
+        ));
+    }
+    let absolute = absolute_form(target)?;
     let body = if s.te {
         // A body both counted and chunked is how requests are smuggled past
         // proxies: refuse it, as RFC 9112 §6.1 allows.
@@ -269,13 +316,29 @@ pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<Reques
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    match absolute {
+        Some((_, path)) => {
+            if !path.starts_with('/') {
+                out.push(b'/');
+            }
+            out.extend_from_slice(path.as_bytes());
+        }
+        None => out.extend_from_slice(target.as_bytes()),
+    }
     out.extend_from_slice(if http10 {
         b" HTTP/1.0\r\n"
     } else {
         b" HTTP/1.1\r\n"
     });
-    s.write_end_to_end(out, |n| n.eq_ignore_ascii_case("x-forwarded-for"));
+    s.write_end_to_end(out, |n| {
+        n.eq_ignore_ascii_case("x-forwarded-for")
+            || (absolute.is_some() && n.eq_ignore_ascii_case("host"))
+    });
+    if let Some((host, _)) = absolute {
+        out.extend_from_slice(b"Host: ");
+        out.extend_from_slice(host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     if upgrade {
         out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: ");
         out.extend_from_slice(s.upgrade_value());
@@ -377,6 +440,7 @@ pub fn response(
 fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
+        501 => "Not Implemented",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",

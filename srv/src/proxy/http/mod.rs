@@ -223,6 +223,11 @@ async fn active<'r>(
                 reply(client, &mut s.rout, 400, &msg, None, false).await;
                 return false;
             }
+            Err(HeadError::Unsupported(why)) => {
+                let msg = format!("{why}\n");
+                reply(client, &mut s.rout, 501, &msg, None, false).await;
+                return false;
+            }
         };
         deadline = None;
         // With an access log: the request line, kept for its line.

@@ -23,7 +23,7 @@ const CHUNKED: &[u8] =
 #[test]
 fn a_chunked_body_ends_where_it_ends_however_it_is_split() {
     let mut body = CHUNKED.to_vec();
-    body.extend_from_slice(b"GET /next HTTP/1.1\r\n");
+    body.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a\r\n");
     // Whole.
     assert_eq!(Chunked::default().feed(&body), Ok(Some(CHUNKED.len())));
     // Every split into two reads, and byte by byte.
@@ -104,33 +104,33 @@ fn a_request_head_loses_its_hop_by_hop_headers_and_gains_x_forwarded_for() {
 
 #[test]
 fn a_request_body_is_framed_by_its_length_or_its_chunks() {
-    let (r, out) = req("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n").unwrap();
+    let (r, out) = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 12\r\n\r\n").unwrap();
     assert_eq!(r.body, Framing::Length(12));
     assert!(out.contains("Content-Length: 12\r\n"));
     assert!(!r.retryable());
-    let (r, out) = req("PUT / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let (r, out) = req("PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
     assert_eq!(r.body, Framing::Chunked);
     assert!(out.contains("Transfer-Encoding: chunked\r\n"));
     // Idempotent, but with a body that is gone once sent.
     assert!(r.idempotent && !r.retryable());
-    let (r, _) = req("POST / HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n").unwrap();
+    let (r, _) = req("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n").unwrap();
     assert_eq!(r.body, Framing::Length(3));
 }
 
 #[test]
 fn ambiguous_request_bodies_are_refused() {
     for bad in [
-        "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-        "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
         "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
-        "POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 99999999999999999999\r\n\r\n",
     ] {
         assert!(matches!(req(bad), Err(HeadError::Bad(_))), "{bad}");
     }
     assert!(matches!(
-        req("GET / HTTP/1.1\r\nHo st: x\r\n\r\n"),
+        req("GET / HTTP/1.1\r\nHost: a\r\nHo st: x\r\n\r\n"),
         Err(HeadError::Bad(_))
     ));
     assert!(matches!(
@@ -140,16 +140,94 @@ fn ambiguous_request_bodies_are_refused() {
 }
 
 #[test]
+fn an_http_1_1_request_names_its_site_once_and_asks_for_no_tunnel() {
+    assert_eq!(
+        req("GET / HTTP/1.1\r\nAccept: */*\r\n\r\n").err(),
+        Some(HeadError::Bad("missing Host header"))
+    );
+    // HTTP/1.0 had no Host to require.
+    assert!(req("GET / HTTP/1.0\r\n\r\n").is_ok());
+    assert_eq!(
+        req("CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n").err(),
+        Some(HeadError::Unsupported(
+            "CONNECT is not supported: deployd is a reverse proxy"
+        ))
+    );
+    // Named in Connection, Host still goes on: the next hop needs it.
+    let (_, out) =
+        req("GET / HTTP/1.1\r\nHost: a\r\nConnection: host, x-a\r\nX-A: 1\r\n\r\n").unwrap();
+    assert_eq!(
+        out,
+        "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 10.0.0.9\r\n\r\n"
+    );
+}
+
+#[test]
+fn an_absolute_target_goes_on_in_origin_form_with_its_host() {
+    for (target, path, host) in [
+        (
+            "http://example.com:8080/a/b?c=1",
+            "/a/b?c=1",
+            "example.com:8080",
+        ),
+        ("HTTPS://Example.com", "/", "Example.com"),
+        ("http://user:pw@example.com?q", "/?q", "example.com"),
+        ("http://[::1]:80/x#frag", "/x", "[::1]:80"),
+    ] {
+        let (r, out) = req(&format!(
+            "GET {target} HTTP/1.1\r\nHost: other.example\r\nAccept: */*\r\n\r\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            out,
+            format!(
+                "GET {path} HTTP/1.1\r\nAccept: */*\r\nHost: {host}\r\nX-Forwarded-For: 10.0.0.9\r\n\r\n"
+            ),
+            "{target}"
+        );
+        assert!(r.retryable());
+    }
+    // HTTP/1.0 without a Host gets the target's.
+    let (_, out) = req("GET http://example.com/x HTTP/1.0\r\n\r\n").unwrap();
+    assert!(
+        out.starts_with("GET /x HTTP/1.0\r\n") && out.contains("Host: example.com\r\n"),
+        "{out}"
+    );
+    // The asterisk form is OPTIONS's own, passed as it is.
+    let (_, out) = req("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    assert!(
+        out.starts_with("OPTIONS * HTTP/1.1\r\nHost: a\r\n"),
+        "{out}"
+    );
+    for (bad, why) in [
+        ("ftp://example.com/x", "request target is not an http URI"),
+        ("http:///x", "request target without a host"),
+        ("http://user@/x", "request target without a host"),
+        ("example.com/x", "malformed request target"),
+        ("x", "malformed request target"),
+    ] {
+        assert_eq!(
+            req(&format!("GET {bad} HTTP/1.1\r\nHost: a\r\n\r\n")).err(),
+            Some(HeadError::Bad(why)),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
 fn a_partial_head_waits_and_a_huge_one_is_refused() {
     assert_eq!(
         req("GET / HTTP/1.1\r\nHost: x\r\n").err(),
         Some(HeadError::Partial)
     );
-    let huge = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(head::MAX_HEAD));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX: {}",
+        "a".repeat(head::MAX_HEAD)
+    );
     assert_eq!(req(&huge).err(), Some(HeadError::TooLarge));
     let many: String = (0..200).map(|i| format!("X-{i}: 1\r\n")).collect();
     assert_eq!(
-        req(&format!("GET / HTTP/1.1\r\n{many}\r\n")).err(),
+        req(&format!("GET / HTTP/1.1\r\nHost: a\r\n{many}\r\n")).err(),
         Some(HeadError::TooLarge)
     );
 }
@@ -162,21 +240,22 @@ fn http_1_0_clients_keep_their_connection_only_when_they_ask() {
     assert!(out.starts_with("GET / HTTP/1.0\r\n") && out.contains("Connection: keep-alive\r\n"));
     let (r, _) = req("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").unwrap();
     assert!(r.keep_alive);
-    let (r, _) = req("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+    let (r, _) = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
     assert!(!r.keep_alive);
 }
 
 #[test]
 fn an_upgrade_keeps_its_connection_and_upgrade_headers() {
     let (r, out) =
-        req("GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").unwrap();
+        req("GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .unwrap();
     assert!(r.upgrade && !r.retryable());
     assert!(
         out.contains("Connection: Upgrade\r\nUpgrade: websocket\r\n"),
         "{out}"
     );
     // Upgrade without Connection: upgrade is no upgrade.
-    let (r, out) = req("GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n").unwrap();
+    let (r, out) = req("GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n").unwrap();
     assert!(!r.upgrade && !out.contains("Upgrade"));
 }
 
@@ -187,7 +266,7 @@ fn resp(request: &str, response: &str, keep: bool) -> (head::ResponseHead, Strin
     (h, String::from_utf8(out).unwrap())
 }
 
-const GET: &str = "GET / HTTP/1.1\r\n\r\n";
+const GET: &str = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
 
 #[test]
 fn a_response_body_is_framed_as_http_says() {
@@ -215,7 +294,7 @@ fn a_response_body_is_framed_as_http_says() {
     ] {
         assert_eq!(resp(GET, none, true).0.body, Framing::None, "{none}");
     }
-    let head_req = "HEAD / HTTP/1.1\r\n\r\n";
+    let head_req = "HEAD / HTTP/1.1\r\nHost: a\r\n\r\n";
     let (h, out) = resp(
         head_req,
         "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n",
@@ -465,7 +544,7 @@ async fn pipelined_requests_are_answered_in_order_over_one_instance_connection()
         let (h, body) = read_response(&mut c).await;
         assert!(h.starts_with("HTTP/1.1 200 OK\r\n"), "{h}");
         assert!(
-            body.starts_with(&format!("GET {path} HTTP/1.1\r\n")),
+            body.starts_with(&format!("GET {path} HTTP/1.1\r\nHost: a\r\n")),
             "{body}"
         );
         assert!(
@@ -507,7 +586,7 @@ async fn bodies_pass_in_their_own_framing_both_ways() {
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
     let mut c = send(
         port,
-        b"POST /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
     )
     .await;
     // The body in dribs, as a streaming client sends it.
@@ -533,7 +612,7 @@ async fn a_close_delimited_response_reaches_the_client_whole_then_closes() {
     })
     .await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
-    let mut c = send(port, b"GET / HTTP/1.1\r\n\r\n").await;
+    let mut c = send(port, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let all = read_to_end(&mut c).await;
     assert_eq!(
         all,
@@ -556,7 +635,7 @@ async fn expect_100_continue_is_passed_on_before_the_body() {
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
     let mut c = send(
         port,
-        b"POST / HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n",
     )
     .await;
     // The client sends its body only after the 100.
@@ -571,7 +650,7 @@ async fn expect_100_continue_is_passed_on_before_the_body() {
 async fn get(port: u16, path: &str) -> String {
     let mut c = send(
         port,
-        format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await;
     read_to_end(&mut c).await
@@ -638,7 +717,11 @@ async fn an_idempotent_request_the_instance_drops_is_retried_on_another() {
     // A POST has been sent once and may have done its work: it is not sent
     // again, and the client is told.
     let (router, port) = proxy(&[mute], Duration::from_millis(200)).await;
-    let mut c = send(port, b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi").await;
+    let mut c = send(
+        port,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi",
+    )
+    .await;
     let r = read_to_end(&mut c).await;
     assert!(r.starts_with("HTTP/1.1 502 Bad Gateway"), "{r}");
     assert!(
@@ -656,18 +739,34 @@ async fn bad_requests_get_400_and_nothing_reaches_an_instance() {
     let (backend, conns) = echo_heads().await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
     for bad in [
-        "POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
-        "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc",
+        "GET / HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n",
         "NOT HTTP AT ALL\r\n\r\n",
         "GET / HTTP/1.1\r\nHost: public.example\r\nHost: admin.internal\r\n\r\n",
+        "GET / HTTP/1.1\r\nAccept: */*\r\n\r\n",
+        "GET ftp://files.example/x HTTP/1.1\r\nHost: a\r\n\r\n",
     ] {
         let mut c = send(port, bad.as_bytes()).await;
         let r = read_to_end(&mut c).await;
         assert!(r.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{bad}: {r}");
         assert!(r.contains("Connection: close"), "{r}");
     }
+    let mut c = send(
+        port,
+        b"CONNECT internal.example:22 HTTP/1.1\r\nHost: internal.example:22\r\n\r\n",
+    )
+    .await;
+    let r = read_to_end(&mut c).await;
+    assert!(r.starts_with("HTTP/1.1 501 Not Implemented\r\n"), "{r}");
+    assert!(
+        r.ends_with("\r\n\r\nCONNECT is not supported: deployd is a reverse proxy\n"),
+        "{r}"
+    );
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let huge = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(70_000));
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nX: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
     let _ = c.write_all(huge.as_bytes()).await;
     let r = read_to_end(&mut c).await;
     assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
@@ -679,7 +778,9 @@ async fn with_no_instance_a_request_waits_then_gets_503_and_keeps_its_connection
     let (_r, port) = proxy(&[], Duration::from_millis(100)).await;
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let started = std::time::Instant::now();
-    c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
     let h = read_head(&mut c).await;
     assert!(started.elapsed() >= Duration::from_millis(100));
     assert!(h.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{h}");
@@ -697,7 +798,9 @@ async fn with_no_instance_a_request_waits_then_gets_503_and_keeps_its_connection
         Arc::new(Notify::new()),
         Box::new(|| {}),
     );
-    c.write_all(b"GET /now HTTP/1.1\r\n\r\n").await.unwrap();
+    c.write_all(b"GET /now HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
     let h = read_head(&mut c).await;
     assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
 }
@@ -723,7 +826,7 @@ async fn an_upgrade_is_tunnelled_with_the_bytes_sent_along_with_it() {
     // The first tunnel bytes ride with the request.
     let mut c = send(
         port,
-        b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly",
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\nearly",
     )
     .await;
     let h = read_head(&mut c).await;
@@ -758,7 +861,7 @@ async fn an_upload_that_stops_halfway_gets_408_and_frees_its_instance() {
     let (router, port) = proxy(&[backend], Duration::from_secs(1)).await;
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let started = tokio::time::Instant::now();
-    c.write_all(b"POST /upload HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc")
+    c.write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
         .await
         .unwrap();
     // Bytes that keep coming, however slowly, keep it going.
@@ -809,7 +912,9 @@ async fn a_head_that_dribbles_in_gets_408_and_an_idle_connection_is_closed() {
     // after IDLE_TIMEOUT without a request.
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     for _ in 0..2 {
-        c.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
         let (h, _) = read_response(&mut c).await;
         assert!(h.starts_with("HTTP/1.1 200 OK"), "{h}");
         tokio::time::sleep(super::IDLE_TIMEOUT - Duration::from_secs(1)).await;
@@ -894,7 +999,7 @@ async fn an_answer_before_the_upload_is_through_closes_both_connections() {
     // The client goes on sending its body while the answer comes.
     let upload = tokio::spawn(async move {
         let _ = cw
-            .write_all(b"POST /upload HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n")
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
             .await;
         let chunk = vec![b'x'; 1000];
         for _ in 0..1000 {
@@ -1016,7 +1121,7 @@ async fn a_post_is_not_sent_on_a_connection_idle_past_the_pool_limit() {
     .await;
     let (router, port) = proxy(&[backend], Duration::from_millis(200)).await;
     let post = || async move {
-        let req = b"POST / HTTP/1.1\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+        let req = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
         read_to_end(&mut send(port, req).await).await
     };
     let r = post().await;
@@ -1325,8 +1430,20 @@ mod generated {
 
     fn request() -> impl Strategy<Value = String> {
         let method = prop::sample::select(vec!["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"]);
+        let target = prop::sample::select(vec![
+            "/p",
+            "/p?q=http://x",
+            "*",
+            "http://h:1/p?q",
+            "HTTP://u@h",
+            "https://h?q#f",
+        ]);
         let version = prop::sample::select(vec!["1.0", "1.1"]);
-        (method, version, headers()).prop_map(|(m, v, h)| format!("{m} /p HTTP/{v}\r\n{h}\r\n"))
+        // Mostly with a Host first, or most HTTP/1.1 requests would be
+        // refused for want of one and test nothing else.
+        let host = prop::sample::select(vec!["Host: h\r\n", "Host: h\r\n", "Host: h\r\n", ""]);
+        (method, target, version, host, headers())
+            .prop_map(|(m, t, v, o, h)| format!("{m} {t} HTTP/{v}\r\n{o}{h}\r\n"))
     }
 
     fn response() -> impl Strategy<Value = String> {
@@ -1427,7 +1544,7 @@ mod generated {
             }
             body.extend_from_slice(b"\r\n");
             let len = body.len();
-            body.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+            body.extend_from_slice(b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n");
             let mut points: Vec<usize> = cuts.iter().map(|i| i.index(body.len())).collect();
             points.push(body.len());
             points.sort_unstable();
@@ -1459,7 +1576,7 @@ mod generated {
                 prop_assert!(r.len <= bytes.len());
             }
             let mut scratch = Vec::new();
-            let get = head::request(b"GET / HTTP/1.1\r\n\r\n", b"", &mut scratch);
+            let get = head::request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"", &mut scratch);
             prop_assert!(get.is_ok());
             if let Ok(h) = head::response(&bytes, &get.unwrap(), true, &mut out) {
                 prop_assert!(h.len <= bytes.len());
