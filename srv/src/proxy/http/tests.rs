@@ -735,7 +735,7 @@ async fn an_idempotent_request_the_instance_drops_is_retried_on_another() {
 }
 
 #[tokio::test]
-async fn bad_requests_get_400_and_nothing_reaches_an_instance() {
+async fn bad_or_unsupported_requests_are_refused_and_reach_no_instance() {
     let (backend, conns) = echo_heads().await;
     let (_r, port) = proxy(&[backend], Duration::from_secs(1)).await;
     for bad in [
