@@ -440,9 +440,9 @@ pub fn response(
 fn reason(status: u16) -> &'static str {
     match status {
         400 => "Bad Request",
-        501 => "Not Implemented",
         408 => "Request Timeout",
         431 => "Request Header Fields Too Large",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
