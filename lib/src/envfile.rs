@@ -22,7 +22,7 @@ use nom::character::complete::{char, space0};
 use nom::combinator::opt;
 use nom::{IResult, Parser};
 
-use crate::manifest::{Diagnostic, RESERVED_ENV, col, raw_lines, utf8_line};
+use crate::manifest::{Diagnostic, RESERVED_ENV, col, control_char, raw_lines, utf8_line};
 
 /// Largest env file read, in bytes.
 pub const MAX_SIZE: usize = 1 << 20;
@@ -48,6 +48,10 @@ pub fn parse(src: &[u8]) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
                 continue;
             }
         };
+        if let Some((c, message)) = control_char(line) {
+            errors.push(at(lineno, c, message));
+            continue;
+        }
         match parse_line(line) {
             Ok(None) => {}
             Ok(Some((k, v))) => match vars.iter_mut().find(|(o, _)| *o == k) {
@@ -67,7 +71,6 @@ pub fn parse(src: &[u8]) -> Result<Vec<(String, String)>, Vec<Diagnostic>> {
 type LineResult<'a> = Result<Option<(String, String)>, (&'a str, String)>;
 
 fn parse_line(line: &str) -> LineResult<'_> {
-    let blank = |c: char| c == ' ' || c == '\t';
     let (i, _) = ws(line);
     if i.is_empty() || i.starts_with('#') {
         return Ok(None);
@@ -77,10 +80,9 @@ fn parse_line(line: &str) -> LineResult<'_> {
         _ => i,
     };
     let Ok((after, key)) = key(i) else {
-        return Err((
-            i,
-            format!("expected KEY=VALUE, got '{}'", i.trim_end_matches(blank)),
-        ));
+        // The line itself is not shown: an env file holds secrets, and
+        // the error goes to events, which other users may read.
+        return Err((i, "expected KEY=VALUE".to_string()));
     };
     if key.starts_with(|c: char| c.is_ascii_digit()) {
         return Err((i, format!("key '{key}' must not start with a digit")));
@@ -138,7 +140,7 @@ fn quoted(v: &str, q: char) -> Result<String, (&str, String)> {
             c if c == q => {
                 let rest = ws(&v[at + 1..]).0;
                 if !rest.is_empty() && !rest.starts_with('#') {
-                    return Err((rest, format!("unexpected '{rest}' after the closing {q}")));
+                    return Err((rest, format!("unexpected text after the closing {q}")));
                 }
                 return Ok(out);
             }
@@ -255,11 +257,18 @@ _x1=1
                 "4:1: PORT is set by deployd for each instance",
                 "5:2: expected '=' after the key 'A'",
                 "6:3: missing the closing \"",
-                "7:7: unexpected 'y' after the closing '",
+                "7:7: unexpected text after the closing '",
                 "8:5: unknown escape '\\q' in a \"…\" value",
             ]
         );
-        assert_eq!(errors("=x\n"), ["1:1: expected KEY=VALUE, got '=x'"]);
+        assert_eq!(errors("=x\n"), ["1:1: expected KEY=VALUE"]);
+        // A NUL can never reach a process's environment.
+        assert_eq!(
+            errors("A=x\0y\n"),
+            ["1:4: control character U+0000 is not allowed"]
+        );
+        // A line that is not KEY=VALUE is not echoed: it may be a secret.
+        assert_eq!(errors("$6$salt$hash\n"), ["1:1: expected KEY=VALUE"]);
         let bad = parse(b"A=\xc3\xa9\nB=1\xff\n").expect_err("not UTF-8");
         assert_eq!(
             (bad[0].line, bad[0].col, bad[0].message.as_str()),

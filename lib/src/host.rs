@@ -131,15 +131,10 @@ pub fn env_digest(vars: &[(String, String)]) -> u64 {
 fn env_file(dir: &Path, f: &str) -> Result<Vec<(String, String)>, String> {
     let path = dir.join(f);
     let shown = path.display();
-    let meta = std::fs::metadata(&path).map_err(|e| format!("env_file {shown}: {e}"))?;
-    if meta.len() > envfile::MAX_SIZE as u64 {
-        return Err(format!(
-            "env_file {shown}: {} bytes; the limit is {}",
-            meta.len(),
-            envfile::MAX_SIZE
-        ));
-    }
-    let bytes = std::fs::read(&path).map_err(|e| format!("env_file {shown}: {e}"))?;
+    // Regular files only, read without waiting (a FIFO) and up to the
+    // limit (`/dev/zero`): it is read on deployd's engine thread.
+    let bytes = crate::readfile::read_regular(&path, envfile::MAX_SIZE)
+        .map_err(|e| format!("env_file {shown}: {e}"))?;
     envfile::parse(&bytes).map_err(|d| {
         d.iter()
             .map(|d| format!("env_file {}", d.display(&shown.to_string())))

@@ -9,16 +9,21 @@
 //!   `user`, looked up for `deploy check`, an apply and each process start.
 //! - [`name`]: service names, the one check that keeps user input out of paths.
 //! - [`ctl`]: the language of the namespace's `ctl` files.
+//! - [`http`]: HTTP/1 framing for the proxy: heads and chunked bodies.
 //! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
+//! - [`readfile`]: reading a file a user named: regular files only,
+//!   never waiting, never past a limit.
 //! - [`tail`]: the last whole lines of a file.
 //! - [`stamp`]: the time at the start of each line of deployd's logs.
 
 pub mod ctl;
 pub mod envfile;
 pub mod host;
+pub mod http;
 pub mod manifest;
 pub mod name;
 pub mod order;
+pub mod readfile;
 pub mod rollout;
 pub mod stamp;
 pub mod suggest;

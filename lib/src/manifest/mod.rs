@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::name::ServiceName;
 
-pub(crate) use parse::{col, raw_lines, utf8_line};
+pub(crate) use parse::{col, control_char, raw_lines, utf8_line};
 pub use parse::{parse, parse_duration, position_of, position_of_after};
 
 /// Largest accepted `replicas`.
@@ -129,6 +129,93 @@ pub struct Manifest {
     /// Write a line per request (`proxy http`) or per connection (`proxy
     /// tcp`) to the service's `access` file.
     pub access_log: bool,
+    /// Client connections the port holds at once; `None`: half of what
+    /// deployd's descriptor budget holds (see docs/manifest.md).
+    pub max_connections: Option<u32>,
+    /// `proxy http`: clients (proxies in front of deployd) whose
+    /// `X-Forwarded-For` is kept and extended; every other client's is
+    /// replaced by its address. Sorted, no duplicates.
+    pub trusted_proxies: Vec<Cidr>,
+}
+
+/// Largest accepted `max_connections`.
+pub const MAX_CONNECTIONS: u32 = 10_000_000;
+
+/// An address block, `ADDRESS/PREFIX` (`10.0.0.0/8`, `::1/128`), or one
+/// address (a prefix of its whole length). Its address has no bits past
+/// the prefix, so two spellings of one block are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Whether `ip` is in the block; an IPv4 address written as IPv6
+    /// (`::ffff:10.1.2.3`, as a socket bound to `::` sees IPv4 clients)
+    /// counts as the IPv4 one.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(a)) => {
+                mask(u128::from(u32::from(a)), 32, self.prefix)
+                    == u128::from(u32::from(net))
+            }
+            (IpAddr::V6(net), IpAddr::V6(a)) => {
+                mask(u128::from(a), 128, self.prefix) == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// `bits` of `n` (an address of `width` bits) with all but the first
+/// `prefix` cleared.
+fn mask(n: u128, width: u8, prefix: u8) -> u128 {
+    let host = u32::from(width - prefix);
+    if host >= 128 { 0 } else { n >> host << host }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        use std::net::IpAddr;
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("'{addr}' is not an IP address"))?;
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= width && p.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return Err(format!("'/{p}' is not a prefix length from 0 to {width}")),
+            },
+        };
+        let addr = match addr {
+            IpAddr::V4(a) => IpAddr::V4((mask(u128::from(u32::from(a)), 32, prefix) as u32).into()),
+            IpAddr::V6(a) => IpAddr::V6(mask(u128::from(a), 128, prefix).into()),
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let width = if self.addr.is_ipv4() { 32 } else { 128 };
+        if self.prefix == width {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.prefix)
+        }
+    }
 }
 
 /// The `user` directive: an account, and optionally a group, of this machine,
@@ -380,6 +467,8 @@ impl Manifest {
             queue_timeout: Duration::from_secs(10),
             response_timeout: None,
             access_log: false,
+            max_connections: None,
+            trusted_proxies: Vec::new(),
         }
     }
 
@@ -517,6 +606,13 @@ impl Manifest {
         }
         if self.access_log {
             line(format_args!("access_log on"));
+        }
+        if let Some(n) = self.max_connections {
+            line(format_args!("max_connections {n}"));
+        }
+        if !self.trusted_proxies.is_empty() {
+            let list: Vec<String> = self.trusted_proxies.iter().map(Cidr::to_string).collect();
+            line(format_args!("trusted_proxies {}", list.join(" ")));
         }
         out
     }
@@ -771,36 +867,32 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
         file: file.clone(),
         error,
     })?;
-    let io = |e: std::io::Error| {
-        let not_found = e.kind() == std::io::ErrorKind::NotFound;
-        let error = match std::fs::read_link(path) {
-            // A dangling link: say where it points, not "No such file".
-            Ok(target) if not_found => {
-                format!("a link to {}, which does not exist", target.display())
+    let bytes = crate::readfile::read_regular(path, MAX_SIZE).map_err(|e| match e {
+        crate::readfile::ReadError::TooLarge(len, _) => LoadError::Invalid {
+            file: file.clone(),
+            diagnostics: vec![too_large(len as usize)],
+        },
+        e => {
+            let not_found = e.not_found();
+            let error = match std::fs::read_link(path) {
+                // A dangling link: say where it points, not "No such file".
+                Ok(target) if not_found => {
+                    format!("a link to {}, which does not exist", target.display())
+                }
+                _ => match e {
+                    crate::readfile::ReadError::NotRegular("a directory") => {
+                        "is a directory".to_string()
+                    }
+                    e => e.to_string(),
+                },
+            };
+            LoadError::Io {
+                file: file.clone(),
+                not_found,
+                error,
             }
-            _ => e.to_string(),
-        };
-        LoadError::Io {
-            file: file.clone(),
-            not_found,
-            error,
         }
-    };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    if meta.is_dir() {
-        return Err(LoadError::Io {
-            file: file.clone(),
-            error: "is a directory".into(),
-            not_found: false,
-        });
-    }
-    if meta.len() > MAX_SIZE as u64 {
-        return Err(LoadError::Invalid {
-            file: file.clone(),
-            diagnostics: vec![too_large(meta.len() as usize)],
-        });
-    }
-    let bytes = std::fs::read(path).map_err(io)?;
+    })?;
     match parse(&bytes) {
         Ok(manifest) if manifest.after.contains(&service) => {
             // parse accepted it, so it is UTF-8.

@@ -20,13 +20,13 @@ use nom::{IResult, Parser};
 use crate::name::ServiceName;
 
 use super::{
-    Diagnostic, Health, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES,
+    Cidr, Diagnostic, Health, MAX_CONNECTIONS, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES,
     MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy, RESERVED_ENV,
     RestartPolicy, Signal, Strategy, UpdateOrder, User, format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 32] = [
+const DIRECTIVES: [&str; 34] = [
     "exec",
     "dir",
     "env",
@@ -59,6 +59,8 @@ const DIRECTIVES: [&str; 32] = [
     "queue_timeout",
     "response_timeout",
     "access_log",
+    "max_connections",
+    "trusted_proxies",
 ];
 
 /// Parses a manifest. On error, returns every diagnostic found, in line order.
@@ -83,6 +85,10 @@ pub fn parse(src: &[u8]) -> Result<Manifest, Vec<Diagnostic>> {
                 continue;
             }
         };
+        if let Some((col, message)) = control_char(line) {
+            b.error(lineno, col, message);
+            continue;
+        }
         match parse_line(line) {
             Ok(None) => {}
             Ok(Some(parsed)) => b.add(lineno, parsed),
@@ -124,6 +130,8 @@ enum Directive {
     MemoryMax(u64),
     LogMax(u64),
     LogRate(u64),
+    MaxConnections(u32),
+    TrustedProxies(Vec<Cidr>),
 }
 
 /// A parsed line: the directive's canonical name, its column, the column of
@@ -163,6 +171,22 @@ pub(crate) fn utf8_line(raw: &[u8]) -> Result<&str, usize> {
             .count()
             + 1
     })
+}
+
+/// The first control character of a line other than a tab, as its
+/// column and an error: a NUL cannot go into a process's arguments or
+/// environment (the instance could never start), and the others (an
+/// escape sequence, a carriage return mid-line) would only garble what
+/// the line shows in a terminal.
+pub(crate) fn control_char(line: &str) -> Option<(usize, String)> {
+    let (at, c) = line
+        .chars()
+        .enumerate()
+        .find(|(_, c)| c.is_control() && *c != '\t')?;
+    Some((
+        at + 1,
+        format!("control character U+{:04X} is not allowed", c as u32),
+    ))
 }
 
 /// The column (1-based, in characters) where `sub`, a slice of `line`, starts.
@@ -342,8 +366,36 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         "log_max" => Directive::LogMax(size(v, MIN_LOG, MAX_LOG)?),
         "log_rate" => Directive::LogRate(size(v, MIN_LOG, MAX_LOG)?),
         "health" => Directive::Health(health(v)?),
+        "max_connections" => {
+            Directive::MaxConnections(number(v, 1, u64::from(MAX_CONNECTIONS))? as u32)
+        }
+        "trusted_proxies" => Directive::TrustedProxies(cidrs(v)?),
         _ => Directive::Duration(name, duration(v)?),
     })
+}
+
+/// One or more address blocks (`10.0.0.0/8 ::1`), up to a comment;
+/// sorted, without duplicates.
+fn cidrs(v: &Value) -> Result<Vec<Cidr>, LineError> {
+    const WHAT: &str = "one or more addresses or blocks, like 10.0.0.0/8 ::1";
+    let mut out = Vec::new();
+    let mut rest = v.text;
+    while let Ok((after, w)) = next_word(rest) {
+        if w.starts_with('#') {
+            break;
+        }
+        let c: Cidr = w
+            .parse()
+            .map_err(|m| v.err(w, format!("trusted_proxies: {m}")))?;
+        out.push(c);
+        rest = after;
+    }
+    if out.is_empty() {
+        return Err(v.err("", format!("trusted_proxies needs {WHAT}")));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// `NAME`, `NAME:GROUP`, `UID` or `UID:GID`.
@@ -717,6 +769,8 @@ impl Builder {
             Directive::MemoryMax(n) => m.memory_max = Some(n),
             Directive::LogMax(n) => m.log_max = n,
             Directive::LogRate(n) => m.log_rate = n,
+            Directive::MaxConnections(n) => m.max_connections = Some(n),
+            Directive::TrustedProxies(c) => m.trusted_proxies = c,
             Directive::Duration(name, d) => {
                 let field = match name {
                     "health_interval" => &mut m.health_interval,
@@ -839,6 +893,19 @@ impl Builder {
             if let Some((line, col)) = self.at("response_timeout") {
                 let message = "response_timeout is for a port with proxy http (a tcp \
                                connection has no response to wait for)";
+                self.error(line, col, message.into());
+            }
+        }
+        if m.max_connections.is_some() && m.port.is_none() {
+            if let Some((line, col)) = self.at("max_connections") {
+                let message = "max_connections needs a port (it limits the port's connections)";
+                self.error(line, col, message.into());
+            }
+        }
+        if !m.trusted_proxies.is_empty() && !http {
+            if let Some((line, col)) = self.at("trusted_proxies") {
+                let message = "trusted_proxies is for a port with proxy http (it says whose \
+                               X-Forwarded-For to keep)";
                 self.error(line, col, message.into());
             }
         }

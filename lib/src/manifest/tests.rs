@@ -446,6 +446,61 @@ fn health_errors() {
 }
 
 #[test]
+fn max_connections_and_trusted_proxies() {
+    let m = ok("exec a\nport 80\nhealth http /\nmax_connections 500\n\
+                trusted_proxies 10.1.2.3/8 ::1 127.0.0.1 10.0.0.0/8 # lb\n");
+    assert_eq!(m.max_connections, Some(500));
+    let list: Vec<String> = m.trusted_proxies.iter().map(|c| c.to_string()).collect();
+    // Sorted, the host bits cleared, duplicates gone.
+    assert_eq!(list, ["10.0.0.0/8", "127.0.0.1", "::1"]);
+    assert!(m.canonical().contains("max_connections 500\ntrusted_proxies 10.0.0.0/8 127.0.0.1 ::1\n"));
+    assert_eq!(ok(&m.canonical()), m);
+    let c = &m.trusted_proxies[0];
+    assert!(c.contains("10.200.0.1".parse().unwrap()));
+    assert!(c.contains("::ffff:10.200.0.1".parse().unwrap()));
+    assert!(!c.contains("11.0.0.1".parse().unwrap()));
+    assert!(m.trusted_proxies[2].contains("::1".parse().unwrap()));
+    let all: crate::manifest::Cidr = "0.0.0.0/0".parse().unwrap();
+    assert!(all.contains("8.8.8.8".parse().unwrap()));
+    assert_eq!(
+        error("exec a\nport 80\nhealth http /\ntrusted_proxies 10.0.0.0/33\n"),
+        "4:17: trusted_proxies: '/33' is not a prefix length from 0 to 32"
+    );
+    assert_eq!(
+        error("exec a\nport 80\nhealth http /\ntrusted_proxies\n"),
+        "4:16: trusted_proxies needs one or more addresses or blocks, like 10.0.0.0/8 ::1"
+    );
+    assert_eq!(
+        error("exec a\nport 80\ntrusted_proxies ::1\n"),
+        "3:17: trusted_proxies is for a port with proxy http (it says whose X-Forwarded-For to keep)"
+    );
+    assert_eq!(
+        error("exec a\nmax_connections 0\n"),
+        "2:17: max_connections must be between 1 and 10000000, got 0"
+    );
+    assert_eq!(
+        error("exec a\nmax_connections 5\n"),
+        "2:17: max_connections needs a port (it limits the port's connections)"
+    );
+}
+
+#[test]
+fn control_characters_are_refused_where_they_are() {
+    // A NUL passed check and apply, and the instance could never start:
+    // execve takes C strings.
+    assert_eq!(
+        error("exec a\nenv A=x\0y\n"),
+        "2:8: control character U+0000 is not allowed"
+    );
+    assert_eq!(
+        error("exec a\nhealth http /a\x1b[31m\n"),
+        "2:15: control character U+001B is not allowed"
+    );
+    // A tab is a blank, as ever.
+    assert_eq!(ok("exec\ta\tb\n").exec, "a\tb");
+}
+
+#[test]
 fn exec_dir_and_env_errors() {
     assert_eq!(error("exec   \n"), "1:5: exec needs a command line");
     assert_eq!(error("exec a\ndir\n"), "2:4: dir needs a path");

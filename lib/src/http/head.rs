@@ -1,9 +1,15 @@
-//! HTTP/1 heads as the proxy sees them: parsed with `httparse` (hyper's own
-//! parser), judged for what the proxy needs (how the body is delimited,
-//! whether the connection persists, whether it is an upgrade), and written
-//! out again for the next hop: hop-by-hop headers dropped, `X-Forwarded-For`
-//! appended, `Connection` set for the hop. Everything else passes through
-//! byte for byte, bodies in their original framing.
+//! HTTP/1 heads as deployd's proxy sees them: parsed with `httparse`
+//! (hyper's own parser), judged for what the proxy needs (how the body is
+//! delimited, whether the connection persists, whether it is an upgrade),
+//! and written out again for the next hop: hop-by-hop headers dropped,
+//! `X-Forwarded-For` set, `Connection` set for the hop, the framing headers
+//! normalised (one `Content-Length`, or `Transfer-Encoding: chunked`).
+//! Everything else passes through byte for byte, bodies in their original
+//! framing.
+//!
+//! Requests are held to RFC 9112 wherever two servers could frame one
+//! differently: no body both counted and chunked, no coding but `chunked`
+//! (applied once), no two lengths that disagree, one `Host`.
 
 use std::io::Write as _;
 
@@ -34,8 +40,20 @@ pub enum HeadError {
     TooLarge,
     /// Not valid HTTP/1, or ambiguous about its body.
     Bad(&'static str),
-    /// Valid, but asks for what a reverse proxy does not do (`CONNECT`).
+    /// Valid, but asks for what a reverse proxy does not do (`CONNECT`, a
+    /// transfer coding other than chunked).
     Unsupported(&'static str),
+}
+
+/// What becomes of the `X-Forwarded-For` a client sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Xff {
+    /// Replaced by the client's address: anyone can write the header, so
+    /// what a client says there is only believed from a trusted proxy.
+    Replace,
+    /// Kept, with the client's address appended: the client is a proxy
+    /// the manifest trusts (`trusted_proxies`).
+    Append,
 }
 
 /// What the proxy knows of a request.
@@ -90,6 +108,10 @@ struct Scan<'h, 'b> {
     /// The last `Transfer-Encoding` coding is chunked.
     chunked: bool,
     te: bool,
+    /// `chunked` codings among every `Transfer-Encoding` header's.
+    chunked_count: u8,
+    /// Codings other than `chunked`.
+    other_codings: bool,
     length: Option<u64>,
     upgrade_header: bool,
     /// `Host` headers seen.
@@ -102,6 +124,8 @@ fn scan<'h, 'b>(headers: &'h [httparse::Header<'b>]) -> Result<Scan<'h, 'b>, &'s
         tokens: ConnTokens::default(),
         chunked: false,
         te: false,
+        chunked_count: 0,
+        other_codings: false,
         length: None,
         upgrade_header: false,
         hosts: 0,
@@ -120,6 +144,13 @@ fn scan<'h, 'b>(headers: &'h [httparse::Header<'b>]) -> Result<Scan<'h, 'b>, &'s
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             s.te = true;
+            for t in tokens(h.value) {
+                if t.eq_ignore_ascii_case(b"chunked") {
+                    s.chunked_count = s.chunked_count.saturating_add(1);
+                } else {
+                    s.other_codings = true;
+                }
+            }
             // The last coding of the last header is what delimits the body.
             if let Some(last) = tokens(h.value).last() {
                 s.chunked = last.eq_ignore_ascii_case(b"chunked");
@@ -264,9 +295,15 @@ fn absolute_form(target: &str) -> Result<Option<(&str, &str)>, HeadError> {
 }
 
 /// Parses a request head at the start of `buf` and writes the head to send
-/// to an instance into `out` (replacing what was there). `client_ip` goes
-/// at the end of `X-Forwarded-For`.
-pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<RequestHead, HeadError> {
+/// to an instance into `out` (replacing what was there). `client_ip` is
+/// the `X-Forwarded-For` the instance gets, after the client's own if
+/// `xff` says to keep it.
+pub fn request(
+    buf: &[u8],
+    client_ip: &[u8],
+    xff: Xff,
+    out: &mut Vec<u8>,
+) -> Result<RequestHead, HeadError> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Request::new(&mut hs);
     let len = head_len(r.parse(buf), buf.len())?;
@@ -297,8 +334,25 @@ pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<Reques
     let body = if s.te {
         // A body both counted and chunked is how requests are smuggled past
         // proxies: refuse it, as RFC 9112 §6.1 allows.
-        if http10 || s.length.is_some() || !s.chunked {
+        if http10 || s.length.is_some() {
             return Err(HeadError::Bad("unusable Transfer-Encoding"));
+        }
+        if s.chunked_count > 1 {
+            // Chunked twice is not a framing any server agrees on.
+            return Err(HeadError::Bad("Transfer-Encoding chunked more than once"));
+        }
+        if !s.chunked {
+            // Not chunked last: where the body ends cannot be known
+            // (RFC 9112 §6.3).
+            return Err(HeadError::Bad("unusable Transfer-Encoding"));
+        }
+        if s.other_codings {
+            // Chunked over a coding deployd does not know (RFC 9112 §6.1
+            // says 501, as nginx answers): an instance that frames it
+            // otherwise would see another message than deployd.
+            return Err(HeadError::Unsupported(
+                "Transfer-Encoding other than chunked is not supported",
+            ));
         }
         Framing::Chunked
     } else {
@@ -330,10 +384,22 @@ pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<Reques
     } else {
         b" HTTP/1.1\r\n"
     });
+    // The framing goes on as deployd read it, in one header: two equal
+    // lengths, or a `Content-Length: 5, 5`, become one, so that no hop
+    // after deployd can take them otherwise.
     s.write_end_to_end(out, |n| {
         n.eq_ignore_ascii_case("x-forwarded-for")
+            || n.eq_ignore_ascii_case("content-length")
+            || n.eq_ignore_ascii_case("transfer-encoding")
             || (absolute.is_some() && n.eq_ignore_ascii_case("host"))
     });
+    match (body, s.length) {
+        (Framing::Chunked, _) => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        (_, Some(n)) => {
+            let _ = write!(out, "Content-Length: {n}\r\n");
+        }
+        (_, None) => {}
+    }
     if let Some((host, _)) = absolute {
         out.extend_from_slice(b"Host: ");
         out.extend_from_slice(host.as_bytes());
@@ -348,7 +414,7 @@ pub fn request(buf: &[u8], client_ip: &[u8], out: &mut Vec<u8>) -> Result<Reques
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"X-Forwarded-For: ");
-    for h in s.headers {
+    for h in s.headers.iter().filter(|_| xff == Xff::Append) {
         if h.name.eq_ignore_ascii_case("x-forwarded-for") && !h.value.trim_ascii().is_empty() {
             out.extend_from_slice(h.value.trim_ascii());
             out.extend_from_slice(b", ");
@@ -413,8 +479,12 @@ pub fn response(
     let keep_client = interim || (keep && req.keep_alive && body != Framing::Eof);
     out.clear();
     let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
-    // With Transfer-Encoding, Content-Length means nothing and must not be sent.
-    s.write_end_to_end(out, |n| s.te && n.eq_ignore_ascii_case("content-length"));
+    // With Transfer-Encoding, Content-Length means nothing and must not be
+    // sent; without, equal lengths go on as one.
+    s.write_end_to_end(out, |n| n.eq_ignore_ascii_case("content-length"));
+    if let (false, Some(n)) = (s.te, s.length) {
+        let _ = write!(out, "Content-Length: {n}\r\n");
+    }
     if status == 101 {
         out.extend_from_slice(b"Connection: Upgrade\r\nUpgrade: ");
         out.extend_from_slice(s.upgrade_value());
