@@ -1388,7 +1388,13 @@ impl Service {
                 }
             };
         }
-        if r.paused || !self.waiting.is_empty() {
+        if !self.waiting.is_empty() {
+            return false;
+        }
+        // A pause holds the batches still to come; once the batch in
+        // flight was the last, there is nothing to hold, and the rollout
+        // is complete (resume would have nothing to do).
+        if r.paused && !self.nothing_left() {
             return false;
         }
         if let Some(t) = r.pause_until {
@@ -1400,6 +1406,18 @@ impl Service {
             r.pause_until = None;
         }
         self.next_batch()
+    }
+
+    /// Whether the rollout has no slot left to replace and no instance
+    /// beyond `replicas` to stop: its next step completes it.
+    fn nothing_left(&self) -> bool {
+        let n = self.target.manifest.replicas;
+        self.todo().is_empty()
+            && self.slots.len() >= n as usize
+            && !self
+                .instances
+                .iter()
+                .any(|i| i.slot >= n && i.role == Role::Serving)
     }
 
     /// Starts the next batch, or completes the rollout; false if it must
