@@ -267,6 +267,8 @@ pub struct Engine {
     reexec: bool,
     /// When to write again the records that could not be written.
     retry_save: Option<tokio::time::Instant>,
+    /// The descriptors the public ports may hold together.
+    budget: Arc<proxy::budget::Budget>,
 }
 
 /// How [`Engine::run`] ended.
@@ -300,6 +302,12 @@ impl Engine {
         let generation = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        let budget = proxy::budget::Budget::of_this_process();
+        tracing::debug!(
+            "public ports may hold {} descriptors together ({} client connections per port by default)",
+            budget.total(),
+            budget.default_max_connections()
+        );
         Engine {
             config,
             store,
@@ -323,6 +331,7 @@ impl Engine {
             exe: None,
             reexec: false,
             retry_save: None,
+            budget: Arc::new(budget),
         }
     }
 
@@ -1772,12 +1781,15 @@ impl Engine {
             mode: m.proxy,
             queue_timeout: m.queue_timeout,
             response_timeout: m.response_timeout,
+            max_connections: m.max_connections,
         });
         let have = e.router.as_ref().map(|r| r.settings());
         match (have, want) {
             (Some(h), Some(w)) if h.port == w.port && h.mode == w.mode => {
                 if let Some(r) = &e.router {
                     r.set_timeouts(w.queue_timeout, w.response_timeout);
+                    r.set_max_connections(w.max_connections);
+                    r.set_trusted(m.trusted_proxies.clone());
                 }
                 self.sync_access_log(sid);
                 return;
@@ -1796,7 +1808,9 @@ impl Engine {
                 line,
             });
         });
-        e.router = Some(proxy::listen(bind, w, e.name.to_string(), note));
+        let router = proxy::listen(bind, w, e.name.to_string(), note, self.budget.clone());
+        router.set_trusted(m.trusted_proxies.clone());
+        e.router = Some(router);
         let ready: Vec<InstanceId> = e
             .machine
             .instances()

@@ -22,6 +22,7 @@
 
 pub mod access;
 pub mod activation;
+pub mod budget;
 mod http;
 mod tcp;
 
@@ -30,7 +31,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use deployd_lib::manifest::Proxy as Mode;
+use deployd_lib::http::head::Xff;
+use deployd_lib::manifest::{Cidr, Proxy as Mode};
 use deployd_lib::rollout::InstanceId;
 use parking_lot::{Mutex, RwLock};
 use tokio::net::TcpListener;
@@ -58,6 +60,9 @@ pub struct Settings {
     pub queue_timeout: Duration,
     /// http: how long an instance may take to start its response.
     pub response_timeout: Option<Duration>,
+    /// Client connections held at once; `None`: half of what the
+    /// descriptor budget holds ([`budget::Budget::default_max_connections`]).
+    pub max_connections: Option<u32>,
 }
 
 /// One instance as a target of traffic.
@@ -183,6 +188,12 @@ pub struct Router {
     /// What deployd owes a client an answer for ([`Owed`]), at an instance
     /// or not yet: what a stopping deployd waits for.
     owed: AtomicUsize,
+    /// The client connections the port holds, at most `max_connections`.
+    admission: Arc<budget::Admission>,
+    /// The descriptors every port together may hold.
+    budget: Arc<budget::Budget>,
+    /// Clients whose `X-Forwarded-For` is believed (`trusted_proxies`).
+    trusted: RwLock<Vec<Cidr>>,
 }
 
 /// One request (http) or connection (tcp) a client is owed an answer for,
@@ -212,8 +223,15 @@ impl Drop for Owed<'_> {
 pub(super) struct Accepted(());
 
 impl Router {
-    fn new(settings: Settings) -> Router {
+    fn new(settings: Settings, budget: Arc<budget::Budget>) -> Router {
+        let max = settings.max_connections.map_or_else(
+            || budget.default_max_connections(),
+            |n| n as usize,
+        );
         Router {
+            admission: Arc::new(budget::Admission::new(max)),
+            budget,
+            trusted: RwLock::new(Vec::new()),
             routed: RwLock::new(Vec::new()),
             known: Mutex::new(Vec::new()),
             changed: Notify::new(),
@@ -231,6 +249,18 @@ impl Router {
             finished: watch::channel(false).0,
             owed: AtomicUsize::new(0),
         }
+    }
+
+    /// A router with a budget as large as a test needs.
+    #[cfg(test)]
+    pub(super) fn for_test(settings: Settings) -> Router {
+        Router::new(settings, Arc::new(budget::Budget::from_limit(1 << 20)))
+    }
+
+    /// What a connection accepted by a test's own loop holds.
+    #[cfg(test)]
+    pub(super) async fn permit(&self) -> budget::Permit {
+        budget::Permit::new(self.admission.admit().await, self.budget.connection().await)
     }
 
     /// A request now owed an answer.
@@ -450,6 +480,11 @@ impl Router {
             "waiting {}\n",
             self.owed().saturating_sub(inflight)
         ));
+        out.push_str(&format!(
+            "open {}\nmax_connections {}\n",
+            self.admission.open(),
+            self.admission.max()
+        ));
         if let Some(log) = self.access.read().as_ref() {
             out.push_str(&format!("access_dropped {}\n", log.dropped()));
         }
@@ -542,8 +577,14 @@ const BIND_RETRY: Duration = Duration::from_secs(2);
 /// `note`, and its `traffic` file says `not_listening` meanwhile. A socket
 /// for the port passed by socket activation ([`activation`]) is used as it
 /// is, wherever it is bound.
-pub fn listen(bind: IpAddr, settings: Settings, service: String, note: Note) -> Arc<Router> {
-    let router = Arc::new(Router::new(settings));
+pub fn listen(
+    bind: IpAddr,
+    settings: Settings,
+    service: String,
+    note: Note,
+    budget: Arc<budget::Budget>,
+) -> Arc<Router> {
+    let router = Arc::new(Router::new(settings, budget));
     let r = router.clone();
     let passed = activation::take(settings.port);
     let task = runtime().spawn(async move {
@@ -597,28 +638,75 @@ pub fn listen(bind: IpAddr, settings: Settings, service: String, note: Note) -> 
             *r.socket.lock() = listener.as_fd().try_clone_to_owned().ok();
         }
         tracing::info!(service = %service, "listening on {addr} ({})", settings.mode.name());
+        // After a failed accept, how long until the next try.
+        let mut backoff: Option<Duration> = None;
         loop {
+            // At its max_connections, or with the budget spent, the port
+            // takes nothing more until a connection ends: new ones wait
+            // in the backlog.
+            let admitted = r.admission.admit().await;
+            let fds = r.budget.connection().await;
             let (stream, peer) = match listener.accept().await {
                 Ok(x) => x,
                 // Its socket shut down by stop_listening.
                 Err(_) if r.unlistened.load(Ordering::SeqCst) => return,
                 Err(e) => {
-                    // Out of descriptors, most likely: let some close.
-                    tracing::warn!(service = %service, "accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors or memory (deployd's or the
+                    // system's): try again later, each time later, rather
+                    // than spin; said once until an accept works again.
+                    let wait = backoff.map_or(ACCEPT_BACKOFF_MIN, |b| (b * 2).min(ACCEPT_BACKOFF_MAX));
+                    if backoff.is_none() {
+                        tracing::warn!(service = %service, "accept on {addr}: {e}; backing off");
+                        let whose = match shortage(&e) {
+                            Some(what) => format!("deployd is short of {what}"),
+                            None => "deployd's accept failed".to_string(),
+                        };
+                        note(format!(
+                            "{whose} ({e}): port {} takes no new connection for now; trying again \
+                             every {} at most",
+                            settings.port,
+                            deployd_lib::manifest::format_duration(ACCEPT_BACKOFF_MAX)
+                        ));
+                    }
+                    backoff = Some(wait);
+                    drop((admitted, fds));
+                    tokio::time::sleep(wait).await;
                     continue;
                 }
             };
+            if backoff.take().is_some() {
+                note(format!("port {} accepts connections again", settings.port));
+            }
             let r = r.clone();
             let counted = r.accept();
+            let permit = budget::Permit::new(admitted, fds);
             match settings.mode {
-                Mode::Http => tokio::spawn(http::serve(stream, peer, r, counted)),
-                Mode::Tcp => tokio::spawn(tcp::serve(stream, peer, r, counted)),
+                Mode::Http => tokio::spawn(http::serve(stream, peer, r, counted, permit)),
+                Mode::Tcp => tokio::spawn(tcp::serve(stream, peer, r, counted, permit)),
             };
         }
     });
     *router.listener.lock() = Some(task.abort_handle());
     router
+}
+
+/// The first wait after a failed accept; it doubles at each failure.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// The longest wait after a failed accept.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// What deployd is short of, when an error says it is (its descriptors,
+/// the system's, memory, buffers, local ports): never an instance's fault.
+pub fn shortage(e: &std::io::Error) -> Option<&'static str> {
+    match e.raw_os_error()? {
+        libc::EMFILE => Some("file descriptors"),
+        libc::ENFILE => Some("file descriptors (the system's limit)"),
+        libc::ENOMEM => Some("memory"),
+        libc::ENOBUFS => Some("socket buffers"),
+        libc::EADDRNOTAVAIL => Some("local ports"),
+        libc::ENOSPC => Some("disk space"),
+        _ => None,
+    }
 }
 
 /// Sets what every client socket accepted on `l` inherits (Linux copies a
@@ -675,6 +763,26 @@ impl Router {
         let mut s = self.settings.write();
         s.queue_timeout = queue;
         s.response_timeout = response;
+    }
+
+    /// Changes how many client connections the port holds at once.
+    pub fn set_max_connections(&self, max: Option<u32>) {
+        self.settings.write().max_connections = max;
+        let max = max.map_or_else(|| self.budget.default_max_connections(), |n| n as usize);
+        self.admission.set_max(max);
+    }
+
+    /// Changes which clients' `X-Forwarded-For` is believed.
+    pub fn set_trusted(&self, trusted: Vec<Cidr>) {
+        *self.trusted.write() = trusted;
+    }
+
+    /// What becomes of the `X-Forwarded-For` a client at `ip` sends.
+    fn xff_for(&self, ip: IpAddr) -> Xff {
+        match self.trusted.read().iter().any(|c| c.contains(ip)) {
+            true => Xff::Append,
+            false => Xff::Replace,
+        }
     }
 
     /// Logs each request (http) or connection (tcp) to `log` from now on,
@@ -775,12 +883,14 @@ mod tests {
             mode: super::Mode::Tcp,
             queue_timeout: std::time::Duration::from_secs(1),
             response_timeout: None,
+            max_connections: None,
         };
         let r = super::listen(
             [127, 0, 0, 1].into(),
             settings,
             "t".into(),
             Box::new(|_| {}),
+            std::sync::Arc::new(super::budget::Budget::from_limit(20_000)),
         );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while r.socket.lock().is_none() {

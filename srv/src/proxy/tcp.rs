@@ -22,14 +22,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use super::access::{Connection, End};
+use super::budget::Permit;
 use super::{Accepted, HOLD, Router};
 
-/// Serves one client connection.
+/// Serves one client connection; `_permit` holds its place among its
+/// port's connections and its descriptors until it is over.
 pub(super) async fn serve(
     mut client: TcpStream,
     peer: SocketAddr,
     router: Arc<Router>,
     counted: Accepted,
+    _permit: Permit,
 ) {
     // Owed until it is over: a stopping deployd waits for it.
     let _owed = router.accepted(counted);
@@ -270,11 +273,12 @@ mod tests {
                 });
             }
         });
-        let router = Arc::new(Router::new(Settings {
+        let router = Arc::new(Router::for_test(Settings {
             response_timeout: None,
             port: 0,
             mode: Mode::Tcp,
             queue_timeout: Duration::from_secs(1),
+            max_connections: None,
         }));
         for (i, p) in [refusing, echo_port].into_iter().enumerate() {
             let poke = Arc::new(Notify::new());
@@ -285,7 +289,7 @@ mod tests {
         let r = router.clone();
         tokio::spawn(async move {
             while let Ok((s, peer)) = front.accept().await {
-                tokio::spawn(super::serve(s, peer, r.clone(), r.accept()));
+                tokio::spawn(super::serve(s, peer, r.clone(), r.accept(), r.permit().await));
             }
         });
         for i in 0..4 {

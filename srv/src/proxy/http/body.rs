@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::head::{Framing, MAX_HEAD};
+pub use deployd_lib::http::chunked::{Chunked, Malformed};
+use deployd_lib::http::head::{Framing, MAX_HEAD};
 
 /// A read buffer: bytes read and not yet consumed are `data[start..end]`.
 pub struct Buf {
@@ -73,113 +74,6 @@ impl Buf {
         let n = io.read(&mut self.data[self.end..]).await?;
         self.end += n;
         Ok(n)
-    }
-}
-
-/// Follows a chunked body (RFC 9112 §7.1) to its end: sizes, extensions,
-/// data, trailers. It only looks; the bytes pass on unchanged.
-#[derive(Debug, Clone, Default)]
-pub struct Chunked {
-    state: State,
-    /// Of the chunk being read: its size as read so far, then what is left.
-    size: u64,
-    digits: u8,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-enum State {
-    #[default]
-    Size,
-    Ext,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-    Done,
-}
-
-/// A chunked body that is not one.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Malformed;
-
-impl Chunked {
-    /// Looks at the body's next bytes: `Some(n)` if it ends after `n` of
-    /// them, `None` if all of them belong to it.
-    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, Malformed> {
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            match self.state {
-                State::Size => match b {
-                    b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                        // 16 hex digits already exceed any real body.
-                        if self.digits == 15 {
-                            return Err(Malformed);
-                        }
-                        let d = (b as char).to_digit(16).ok_or(Malformed)?;
-                        self.size = self.size * 16 + u64::from(d);
-                        self.digits += 1;
-                    }
-                    b';' | b' ' | b'\t' if self.digits > 0 => self.state = State::Ext,
-                    b'\r' if self.digits > 0 => self.state = State::SizeLf,
-                    _ => return Err(Malformed),
-                },
-                State::Ext => match b {
-                    b'\r' => self.state = State::SizeLf,
-                    b'\n' => return Err(Malformed),
-                    _ => {}
-                },
-                State::SizeLf => {
-                    if b != b'\n' {
-                        return Err(Malformed);
-                    }
-                    self.digits = 0;
-                    self.state = if self.size == 0 {
-                        State::TrailerStart
-                    } else {
-                        State::Data
-                    };
-                }
-                State::Data => {
-                    let take =
-                        (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    self.size -= take as u64;
-                    i += take;
-                    if self.size == 0 {
-                        self.state = State::DataCr;
-                    }
-                    continue;
-                }
-                State::DataCr if b == b'\r' => self.state = State::DataLf,
-                State::DataLf if b == b'\n' => self.state = State::Size,
-                State::DataCr | State::DataLf => return Err(Malformed),
-                State::TrailerStart => {
-                    self.state = if b == b'\r' {
-                        State::EndLf
-                    } else {
-                        State::Trailer
-                    }
-                }
-                State::Trailer => match b {
-                    b'\r' => self.state = State::TrailerLf,
-                    b'\n' => return Err(Malformed),
-                    _ => {}
-                },
-                State::TrailerLf if b == b'\n' => self.state = State::TrailerStart,
-                State::EndLf if b == b'\n' => {
-                    self.state = State::Done;
-                    return Ok(Some(i + 1));
-                }
-                State::TrailerLf | State::EndLf => return Err(Malformed),
-                State::Done => return Ok(Some(i)),
-            }
-            i += 1;
-        }
-        Ok(None)
     }
 }
 

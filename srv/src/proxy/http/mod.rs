@@ -21,7 +21,6 @@
 //! A connection quiet for [`HOLD`] holds nothing but its socket.
 
 mod body;
-mod head;
 #[cfg(test)]
 mod tests;
 
@@ -39,10 +38,13 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use body::{BodyError, Buf, Remaining};
-use head::{Framing, HeadError, RequestHead};
+use deployd_lib::http::head::{self, Framing, HeadError, RequestHead};
 
 use super::access::Entry;
+use super::budget::Permit;
 use super::{Accepted, Backend, HOLD, Owed, Router};
+use deployd_lib::http::chunked::Chunked;
+use deployd_lib::http::head::Xff;
 
 /// Idle connections kept per instance.
 const MAX_IDLE: usize = 256;
@@ -66,6 +68,13 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// connection (and its drain) for ever. As nginx's `client_body_timeout`.
 const BODY_IDLE: Duration = Duration::from_secs(30);
 
+/// A client connection that has sent nothing at all for this long since it
+/// was accepted is closed: a browser's preconnect is used within seconds,
+/// and a connection that never sends holds a descriptor and a place among
+/// its port's `max_connections` for nothing (a flood of them is how a
+/// port is starved). As HAProxy's `timeout http-request`.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A client connection with no request for this long is closed. Long, so
 /// that clients' own pools (which often never time out) rarely send a
 /// request on a connection just as deployd closes it; finite, so that
@@ -80,6 +89,9 @@ pub(super) struct Conn {
     pooled: bool,
     /// When it last went into the pool.
     since: Instant,
+    /// Its descriptor of the budget once it has been in the pool: while a
+    /// request uses it, its client's connection holds one for it.
+    fd: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// What a client connection in use keeps between its requests: allocated
@@ -112,8 +124,10 @@ enum Outcome {
     /// The instance's answer was not HTTP, or broke off; `sent` if part of
     /// it went to the client.
     Broken { sent: bool },
-    /// The client went away (or sent a body that is not what it said).
+    /// The client went away.
     ClientGone,
+    /// The client's chunked body is malformed.
+    BadBody,
     /// The client sent nothing of its request's body for [`BODY_IDLE`].
     Stalled,
     /// A 101 was passed on and the tunnel ran until a side closed.
@@ -141,21 +155,29 @@ pub(super) async fn serve(
     peer: SocketAddr,
     router: Arc<Router>,
     counted: Accepted,
+    _permit: Permit,
 ) {
     let ip = peer.ip().to_string().into_bytes();
+    let xff = router.xff_for(peer.ip());
     let mut first = Some(router.accepted(counted));
+    // Whether the client has sent a byte yet.
+    let mut spoke = false;
     loop {
         // Boxed, so that its state (about 5 KiB) exists only while in use.
-        if !Box::pin(active(&mut client, &ip, &router, &mut first)).await {
+        if !Box::pin(active(&mut client, &ip, xff, &router, &mut first, &mut spoke)).await {
             return;
         }
         let idle = first.is_none();
         if idle && router.finishing() {
             return;
         }
+        let wait = match spoke {
+            true => IDLE_TIMEOUT - HOLD,
+            false => FIRST_BYTE_TIMEOUT - HOLD,
+        };
         let mut finished = router.finished.subscribe();
         tokio::select! {
-            r = tokio::time::timeout(IDLE_TIMEOUT - HOLD, client.readable()) => match r {
+            r = tokio::time::timeout(wait, client.readable()) => match r {
                 Ok(Ok(())) => {}
                 // Idle too long: closed without a word, as HTTP allows.
                 Ok(Err(_)) | Err(_) => return,
@@ -174,8 +196,10 @@ pub(super) async fn serve(
 async fn active<'r>(
     client: &mut TcpStream,
     ip: &[u8],
+    xff: Xff,
     router: &'r Router,
     first: &mut Option<Owed<'r>>,
+    spoke: &mut bool,
 ) -> bool {
     let s = &mut Session {
         cbuf: Buf::new(),
@@ -191,12 +215,15 @@ async fn active<'r>(
         if first.is_none() && owed.is_none() && !s.cbuf.is_empty() {
             owed = Some(router.owe());
         }
-        let req = match head::request(s.cbuf.filled(), ip, &mut s.out) {
+        let req = match head::request(s.cbuf.filled(), ip, xff, &mut s.out) {
             Ok(r) => r,
             Err(HeadError::Partial) if s.cbuf.is_empty() => {
                 match tokio::time::timeout(HOLD, s.cbuf.read_from(client)).await {
                     Ok(Ok(0) | Err(_)) => return false,
-                    Ok(Ok(_)) => continue,
+                    Ok(Ok(_)) => {
+                        *spoke = true;
+                        continue;
+                    }
                     Err(_) => return true,
                 }
             }
@@ -238,7 +265,14 @@ async fn active<'r>(
         });
         s.cbuf.consume(req.len);
         let mut served = Served::default();
-        let keep = exchange(client, s, &req, router, &mut served).await;
+        // A chunked body that is malformed in what came with its head is
+        // refused before any instance is chosen: nothing reaches one.
+        let keep = if req.body == Framing::Chunked && Chunked::default().feed(s.cbuf.filled()).is_err() {
+            bad_body(client, s, &req, router, &mut served).await;
+            false
+        } else {
+            exchange(client, s, &req, router, &mut served).await
+        };
         if let (Some(log), Some((method, target, since))) = (log, logged) {
             log.write(&Entry {
                 client: ip,
@@ -255,6 +289,22 @@ async fn active<'r>(
         if !keep {
             return false;
         }
+    }
+}
+
+/// Answers a request whose chunked body is malformed: 400, counted as an
+/// error, and the connection closed (where its body ends is unknown).
+async fn bad_body(
+    client: &mut TcpStream,
+    s: &mut Session,
+    req: &RequestHead,
+    router: &Router,
+    served: &mut Served,
+) {
+    router.count(None, false);
+    if !s.answered {
+        let msg = "bad request: malformed chunked body\n";
+        answer(client, &mut s.rout, served, 400, msg, req, false).await;
     }
 }
 
@@ -343,7 +393,7 @@ async fn exchange(
                 served.status = Some(status);
                 router.count(Some(&backend), status < 500);
                 if reusable {
-                    checkin(&backend, conn);
+                    checkin(router, &backend, conn);
                 }
                 drop(guard);
                 if !keep_client && req.body != Framing::None {
@@ -388,6 +438,12 @@ async fn exchange(
             }
             Outcome::ClientGone => {
                 router.abandoned(&backend);
+                return false;
+            }
+            Outcome::BadBody => {
+                // The instance's connection, mid-body, is dropped with it.
+                drop(guard);
+                bad_body(client, s, req, router, served).await;
                 return false;
             }
             Outcome::Stalled => {
@@ -477,7 +533,8 @@ async fn forward(
                 // counts.
                 Err(BodyError::Sink) => {}
                 Err(BodyError::Stalled) => return Outcome::Stalled,
-                Err(BodyError::Source | BodyError::Malformed) => return Outcome::ClientGone,
+                Err(BodyError::Malformed) => return Outcome::BadBody,
+                Err(BodyError::Source) => return Outcome::ClientGone,
             }
         }
         if !req.keep_alive {
@@ -714,12 +771,21 @@ async fn checkout(b: &Backend, fresh: bool) -> io::Result<Conn> {
         quickack: QuickAck::default(),
         pooled: false,
         since: Instant::now(),
+        fd: None,
     })
 }
 
-fn checkin(b: &Backend, mut c: Conn) {
+fn checkin(router: &Router, b: &Backend, mut c: Conn) {
     if !b.routed.load(Ordering::SeqCst) {
         return;
+    }
+    // Pooled, it holds a descriptor of its own; with the budget spent, it
+    // is closed rather than kept.
+    if c.fd.is_none() {
+        match router.budget.pooled() {
+            Some(fd) => c.fd = Some(fd),
+            None => return,
+        }
     }
     c.pooled = true;
     c.since = Instant::now();
