@@ -24,7 +24,7 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
             Ok(l) => loaded.push((file, l)),
             Err(e) => {
                 failed += 1;
-                eprintln!("{e}");
+                tell!("{e}");
             }
         }
     }
@@ -43,13 +43,13 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
                 failed += 1;
                 let (line, col) =
                     manifest::position_of_after(&l.text, first.as_str()).unwrap_or((1, 1));
-                eprintln!("{}:{line}:{col}: {message}", file.display());
+                tell!("{}:{line}:{col}: {message}", file.display());
             }
             (None, Some((_, port, other))) => {
                 failed += 1;
                 let whose = format!("also the port of {other}");
                 let error = manifest::shared_port_error(&l.text, *port, &whose);
-                eprintln!("{}:{error}", file.display());
+                tell!("{}:{error}", file.display());
             }
             (None, None) => writeln!(
                 out,
@@ -61,7 +61,7 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
         }
     }
     if failed > 0 {
-        eprintln!(
+        tell!(
             "deploy: {failed} of {} manifest{} invalid",
             files.len(),
             if files.len() == 1 { "" } else { "s" }

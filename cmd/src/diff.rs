@@ -39,7 +39,7 @@ pub fn run(ns: &Ns, files: &[PathBuf]) -> Result<Exit, Fail> {
             Ok(l) => l,
             Err(e) => {
                 invalid += 1;
-                eprintln!("{e}");
+                tell!("{e}");
                 continue;
             }
         };

@@ -77,15 +77,15 @@ pub fn apply_all(ns: &Ns, no_wait: bool, limit: Option<Duration>) -> Result<Exit
         not_started,
     } = parse_apply_all(&msg);
     for s in &unchanged {
-        println!("{s}: unchanged");
+        say!("{s}: unchanged");
     }
     for s in &unlisted {
-        eprintln!(
+        tell!(
             "deploy: {s}: runs without a manifest file; left as it is (deploy remove {s} removes it)"
         );
     }
     for why in &not_started {
-        eprintln!("deploy: not started: {why}");
+        tell!("deploy: not started: {why}");
     }
     let failed = if not_started.is_empty() {
         Exit::Ok
@@ -94,7 +94,7 @@ pub fn apply_all(ns: &Ns, no_wait: bool, limit: Option<Duration>) -> Result<Exit
     };
     if no_wait {
         for s in &started {
-            println!("{s}: started");
+            say!("{s}: started");
         }
         return Ok(failed);
     }
@@ -125,7 +125,7 @@ pub fn apply_all(ns: &Ns, no_wait: bool, limit: Option<Duration>) -> Result<Exit
                 }
             }
             Err(f) => {
-                eprintln!("deploy: {}", f.message);
+                tell!("deploy: {}", f.message);
                 exit = Err(Fail::new(
                     f.code,
                     format!("{}: not followed to its end", r.0),
@@ -209,7 +209,7 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
                 ns::read_field(dir, "update_status"),
                 ns::read_field(dir, "update_progress"),
             );
-            eprintln!(
+            tell!(
                 "{service}: not over after {} (--timeout): {status} at {progress}; deployd goes on with it (deploy status {service}, or deploy pause|rollback {service})",
                 deployd_lib::manifest::format_duration(limit)
             );
@@ -251,16 +251,16 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         Ok(Exit::Ok)
     } else if line.starts_with("paused ") {
         let progress = ns::read_field(dir, "update_progress");
-        eprintln!("{service}: paused at {progress}; go on with: deploy resume {service}");
+        tell!("{service}: paused at {progress}; go on with: deploy resume {service}");
         Ok(Exit::Failed)
     } else {
         let reason = line.strip_prefix("failed: ").unwrap_or(&line);
-        eprintln!("{service}: failed: {reason}");
+        tell!("{service}: failed: {reason}");
         // The events showed the last lines of what the failed instance
         // printed; say where the rest is, if it printed in this rollout.
         let log = std::fs::metadata(dir.join("failed_log"));
         if log.is_ok_and(|m| m.len() > 0 && m.modified().is_ok_and(|t| t >= since)) {
-            eprintln!("{service}: all it printed: deploy logs {service} --failed");
+            tell!("{service}: all it printed: deploy logs {service} --failed");
         }
         Ok(Exit::Failed)
     }
@@ -339,7 +339,7 @@ pub fn until(
                 ns::read_field(dir, "state"),
                 ns::read_field(dir, "update_progress"),
             );
-            eprintln!(
+            tell!(
                 "{service}: not {} after {} ({state}, {progress} ready); see deploy status {service}",
                 until.done(),
                 deployd_lib::manifest::format_duration(limit)

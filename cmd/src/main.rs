@@ -9,6 +9,21 @@
 //! service; 5 deployd refused the command. `deploy diff`: 0 no difference, 1
 //! differences, 2 a file does not parse.
 
+/// `println!`, but a closed standard output (`deploy … | head -1`) ends
+/// deploy quietly with 0 rather than a panic.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::print_line(false, format_args!($($arg)*))
+    };
+}
+
+/// `eprintln!`, the same for standard error (`2>&1 | head -1`).
+macro_rules! tell {
+    ($($arg:tt)*) => {
+        $crate::print_line(true, format_args!($($arg)*))
+    };
+}
+
 mod check;
 mod diff;
 mod follow;
@@ -233,18 +248,47 @@ pub enum Exit {
 pub struct Fail {
     code: u8,
     message: String,
+    /// Its output was closed under it: deploy ends with 0, saying nothing.
+    quiet: bool,
 }
 
 impl Fail {
     fn new(code: u8, message: String) -> Fail {
-        Fail { code, message }
+        Fail {
+            code,
+            message,
+            quiet: false,
+        }
     }
 }
 
 impl From<std::io::Error> for Fail {
     fn from(e: std::io::Error) -> Fail {
-        Fail::new(1, e.to_string())
+        Fail {
+            code: 1,
+            message: e.to_string(),
+            // Whoever read the output has all they wanted (`| head`).
+            quiet: e.kind() == std::io::ErrorKind::BrokenPipe,
+        }
     }
+}
+
+/// Writes one line to standard output (or error); a closed pipe ends
+/// deploy with 0, quietly: its reader has what it wanted.
+pub fn print_line(to_stderr: bool, args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let written = match to_stderr {
+        false => writeln!(std::io::stdout().lock(), "{args}"),
+        true => writeln!(std::io::stderr().lock(), "{args}"),
+    };
+    if written.is_err_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+        quiet_exit();
+    }
+}
+
+/// Ends deploy with 0 at once: its output was closed (`deploy … | head`).
+fn quiet_exit() -> ! {
+    std::process::exit(0)
 }
 
 /// A SERVICE argument: refused as usage (exit 2) unless it is a service
@@ -277,7 +321,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 .ctl_root(&format!("apply {service}\n"))
                 .map_err(|f| refused(&service, f))?;
             if wait.no_wait || msg.starts_with("unchanged") {
-                println!("{service}: {msg}");
+                say!("{service}: {msg}");
                 return Ok(Exit::Ok);
             }
             follow::follow(&service, &dir, start, What::Deploy)
@@ -381,7 +425,7 @@ const NO_WAIT: Waiting = Waiting {
 fn command(ns: &Ns, service: &str, cmd: &str, wait: Waiting, what: What) -> Result<Exit, Fail> {
     let (dir, start, msg) = send(ns, service, cmd)?;
     if wait.no_wait {
-        println!("{service}: {msg}");
+        say!("{service}: {msg}");
         return Ok(Exit::Ok);
     }
     follow::follow(service, &dir, start.limit(wait.timeout), what)
@@ -403,7 +447,7 @@ fn send(ns: &Ns, service: &str, cmd: &str) -> Result<(PathBuf, follow::Start, St
 fn settle(ns: &Ns, service: &str, until: Until, wait: Waiting) -> Result<Exit, Fail> {
     let (dir, start, msg) = send(ns, service, until.command())?;
     if wait.no_wait {
-        println!("{service}: {msg}");
+        say!("{service}: {msg}");
         return Ok(Exit::Ok);
     }
     // The answer is the first event, which the following prints.
@@ -427,13 +471,13 @@ fn reexec(ns: &Ns, root: &std::path::Path) -> Result<Exit, Fail> {
     let msg = ns
         .ctl_root("reexec\n")
         .map_err(|f| crate::refused("reexec", f))?;
-    println!("deployd: {msg}");
+    say!("deployd: {msg}");
     let started = std::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_secs(60) {
         let now = started_at(root);
         let back = now.is_some() && now != old && Ns::open(root).is_ok();
         if back {
-            println!("deployd: back in {:.2}s", started.elapsed().as_secs_f64());
+            say!("deployd: back in {:.2}s", started.elapsed().as_secs_f64());
             return Ok(Exit::Ok);
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -457,9 +501,9 @@ fn main() -> ExitCode {
     let args = Args::parse();
     match try_main(args) {
         Ok(exit) => ExitCode::from(exit as u8),
-        Err(f) if f.message.contains("Broken pipe") => ExitCode::SUCCESS,
+        Err(f) if f.quiet => ExitCode::SUCCESS,
         Err(f) => {
-            eprintln!("deploy: {}", f.message);
+            tell!("deploy: {}", f.message);
             ExitCode::from(f.code)
         }
     }

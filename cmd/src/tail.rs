@@ -84,7 +84,7 @@ fn removed(dir: &Path) -> bool {
 /// What a follower says as it ends because its service is gone.
 fn say_removed(dir: &Path) {
     let service = dir.file_name().map_or("".into(), |s| s.to_string_lossy());
-    eprintln!("deploy: {service}: removed");
+    tell!("deploy: {service}: removed");
 }
 
 /// Bytes a [`Cursor`] keeps of what it read last: many lines, so that

@@ -124,3 +124,37 @@ fn no_files_is_a_usage_error() {
     let (code, _, err) = deploy(&["check"]);
     assert_eq!(code, 2, "{err}");
 }
+
+/// Whoever reads the output may stop early (`| head -1`): deploy then
+/// ends quietly with 0, on standard output and standard error alike,
+/// rather than panicking (exit 101) at its next write.
+#[test]
+fn a_closed_pipe_is_a_quiet_exit() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("many.manifest");
+    // Far more output than a pipe holds, so that deploy writes after
+    // head has gone.
+    let lines: String = (0..6000).map(|i| format!("bogus{i} x\n")).collect();
+    std::fs::write(&bad, format!("exec a\n{lines}")).unwrap();
+    let mut good = Vec::new();
+    for i in 0..3000 {
+        let f = dir.path().join(format!("s{i}.manifest"));
+        std::fs::write(&f, "exec a\n").unwrap();
+        good.push(f.to_str().unwrap().to_string());
+    }
+    let bin = env!("CARGO_BIN_EXE_deploy");
+    for script in [
+        format!("{bin} check {} 2>&1 | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", bad.display()),
+        format!("{bin} check {} | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", good.join(" ")),
+    ] {
+        let out = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "0",
+            "{}: {err}",
+            &script[..80]
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
