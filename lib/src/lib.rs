@@ -11,6 +11,8 @@
 //! - [`ctl`]: the language of the namespace's `ctl` files.
 //! - [`http`]: HTTP/1 framing for the proxy: heads and chunked bodies.
 //! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
+//! - [`printable`]: text made safe to show on one line (controls and
+//!   bidirectional overrides escaped).
 //! - [`readfile`]: reading a file a user named: regular files only,
 //!   never waiting, never past a limit.
 //! - [`tail`]: the last whole lines of a file.
@@ -23,6 +25,7 @@ pub mod http;
 pub mod manifest;
 pub mod name;
 pub mod order;
+pub mod printable;
 pub mod readfile;
 pub mod rollout;
 pub mod stamp;

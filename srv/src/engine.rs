@@ -81,6 +81,17 @@ pub enum Msg {
         /// The result.
         result: Result<(), String>,
     },
+    /// deployd could not do something for an instance for a shortage of
+    /// its own (a probe it could not run): said in events, at most once
+    /// every [`SHORT_SAID`], and never counted against the instance.
+    Short {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+        /// `deployd is short of WHAT (ERROR)`, and what could not be done.
+        why: String,
+    },
     /// A sample of an instance's memory above its `memory_max`.
     OverMemory {
         /// The service's number.
@@ -97,7 +108,7 @@ pub enum Msg {
         /// The instance.
         id: InstanceId,
         /// Its pid, or why it could not start.
-        result: Result<u32, String>,
+        result: Result<u32, Exit>,
     },
     /// An instance's output comes faster than its `log_rate`: its log's
     /// pump now waits.
@@ -106,6 +117,16 @@ pub enum Msg {
         sid: u32,
         /// The instance.
         id: InstanceId,
+    },
+    /// An instance's output cannot be written to its log (`Err`: why), or
+    /// can again (`Ok`: the bytes dropped meanwhile).
+    Unwritable {
+        /// The service's number.
+        sid: u32,
+        /// The instance.
+        id: InstanceId,
+        /// What its log's pump says.
+        result: Result<u64, String>,
     },
     /// An instance routed out has nothing in flight any more.
     Drained {
@@ -219,6 +240,8 @@ struct Entry {
     /// Why its record or pid file could not be written last time, until
     /// a write succeeds; retried every [`SAVE_RETRY`].
     unsaved: Option<String>,
+    /// When a shortage of deployd's was last said in its events.
+    short_said: Option<Instant>,
 }
 
 /// Lines of an instance's output the events showed, the stamp of their
@@ -233,6 +256,10 @@ struct Shown {
 }
 
 const SHOWN_AGAIN: Duration = Duration::from_secs(3600);
+
+/// How often a shortage of deployd's own is said again in a service's
+/// events while it lasts.
+const SHORT_SAID: Duration = Duration::from_secs(30);
 
 /// How often a record that could not be written is tried again.
 const SAVE_RETRY: Duration = Duration::from_secs(1);
@@ -427,6 +454,30 @@ impl Engine {
         Ok(files)
     }
 
+    /// Loads a manifest of the manifests directory ([`host::load`]), but
+    /// not through a link that leads out of it: deployd runs as root, and a
+    /// manifest that is a link to `/etc/shadow` would have its lines shown
+    /// in the errors, in events that other users may read.
+    fn load_file(&self, path: &std::path::Path) -> Result<manifest::Loaded, LoadError> {
+        if path.is_symlink() {
+            let dir = self.config.manifests.canonicalize();
+            let target = path.canonicalize();
+            if let (Ok(dir), Ok(target)) = (dir, target) {
+                if !target.starts_with(&dir) {
+                    return Err(LoadError::Io {
+                        file: path.display().to_string(),
+                        error: format!(
+                            "a link to {}, outside the manifests directory; refused",
+                            target.display()
+                        ),
+                        not_found: false,
+                    });
+                }
+            }
+        }
+        host::load(path)
+    }
+
     fn apply_manifests_dir(&mut self) {
         let files = match self.manifest_files() {
             Ok(f) => f,
@@ -438,7 +489,7 @@ impl Engine {
         };
         let mut specs = Vec::new();
         for file in files {
-            match host::load(&file) {
+            match self.load_file(&file) {
                 Ok(loaded) => specs.push((loaded.service, Spec::new(loaded.manifest, loaded.text))),
                 Err(e) => tracing::error!("not applied: {e}"),
             }
@@ -488,7 +539,7 @@ impl Engine {
         let mut specs = Vec::new();
         let mut errors = Vec::new();
         for file in &files {
-            match host::load(file) {
+            match self.load_file(file) {
                 Ok(l) => specs.push((l.service, Spec::new(l.manifest, l.text))),
                 Err(e) => errors.push(e.to_string()),
             }
@@ -719,6 +770,7 @@ impl Engine {
                 router: None,
                 shown: None,
                 unsaved: None,
+                short_said: None,
             },
         );
         self.dirty.insert(sid);
@@ -881,6 +933,24 @@ impl Engine {
             Msg::Probe { sid, id, result } => {
                 let _ = self.handle(sid, Input::Probe { id, result });
             }
+            Msg::Short { sid, id, why } => {
+                let now = self.now();
+                let said = self.services.get_mut(&sid).and_then(|e| {
+                    if e.short_said.is_some_and(|t| now.since(t) < SHORT_SAID) {
+                        return None;
+                    }
+                    e.short_said = Some(now);
+                    let i = e.machine.instances().iter().find(|i| i.id() == id)?;
+                    Some(format!(
+                        "{why}: a probe of instance {} could not run; not counted against it",
+                        i.number()
+                    ))
+                });
+                if let Some(line) = said {
+                    tracing::warn!("{line}");
+                    self.log(sid, &line);
+                }
+            }
             Msg::OverMemory { sid, id, rss } => {
                 let _ = self.handle(sid, Input::OverMemory { id, rss });
             }
@@ -897,6 +967,25 @@ impl Engine {
                          deployd to keep up (log_rate {rate})",
                         i.number()
                     ))
+                });
+                if let Some(line) = said {
+                    self.log(sid, &line);
+                }
+            }
+            Msg::Unwritable { sid, id, result } => {
+                let said = self.services.get(&sid).and_then(|e| {
+                    let i = e.machine.instances().iter().find(|i| i.id() == id)?;
+                    let n = i.number();
+                    Some(match &result {
+                        Err(why) => format!(
+                            "instance {n}: its output cannot be written to its log ({why}); \
+                             dropped until it can be"
+                        ),
+                        Ok(dropped) => format!(
+                            "instance {n}: its output is written to its log again \
+                             ({dropped} bytes dropped)"
+                        ),
+                    })
                 });
                 if let Some(line) = said {
                     self.log(sid, &line);
@@ -1307,7 +1396,7 @@ impl Engine {
 
     fn load_manifest(&self, service: &ServiceName) -> Result<Spec, Refusal> {
         let path = self.config.manifests.join(format!("{service}.manifest"));
-        match host::load(&path) {
+        match self.load_file(&path) {
             Ok(loaded) => Ok(Spec::new(loaded.manifest, loaded.text)),
             Err(LoadError::Io {
                 not_found: true,
@@ -1490,7 +1579,10 @@ impl Engine {
             match self.alloc_port() {
                 Ok(p) => Some(p),
                 Err(err) => {
-                    let exit = Exit::SpawnFailed(format!("no free port: {err}"));
+                    let exit = match crate::short::describe(&err) {
+                        Some(why) => Exit::Short(why),
+                        None => Exit::SpawnFailed(format!("no free port: {err}")),
+                    };
                     self.pending.push_back((sid, Input::Exited { id, exit }));
                     return;
                 }
@@ -1508,7 +1600,10 @@ impl Engine {
                 if let Some(p) = port {
                     self.ports.remove(&p);
                 }
-                let exit = Exit::SpawnFailed(format!("no pipe for its output: {err}"));
+                let exit = match crate::short::describe(&err) {
+                    Some(why) => Exit::Short(why),
+                    None => Exit::SpawnFailed(format!("no pipe for its output: {err}")),
+                };
                 self.pending.push_back((sid, Input::Exited { id, exit }));
                 return;
             }
@@ -1536,7 +1631,12 @@ impl Engine {
                 }),
                 Err(e) => Err(std::io::Error::new(std::io::ErrorKind::NotFound, e)),
             };
-            let result = spawned.as_ref().map(|pid| *pid).map_err(|e| e.to_string());
+            let result = spawned.as_ref().map(|pid| *pid).map_err(|e| {
+                match crate::short::describe(e) {
+                    Some(why) => Exit::Short(why),
+                    None => Exit::SpawnFailed(e.to_string()),
+                }
+            });
             // Spawned goes first: an exit the reaper already saw is only
             // delivered by watch(), after it.
             let _ = tx.send(Msg::Spawned { sid, id, result });
@@ -1561,11 +1661,15 @@ impl Engine {
         m: &manifest::Manifest,
     ) -> process::PumpOptions {
         let tx = self.tx.clone();
+        let said = self.tx.clone();
         process::PumpOptions {
             stamped: true,
             rate: m.log_rate,
             throttled: Some(Box::new(move || {
                 let _ = tx.send(Msg::Throttled { sid, id });
+            })),
+            unwritable: Some(Box::new(move |result| {
+                let _ = said.send(Msg::Unwritable { sid, id, result });
             })),
         }
     }
@@ -1606,11 +1710,16 @@ impl Engine {
         let report = move |result| {
             let _ = tx.send(Msg::Probe { sid, id, result });
         };
+        let tx = self.tx.clone();
+        let short = move |why| {
+            let _ = tx.send(Msg::Short { sid, id, why });
+        };
         let task = tokio::spawn(probe::run(
             target,
             self.children.clone(),
             poke.clone(),
             report,
+            short,
         ));
         (Some(task.abort_handle()), poke)
     }
@@ -1660,7 +1769,7 @@ impl Engine {
     }
 
     /// The spawning thread started (or failed to start) an instance's process.
-    fn spawned(&mut self, sid: u32, id: InstanceId, result: Result<u32, String>) {
+    fn spawned(&mut self, sid: u32, id: InstanceId, result: Result<u32, Exit>) {
         let Some(inst) = self
             .services
             .get_mut(&sid)
@@ -1692,13 +1801,7 @@ impl Engine {
                 {
                     self.release(inst);
                 }
-                let _ = self.handle(
-                    sid,
-                    Input::Exited {
-                        id,
-                        exit: Exit::SpawnFailed(e),
-                    },
-                );
+                let _ = self.handle(sid, Input::Exited { id, exit: e });
             }
         }
     }
@@ -1879,6 +1982,9 @@ impl Engine {
         let Some(e) = self.services.get(&sid) else {
             return stamp;
         };
+        // One line, as written: what a ctl write, a manifest or a program
+        // put in it can neither break the line nor act on a terminal.
+        let msg = deployd_lib::printable::printable(msg);
         tracing::info!(service = %e.name, "{msg}");
         let line = format!("{stamp} {msg}\n");
         e.events.append(&line);

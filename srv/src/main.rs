@@ -10,6 +10,8 @@
 //! - [`probe`]: health probes (http, tcp, exec).
 //! - [`proxy`]: the public ports: routing requests and connections to
 //!   ready instances, draining the ones routed out.
+//! - [`short`]: telling deployd's own shortages (descriptors, memory,
+//!   disk) from an instance's failures.
 //! - [`store`]: the state directory: atomic records, history, event logs.
 //! - [`view`]: the snapshots the engine publishes for the namespace.
 //! - [`fs`]: the namespace, served through FUSE.
@@ -32,6 +34,7 @@ mod logging;
 mod probe;
 mod process;
 mod proxy;
+mod short;
 mod store;
 mod view;
 

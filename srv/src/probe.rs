@@ -2,6 +2,12 @@
 //! every result to the engine, which owns what they mean (grace, retries,
 //! deadlines: see `deployd_lib::rollout`).
 //!
+//! A probe that deployd could not run for a shortage of its own (no
+//! descriptor for the socket, no memory to fork the command) is no result:
+//! it is reported apart ([`Failure::Deployd`]) and never reaches the state
+//! machine, so a deployd short of descriptors never replaces a healthy
+//! instance.
+//!
 //! Until an instance is first healthy it is probed every [`STARTING_HTTP`]
 //! (or [`STARTING_EXEC`] for exec probes), or `health_interval` if shorter,
 //! so a rollout learns of a new instance's health within milliseconds
@@ -26,6 +32,27 @@ pub const STARTING_HTTP: Duration = Duration::from_millis(5);
 /// Probe period of a starting instance, for exec probes.
 pub const STARTING_EXEC: Duration = Duration::from_millis(100);
 
+/// Why a probe did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The instance failed it (refused, a 503, a non-zero exit, a timeout).
+    Instance(String),
+    /// deployd could not run it: what it is short of.
+    Deployd(String),
+}
+
+impl From<&str> for Failure {
+    fn from(s: &str) -> Failure {
+        Failure::Instance(s.to_string())
+    }
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Failure {
+        Failure::Instance(s)
+    }
+}
+
 /// What one instance's prober needs.
 pub struct Target {
     /// The probe.
@@ -44,13 +71,15 @@ pub struct Target {
     pub user: Option<User>,
 }
 
-/// Probes forever, sending each result through `report`; `poke` asks for a
-/// probe now (the proxy failed to connect). Cancelled by aborting the task.
+/// Probes forever, sending each result through `report`, and each probe
+/// deployd could not run through `short`; `poke` asks for a probe now (the
+/// proxy failed to connect). Cancelled by aborting the task.
 pub async fn run(
     target: Target,
     children: Children,
     poke: Arc<Notify>,
     report: impl Fn(Result<(), String>),
+    short: impl Fn(String),
 ) {
     // An exec probe's account, looked up once per instance (as its process
     // was started), not at every probe.
@@ -68,7 +97,19 @@ pub async fn run(
     // one is reported once per health_interval, not at every fast probe.
     let mut last_failure: Option<(String, tokio::time::Instant)> = None;
     loop {
-        let result = probe(&target, account.as_ref(), &children).await;
+        let result = match probe(&target, account.as_ref(), &children).await {
+            Ok(()) => Ok(()),
+            Err(Failure::Instance(e)) => Err(e),
+            Err(Failure::Deployd(why)) => {
+                short(why);
+                // Tried again at the instance's interval, not faster.
+                tokio::select! {
+                    _ = tokio::time::sleep(target.interval) => {}
+                    _ = poke.notified() => {}
+                }
+                continue;
+            }
+        };
         healthy_once |= result.is_ok();
         let repeat = match (&result, &last_failure) {
             (Err(e), Some((last, at))) => {
@@ -100,53 +141,59 @@ pub async fn probe(
     target: &Target,
     account: Option<&Result<Account, String>>,
     children: &Children,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let work = async {
         match (&target.health, target.port) {
             (Health::None, _) => Ok(()),
             (Health::Tcp, Some(port)) => tcp(port).await.map(|_| ()),
             (Health::Http { path }, Some(port)) => http(port, path).await,
             (Health::Exec { command }, _) => {
-                let account = account.map(Result::as_ref).transpose()?;
+                let account = account
+                    .map(Result::as_ref)
+                    .transpose()
+                    .map_err(|e| Failure::Instance(e.clone()))?;
                 exec(command, target, account, children).await
             }
-            (_, None) => Err("the instance has no port".to_string()),
+            (_, None) => Err("the instance has no port".into()),
         }
     };
     match tokio::time::timeout(target.timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!(
+        Err(_) => Err(Failure::Instance(format!(
             "timed out after {}",
             deployd_lib::manifest::format_duration(target.timeout)
-        )),
+        ))),
     }
 }
 
-async fn tcp(port: u16) -> Result<TcpStream, String> {
+async fn tcp(port: u16) -> Result<TcpStream, Failure> {
     TcpStream::connect(("127.0.0.1", port))
         .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => "connection refused".to_string(),
-            _ => e.to_string(),
+        .map_err(|e| match crate::short::describe(&e) {
+            Some(why) => Failure::Deployd(why),
+            None if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                "connection refused".into()
+            }
+            None => e.to_string().into(),
         })
 }
 
 /// GET `path`; a 2xx status line is healthy. Only the status line is read.
-async fn http(port: u16, path: &str) -> Result<(), String> {
+async fn http(port: u16, path: &str) -> Result<(), Failure> {
     let mut s = tcp(port).await?;
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: deployd-probe\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes())
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| Failure::Instance(e.to_string()))?;
     let mut buf = [0u8; 256];
     let mut len = 0;
     while len < 12 {
         match s.read(&mut buf[len..]).await {
             Ok(0) => return Err("connection closed before a response".into()),
             Ok(n) => len += n,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.to_string().into()),
         }
     }
     let line = String::from_utf8_lossy(&buf[..len]);
@@ -154,11 +201,11 @@ async fn http(port: u16, path: &str) -> Result<(), String> {
         .strip_prefix("HTTP/1.")
         .and_then(|r| r.get(2..5))
         .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| "not an HTTP response".to_string())?;
+        .ok_or_else(|| Failure::from("not an HTTP response"))?;
     if (200..300).contains(&status) {
         Ok(())
     } else {
-        Err(format!("HTTP {status}"))
+        Err(format!("HTTP {status}").into())
     }
 }
 
@@ -167,7 +214,7 @@ async fn exec(
     target: &Target,
     account: Option<&Account>,
     children: &Children,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let pid = process::spawn(Spawn {
         command,
         dir: &target.dir,
@@ -175,16 +222,19 @@ async fn exec(
         output: None,
         account,
     })
-    .map_err(|e| format!("cannot run the probe: {e}"))?;
+    .map_err(|e| match crate::short::describe(&e) {
+        Some(why) => Failure::Deployd(why),
+        None => format!("cannot run the probe: {e}").into(),
+    })?;
     let (tx, rx) = oneshot::channel();
     children.watch(pid, Waiter::Channel(tx));
     // Killed with its group if the probe times out (the future is dropped).
     let guard = KillOnDrop(pid);
-    let exit = rx.await.map_err(|_| "probe lost".to_string())?;
+    let exit = rx.await.map_err(|_| Failure::from("probe lost"))?;
     std::mem::forget(guard);
     match exit {
         Exit::Code(0) => Ok(()),
-        other => Err(format!("probe command: {other}")),
+        other => Err(format!("probe command: {other}").into()),
     }
 }
 

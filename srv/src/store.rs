@@ -10,6 +10,9 @@
 //! STATE/services/SERVICE/failed.log  the last failed instance's log (a hard link)
 //! ```
 //!
+//! Everything is its owner's alone: directories 0700, files 0600 (instances'
+//! output and events may hold what no other user should read).
+//!
 //! Records and manifests are written to a temporary file, fsynced and renamed
 //! over the old one, so a kill -9 (or a power cut) leaves either the old or
 //! the new file. The pid file is not fsynced: after a power cut there is
@@ -18,6 +21,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use deployd_lib::manifest::Version;
@@ -47,19 +51,43 @@ pub struct Saved {
 pub struct Store {
     root: PathBuf,
     _lock: File,
+    /// Each service's event log, kept open: appending a line then needs no
+    /// descriptor, which deployd may be short of just when something
+    /// worth a line happens.
+    events: parking_lot::Mutex<std::collections::HashMap<ServiceName, EventFile>>,
 }
+
+/// A service's open event log, and the lines that could not be written
+/// to it yet (a full disk): written first at the next append that can.
+#[derive(Default)]
+struct EventFile {
+    file: Option<File>,
+    unwritten: Vec<u8>,
+}
+
+/// The most bytes of event lines kept in memory while they cannot be
+/// written; past it the oldest go (events in memory still show them).
+const UNWRITTEN_MAX: usize = 1 << 20;
 
 impl Store {
     /// Opens (creating) the state directory and takes its lock.
     pub fn open(root: &Path) -> Result<Store, String> {
         let services = root.join("services");
-        fs::create_dir_all(&services).map_err(|e| format!("{}: {e}", services.display()))?;
+        private_dirs(&services).map_err(|e| format!("{}: {e}", services.display()))?;
+        // deployd's alone: instances' output, events, manifests. Made so
+        // again at each start, for a directory an earlier deployd made
+        // world-readable (what is below it is then out of reach too).
+        for dir in [root, &services] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         let lock_path = root.join("deployd.lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(|e| format!("{}: {e}", lock_path.display()))?;
         // SAFETY: flock on a descriptor we own.
@@ -79,6 +107,7 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             _lock: lock,
+            events: Default::default(),
         })
     }
 
@@ -107,8 +136,8 @@ impl Store {
     /// Creates a service's directories.
     pub fn create(&self, service: &ServiceName) -> std::io::Result<()> {
         let dir = self.dir(service);
-        fs::create_dir_all(dir.join("history"))?;
-        fs::create_dir_all(dir.join("logs"))
+        private_dirs(&dir.join("history"))?;
+        private_dirs(&dir.join("logs"))
     }
 
     /// Reads a service's record.
@@ -173,12 +202,39 @@ impl Store {
             .join(format!("{version}.manifest"))
     }
 
-    /// Appends one line (with its newline) to the event log.
+    /// Appends one line (with its newline) to the event log. A line that
+    /// cannot be written now is kept and written before the next one that
+    /// can: none is lost while deployd runs.
     pub fn append_event(&self, service: &ServiceName, line: &str) -> std::io::Result<()> {
         let path = self.dir(service).join("events.log");
-        let mut f = OpenOptions::new().create(true).append(true).open(&path)?;
-        f.write_all(line.as_bytes())?;
+        let mut all = self.events.lock();
+        let ev = all.entry(service.clone()).or_default();
+        ev.unwritten.extend_from_slice(line.as_bytes());
+        if ev.unwritten.len() > UNWRITTEN_MAX {
+            let cut = ev.unwritten.len() - UNWRITTEN_MAX;
+            let cut = ev.unwritten[cut..]
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(ev.unwritten.len(), |p| cut + p + 1);
+            ev.unwritten.drain(..cut);
+        }
+        if ev.file.is_none() {
+            ev.file = Some(open_private_append(&path)?);
+        }
+        let Some(f) = ev.file.as_mut() else {
+            return Ok(());
+        };
+        // One write: a line is whole in the file or not there.
+        match f.write(&ev.unwritten) {
+            Ok(n) if n == ev.unwritten.len() => ev.unwritten.clear(),
+            Ok(n) => {
+                ev.unwritten.drain(..n);
+                return Err(std::io::Error::other("event log: a short write"));
+            }
+            Err(e) => return Err(e),
+        }
         if f.metadata()?.len() > EVENTS_MAX {
+            ev.file = None;
             fs::rename(&path, self.dir(service).join("events.log.1"))?;
         }
         Ok(())
@@ -299,8 +355,25 @@ impl Store {
 
     /// Forgets a service: deletes its directory.
     pub fn remove(&self, service: &ServiceName) -> std::io::Result<()> {
+        self.events.lock().remove(service);
         fs::remove_dir_all(self.dir(service))
     }
+}
+
+/// Creates `dir` and what is missing above it, each readable by deployd's
+/// user alone (0700).
+fn private_dirs(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Opens a file of the state directory for appending, creating it
+/// readable by deployd's user alone (0600).
+pub fn open_private_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory,
@@ -367,6 +440,41 @@ mod tests {
         let e = write_atomic(&path, b"{}", true).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
         assert_eq!(e.to_string(), "No such file or directory (os error 2)");
+    }
+
+    /// What deployd keeps is its own: instances' output and events may
+    /// hold secrets. A directory an earlier deployd left open is closed.
+    #[test]
+    fn the_state_directory_is_readable_by_its_owner_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        std::fs::create_dir_all(root.join("services")).unwrap();
+        for d in [&root, &root.join("services")] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let store = Store::open(&root).unwrap();
+        let web = name("web");
+        store.create(&web).unwrap();
+        store.append_event(&web, "one\n").unwrap();
+        store.save_pids(&web, &[(1, 2)]).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for d in [
+            root.clone(),
+            root.join("services"),
+            store.dir(&web),
+            store.dir(&web).join("logs"),
+            store.dir(&web).join("history"),
+        ] {
+            assert_eq!(mode(&d), 0o700, "{}", d.display());
+        }
+        for f in [
+            root.join("deployd.lock"),
+            store.dir(&web).join("events.log"),
+            store.dir(&web).join("pids"),
+        ] {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
+        }
     }
 
     #[test]

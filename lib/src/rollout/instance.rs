@@ -106,6 +106,11 @@ pub enum Exit {
     Signal(i32),
     /// It could not be started at all.
     SpawnFailed(String),
+    /// deployd could not start it for a shortage of its own (descriptors,
+    /// memory, processes): what it is short of. Not the instance's doing:
+    /// it is started again after [`SHORT_RETRY`](super::SHORT_RETRY),
+    /// counted as no failure and no restart.
+    Short(String),
 }
 
 impl Exit {
@@ -127,6 +132,7 @@ impl fmt::Display for Exit {
                 None => write!(f, "killed by signal {s}"),
             },
             Exit::SpawnFailed(e) => write!(f, "could not start: {e}"),
+            Exit::Short(e) => write!(f, "not started: {e}"),
         }
     }
 }

@@ -50,6 +50,10 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// An instance ready this long before it exits resets its slot's backoff.
 pub const BACKOFF_RESET: Duration = Duration::from_secs(30);
+/// When deployd could not start an instance for a shortage of its own
+/// ([`Exit::Short`]), how long until it tries again: no backoff, since the
+/// instance did nothing wrong.
+pub const SHORT_RETRY: Duration = Duration::from_secs(1);
 
 /// A point on the caller's monotonic clock, as time since an epoch it chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
@@ -1660,11 +1664,17 @@ impl Service {
             };
             let inst = &self.instances[i];
             if let Some(exit) = &inst.exit {
-                let reason = format!(
-                    "instance {} exited while starting ({exit}; {})",
-                    inst.number,
-                    inst.last_probe()
-                );
+                let reason = match exit {
+                    // Not the new version's fault: the reason says whose.
+                    Exit::Short(why) => {
+                        format!("deployd could not start instance {}: {why}", inst.number)
+                    }
+                    exit => format!(
+                        "instance {} exited while starting ({exit}; {})",
+                        inst.number,
+                        inst.last_probe()
+                    ),
+                };
                 self.fail(reason);
                 return true;
             }
@@ -2165,6 +2175,17 @@ impl Service {
                 };
                 if self.stopped || self.in_batch(slot) {
                     self.event(format!("instance {number} exited ({exit})"));
+                } else if let Exit::Short(why) = &exit {
+                    // deployd's shortage, not the instance's failure: no
+                    // backoff, no restart counted.
+                    if let Some(s) = self.slots.get_mut(slot as usize) {
+                        s.restart_at = Some(self.now + SHORT_RETRY);
+                    }
+                    self.event(format!(
+                        "instance {number} could not be started: {why}; trying again in {} \
+                         (not counted against it)",
+                        format_secs(SHORT_RETRY)
+                    ));
                 } else if restart {
                     let delay = self.schedule_restart(slot, ready_since);
                     self.event(format!(
@@ -2184,7 +2205,7 @@ impl Service {
         }
         // Not asked to stop, it may have said why; a process that never
         // started said nothing.
-        if role != Role::Retiring && !matches!(exit, Exit::SpawnFailed(_)) {
+        if role != Role::Retiring && !matches!(exit, Exit::SpawnFailed(_) | Exit::Short(_)) {
             self.show_output(id, number);
         }
     }

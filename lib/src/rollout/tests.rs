@@ -1210,6 +1210,86 @@ fn apply_unchanged_is_a_noop_and_failed_apply_can_be_retried() {
     sim.check_converged();
 }
 
+/// deployd short of descriptors (or memory) when it restarts an instance:
+/// tried again every second, with no backoff and no restart counted,
+/// however long the shortage lasts; once it is over, the slot serves.
+#[test]
+fn a_start_deployd_could_not_make_is_no_failure_of_the_instance() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let id = sim.serving()[&1].0;
+    sim.crash(id);
+    assert_eq!(sim.svc.restarts(1), 1);
+    sim.events.clear();
+    let mut shortages = 0;
+    let mut starts = Vec::new();
+    let until = sim.now + Duration::from_secs(10);
+    while sim.now < until && sim.step() {
+        // Every start of the next 5 s fails for deployd's shortage.
+        let new: Vec<u64> = sim
+            .procs
+            .iter()
+            .filter(|(_, p)| p.alive && p.started.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in new {
+            starts.push(sim.now);
+            if sim.now < Instant::from_epoch(Duration::from_secs(5)) {
+                sim.procs.get_mut(&id).unwrap().alive = false;
+                let _ = sim.feed(Input::Exited {
+                    id: InstanceId(id),
+                    exit: Exit::Short("deployd is short of file descriptors (EMFILE)".into()),
+                });
+                shortages += 1;
+            }
+        }
+    }
+    assert!(shortages >= 3, "{:#?}", sim.events);
+    // A second apart, never more: no backoff.
+    for pair in starts.windows(2).take(shortages) {
+        assert!(pair[1].since(pair[0]) <= SHORT_RETRY + 10 * MS, "{starts:?}");
+    }
+    assert_eq!(sim.svc.restarts(1), 1, "a shortage is no restart");
+    assert!(
+        sim.events.iter().any(|e| e.ends_with(
+            "could not be started: deployd is short of file descriptors (EMFILE); trying again \
+             in 1.0s (not counted against it)"
+        )),
+        "{:#?}",
+        sim.events
+    );
+    assert!(!sim.events.iter().any(|e| e.contains(" printed: ")));
+    sim.settle();
+    sim.check_converged();
+}
+
+/// A rollout's new instance deployd could not start fails the rollout
+/// with a reason that names deployd, not the new version.
+#[test]
+fn a_candidate_deployd_could_not_start_fails_the_rollout_naming_deployd() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let before = sim.serving();
+    sim.command(Command::Apply(spec("v2", 2, 1, Strategy::Rolling)))
+        .unwrap();
+    let new: Vec<u64> = sim
+        .procs
+        .iter()
+        .filter(|(_, p)| p.alive && p.started.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(new.len(), 1);
+    sim.procs.get_mut(&new[0]).unwrap().alive = false;
+    let _ = sim.feed(Input::Exited {
+        id: InstanceId(new[0]),
+        exit: Exit::Short("deployd is short of memory".into()),
+    });
+    sim.settle();
+    assert_eq!(
+        sim.failed_line(),
+        "failed: deployd could not start instance 2: deployd is short of memory"
+    );
+    assert_eq!(sim.serving(), before, "the old instances are untouched");
+}
+
 #[test]
 fn steady_state_crash_loop_backs_off_exponentially() {
     let mut sim = Sim::new(spec("v1", 1, 1, Strategy::Rolling));

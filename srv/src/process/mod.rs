@@ -388,6 +388,9 @@ pub struct PumpOptions {
     pub rate: u64,
     /// Called the first time the pump waits.
     pub throttled: Option<Box<dyn FnOnce() + Send>>,
+    /// Called when what it copies cannot be written (a full disk), with
+    /// the error, and again with `Ok(bytes dropped meanwhile)` once it can.
+    pub unwritable: Option<Box<dyn Fn(Result<u64, String>) + Send>>,
 }
 
 /// The read buffer of a pump held to its rate: a pipe's capacity. Only
@@ -428,7 +431,10 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, opts: PumpOptions)
         stamped,
         rate,
         mut throttled,
+        unwritable,
     } = opts;
+    // Bytes dropped since writes began to fail, while they fail.
+    let mut dropping: Option<u64> = None;
     let mut bucket = (rate > 0).then(|| Bucket::new(rate));
     let rx = match tokio::net::unix::pipe::Receiver::from_owned_fd(read) {
         Ok(rx) => rx,
@@ -487,9 +493,24 @@ pub async fn pump_log(read: OwnedFd, path: PathBuf, max: u64, opts: PumpOptions)
             file = open_log(&path);
             size = 0;
         }
-        if let Some(f) = file.as_mut() {
-            if f.write_all(data).is_ok() {
+        let written = match file.as_mut() {
+            Some(f) => f.write_all(data).map_err(|e| e.to_string()),
+            None => Err("cannot open the log".to_string()),
+        };
+        match (written, dropping.as_mut()) {
+            (Ok(()), _) => {
                 size += data.len() as u64;
+                if let (Some(dropped), Some(say)) = (dropping.take(), unwritable.as_ref()) {
+                    say(Ok(dropped));
+                }
+            }
+            (Err(_), Some(dropped)) => *dropped += data.len() as u64,
+            (Err(e), None) => {
+                tracing::warn!("log {}: {e}", path.display());
+                dropping = Some(data.len() as u64);
+                if let Some(say) = unwritable.as_ref() {
+                    say(Err(e));
+                }
             }
         }
         if let Some(&last) = data.last() {
@@ -597,7 +618,7 @@ fn shown_line(line: &str) -> Option<String> {
                     }
                 }
             }
-            c if c.is_control() => out.push(' '),
+            c if deployd_lib::printable::is_unsafe(c) => out.push(' '),
             c => out.push(c),
         }
     }
@@ -613,10 +634,12 @@ fn shown_line(line: &str) -> Option<String> {
 
 fn open_log(path: &Path) -> Option<File> {
     // Read too: whether it ends mid-line.
+    use std::os::unix::fs::OpenOptionsExt;
     match OpenOptions::new()
         .create(true)
         .append(true)
         .read(true)
+        .mode(0o600)
         .open(path)
     {
         Ok(f) => Some(f),
@@ -842,6 +865,7 @@ mod tests {
             throttled: Some(Box::new(move || {
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             })),
+            unwritable: None,
         };
         let pump = tokio::spawn(pump_log(r, path.clone(), 1 << 30, opts));
         let t0 = std::time::Instant::now();
@@ -882,6 +906,33 @@ mod tests {
         pump.await.expect("pump");
         let old = std::fs::read(dir.path().join("0.log.1")).expect("0.log.1");
         (old, std::fs::read(&path).expect("0.log"))
+    }
+
+    /// Output that cannot be written (a full disk: /dev/full says ENOSPC
+    /// to every write) is said once, not dropped silently.
+    #[tokio::test]
+    async fn a_log_that_cannot_be_written_is_said_once() {
+        let said = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = said.clone();
+        let opts = PumpOptions {
+            unwritable: Some(Box::new(move |r| log.lock().push(r))),
+            ..stamped()
+        };
+        let (r, w) = log_pipe().expect("pipe");
+        let pump = tokio::spawn(pump_log(r, PathBuf::from("/dev/full"), 1 << 20, opts));
+        let mut w = File::from(w);
+        for _ in 0..3 {
+            w.write_all(b"a line\n").expect("write");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(w);
+        pump.await.expect("pump");
+        let said = said.lock().clone();
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(
+            said[0].as_ref().unwrap_err().contains("No space left on device"),
+            "{said:?}"
+        );
     }
 
     #[tokio::test]

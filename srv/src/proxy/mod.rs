@@ -657,7 +657,7 @@ pub fn listen(
                     let wait = backoff.map_or(ACCEPT_BACKOFF_MIN, |b| (b * 2).min(ACCEPT_BACKOFF_MAX));
                     if backoff.is_none() {
                         tracing::warn!(service = %service, "accept on {addr}: {e}; backing off");
-                        let whose = match shortage(&e) {
+                        let whose = match crate::short::shortage(&e) {
                             Some(what) => format!("deployd is short of {what}"),
                             None => "deployd's accept failed".to_string(),
                         };
@@ -694,20 +694,6 @@ pub fn listen(
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// The longest wait after a failed accept.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// What deployd is short of, when an error says it is (its descriptors,
-/// the system's, memory, buffers, local ports): never an instance's fault.
-pub fn shortage(e: &std::io::Error) -> Option<&'static str> {
-    match e.raw_os_error()? {
-        libc::EMFILE => Some("file descriptors"),
-        libc::ENFILE => Some("file descriptors (the system's limit)"),
-        libc::ENOMEM => Some("memory"),
-        libc::ENOBUFS => Some("socket buffers"),
-        libc::EADDRNOTAVAIL => Some("local ports"),
-        libc::ENOSPC => Some("disk space"),
-        _ => None,
-    }
-}
 
 /// Sets what every client socket accepted on `l` inherits (Linux copies a
 /// listener's options at accept, so this costs no system call per
