@@ -704,7 +704,10 @@ fn a_crashed_instance_loses_no_request_that_had_not_started_answering() {
 #[test]
 fn x_forwarded_for_is_added_and_bodies_stream_both_ways() {
     let port = free_port();
-    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, ""))]) else {
+    // The client (this test, on loopback) is a proxy the manifest trusts:
+    // its X-Forwarded-For is kept and extended.
+    let trusted = "trusted_proxies 127.0.0.0/8\n";
+    let Some(d) = Deployd::start_settled(&[("web", web(port, "http", 1, trusted))]) else {
         return;
     };
     // A 1 MiB POST is echoed back whole.

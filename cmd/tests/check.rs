@@ -144,10 +144,20 @@ fn a_closed_pipe_is_a_quiet_exit() {
     }
     let bin = env!("CARGO_BIN_EXE_deploy");
     for script in [
-        format!("{bin} check {} 2>&1 | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", bad.display()),
-        format!("{bin} check {} | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}", good.join(" ")),
+        format!(
+            "{bin} check {} 2>&1 | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}",
+            bad.display()
+        ),
+        format!(
+            "{bin} check {} | head -1 >/dev/null; echo ${{PIPESTATUS[0]}}",
+            good.join(" ")
+        ),
     ] {
-        let out = Command::new("bash").arg("-c").arg(&script).output().unwrap();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(
             String::from_utf8_lossy(&out.stdout).trim(),

@@ -39,9 +39,15 @@ mod tests {
 
     #[test]
     fn controls_and_bidi_overrides_become_escapes() {
-        assert!(matches!(printable("plain text, é ü 日本"), Cow::Borrowed(_)));
+        assert!(matches!(
+            printable("plain text, é ü 日本"),
+            Cow::Borrowed(_)
+        ));
         assert_eq!(printable("a\u{202e}txt.exe"), "a\\u{202e}txt.exe");
-        assert_eq!(printable("red \x1b[31m!\r\nx\0"), "red \\u{1b}[31m!\\u{d}\\u{a}x\\u{0}");
+        assert_eq!(
+            printable("red \x1b[31m!\r\nx\0"),
+            "red \\u{1b}[31m!\\u{d}\\u{a}x\\u{0}"
+        );
         assert_eq!(printable("a\tb\u{2066}c\u{85}"), "a\\tb\\u{2066}c\\u{85}");
     }
 }

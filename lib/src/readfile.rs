@@ -102,7 +102,11 @@ mod tests {
         assert_eq!(read_regular(&p, 4).unwrap(), b"A=1\n");
         let e = read_regular(&p, 3).unwrap_err();
         assert_eq!(e.to_string(), "4 bytes; the limit is 3");
-        assert!(read_regular(&dir.path().join("no"), 3).unwrap_err().not_found());
+        assert!(
+            read_regular(&dir.path().join("no"), 3)
+                .unwrap_err()
+                .not_found()
+        );
     }
 
     #[test]
@@ -115,7 +119,10 @@ mod tests {
         assert_eq!(e.to_string(), "a FIFO, not a regular file; refused");
         assert!(t.elapsed() < std::time::Duration::from_secs(1));
         let e = read_regular(Path::new("/dev/zero"), 1 << 20).unwrap_err();
-        assert_eq!(e.to_string(), "a character device, not a regular file; refused");
+        assert_eq!(
+            e.to_string(),
+            "a character device, not a regular file; refused"
+        );
         let e = read_regular(dir.path(), 1 << 20).unwrap_err();
         assert_eq!(e.to_string(), "a directory, not a regular file; refused");
         // A link to one is what it links to.

@@ -1631,12 +1631,14 @@ impl Engine {
                 }),
                 Err(e) => Err(std::io::Error::new(std::io::ErrorKind::NotFound, e)),
             };
-            let result = spawned.as_ref().map(|pid| *pid).map_err(|e| {
-                match crate::short::describe(e) {
-                    Some(why) => Exit::Short(why),
-                    None => Exit::SpawnFailed(e.to_string()),
-                }
-            });
+            let result =
+                spawned
+                    .as_ref()
+                    .map(|pid| *pid)
+                    .map_err(|e| match crate::short::describe(e) {
+                        Some(why) => Exit::Short(why),
+                        None => Exit::SpawnFailed(e.to_string()),
+                    });
             // Spawned goes first: an exit the reaper already saw is only
             // delivered by watch(), after it.
             let _ = tx.send(Msg::Spawned { sid, id, result });

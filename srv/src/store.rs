@@ -363,7 +363,10 @@ impl Store {
 /// Creates `dir` and what is missing above it, each readable by deployd's
 /// user alone (0700).
 fn private_dirs(dir: &Path) -> std::io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// Opens a file of the state directory for appending, creating it

@@ -140,6 +140,8 @@ pub struct Deployd {
     pub state: PathBuf,
     config: PathBuf,
     child: Option<Child>,
+    /// deployd's open-file limit (soft and hard), when a test sets one.
+    pub nofile: Option<u64>,
 }
 
 impl Deployd {
@@ -158,6 +160,15 @@ impl Deployd {
         for (name, _) in manifests {
             d.settle(name, Duration::from_secs(60));
         }
+        Some(d)
+    }
+
+    /// As `start`, deployd's open-file limit (soft and hard) set to
+    /// `nofile` before it runs, as `prlimit --nofile` would.
+    pub fn start_with_nofile(manifests: &[(&str, String)], nofile: u64) -> Option<Deployd> {
+        let mut d = Deployd::prepare(manifests)?;
+        d.nofile = Some(nofile);
+        d.launch();
         Some(d)
     }
 
@@ -199,6 +210,7 @@ impl Deployd {
             state,
             config,
             child: None,
+            nofile: None,
             dir,
         })
     }
@@ -249,6 +261,21 @@ impl Deployd {
                 c
             }
         };
+        if let Some(n) = self.nofile {
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .arg("--config")
             .arg(&self.config)

@@ -92,7 +92,11 @@ fn is_blank(b: u8) -> bool {
 /// `qdtext` of a quoted string: anything visible but `"` and `\`, blanks,
 /// and obs-text.
 fn is_qdtext(b: u8) -> bool {
-    is_blank(b) || b == 0x21 || (0x23..=0x5b).contains(&b) || (0x5d..=0x7e).contains(&b) || b >= 0x80
+    is_blank(b)
+        || b == 0x21
+        || (0x23..=0x5b).contains(&b)
+        || (0x5d..=0x7e).contains(&b)
+        || b >= 0x80
 }
 
 /// What a field value may hold: visible characters, blanks, obs-text.
@@ -120,7 +124,10 @@ impl Chunked {
             if self.state == Done {
                 return Ok(Some(i));
             }
-            if matches!(self.state, TrailerStart | TrailerName | TrailerValue | TrailerLf) {
+            if matches!(
+                self.state,
+                TrailerStart | TrailerName | TrailerValue | TrailerLf
+            ) {
                 self.line += 1;
                 if self.line > MAX_TRAILERS {
                     return Err(Malformed);
@@ -205,7 +212,8 @@ pub fn decode(body: &[u8]) -> Option<(Vec<u8>, usize)> {
             .iter()
             .take_while(|b| b.is_ascii_hexdigit())
             .count();
-        let size = usize::from_str_radix(std::str::from_utf8(&size_text[..digits]).ok()?, 16).ok()?;
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&size_text[..digits]).ok()?, 16).ok()?;
         at = line_end + 2;
         if size == 0 {
             return Some((data, end));
@@ -246,22 +254,27 @@ mod tests {
             &b"5 junk\r\n"[..], // an extension without ';'
             b"5 \r\n",          // blanks and no extension
             b"5\t\r\n",
-            b"5;\r\n",       // an empty extension name
-            b"5;a=\r\n",     // an empty value
-            b"5;a b\r\n",    // two names
-            b"5;a=\"x\r\n",  // an unclosed quote
-            b"-5\r\n",       // a sign
-            b"0x5\r\n",      // a prefix
+            b"5;\r\n",      // an empty extension name
+            b"5;a=\r\n",    // an empty value
+            b"5;a b\r\n",   // two names
+            b"5;a=\"x\r\n", // an unclosed quote
+            b"-5\r\n",      // a sign
+            b"0x5\r\n",     // a prefix
             b"+5\r\n",
-            b"5\nhello\n0\n\n",                           // LF-only lines
-            b"5\r\nhelloworld\r\n",                       // more data than said
+            b"5\nhello\n0\n\n",                            // LF-only lines
+            b"5\r\nhelloworld\r\n",                        // more data than said
             b"0\r\nGET /smug HTTP/1.1\r\nHost: x\r\n\r\n", // a request as a trailer
             b"0\r\n X: 1\r\n\r\n",                         // an obsolete fold
             b"0\r\nX : 1\r\n\r\n",                         // a blank before the colon
             b"0\r\nX: a\0b\r\n\r\n",                       // a NUL in a value
             b"0\r\n: 1\r\n\r\n",                           // no name
         ] {
-            assert_eq!(ends(bad), Err(Malformed), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(
+                ends(bad),
+                Err(Malformed),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

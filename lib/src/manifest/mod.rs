@@ -162,8 +162,7 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
-                mask(u128::from(u32::from(a)), 32, self.prefix)
-                    == u128::from(u32::from(net))
+                mask(u128::from(u32::from(a)), 32, self.prefix) == u128::from(u32::from(net))
             }
             (IpAddr::V6(net), IpAddr::V6(a)) => {
                 mask(u128::from(a), 128, self.prefix) == u128::from(net)

@@ -20,9 +20,9 @@ use nom::{IResult, Parser};
 use crate::name::ServiceName;
 
 use super::{
-    Cidr, Diagnostic, Health, MAX_CONNECTIONS, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY, MAX_REPLICAS, MAX_RETRIES,
-    MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy, RESERVED_ENV,
-    RestartPolicy, Signal, Strategy, UpdateOrder, User, format_duration,
+    Cidr, Diagnostic, Health, MAX_CONNECTIONS, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY,
+    MAX_REPLICAS, MAX_RETRIES, MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy,
+    RESERVED_ENV, RestartPolicy, Signal, Strategy, UpdateOrder, User, format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.

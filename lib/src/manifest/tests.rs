@@ -453,7 +453,10 @@ fn max_connections_and_trusted_proxies() {
     let list: Vec<String> = m.trusted_proxies.iter().map(|c| c.to_string()).collect();
     // Sorted, the host bits cleared, duplicates gone.
     assert_eq!(list, ["10.0.0.0/8", "127.0.0.1", "::1"]);
-    assert!(m.canonical().contains("max_connections 500\ntrusted_proxies 10.0.0.0/8 127.0.0.1 ::1\n"));
+    assert!(
+        m.canonical()
+            .contains("max_connections 500\ntrusted_proxies 10.0.0.0/8 127.0.0.1 ::1\n")
+    );
     assert_eq!(ok(&m.canonical()), m);
     let c = &m.trusted_proxies[0];
     assert!(c.contains("10.200.0.1".parse().unwrap()));

@@ -857,7 +857,10 @@ fn pause_at_every_step_holds_then_resume_completes() {
                 completed += 1;
                 continue;
             }
-            assert!(line.starts_with("paused "), "{st:?} {n} {b} step {k}: {line}");
+            assert!(
+                line.starts_with("paused "),
+                "{st:?} {n} {b} step {k}: {line}"
+            );
             assert!(sim.svc.batch().is_none(), "held with a batch in flight");
             let held = sim.serving();
             let progress = sim.svc.progress();
@@ -906,9 +909,12 @@ fn rollback_at_every_step() {
 }
 
 /// deployd killed at every step: the record restores the service, the rollout
-/// comes back paused, and resume finishes it.
+/// comes back paused, and resume finishes it; one that had nothing left to
+/// do (every slot committed at the target) completes as it comes back,
+/// rather than waiting paused for a resume with nothing to do.
 #[test]
 fn restore_at_every_step_comes_back_paused_and_resume_finishes() {
+    let mut completed = 0;
     for (st, n, b) in shapes() {
         for k in 0..=clean_steps(st, n, b) {
             let sim = rollout_at_step(st, n, b, k, false);
@@ -925,7 +931,13 @@ fn restore_at_every_step_comes_back_paused_and_resume_finishes() {
             let (svc, actions) = Service::restore(sim.now, &record, resolve).unwrap();
             let mut fresh = Sim::with(sim.now, svc, actions);
             fresh.settle();
+            let nothing_left = record.slots.len() == n as usize
+                && record.slots.iter().all(|v| *v == Some(v2.version));
             match was {
+                UpdateStatus::Rolling if nothing_left => {
+                    assert_eq!(fresh.svc.update_status(), UpdateStatus::None);
+                    completed += 1;
+                }
                 UpdateStatus::Rolling => {
                     assert_eq!(fresh.svc.update_status(), UpdateStatus::Paused);
                     assert!(
@@ -942,6 +954,7 @@ fn restore_at_every_step_comes_back_paused_and_resume_finishes() {
             assert_eq!(fresh.svc.version(), v2.version);
         }
     }
+    assert!(completed > 0, "no restore with nothing left");
 }
 
 #[test]
@@ -1246,7 +1259,10 @@ fn a_start_deployd_could_not_make_is_no_failure_of_the_instance() {
     assert!(shortages >= 3, "{:#?}", sim.events);
     // A second apart, never more: no backoff.
     for pair in starts.windows(2).take(shortages) {
-        assert!(pair[1].since(pair[0]) <= SHORT_RETRY + 10 * MS, "{starts:?}");
+        assert!(
+            pair[1].since(pair[0]) <= SHORT_RETRY + 10 * MS,
+            "{starts:?}"
+        );
     }
     assert_eq!(sim.svc.restarts(1), 1, "a shortage is no restart");
     assert!(

@@ -390,8 +390,12 @@ pub struct PumpOptions {
     pub throttled: Option<Box<dyn FnOnce() + Send>>,
     /// Called when what it copies cannot be written (a full disk), with
     /// the error, and again with `Ok(bytes dropped meanwhile)` once it can.
-    pub unwritable: Option<Box<dyn Fn(Result<u64, String>) + Send>>,
+    pub unwritable: Option<Unwritable>,
 }
+
+/// What a pump says when its log cannot be written (`Err`: why), and when
+/// it can again (`Ok`: the bytes dropped meanwhile).
+pub type Unwritable = Box<dyn Fn(Result<u64, String>) + Send>;
 
 /// The read buffer of a pump held to its rate: a pipe's capacity. Only
 /// those get it; the many quiet instances keep 4 KiB.
@@ -930,7 +934,10 @@ mod tests {
         let said = said.lock().clone();
         assert_eq!(said.len(), 1, "{said:?}");
         assert!(
-            said[0].as_ref().unwrap_err().contains("No space left on device"),
+            said[0]
+                .as_ref()
+                .unwrap_err()
+                .contains("No space left on device"),
             "{said:?}"
         );
     }

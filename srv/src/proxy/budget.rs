@@ -37,7 +37,9 @@ impl Budget {
     /// The budget left by an open-file limit of `limit` descriptors.
     pub fn from_limit(limit: u64) -> Budget {
         let reserve = (limit / 4).max(MIN_RESERVE);
-        let total = limit.saturating_sub(reserve).min(Semaphore::MAX_PERMITS as u64) as usize;
+        let total = limit
+            .saturating_sub(reserve)
+            .min(Semaphore::MAX_PERMITS as u64) as usize;
         Budget {
             fds: Arc::new(Semaphore::new(total)),
             total,
@@ -105,6 +107,11 @@ pub struct Admission {
     open: AtomicUsize,
     max: AtomicUsize,
     freed: Notify,
+    /// Told, one at a time, when a connection waits to be let in: an idle
+    /// keep-alive connection then makes room (as nginx reuses its idle
+    /// connections when it runs out), rather than a new client wait for a
+    /// connection that may idle for minutes.
+    full: Notify,
 }
 
 impl Admission {
@@ -114,6 +121,7 @@ impl Admission {
             open: AtomicUsize::new(0),
             max: AtomicUsize::new(max.max(1)),
             freed: Notify::new(),
+            full: Notify::new(),
         }
     }
 
@@ -144,8 +152,15 @@ impl Admission {
                 return Admitted(self.clone());
             }
             self.open.fetch_sub(1, Ordering::SeqCst);
+            self.full.notify_one();
             freed.await;
         }
+    }
+
+    /// Resolves when a connection waits to be let in and an idle one
+    /// should make room.
+    pub async fn full(&self) {
+        self.full.notified().await
     }
 }
 
@@ -211,6 +226,12 @@ mod tests {
             .expect("admitted once one ended")
             .unwrap();
         assert_eq!(a.open(), 2);
+        // Meanwhile an idle connection was asked to make room.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), a.full())
+                .await
+                .is_ok()
+        );
         // A raised limit lets the next one in at once.
         a.set_max(3);
         let _four = tokio::time::timeout(Duration::from_secs(1), a.admit())

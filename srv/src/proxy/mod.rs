@@ -224,10 +224,9 @@ pub(super) struct Accepted(());
 
 impl Router {
     fn new(settings: Settings, budget: Arc<budget::Budget>) -> Router {
-        let max = settings.max_connections.map_or_else(
-            || budget.default_max_connections(),
-            |n| n as usize,
-        );
+        let max = settings
+            .max_connections
+            .map_or_else(|| budget.default_max_connections(), |n| n as usize);
         Router {
             admission: Arc::new(budget::Admission::new(max)),
             budget,

@@ -289,7 +289,13 @@ mod tests {
         let r = router.clone();
         tokio::spawn(async move {
             while let Ok((s, peer)) = front.accept().await {
-                tokio::spawn(super::serve(s, peer, r.clone(), r.accept(), r.permit().await));
+                tokio::spawn(super::serve(
+                    s,
+                    peer,
+                    r.clone(),
+                    r.accept(),
+                    r.permit().await,
+                ));
             }
         });
         for i in 0..4 {

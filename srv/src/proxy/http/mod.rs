@@ -164,7 +164,16 @@ pub(super) async fn serve(
     let mut spoke = false;
     loop {
         // Boxed, so that its state (about 5 KiB) exists only while in use.
-        if !Box::pin(active(&mut client, &ip, xff, &router, &mut first, &mut spoke)).await {
+        if !Box::pin(active(
+            &mut client,
+            &ip,
+            xff,
+            &router,
+            &mut first,
+            &mut spoke,
+        ))
+        .await
+        {
             return;
         }
         let idle = first.is_none();
@@ -184,6 +193,10 @@ pub(super) async fn serve(
             },
             // deployd is stopping.
             Ok(_) = finished.wait_for(|f| *f), if idle => return,
+            // The port is at its max_connections and a client waits: an
+            // idle connection makes room (closed between requests, as
+            // HTTP allows; its client opens another when it needs one).
+            () = router.admission.full(), if idle => return,
         }
     }
 }
@@ -267,12 +280,13 @@ async fn active<'r>(
         let mut served = Served::default();
         // A chunked body that is malformed in what came with its head is
         // refused before any instance is chosen: nothing reaches one.
-        let keep = if req.body == Framing::Chunked && Chunked::default().feed(s.cbuf.filled()).is_err() {
-            bad_body(client, s, &req, router, &mut served).await;
-            false
-        } else {
-            exchange(client, s, &req, router, &mut served).await
-        };
+        let keep =
+            if req.body == Framing::Chunked && Chunked::default().feed(s.cbuf.filled()).is_err() {
+                bad_body(client, s, &req, router, &mut served).await;
+                false
+            } else {
+                exchange(client, s, &req, router, &mut served).await
+            };
         if let (Some(log), Some((method, target, since))) = (log, logged) {
             log.write(&Entry {
                 client: ip,

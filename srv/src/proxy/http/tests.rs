@@ -120,10 +120,15 @@ fn a_request_body_is_framed_by_its_length_or_its_chunks() {
     ] {
         let (r, out) = req(twice).unwrap();
         assert_eq!(r.body, Framing::Length(3));
-        assert_eq!(out.to_ascii_lowercase().matches("content-length").count(), 1, "{out}");
+        assert_eq!(
+            out.to_ascii_lowercase().matches("content-length").count(),
+            1,
+            "{out}"
+        );
         assert!(out.contains("\r\nContent-Length: 3\r\n"), "{out}");
     }
-    let (_, out) = req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  Chunked \r\n\r\n").unwrap();
+    let (_, out) =
+        req("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:  Chunked \r\n\r\n").unwrap();
     assert!(out.contains("\r\nTransfer-Encoding: chunked\r\n"), "{out}");
 }
 
@@ -136,7 +141,10 @@ fn a_client_x_forwarded_for_is_replaced_unless_the_client_is_trusted() {
     assert!(out.contains("\r\nX-Forwarded-For: 10.0.0.9\r\n"), "{out}");
     assert!(!out.contains("6.6.6.6"), "{out}");
     let (_, out) = req(text).unwrap();
-    assert!(out.contains("\r\nX-Forwarded-For: 6.6.6.6, 10.0.0.9\r\n"), "{out}");
+    assert!(
+        out.contains("\r\nX-Forwarded-For: 6.6.6.6, 10.0.0.9\r\n"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -412,7 +420,13 @@ async fn proxy(ports: &[u16], queue: Duration) -> (Arc<Router>, u16) {
     let r = router.clone();
     tokio::spawn(async move {
         while let Ok((s, peer)) = l.accept().await {
-            tokio::spawn(super::serve(s, peer, r.clone(), r.accept(), r.permit().await));
+            tokio::spawn(super::serve(
+                s,
+                peer,
+                r.clone(),
+                r.accept(),
+                r.permit().await,
+            ));
         }
     });
     (router, port)
@@ -554,7 +568,8 @@ async fn malformed_chunked_bodies_get_400_and_reach_no_instance() {
         b"5;a=\"x\r\nhello\r\n0\r\n\r\n",
     ];
     for body in bodies {
-        let mut req = b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        let mut req =
+            b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
         req.extend_from_slice(body);
         let mut c = send(port, &req).await;
         let answer = read_to_end(&mut c).await;
@@ -568,7 +583,10 @@ async fn malformed_chunked_bodies_get_400_and_reach_no_instance() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(bytes.load(std::sync::atomic::Ordering::SeqCst), 0);
     let traffic = r.render(|_| Some(0));
-    assert!(traffic.contains("\nrequests 12\ninflight 0\nerrors 12\n"), "{traffic}");
+    assert!(
+        traffic.contains("\nrequests 12\ninflight 0\nerrors 12\n"),
+        "{traffic}"
+    );
 }
 
 /// A body that turns out malformed after its first chunks went on: 400 to
@@ -586,7 +604,9 @@ async fn a_body_malformed_later_ends_both_connections() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let sent = bytes.load(std::sync::atomic::Ordering::SeqCst);
     assert!(sent > 0, "the valid part went on");
-    c.write_all(b"0\r\nGET /smug HTTP/1.1\r\n\r\n").await.unwrap();
+    c.write_all(b"0\r\nGET /smug HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
     let answer = read_to_end(&mut c).await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -595,6 +615,40 @@ async fn a_body_malformed_later_ends_both_connections() {
     let after = bytes.load(std::sync::atomic::Ordering::SeqCst);
     assert!(after - sent <= 3, "{sent} then {after}");
     assert!(r.render(|_| Some(0)).contains("\nerrors 1\n"));
+}
+
+/// At its max_connections, a port lets a new client in by closing an
+/// idle keep-alive connection (between requests), not by making it wait
+/// for one that may idle for minutes.
+#[tokio::test]
+async fn at_max_connections_an_idle_connection_makes_room() {
+    let (backend, _) = echo_heads().await;
+    let (r, port) = proxy(&[backend], Duration::from_secs(1)).await;
+    r.set_max_connections(Some(2));
+    let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let mut c = send(port, get).await;
+        let (h, _) = read_response(&mut c).await;
+        assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+        idle.push(c);
+    }
+    let t = std::time::Instant::now();
+    let mut third = send(port, get).await;
+    let (h, _) = tokio::time::timeout(Duration::from_secs(5), read_response(&mut third))
+        .await
+        .expect("the third client waited");
+    assert!(h.starts_with("HTTP/1.1 200"), "{h}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // One of the idle two was closed for it.
+    let mut closed = 0;
+    for c in &mut idle {
+        let mut b = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(500), c.read(&mut b)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 1);
 }
 
 /// A client connection that never sends a byte is closed after
@@ -607,9 +661,12 @@ async fn a_connection_that_sends_nothing_is_closed() {
     let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let t = std::time::Instant::now();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(super::FIRST_BYTE_TIMEOUT + Duration::from_secs(5), c.read(&mut buf))
-        .await
-        .expect("still open long after the first-byte timeout");
+    let n = tokio::time::timeout(
+        super::FIRST_BYTE_TIMEOUT + Duration::from_secs(5),
+        c.read(&mut buf),
+    )
+    .await
+    .expect("still open long after the first-byte timeout");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     assert!(t.elapsed() >= super::FIRST_BYTE_TIMEOUT - Duration::from_millis(200));
 }
