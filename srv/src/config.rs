@@ -42,31 +42,86 @@ struct Raw {
     log_level: Option<String>,
 }
 
+/// A configuration file that cannot be used: the file, and why.
+#[derive(Debug)]
+pub struct ConfigError {
+    file: PathBuf,
+    why: Invalid,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug)]
+pub enum Invalid {
+    /// The file could not be read.
+    Io(std::io::Error),
+    /// Not TOML, or not the keys and types deployd takes: the parser's
+    /// words, with the line and column.
+    Toml(String),
+    /// `bind` is not an IP address.
+    Bind(String),
+    /// `log_level` is not a level.
+    LogLevel(String),
+    /// The state or manifests directory is inside the mountpoint.
+    InsideMountpoint,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.why)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Io(e) => write!(f, "{e}"),
+            Invalid::Toml(e) => f.write_str(e),
+            Invalid::Bind(b) => write!(
+                f,
+                "bind: '{b}' is not an IP address (e.g. 127.0.0.1 or ::1)"
+            ),
+            Invalid::LogLevel(l) => write!(
+                f,
+                "log_level: '{l}' is not one of error, warn, info, debug, trace"
+            ),
+            Invalid::InsideMountpoint => {
+                f.write_str("state and manifests must not be inside the mountpoint")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Invalid {}
+
 impl Config {
     /// Reads and checks a configuration file.
-    pub fn load(path: &Path) -> Result<Config, String> {
-        let shown = path.display();
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{shown}: {e}"))?;
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let error = |why| ConfigError {
+            file: path.to_path_buf(),
+            why,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| error(Invalid::Io(e)))?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
-        let dir = std::path::absolute(dir).map_err(|e| format!("{shown}: {e}"))?;
-        Config::parse(&text, &dir).map_err(|e| format!("{shown}: {e}"))
+        let dir = std::path::absolute(dir).map_err(|e| error(Invalid::Io(e)))?;
+        Config::parse(&text, &dir).map_err(error)
     }
 
     /// Parses configuration text; relative paths are taken from `dir`.
-    pub fn parse(text: &str, dir: &Path) -> Result<Config, String> {
-        let raw: Raw = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+    pub fn parse(text: &str, dir: &Path) -> Result<Config, Invalid> {
+        let raw: Raw = toml::from_str(text)
+            .map_err(|e| Invalid::Toml(e.to_string().trim_end().to_string()))?;
         let abs = |p: Option<PathBuf>, default: &str| {
             let p = p.unwrap_or_else(|| PathBuf::from(default));
             if p.is_absolute() { p } else { dir.join(p) }
         };
         let bind = match raw.bind.as_deref() {
             None => IpAddr::from([127, 0, 0, 1]),
-            Some(b) => b
-                .parse()
-                .map_err(|_| format!("bind: '{b}' is not an IP address (e.g. 127.0.0.1 or ::1)"))?,
+            Some(b) => b.parse().map_err(|_| Invalid::Bind(b.to_string()))?,
         };
         let log_level = match raw.log_level.as_deref().unwrap_or("info") {
             "error" => LevelFilter::ERROR,
@@ -74,11 +129,7 @@ impl Config {
             "info" => LevelFilter::INFO,
             "debug" => LevelFilter::DEBUG,
             "trace" => LevelFilter::TRACE,
-            other => {
-                return Err(format!(
-                    "log_level: '{other}' is not one of error, warn, info, debug, trace"
-                ));
-            }
+            other => return Err(Invalid::LogLevel(other.to_string())),
         };
         let config = Config {
             mountpoint: abs(raw.mountpoint, "/deploy"),
@@ -91,7 +142,7 @@ impl Config {
         if config.state.starts_with(&config.mountpoint)
             || config.manifests.starts_with(&config.mountpoint)
         {
-            return Err("state and manifests must not be inside the mountpoint".into());
+            return Err(Invalid::InsideMountpoint);
         }
         Ok(config)
     }
@@ -131,22 +182,22 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_clear_errors() {
-        let e = Config::parse("mountpont = \"/d\"\n", Path::new("/")).unwrap_err();
+        let err = |text: &str| Config::parse(text, Path::new("/")).unwrap_err().to_string();
+        let e = err("mountpont = \"/d\"\n");
         assert!(e.contains("line 1, column 1"), "{e}");
         assert!(e.contains("unknown field `mountpont`"), "{e}");
-        let e = Config::parse("bind = \"localhost\"\n", Path::new("/")).unwrap_err();
+        let e = err("bind = \"localhost\"\n");
         assert_eq!(
             e,
             "bind: 'localhost' is not an IP address (e.g. 127.0.0.1 or ::1)"
         );
-        let e = Config::parse("allow_other = \"yes\"\n", Path::new("/")).unwrap_err();
+        let e = err("allow_other = \"yes\"\n");
         assert!(e.contains("invalid type"), "{e}");
-        let e = Config::parse("log_level = \"loud\"\n", Path::new("/")).unwrap_err();
+        let e = err("log_level = \"loud\"\n");
         assert!(e.starts_with("log_level: 'loud'"), "{e}");
-        let e =
-            Config::parse("mountpoint = \"/d\"\nstate = \"/d/s\"\n", Path::new("/")).unwrap_err();
+        let e = err("mountpoint = \"/d\"\nstate = \"/d/s\"\n");
         assert_eq!(e, "state and manifests must not be inside the mountpoint");
-        let e = Config::parse("[x\n", Path::new("/")).unwrap_err();
+        let e = err("[x\n");
         assert!(e.contains("line 1"), "{e}");
     }
 
@@ -155,11 +206,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("deployd.toml");
         std::fs::write(&p, "manifests = \"m\"\nbind = \"x\"\n").unwrap();
-        let e = Config::load(&p).unwrap_err();
+        let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}: bind", p.display())), "{e}");
         std::fs::write(&p, "manifests = \"m\"\n").unwrap();
         assert_eq!(Config::load(&p).unwrap().manifests, dir.path().join("m"));
-        let e = Config::load(&dir.path().join("missing.toml")).unwrap_err();
+        let e = Config::load(&dir.path().join("missing.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("No such file"), "{e}");
     }
 }

@@ -39,7 +39,7 @@ use fuser::{
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
-use crate::engine::{CtlDone, Msg};
+use crate::runtime::{CtlDone, Msg};
 use crate::view::{INST_FILES, InstFile, SVC_FILES, ServiceView, SvcFile, Views};
 
 /// Attributes are never cached: sizes and mtimes change all the time.

@@ -14,13 +14,12 @@
 
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use deployd_lib::manifest::Version;
 use serde::{Deserialize, Serialize};
 
 /// The variable that names the file for the new deployd.
-pub const ENV: &str = "DEPLOYD_HANDOFF";
+pub const ENV: &str = crate::inherit::HANDOFF;
 
 /// The file, in the state directory.
 pub const FILE: &str = "handoff.json";
@@ -81,35 +80,22 @@ pub fn write(state: &Path, h: &Handoff) -> std::io::Result<PathBuf> {
     Ok(path)
 }
 
-static TAKEN: Mutex<Option<Handoff>> = Mutex::new(None);
-
 /// Reads the handoff this process was started with, if any: call first
 /// thing, before anything opens a descriptor. Every descriptor it names
-/// becomes close-on-exec. Returns the listeners (for socket adoption) and
-/// what went wrong, if anything; the rest waits in [`take`].
-pub fn receive() -> (Vec<RawFd>, Option<String>) {
+/// becomes close-on-exec. Returns it (its listeners for socket adoption,
+/// its instances for the engine to take back), or what went wrong.
+pub fn receive() -> Result<Option<Handoff>, HandoffError> {
     let Some(path) = std::env::var_os(ENV) else {
-        return (Vec::new(), None);
+        return Ok(None);
     };
     let path = PathBuf::from(path);
     let read = std::fs::read(&path);
     let _ = std::fs::remove_file(&path);
-    let h: Handoff = match read
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
-        Ok(h) => h,
-        Err(e) => return (Vec::new(), Some(format!("{}: {e}", path.display()))),
-    };
+    let bytes = read.map_err(|e| HandoffError::Read(path.clone(), e))?;
+    let h: Handoff =
+        serde_json::from_slice(&bytes).map_err(|e| HandoffError::Parse(path.clone(), e))?;
     if h.pid != std::process::id() {
-        return (
-            Vec::new(),
-            Some(format!(
-                "{} is for pid {}, not this deployd",
-                path.display(),
-                h.pid
-            )),
-        );
+        return Err(HandoffError::OtherPid(path, h.pid));
     }
     let fds = h
         .services
@@ -120,17 +106,35 @@ pub fn receive() -> (Vec<RawFd>, Option<String>) {
         // SAFETY: fcntl on a descriptor number.
         unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
-    let listeners = h.listeners.clone();
-    if let Ok(mut t) = TAKEN.lock() {
-        *t = Some(h);
-    }
-    (listeners, None)
+    Ok(Some(h))
 }
 
-/// The handoff [`receive`] read, once.
-pub fn take() -> Option<Handoff> {
-    TAKEN.lock().ok()?.take()
+/// Why a handoff could not be taken: deployd then starts as after a
+/// restart.
+#[derive(Debug)]
+pub enum HandoffError {
+    /// The file could not be read.
+    Read(PathBuf, std::io::Error),
+    /// It is not a handoff.
+    Parse(PathBuf, serde_json::Error),
+    /// It is for another process (a deployd that died between writing it
+    /// and exec'ing).
+    OtherPid(PathBuf, u32),
 }
+
+impl std::fmt::Display for HandoffError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandoffError::Read(p, e) => write!(f, "{}: {e}", p.display()),
+            HandoffError::Parse(p, e) => write!(f, "{}: {e}", p.display()),
+            HandoffError::OtherPid(p, pid) => {
+                write!(f, "{} is for pid {pid}, not this deployd", p.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for HandoffError {}
 
 impl Instance {
     /// Its output pipe, as the descriptor the handoff names.
@@ -143,18 +147,8 @@ impl Instance {
     /// An instance that is not taken back: its group is killed and its
     /// pipe closed.
     pub fn discard(self) {
-        crate::process::signal_group(self.pid, libc::SIGKILL);
+        // SAFETY: killpg only sends a signal; a group gone is no error.
+        unsafe { libc::killpg(self.pid as libc::pid_t, libc::SIGKILL) };
         drop(self.pipe());
     }
-}
-
-/// Leaves `fd` open across execve (close-on-exec cleared) for the new
-/// deployd to find; its number, or `None` if that failed (it is closed).
-pub fn pass(fd: OwnedFd) -> Option<RawFd> {
-    use std::os::fd::{AsRawFd, IntoRawFd};
-    // SAFETY: fcntl on a descriptor we own.
-    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) } < 0 {
-        return None;
-    }
-    Some(fd.into_raw_fd())
 }

@@ -4,9 +4,13 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML configuration.
-//! - [`engine`]: the one loop that owns every service's state machine and
-//!   turns its actions into effects.
-//! - [`process`]: spawning, reaping, signalling and logging child processes.
+//! - [`runtime`]: the one loop around the decision core
+//!   (`deployd_lib::core`, which owns every service's state machine and
+//!   what is decided across services): it reads what decisions need and
+//!   carries out the effects the core returns.
+//! - [`process`]: spawning, reaping and signalling child processes, and
+//!   tracking what they start (the guard, cgroups).
+//! - [`logfile`]: instances' output and access logs, copied to files.
 //! - [`probe`]: health probes (http, tcp, exec).
 //! - [`proxy`]: the public ports: routing requests and connections to
 //!   ready instances, draining the ones routed out.
@@ -18,22 +22,31 @@
 //! - [`logging`]: deployd's own log, fit for a terminal or the journal.
 //! - [`handoff`]: what deployd passes to itself across `execve` when it
 //!   replaces itself (`reexec`), keeping every instance.
+//! - [`inherit`]: what crosses an `execve`: deployd's own variables, which
+//!   instances do not inherit, and descriptors passed to the next deployd.
 //!
 //! Threads: the main thread starts every instance (and is the one that
-//! calls `execve` for `reexec`); the engine, the namespace and the probes
+//! calls `execve` for `reexec`); the runtime, the namespace and the probes
 //! run on a tokio runtime on other threads, the public ports on their own.
+//!
+//! No process-wide mutable state but what the C library and the kernel
+//! keep (the signal dispositions, the open-file limit): what was global
+//! (the guard's pipe, the cgroups, the passed sockets, the handoff, the
+//! proxies' runtime) is made here and handed to what uses it.
 //!
 //! Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT or SIGHUP), 1 when it
 //! cannot run (bad configuration, mount failed, state directory locked).
 
 mod config;
-mod engine;
 mod fs;
 mod handoff;
+mod inherit;
+mod logfile;
 mod logging;
 mod probe;
 mod process;
 mod proxy;
+mod runtime;
 mod short;
 mod store;
 mod view;
@@ -46,9 +59,11 @@ use clap::Parser;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::engine::{Engine, Hooks, Outcome};
 use crate::fs::{Fs, Waiters};
-use crate::process::Children;
+use crate::handoff::Handoff;
+use crate::process::{Children, Tracking};
+use crate::proxy::Proxies;
+use crate::runtime::{Hooks, Outcome, Parts, Runtime};
 use crate::store::Store;
 use crate::view::Views;
 
@@ -75,45 +90,57 @@ fn main() -> ExitCode {
     }
 }
 
-fn try_main(args: &Args) -> Result<(), String> {
+fn try_main(args: &Args) -> Result<(), Error> {
     // While deployd has one thread: the guard is forked.
-    let guard_problem = process::guard::start();
+    let guard = process::guard::start();
     // Before anything could start a process that would inherit them.
-    let (handed, handoff_problem) = handoff::receive();
-    let (passed, problems) = proxy::activation::adopt(&handed);
+    let handoff = handoff::receive();
+    let handed: Vec<std::os::fd::RawFd> = match &handoff {
+        Ok(Some(h)) => h.listeners.clone(),
+        _ => Vec::new(),
+    };
+    let (passed, ports, problems) = proxy::activation::adopt(&handed);
     // Where this binary is now: an upgrade puts the next one there.
     let exe = std::env::current_exe().ok();
     let config = Config::load(&args.config)?;
     logging::init(config.log_level);
-    if let Some(p) = guard_problem {
-        tracing::warn!("{}: {p}", process::guard::NAME);
-    }
-    if let Some(p) = handoff_problem {
-        tracing::warn!("handoff: {p}; starting as after a restart");
-    }
+    let guard = guard
+        .inspect_err(|p| tracing::warn!("{}: {p}", process::guard::NAME))
+        .ok();
+    let handoff = handoff
+        .inspect_err(|p| tracing::warn!("handoff: {p}; starting as after a restart"))
+        .ok()
+        .flatten();
     for p in problems {
         tracing::warn!("socket activation: {p}; left alone");
     }
-    if !passed.is_empty() && handed.is_empty() {
-        tracing::info!("socket activation: ports {passed:?} passed; kept across restarts");
-    } else if !passed.is_empty() {
-        tracing::info!("ports {passed:?} handed on by the deployd this one replaced");
+    if !ports.is_empty() && handed.is_empty() {
+        tracing::info!("socket activation: ports {ports:?} passed; kept across restarts");
+    } else if !ports.is_empty() {
+        tracing::info!("ports {ports:?} handed on by the deployd this one replaced");
     }
     process::raise_fd_limit();
     process::become_subreaper();
     // After `reexec`, the instances handed on are in the tree: kept.
-    let keep = std::env::var_os(handoff::ENV).is_some();
-    match process::cgroup::init(keep) {
-        Ok(tree) => tracing::debug!("instances' cgroups under {}", tree.display()),
-        Err(e) => tracing::info!(
-            "cgroup v2: {e}; what an instance starts is tracked by its process group only"
-        ),
-    }
+    let keep = handoff.is_some();
+    let cgroups = match process::cgroup::init(keep) {
+        Ok(c) => {
+            tracing::debug!("instances' cgroups under {}", c.tree().display());
+            Some(c)
+        }
+        Err(e) => {
+            tracing::info!(
+                "cgroup v2: {e}; what an instance starts is tracked by its process group only"
+            );
+            None
+        }
+    };
+    let tracking = Arc::new(Tracking::new(guard, cgroups));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        .map_err(|e| Error::Thread("the runtime", e))?;
     // Instances are started on this thread, the one that also replaces
     // deployd on `reexec` (see process::Spawner); the rest runs on another.
     let (spawner, jobs) = process::Spawner::channel();
@@ -121,38 +148,115 @@ fn try_main(args: &Args) -> Result<(), String> {
     let engine = std::thread::Builder::new()
         .name("engine".into())
         .spawn({
-            let (config, exe) = (config.clone(), exe.clone());
-            move || rt.block_on(run(config, spawner, exe))
+            let (config, exe, tracking) = (config.clone(), exe.clone(), tracking.clone());
+            move || rt.block_on(run(config, spawner, exe, tracking, passed, handoff))
         })
-        .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        .map_err(|e| Error::Thread("the engine thread", e))?;
     jobs.serve();
-    let handoff = engine
-        .join()
-        .map_err(|_| "the engine thread panicked".to_string())??;
+    let handoff = engine.join().map_err(|_| Error::Panicked)??;
     match (handoff, exe) {
-        (Some(path), Some(exe)) => Err(reexec(&exe, &path)),
+        (Some(path), Some(exe)) => Err(reexec(&exe, &path, &tracking)),
         _ => Ok(()),
+    }
+}
+
+/// Why deployd cannot run (exit 1).
+#[derive(Debug)]
+enum Error {
+    /// The configuration file.
+    Config(config::ConfigError),
+    /// The state directory.
+    Store(store::StoreError),
+    /// The mountpoint cannot be used.
+    Mountpoint(PathBuf, MountpointError),
+    /// The mount failed or could not be undone.
+    Mount(&'static str, PathBuf, std::io::Error),
+    /// A thread could not start.
+    Thread(&'static str, std::io::Error),
+    /// The engine thread panicked.
+    Panicked,
+    /// The handoff could not be written.
+    Handoff(std::io::Error),
+    /// execve of the new binary failed.
+    Exec(PathBuf, std::io::Error),
+}
+
+/// What is wrong with a mountpoint.
+#[derive(Debug)]
+enum MountpointError {
+    /// Another deployd's mount is on it.
+    Mounted,
+    /// It is a file.
+    NotADirectory,
+    /// It could not be made.
+    Create(std::io::Error),
+    /// A dead mount on it could not be detached.
+    Detach(std::io::Error),
+    /// The OS said so.
+    Os(std::io::Error),
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Config(e) => write!(f, "{e}"),
+            Error::Store(e) => write!(f, "{e}"),
+            Error::Mountpoint(p, MountpointError::Mounted) => write!(
+                f,
+                "{} is already mounted (is another deployd running?)",
+                p.display()
+            ),
+            Error::Mountpoint(p, MountpointError::NotADirectory) => {
+                write!(f, "{} is not a directory", p.display())
+            }
+            Error::Mountpoint(p, MountpointError::Create(e)) => {
+                write!(f, "cannot create {}: {e}", p.display())
+            }
+            Error::Mountpoint(p, MountpointError::Detach(e)) => {
+                write!(f, "cannot detach the dead mount on {}: {e}", p.display())
+            }
+            Error::Mountpoint(p, MountpointError::Os(e)) => write!(f, "{}: {e}", p.display()),
+            Error::Mount(what, p, e) => write!(f, "cannot {what} {}: {e}", p.display()),
+            Error::Thread(what, e) => write!(f, "cannot start {what}: {e}"),
+            Error::Panicked => f.write_str("the engine thread panicked"),
+            Error::Handoff(e) => write!(f, "cannot write the handoff: {e}"),
+            Error::Exec(p, e) => write!(f, "cannot run {}: {e}", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<config::ConfigError> for Error {
+    fn from(e: config::ConfigError) -> Error {
+        Error::Config(e)
+    }
+}
+
+impl From<store::StoreError> for Error {
+    fn from(e: store::StoreError) -> Error {
+        Error::Store(e)
     }
 }
 
 /// Replaces deployd with `exe`, same arguments, same pid, telling it where
 /// the handoff is. Returns only if execve failed: deployd then exits, and
 /// its instances with it (a later start restores them).
-fn reexec(exe: &Path, handoff: &Path) -> String {
+fn reexec(exe: &Path, handoff: &Path, tracking: &Tracking) -> Error {
     use std::os::unix::process::CommandExt;
     tracing::info!("replacing deployd with {}", exe.display());
     let mut cmd = std::process::Command::new(exe);
     cmd.args(std::env::args_os().skip(1));
     // The sockets systemd passed are in the handoff now, at other numbers.
-    for var in proxy::activation::VARS {
+    for var in inherit::ACTIVATION {
         cmd.env_remove(var);
     }
     cmd.env(handoff::ENV, handoff);
-    if let Some(fd) = process::guard::pass() {
+    if let Some(fd) = tracking.pass_guard() {
         cmd.env(process::guard::ENV, fd);
     }
     let e = cmd.exec();
-    format!("cannot run {}: {e}", exe.display())
+    Error::Exec(exe.to_path_buf(), e)
 }
 
 /// Runs deployd until it is told to stop (`Ok(None)`) or to replace itself
@@ -162,13 +266,17 @@ async fn run(
     config: Arc<Config>,
     spawner: process::Spawner,
     exe: Option<PathBuf>,
-) -> Result<Option<PathBuf>, String> {
+    tracking: Arc<Tracking>,
+    passed: proxy::activation::Passed,
+    handoff: Option<Handoff>,
+) -> Result<Option<PathBuf>, Error> {
     let store = Store::open(&config.state)?;
-    prepare_mountpoint(&config.mountpoint)?;
+    prepare_mountpoint(&config.mountpoint)
+        .map_err(|e| Error::Mountpoint(config.mountpoint.clone(), e))?;
 
     let views = Views::default();
     let waiters = Arc::new(Waiters::default());
-    let children = Children::default();
+    let children = Children::new(tracking.clone());
     tokio::spawn(children.clone().run_reaper());
     let (tx, rx) = mpsc::unbounded_channel();
 
@@ -202,7 +310,7 @@ async fn run(
     // A /dev/fuse descriptor per thread: they don't contend on one queue.
     options.clone_fd = true;
     let session = fuser::spawn_mount(fs, &config.mountpoint, &options)
-        .map_err(|e| format!("cannot mount {}: {e}", config.mountpoint.display()))?;
+        .map_err(|e| Error::Mount("mount", config.mountpoint.clone(), e))?;
     tracing::info!("namespace mounted at {}", config.mountpoint.display());
 
     let w = waiters.clone();
@@ -213,25 +321,18 @@ async fn run(
         // ENOENT: the kernel did not have the name cached.
         let _ = notifier.inval_entry(active, std::ffi::OsStr::new(name.as_str()));
     });
-    let mut engine = Engine::new(
-        config.clone(),
+    let mut runtime = Runtime::new(Parts {
+        config: config.clone(),
         store,
-        views.clone(),
-        Hooks { published, removed },
+        views: views.clone(),
+        hooks: Hooks { published, removed },
         children,
         spawner,
+        proxies: Proxies::start(passed),
         tx,
-    );
-    if let Some(exe) = exe {
-        engine.set_exe(exe);
-    }
-    engine.start(handoff::take());
-    let untaken = proxy::activation::untaken();
-    if !untaken.is_empty() {
-        tracing::warn!(
-            "socket activation: no service has port {untaken:?}; its connections wait unanswered"
-        );
-    }
+        exe,
+    });
+    runtime.start(handoff);
 
     let sweeper = {
         let (waiters, views) = (waiters.clone(), views.clone());
@@ -245,24 +346,26 @@ async fn run(
 
     let (signals, counted) = tokio::sync::watch::channel(0);
     tokio::spawn(count_stop_signals(signals));
-    let outcome = engine.run(rx, counted).await;
+    let outcome = runtime.run(rx, counted).await;
     sweeper.abort();
     waiters.shutdown();
     let released = release_mount(&config.mountpoint).await;
     match session.umount_and_join() {
         // Its own unmount finds nothing left to unmount.
         Err(_) if released => {}
-        r => r.map_err(|e| format!("cannot unmount {}: {e}", config.mountpoint.display()))?,
+        r => r.map_err(|e| Error::Mount("unmount", config.mountpoint.clone(), e))?,
     }
     match outcome {
         Outcome::Stopped => {
-            process::cgroup::release();
+            if let Some(c) = tracking.cgroups() {
+                c.release();
+            }
             tracing::info!("unmounted; bye");
             Ok(None)
         }
         Outcome::ReExec(h) => handoff::write(&config.state, &h)
             .map(Some)
-            .map_err(|e| format!("cannot write the handoff: {e}")),
+            .map_err(Error::Handoff),
     }
 }
 
@@ -342,27 +445,25 @@ async fn release_mount(path: &Path) -> bool {
 
 /// Makes sure the mountpoint is an empty directory to mount on: creates it,
 /// and detaches the dead mount a killed deployd left behind.
-fn prepare_mountpoint(path: &Path) -> Result<(), String> {
-    let shown = path.display();
+fn prepare_mountpoint(path: &Path) -> Result<(), MountpointError> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_dir() => {
-            if mounted(path) {
-                return Err(format!(
-                    "{shown} is already mounted (is another deployd running?)"
-                ));
-            }
-            Ok(())
-        }
-        Ok(_) => Err(format!("{shown} is not a directory")),
+        Ok(m) if m.is_dir() => match mounted(path) {
+            true => Err(MountpointError::Mounted),
+            false => Ok(()),
+        },
+        Ok(_) => Err(MountpointError::NotADirectory),
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            tracing::info!("{shown}: detaching the mount of a deployd that died");
+            tracing::info!(
+                "{}: detaching the mount of a deployd that died",
+                path.display()
+            );
             nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH)
-                .map_err(|e| format!("cannot detach the dead mount on {shown}: {e}"))
+                .map_err(|e| MountpointError::Detach(e.into()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(path).map_err(|e| format!("cannot create {shown}: {e}"))
+            std::fs::create_dir_all(path).map_err(MountpointError::Create)
         }
-        Err(e) => Err(format!("{shown}: {e}")),
+        Err(e) => Err(MountpointError::Os(e)),
     }
 }
 

@@ -26,26 +26,48 @@ use std::path::{Path, PathBuf};
 
 use deployd_lib::manifest::Version;
 use deployd_lib::name::ServiceName;
-use deployd_lib::rollout::Record;
-use serde::{Deserialize, Serialize};
 
 /// Event log size on disk past which it is moved to `events.log.1`.
 pub const EVENTS_MAX: u64 = 4 << 20;
 /// How much of the event log is loaded at start.
 pub const EVENTS_LOADED: u64 = 1 << 20;
-/// Manifests kept per service.
-pub const HISTORY: usize = 10;
 /// Instance log files kept per service.
 pub const LOGS_KEPT: usize = 64;
 
-/// What `state.json` holds.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Saved {
-    /// The state machine's record.
-    pub record: Record,
-    /// Versions in `history/`, oldest first.
-    pub history: Vec<Version>,
+/// What `state.json` holds: the record the core keeps of a service.
+pub use deployd_lib::core::Saved;
+
+/// Why the state directory, or a service's record in it, cannot be used.
+#[derive(Debug)]
+pub enum StoreError {
+    /// A file or directory the OS refused.
+    Io(PathBuf, std::io::Error),
+    /// A record that is not one.
+    Record(PathBuf, serde_json::Error),
+    /// Another deployd holds the directory's lock.
+    Locked {
+        /// Its pid, as the lock file says.
+        holder: String,
+        /// The directory.
+        root: PathBuf,
+    },
 }
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            StoreError::Record(p, e) => write!(f, "{}: {e}", p.display()),
+            StoreError::Locked { holder, root } => write!(
+                f,
+                "another deployd (pid {holder}) uses the state directory {}",
+                root.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
 
 /// The state directory, locked for this deployd.
 pub struct Store {
@@ -71,15 +93,15 @@ const UNWRITTEN_MAX: usize = 1 << 20;
 
 impl Store {
     /// Opens (creating) the state directory and takes its lock.
-    pub fn open(root: &Path) -> Result<Store, String> {
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
         let services = root.join("services");
-        private_dirs(&services).map_err(|e| format!("{}: {e}", services.display()))?;
+        private_dirs(&services).map_err(|e| StoreError::Io(services.clone(), e))?;
         // deployd's alone: instances' output, events, manifests. Made so
         // again at each start, for a directory an earlier deployd made
         // world-readable (what is below it is then out of reach too).
         for dir in [root, &services] {
             fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
-                .map_err(|e| format!("{}: {e}", dir.display()))?;
+                .map_err(|e| StoreError::Io(dir.to_path_buf(), e))?;
         }
         let lock_path = root.join("deployd.lock");
         let lock = OpenOptions::new()
@@ -89,16 +111,15 @@ impl Store {
             .write(true)
             .mode(0o600)
             .open(&lock_path)
-            .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+            .map_err(|e| StoreError::Io(lock_path.clone(), e))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let mut holder = String::new();
             let _ = (&lock).read_to_string(&mut holder);
-            return Err(format!(
-                "another deployd (pid {}) uses the state directory {}",
-                holder.trim(),
-                root.display()
-            ));
+            return Err(StoreError::Locked {
+                holder: holder.trim().to_string(),
+                root: root.to_path_buf(),
+            });
         }
         let mut f = &lock;
         let _ = f.set_len(0);
@@ -141,10 +162,10 @@ impl Store {
     }
 
     /// Reads a service's record.
-    pub fn load(&self, service: &ServiceName) -> Result<Saved, String> {
+    pub fn load(&self, service: &ServiceName) -> Result<Saved, StoreError> {
         let path = self.dir(service).join("state.json");
-        let text = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let text = fs::read(&path).map_err(|e| StoreError::Io(path.clone(), e))?;
+        serde_json::from_slice(&text).map_err(|e| StoreError::Record(path, e))
     }
 
     /// Writes a service's record, atomically and durably.
@@ -421,6 +442,7 @@ fn os_error(e: std::io::Error) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use deployd_lib::rollout::Record;
     use deployd_lib::rollout::UpdateStatus;
 
     fn name(n: &str) -> ServiceName {
@@ -484,7 +506,7 @@ mod tests {
     fn record_round_trips_and_the_lock_is_exclusive() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let err = Store::open(dir.path()).err().unwrap();
+        let err = Store::open(dir.path()).err().unwrap().to_string();
         assert!(
             err.contains(&format!("pid {}", std::process::id())),
             "{err}"

@@ -247,7 +247,10 @@ impl ServiceView {
 
     /// An instance's `usage` file, read from `/proc` now.
     pub fn usage(i: &InstanceView) -> String {
-        i.leader.map(process::usage).unwrap_or_default().render()
+        i.leader
+            .map(process::procfs::usage)
+            .unwrap_or_default()
+            .render()
     }
 }
 

@@ -17,6 +17,14 @@ use std::io::Write as _;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// The most header lines accepted in one head.
 const MAX_HEADERS: usize = 128;
+/// The most header lines accepted in a request's head: what deployd adds
+/// for the instance (`X-Forwarded-For`, the framing, `Connection`,
+/// `Upgrade`, `Host`) keeps it within [`MAX_HEADERS`], and within the 100
+/// a hyper server takes by default.
+pub const MAX_REQUEST_HEADERS: usize = 96;
+/// Bytes of a request's head deployd keeps for what it adds: the head it
+/// sends on stays within [`MAX_HEAD`].
+const HEAD_SLACK: usize = 1024;
 
 /// How a message's body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +44,8 @@ pub enum Framing {
 pub enum HeadError {
     /// Not all of it is here yet.
     Partial,
-    /// Longer than [`MAX_HEAD`] or more than 128 header lines.
+    /// Longer than [`MAX_HEAD`] or more than 128 header lines (a request:
+    /// 1 KiB less, and [`MAX_REQUEST_HEADERS`]).
     TooLarge,
     /// Not valid HTTP/1, or ambiguous about its body.
     Bad(&'static str),
@@ -255,11 +264,15 @@ impl Scan<'_, '_> {
 }
 
 /// The length of a head from httparse's verdict on `buffered` bytes.
-fn head_len(parsed: httparse::Result<usize>, buffered: usize) -> Result<usize, HeadError> {
+fn head_len(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    max: usize,
+) -> Result<usize, HeadError> {
     match parsed {
-        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => Ok(n),
+        Ok(httparse::Status::Complete(n)) if n <= max => Ok(n),
         Ok(httparse::Status::Complete(_)) => Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) if buffered >= MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buffered >= max => Err(HeadError::TooLarge),
         Ok(httparse::Status::Partial) => Err(HeadError::Partial),
         Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
         Err(_) => Err(HeadError::Bad("malformed head")),
@@ -304,9 +317,9 @@ pub fn request(
     xff: Xff,
     out: &mut Vec<u8>,
 ) -> Result<RequestHead, HeadError> {
-    let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut hs = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
     let mut r = httparse::Request::new(&mut hs);
-    let len = head_len(r.parse(buf), buf.len())?;
+    let len = head_len(r.parse(buf), buf.len(), MAX_HEAD - HEAD_SLACK)?;
     let (Some(method), Some(target), Some(version)) = (r.method, r.path, r.version) else {
         return Err(HeadError::Bad("malformed request line"));
     };
@@ -448,7 +461,7 @@ pub fn response(
 ) -> Result<ResponseHead, HeadError> {
     let mut hs = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut r = httparse::Response::new(&mut hs);
-    let len = head_len(r.parse(buf), buf.len())?;
+    let len = head_len(r.parse(buf), buf.len(), MAX_HEAD)?;
     let (Some(version), Some(status)) = (r.version, r.code) else {
         return Err(HeadError::Bad("malformed status line"));
     };

@@ -27,13 +27,44 @@ use std::collections::HashMap;
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-/// deployd's tree, once [`init`] found cgroup v2 usable.
-static POOL: OnceLock<Pool> = OnceLock::new();
+/// deployd's tree of cgroups, once [`init`] found cgroup v2 usable; a
+/// cheap handle to share.
+#[derive(Clone)]
+pub struct Cgroups {
+    pool: Arc<Pool>,
+}
+
+/// Why deployd has no tree of cgroups.
+#[derive(Debug)]
+pub enum CgroupError {
+    /// No cgroup v2 file system is mounted.
+    NotMounted,
+    /// This process is in no cgroup v2 (cgroup v1 only).
+    NoCgroup,
+    /// The tree could not be made or opened (no right to write there).
+    Tree(PathBuf, std::io::Error),
+    /// The keeper thread could not start.
+    Thread(std::io::Error),
+}
+
+impl std::fmt::Display for CgroupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CgroupError::NotMounted => f.write_str("no cgroup v2 file system is mounted"),
+            CgroupError::NoCgroup => f.write_str("this process is in no cgroup v2"),
+            CgroupError::Tree(p, e) => write!(f, "{}: {e}", p.display()),
+            CgroupError::Thread(e) => write!(f, "cannot start its thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for CgroupError {}
 
 /// Empty cgroups the keeper keeps ready: a rollout's batch takes its
 /// instances' from these.
@@ -55,6 +86,9 @@ struct Pool {
     dir: OwnedFd,
     state: Mutex<State>,
     wake: Condvar,
+    /// Set once clone3 with `CLONE_INTO_CGROUP` failed for want of
+    /// support: children move themselves in from then on.
+    no_clone3: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -80,15 +114,18 @@ pub struct Place {
     pub procs: CString,
     /// The cgroup itself, open, for clone3 to start the child in.
     pub fd: Option<OwnedFd>,
+    /// Whether clone3 was found not to start children in cgroups here;
+    /// the launcher sets it the first time it is refused so.
+    pub no_clone3: Arc<AtomicBool>,
     name: String,
 }
 
 /// Sets up deployd's tree: removes the trees of deployds that are gone
 /// (what was left in them is killed), then makes this one's, or with
 /// `keep` (after `reexec`: the instances handed on are in it) keeps it,
-/// its cgroups held for [`adopt`]. Returns where it is, or why there is
+/// its cgroups held for [`Cgroups::adopt`]. Returns it, or why there is
 /// none.
-pub fn init(keep: bool) -> Result<PathBuf, String> {
+pub fn init(keep: bool) -> Result<Cgroups, CgroupError> {
     let tree = tree_for(std::process::id())?;
     sweep(tree.parent().unwrap_or(Path::new("/")));
     if !keep {
@@ -101,7 +138,7 @@ pub fn init(keep: bool) -> Result<PathBuf, String> {
         Err(e) => Err(e),
     }
     .and_then(|()| open_dir(&tree))
-    .map_err(|e| format!("{}: {e}", tree.display()))?;
+    .map_err(|e| CgroupError::Tree(tree.clone(), e))?;
     let mut state = State::default();
     for name in children(&tree) {
         let n = name.strip_prefix('i').and_then(|n| n.parse::<u64>().ok());
@@ -112,26 +149,26 @@ pub fn init(keep: bool) -> Result<PathBuf, String> {
             false => state.held.push(name),
         }
     }
-    let pool = Pool {
-        tree: tree.clone(),
+    let pool = Arc::new(Pool {
+        tree,
         dir,
         state: Mutex::new(state),
         wake: Condvar::new(),
-    };
-    if POOL.set(pool).is_ok() {
-        std::thread::Builder::new()
-            .name("cgroups".into())
-            .spawn(keep_ready)
-            .map_err(|e| format!("cannot start its thread: {e}"))?;
-    }
-    Ok(tree)
+        no_clone3: Arc::new(AtomicBool::new(false)),
+    });
+    let keeper = pool.clone();
+    std::thread::Builder::new()
+        .name("cgroups".into())
+        .spawn(move || keep_ready(&keeper))
+        .map_err(CgroupError::Thread)?;
+    Ok(Cgroups { pool })
 }
 
 /// Where the tree of the deployd with this pid is (or would be): under the
 /// cgroup this process is in, which the guard shares with deployd.
-pub fn tree_for(deployd: u32) -> Result<PathBuf, String> {
-    let mount = cgroup2_mount().ok_or("no cgroup v2 file system is mounted")?;
-    let own = cgroup_of("self").ok_or("this process is in no cgroup v2")?;
+pub fn tree_for(deployd: u32) -> Result<PathBuf, CgroupError> {
+    let mount = cgroup2_mount().ok_or(CgroupError::NotMounted)?;
+    let own = cgroup_of("self").ok_or(CgroupError::NoCgroup)?;
     let dir = mount.join(own.trim_start_matches('/'));
     Ok(dir.join(format!("deployd-{deployd}")))
 }
@@ -201,8 +238,7 @@ fn children(dir: &Path) -> Vec<String> {
 
 /// The keeper: removes the killed cgroups once empty and keeps [`READY`]
 /// made ahead, off the path of an instance start.
-fn keep_ready() {
-    let Some(pool) = POOL.get() else { return };
+fn keep_ready(pool: &Pool) {
     let mut s = pool.state.lock();
     // A cgroup that could not be made (a limit on descendants): not tried
     // again at once.
@@ -259,76 +295,118 @@ impl State {
     }
 }
 
-/// A cgroup for an instance about to start: an empty one from the pool,
-/// or, if it ran dry, one made now. `None` without cgroup v2.
-pub fn take() -> Option<Place> {
-    let pool = POOL.get()?;
-    let (name, made) = {
-        let mut s = pool.state.lock();
-        let name = s.free.pop();
-        s.last_take = Some(Instant::now());
-        pool.wake.notify_one();
-        match name {
-            Some(name) => (name, true),
-            None => (s.fresh(), false),
-        }
-    };
-    let dir = pool.tree.join(&name);
-    if !made {
-        if let Err(e) = std::fs::create_dir(&dir) {
-            tracing::warn!("{}: {e}; the instance runs without a cgroup", dir.display());
-            return None;
-        }
+impl Cgroups {
+    /// Where the tree is.
+    pub fn tree(&self) -> &Path {
+        &self.pool.tree
     }
-    let fd = open_dir(&dir).ok();
-    Some(Place {
-        tree: pool.dir.as_raw_fd(),
-        dir: CString::new(name.as_str()).ok()?,
-        procs: CString::new(format!("{name}/cgroup.procs")).ok()?,
-        fd,
-        name,
-    })
-}
 
-/// The instance given `place` runs, led by `pid` (or did not start).
-pub fn placed(place: Place, pid: Option<u32>) {
-    let Some(pool) = POOL.get() else { return };
-    let mut s = pool.state.lock();
-    match pid {
-        Some(pid) => {
-            s.by_leader.insert(pid, place.name);
+    /// A cgroup for an instance about to start: an empty one from the
+    /// pool, or, if it ran dry, one made now.
+    pub fn take(&self) -> Option<Place> {
+        let pool = &self.pool;
+        let (name, made) = {
+            let mut s = pool.state.lock();
+            let name = s.free.pop();
+            s.last_take = Some(Instant::now());
+            pool.wake.notify_one();
+            match name {
+                Some(name) => (name, true),
+                None => (s.fresh(), false),
+            }
+        };
+        let dir = pool.tree.join(&name);
+        if !made {
+            if let Err(e) = std::fs::create_dir(&dir) {
+                tracing::warn!("{}: {e}; the instance runs without a cgroup", dir.display());
+                return None;
+            }
         }
-        // Never used: free again.
-        None => s.free.push(place.name),
+        let fd = open_dir(&dir).ok();
+        Some(Place {
+            tree: pool.dir.as_raw_fd(),
+            dir: CString::new(name.as_str()).ok()?,
+            procs: CString::new(format!("{name}/cgroup.procs")).ok()?,
+            fd,
+            no_clone3: pool.no_clone3.clone(),
+            name,
+        })
     }
-}
 
-/// After `reexec`: the instance led by `pid`, taken back, is in the
-/// cgroup it was in.
-pub fn adopt(pid: u32) {
-    let Some(pool) = POOL.get() else { return };
-    let Some(name) = cgroup_of(&pid.to_string())
-        .and_then(|p| Path::new(&p).file_name()?.to_str().map(str::to_owned))
-    else {
-        return;
-    };
-    let mut s = pool.state.lock();
-    if let Some(i) = s.held.iter().position(|h| *h == name) {
-        s.held.swap_remove(i);
-        s.by_leader.insert(pid, name);
+    /// The instance given `place` runs, led by `pid` (or did not start).
+    pub fn placed(&self, place: Place, pid: Option<u32>) {
+        let mut s = self.pool.state.lock();
+        match pid {
+            Some(pid) => {
+                s.by_leader.insert(pid, place.name);
+            }
+            // Never used: free again.
+            None => s.free.push(place.name),
+        }
     }
-}
 
-/// After `reexec`, once every instance handed on was taken back or not:
-/// what is left in the cgroups not taken is killed.
-pub fn adopted_all() {
-    let Some(pool) = POOL.get() else { return };
-    let mut s = pool.state.lock();
-    let held = std::mem::take(&mut s.held);
-    for name in &held {
-        kill(&pool.tree.join(name));
+    /// After `reexec`: the instance led by `pid`, taken back, is in the
+    /// cgroup it was in.
+    pub fn adopt(&self, pid: u32) {
+        let Some(name) = cgroup_of(&pid.to_string())
+            .and_then(|p| Path::new(&p).file_name()?.to_str().map(str::to_owned))
+        else {
+            return;
+        };
+        let mut s = self.pool.state.lock();
+        if let Some(i) = s.held.iter().position(|h| *h == name) {
+            s.held.swap_remove(i);
+            s.by_leader.insert(pid, name);
+        }
     }
-    s.dead.extend(held);
+
+    /// After `reexec`, once every instance handed on was taken back or
+    /// not: what is left in the cgroups not taken is killed.
+    pub fn adopted_all(&self) {
+        let mut s = self.pool.state.lock();
+        let held = std::mem::take(&mut s.held);
+        for name in &held {
+            kill(&self.pool.tree.join(name));
+        }
+        s.dead.extend(held);
+    }
+
+    /// The cgroup of the instance led by `pid`, if it has one.
+    fn of(&self, pid: u32) -> Option<PathBuf> {
+        let name = self.pool.state.lock().by_leader.get(&pid)?.clone();
+        Some(self.pool.tree.join(name))
+    }
+
+    /// Sends `signal` to the processes of the instance led by `pid` that
+    /// left its process group (which the caller signals): those that
+    /// called `setsid` or `setpgid`.
+    pub fn signal_strays(&self, pid: u32, signal: i32) {
+        let Some(dir) = self.of(pid) else { return };
+        for p in procs(&dir) {
+            if super::procfs::group_of(p).is_some_and(|g| g != pid) {
+                // SAFETY: kill only sends a signal.
+                unsafe { libc::kill(p as libc::pid_t, signal) };
+            }
+        }
+    }
+
+    /// The leader `pid` was reaped: what is left of its instance is
+    /// killed, and its cgroup removed once empty.
+    pub fn ended(&self, pid: u32) {
+        let mut s = self.pool.state.lock();
+        if let Some(name) = s.by_leader.remove(&pid) {
+            kill(&self.pool.tree.join(&name));
+            s.dead.push(name);
+            self.pool.wake.notify_one();
+        }
+    }
+
+    /// Removes deployd's tree at a clean stop (every instance stopped, so
+    /// it is empty); kept on `reexec`, for the deployd that takes the
+    /// instances.
+    pub fn release(&self) {
+        kill_tree(&self.pool.tree);
+    }
 }
 
 /// The processes of a cgroup.
@@ -338,38 +416,6 @@ fn procs(dir: &Path) -> Vec<u32> {
         .lines()
         .filter_map(|l| l.parse().ok())
         .collect()
-}
-
-/// The cgroup of the instance led by `pid`, if it has one.
-fn of(pid: u32) -> Option<PathBuf> {
-    let pool = POOL.get()?;
-    let name = pool.state.lock().by_leader.get(&pid)?.clone();
-    Some(pool.tree.join(name))
-}
-
-/// Sends `signal` to the processes of the instance led by `pid` that left
-/// its process group (which the caller signals): those that called
-/// `setsid` or `setpgid`.
-pub fn signal_strays(pid: u32, signal: i32) {
-    let Some(dir) = of(pid) else { return };
-    for p in procs(&dir) {
-        if super::group_of(p).is_some_and(|g| g != pid) {
-            // SAFETY: kill only sends a signal.
-            unsafe { libc::kill(p as libc::pid_t, signal) };
-        }
-    }
-}
-
-/// The leader `pid` was reaped: what is left of its instance is killed,
-/// and its cgroup removed once empty.
-pub fn ended(pid: u32) {
-    let Some(pool) = POOL.get() else { return };
-    let mut s = pool.state.lock();
-    if let Some(name) = s.by_leader.remove(&pid) {
-        kill(&pool.tree.join(&name));
-        s.dead.push(name);
-        pool.wake.notify_one();
-    }
 }
 
 /// Kills every process of a cgroup and of those below it.
@@ -406,12 +452,4 @@ pub fn kill_tree(tree: &Path) {
         remove_when_empty(&tree.join(leaf));
     }
     remove_when_empty(tree);
-}
-
-/// Removes deployd's tree at a clean stop (every instance stopped, so it
-/// is empty); kept on `reexec`, for the deployd that takes the instances.
-pub fn release() {
-    if let Some(pool) = POOL.get() {
-        kill_tree(&pool.tree);
-    }
 }

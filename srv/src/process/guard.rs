@@ -8,7 +8,7 @@
 //! `/bin/sh`, each side of a pipe, the workers of a pre-forking server. Left
 //! alone, those ran on untracked, holding ports and consuming queues, until
 //! the next deployd started and killed the groups it had recorded
-//! ([`super::kill_leftovers`]); with no next start, for ever.
+//! ([`super::procfs::kill_leftovers`]); with no next start, for ever.
 //!
 //! deployd tells the guard each group it starts (`+PID\n` on a pipe) and
 //! each one it reaps (`-PID\n`). When the pipe's write end closes, deployd
@@ -21,13 +21,12 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 /// The variable that gives the new deployd the guard's pipe on `reexec`.
-pub const ENV: &str = "DEPLOYD_GUARD";
+pub const ENV: &str = crate::inherit::GUARD;
 
 /// How long what is left of a group has between SIGTERM and SIGKILL.
 pub const GRACE: Duration = Duration::from_secs(5);
@@ -35,26 +34,49 @@ pub const GRACE: Duration = Duration::from_secs(5);
 /// The guard's process name, as `ps` and `pkill -x` see it.
 pub const NAME: &str = "deployd-guard";
 
-/// The write end of the pipe; `None` inside once a write failed (the guard
-/// was killed), so the failure is told once.
-static PIPE: OnceLock<Mutex<Option<File>>> = OnceLock::new();
+/// deployd's end of the guard's pipe.
+pub struct Guard {
+    /// The write end; `None` once a write failed (the guard was killed),
+    /// so the failure is told once.
+    pipe: Mutex<Option<File>>,
+}
+
+/// Why deployd runs without a guard.
+#[derive(Debug)]
+pub enum GuardError {
+    /// deployd already runs threads: a fork would copy one of them only.
+    Threads,
+    /// The pipe or the fork failed.
+    Os(&'static str, nix::errno::Errno),
+    /// `DEPLOYD_GUARD` names no open pipe.
+    NotAPipe(String),
+}
+
+impl std::fmt::Display for GuardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuardError::Threads => f.write_str("not started: deployd already runs threads"),
+            GuardError::Os(what, e) => write!(f, "not started: {what}: {e}"),
+            GuardError::NotAPipe(v) => write!(f, "{ENV}={v} is not an open pipe"),
+        }
+    }
+}
+
+impl std::error::Error for GuardError {}
 
 /// Starts the guard, or takes back the one the deployd this one replaced
 /// had. Call first thing in `main`, while this is the only thread (fork
-/// copies only the calling thread). Returns what went wrong, to log once
-/// logging is set up: deployd then runs without a guard, as before it had
-/// one.
-pub fn start() -> Option<String> {
+/// copies only the calling thread). On an error, to log once logging is
+/// set up, deployd runs without a guard, as before it had one.
+pub fn start() -> Result<Guard, GuardError> {
     if let Some(fd) = std::env::var_os(ENV) {
-        return adopt(&fd.to_string_lossy()).err();
+        return adopt(&fd.to_string_lossy());
     }
     if threads() != Some(1) {
-        return Some("not started: deployd already runs threads".into());
+        return Err(GuardError::Threads);
     }
-    let (r, w) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
-        Ok(p) => p,
-        Err(e) => return Some(format!("not started: pipe: {e}")),
-    };
+    let (r, w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| GuardError::Os("pipe", e))?;
     // SAFETY: this process has one thread (checked above), so the child
     // may run any code: no lock is held by a thread that fork left behind.
     match unsafe { nix::unistd::fork() } {
@@ -65,69 +87,73 @@ pub fn start() -> Option<String> {
         Ok(nix::unistd::ForkResult::Parent { .. }) => {
             drop(r);
             set_nonblocking(w.as_raw_fd());
-            let _ = PIPE.set(Mutex::new(Some(File::from(w))));
-            None
+            Ok(Guard {
+                pipe: Mutex::new(Some(File::from(w))),
+            })
         }
-        Err(e) => Some(format!("not started: fork: {e}")),
+        Err(e) => Err(GuardError::Os("fork", e)),
     }
 }
 
 /// Takes the pipe named by [`ENV`] back after `reexec`.
-fn adopt(fd: &str) -> Result<(), String> {
+fn adopt(fd: &str) -> Result<Guard, GuardError> {
     let fd: RawFd = fd
         .parse()
-        .map_err(|_| format!("{ENV}={fd} is not a descriptor"))?;
+        .map_err(|_| GuardError::NotAPipe(fd.to_string()))?;
     // SAFETY: fstat and fcntl on a descriptor number only read or set flags.
     let is_pipe = unsafe {
         let mut st: libc::stat = std::mem::zeroed();
         libc::fstat(fd, &mut st) == 0 && (st.st_mode & libc::S_IFMT) == libc::S_IFIFO
     };
     if !is_pipe {
-        return Err(format!("{ENV}={fd} is not an open pipe"));
+        return Err(GuardError::NotAPipe(fd.to_string()));
     }
     // SAFETY: as above; the descriptor is ours from here on.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
     set_nonblocking(fd);
     let file = unsafe { File::from_raw_fd(fd) };
-    let _ = PIPE.set(Mutex::new(Some(file)));
-    Ok(())
+    Ok(Guard {
+        pipe: Mutex::new(Some(file)),
+    })
 }
 
-/// The guard's pipe, left open across `execve` for the deployd that
-/// replaces this one (nothing is told to the guard after): the value for
-/// [`ENV`], if there is a guard.
-pub fn pass() -> Option<String> {
-    let file = PIPE.get()?.lock().take()?;
-    crate::handoff::pass(OwnedFd::from(file)).map(|fd| fd.to_string())
-}
+impl Guard {
+    /// The guard's pipe, left open across `execve` for the deployd that
+    /// replaces this one (nothing is told to the guard after): the value
+    /// for [`ENV`], if the pipe is still there.
+    pub fn pass(&self) -> Option<String> {
+        let file = self.pipe.lock().take()?;
+        crate::inherit::pass(OwnedFd::from(file)).map(|fd| fd.to_string())
+    }
 
-/// The guard kills what is left of the group led by `pid` if deployd dies.
-pub fn watch(pid: u32) {
-    tell('+', pid);
-}
+    /// The guard kills what is left of the group led by `pid` if deployd
+    /// dies.
+    pub fn watch(&self, pid: u32) {
+        self.tell('+', pid);
+    }
 
-/// The group led by `pid` is gone (its leader reaped, the rest killed).
-pub fn forget(pid: u32) {
-    tell('-', pid);
-}
+    /// The group led by `pid` is gone (its leader reaped, the rest killed).
+    pub fn forget(&self, pid: u32) {
+        self.tell('-', pid);
+    }
 
-fn tell(op: char, pid: u32) {
-    let Some(pipe) = PIPE.get() else { return };
-    let mut pipe = pipe.lock();
-    let Some(file) = pipe.as_mut() else { return };
-    // Shorter than PIPE_BUF: written whole or not at all. Never waits: a
-    // guard that does not read (stopped) must not stop instance starts.
-    match file.write(format!("{op}{pid}\n").as_bytes()) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            tracing::warn!("{NAME} is not reading; it did not hear of {op}{pid}");
-        }
-        Err(e) => {
-            tracing::warn!(
-                "{NAME}: {e}; if deployd is killed now, what its instances started \
+    fn tell(&self, op: char, pid: u32) {
+        let mut pipe = self.pipe.lock();
+        let Some(file) = pipe.as_mut() else { return };
+        // Shorter than PIPE_BUF: written whole or not at all. Never waits: a
+        // guard that does not read (stopped) must not stop instance starts.
+        match file.write(format!("{op}{pid}\n").as_bytes()) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                tracing::warn!("{NAME} is not reading; it did not hear of {op}{pid}");
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{NAME}: {e}; if deployd is killed now, what its instances started \
                  runs on until it starts again"
-            );
-            *pipe = None;
+                );
+                *pipe = None;
+            }
         }
     }
 }
@@ -271,7 +297,7 @@ fn kill_groups(groups: &HashSet<u32>, grace: Duration) {
     // is not taken for it (a next deployd's instance may get it).
     let until = Instant::now() + grace;
     loop {
-        left = super::live_groups(&left);
+        left = super::procfs::live_groups(&left);
         if left.is_empty() {
             return;
         }
@@ -318,7 +344,7 @@ mod tests {
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
         // The sleep went with it.
         let until = Instant::now() + Duration::from_secs(5);
-        while super::super::running_in_groups(&[pid]) {
+        while super::super::procfs::running_in_groups(&[pid]) {
             assert!(Instant::now() < until, "group {pid} still runs");
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -173,8 +173,8 @@ pub fn launch(
     // move after (the child writing to cgroup.procs) waits for an RCU
     // grace period, measured here at 8.6 ms, against 0.24 ms.
     let into = cgroup
-        .and_then(|c| c.fd.as_ref())
-        .filter(|_| !NO_CLONE3.load(Ordering::Relaxed));
+        .filter(|c| !c.no_clone3.load(Ordering::Relaxed))
+        .and_then(|c| c.fd.as_ref());
     let mut pid = -1;
     if let Some(fd) = into {
         plan.cgroup = -1;
@@ -191,7 +191,9 @@ pub fn launch(
                 // A kernel before 5.7: the child moves itself in instead,
                 // from now on.
                 Some(libc::ENOSYS | libc::E2BIG | libc::EINVAL | libc::EOPNOTSUPP) => {
-                    NO_CLONE3.store(true, Ordering::Relaxed);
+                    if let Some(c) = cgroup {
+                        c.no_clone3.store(true, Ordering::Relaxed);
+                    }
                 }
                 // This cgroup refused (gone, a limit): it tries itself.
                 _ => {}
@@ -262,9 +264,6 @@ pub fn launch(
         }
     }
 }
-
-/// Set once clone3 with `CLONE_INTO_CGROUP` failed for want of support.
-static NO_CLONE3: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `struct clone_args` of clone3(2), up to `cgroup` (its second version).
 #[repr(C)]

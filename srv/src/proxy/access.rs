@@ -32,7 +32,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use crate::process;
+use crate::logfile;
 use deployd_lib::stamp;
 
 /// The longest target written; a longer one is cut and ends in `...`.
@@ -94,10 +94,10 @@ impl AccessLog {
     /// A log that goes to `path`, moved to `path.1` past `max` bytes.
     /// Spawns its copying task: call it within the runtime.
     pub fn open(path: PathBuf, max: u64) -> std::io::Result<AccessLog> {
-        let (read, write) = process::log_pipe()?;
+        let (read, write) = logfile::pipe()?;
         set_nonblocking(&write)?;
-        let opts = process::PumpOptions::default();
-        tokio::spawn(process::pump_log(read, path, max, opts));
+        let opts = logfile::PumpOptions::default();
+        tokio::spawn(logfile::pump_log(read, path, max, opts));
         Ok(AccessLog {
             pipe: File::from(write),
             dropped: AtomicU64::new(0),

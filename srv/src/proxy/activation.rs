@@ -10,12 +10,8 @@
 
 use std::net::TcpListener;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
-use std::sync::OnceLock;
 
 use parking_lot::Mutex;
-
-/// The protocol's variables: deployd's, never an instance's.
-pub const VARS: [&str; 3] = ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
 
 /// Where passed descriptors start (`SD_LISTEN_FDS_START`).
 const FIRST_FD: RawFd = 3;
@@ -23,17 +19,21 @@ const FIRST_FD: RawFd = 3;
 /// More than any socket unit lists; a bigger count is not ours to trust.
 const MAX_FDS: usize = 4096;
 
-static PASSED: OnceLock<Vec<TcpListener>> = OnceLock::new();
-
-/// Ports of passed sockets some service has taken.
-static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+/// The listening sockets deployd was given: by systemd's socket
+/// activation, or by the deployd it replaced.
+#[derive(Debug, Default)]
+pub struct Passed {
+    listeners: Vec<TcpListener>,
+    /// Ports of passed sockets some service has taken.
+    taken: Mutex<Vec<u16>>,
+}
 
 /// Takes the listening sockets deployd was started with, if it was started
 /// by socket activation, and `handed` (from the deployd it replaced, see
-/// `handoff`); returns the ports, and why a passed descriptor was left
-/// alone. Call it once, first thing: the descriptors become close-on-exec,
-/// so instances never inherit them.
-pub fn adopt(handed: &[RawFd]) -> (Vec<u16>, Vec<String>) {
+/// `handoff`); returns them, their ports, and why a passed descriptor was
+/// left alone. Call it once, first thing: the descriptors become
+/// close-on-exec, so instances never inherit them.
+pub fn adopt(handed: &[RawFd]) -> (Passed, Vec<u16>, Vec<String>) {
     let (mut fds, skipped) = passed_fds();
     fds.extend(
         handed
@@ -57,49 +57,47 @@ pub fn adopt(handed: &[RawFd]) -> (Vec<u16>, Vec<String>) {
         }
     }
     problems.extend(skipped);
-    let _ = PASSED.set(listeners);
-    (ports, problems)
+    let passed = Passed {
+        listeners,
+        taken: Mutex::new(Vec::new()),
+    };
+    (passed, ports, problems)
 }
 
-/// Every passed socket, as new descriptors: what a deployd replacing
-/// itself hands on, with the ports its services listen on.
-pub fn all() -> Vec<std::io::Result<TcpListener>> {
-    PASSED
-        .get()
-        .into_iter()
-        .flatten()
-        .map(|l| l.try_clone())
-        .collect()
-}
+impl Passed {
+    /// Every passed socket, as new descriptors: what a deployd replacing
+    /// itself hands on, with the ports its services listen on.
+    pub fn all(&self) -> Vec<std::io::Result<TcpListener>> {
+        self.listeners.iter().map(|l| l.try_clone()).collect()
+    }
 
-/// A passed socket listening on `port`, as a new descriptor (the passed
-/// one stays, so that a service removed and applied again finds it too).
-pub fn take(port: u16) -> Option<std::io::Result<TcpListener>> {
-    let l = PASSED
-        .get()?
-        .iter()
-        .find(|l| l.local_addr().is_ok_and(|a| a.port() == port))?;
-    TAKEN.lock().push(port);
-    Some(l.try_clone())
-}
+    /// A passed socket listening on `port`, as a new descriptor (the passed
+    /// one stays, so that a service removed and applied again finds it too).
+    pub fn take(&self, port: u16) -> Option<std::io::Result<TcpListener>> {
+        let l = self
+            .listeners
+            .iter()
+            .find(|l| l.local_addr().is_ok_and(|a| a.port() == port))?;
+        self.taken.lock().push(port);
+        Some(l.try_clone())
+    }
 
-/// Passed ports no service has taken: connections to them wait in their
-/// backlog for nothing.
-pub fn untaken() -> Vec<u16> {
-    let taken = TAKEN.lock();
-    PASSED
-        .get()
-        .into_iter()
-        .flatten()
-        .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
-        .filter(|p| !taken.contains(p))
-        .collect()
+    /// Passed ports no service has taken: connections to them wait in their
+    /// backlog for nothing.
+    pub fn untaken(&self) -> Vec<u16> {
+        let taken = self.taken.lock();
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok().map(|a| a.port()))
+            .filter(|p| !taken.contains(p))
+            .collect()
+    }
 }
 
 /// The descriptors systemd says are ours.
 fn passed_fds() -> (Vec<RawFd>, Vec<String>) {
-    let pid = std::env::var("LISTEN_PID").ok();
-    let count = std::env::var("LISTEN_FDS").ok();
+    let pid = std::env::var(crate::inherit::LISTEN_PID).ok();
+    let count = std::env::var(crate::inherit::LISTEN_FDS).ok();
     let (Some(pid), Some(count)) = (pid, count) else {
         return (Vec::new(), Vec::new());
     };
@@ -119,14 +117,37 @@ fn passed_fds() -> (Vec<RawFd>, Vec<String>) {
     }
 }
 
+/// Why a passed descriptor is not taken.
+#[derive(Debug)]
+pub enum NotAListener {
+    /// The OS said so (`EBADF`: no such descriptor).
+    Os(std::io::Error),
+    /// Not a listening stream socket.
+    NotListening,
+    /// A stream socket, but not TCP (a Unix-domain one).
+    NotTcp,
+}
+
+impl std::fmt::Display for NotAListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotAListener::Os(e) => write!(f, "{e}"),
+            NotAListener::NotListening => f.write_str("not a listening stream socket"),
+            NotAListener::NotTcp => f.write_str("not a TCP socket"),
+        }
+    }
+}
+
+impl std::error::Error for NotAListener {}
+
 /// The passed descriptor `fd` as a listener, if it is a listening TCP
 /// socket (closed otherwise), made close-on-exec and non-blocking.
-fn listener(fd: RawFd) -> Result<TcpListener, String> {
+fn listener(fd: RawFd) -> Result<TcpListener, NotAListener> {
     // First, so that no instance inherits it whatever it is; an unused
     // number fails with EBADF.
     // SAFETY: fcntl on a descriptor number.
     if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-        return Err(std::io::Error::last_os_error().to_string());
+        return Err(NotAListener::Os(std::io::Error::last_os_error()));
     }
     // SAFETY: systemd passed it to this process for it to own, and nothing
     // else in deployd has taken it.
@@ -134,14 +155,14 @@ fn listener(fd: RawFd) -> Result<TcpListener, String> {
     if int_opt(fd, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
         || int_opt(fd, libc::SO_ACCEPTCONN) != Some(1)
     {
-        return Err("not a listening stream socket".into());
+        return Err(NotAListener::NotListening);
     }
     let l = TcpListener::from(owned);
     // A Unix-domain stream socket has passed the checks above.
     if l.local_addr().is_err() {
-        return Err("not a TCP socket".into());
+        return Err(NotAListener::NotTcp);
     }
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    l.set_nonblocking(true).map_err(NotAListener::Os)?;
     Ok(l)
 }
 

@@ -524,12 +524,23 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// The runtime the proxies run on: its own threads (one per two cores), so
-/// that traffic never waits for the engine (an fsync, a burst of spawns)
-/// and a connection's tasks are not passed between threads.
-fn runtime() -> &'static tokio::runtime::Handle {
-    static RT: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
-    RT.get_or_init(|| {
+/// What every public port shares: the runtime the proxies run on, the
+/// sockets deployd was given, and the descriptor budget.
+#[derive(Clone)]
+pub struct Proxies {
+    rt: tokio::runtime::Handle,
+    passed: Arc<activation::Passed>,
+    budget: Arc<budget::Budget>,
+}
+
+impl Proxies {
+    /// Starts the proxies' runtime (its own threads, one per two cores, so
+    /// that traffic never waits for the engine, an fsync or a burst of
+    /// spawns, and a connection's tasks are not passed between threads),
+    /// with the sockets deployd was given and the budget of its open-file
+    /// limit. Without a runtime of its own (its thread could not start),
+    /// the proxies run on the current one.
+    pub fn start(passed: activation::Passed) -> Proxies {
         let threads = std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1));
         let (tx, rx) = std::sync::mpsc::channel();
         // The multi-thread scheduler even for one worker: its LIFO slot runs
@@ -556,11 +567,36 @@ fn runtime() -> &'static tokio::runtime::Handle {
                     }
                 }
             });
-        match started.ok().and_then(|_| rx.recv().ok().flatten()) {
+        let rt = match started.ok().and_then(|_| rx.recv().ok().flatten()) {
             Some(h) => h,
             None => tokio::runtime::Handle::current(),
+        };
+        Proxies {
+            rt,
+            passed: Arc::new(passed),
+            budget: Arc::new(budget::Budget::of_this_process()),
         }
-    })
+    }
+
+    /// Proxies on the current runtime, with no passed socket.
+    #[cfg(test)]
+    pub fn for_test() -> Proxies {
+        Proxies {
+            rt: tokio::runtime::Handle::current(),
+            passed: Arc::default(),
+            budget: Arc::new(budget::Budget::from_limit(1 << 20)),
+        }
+    }
+
+    /// The sockets deployd was given.
+    pub fn passed(&self) -> &activation::Passed {
+        &self.passed
+    }
+
+    /// The descriptor budget.
+    pub fn budget(&self) -> &budget::Budget {
+        &self.budget
+    }
 }
 
 /// Says a line in the service's events.
@@ -577,16 +613,16 @@ const BIND_RETRY: Duration = Duration::from_secs(2);
 /// for the port passed by socket activation ([`activation`]) is used as it
 /// is, wherever it is bound.
 pub fn listen(
+    proxies: &Proxies,
     bind: IpAddr,
     settings: Settings,
     service: String,
     note: Note,
-    budget: Arc<budget::Budget>,
 ) -> Arc<Router> {
-    let router = Arc::new(Router::new(settings, budget));
+    let router = Arc::new(Router::new(settings, proxies.budget.clone()));
     let r = router.clone();
-    let passed = activation::take(settings.port);
-    let task = runtime().spawn(async move {
+    let passed = proxies.passed.take(settings.port);
+    let task = proxies.rt.spawn(async move {
         let mut addr = SocketAddr::new(bind, settings.port);
         let passed = passed.map(|l| l.and_then(TcpListener::from_std));
         let listener = match passed {
@@ -871,11 +907,11 @@ mod tests {
             max_connections: None,
         };
         let r = super::listen(
+            &super::Proxies::for_test(),
             [127, 0, 0, 1].into(),
             settings,
             "t".into(),
             Box::new(|_| {}),
-            std::sync::Arc::new(super::budget::Budget::from_limit(20_000)),
         );
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while r.socket.lock().is_none() {
