@@ -76,20 +76,42 @@ pub enum SvcFile {
     FailedLog,
 }
 
-/// The service directory's files, in listing order: name, file.
-pub const SVC_FILES: [(&str, SvcFile); 12] = [
-    ("ctl", SvcFile::Ctl),
-    ("version", SvcFile::Version),
-    ("previous_version", SvcFile::PreviousVersion),
-    ("update_status", SvcFile::UpdateStatus),
-    ("update_progress", SvcFile::UpdateProgress),
-    ("state", SvcFile::State),
-    ("events", SvcFile::Events),
-    ("manifest", SvcFile::Manifest),
-    ("wait", SvcFile::Wait),
-    ("traffic", SvcFile::Traffic),
-    ("access", SvcFile::Access),
-    ("failed_log", SvcFile::FailedLog),
+/// Where a file's bytes come from: one column of the file tables, which
+/// both a file's attributes and its opening follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Rendered into the snapshot when it is published.
+    Snapshot,
+    /// Computed when it is looked at (live counters, `/proc`).
+    Live,
+    /// A file deployd writes to disk (a log), read from there.
+    Disk,
+    /// The service's event log, appended to while it is read.
+    Events,
+    /// A ctl file: commands written, their answers read back.
+    Ctl,
+    /// `wait`: answered once the rollout settles.
+    Wait,
+}
+
+/// The service directory's files, in listing order: name, file, source.
+pub const SVC_FILES: [(&str, SvcFile, Source); 12] = [
+    ("ctl", SvcFile::Ctl, Source::Ctl),
+    ("version", SvcFile::Version, Source::Snapshot),
+    (
+        "previous_version",
+        SvcFile::PreviousVersion,
+        Source::Snapshot,
+    ),
+    ("update_status", SvcFile::UpdateStatus, Source::Snapshot),
+    ("update_progress", SvcFile::UpdateProgress, Source::Snapshot),
+    ("state", SvcFile::State, Source::Snapshot),
+    ("events", SvcFile::Events, Source::Events),
+    ("manifest", SvcFile::Manifest, Source::Snapshot),
+    ("wait", SvcFile::Wait, Source::Wait),
+    ("traffic", SvcFile::Traffic, Source::Live),
+    ("access", SvcFile::Access, Source::Disk),
+    ("failed_log", SvcFile::FailedLog, Source::Disk),
 ];
 
 /// The files of `/deploy/active/SERVICE/instances/N/`.
@@ -115,18 +137,38 @@ pub enum InstFile {
     Ctl,
 }
 
-/// The instance directory's files, in listing order.
-pub const INST_FILES: [(&str, InstFile); 9] = [
-    ("pid", InstFile::Pid),
-    ("state", InstFile::State),
-    ("version", InstFile::Version),
-    ("port", InstFile::Port),
-    ("log", InstFile::Log),
-    ("inflight", InstFile::Inflight),
-    ("usage", InstFile::Usage),
-    ("restarts", InstFile::Restarts),
-    ("ctl", InstFile::Ctl),
+/// The instance directory's files, in listing order: name, file, source.
+pub const INST_FILES: [(&str, InstFile, Source); 9] = [
+    ("pid", InstFile::Pid, Source::Snapshot),
+    ("state", InstFile::State, Source::Snapshot),
+    ("version", InstFile::Version, Source::Snapshot),
+    ("port", InstFile::Port, Source::Snapshot),
+    ("log", InstFile::Log, Source::Disk),
+    ("inflight", InstFile::Inflight, Source::Live),
+    ("usage", InstFile::Usage, Source::Live),
+    ("restarts", InstFile::Restarts, Source::Snapshot),
+    ("ctl", InstFile::Ctl, Source::Ctl),
 ];
+
+impl SvcFile {
+    /// Where its bytes come from.
+    pub fn source(self) -> Source {
+        SVC_FILES
+            .iter()
+            .find(|(_, f, _)| *f == self)
+            .map_or(Source::Snapshot, |(_, _, s)| *s)
+    }
+}
+
+impl InstFile {
+    /// Where its bytes come from.
+    pub fn source(self) -> Source {
+        INST_FILES
+            .iter()
+            .find(|(_, f, _)| *f == self)
+            .map_or(Source::Snapshot, |(_, _, s)| *s)
+    }
+}
 
 /// One instance as the namespace shows it.
 #[derive(Debug, Clone)]
@@ -230,6 +272,32 @@ impl ServiceView {
     /// The instance with this number.
     pub fn instance(&self, number: u32) -> Option<&InstanceView> {
         self.instances.iter().find(|i| i.number == number)
+    }
+
+    /// A file computed when it is looked at ([`Source::Live`]).
+    pub fn live(&self, f: SvcFile) -> Option<String> {
+        match f {
+            SvcFile::Traffic => Some(self.traffic()),
+            _ => None,
+        }
+    }
+
+    /// The file on disk behind a [`Source::Disk`] file.
+    pub fn disk(&self, f: SvcFile) -> Option<&std::path::Path> {
+        match f {
+            SvcFile::Access => Some(&self.access),
+            SvcFile::FailedLog => Some(&self.failed_log),
+            _ => None,
+        }
+    }
+
+    /// An instance's file computed when it is looked at.
+    pub fn instance_live(&self, i: &InstanceView, f: InstFile) -> Option<String> {
+        match f {
+            InstFile::Inflight => Some(self.inflight(i.id)),
+            InstFile::Usage => Some(ServiceView::usage(i)),
+            _ => None,
+        }
     }
 
     /// The `traffic` file, from the live counters.

@@ -1,0 +1,422 @@
+//! The namespace, served through FUSE: a view of the runtime's snapshots.
+//!
+//! ```text
+//! /ctl  /status  /active/SERVICE/{ctl,version,previous_version,update_status,
+//!   update_progress,state,events,manifest,wait}
+//! /active/SERVICE/history/VERSION  /active/SERVICE/instances/N/{pid,state,version,port,log}
+//! ```
+//!
+//! A directory is a static table; an inode number packs which service, which
+//! instance and which file ([`Node`]), so a lookup is arithmetic. Where a
+//! file's bytes come from is a column of the tables (`view::Source`), which
+//! its attributes and its opening both follow ([`files`]). Each
+//! `Filesystem` method is a thin adapter: the work is in functions returning
+//! `Result<_, Errno>`, tested without a mount, ending in one `match` into
+//! the reply.
+//!
+//! - [`node`]: inode numbers.
+//! - [`files`]: what each file is, and its reads and writes.
+//! - [`wait`]: reads of `wait` parked until their rollout settles.
+//!
+//! A status file is copied out of the snapshot when it is opened, so every
+//! read of one open sees the same content. Reads of `wait` while a rollout is
+//! in flight are parked and answered when it settles (or when the reader is
+//! gone: fuser does not deliver interrupts, so a sweeper checks). Writes to a
+//! `ctl` file are parsed here (with lib's parser) and sent to the runtime;
+//! the write is answered once the runtime has acted and persisted, and the
+//! result can be read back on the same file descriptor.
+
+mod files;
+mod node;
+mod wait;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use deployd_lib::rollout::{Refusal, RefusalKind};
+use fuser::{
+    Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyWrite, Request, WriteFlags,
+};
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use crate::runtime::Msg;
+use crate::view::Views;
+
+use files::{Listing, Open, Reading};
+pub use node::Node;
+use wait::Parked;
+pub use wait::{SWEEP, Waiters};
+
+/// Attributes are never cached: sizes and mtimes change all the time.
+const TTL: Duration = Duration::ZERO;
+
+/// How long the kernel may keep a name whose inode never changes (see
+/// [`Node::stable_name`]); a removed service's name is dropped at once by a
+/// FUSE notification.
+const STABLE: Duration = Duration::from_secs(3600);
+
+/// The file system.
+pub struct Fs {
+    views: Views,
+    engine: mpsc::UnboundedSender<Msg>,
+    waiters: Arc<Waiters>,
+    open: Mutex<HashMap<u64, Arc<Open>>>,
+    /// Each open directory's listing, taken when it is read from its start:
+    /// `ls` reads a directory in several `getdents` calls, and entries
+    /// served by position from snapshots that changed in between would
+    /// mix two listings (an instance renumbered in between shows twice, or
+    /// not at all).
+    dirs: Mutex<HashMap<u64, Listing>>,
+    next_fh: AtomicU64,
+    uid: u32,
+    gid: u32,
+    started: SystemTime,
+}
+
+impl Fs {
+    /// A file system over `views`, sending commands to `engine`.
+    pub fn new(views: Views, engine: mpsc::UnboundedSender<Msg>, waiters: Arc<Waiters>) -> Fs {
+        Fs {
+            views,
+            engine,
+            waiters,
+            open: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            uid: nix::unistd::getuid().as_raw(),
+            gid: nix::unistd::getgid().as_raw(),
+            started: SystemTime::now(),
+        }
+    }
+
+    fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, Errno> {
+        self.open.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Answers a read now, or parks it (a `wait` mid-rollout) under the
+    /// waiters' lock, so that a snapshot published meanwhile answers it.
+    fn read_or_park(&self, open: &Open, offset: u64, size: u32, pid: u32, reply: ReplyData) {
+        let Open::Wait { sid, answer } = open else {
+            return match self.read_open(open, offset, size) {
+                Ok(Reading::Data(d)) => reply.data(&d),
+                Ok(Reading::Later) => reply.error(Errno::EIO),
+                Err(e) => reply.error(e),
+            };
+        };
+        let mut parked = self.waiters.parked.lock();
+        match self.read_open(open, offset, size) {
+            Ok(Reading::Data(d)) => {
+                drop(parked);
+                reply.data(&d)
+            }
+            Ok(Reading::Later) => parked.push(Parked {
+                sid: *sid,
+                pid,
+                offset,
+                size,
+                answer: answer.clone(),
+                reply,
+            }),
+            Err(e) => {
+                drop(parked);
+                reply.error(e)
+            }
+        }
+    }
+
+    /// Sends a ctl write's command to the runtime; its writer is answered
+    /// once the runtime has acted.
+    fn write_ctl(&self, open: &Open, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let answered = move |written: Result<u32, Errno>| match written {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(e),
+        };
+        let msg = match self.write_open(open, offset, data, answered) {
+            Ok(m) => m,
+            Err((e, answered)) => return answered(Err(e)),
+        };
+        if let Err(mpsc::error::SendError(
+            Msg::Ctl { done, .. } | Msg::ApplyAll { done } | Msg::ReExec { done },
+        )) = self.engine.send(msg)
+        {
+            done(Err(Refusal {
+                kind: RefusalKind::Busy,
+                message: "deployd is shutting down".into(),
+            }));
+        }
+    }
+}
+
+fn node(ino: INodeNo) -> Result<Node, Errno> {
+    Node::from_ino(ino.0).ok_or(Errno::ENOENT)
+}
+
+impl Filesystem for Fs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = node(parent).and_then(|p| {
+            let name = name.to_str().ok_or(Errno::ENOENT)?;
+            let n = self.lookup_node(p, name)?;
+            Ok((n, self.attr(n)?))
+        });
+        match r {
+            Ok((n, attr)) => {
+                let entry = if n.stable_name() { STABLE } else { TTL };
+                reply.entry_with_ttls(&TTL, &entry, &attr, Generation(0))
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match node(ino).and_then(|n| self.attr(n)) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        // `echo cmd > ctl` truncates first: that is accepted and does nothing.
+        let r = node(ino).and_then(|n| match size {
+            Some(0) if n.writable() => self.attr(n),
+            _ => Err(Errno::EACCES),
+        });
+        match r {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match node(ino).and_then(|n| self.open_node(n, flags)) {
+            Ok(open) => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                self.open.lock().insert(fh, Arc::new(open));
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.handle(fh) {
+            Ok(open) => self.read_or_park(&open, offset, size, req.pid(), reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.handle(fh) {
+            Ok(open) => self.write_ctl(&open, offset, data, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    // No `flush`: fuser answers ENOSYS, and the kernel then stops sending
+    // FLUSH on every close (there is nothing to flush here).
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.open.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    // The namespace's shape is deployd's: nothing is created, removed,
+    // renamed or linked through the mount. Each says so as /sys does
+    // (`Operation not permitted`) rather than with fuser's default ENOSYS
+    // (`Function not implemented`), which reads like a missing feature.
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match node(ino) {
+            Ok(n) if n.is_dir() => {
+                let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs.lock().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        // From the start (first read, or rewinddir): a new listing, kept
+        // for the reads that go on from where this one stops.
+        let kept = (offset > 0)
+            .then(|| self.dirs.lock().get(&fh.0).cloned())
+            .flatten();
+        let r = node(ino).and_then(|dir| match kept {
+            Some(e) => Ok((dir, e)),
+            None => {
+                let e = Arc::new(self.entries(dir)?);
+                self.dirs.lock().insert(fh.0, e.clone());
+                Ok((dir, e))
+            }
+        });
+        let (dir, entries) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [(".".to_string(), dir), ("..".to_string(), dir.parent())];
+        for (i, (name, n)) in dots
+            .into_iter()
+            .chain(entries.iter().cloned())
+            .enumerate()
+            .skip(offset as usize)
+        {
+            let kind = if n.is_dir() {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            };
+            if reply.add(INodeNo(n.ino()), (i + 1) as u64, kind, &name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+}
