@@ -45,8 +45,9 @@ pub enum Verb {
     Signal(Signal, Option<u32>),
 }
 
-/// One row of the command table: the verb, and how many arguments it takes
-/// after the service (at least, at most).
+/// One row of the command table: the verb, how many arguments it takes
+/// after the service (at least, at most), and how it builds its [`Verb`]
+/// from them (once their number is checked).
 pub struct CommandSpec {
     /// The verb as written.
     pub name: &'static str,
@@ -56,6 +57,8 @@ pub struct CommandSpec {
     pub max_args: usize,
     /// Arguments, for usage text.
     pub usage: &'static str,
+    /// Builds the verb from its arguments.
+    pub build: fn(&[&str]) -> Result<Verb, CtlError>,
 }
 
 /// Every verb.
@@ -65,54 +68,76 @@ pub const COMMANDS: [CommandSpec; 9] = [
         min_args: 0,
         max_args: 0,
         usage: "",
+        build: |_| Ok(Verb::Apply),
     },
     CommandSpec {
         name: "pause",
         min_args: 0,
         max_args: 0,
         usage: "",
+        build: |_| Ok(Verb::Pause),
     },
     CommandSpec {
         name: "resume",
         min_args: 0,
         max_args: 0,
         usage: "",
+        build: |_| Ok(Verb::Resume),
     },
     CommandSpec {
         name: "rollback",
         min_args: 0,
         max_args: 1,
         usage: " [VERSION]",
+        build: |args| {
+            let version = args.first().map(|v| v.parse()).transpose();
+            Ok(Verb::Rollback(version.map_err(CtlError::Version)?))
+        },
     },
     CommandSpec {
         name: "restart",
         min_args: 0,
         max_args: 1,
         usage: " [INSTANCE]",
+        build: |args| {
+            Ok(Verb::Restart(
+                args.first().map(|n| instance_number(n)).transpose()?,
+            ))
+        },
     },
     CommandSpec {
         name: "stop",
         min_args: 0,
         max_args: 0,
         usage: "",
+        build: |_| Ok(Verb::Stop),
     },
     CommandSpec {
         name: "start",
         min_args: 0,
         max_args: 0,
         usage: "",
+        build: |_| Ok(Verb::Start),
     },
     CommandSpec {
         name: "remove",
         min_args: 0,
         max_args: 0,
         usage: "",
+        build: |_| Ok(Verb::Remove),
     },
     CommandSpec {
         name: "signal",
         min_args: 1,
         max_args: 2,
         usage: " SIG [INSTANCE]",
+        build: |args| {
+            let (sig, rest) = args.split_first().ok_or(CtlError::Empty)?;
+            let signal = Signal::from_name(&sig.to_ascii_uppercase())
+                .ok_or_else(|| CtlError::UnknownSignal(shown(sig)))?;
+            let instance = rest.first().map(|n| instance_number(n)).transpose()?;
+            Ok(Verb::Signal(signal, instance))
+        },
     },
 ];
 
@@ -147,13 +172,122 @@ impl fmt::Display for Verb {
 
 /// Why a control message was not understood.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CtlError(pub String);
+pub enum CtlError {
+    /// Longer than [`MAX_MESSAGE`].
+    TooLong,
+    /// Not UTF-8.
+    NotUtf8,
+    /// More than one line.
+    SeveralLines,
+    /// Something that is not a word.
+    NotWords,
+    /// Nothing but blanks (of a service's ctl file).
+    Empty,
+    /// Nothing but blanks (of an instance's ctl file).
+    EmptyInstance,
+    /// A verb no row has (shown), and one close to it if any.
+    Unknown(String, String),
+    /// A verb of an instance's ctl file that is not one (shown).
+    UnknownInstance(String),
+    /// A verb with the wrong number of arguments: what it takes, in words.
+    Args {
+        /// The verb and its usage.
+        command: String,
+        /// What it takes.
+        takes: String,
+        /// How many it got.
+        got: usize,
+    },
+    /// An instance's verb with arguments it does not take.
+    InstanceArgs(usize),
+    /// A root command without its service.
+    NoService(&'static CommandSpec),
+    /// `reexec` with arguments.
+    ReExecArgs(usize),
+    /// A service name that is not one.
+    Service(String),
+    /// A version that is not one.
+    Version(String),
+    /// An instance number that is not one (shown).
+    Instance(String),
+    /// A signal that is not one (shown).
+    UnknownSignal(String),
+}
+
+impl fmt::Debug for CommandSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name)
+    }
+}
+
+impl PartialEq for CommandSpec {
+    fn eq(&self, other: &CommandSpec) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for CommandSpec {}
 
 impl fmt::Display for CtlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            CtlError::TooLong => write!(
+                f,
+                "control message is longer than the limit of {MAX_MESSAGE} bytes"
+            ),
+            CtlError::NotUtf8 => f.write_str("control message is not UTF-8"),
+            CtlError::SeveralLines => f.write_str("one command per write"),
+            CtlError::NotWords => f.write_str("control message has characters that are not words"),
+            CtlError::Empty => write!(f, "empty control message; commands: {}", usage()),
+            CtlError::EmptyInstance => {
+                write!(f, "empty control message; commands: {}", instance_usage())
+            }
+            CtlError::Unknown(verb, close) => write!(
+                f,
+                "unknown control message '{verb}'{close}; commands: {}",
+                usage()
+            ),
+            CtlError::UnknownInstance(verb) => write!(
+                f,
+                "unknown control message '{verb}'; commands: {}",
+                instance_usage()
+            ),
+            CtlError::Args {
+                command,
+                takes,
+                got,
+            } => write!(
+                f,
+                "bad # args to command: {command} takes {takes}, got {got}"
+            ),
+            CtlError::InstanceArgs(n) => write!(
+                f,
+                "bad # args to command: an instance's ctl takes {}, got {n} argument{}",
+                instance_usage(),
+                if *n == 1 { "" } else { "s" }
+            ),
+            CtlError::NoService(spec) => write!(
+                f,
+                "bad # args to command: {} needs a service: {} SERVICE{}",
+                spec.name, spec.name, spec.usage
+            ),
+            CtlError::ReExecArgs(n) => write!(
+                f,
+                "bad # args to command: reexec takes no arguments, got {n}"
+            ),
+            CtlError::Service(e) | CtlError::Version(e) => f.write_str(e),
+            CtlError::Instance(word) => {
+                write!(f, "'{word}' is not an instance number (as in instances/N)")
+            }
+            CtlError::UnknownSignal(sig) => {
+                let names: Vec<&str> = Signal::ALL.iter().map(|(_, n)| *n).collect();
+                write!(f, "unknown signal '{sig}'; signals: {}", names.join(", "))
+            }
+        }
     }
 }
+
+impl std::error::Error for CtlError {}
 
 /// One line of usage per verb, for a service's ctl file.
 pub fn usage() -> String {
@@ -167,7 +301,7 @@ pub fn usage() -> String {
 /// Parses a write to a service's `ctl` file.
 pub fn parse_service(msg: &[u8]) -> Result<Verb, CtlError> {
     let words = words(msg)?;
-    let (verb, args) = words.split_first().ok_or_else(empty)?;
+    let (verb, args) = words.split_first().ok_or(CtlError::Empty)?;
     verb_with_args(verb, args)
 }
 
@@ -185,10 +319,7 @@ pub fn instance_usage() -> String {
 pub fn parse_instance(msg: &[u8], number: u32) -> Result<Verb, CtlError> {
     let words = words(msg)?;
     let Some((verb, args)) = words.split_first() else {
-        return Err(CtlError(format!(
-            "empty control message; commands: {}",
-            instance_usage()
-        )));
+        return Err(CtlError::EmptyInstance);
     };
     let n = number.to_string();
     match (*verb, args) {
@@ -197,17 +328,8 @@ pub fn parse_instance(msg: &[u8], number: u32) -> Result<Verb, CtlError> {
             args.push(&n);
             verb_with_args(verb, &args)
         }
-        ("restart", _) | ("signal", _) => Err(CtlError(format!(
-            "bad # args to command: an instance's ctl takes {}, got {} argument{}",
-            instance_usage(),
-            args.len(),
-            if args.len() == 1 { "" } else { "s" }
-        ))),
-        _ => Err(CtlError(format!(
-            "unknown control message '{}'; commands: {}",
-            shown(verb),
-            instance_usage()
-        ))),
+        ("restart", _) | ("signal", _) => Err(CtlError::InstanceArgs(args.len())),
+        _ => Err(CtlError::UnknownInstance(shown(verb))),
     }
 }
 
@@ -227,13 +349,10 @@ pub enum RootCommand {
 /// alone.
 pub fn parse_root(msg: &[u8]) -> Result<RootCommand, CtlError> {
     let words = words(msg)?;
-    let (verb, rest) = words.split_first().ok_or_else(empty)?;
+    let (verb, rest) = words.split_first().ok_or(CtlError::Empty)?;
     if *verb == "reexec" {
         if !rest.is_empty() {
-            return Err(CtlError(format!(
-                "bad # args to command: reexec takes no arguments, got {}",
-                rest.len()
-            )));
+            return Err(CtlError::ReExecArgs(rest.len()));
         }
         return Ok(RootCommand::ReExec);
     }
@@ -242,12 +361,9 @@ pub fn parse_root(msg: &[u8]) -> Result<RootCommand, CtlError> {
         if spec.name == "apply" {
             return Ok(RootCommand::ApplyAll);
         }
-        return Err(CtlError(format!(
-            "bad # args to command: {} needs a service: {} SERVICE{}",
-            spec.name, spec.name, spec.usage
-        )));
+        return Err(CtlError::NoService(spec));
     };
-    let service = ServiceName::new(service).map_err(CtlError)?;
+    let service = ServiceName::new(service).map_err(CtlError::Service)?;
     Ok(RootCommand::One(service, verb_with_args(verb, args)?))
 }
 
@@ -263,21 +379,15 @@ pub fn root_usage() -> String {
         .join(" | ")
 }
 
-fn empty() -> CtlError {
-    CtlError(format!("empty control message; commands: {}", usage()))
-}
-
 fn spec(verb: &str) -> Result<&'static CommandSpec, CtlError> {
     COMMANDS.iter().find(|c| c.name == verb).ok_or_else(|| {
         let close = crate::suggest::did_you_mean(verb, COMMANDS.iter().map(|c| c.name));
-        CtlError(format!(
-            "unknown control message '{}'{close}; commands: {}",
-            shown(verb),
-            usage()
-        ))
+        CtlError::Unknown(shown(verb), close)
     })
 }
 
+/// The verb of the row named `verb`, built from `args` once their number
+/// is checked against the row.
 fn verb_with_args(verb: &str, args: &[&str]) -> Result<Verb, CtlError> {
     let spec = spec(verb)?;
     if args.len() < spec.min_args || args.len() > spec.max_args {
@@ -288,42 +398,13 @@ fn verb_with_args(verb: &str, args: &[&str]) -> Result<Verb, CtlError> {
             (1, 2) => "one or two arguments".to_string(),
             (lo, hi) => format!("{lo} to {hi} arguments"),
         };
-        return Err(CtlError(format!(
-            "bad # args to command: {}{} takes {takes}, got {}",
-            spec.name,
-            spec.usage,
-            args.len()
-        )));
+        return Err(CtlError::Args {
+            command: format!("{}{}", spec.name, spec.usage),
+            takes,
+            got: args.len(),
+        });
     }
-    Ok(match spec.name {
-        "apply" => Verb::Apply,
-        "pause" => Verb::Pause,
-        "resume" => Verb::Resume,
-        "rollback" => match args.first() {
-            None => Verb::Rollback(None),
-            Some(v) => Verb::Rollback(Some(v.parse().map_err(CtlError)?)),
-        },
-        "restart" => match args.first() {
-            None => Verb::Restart(None),
-            Some(n) => Verb::Restart(Some(instance_number(n)?)),
-        },
-        "stop" => Verb::Stop,
-        "start" => Verb::Start,
-        "signal" => {
-            let (sig, rest) = args.split_first().ok_or_else(empty)?;
-            let signal = Signal::from_name(&sig.to_ascii_uppercase()).ok_or_else(|| {
-                let names: Vec<&str> = Signal::ALL.iter().map(|(_, n)| *n).collect();
-                CtlError(format!(
-                    "unknown signal '{}'; signals: {}",
-                    shown(sig),
-                    names.join(", ")
-                ))
-            })?;
-            let instance = rest.first().map(|n| instance_number(n)).transpose()?;
-            Verb::Signal(signal, instance)
-        }
-        _ => Verb::Remove,
-    })
+    (spec.build)(args)
 }
 
 /// An instance number as in `instances/N`: digits only, no sign, no
@@ -333,10 +414,7 @@ fn instance_number(word: &str) -> Result<u32, CtlError> {
         word.bytes().all(|b| b.is_ascii_digit()) && !(word.len() > 1 && word.starts_with('0'));
     match word.parse::<u32>() {
         Ok(n) if canonical => Ok(n),
-        _ => Err(CtlError(format!(
-            "'{}' is not an instance number (as in instances/N)",
-            shown(word)
-        ))),
+        _ => Err(CtlError::Instance(shown(word))),
     }
 }
 
@@ -356,23 +434,18 @@ fn words(msg: &[u8]) -> Result<Vec<&str>, CtlError> {
     if msg.len() > MAX_MESSAGE {
         // Not its size: the kernel hands a long write(2) to the namespace
         // in pieces, and this sees only the first.
-        return Err(CtlError(format!(
-            "control message is longer than the limit of {MAX_MESSAGE} bytes"
-        )));
+        return Err(CtlError::TooLong);
     }
-    let text =
-        std::str::from_utf8(msg).map_err(|_| CtlError("control message is not UTF-8".into()))?;
+    let text = std::str::from_utf8(msg).map_err(|_| CtlError::NotUtf8)?;
     let text = text.strip_suffix('\n').unwrap_or(text);
     let text = text.strip_suffix('\r').unwrap_or(text);
     if text.contains('\n') {
-        return Err(CtlError("one command per write".into()));
+        return Err(CtlError::SeveralLines);
     }
     let parsed: IResult<&str, Vec<&str>> = many0(word).parse(text);
     match parsed {
         Ok((rest, words)) if rest.trim().is_empty() => Ok(words),
-        _ => Err(CtlError(
-            "control message has characters that are not words".into(),
-        )),
+        _ => Err(CtlError::NotWords),
     }
 }
 
@@ -382,7 +455,28 @@ mod tests {
 
     /// The reason a message is refused with.
     fn why<T: fmt::Debug>(parsed: Result<T, CtlError>) -> String {
-        parsed.unwrap_err().0
+        parsed.unwrap_err().to_string()
+    }
+
+    /// Each row builds the verb it names: none can build another (a typo
+    /// in a row cannot become `remove`).
+    #[test]
+    fn each_row_builds_its_own_verb() {
+        for row in &COMMANDS {
+            let args: Vec<&str> = match row.name {
+                "signal" => vec!["HUP"],
+                _ => Vec::new(),
+            };
+            let verb = (row.build)(&args).unwrap();
+            assert_eq!(verb.name(), row.name);
+            assert!(verb_with_args(row.name, &args).is_ok());
+        }
+        let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
+        let mut unique = names.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        unique.sort_by_key(|n| names.iter().position(|m| m == n));
+        assert_eq!(names, unique);
     }
 
     #[test]
