@@ -11,10 +11,15 @@
 //! - [`ctl`]: the language of the namespace's `ctl` files.
 //! - [`http`]: HTTP/1 framing for the proxy: heads and chunked bodies.
 //! - [`rollout`]: the sans-I/O state machine that supervises and rolls out a service.
+//! - [`core`]: the sans-I/O decision core: every service's machine and
+//!   what is decided across services (apply of every manifest, `after`,
+//!   `reexec`, storage refusals), inputs in, effects out.
+//! - [`order`]: the order `after` lines make between services.
 //! - [`printable`]: text made safe to show on one line (controls and
 //!   bidirectional overrides escaped).
 //! - [`readfile`]: reading a file a user named: regular files only,
 //!   never waiting, never past a limit.
+//! - [`suggest`]: "did you mean" for a word close to a known one.
 //! - [`tail`]: the last whole lines of a file.
 //! - [`stamp`]: the time at the start of each line of deployd's logs.
 

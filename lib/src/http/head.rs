@@ -19,7 +19,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// The most header lines accepted in a request's head: what deployd adds
 /// for the instance (`X-Forwarded-For`, the framing, `Connection`,
-/// `Upgrade`, `Host`) keeps it within [`MAX_HEADERS`], and within the 100
+/// `Upgrade`, `Host`) keeps it within the 128 lines of any head, and within the 100
 /// a hyper server takes by default.
 pub const MAX_REQUEST_HEADERS: usize = 96;
 /// Bytes of a request's head deployd keeps for what it adds: the head it

@@ -25,6 +25,13 @@
 //! Decisions are taken by [`Service::drive`] from the whole state after every
 //! input, never from the input alone, so a late or repeated input cannot
 //! derail the machine.
+//!
+//! # Files
+//!
+//! This file holds the types, the creation and restoration of a machine,
+//! and what it shows; `commands.rs` the commands, `batches.rs` the
+//! rollouts a batch at a time, `supervise.rs` the instances themselves and
+//! [`Service::drive`], `instance.rs` an instance's states and transitions.
 
 mod batches;
 mod commands;
