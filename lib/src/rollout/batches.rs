@@ -410,6 +410,24 @@ impl Service {
                 return true;
             };
             let inst = &self.instances[i];
+            if let Some(Exit::Lost(host)) = &inst.exit {
+                // Lost with its host, not failed: its slot gets a new
+                // candidate (elsewhere), judged afresh.
+                let (slot, number, host) = (inst.slot, inst.number, host.clone());
+                let spec = inst.spec.clone();
+                let fresh = self.spawn(slot, spec, Role::Candidate);
+                let (new_id, new_number) = (self.instances[fresh].id, self.instances[fresh].number);
+                if let Some(b) = self.batch_mut() {
+                    for c in b.candidates.iter_mut().filter(|c| **c == id) {
+                        *c = new_id;
+                    }
+                }
+                self.event(format!(
+                    "instance {number} lost with host {host}; starting instance {new_number} \
+                     in its place"
+                ));
+                return true;
+            }
             if let Some(exit) = &inst.exit {
                 let reason = match exit {
                     // Not the new version's fault: the reason says whose.

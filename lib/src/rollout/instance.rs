@@ -73,6 +73,11 @@ pub const ALLOWED: &[(State, State)] = &[
     (State::Draining, State::Stopping),
     (State::Draining, State::Exited),
     (State::Stopping, State::Exited),
+    // Its process restarted in place by the host that runs it (a cluster
+    // host restarts a crashed instance itself): healthy again only once
+    // its probes say so.
+    (State::Ready, State::Starting),
+    (State::Unhealthy, State::Starting),
 ];
 
 /// What an instance is for.
@@ -111,6 +116,11 @@ pub enum Exit {
     /// it is started again after [`SHORT_RETRY`](super::SHORT_RETRY),
     /// counted as no failure and no restart.
     Short(String),
+    /// It ran on a host that was lost (its lease expired): the host's
+    /// name. Not the instance's doing: its slot is started again at once,
+    /// elsewhere, whatever its restart policy; a candidate is started
+    /// again in its batch.
+    Lost(String),
 }
 
 impl Exit {
@@ -133,6 +143,7 @@ impl fmt::Display for Exit {
             },
             Exit::SpawnFailed(e) => write!(f, "could not start: {e}"),
             Exit::Short(e) => write!(f, "not started: {e}"),
+            Exit::Lost(host) => write!(f, "lost with host {host}"),
         }
     }
 }

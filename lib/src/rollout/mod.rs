@@ -163,6 +163,16 @@ pub enum Input {
         /// `Ok` when the probe passed.
         result: Result<(), String>,
     },
+    /// The process of a serving instance ended unexpectedly and the host
+    /// that runs it started it again in place (a cluster host restarts a
+    /// crashed instance itself, leader or none): it is routed out until
+    /// its probes pass again; `Started` follows with its new pid.
+    Restarted {
+        /// Which instance.
+        id: InstanceId,
+        /// How its process ended.
+        exit: Exit,
+    },
     /// The process of an instance ended (or never started).
     Exited {
         /// Which instance.
@@ -695,6 +705,10 @@ impl Service {
             }
             Input::Exited { id, exit } => {
                 self.exited(id, exit);
+                Ok(String::new())
+            }
+            Input::Restarted { id, exit } => {
+                self.restarted(id, exit);
                 Ok(String::new())
             }
             Input::Drained { id } => {

@@ -118,6 +118,40 @@ impl Service {
         }
     }
 
+    /// A serving instance's host restarted its process in place: routed
+    /// out, starting again, its restart counted; `Started` comes next.
+    pub(super) fn restarted(&mut self, id: InstanceId, exit: Exit) {
+        let Some(i) = self.find(id) else { return };
+        let inst = &self.instances[i];
+        let gone = matches!(
+            inst.state,
+            State::Draining | State::Stopping | State::Exited
+        );
+        if inst.role != Role::Serving || gone {
+            return;
+        }
+        if inst.state == State::Ready {
+            self.out.push(Action::RouteOut { id });
+        }
+        let (number, slot) = (inst.number, inst.slot);
+        self.set(i, State::Starting);
+        let now = self.now;
+        let inst = &mut self.instances[i];
+        inst.pid = None;
+        inst.started_at = now;
+        inst.healthy_since = None;
+        inst.ready_since = None;
+        inst.failures = 0;
+        inst.deadline_reported = false;
+        if let Some(s) = self.slots.get_mut(slot as usize) {
+            s.restarts = s.restarts.saturating_add(1);
+        }
+        self.event(format!(
+            "instance {number} exited unexpectedly ({exit}); restarted on its host"
+        ));
+        self.show_output(id, number);
+    }
+
     pub(super) fn probed(&mut self, id: InstanceId, result: Result<(), String>) {
         let Some(i) = self.find(id) else { return };
         let was_ready = self.instances[i].state == State::Ready;
@@ -318,6 +352,16 @@ impl Service {
                 };
                 if self.stopped || self.in_batch(slot) {
                     self.event(format!("instance {number} exited ({exit})"));
+                } else if let Exit::Lost(host) = &exit {
+                    // Not the instance's doing: its slot starts again at
+                    // once, elsewhere, whatever its restart policy.
+                    if let Some(s) = self.slots.get_mut(slot as usize) {
+                        s.restart_at = Some(self.now);
+                        s.hold = false;
+                    }
+                    self.event(format!(
+                        "instance {number} lost with host {host}; starting it again"
+                    ));
                 } else if let Exit::Short(why) = &exit {
                     // deployd's shortage, not the instance's failure: no
                     // backoff, no restart counted.
@@ -348,7 +392,8 @@ impl Service {
         }
         // Not asked to stop, it may have said why; a process that never
         // started said nothing.
-        if role != Role::Retiring && !matches!(exit, Exit::SpawnFailed(_) | Exit::Short(_)) {
+        let said_nothing = matches!(exit, Exit::SpawnFailed(_) | Exit::Short(_) | Exit::Lost(_));
+        if role != Role::Retiring && !said_nothing {
             self.show_output(id, number);
         }
     }

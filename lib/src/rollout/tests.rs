@@ -1306,6 +1306,103 @@ fn a_candidate_deployd_could_not_start_fails_the_rollout_naming_deployd() {
     assert_eq!(sim.serving(), before, "the old instances are untouched");
 }
 
+/// A cluster host restarts a crashed serving instance in place: the
+/// machine routes it out, counts the restart, and routes it in again once
+/// healthy, starting no other instance in its slot.
+#[test]
+fn an_instance_restarted_in_place_by_its_host_comes_back_without_a_replacement() {
+    let mut sim = Sim::new(spec("v1", 2, 1, Strategy::Rolling));
+    let (id, _) = sim.serving()[&1];
+    let before = sim.procs.len();
+    // The host restarted the process: the old one is gone, a new one runs
+    // under the same instance.
+    sim.routed.contains(&id).then_some(()).expect("routed in");
+    let _ = sim.feed(Input::Restarted {
+        id: InstanceId(id),
+        exit: Exit::Code(3),
+    });
+    assert!(!sim.routed.contains(&id), "still routed in after its crash");
+    assert_eq!(sim.svc.restarts(1), 1);
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e == "instance 1 exited unexpectedly (exit status 3); restarted on its host"),
+        "{:#?}",
+        sim.events
+    );
+    // Its new process starts and passes its probes: routed in again.
+    let _ = sim.feed(Input::Started {
+        id: InstanceId(id),
+        pid: 4242,
+    });
+    sim.passing.insert(id);
+    let _ = sim.feed(Input::Probe {
+        id: InstanceId(id),
+        result: Ok(()),
+    });
+    sim.settle();
+    assert!(sim.routed.contains(&id));
+    assert_eq!(sim.procs.len(), before, "another instance was started");
+    sim.check_converged();
+}
+
+/// A candidate lost with its host (its lease expired) does not fail the
+/// rollout: its slot gets a new candidate, and the rollout completes.
+#[test]
+fn a_candidate_lost_with_its_host_is_started_again_and_the_rollout_completes() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Strategy::Rolling));
+    sim.command(Command::Apply(spec("v2", 3, 1, Strategy::Rolling)))
+        .unwrap();
+    // The batch's candidate, started, is lost.
+    while sim.svc.batch().is_none_or(|b| b.candidates.is_empty()) {
+        assert!(sim.step());
+    }
+    let cand = sim.svc.batch().unwrap().candidates[0];
+    sim.procs.get_mut(&cand.0).unwrap().alive = false;
+    let _ = sim.feed(Input::Exited {
+        id: cand,
+        exit: Exit::Lost("h3".into()),
+    });
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Rolling);
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e.starts_with("instance 3 lost with host h3; starting instance")),
+        "{:#?}",
+        sim.events
+    );
+    sim.settle();
+    sim.check_converged();
+    assert_eq!(
+        sim.svc.wait_line().unwrap(),
+        format!("none {}", sim.svc.version())
+    );
+}
+
+/// A serving instance lost with its host is started again at once,
+/// whatever its restart policy, with no restart counted against it.
+#[test]
+fn a_serving_instance_lost_with_its_host_is_started_again_at_once() {
+    let mut s = spec("v1", 2, 1, Strategy::Rolling);
+    let mut m = (*s.manifest).clone();
+    m.restart = crate::manifest::RestartPolicy::Never;
+    s = Spec::new(m, "never");
+    let mut sim = Sim::new(s);
+    let (id, _) = sim.serving()[&0];
+    sim.procs.get_mut(&id).unwrap().alive = false;
+    let at = sim.now;
+    let _ = sim.feed(Input::Exited {
+        id: InstanceId(id),
+        exit: Exit::Lost("h2".into()),
+    });
+    sim.settle();
+    sim.check_converged();
+    assert_eq!(sim.svc.restarts(0), 0);
+    let (new, _) = sim.serving()[&0];
+    assert_ne!(new, id);
+    assert!(sim.procs[&new].started.unwrap().since(at) < Duration::from_millis(100));
+}
+
 #[test]
 fn steady_state_crash_loop_backs_off_exponentially() {
     let mut sim = Sim::new(spec("v1", 1, 1, Strategy::Rolling));
