@@ -34,6 +34,20 @@ impl ServiceName {
     }
 }
 
+/// Saved as its text, and checked again when read back.
+impl serde::Serialize for ServiceName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ServiceName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ServiceName, D::Error> {
+        let s = String::deserialize(d)?;
+        ServiceName::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for ServiceName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -432,11 +432,11 @@ impl Service {
                 let reason = match exit {
                     // Not the new version's fault: the reason says whose.
                     Exit::Short(why) => {
-                        format!("deployd could not start instance {}: {why}", inst.number)
+                        format!("deployd could not start {}: {why}", inst.named())
                     }
                     exit => format!(
-                        "instance {} exited while starting ({exit}; {})",
-                        inst.number,
+                        "{} exited while starting ({exit}; {})",
+                        inst.named(),
                         inst.last_probe()
                     ),
                 };
@@ -456,8 +456,8 @@ impl Service {
                         "not healthy".to_string()
                     };
                     let reason = format!(
-                        "instance {} {what} within health_deadline {} ({})",
-                        inst.number,
+                        "{} {what} within health_deadline {} ({})",
+                        inst.named(),
                         format_duration(m.health_deadline),
                         inst.last_probe()
                     );

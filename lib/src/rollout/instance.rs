@@ -8,10 +8,12 @@
 use std::fmt;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Instant, Spec};
 
 /// An instance's identity for its whole life; never reused by a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct InstanceId(pub u64);
 
 impl fmt::Display for InstanceId {
@@ -21,7 +23,7 @@ impl fmt::Display for InstanceId {
 }
 
 /// Where an instance is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum State {
     /// Launched, not yet healthy.
     Starting,
@@ -81,7 +83,7 @@ pub const ALLOWED: &[(State, State)] = &[
 ];
 
 /// What an instance is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Role {
     /// The instance of its slot.
     Serving,
@@ -103,7 +105,7 @@ impl Role {
 }
 
 /// How a process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Exit {
     /// It exited with this status.
     Code(i32),
@@ -158,7 +160,7 @@ pub(crate) enum ProbeEffect {
 }
 
 /// One instance of a service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Instance {
     pub(crate) id: InstanceId,
     pub(crate) slot: u32,
@@ -177,6 +179,9 @@ pub struct Instance {
     pub(crate) exit: Option<Exit>,
     /// A steady-state instance that missed its deadline was reported once.
     pub(crate) deadline_reported: bool,
+    /// The host it runs on, in a cluster ([`super::Input::Placed`]).
+    #[serde(default)]
+    pub(crate) host: Option<String>,
 }
 
 impl Instance {
@@ -205,6 +210,7 @@ impl Instance {
             drained: false,
             exit: None,
             deadline_reported: false,
+            host: None,
         }
     }
 
@@ -243,6 +249,26 @@ impl Instance {
     /// The last failed probe's result.
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
+    }
+    /// The host it runs on, in a cluster.
+    pub fn host(&self) -> Option<&str> {
+        self.host.as_deref()
+    }
+
+    /// `instance N`, and `on HOST` in a cluster: how failures name it.
+    pub(crate) fn named(&self) -> String {
+        match &self.host {
+            Some(h) => format!("instance {} on {h}", self.number),
+            None => format!("instance {}", self.number),
+        }
+    }
+
+    /// Moves every instant it holds by `f` (see [`super::Service::rebase`]).
+    pub(crate) fn rebase(&mut self, f: &dyn Fn(Instant) -> Instant) {
+        self.started_at = f(self.started_at);
+        self.healthy_since = self.healthy_since.map(f);
+        self.ready_since = self.ready_since.map(f);
+        self.drain_until = self.drain_until.map(f);
     }
 
     /// Changes the lifecycle state if [`ALLOWED`]; returns whether it did.

@@ -66,7 +66,9 @@ pub const BACKOFF_RESET: Duration = Duration::from_secs(30);
 pub const SHORT_RETRY: Duration = Duration::from_secs(1);
 
 /// A point on the caller's monotonic clock, as time since an epoch it chose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash, Serialize, Deserialize,
+)]
 pub struct Instant(Duration);
 
 impl Instant {
@@ -110,6 +112,24 @@ impl Spec {
             manifest: Arc::new(manifest),
             text: text.into(),
         }
+    }
+}
+
+/// A spec is saved as its text, and read back by parsing it.
+impl Serialize for Spec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text)
+    }
+}
+
+impl<'de> Deserialize<'de> for Spec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Spec, D::Error> {
+        let text = String::deserialize(d)?;
+        let m = crate::manifest::parse(text.as_bytes()).map_err(|e| {
+            let first = e.first().map(|d| d.message.clone()).unwrap_or_default();
+            serde::de::Error::custom(format!("a saved manifest does not parse: {first}"))
+        })?;
+        Ok(Spec::new(m, text))
     }
 }
 
@@ -197,6 +217,14 @@ pub enum Input {
     /// (its manifest's `after` that are not ready yet, as the caller sees
     /// them); empty: go. See [`Service::create_waiting`].
     Wait(Vec<ServiceName>),
+    /// In a cluster: the host an instance was placed on, named from then
+    /// on in what the machine says of it (`instance 3 on h2`).
+    Placed {
+        /// Which instance.
+        id: InstanceId,
+        /// Its host.
+        host: String,
+    },
     /// Time passed; deadlines up to now are due.
     Tick,
 }
@@ -397,7 +425,7 @@ pub struct Record {
     pub restarts: Vec<u32>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Slot {
     /// The committed version; `None` until a rollout commits one.
     spec: Option<Spec>,
@@ -423,7 +451,7 @@ impl Slot {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 enum Phase {
     /// `update replace`: the slots' old instances are being stopped first.
     RetireFirst,
@@ -433,7 +461,7 @@ enum Phase {
     Retiring,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Batch {
     number: u32,
     total: u32,
@@ -464,7 +492,7 @@ enum TakeOut {
     Failed,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Rollout {
     kind: Kind,
     from: Version,
@@ -480,7 +508,7 @@ struct Rollout {
     paused: bool,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum Outcome {
     Done(Version),
     Failed(String),
@@ -513,7 +541,7 @@ pub struct Adopted {
 }
 
 /// One service's state machine. See the module documentation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Service {
     target: Spec,
     previous: Option<Spec>,
@@ -528,6 +556,7 @@ pub struct Service {
     next_id: u64,
     outcome: Outcome,
     now: Instant,
+    #[serde(skip)]
     out: Vec<Action>,
 }
 
@@ -727,6 +756,12 @@ impl Service {
                 self.wait_for(waiting);
                 Ok(String::new())
             }
+            Input::Placed { id, host } => {
+                if let Some(i) = self.find(id) {
+                    self.instances[i].host = Some(host);
+                }
+                Ok(String::new())
+            }
             Input::Tick => Ok(String::new()),
         };
         if result.is_ok() {
@@ -736,6 +771,30 @@ impl Service {
             result,
             actions: std::mem::take(&mut self.out),
         }
+    }
+
+    /// Moves every instant the machine holds by `f`: a machine saved by
+    /// one process and restored by another, whose clock has another
+    /// epoch, keeps its deadlines where they were in real time.
+    pub fn rebase(&mut self, f: impl Fn(Instant) -> Instant) {
+        let f: &dyn Fn(Instant) -> Instant = &f;
+        self.now = f(self.now);
+        for inst in &mut self.instances {
+            inst.rebase(f);
+        }
+        for slot in &mut self.slots {
+            slot.restart_at = slot.restart_at.map(f);
+        }
+        if let Some(r) = &mut self.rollout {
+            r.started_at = f(r.started_at);
+            r.pause_until = r.pause_until.map(f);
+            r.held_since = r.held_since.map(f);
+        }
+    }
+
+    /// The instant of the last input: where a saved machine's clock was.
+    pub fn now(&self) -> Instant {
+        self.now
     }
 
     /// When the machine next needs an [`Input::Tick`], if ever.

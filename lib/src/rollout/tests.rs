@@ -323,6 +323,21 @@ impl Sim {
         handled.result
     }
 
+    /// Moves the world's clock by `d`: what is due, and when, moves with it.
+    fn shift(&mut self, d: Duration) {
+        self.now = self.now + d;
+        self.queue = std::mem::take(&mut self.queue)
+            .into_iter()
+            .map(|Reverse((t, seq, e))| Reverse((t + d, seq, e)))
+            .collect();
+        for t in self.draining.values_mut() {
+            *t = *t + d;
+        }
+        for p in self.procs.values_mut() {
+            p.started = p.started.map(|t| t + d);
+        }
+    }
+
     fn command(&mut self, cmd: Command) -> Result<String, Refusal> {
         self.feed(Input::Command(cmd))
     }
@@ -912,6 +927,52 @@ fn rollback_at_every_step() {
 /// comes back paused, and resume finishes it; one that had nothing left to
 /// do (every slot committed at the target) completes as it comes back,
 /// rather than waiting paused for a resume with nothing to do.
+/// A machine saved at any step and taken on by another process (a new
+/// cluster leader: serde, then its instants moved to the new clock's
+/// epoch) carries on exactly as the one that was not handed over: the same
+/// events, the same instances, the same end.
+#[test]
+fn handed_over_at_every_step_carries_on_as_if_nothing_happened() {
+    let shift = Duration::from_secs(86_400);
+    // With a pause between batches, so that one can be in flight too.
+    let spec = |v: &str, n, b, st| {
+        let mut s = spec(v, n, b, st);
+        let mut m = (*s.manifest).clone();
+        m.update_pause = Duration::from_millis(700);
+        s = Spec::new(m.clone(), m.canonical());
+        s
+    };
+    let at_step = |st, n, b, k| {
+        let mut sim = Sim::new(spec("v1", n, b, st));
+        let s0 = sim.steps;
+        sim.command(Command::Apply(spec("v2", n, b, st))).unwrap();
+        while sim.steps - s0 < k && sim.step() {}
+        sim
+    };
+    for (st, n, b) in shapes() {
+        for k in 0..=clean_steps(st, n, b) {
+            let mut straight = at_step(st, n, b, k);
+            let mut handed = at_step(st, n, b, k);
+            let json = serde_json::to_string(&handed.svc).unwrap();
+            let mut svc: Service = serde_json::from_str(&json).unwrap();
+            svc.rebase(|t| t + shift);
+            handed.svc = svc;
+            handed.shift(shift);
+            let (from_s, from_h) = (straight.events.len(), handed.events.len());
+            straight.settle();
+            handed.settle();
+            assert_eq!(
+                straight.events[from_s..],
+                handed.events[from_h..],
+                "{st:?} {n} {b} step {k}"
+            );
+            assert_eq!(straight.serving(), handed.serving());
+            assert_eq!(straight.now + shift, handed.now, "{st:?} {n} {b} step {k}");
+            handed.check_converged();
+        }
+    }
+}
+
 #[test]
 fn restore_at_every_step_comes_back_paused_and_resume_finishes() {
     let mut completed = 0;
