@@ -21,7 +21,7 @@ use crate::name::ServiceName;
 pub const MAX_MESSAGE: usize = 1024;
 
 /// What a ctl write asks of a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Verb {
     /// Roll out the service's manifest from the manifests directory.
     Apply,

@@ -23,6 +23,7 @@
 //! - [`tail`]: the last whole lines of a file.
 //! - [`stamp`]: the time at the start of each line of deployd's logs.
 
+pub mod cluster;
 pub mod core;
 pub mod ctl;
 pub mod envfile;

@@ -106,3 +106,68 @@ mod tests {
         }
     }
 }
+
+/// A cluster host's name: `[A-Za-z0-9][A-Za-z0-9._-]{0,62}` (a hostname,
+/// dots allowed), a path component in etcd's keys and in the namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HostName(String);
+
+impl HostName {
+    /// Validates `name`; the error says what a name may be.
+    pub fn new(name: &str) -> Result<HostName, String> {
+        let b = name.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        if ok {
+            Ok(HostName(name.to_string()))
+        } else {
+            let shown: String = name.chars().take(80).collect();
+            Err(format!(
+                "'{}' is not a host name: use 1 to 63 of A-Z, a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
+                shown.escape_debug()
+            ))
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl serde::Serialize for HostName {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for HostName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HostName, D::Error> {
+        let s = String::deserialize(d)?;
+        HostName::new(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::HostName;
+
+    #[test]
+    fn host_names_are_hostnames_and_never_paths() {
+        for ok in ["h1", "web-01.example.com", "A_b", "1"] {
+            assert!(HostName::new(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "-a", "a/b", "a b", "é", &"x".repeat(64)] {
+            assert!(HostName::new(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -532,6 +532,43 @@ impl Core {
         }
     }
 
+    // ---- a cluster's machines ----
+
+    /// Installs a service as another process left it (a cluster leader's
+    /// snapshot, taken on by the next leader, or mirrored by a host for
+    /// its namespace): nothing is started, no effect is made. Replaces
+    /// the machine and history of a service of that name, keeping its
+    /// number.
+    pub fn install(&mut self, name: ServiceName, machine: Service, history: History) -> u32 {
+        if let Some(&sid) = self.names.get(&name) {
+            if let Some(e) = self.services.get_mut(&sid) {
+                e.machine = machine;
+                e.history = history;
+            }
+            return sid;
+        }
+        let sid = self.next_sid;
+        self.next_sid += 1;
+        self.names.insert(name.clone(), sid);
+        self.services.insert(
+            sid,
+            Svc {
+                name,
+                machine,
+                history,
+            },
+        );
+        sid
+    }
+
+    /// Forgets an installed service at once, with no effect; its number.
+    pub fn uninstall(&mut self, name: &ServiceName) -> Option<u32> {
+        let sid = self.names.remove(name)?;
+        self.services.remove(&sid);
+        self.dirty.remove(&sid);
+        Some(sid)
+    }
+
     // ---- starting ----
 
     /// Brings a recorded service back at its recorded versions, its

@@ -136,6 +136,9 @@ pub struct Manifest {
     /// `X-Forwarded-For` is kept and extended; every other client's is
     /// replaced by its address. Sorted, no duplicates.
     pub trusted_proxies: Vec<Cidr>,
+    /// In a cluster, the hosts its instances may run on; empty: any.
+    /// Sorted, no duplicates.
+    pub hosts: Vec<crate::name::HostName>,
 }
 
 /// Largest accepted `max_connections`.
@@ -308,7 +311,7 @@ pub enum Proxy {
 }
 
 /// The signals a manifest may name as `stop_signal`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Signal {
     /// SIGTERM
     Term,
@@ -468,6 +471,7 @@ impl Manifest {
             access_log: false,
             max_connections: None,
             trusted_proxies: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 
@@ -613,6 +617,10 @@ impl Manifest {
             let list: Vec<String> = self.trusted_proxies.iter().map(Cidr::to_string).collect();
             line(format_args!("trusted_proxies {}", list.join(" ")));
         }
+        if !self.hosts.is_empty() {
+            let list: Vec<&str> = self.hosts.iter().map(|h| h.as_str()).collect();
+            line(format_args!("hosts {}", list.join(" ")));
+        }
         out
     }
 
@@ -680,7 +688,7 @@ impl<'de> serde::Deserialize<'de> for Version {
 
 /// A version as an operator may type it: its first 4 to 12 hex digits,
 /// as git takes an abbreviated commit (`rollback web 36c8`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VersionPrefix(String);
 
 impl VersionPrefix {

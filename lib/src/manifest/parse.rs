@@ -17,7 +17,7 @@ use nom::character::complete::{digit1, space0, space1};
 use nom::combinator::all_consuming;
 use nom::{IResult, Parser};
 
-use crate::name::ServiceName;
+use crate::name::{HostName, ServiceName};
 
 use super::{
     Cidr, Diagnostic, Health, MAX_CONNECTIONS, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY,
@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 34] = [
+const DIRECTIVES: [&str; 35] = [
     "exec",
     "dir",
     "env",
@@ -61,6 +61,7 @@ const DIRECTIVES: [&str; 34] = [
     "access_log",
     "max_connections",
     "trusted_proxies",
+    "hosts",
 ];
 
 /// Parses a manifest. On error, returns every diagnostic found, in line order.
@@ -132,6 +133,7 @@ enum Directive {
     LogRate(u64),
     MaxConnections(u32),
     TrustedProxies(Vec<Cidr>),
+    Hosts(Vec<HostName>),
 }
 
 /// A parsed line: the directive's canonical name, its column, the column of
@@ -370,8 +372,31 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
             Directive::MaxConnections(number(v, 1, u64::from(MAX_CONNECTIONS))? as u32)
         }
         "trusted_proxies" => Directive::TrustedProxies(cidrs(v)?),
+        "hosts" => Directive::Hosts(hosts(v)?),
         _ => Directive::Duration(name, duration(v)?),
     })
+}
+
+/// One or more host names, up to a comment; sorted, without duplicates.
+fn hosts(v: &Value) -> Result<Vec<HostName>, LineError> {
+    let mut out = Vec::new();
+    let mut rest = v.text;
+    while let Ok((after, w)) = next_word(rest) {
+        if w.starts_with('#') {
+            break;
+        }
+        out.push(HostName::new(w).map_err(|m| v.err(w, format!("hosts: {m}")))?);
+        rest = after;
+    }
+    if out.is_empty() {
+        return Err(v.err(
+            "",
+            "hosts needs one or more host names (leave it out for any host)".to_string(),
+        ));
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// One or more address blocks (`10.0.0.0/8 ::1`), up to a comment;
@@ -771,6 +796,7 @@ impl Builder {
             Directive::LogRate(n) => m.log_rate = n,
             Directive::MaxConnections(n) => m.max_connections = Some(n),
             Directive::TrustedProxies(c) => m.trusted_proxies = c,
+            Directive::Hosts(h) => m.hosts = h,
             Directive::Duration(name, d) => {
                 let field = match name {
                     "health_interval" => &mut m.health_interval,

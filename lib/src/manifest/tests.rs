@@ -446,6 +446,26 @@ fn health_errors() {
 }
 
 #[test]
+fn hosts_is_a_sorted_list_of_host_names_never_empty() {
+    let m = ok("exec a\nhosts h3 h1.example h3 # not h2\n");
+    let names: Vec<&str> = m.hosts.iter().map(|h| h.as_str()).collect();
+    assert_eq!(names, ["h1.example", "h3"]);
+    assert!(m.canonical().contains("hosts h1.example h3\n"));
+    assert_eq!(ok(&m.canonical()), m);
+    assert!(ok("exec a\n").hosts.is_empty());
+    assert_ne!(ok("exec a\nhosts h1\n").version(), ok("exec a\n").version());
+    assert_eq!(
+        error("exec a\nhosts\n"),
+        "2:6: hosts needs one or more host names (leave it out for any host)"
+    );
+    assert!(
+        error("exec a\nhosts h1 ../h2\n").starts_with("2:10: hosts: '../h2' is not a host name"),
+        "{}",
+        error("exec a\nhosts h1 ../h2\n")
+    );
+}
+
+#[test]
 fn max_connections_and_trusted_proxies() {
     let m = ok("exec a\nport 80\nhealth http /\nmax_connections 500\n\
                 trusted_proxies 10.1.2.3/8 ::1 127.0.0.1 10.0.0.0/8 # lb\n");

@@ -285,7 +285,7 @@ pub enum Action {
 }
 
 /// Why a command was refused. A refused command changes nothing.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refusal {
     /// The class of refusal, which the namespace maps to an errno.
     pub kind: RefusalKind,
@@ -294,7 +294,7 @@ pub struct Refusal {
 }
 
 /// Classes of refusal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RefusalKind {
     /// The command makes no sense now (`EINVAL`).
     Invalid,
@@ -306,6 +306,9 @@ pub enum RefusalKind {
     /// OS gave (`ENOSPC`, `EROFS`, `EIO`, ...). Never the machine's: the
     /// engine's, which saves a command's effect before acting on it.
     Storage(i32),
+    /// In a cluster: etcd, or a leader, cannot be reached now (`EAGAIN`);
+    /// nothing was changed.
+    Unavailable,
 }
 
 impl fmt::Display for Refusal {

@@ -1,0 +1,473 @@
+//! What a host decides about its own instances, sans I/O.
+//!
+//! The leader assigns; the host carries out. The caller (deployd's
+//! runtime on each host) feeds the assignments etcd holds for this host
+//! and what happened to each instance (started, probed, exited) and
+//! carries out what comes back ([`Do`]): start, stop, signal, and the
+//! [`Status`] to write for the leader. A serving instance that ends is
+//! started again here, in place, by its restart policy and with the same
+//! backoff as on one host: that needs no leader, and goes on while etcd
+//! is away.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::manifest::{RestartPolicy, Signal};
+use crate::name::ServiceName;
+use crate::rollout::{
+    BACKOFF_BASE, BACKOFF_MAX, BACKOFF_RESET, Exit, InstanceId, Instant, SHORT_RETRY, Spec,
+};
+
+use super::{Assignment, Status};
+
+/// A process started for an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// Its pid.
+    pub pid: u32,
+    /// Its `$PORT`.
+    pub port: Option<u16>,
+    /// A digest of its env files' variables.
+    pub env: String,
+}
+
+/// What happened, as the host saw it.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The assignment of an instance to this host was written, or
+    /// deleted (`None`).
+    Assigned {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// The assignment.
+        assignment: Option<Assignment>,
+    },
+    /// Its process started, or could not be.
+    Spawned {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// The process, or how it ended before it began.
+        result: Result<Started, Exit>,
+    },
+    /// Its process ended.
+    Exited {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// How.
+        exit: Exit,
+        /// The last lines it printed.
+        lines: Vec<String>,
+    },
+    /// A probe's result.
+    Probe {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// Why it failed, if it did.
+        result: Result<(), String>,
+        /// On a failure, the last lines it printed.
+        lines: Vec<String>,
+    },
+    /// Time passed.
+    Tick,
+}
+
+/// What the host must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Do {
+    /// Start a process for the instance; feed `Spawned`.
+    Spawn {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// Its slot (`$INSTANCE`).
+        slot: u32,
+        /// What it runs.
+        spec: Spec,
+    },
+    /// Stop its process: `signal`, SIGKILL after `timeout`; feed `Exited`.
+    Stop {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// The signal.
+        signal: Signal,
+        /// Time before SIGKILL.
+        timeout: Duration,
+    },
+    /// Send a signal to its process group.
+    Signal {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// The signal.
+        signal: Signal,
+    },
+    /// Write its status for the leader; `None`: delete it (the instance
+    /// is forgotten).
+    Report {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// The status.
+        status: Option<Status>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Asked to start; `Spawned` not yet heard.
+    Starting,
+    /// Its process runs.
+    Running(u32),
+    /// Ended; started again in place at this instant.
+    Backoff(Instant),
+    /// Asked to stop; `Exited` not yet heard.
+    Stopping,
+    /// Ended for good (stopped, or left so by its restart policy).
+    Ended,
+}
+
+/// One instance of this host.
+#[derive(Debug, Clone)]
+struct Local {
+    assign: Assignment,
+    /// Its assignment is gone: stopped, then forgotten.
+    gone: bool,
+    run: Run,
+    status: Status,
+    reported: Option<Status>,
+    /// Unexpected exits in a row, for the backoff.
+    failures: u32,
+    ok_since: Option<Instant>,
+    signals_sent: u64,
+}
+
+/// The host's decisions. See the module documentation.
+#[derive(Debug)]
+pub struct Agent {
+    boot: u64,
+    insts: BTreeMap<(ServiceName, InstanceId), Local>,
+    out: Vec<Do>,
+    now: Instant,
+}
+
+impl Agent {
+    /// An agent of the deployd that started at `boot` (ms since the Unix
+    /// epoch, in every status it writes).
+    pub fn new(boot: u64) -> Agent {
+        Agent {
+            boot,
+            insts: BTreeMap::new(),
+            out: Vec::new(),
+            now: Instant::default(),
+        }
+    }
+
+    /// The instances it runs or is starting, with their assignments.
+    pub fn instances(&self) -> impl Iterator<Item = (&ServiceName, InstanceId, &Assignment)> {
+        self.insts
+            .iter()
+            .filter(|(_, l)| matches!(l.run, Run::Starting | Run::Running(_) | Run::Backoff(_)))
+            .map(|((s, id), l)| (s, *id, &l.assign))
+    }
+
+    /// Whether it has this instance (running or not).
+    pub fn has(&self, service: &ServiceName, id: InstanceId) -> bool {
+        self.insts.contains_key(&(service.clone(), id))
+    }
+
+    /// When it next needs [`Event::Tick`].
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.insts
+            .values()
+            .filter_map(|l| match l.run {
+                Run::Backoff(t) => Some(t),
+                _ => None,
+            })
+            .min()
+    }
+
+    /// Takes one event at `now`; returns what to do, in order.
+    pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Do> {
+        self.now = self.now.max(now);
+        match event {
+            Event::Assigned {
+                service,
+                id,
+                assignment,
+            } => match assignment {
+                Some(a) => self.assigned(service, id, a),
+                None => self.unassigned(service, id),
+            },
+            Event::Spawned {
+                service,
+                id,
+                result,
+            } => match result {
+                Ok(started) => self.spawned(service, id, started),
+                Err(exit) => self.exited(service, id, exit, Vec::new()),
+            },
+            Event::Exited {
+                service,
+                id,
+                exit,
+                lines,
+            } => self.exited(service, id, exit, lines),
+            Event::Probe {
+                service,
+                id,
+                result,
+                lines,
+            } => self.probed(service, id, result, lines),
+            Event::Tick => {
+                let due: Vec<(ServiceName, InstanceId)> = self
+                    .insts
+                    .iter()
+                    .filter(|(_, l)| matches!(l.run, Run::Backoff(t) if t <= self.now))
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for (service, id) in due {
+                    self.spawn(&service, id);
+                }
+            }
+        }
+        self.report();
+        std::mem::take(&mut self.out)
+    }
+
+    fn assigned(&mut self, service: ServiceName, id: InstanceId, a: Assignment) {
+        let key = (service.clone(), id);
+        let Some(l) = self.insts.get_mut(&key) else {
+            let signals_sent = a.signal.map_or(0, |(n, _)| n);
+            let stop = a.stop;
+            self.insts.insert(
+                key,
+                Local {
+                    assign: a,
+                    gone: false,
+                    run: Run::Ended,
+                    status: Status {
+                        boot: self.boot,
+                        ..Status::default()
+                    },
+                    reported: None,
+                    failures: 0,
+                    ok_since: None,
+                    signals_sent,
+                },
+            );
+            if stop {
+                // Stopped before it was ever started here.
+                if let Some(l) = self.insts.get_mut(&(service, id)) {
+                    l.status.exit = Some(Exit::SpawnFailed("stopped before it started".into()));
+                }
+            } else {
+                self.spawn(&service, id);
+            }
+            return;
+        };
+        l.assign = a;
+        if let Some((n, signal)) = l.assign.signal {
+            if n > l.signals_sent {
+                l.signals_sent = n;
+                if let Run::Running(_) = l.run {
+                    self.out.push(Do::Signal {
+                        service: service.clone(),
+                        id,
+                        signal,
+                    });
+                }
+            }
+        }
+        if l.assign.stop {
+            self.stop(&service, id);
+        }
+    }
+
+    fn unassigned(&mut self, service: ServiceName, id: InstanceId) {
+        let key = (service.clone(), id);
+        let Some(l) = self.insts.get_mut(&key) else {
+            return;
+        };
+        l.gone = true;
+        match l.run {
+            Run::Running(_) => self.stop(&service, id),
+            Run::Starting | Run::Stopping => {}
+            Run::Backoff(_) | Run::Ended => {
+                self.insts.remove(&key);
+                self.out.push(Do::Report {
+                    service,
+                    id,
+                    status: None,
+                });
+            }
+        }
+    }
+
+    fn spawned(&mut self, service: ServiceName, id: InstanceId, started: Started) {
+        let key = (service.clone(), id);
+        let Some(l) = self.insts.get_mut(&key) else {
+            return;
+        };
+        l.run = Run::Running(started.pid);
+        l.status.pid = Some(started.pid);
+        l.status.port = started.port;
+        l.status.env = started.env;
+        if l.gone || l.assign.stop {
+            self.stop(&service, id);
+        }
+    }
+
+    fn stop(&mut self, service: &ServiceName, id: InstanceId) {
+        let Some(l) = self.insts.get_mut(&(service.clone(), id)) else {
+            return;
+        };
+        match l.run {
+            Run::Running(_) => {
+                l.run = Run::Stopping;
+                let m = &l.assign.spec.manifest;
+                self.out.push(Do::Stop {
+                    service: service.clone(),
+                    id,
+                    signal: m.stop_signal,
+                    timeout: m.stop_timeout,
+                });
+            }
+            Run::Backoff(_) => {
+                // Nothing runs: it ended as it last did.
+                l.run = Run::Ended;
+                l.status.exit = Some(l.status.last_exit.clone().unwrap_or(Exit::Code(0)));
+            }
+            Run::Starting | Run::Stopping | Run::Ended => {}
+        }
+    }
+
+    fn exited(&mut self, service: ServiceName, id: InstanceId, exit: Exit, lines: Vec<String>) {
+        let key = (service.clone(), id);
+        let now = self.now;
+        let Some(l) = self.insts.get_mut(&key) else {
+            return;
+        };
+        if l.gone {
+            self.insts.remove(&key);
+            self.out.push(Do::Report {
+                service,
+                id,
+                status: None,
+            });
+            return;
+        }
+        l.status.pid = None;
+        l.status.ok = false;
+        if !lines.is_empty() {
+            l.status.lines = lines;
+        }
+        let m = &l.assign.spec.manifest;
+        let again = match m.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !exit.success(),
+            RestartPolicy::Never => false,
+        };
+        let stopping = l.assign.stop || l.run == Run::Stopping;
+        if let Exit::Short(_) = exit {
+            if !stopping {
+                // deployd's shortage, not the instance's: tried again,
+                // counted as nothing.
+                l.run = Run::Backoff(now + SHORT_RETRY);
+                return;
+            }
+        }
+        if stopping || !l.assign.serving || !again {
+            l.run = Run::Ended;
+            l.status.exit = Some(exit);
+            return;
+        }
+        if l.ok_since.is_some_and(|t| now.since(t) >= BACKOFF_RESET) {
+            l.failures = 0;
+        }
+        let delay = BACKOFF_BASE
+            .saturating_mul(1u32 << l.failures.min(16))
+            .min(BACKOFF_MAX);
+        l.failures += 1;
+        l.ok_since = None;
+        l.status.restarts += 1;
+        l.status.last_exit = Some(exit);
+        l.run = Run::Backoff(now + delay);
+    }
+
+    fn probed(
+        &mut self,
+        service: ServiceName,
+        id: InstanceId,
+        result: Result<(), String>,
+        lines: Vec<String>,
+    ) {
+        let now = self.now;
+        let Some(l) = self.insts.get_mut(&(service, id)) else {
+            return;
+        };
+        if !matches!(l.run, Run::Running(_)) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                if !l.status.ok {
+                    l.status.ok = true;
+                    l.ok_since = Some(now);
+                }
+            }
+            Err(e) => {
+                l.status.ok = false;
+                l.ok_since = None;
+                l.status.fails += 1;
+                l.status.error = Some(e);
+                if !lines.is_empty() {
+                    l.status.lines = lines;
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self, service: &ServiceName, id: InstanceId) {
+        let Some(l) = self.insts.get_mut(&(service.clone(), id)) else {
+            return;
+        };
+        l.run = Run::Starting;
+        l.status.pid = None;
+        l.status.ok = false;
+        self.out.push(Do::Spawn {
+            service: service.clone(),
+            id,
+            slot: l.assign.slot,
+            spec: l.assign.spec.clone(),
+        });
+    }
+
+    /// A report for each status that changed.
+    fn report(&mut self) {
+        for ((service, id), l) in &mut self.insts {
+            // Nothing to say before it has a process or an end.
+            let news = l.reported.is_some() || l.status.pid.is_some() || l.status.exit.is_some();
+            if news && l.reported.as_ref() != Some(&l.status) {
+                l.reported = Some(l.status.clone());
+                self.out.push(Do::Report {
+                    service: service.clone(),
+                    id: *id,
+                    status: Some(l.status.clone()),
+                });
+            }
+        }
+    }
+}
