@@ -142,10 +142,14 @@ fn scan<'h, 'b>(headers: &'h [httparse::Header<'b>]) -> Result<Scan<'h, 'b>, &'s
     for h in headers {
         let name = h.name;
         if name.eq_ignore_ascii_case("connection") {
+            // A value with bytes past ASCII (obs-text) is no list hyper or
+            // most servers read: its `keep-alive` keeps nothing open (its
+            // `close` still closes: closing is always safe).
+            let ascii = h.value.is_ascii();
             for t in tokens(h.value) {
                 if t.eq_ignore_ascii_case(b"close") {
                     s.tokens.close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                } else if t.eq_ignore_ascii_case(b"keep-alive") && ascii {
                     s.tokens.keep_alive = true;
                 } else if t.eq_ignore_ascii_case(b"upgrade") {
                     s.tokens.upgrade = true;

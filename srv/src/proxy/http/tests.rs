@@ -292,6 +292,12 @@ fn http_1_0_clients_keep_their_connection_only_when_they_ask() {
     assert!(r.keep_alive);
     let (r, _) = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").unwrap();
     assert!(!r.keep_alive);
+    // A Connection value with bytes past ASCII keeps nothing open, as in
+    // hyper (a fuzz finding); its close still closes.
+    let (r, _) = req("GET / HTTP/1.0\r\nConnection: \u{e9}, keep-alive\r\n\r\n").unwrap();
+    assert!(!r.keep_alive);
+    let (r, _) = req("GET / HTTP/1.1\r\nHost: a\r\nConnection: \u{e9}, close\r\n\r\n").unwrap();
+    assert!(!r.keep_alive);
 }
 
 #[test]
