@@ -27,6 +27,7 @@ macro_rules! tell {
 mod check;
 mod diff;
 mod follow;
+mod hosts;
 mod ns;
 mod status;
 mod tail;
@@ -200,6 +201,23 @@ enum Cmd {
     /// Replace deployd with its binary (after an upgrade) keeping every
     /// instance and port; wait until it serves again
     Reexec,
+    /// In a cluster: every host, its state, address and instances
+    Hosts {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// In a cluster: move a host's instances to the others (as a rolling
+    /// restart does, health-gated) and place nothing more on it
+    Drain {
+        /// The host, as in /deploy/hosts/HOST
+        host: String,
+    },
+    /// In a cluster: let new instances go on a drained host again
+    Undrain {
+        /// The host, as in /deploy/hosts/HOST
+        host: String,
+    },
     /// What apply would change: each manifest file against the one its service runs
     Diff {
         /// Manifest files, named SERVICE.manifest
@@ -307,6 +325,9 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
         Cmd::Check { .. } => unreachable!("handled above"),
         Cmd::Diff { files } => diff::run(&ns, &files),
         Cmd::Reexec => reexec(&ns, &args.root),
+        Cmd::Hosts { json } => hosts::list(&args.root, json),
+        Cmd::Drain { host } => hosts::drain(&args.root, &host, true),
+        Cmd::Undrain { host } => hosts::drain(&args.root, &host, false),
         Cmd::Apply {
             service: None,
             wait,

@@ -117,6 +117,9 @@ struct Instance {
     /// Its processes' memory and CPU time, while it runs.
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Usage>,
+    /// In a cluster, its host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
 }
 
 /// An instance's `usage` file.
@@ -360,16 +363,25 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             "REQUESTS"
         }
     });
-    let mut head = vec![
-        "INSTANCE", "PID", "STATE", "RESTARTS", "VERSION", "PORT", "MEM", "CPU", "INFLIGHT",
-    ];
+    // In a cluster, where each runs.
+    let cluster = d.instances.iter().any(|i| i.host.is_some());
+    let mut head = vec!["INSTANCE"];
+    if cluster {
+        head.push("HOST");
+    }
+    head.extend([
+        "PID", "STATE", "RESTARTS", "VERSION", "PORT", "MEM", "CPU", "INFLIGHT",
+    ]);
     if let Some(s) = served {
         head.extend([s, "ERRORS", "RETRIED"]);
     }
     let mut table: Vec<Vec<String>> = vec![head.into_iter().map(String::from).collect()];
     for i in &d.instances {
-        let mut row = vec![
-            i.instance.to_string(),
+        let mut row = vec![i.instance.to_string()];
+        if cluster {
+            row.push(i.host.clone().unwrap_or_else(|| "-".into()));
+        }
+        row.extend([
             i.pid.map_or("-".into(), |p| p.to_string()),
             i.state.clone(),
             i.restarts.to_string(),
@@ -378,7 +390,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             i.usage.map_or("-".into(), |u| human_bytes(u.rss)),
             i.usage.map_or("-".into(), |u| format!("{:.2}s", u.cpu)),
             i.inflight.to_string(),
-        ];
+        ]);
         if served.is_some() {
             let t = i.traffic;
             for v in [
@@ -418,6 +430,7 @@ fn instances(dir: &Path, traffic: &[(u32, InstanceTraffic)]) -> Vec<Instance> {
                 inflight: ns::read_field(&d, "inflight").parse().unwrap_or(0),
                 traffic: traffic.iter().find(|(m, _)| *m == n).map(|(_, t)| *t),
                 usage: usage(&ns::read_field(&d, "usage")),
+                host: Some(ns::read_field(&d, "host")).filter(|h| !h.is_empty()),
             }
         })
         // An instance that went between the listing and the reads.

@@ -212,6 +212,8 @@ pub enum CtlError {
     Instance(String),
     /// A signal that is not one (shown).
     UnknownSignal(String),
+    /// Not a command of a host's ctl file (shown).
+    UnknownHost(String),
 }
 
 impl fmt::Debug for CommandSpec {
@@ -279,6 +281,11 @@ impl fmt::Display for CtlError {
             CtlError::Instance(word) => {
                 write!(f, "'{word}' is not an instance number (as in instances/N)")
             }
+            CtlError::UnknownHost(verb) => write!(
+                f,
+                "unknown control message '{verb}'; commands: {}",
+                host_usage()
+            ),
             CtlError::UnknownSignal(sig) => {
                 let names: Vec<&str> = Signal::ALL.iter().map(|(_, n)| *n).collect();
                 write!(f, "unknown signal '{sig}'; signals: {}", names.join(", "))
@@ -288,6 +295,27 @@ impl fmt::Display for CtlError {
 }
 
 impl std::error::Error for CtlError {}
+
+/// The commands of a host's ctl file (`/deploy/hosts/HOST/ctl`).
+pub fn host_usage() -> String {
+    "drain | undrain".to_string()
+}
+
+/// Parses a write to a host's ctl file: `drain` (true) or `undrain`.
+pub fn parse_host(msg: &[u8]) -> Result<bool, CtlError> {
+    let words = words(msg)?;
+    match words.as_slice() {
+        ["drain"] => Ok(true),
+        ["undrain"] => Ok(false),
+        [] => Err(CtlError::UnknownHost(String::new())),
+        [verb, ..] if matches!(*verb, "drain" | "undrain") => Err(CtlError::Args {
+            command: verb.to_string(),
+            takes: "no arguments".into(),
+            got: words.len() - 1,
+        }),
+        [verb, ..] => Err(CtlError::UnknownHost(shown(verb))),
+    }
+}
 
 /// One line of usage per verb, for a service's ctl file.
 pub fn usage() -> String {

@@ -53,4 +53,4 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
 if __name__ == "__main__":
     port = int(os.environ["PORT"])
     print(f"{SERVICE} {VERSION} instance {INSTANCE} listening on {port}", flush=True)
-    Server(("127.0.0.1", port), Handler).serve_forever()
+    Server((os.environ.get("HOST", "127.0.0.1"), port), Handler).serve_forever()

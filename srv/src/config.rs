@@ -8,6 +8,9 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
+use deployd_lib::name::HostName;
 use serde::Deserialize;
 use tracing::level_filters::LevelFilter;
 
@@ -29,6 +32,33 @@ pub struct Config {
     pub allow_other: bool,
     /// deployd's own log level.
     pub log_level: LevelFilter,
+    /// With `[cluster]`: one host of several, coordinated through etcd.
+    pub cluster: Option<Cluster>,
+}
+
+/// The `[cluster]` table: several hosts coordinated through etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// etcd's client URLs.
+    pub etcd: Vec<String>,
+    /// This host's name, unique in the cluster.
+    pub host: HostName,
+    /// Where other hosts reach this host's instances; `None`: the address
+    /// of the interface with the default route, found at start.
+    pub address: Option<IpAddr>,
+    /// How long a host may be silent before it is lost: its lease's TTL.
+    pub host_timeout: Duration,
+    /// Where deployd's keys are in etcd.
+    pub prefix: String,
+    /// TLS to etcd: the CA that signed its certificate.
+    pub ca: Option<PathBuf>,
+    /// TLS to etcd: this host's client certificate.
+    pub cert: Option<PathBuf>,
+    /// TLS to etcd: its key.
+    pub key: Option<PathBuf>,
+    /// A user and password for etcd's authentication, as `USER:PASSWORD`
+    /// in this file.
+    pub auth: Option<(String, String)>,
 }
 
 #[derive(Deserialize)]
@@ -40,6 +70,21 @@ struct Raw {
     bind: Option<String>,
     allow_other: Option<bool>,
     log_level: Option<String>,
+    cluster: Option<RawCluster>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    etcd: Vec<String>,
+    host: Option<String>,
+    address: Option<String>,
+    host_timeout: Option<String>,
+    prefix: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    auth: Option<String>,
 }
 
 /// A configuration file that cannot be used: the file, and why.
@@ -63,6 +108,8 @@ pub enum Invalid {
     LogLevel(String),
     /// The state or manifests directory is inside the mountpoint.
     InsideMountpoint,
+    /// Something of `[cluster]`: what.
+    Cluster(String),
 }
 
 impl std::fmt::Display for ConfigError {
@@ -89,6 +136,7 @@ impl std::fmt::Display for Invalid {
             Invalid::InsideMountpoint => {
                 f.write_str("state and manifests must not be inside the mountpoint")
             }
+            Invalid::Cluster(why) => write!(f, "[cluster] {why}"),
         }
     }
 }
@@ -131,7 +179,12 @@ impl Config {
             "trace" => LevelFilter::TRACE,
             other => return Err(Invalid::LogLevel(other.to_string())),
         };
+        let cluster = match raw.cluster {
+            None => None,
+            Some(c) => Some(cluster(c, dir).map_err(Invalid::Cluster)?),
+        };
         let config = Config {
+            cluster,
             mountpoint: abs(raw.mountpoint, "/deploy"),
             manifests: abs(raw.manifests, "/etc/deployd/manifests"),
             state: abs(raw.state, "/var/lib/deployd"),
@@ -146,6 +199,98 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// The `[cluster]` table, checked.
+fn cluster(c: RawCluster, dir: &Path) -> Result<Cluster, String> {
+    if c.etcd.is_empty() {
+        return Err("etcd: give at least one endpoint, like [\"http://10.0.0.1:2379\"]".into());
+    }
+    let tls = c.ca.is_some() || c.cert.is_some() || c.key.is_some();
+    for e in &c.etcd {
+        let ok = match e.split_once("://") {
+            Some(("http", rest)) => !tls && !rest.is_empty(),
+            Some(("https", rest)) => !rest.is_empty(),
+            _ => false,
+        };
+        if !ok {
+            let want = if tls {
+                "https://HOST:PORT (ca, cert or key is set)"
+            } else {
+                "http://HOST:PORT or https://HOST:PORT"
+            };
+            return Err(format!("etcd: '{e}' is not an endpoint URL like {want}"));
+        }
+    }
+    if c.cert.is_some() != c.key.is_some() {
+        return Err("cert and key go together".into());
+    }
+    let host = match c.host {
+        Some(h) => HostName::new(&h).map_err(|e| format!("host: {e}"))?,
+        None => {
+            let name = hostname();
+            HostName::new(&name).map_err(|e| {
+                format!("host: this machine's hostname cannot be used ({e}); set host")
+            })?
+        }
+    };
+    let address = match c.address.as_deref() {
+        None => None,
+        Some(a) => {
+            let ip: IpAddr = a
+                .parse()
+                .map_err(|_| format!("address: '{a}' is not an IP address"))?;
+            if ip.is_unspecified() {
+                return Err(format!(
+                    "address: '{a}' is not an address other hosts can reach"
+                ));
+            }
+            Some(ip)
+        }
+    };
+    let host_timeout = match c.host_timeout.as_deref() {
+        None => Duration::from_secs(5),
+        Some(t) => {
+            let d = deployd_lib::manifest::parse_duration("host_timeout", t)?;
+            if d < Duration::from_secs(2) || d > Duration::from_secs(600) {
+                return Err(format!("host_timeout: {t} is not between 2s and 10m"));
+            }
+            // etcd's leases count whole seconds.
+            Duration::from_secs(d.as_secs_f64().ceil() as u64)
+        }
+    };
+    let prefix = c.prefix.unwrap_or_else(|| "/deployd".into());
+    if !prefix.starts_with('/') || prefix.len() < 2 || prefix.contains(char::is_whitespace) {
+        return Err(format!(
+            "prefix: '{prefix}' is not a key prefix like /deployd"
+        ));
+    }
+    let auth = match c.auth {
+        None => None,
+        Some(a) => match a.split_once(':') {
+            Some((u, p)) if !u.is_empty() => Some((u.to_string(), p.to_string())),
+            _ => return Err("auth: write it as USER:PASSWORD".into()),
+        },
+    };
+    let abs = |p: Option<PathBuf>| p.map(|p| if p.is_absolute() { p } else { dir.join(p) });
+    Ok(Cluster {
+        etcd: c.etcd,
+        host,
+        address,
+        host_timeout,
+        prefix,
+        ca: abs(c.ca),
+        cert: abs(c.cert),
+        key: abs(c.key),
+        auth,
+    })
+}
+
+/// This machine's hostname, as the kernel has it.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -214,5 +359,63 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_table() {
+        let c = Config::parse(
+            "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nhost = \"h1\"\naddress = \"127.0.0.2\"\nhost_timeout = \"2500ms\"\n",
+            Path::new("/etc/d"),
+        )
+        .unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.host.as_str(), "h1");
+        assert_eq!(cl.address, Some("127.0.0.2".parse().unwrap()));
+        assert_eq!(cl.host_timeout, Duration::from_secs(3));
+        assert_eq!(cl.prefix, "/deployd");
+        assert!(Config::parse("", Path::new("/")).unwrap().cluster.is_none());
+        let c = Config::parse(
+            "[cluster]\netcd = [\"https://e:2379\"]\nhost = \"h1\"\nca = \"ca.pem\"\ncert = \"/c.pem\"\nkey = \"k.pem\"\n",
+            Path::new("/etc/d"),
+        )
+        .unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.ca, Some(PathBuf::from("/etc/d/ca.pem")));
+        assert_eq!(cl.cert, Some(PathBuf::from("/c.pem")));
+    }
+
+    #[test]
+    fn a_bad_cluster_table_says_what() {
+        let err = |t: &str| {
+            Config::parse(&format!("[cluster]\n{t}"), Path::new("/"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("etcd = []\nhost = \"h\"\n"),
+            "[cluster] etcd: give at least one endpoint, like [\"http://10.0.0.1:2379\"]"
+        );
+        assert!(err("etcd = [\"127.0.0.1:2379\"]\n").contains("is not an endpoint URL"));
+        assert!(
+            err("etcd = [\"http://e:1\"]\nhost = \"a/b\"\n")
+                .starts_with("[cluster] host: 'a/b' is not a host name")
+        );
+        assert!(
+            err("etcd = [\"http://e:1\"]\naddress = \"0.0.0.0\"\n")
+                .contains("not an address other hosts can reach")
+        );
+        assert!(
+            err("etcd = [\"http://e:1\"]\nhost_timeout = \"1s\"\n")
+                .contains("not between 2s and 10m")
+        );
+        assert!(
+            err("etcd = [\"http://e:1\"]\nca = \"x\"\n")
+                .contains("https://HOST:PORT (ca, cert or key is set)")
+        );
+        assert!(
+            err("etcd = [\"https://e:1\"]\ncert = \"x\"\n").contains("cert and key go together")
+        );
+        assert!(err("etcd = [\"http://e:1\"]\nauth = \"nopass\"\n").contains("USER:PASSWORD"));
+        assert!(err("etcd = [\"http://e:1\"]\nhots = \"h\"\n").contains("unknown field `hots`"));
     }
 }

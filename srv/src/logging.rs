@@ -29,16 +29,23 @@ pub fn init(level: LevelFilter) {
             m.ino(),
         )
     });
+    use tracing_subscriber::layer::SubscriberExt;
+    // deployd's own lines at the level asked; the libraries' (etcd's
+    // client, gRPC) only from warnings: their debug lines are theirs.
+    let targets = tracing_subscriber::filter::Targets::new()
+        .with_default(level.min(LevelFilter::WARN))
+        .with_target("deployd", level);
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(!journal && colours(stderr.is_terminal()));
-    if journal {
-        builder.event_format(Journal::new()).init();
+    let _ = if journal {
+        let s = builder.event_format(Journal::new()).finish().with(targets);
+        tracing::subscriber::set_global_default(s)
     } else {
-        builder.init();
-    }
+        tracing::subscriber::set_global_default(builder.finish().with(targets))
+    };
 }
 
 /// Colours only for a person at a terminal (`NO_COLOR`, set to anything but

@@ -37,6 +37,7 @@
 //! Exit codes: 0 after a clean shutdown (SIGTERM, SIGINT or SIGHUP), 1 when it
 //! cannot run (bad configuration, mount failed, state directory locked).
 
+mod cluster;
 mod config;
 mod fs;
 mod handoff;
@@ -179,6 +180,7 @@ enum Error {
     Handoff(std::io::Error),
     /// execve of the new binary failed.
     Exec(PathBuf, std::io::Error),
+    Cluster(cluster::JoinError),
 }
 
 /// What is wrong with a mountpoint.
@@ -221,6 +223,7 @@ impl std::fmt::Display for Error {
             Error::Panicked => f.write_str("the engine thread panicked"),
             Error::Handoff(e) => write!(f, "cannot write the handoff: {e}"),
             Error::Exec(p, e) => write!(f, "cannot run {}: {e}", p.display()),
+            Error::Cluster(e) => write!(f, "{e}"),
         }
     }
 }
@@ -270,7 +273,12 @@ async fn run(
     passed: proxy::activation::Passed,
     handoff: Option<Handoff>,
 ) -> Result<Option<PathBuf>, Error> {
-    let store = Store::open(&config.state)?;
+    // In a cluster, this host's state is apart from a single host's: the
+    // services are etcd's.
+    let store = match &config.cluster {
+        Some(_) => Store::open(&config.state.join("cluster"))?,
+        None => Store::open(&config.state)?,
+    };
     prepare_mountpoint(&config.mountpoint)
         .map_err(|e| Error::Mountpoint(config.mountpoint.clone(), e))?;
 
@@ -279,6 +287,19 @@ async fn run(
     let children = Children::new(tracking.clone());
     tokio::spawn(children.clone().run_reaper());
     let (tx, rx) = mpsc::unbounded_channel();
+    let link = match &config.cluster {
+        Some(c) => Some(
+            cluster::join(
+                c,
+                &config.state.join("cluster"),
+                &config.manifests,
+                tx.clone(),
+            )
+            .await
+            .map_err(Error::Cluster)?,
+        ),
+        None => None,
+    };
 
     let fs = Fs::new(views.clone(), tx.clone(), waiters.clone());
     let mut options = fuser::Config::default();
@@ -331,6 +352,7 @@ async fn run(
         proxies: Proxies::start(passed),
         tx,
         exe,
+        cluster: link,
     });
     runtime.start(handoff);
 

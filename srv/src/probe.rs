@@ -57,6 +57,8 @@ impl From<String> for Failure {
 pub struct Target {
     /// The probe.
     pub health: Health,
+    /// The instance's `$HOST`: where it listens.
+    pub ip: std::net::IpAddr,
     /// The instance's `$PORT`.
     pub port: Option<u16>,
     /// Time between probes.
@@ -145,8 +147,8 @@ pub async fn probe(
     let work = async {
         match (&target.health, target.port) {
             (Health::None, _) => Ok(()),
-            (Health::Tcp, Some(port)) => tcp(port).await.map(|_| ()),
-            (Health::Http { path }, Some(port)) => http(port, path).await,
+            (Health::Tcp, Some(port)) => tcp(target.ip, port).await.map(|_| ()),
+            (Health::Http { path }, Some(port)) => http(target.ip, port, path).await,
             (Health::Exec { command }, _) => {
                 let account = account
                     .map(Result::as_ref)
@@ -166,8 +168,8 @@ pub async fn probe(
     }
 }
 
-async fn tcp(port: u16) -> Result<TcpStream, Failure> {
-    TcpStream::connect(("127.0.0.1", port))
+async fn tcp(ip: std::net::IpAddr, port: u16) -> Result<TcpStream, Failure> {
+    TcpStream::connect((ip, port))
         .await
         .map_err(|e| match crate::short::describe(&e) {
             Some(why) => Failure::Deployd(why),
@@ -179,10 +181,11 @@ async fn tcp(port: u16) -> Result<TcpStream, Failure> {
 }
 
 /// GET `path`; a 2xx status line is healthy. Only the status line is read.
-async fn http(port: u16, path: &str) -> Result<(), Failure> {
-    let mut s = tcp(port).await?;
+async fn http(ip: std::net::IpAddr, port: u16, path: &str) -> Result<(), Failure> {
+    let mut s = tcp(ip, port).await?;
+    let host = std::net::SocketAddr::new(ip, port);
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: deployd-probe\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: deployd-probe\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes())
         .await
@@ -253,6 +256,7 @@ mod tests {
 
     fn target(health: Health, port: Option<u16>) -> Target {
         Target {
+            ip: std::net::IpAddr::from([127, 0, 0, 1]),
             health,
             port,
             interval: Duration::from_millis(50),

@@ -135,10 +135,12 @@ pub enum InstFile {
     Restarts,
     /// `ctl`: `restart`, `signal SIG` for this instance.
     Ctl,
+    /// `host`: the host it runs on (in a cluster only).
+    Host,
 }
 
 /// The instance directory's files, in listing order: name, file, source.
-pub const INST_FILES: [(&str, InstFile, Source); 9] = [
+pub const INST_FILES: [(&str, InstFile, Source); 10] = [
     ("pid", InstFile::Pid, Source::Snapshot),
     ("state", InstFile::State, Source::Snapshot),
     ("version", InstFile::Version, Source::Snapshot),
@@ -148,6 +150,7 @@ pub const INST_FILES: [(&str, InstFile, Source); 9] = [
     ("usage", InstFile::Usage, Source::Live),
     ("restarts", InstFile::Restarts, Source::Snapshot),
     ("ctl", InstFile::Ctl, Source::Ctl),
+    ("host", InstFile::Host, Source::Snapshot),
 ];
 
 impl SvcFile {
@@ -187,6 +190,8 @@ pub struct InstanceView {
     pub port: FileData,
     /// `restarts`
     pub restarts: FileData,
+    /// `host`, in a cluster.
+    pub host: Option<FileData>,
     /// The output file behind `log`.
     pub log: Option<PathBuf>,
     /// Its process group leader, while it runs (behind `usage`).
@@ -204,6 +209,7 @@ impl InstanceView {
             InstFile::Version => Some(&self.version),
             InstFile::Port => Some(&self.port),
             InstFile::Restarts => Some(&self.restarts),
+            InstFile::Host => self.host.as_ref(),
             InstFile::Log | InstFile::Inflight | InstFile::Usage | InstFile::Ctl => None,
         }
     }
@@ -328,6 +334,10 @@ pub struct Runtime {
     pub port: Option<u16>,
     /// Its output file.
     pub log: Option<PathBuf>,
+    /// In a cluster: its host.
+    pub host: Option<String>,
+    /// It runs on another host: its pid is not this host's.
+    pub remote: bool,
 }
 
 /// Everything a [`ServiceView`] is built from.
@@ -371,52 +381,57 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
         .previous()
         .map(|s| format!("{}\n", s.version))
         .unwrap_or_default();
-    let mut instances: Vec<InstanceView> = m
-        .instances()
-        .iter()
-        .map(|i| {
-            let pi = prev.and_then(|v| v.instances.iter().find(|x| x.id == i.id()));
-            let rt = (p.runtime)(i.id());
-            let pid = i.pid().map(|p| format!("{p}\n")).unwrap_or_default();
-            let port = rt
-                .as_ref()
-                .and_then(|r| r.port)
-                .map(|p| format!("{p}\n"))
-                .unwrap_or_default();
-            InstanceView {
-                id: i.id(),
-                number: i.number(),
-                pid: FileData::new(&pid, now, pi.map(|x| &x.pid)),
-                state: FileData::new(
-                    &format!("{}\n", i.state().name()),
-                    now,
-                    pi.map(|x| &x.state),
-                ),
-                version: FileData::new(
-                    &format!("{}\n", i.spec().version),
-                    now,
-                    pi.map(|x| &x.version),
-                ),
-                port: FileData::new(&port, now, pi.map(|x| &x.port)),
-                // The slot's count belongs to the instance serving it.
-                restarts: FileData::new(
-                    &format!(
-                        "{}\n",
-                        if i.role() == Role::Serving {
-                            m.restarts(i.slot())
-                        } else {
-                            0
-                        }
+    let mut instances: Vec<InstanceView> =
+        m.instances()
+            .iter()
+            .map(|i| {
+                let pi = prev.and_then(|v| v.instances.iter().find(|x| x.id == i.id()));
+                let rt = (p.runtime)(i.id());
+                let pid = i.pid().map(|p| format!("{p}\n")).unwrap_or_default();
+                let port = rt
+                    .as_ref()
+                    .and_then(|r| r.port)
+                    .map(|p| format!("{p}\n"))
+                    .unwrap_or_default();
+                let remote = rt.as_ref().is_some_and(|r| r.remote);
+                let host = rt.as_ref().and_then(|r| r.host.as_ref()).map(|h| {
+                    FileData::new(&format!("{h}\n"), now, pi.and_then(|x| x.host.as_ref()))
+                });
+                InstanceView {
+                    host,
+                    id: i.id(),
+                    number: i.number(),
+                    pid: FileData::new(&pid, now, pi.map(|x| &x.pid)),
+                    state: FileData::new(
+                        &format!("{}\n", i.state().name()),
+                        now,
+                        pi.map(|x| &x.state),
                     ),
-                    now,
-                    pi.map(|x| &x.restarts),
-                ),
-                log: rt.and_then(|r| r.log),
-                leader: i.pid().filter(|_| i.state() != State::Exited),
-                created: pi.map_or(now, |x| x.created),
-            }
-        })
-        .collect();
+                    version: FileData::new(
+                        &format!("{}\n", i.spec().version),
+                        now,
+                        pi.map(|x| &x.version),
+                    ),
+                    port: FileData::new(&port, now, pi.map(|x| &x.port)),
+                    // The slot's count belongs to the instance serving it.
+                    restarts: FileData::new(
+                        &format!(
+                            "{}\n",
+                            if i.role() == Role::Serving {
+                                m.restarts(i.slot())
+                            } else {
+                                0
+                            }
+                        ),
+                        now,
+                        pi.map(|x| &x.restarts),
+                    ),
+                    log: rt.and_then(|r| r.log),
+                    leader: i.pid().filter(|_| i.state() != State::Exited && !remote),
+                    created: pi.map_or(now, |x| x.created),
+                }
+            })
+            .collect();
     instances.sort_by_key(|i| i.number);
     let history = p
         .history
@@ -489,6 +504,79 @@ pub struct Namespace {
     /// itself): until then the root `ctl` is not there, so whoever sees it
     /// sees every service.
     pub whole: bool,
+    /// In a cluster: `/deploy/cluster` and `/deploy/hosts/`.
+    pub cluster: Option<Arc<ClusterView>>,
+}
+
+/// The cluster as this host's copy of etcd shows it.
+#[derive(Debug)]
+pub struct ClusterView {
+    /// `/deploy/cluster`.
+    pub summary: FileData,
+    /// `/deploy/hosts/HOST`, by name.
+    pub hosts: Vec<HostView>,
+    /// When a host appeared or went.
+    pub mtime: SystemTime,
+}
+
+/// One host of `/deploy/hosts/`.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    /// Its number in inode numbers.
+    pub hid: u32,
+    /// Its name.
+    pub name: deployd_lib::name::HostName,
+    /// `state`: `up`, `down` or `draining`.
+    pub state: FileData,
+    /// `address`
+    pub address: FileData,
+    /// `instances`: `SERVICE N` per line.
+    pub instances: FileData,
+}
+
+/// The files of `/deploy/hosts/HOST/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFile {
+    /// `state`
+    State,
+    /// `address`
+    Address,
+    /// `instances`
+    Instances,
+    /// `ctl`: `drain`, `undrain`.
+    Ctl,
+}
+
+/// A host directory's files, in listing order.
+pub const HOST_FILES: [(&str, HostFile); 4] = [
+    ("state", HostFile::State),
+    ("address", HostFile::Address),
+    ("instances", HostFile::Instances),
+    ("ctl", HostFile::Ctl),
+];
+
+impl HostView {
+    /// A rendered file (not `ctl`).
+    pub fn file(&self, f: HostFile) -> Option<&FileData> {
+        match f {
+            HostFile::State => Some(&self.state),
+            HostFile::Address => Some(&self.address),
+            HostFile::Instances => Some(&self.instances),
+            HostFile::Ctl => None,
+        }
+    }
+}
+
+impl ClusterView {
+    /// A host by number.
+    pub fn host(&self, hid: u32) -> Option<&HostView> {
+        self.hosts.iter().find(|h| h.hid == hid)
+    }
+}
+
+/// Renders a file that keeps `prev`'s mtime if its content did not change.
+pub fn file_data(text: &str, now: SystemTime, prev: Option<&FileData>) -> FileData {
+    FileData::new(text, now, prev)
 }
 
 impl Views {
@@ -499,6 +587,16 @@ impl Views {
             ns.mtime = Some(SystemTime::now());
         }
         ns.by_sid.insert(view.sid, view);
+    }
+
+    /// Publishes the cluster's view.
+    pub fn set_cluster(&self, view: Arc<ClusterView>) {
+        self.inner.write().cluster = Some(view);
+    }
+
+    /// The cluster's view, in a cluster.
+    pub fn cluster(&self) -> Option<Arc<ClusterView>> {
+        self.inner.read().cluster.clone()
     }
 
     /// Says that every recorded service is published.

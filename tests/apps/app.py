@@ -92,4 +92,4 @@ if __name__ == "__main__":
         while True:
             time.sleep(3600)
     time.sleep(int(env.get("START_DELAY_MS", "0")) / 1000)
-    Server(("127.0.0.1", int(env["PORT"])), Handler).serve_forever()
+    Server((env.get("HOST", "127.0.0.1"), int(env["PORT"])), Handler).serve_forever()

@@ -61,16 +61,30 @@ pub enum Client {
 impl Load {
     /// Starts `n` workers of each kind in `kinds` against 127.0.0.1:`port`.
     pub fn start(port: u16, kinds: &[(Client, usize)], path: &'static str) -> Load {
+        Load::start_at(&["127.0.0.1"], port, kinds, path)
+    }
+
+    /// Starts `n` workers of each kind in `kinds` against `port` of each
+    /// of `ips` (in a cluster, every host's).
+    pub fn start_at(
+        ips: &[&str],
+        port: u16,
+        kinds: &[(Client, usize)],
+        path: &'static str,
+    ) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters::default());
         let mut workers = Vec::new();
-        for &(kind, n) in kinds {
-            for _ in 0..n {
-                let (stop, c) = (stop.clone(), counters.clone());
-                workers.push(std::thread::spawn(move || match kind {
-                    Client::KeepAlive => keep_alive(port, path, &stop, &c),
-                    Client::Fresh => fresh(port, path, &stop, &c),
-                }));
+        for ip in ips {
+            let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().expect("an address");
+            for &(kind, n) in kinds {
+                for _ in 0..n {
+                    let (stop, c) = (stop.clone(), counters.clone());
+                    workers.push(std::thread::spawn(move || match kind {
+                        Client::KeepAlive => keep_alive(addr, path, &stop, &c),
+                        Client::Fresh => fresh(addr, path, &stop, &c),
+                    }));
+                }
             }
         }
         Load {
@@ -90,19 +104,19 @@ impl Load {
     }
 }
 
-fn connect(port: u16) -> std::io::Result<TcpStream> {
-    let s = TcpStream::connect(("127.0.0.1", port))?;
+fn connect(addr: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    let s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_nodelay(true)?;
     Ok(s)
 }
 
-fn keep_alive(port: u16, path: &str, stop: &AtomicBool, c: &Counters) {
+fn keep_alive(addr: std::net::SocketAddr, path: &str, stop: &AtomicBool, c: &Counters) {
     let mut conn: Option<BufReader<TcpStream>> = None;
     while !stop.load(Ordering::SeqCst) {
         let r = match conn.as_mut() {
             Some(r) => r,
-            None => match connect(port) {
+            None => match connect(addr) {
                 Ok(s) => conn.insert(BufReader::new(s)),
                 Err(e) => {
                     c.fail(format!("connect: {e}"));
@@ -135,9 +149,9 @@ fn keep_alive(port: u16, path: &str, stop: &AtomicBool, c: &Counters) {
     }
 }
 
-fn fresh(port: u16, path: &str, stop: &AtomicBool, c: &Counters) {
+fn fresh(addr: std::net::SocketAddr, path: &str, stop: &AtomicBool, c: &Counters) {
     while !stop.load(Ordering::SeqCst) {
-        let res = connect(port).and_then(|mut s| {
+        let res = connect(addr).and_then(|mut s| {
             s.write_all(
                 format!("GET {path} HTTP/1.1\r\nHost: load\r\nConnection: close\r\n\r\n")
                     .as_bytes(),

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod load;
 
 use std::io::{Read, Write};
@@ -184,6 +185,11 @@ impl Deployd {
 
     /// Its directories and configuration, deployd not started.
     fn prepare(manifests: &[(&str, String)]) -> Option<Deployd> {
+        Deployd::prepare_with(manifests, "")
+    }
+
+    /// As `prepare`, with `extra` appended to its configuration.
+    pub fn prepare_with(manifests: &[(&str, String)], extra: &str) -> Option<Deployd> {
         if !fuse_available() {
             return None;
         }
@@ -201,7 +207,7 @@ impl Deployd {
         let config = dir.path().join("deployd.toml");
         std::fs::write(
             &config,
-            "mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"debug\"\n",
+            format!("mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"debug\"\n{extra}"),
         )
         .unwrap();
         Some(Deployd {
@@ -480,7 +486,11 @@ impl Deployd {
 
     fn recorded_groups(&self) -> Vec<i32> {
         let mut v = Vec::new();
-        if let Ok(dirs) = std::fs::read_dir(self.state.join("services")) {
+        let dirs = [
+            self.state.join("services"),
+            self.state.join("cluster").join("services"),
+        ];
+        for dirs in dirs.iter().filter_map(|d| std::fs::read_dir(d).ok()) {
             for d in dirs.filter_map(|e| e.ok()) {
                 if let Ok(text) = std::fs::read_to_string(d.path().join("pids")) {
                     v.extend(
@@ -623,7 +633,12 @@ pub fn alive(pid: u32) -> bool {
 
 /// One HTTP/1.1 GET on a fresh connection; the status and body.
 pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    http_get_at("127.0.0.1", port, path)
+}
+
+/// [`http_get`] of a port at another address.
+pub fn http_get_at(ip: &str, port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect((ip, port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,

@@ -188,6 +188,14 @@ impl Agent {
         self.insts.contains_key(&(service.clone(), id))
     }
 
+    /// Reports every status again at the next event (its lease was lost,
+    /// and what it wrote under it with it).
+    pub fn report_again(&mut self) {
+        for l in self.insts.values_mut() {
+            l.reported = None;
+        }
+    }
+
     /// When it next needs [`Event::Tick`].
     pub fn next_deadline(&self) -> Option<Instant> {
         self.insts

@@ -145,6 +145,9 @@ struct Extra {
 /// The instances a lost host had: per service, (number, slot).
 type Lost = BTreeMap<u32, Vec<(u32, u32)>>;
 
+/// Events kept in etcd per service: the oldest go as new ones come.
+pub const KEEP_EVENTS: u64 = 1000;
+
 /// Replies the leader makes to itself (the moves of a drain).
 const INTERNAL: u64 = 1 << 62;
 
@@ -957,6 +960,10 @@ impl Leader {
         let n = x.next_event;
         x.next_event += 1;
         x.dirty = true;
+        if let Some(old) = n.checked_sub(KEEP_EVENTS) {
+            let key = self.keys.key(&Key::Event(name.clone(), old));
+            self.puts.insert(key.clone(), Op::Delete(key));
+        }
         let key = self.keys.key(&Key::Event(name, n));
         let record = EventRecord {
             ms: self.wall_ms,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use deployd_lib::ctl::{self, RootCommand};
-use deployd_lib::name::ServiceName;
+use deployd_lib::name::{HostName, ServiceName};
 use deployd_lib::rollout::{Refusal, RefusalKind};
 use fuser::{Errno, FileAttr, FileType, INodeNo, OpenAccMode, OpenFlags};
 use parking_lot::Mutex;
@@ -18,7 +18,9 @@ use parking_lot::Mutex;
 use super::Fs;
 use super::node::Node;
 use crate::runtime::{CtlDone, Msg};
-use crate::view::{EventLog, INST_FILES, SVC_FILES, ServiceView, Source};
+use crate::view::{
+    ClusterView, EventLog, HOST_FILES, INST_FILES, InstFile, SVC_FILES, ServiceView, Source,
+};
 
 /// Whose ctl file it is.
 #[derive(Debug, Clone)]
@@ -29,12 +31,22 @@ pub enum CtlOf {
     Service(ServiceName),
     /// `/active/SERVICE/instances/N/ctl`
     Instance(ServiceName, u32),
+    /// `/hosts/HOST/ctl`
+    Host(HostName),
+}
+
+/// What a ctl write asks.
+enum Asked {
+    /// A command of the root, a service or an instance.
+    Command(RootCommand),
+    /// `drain` (true) or `undrain` of a host.
+    Host(HostName, bool),
 }
 
 impl CtlOf {
     fn service(&self) -> Option<&ServiceName> {
         match self {
-            CtlOf::Root => None,
+            CtlOf::Root | CtlOf::Host(_) => None,
             CtlOf::Service(s) | CtlOf::Instance(s, _) => Some(s),
         }
     }
@@ -45,16 +57,17 @@ impl CtlOf {
             CtlOf::Root => ctl::root_usage(),
             CtlOf::Service(_) => ctl::usage(),
             CtlOf::Instance(..) => ctl::instance_usage(),
+            CtlOf::Host(_) => ctl::host_usage(),
         }
     }
 
-    fn parse(&self, data: &[u8]) -> Result<RootCommand, ctl::CtlError> {
+    fn parse(&self, data: &[u8]) -> Result<Asked, ctl::CtlError> {
+        let one = |s: &ServiceName, v| Asked::Command(RootCommand::One(s.clone(), v));
         match self {
-            CtlOf::Root => ctl::parse_root(data),
-            CtlOf::Service(s) => ctl::parse_service(data).map(|v| RootCommand::One(s.clone(), v)),
-            CtlOf::Instance(s, n) => {
-                ctl::parse_instance(data, *n).map(|v| RootCommand::One(s.clone(), v))
-            }
+            CtlOf::Root => ctl::parse_root(data).map(Asked::Command),
+            CtlOf::Service(s) => ctl::parse_service(data).map(|v| one(s, v)),
+            CtlOf::Instance(s, n) => ctl::parse_instance(data, *n).map(|v| one(s, v)),
+            CtlOf::Host(h) => ctl::parse_host(data).map(|on| Asked::Host(h.clone(), on)),
         }
     }
 }
@@ -175,12 +188,17 @@ pub fn errno(kind: RefusalKind) -> Errno {
         RefusalKind::Busy => Errno::EBUSY,
         RefusalKind::NotFound => Errno::ENOENT,
         RefusalKind::Storage(errno) => Errno::from_i32(errno),
+        RefusalKind::Unavailable => Errno::EAGAIN,
     }
 }
 
 impl Fs {
     fn view(&self, sid: u32) -> Result<Arc<ServiceView>, Errno> {
         self.views.get(sid).ok_or(Errno::ENOENT)
+    }
+
+    fn cluster(&self) -> Result<Arc<ClusterView>, Errno> {
+        self.views.cluster().ok_or(Errno::ENOENT)
     }
 
     /// The text of `/status`: one line per service.
@@ -280,6 +298,45 @@ impl Fs {
                 Content::Dir {
                     mtime: i.created,
                     ctime: i.created,
+                }
+            }
+            Node::Cluster => {
+                let c = self.cluster()?;
+                Content::Bytes {
+                    data: c.summary.data.clone(),
+                    mtime: c.summary.mtime,
+                    ctime: self.started,
+                }
+            }
+            Node::Hosts => {
+                let c = self.cluster()?;
+                Content::Dir {
+                    mtime: c.mtime,
+                    ctime: self.started,
+                }
+            }
+            Node::Host(h) => {
+                let c = self.cluster()?;
+                c.host(h).ok_or(Errno::ENOENT)?;
+                Content::Dir {
+                    mtime: c.mtime,
+                    ctime: c.mtime,
+                }
+            }
+            Node::HostFile(h, f) => {
+                let c = self.cluster()?;
+                let host = c.host(h).ok_or(Errno::ENOENT)?;
+                match host.file(f) {
+                    Some(d) => Content::Bytes {
+                        data: d.data.clone(),
+                        mtime: d.mtime,
+                        ctime: c.mtime,
+                    },
+                    None => Content::Ctl {
+                        of: CtlOf::Host(host.name.clone()),
+                        mtime: c.mtime,
+                        ctime: c.mtime,
+                    },
                 }
             }
             Node::InstFile(s, n, f) => {
@@ -478,13 +535,14 @@ impl Fs {
             answered(written);
         });
         Ok(match command {
-            RootCommand::One(service, verb) => Msg::Ctl {
+            Asked::Command(RootCommand::One(service, verb)) => Msg::Ctl {
                 service,
                 verb,
                 done,
             },
-            RootCommand::ApplyAll => Msg::ApplyAll { done },
-            RootCommand::ReExec => Msg::ReExec { done },
+            Asked::Command(RootCommand::ApplyAll) => Msg::ApplyAll { done },
+            Asked::Command(RootCommand::ReExec) => Msg::ReExec { done },
+            Asked::Host(host, drain) => Msg::HostCtl { host, drain, done },
         })
     }
 
@@ -495,8 +553,26 @@ impl Fs {
                 "ctl" if self.views.whole() => Node::RootCtl,
                 "status" => Node::Status,
                 "active" => Node::Active,
+                "cluster" if self.views.cluster().is_some() => Node::Cluster,
+                "hosts" if self.views.cluster().is_some() => Node::Hosts,
                 _ => return Err(Errno::ENOENT),
             },
+            Node::Hosts => {
+                let c = self.cluster()?;
+                let h = c
+                    .hosts
+                    .iter()
+                    .find(|h| h.name.as_str() == name)
+                    .ok_or(Errno::ENOENT)?;
+                Node::Host(h.hid)
+            }
+            Node::Host(h) => {
+                let (_, f) = HOST_FILES
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .ok_or(Errno::ENOENT)?;
+                Node::HostFile(h, *f)
+            }
             Node::Active => {
                 let v = self.views.by_name(name).ok_or(Errno::ENOENT)?;
                 Node::Service(v.sid)
@@ -551,7 +627,24 @@ impl Fs {
                 if self.views.whole() {
                     v.insert(0, ("ctl".into(), Node::RootCtl));
                 }
+                if self.views.cluster().is_some() {
+                    v.push(("cluster".into(), Node::Cluster));
+                    v.push(("hosts".into(), Node::Hosts));
+                }
                 v
+            }
+            Node::Hosts => self
+                .cluster()?
+                .hosts
+                .iter()
+                .map(|h| (h.name.to_string(), Node::Host(h.hid)))
+                .collect(),
+            Node::Host(h) => {
+                self.cluster()?.host(h).ok_or(Errno::ENOENT)?;
+                HOST_FILES
+                    .iter()
+                    .map(|(n, f)| (n.to_string(), Node::HostFile(h, *f)))
+                    .collect()
             }
             Node::Active => self.views.with(|ns| {
                 ns.by_name
@@ -583,9 +676,12 @@ impl Fs {
                 .map(|i| (i.number.to_string(), Node::Instance(s, i.number)))
                 .collect(),
             Node::Instance(s, n) => {
-                self.view(s)?.instance(n).ok_or(Errno::ENOENT)?;
+                let v = self.view(s)?;
+                let i = v.instance(n).ok_or(Errno::ENOENT)?;
                 INST_FILES
                     .iter()
+                    // `host` only in a cluster.
+                    .filter(|(_, f, _)| *f != InstFile::Host || i.host.is_some())
                     .map(|(name, f, _)| (name.to_string(), Node::InstFile(s, n, *f)))
                     .collect()
             }

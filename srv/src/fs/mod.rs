@@ -142,7 +142,10 @@ impl Fs {
             Err((e, answered)) => return answered(Err(e)),
         };
         if let Err(mpsc::error::SendError(
-            Msg::Ctl { done, .. } | Msg::ApplyAll { done } | Msg::ReExec { done },
+            Msg::Ctl { done, .. }
+            | Msg::ApplyAll { done }
+            | Msg::ReExec { done }
+            | Msg::HostCtl { done, .. },
         )) = self.engine.send(msg)
         {
             done(Err(Refusal {

@@ -2,7 +2,7 @@
 //! inode packs which service, which instance and which file, so a lookup
 //! is arithmetic, not a table of allocations.
 
-use crate::view::{INST_FILES, InstFile, SVC_FILES, SvcFile};
+use crate::view::{HOST_FILES, HostFile, INST_FILES, InstFile, SVC_FILES, SvcFile};
 
 /// A file or directory of the namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,12 +29,21 @@ pub enum Node {
     Instance(u32, u32),
     /// `/active/SERVICE/instances/N/FILE`
     InstFile(u32, u32, InstFile),
+    /// `/cluster` (in a cluster)
+    Cluster,
+    /// `/hosts` (in a cluster)
+    Hosts,
+    /// `/hosts/HOST`, by the host's number
+    Host(u32),
+    /// `/hosts/HOST/FILE`
+    HostFile(u32, HostFile),
 }
 
 const TAG_SERVICE: u64 = 1;
 const TAG_HISTORY: u64 = 2;
 const TAG_INSTANCES: u64 = 3;
 const TAG_INSTANCE: u64 = 4;
+const TAG_HOST: u64 = 5;
 pub(super) const MAX_SUB: u32 = (1 << 24) - 1;
 
 impl Node {
@@ -55,11 +64,21 @@ impl Node {
                 .position(|(_, x, _)| *x == f)
                 .map_or(0, |i| i as u64 + 1)
         };
+        let host_file = |f: HostFile| {
+            HOST_FILES
+                .iter()
+                .position(|(_, x)| *x == f)
+                .map_or(0, |i| i as u64 + 1)
+        };
         match self {
             Node::Root => 1,
             Node::RootCtl => 2,
             Node::Status => 3,
             Node::Active => 4,
+            Node::Cluster => 5,
+            Node::Hosts => 6,
+            Node::Host(h) => pack(TAG_HOST, h, 0, 0),
+            Node::HostFile(h, f) => pack(TAG_HOST, h, 0, host_file(f)),
             Node::Service(s) => pack(TAG_SERVICE, s, 0, 0),
             Node::SvcFile(s, f) => pack(TAG_SERVICE, s, 0, svc_file(f)),
             Node::History(s) => pack(TAG_HISTORY, s, 0, 0),
@@ -84,8 +103,12 @@ impl Node {
                 2 => Node::RootCtl,
                 3 => Node::Status,
                 4 => Node::Active,
+                5 => Node::Cluster,
+                6 => Node::Hosts,
                 _ => return None,
             },
+            (TAG_HOST, 0) => Node::Host(sid),
+            (TAG_HOST, f) => Node::HostFile(sid, HOST_FILES.get(f - 1)?.1),
             (TAG_SERVICE, 0) => Node::Service(sid),
             (TAG_SERVICE, f) => Node::SvcFile(sid, SVC_FILES.get(f - 1)?.1),
             (TAG_HISTORY, 0) => Node::History(sid),
@@ -106,6 +129,8 @@ impl Node {
                 | Node::History(_)
                 | Node::Instances(_)
                 | Node::Instance(..)
+                | Node::Hosts
+                | Node::Host(_)
         )
     }
 
@@ -122,13 +147,23 @@ impl Node {
     pub fn writable(self) -> bool {
         matches!(
             self,
-            Node::RootCtl | Node::SvcFile(_, SvcFile::Ctl) | Node::InstFile(_, _, InstFile::Ctl)
+            Node::RootCtl
+                | Node::SvcFile(_, SvcFile::Ctl)
+                | Node::InstFile(_, _, InstFile::Ctl)
+                | Node::HostFile(_, HostFile::Ctl)
         )
     }
     /// The directory it is in.
     pub fn parent(self) -> Node {
         match self {
-            Node::Root | Node::RootCtl | Node::Status | Node::Active => Node::Root,
+            Node::Root
+            | Node::RootCtl
+            | Node::Status
+            | Node::Active
+            | Node::Cluster
+            | Node::Hosts => Node::Root,
+            Node::Host(_) => Node::Hosts,
+            Node::HostFile(h, _) => Node::Host(h),
             Node::Service(_) => Node::Active,
             Node::SvcFile(s, _) | Node::History(s) | Node::Instances(s) => Node::Service(s),
             Node::HistoryFile(s, _) => Node::History(s),
@@ -144,7 +179,20 @@ mod tests {
 
     #[test]
     fn inode_numbers_round_trip() {
-        let mut nodes = vec![Node::Root, Node::RootCtl, Node::Status, Node::Active];
+        let mut nodes = vec![
+            Node::Root,
+            Node::RootCtl,
+            Node::Status,
+            Node::Active,
+            Node::Cluster,
+            Node::Hosts,
+        ];
+        for h in [1, 7, MAX_SUB] {
+            nodes.push(Node::Host(h));
+            for (_, f) in HOST_FILES {
+                nodes.push(Node::HostFile(h, f));
+            }
+        }
         for s in [1, 2, 1000, MAX_SUB] {
             nodes.push(Node::Service(s));
             nodes.push(Node::History(s));
@@ -166,7 +214,7 @@ mod tests {
             assert!(seen.insert(n.ino()), "{n:?} shares an inode");
         }
         assert_eq!(Node::from_ino(0), None);
-        assert_eq!(Node::from_ino(5), None);
+        assert_eq!(Node::from_ino(7), None);
         assert_eq!(Node::from_ino((TAG_SERVICE << 56) | 200), None);
         assert_eq!(Node::from_ino(9 << 56), None);
     }

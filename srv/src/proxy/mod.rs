@@ -285,7 +285,8 @@ impl Router {
         self.owed.load(Ordering::SeqCst)
     }
 
-    /// Sends new traffic to an instance listening on `port`.
+    /// Sends new traffic to an instance listening on `port` of the
+    /// loopback address.
     pub fn route_in(
         &self,
         id: InstanceId,
@@ -293,9 +294,26 @@ impl Router {
         poke: Arc<Notify>,
         on_drained: Box<dyn Fn() + Send + Sync>,
     ) {
+        self.route_to(
+            id,
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            poke,
+            on_drained,
+        );
+    }
+
+    /// Sends new traffic to an instance listening on `addr` (in a
+    /// cluster, on this host or another).
+    pub fn route_to(
+        &self,
+        id: InstanceId,
+        addr: SocketAddr,
+        poke: Arc<Notify>,
+        on_drained: Box<dyn Fn() + Send + Sync>,
+    ) {
         let b = Arc::new(Backend {
             id,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr,
             inflight: AtomicUsize::new(0),
             counts: Counts::default(),
             routed: AtomicBool::new(true),

@@ -42,7 +42,7 @@ pub struct Inst {
     /// Samples its memory, with `memory_max`, once its pid is known.
     memory: Option<AbortHandle>,
     /// Asks the prober for a probe now.
-    poke: Arc<Notify>,
+    pub poke: Arc<Notify>,
     pub exited: Arc<AtomicBool>,
     /// Hears when its log's pump has copied all the process printed;
     /// taken by the first look at its exit.
@@ -109,8 +109,12 @@ impl Runtime {
             Ok(vars) => vars,
             Err(err) => return self.not_started(sid, id, Exit::SpawnFailed(err)),
         };
+        let kept = self
+            .cluster
+            .as_ref()
+            .and_then(|h| h.ports.get(&(name.clone(), id)).copied());
         let port = if m.needs_instance_port() {
-            match self.alloc_port() {
+            match self.alloc_port(kept) {
                 Ok(p) => Some(p),
                 Err(err) => {
                     let exit = match crate::short::describe(&err) {
@@ -125,7 +129,7 @@ impl Runtime {
         };
         let dir = self.instance_dir(&m);
         let env_digest = host::env_digest(&files);
-        let env = instance_env(&name, &m, files, port, slot, spec.version);
+        let env = instance_env(&name, &m, files, self.ip, port, slot, spec.version);
         let log = self.store.log_path(&name, self.generation, id.0);
         let (read, write) = match logfile::pipe() {
             Ok(p) => p,
@@ -189,6 +193,15 @@ impl Runtime {
     /// An instance that could not be started: the core hears so at the
     /// flush, as if it had exited.
     fn not_started(&mut self, sid: u32, id: InstanceId, exit: Exit) {
+        if self.cluster.is_some() {
+            let tx = self.tx.clone();
+            let _ = tx.send(Msg::Spawned {
+                sid,
+                id,
+                result: Err(exit),
+            });
+            return;
+        }
         self.core.defer(sid, MachineInput::Exited { id, exit });
     }
 
@@ -239,6 +252,7 @@ impl Runtime {
             return (None, poke);
         }
         let target = probe::Target {
+            ip: self.ip,
             health: m.health.clone(),
             port,
             interval: m.health_interval,
@@ -282,7 +296,7 @@ impl Runtime {
             Vec::new()
         });
         let env_digest = h.env.unwrap_or_else(|| host::env_digest(&files));
-        let env = instance_env(&name, &m, files, h.port, h.slot, h.version);
+        let env = instance_env(&name, &m, files, self.ip, h.port, h.slot, h.version);
         if let Some(p) = h.port {
             self.ports.insert(p);
         }
@@ -319,16 +333,7 @@ impl Runtime {
             Ok(pid) => {
                 inst.pid = Some(pid);
                 inst.start_time = process::procfs::start_time(pid).unwrap_or(0);
-                inst.memory = memory_watch(&self.tx, sid, id, inst.memory_max, pid);
-                if let Some((signal, timeout)) = inst.stop_asked.take() {
-                    stop_group(
-                        self.children.tracking(),
-                        pid,
-                        signal,
-                        timeout,
-                        inst.exited.clone(),
-                    );
-                }
+                self.spawned_pid(sid, id, pid);
                 self.core.touch(sid);
                 self.feed(sid, MachineInput::Started { id, pid });
             }
@@ -342,6 +347,23 @@ impl Runtime {
                 }
                 self.feed(sid, MachineInput::Exited { id, exit });
             }
+        }
+    }
+
+    /// What follows a process known: its memory watched, and a stop asked
+    /// for before it was sent.
+    pub(super) fn spawned_pid(&mut self, sid: u32, id: InstanceId, pid: u32) {
+        let (tx, tracking) = (self.tx.clone(), self.children.tracking().clone());
+        let Some(inst) = self
+            .services
+            .get_mut(&sid)
+            .and_then(|r| r.instances.get_mut(&id))
+        else {
+            return;
+        };
+        inst.memory = memory_watch(&tx, sid, id, inst.memory_max, pid);
+        if let Some((signal, timeout)) = inst.stop_asked.take() {
+            stop_group(&tracking, pid, signal, timeout, inst.exited.clone());
         }
     }
 
@@ -373,7 +395,7 @@ impl Runtime {
     /// while the log's pump is still copying. It comes back once the pump
     /// is done, or after [`PUMP_WAIT`]. Stops deployd made, the many exits
     /// of a rollout's batches, are handled at once, together.
-    fn defer_exit(&mut self, sid: u32, id: InstanceId, exit: &Exit) -> bool {
+    pub(super) fn defer_exit(&mut self, sid: u32, id: InstanceId, exit: &Exit) -> bool {
         let asked = self.core.service(sid).is_some_and(|e| {
             e.machine
                 .instances()
@@ -504,9 +526,17 @@ impl Runtime {
     /// service's public `port` (which may not be bound yet: its listener
     /// binds it a moment after the manifest is applied, or retries while
     /// it is taken).
-    fn alloc_port(&mut self) -> std::io::Result<u16> {
+    fn alloc_port(&mut self, kept: Option<u16>) -> std::io::Result<u16> {
+        // The port it had, for an instance started again in place: its
+        // route on every host stays right.
+        if let Some(p) = kept {
+            if !self.ports.contains(&p) && std::net::TcpListener::bind((self.ip, p)).is_ok() {
+                self.ports.insert(p);
+                return Ok(p);
+            }
+        }
         for _ in 0..64 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            let port = std::net::TcpListener::bind((self.ip, 0))?
                 .local_addr()?
                 .port();
             let public = self
@@ -545,18 +575,20 @@ impl Runtime {
 
 /// What an instance finds in its environment besides deployd's own: its
 /// env files' variables (`files`), then the manifest's `env` (a later name
-/// wins when the process is started), then `PORT`, `SERVICE`, `INSTANCE`
-/// and `VERSION`.
+/// wins when the process is started), then `HOST` (the address to listen
+/// on), `PORT`, `SERVICE`, `INSTANCE` and `VERSION`.
 fn instance_env(
     name: &ServiceName,
     m: &manifest::Manifest,
     files: Vec<(String, String)>,
+    ip: std::net::IpAddr,
     port: Option<u16>,
     slot: u32,
     version: Version,
 ) -> Vec<(String, String)> {
     let mut env = files;
     env.extend(m.env.iter().cloned());
+    env.push(("HOST".into(), ip.to_string()));
     if let Some(p) = port {
         env.push(("PORT".into(), p.to_string()));
     }

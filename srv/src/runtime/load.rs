@@ -186,6 +186,24 @@ impl Runtime {
     /// instances it names are taken back rather than killed and started
     /// again.
     pub fn start(&mut self, handoff: Option<Handoff>) {
+        if self.cluster.is_some() {
+            // What a deployd killed here left running is killed (its
+            // instances are the leader's to place again); what runs here
+            // comes from etcd, as the copy fills.
+            let leftovers: Vec<(u32, u64)> = self
+                .store
+                .all_pids()
+                .into_iter()
+                .flat_map(|(_, groups)| groups)
+                .collect();
+            let n = process::procfs::kill_leftovers(&leftovers);
+            if n > 0 {
+                tracing::info!("killed {n} process groups left by a previous deployd");
+            }
+            self.views.set_whole();
+            self.publish_cluster();
+            return;
+        }
         let mut handed: HashMap<String, Vec<handoff::Instance>> = handoff
             .map(|h| {
                 h.services

@@ -20,6 +20,7 @@
 //! - [`stop`]: stopping deployd, or handing every instance to the deployd
 //!   that replaces it.
 
+mod cluster;
 mod effects;
 mod instances;
 mod load;
@@ -151,6 +152,17 @@ pub enum Msg {
         /// How.
         exit: Exit,
     },
+    /// In a cluster: what etcd says.
+    Cluster(crate::cluster::Event),
+    /// In a cluster: `drain` or `undrain` written to a host's ctl file.
+    HostCtl {
+        /// The host.
+        host: deployd_lib::name::HostName,
+        /// `drain` (true) or `undrain`.
+        drain: bool,
+        /// Called with the result.
+        done: CtlDone,
+    },
 }
 
 /// What the namespace must hear about, besides the snapshots it reads.
@@ -191,6 +203,8 @@ pub struct Parts {
     pub tx: mpsc::UnboundedSender<Msg>,
     /// The binary `reexec` replaces deployd with (`None`: refused).
     pub exe: Option<PathBuf>,
+    /// In a cluster: this host's link to etcd and the leader.
+    pub cluster: Option<Arc<crate::cluster::Link>>,
 }
 
 /// The runtime. See the module documentation.
@@ -219,6 +233,11 @@ pub struct Runtime {
     retry_save: Option<tokio::time::Instant>,
     /// What a service being created saved first, until its runtime exists.
     created: HashMap<ServiceName, deployd_lib::core::Saved>,
+    /// In a cluster: this host's share.
+    cluster: Option<cluster::Host>,
+    /// Where instances listen (`$HOST`): the loopback address, or in a
+    /// cluster this host's address.
+    ip: std::net::IpAddr,
 }
 
 impl Runtime {
@@ -252,6 +271,11 @@ impl Runtime {
             exe: parts.exe,
             retry_save: None,
             created: HashMap::new(),
+            ip: parts
+                .cluster
+                .as_ref()
+                .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |l| l.address),
+            cluster: parts.cluster.map(cluster::Host::new),
         }
     }
 
@@ -295,10 +319,13 @@ impl Runtime {
         mut signals: watch::Receiver<u32>,
     ) -> Outcome {
         loop {
-            let wake = self
-                .core
-                .next_deadline()
-                .map(|t| self.epoch + t.as_duration());
+            // In a cluster the machines are the leader's: only the agent
+            // has deadlines here.
+            let deadline = match &self.cluster {
+                Some(h) => h.next_deadline(),
+                None => self.core.next_deadline(),
+            };
+            let wake = deadline.map(|t| self.epoch + t.as_duration());
             tokio::select! {
                 msg = rx.recv() => {
                     let Some(msg) = msg else { break };
@@ -316,7 +343,10 @@ impl Runtime {
                         }
                     }
                 }
-                _ = sleep_until(wake) => self.decide(Input::Tick),
+                _ = sleep_until(wake) => match self.cluster.is_some() {
+                    true => self.agent(deployd_lib::cluster::agent::Event::Tick),
+                    false => self.decide(Input::Tick),
+                },
                 _ = sleep_until(self.retry_save) => {
                     self.retry_save = None;
                     let unsaved: Vec<u32> = self
@@ -340,6 +370,9 @@ impl Runtime {
     }
 
     fn on_msg(&mut self, msg: Msg) {
+        if self.cluster.is_some() {
+            return self.on_cluster_msg(msg);
+        }
         match msg {
             Msg::Ctl {
                 service,
@@ -385,6 +418,50 @@ impl Runtime {
             Msg::Throttled { sid, id } => self.throttled(sid, id),
             Msg::Unwritable { sid, id, result } => self.unwritable(sid, id, result),
             Msg::Exited { sid, id, exit } => self.exited(sid, id, exit),
+            Msg::Cluster(_) => {}
+            Msg::HostCtl { done, .. } => done(Err(Refusal {
+                kind: deployd_lib::rollout::RefusalKind::NotFound,
+                message: "not a cluster: there are no hosts to drain".into(),
+            })),
+        }
+    }
+
+    /// A message, as one host of a cluster: commands go to the leader,
+    /// what happens to an instance goes to the agent.
+    fn on_cluster_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Ctl {
+                service,
+                verb,
+                done,
+            } => self.cluster_ctl(service, verb, done),
+            Msg::ApplyAll { done } => self.cluster_apply_all(done),
+            Msg::ReExec { done } => done(Err(Refusal {
+                kind: deployd_lib::rollout::RefusalKind::Invalid,
+                message: "reexec is not available in cluster mode yet: stop and start deployd \
+                          (with drain first to move its instances to other hosts)"
+                    .into(),
+            })),
+            Msg::HostCtl { host, drain, done } => self.cluster_drain(host, drain, done),
+            Msg::Note { service, line } => {
+                if let Some(sid) = self.core.sid(&service) {
+                    self.log(sid, &line);
+                }
+            }
+            Msg::Probe { sid, id, result } => self.cluster_probed(sid, id, result),
+            Msg::Short { sid, id, why } => self.short(sid, id, &why),
+            // memory_max needs the leader's machine: not in cluster mode yet.
+            Msg::OverMemory { .. } => {}
+            Msg::Spawned { sid, id, result } => self.cluster_spawned(sid, id, result),
+            Msg::Drained { sid, id } => self.cluster_drained(sid, id),
+            Msg::Throttled { sid, id } => self.throttled(sid, id),
+            Msg::Unwritable { sid, id, result } => self.unwritable(sid, id, result),
+            Msg::Exited { sid, id, exit } => {
+                if !self.defer_exit(sid, id, &exit) {
+                    self.cluster_exited(sid, id, exit);
+                }
+            }
+            Msg::Cluster(event) => self.on_cluster(event),
         }
     }
 

@@ -65,7 +65,12 @@ impl Runtime {
     pub(super) fn rt(&mut self, sid: u32) -> Option<&mut Rt> {
         if !self.services.contains_key(&sid) {
             let name = self.core.service(sid)?.name.clone();
-            let events = Arc::new(EventLog::new(self.store.load_events(&name)));
+            // In a cluster the events are etcd's, replayed at each start.
+            let kept = match self.cluster {
+                Some(_) => Vec::new(),
+                None => self.store.load_events(&name),
+            };
+            let events = Arc::new(EventLog::new(kept));
             let saved = self.created.remove(&name);
             self.services.insert(
                 sid,
@@ -89,7 +94,13 @@ impl Runtime {
     /// Appends a line to a service's event log, in memory and on disk;
     /// returns its time stamp.
     pub(super) fn log(&mut self, sid: u32, msg: &str) -> String {
-        let stamp = deployd_lib::stamp::now();
+        self.log_at(sid, msg, SystemTime::now())
+    }
+
+    /// [`Runtime::log`] of a line that happened at `at` (in a cluster,
+    /// on the leader's clock): every host's events say the same.
+    pub(super) fn log_at(&mut self, sid: u32, msg: &str, at: SystemTime) -> String {
+        let stamp = deployd_lib::stamp::at(at);
         // One line, as written: what a ctl write, a manifest or a program
         // put in it can neither break the line nor act on a terminal.
         let msg = deployd_lib::printable::printable(msg);
@@ -100,8 +111,10 @@ impl Runtime {
         tracing::info!(service = %r.name, "{msg}");
         r.events.append(&line);
         let name = r.name.clone();
-        if let Err(err) = self.store.append_event(&name, &line) {
-            tracing::warn!("{name}: event log: {err}");
+        if self.cluster.is_none() {
+            if let Err(err) = self.store.append_event(&name, &line) {
+                tracing::warn!("{name}: event log: {err}");
+            }
         }
         self.core.touch(sid);
         stamp
@@ -271,6 +284,10 @@ impl Runtime {
         router.set_trusted(m.trusted_proxies.clone());
         r.router = Some(router);
         self.sync_access_log(sid);
+        if self.cluster.is_some() {
+            self.route_all(sid);
+            return;
+        }
         for id in ready {
             self.route_in(sid, id);
         }
@@ -303,8 +320,14 @@ impl Runtime {
     /// when it changed. A failure is said once in events (and once when it
     /// works again), and retried every [`SAVE_RETRY`].
     pub(super) fn persist(&mut self, sid: u32) {
-        let Some(saved) = self.core.saved(sid) else {
-            return;
+        // In a cluster the record is the leader's, in etcd: only the
+        // process groups are this host's to keep.
+        let saved = match self.cluster {
+            Some(_) => None,
+            None => match self.core.saved(sid) {
+                Some(s) => Some(s),
+                None => return,
+            },
         };
         if self.rt(sid).is_none() {
             return;
@@ -313,7 +336,7 @@ impl Runtime {
             return;
         };
         let mut failed = None;
-        if r.saved.as_ref() != Some(&saved) {
+        if let Some(saved) = saved.filter(|s| r.saved.as_ref() != Some(s)) {
             match self.store.save(&r.name, &saved) {
                 Ok(()) => r.saved = Some(saved),
                 Err(err) => failed = Some(format!("cannot save its state: {err}")),
@@ -399,11 +422,25 @@ impl Runtime {
         if let Some(router) = &r.router {
             router.set_stopped(e.machine.is_stopped());
         }
+        let host = self.cluster.as_ref();
         let runtime = |id: InstanceId| {
-            r.instances.get(&id).map(|i| view::Runtime {
-                port: i.port,
-                log: Some(i.log.clone()),
-            })
+            let on = host
+                .and_then(|h| h.host_of(&e.name, id))
+                .map(|h| h.to_string());
+            match r.instances.get(&id) {
+                Some(i) => Some(view::Runtime {
+                    port: i.port,
+                    log: Some(i.log.clone()),
+                    host: on,
+                    remote: false,
+                }),
+                None => host.map(|h| view::Runtime {
+                    port: h.routed_port(&e.name, id),
+                    log: None,
+                    remote: on.as_deref() != Some(h.link.me.as_str()),
+                    host: on,
+                }),
+            }
         };
         let view = Arc::new(view::build(
             view::Parts {

@@ -24,6 +24,10 @@ impl Runtime {
         signals: &mut watch::Receiver<u32>,
     ) -> Outcome {
         let all = self.core.sids();
+        if let Some(h) = &self.cluster {
+            // The leader moves this host's instances at once.
+            h.link.leave().await;
+        }
         if self.core.replacing() {
             // Replacing itself, deployd keeps its ports open through the wait.
             let sockets: Vec<OwnedFd> = self
@@ -222,7 +226,12 @@ impl Runtime {
                     }
                 }
             }
-            Some(Msg::Ctl { done, .. } | Msg::ApplyAll { done } | Msg::ReExec { done }) => {
+            Some(
+                Msg::Ctl { done, .. }
+                | Msg::ApplyAll { done }
+                | Msg::ReExec { done }
+                | Msg::HostCtl { done, .. },
+            ) => {
                 let message = match self.core.replacing() {
                     true => "deployd is replacing itself (reexec); try again once it is back",
                     false => "deployd is shutting down",

@@ -1,0 +1,364 @@
+//! Several hosts: a real 3-member etcd and three real deployd hosts on
+//! 127.0.0.2, .3 and .4, driven with `deploy` and plain file reads on
+//! each host's namespace, under load through every host's port.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::load::{Client, Load};
+use common::*;
+
+const IPS: [&str; 3] = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+
+/// The test app on `port`, in batches of 1 with a 1s pause; `extra`'s
+/// lines added, or in place of these.
+fn web(port: u16, replicas: u32, extra: &str) -> String {
+    let mut lines = vec![
+        format!("port {port}"),
+        "update_batch 1".to_string(),
+        "update_pause 1s".to_string(),
+        "drain 2s".to_string(),
+        "health_deadline 10s".to_string(),
+    ];
+    for l in extra.lines() {
+        let name = l.split(' ').next().unwrap_or("");
+        if name != "env" {
+            lines.retain(|d| !d.starts_with(&format!("{name} ")));
+        }
+        lines.push(l.to_string());
+    }
+    app_manifest(replicas, &format!("{}\n", lines.join("\n")))
+}
+
+/// Each host's instances of `web`, from `hosts/HOST/instances`.
+fn placement(c: &Cluster) -> BTreeMap<String, Vec<u32>> {
+    let mut m = BTreeMap::new();
+    for h in ["h1", "h2", "h3"] {
+        let list: Vec<u32> = c
+            .h(1)
+            .try_read(&format!("hosts/{h}/instances"))
+            .lines()
+            .filter_map(|l| l.strip_prefix("web ")?.parse().ok())
+            .collect();
+        m.insert(h.to_string(), list);
+    }
+    m
+}
+
+/// `deploy apply web` on host `i`, which must succeed.
+fn apply(c: &Cluster, i: usize) {
+    let out = c.h(i).deploy(&["apply", "web"]);
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        c.h(i).log()
+    );
+}
+
+/// Each instance's pid, as every host's namespace shows it.
+fn pids(c: &Cluster) -> Vec<(u32, u32)> {
+    c.h(1)
+        .instances("web")
+        .into_iter()
+        .map(|(n, pid, ..)| (n, pid))
+        .collect()
+}
+
+#[test]
+fn six_replicas_go_two_on_each_host_and_every_namespace_agrees() {
+    let port = free_port();
+    let Some(c) = Cluster::start(3, &[("web", web(port, 6, ""))]) else {
+        return;
+    };
+    let out = c.h(1).deploy(&["apply", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.h(1).settle("web", Duration::from_secs(60));
+    let version = c.h(1).read("active/web/version");
+    // Every host shows the same, within 100 ms of the first.
+    for (file, want) in [
+        ("active/web/update_progress", "6/6\n"),
+        ("active/web/update_status", "none\n"),
+        ("active/web/version", version.as_str()),
+    ] {
+        let lag = c.wait_all(file, want, Duration::from_secs(10));
+        assert!(lag <= Duration::from_millis(100), "{file}: {lag:?}");
+    }
+    let placed = placement(&c);
+    for (h, list) in &placed {
+        assert_eq!(list.len(), 2, "{h}: {placed:?}");
+    }
+    // instances/N/host says where each runs, on every host.
+    for host in &c.hosts {
+        for (h, list) in &placed {
+            for n in list {
+                assert_eq!(
+                    host.read(&format!("active/web/instances/{n}/host")),
+                    format!("{h}\n")
+                );
+            }
+        }
+    }
+    // Each host's port reaches instances on every host.
+    let mut served = std::collections::BTreeSet::new();
+    for ip in IPS {
+        for _ in 0..30 {
+            let (status, body) = http_get_at(ip, port, "/").unwrap();
+            assert_eq!(status, 200);
+            served.insert(body.split(' ').nth(1).unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(served.len(), 6, "{served:?}");
+    // The process of a local instance is this host's; `deploy status`
+    // has a HOST column; `deploy hosts` lists the hosts.
+    let status = stdout(&c.h(2).deploy(&["status", "web"]));
+    assert!(status.contains("HOST"), "{status}");
+    let hosts = stdout(&c.h(3).deploy(&["hosts"]));
+    for h in ["h1", "h2", "h3"] {
+        assert!(hosts.contains(h), "{hosts}");
+    }
+    assert!(hosts.contains("up"), "{hosts}");
+    let cluster = c.h(2).read("cluster");
+    assert!(cluster.contains("hosts up 3 (h1 h2 h3)"), "{cluster}");
+    assert!(cluster.contains("etcd reachable"), "{cluster}");
+}
+
+#[test]
+fn a_rolling_update_under_load_through_every_host_loses_nothing() {
+    let port = free_port();
+    let Some(c) = Cluster::start(3, &[("web", web(port, 6, ""))]) else {
+        return;
+    };
+    apply(&c, 1);
+    c.h(1).settle("web", Duration::from_secs(60));
+    let v1 = c.h(1).field("active/web/version");
+    let load = Load::start_at(
+        &IPS,
+        port,
+        &[(Client::KeepAlive, 2), (Client::Fresh, 2)],
+        "/",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    c.h(2).write_manifest("web", &web(port, 6, "env TAG=v2\n"));
+    let out = c.h(2).deploy(&["apply", "--no-wait", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Progress moves a batch at a time on every host, with update_pause
+    // between batches.
+    let mut seen: Vec<(String, Instant)> = Vec::new();
+    let until = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < until {
+        let p = c.h(3).try_read("active/web/update_progress");
+        if !p.is_empty() && seen.last().is_none_or(|(last, _)| *last != p) {
+            seen.push((p.clone(), Instant::now()));
+        }
+        if p == "3/6\n" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // One batch at a time: no step skipped (the first read may come after
+    // the first batch, on a busy machine).
+    let steps: Vec<u32> = seen
+        .iter()
+        .map(|(p, _)| {
+            p.trim()
+                .strip_suffix("/6")
+                .and_then(|k| k.parse().ok())
+                .unwrap_or(99)
+        })
+        .collect();
+    assert!(steps.len() >= 3 && steps.ends_with(&[2, 3]), "{seen:?}");
+    assert!(steps.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
+    for w in seen.windows(2).skip(1) {
+        assert!(w[1].1 - w[0].1 >= Duration::from_millis(900), "{seen:?}");
+    }
+    // Paused on h3, it holds; resumed on h2, it finishes.
+    let out = c.h(3).deploy(&["pause", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.wait_all(
+        "active/web/update_status",
+        "paused\n",
+        Duration::from_secs(10),
+    );
+    let held = c.h(1).read("active/web/update_progress");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.h(2).read("active/web/update_progress"), held);
+    let out = c.h(2).deploy(&["resume", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.h(1).settle("web", Duration::from_secs(60));
+    let v2 = c.h(1).field("active/web/version");
+    assert_ne!(v1, v2);
+    c.wait_all(
+        "active/web/version",
+        &format!("{v2}\n"),
+        Duration::from_secs(5),
+    );
+    // Rolled back from h1.
+    let out = c.h(1).deploy(&["rollback", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    c.h(1).settle("web", Duration::from_secs(60));
+    c.wait_all(
+        "active/web/version",
+        &format!("{v1}\n"),
+        Duration::from_secs(10),
+    );
+    let counters = load.finish();
+    assert_eq!(
+        counters.failed(),
+        0,
+        "{:?}\n{}",
+        counters.errors.lock(),
+        c.h(1).read("active/web/events")
+    );
+    assert!(counters.ok() > 100, "{}", counters.ok());
+    let placed = placement(&c);
+    assert!(placed.values().all(|l| l.len() == 2), "{placed:?}");
+}
+
+#[test]
+fn a_bad_version_fails_on_every_host_naming_host_and_instance() {
+    let port = free_port();
+    let Some(c) = Cluster::start(3, &[("web", web(port, 6, ""))]) else {
+        return;
+    };
+    apply(&c, 1);
+    c.h(1).settle("web", Duration::from_secs(60));
+    let before = pids(&c);
+    c.h(1).write_manifest(
+        "web",
+        &web(port, 6, "env FAIL_HEALTH=1\nhealth_deadline 2s\n"),
+    );
+    let out = c.h(1).deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    c.wait_all(
+        "active/web/update_status",
+        "failed\n",
+        Duration::from_secs(30),
+    );
+    let events = c.h(3).read("active/web/events");
+    let failed = events
+        .lines()
+        .find(|l| l.contains("failed"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        failed.contains("instance 6 on h") && failed.contains("not healthy within health_deadline"),
+        "{events}"
+    );
+    // Every old instance on every host untouched.
+    std::thread::sleep(Duration::from_millis(500));
+    for h in &c.hosts {
+        let now: Vec<(u32, u32)> = h
+            .instances("web")
+            .into_iter()
+            .map(|(n, p, ..)| (n, p))
+            .collect();
+        assert_eq!(now, before);
+    }
+    for ip in IPS {
+        assert_eq!(http_get_at(ip, port, "/").unwrap().0, 200);
+    }
+}
+
+#[test]
+fn drain_moves_a_hosts_instances_under_load_and_undrain_then_restart_spreads_them() {
+    let port = free_port();
+    let Some(c) = Cluster::start(3, &[("web", web(port, 6, "update_pause 0s\n"))]) else {
+        return;
+    };
+    apply(&c, 1);
+    c.h(1).settle("web", Duration::from_secs(60));
+    let load = Load::start_at(
+        &IPS,
+        port,
+        &[(Client::KeepAlive, 2), (Client::Fresh, 2)],
+        "/",
+    );
+    let out = c.h(1).deploy(&["drain", "h2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(c.h(3).field("hosts/h2/state"), "draining");
+    wait_for("h2 to hold nothing", Duration::from_secs(60), || {
+        placement(&c)["h2"].is_empty()
+            && c.h(1).try_read("active/web/update_progress") == "6/6\n"
+            && c.h(1).try_read("active/web/update_status") == "none\n"
+    });
+    let ready = c
+        .h(2)
+        .instances("web")
+        .iter()
+        .filter(|i| i.2 == "ready")
+        .count();
+    assert_eq!(ready, 6);
+    let counters = load.finish();
+    assert_eq!(counters.failed(), 0, "{:?}", counters.errors.lock());
+    // Nothing new goes there while it is drained.
+    assert!(c.h(2).deploy(&["restart", "web"]).status.success());
+    c.h(1).settle("web", Duration::from_secs(60));
+    assert!(placement(&c)["h2"].is_empty());
+    assert!(c.h(2).deploy(&["undrain", "h2"]).status.success());
+    assert_eq!(c.h(1).field("hosts/h2/state"), "up");
+    assert!(c.h(2).deploy(&["restart", "web"]).status.success());
+    wait_for(
+        "the instances to spread again",
+        Duration::from_secs(60),
+        || {
+            placement(&c).values().all(|l| l.len() == 2)
+                && c.h(1).try_read("active/web/update_status") == "none\n"
+        },
+    );
+    // A host no one has is refused, and changes nothing.
+    let out = c.h(1).deploy(&["drain", "h9"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn a_taken_name_is_refused_and_an_unreachable_etcd_is_said_and_refuses_commands() {
+    let port = free_port();
+    let Some(c) = Cluster::start(1, &[("web", web(port, 1, ""))]) else {
+        return;
+    };
+    // Another deployd named h1: refused at start, touching nothing.
+    let config = format!(
+        "bind = \"127.0.0.5\"\n[cluster]\netcd = {}\nhost = \"h1\"\naddress = \"127.0.0.5\"\n",
+        c.etcd.endpoints()
+    );
+    let mut twin = Deployd::prepare_with(&[], &config).unwrap();
+    let status = std::process::Command::new(deployd_bin())
+        .arg("--config")
+        .arg(twin.dir.path().join("deployd.toml"))
+        .output()
+        .unwrap();
+    assert!(!status.status.success());
+    let err = stderr(&status);
+    assert!(
+        err.contains("a live host at 127.0.0.2 is named h1 already"),
+        "{err}"
+    );
+    assert!(c.h(1).read("cluster").contains("hosts up 1 (h1)"));
+    // etcd nowhere: the host starts, says so, and refuses commands.
+    let dead = free_port();
+    twin = Deployd::prepare_with(
+        &[("web", web(port, 1, ""))],
+        &format!(
+            "bind = \"127.0.0.6\"\n[cluster]\netcd = [\"http://127.0.0.1:{dead}\"]\nhost = \"lonely\"\naddress = \"127.0.0.6\"\n"
+        ),
+    )
+    .unwrap();
+    twin.launch();
+    wait_for(
+        "the host to say etcd is unreachable",
+        Duration::from_secs(20),
+        || twin.try_read("cluster").contains("etcd unreachable since"),
+    );
+    let out = twin.deploy(&["apply", "web"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("etcd unreachable since"), "{err}");
+    assert!(err.contains("nothing was changed"), "{err}");
+    let ctl = twin.sh("echo apply web > $ROOT/ctl 2>&1; echo $?");
+    assert!(!stdout(&ctl).ends_with("0\n"), "{}", stdout(&ctl));
+}
