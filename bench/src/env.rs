@@ -64,7 +64,7 @@ impl Deployd {
         manifests: &[(String, String)],
         wrapper: &[String],
     ) -> Result<Deployd, String> {
-        Deployd::new(manifests, None, wrapper)
+        Deployd::new(manifests, None, wrapper, "")
     }
 
     /// As `start`, with `socket` (if any) passed as systemd's socket
@@ -73,13 +73,23 @@ impl Deployd {
         manifests: &[(String, String)],
         socket: Option<RawFd>,
     ) -> Result<Deployd, String> {
-        Deployd::new(manifests, socket, &[])
+        Deployd::new(manifests, socket, &[], "")
+    }
+
+    /// As `start`, with `extra` appended to its configuration (a
+    /// `[cluster]` table, a `bind`).
+    pub fn start_configured(
+        manifests: &[(String, String)],
+        extra: &str,
+    ) -> Result<Deployd, String> {
+        Deployd::new(manifests, None, &[], extra)
     }
 
     fn new(
         manifests: &[(String, String)],
         socket: Option<RawFd>,
         wrapper: &[String],
+        extra: &str,
     ) -> Result<Deployd, String> {
         let dir = tempfile::Builder::new()
             .prefix("deployd-bench")
@@ -93,7 +103,7 @@ impl Deployd {
         let config = dir.path().join("deployd.toml");
         std::fs::write(
             &config,
-            "mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"warn\"\n",
+            format!("mountpoint = \"mnt\"\nmanifests = \"manifests\"\nstate = \"state\"\nlog_level = \"warn\"\n{extra}"),
         )
         .map_err(|e| e.to_string())?;
         let mut d = Deployd {

@@ -6,8 +6,10 @@
 //!
 //! Sections: `rollout` (rolling update overhead), `pm2` (zero downtime vs
 //! PM2), `proxy` (data path), `namespace` (FUSE reads), `scale` (1,000
-//! services), `failure` (detection times).
+//! services), `failure` (detection times), `cluster` (three hosts
+//! through etcd against one host).
 
+mod cluster;
 mod env;
 mod failure;
 mod fsbench;
@@ -28,7 +30,7 @@ use clap::Parser;
     about = "deployd's benchmarks: figures against targets"
 )]
 struct Args {
-    /// Sections to run (default: all): rollout, pm2, proxy, namespace, scale, failure
+    /// Sections to run (default: all): rollout, pm2, proxy, namespace, scale, failure, cluster
     sections: Vec<String>,
     /// Also write the table as Markdown to this file
     #[arg(long)]
@@ -155,7 +157,15 @@ fn main() -> ExitCode {
         eprintln!("deployd-bench: needs root and /dev/fuse (deployd mounts its namespace)");
         return ExitCode::from(2);
     }
-    let all = ["rollout", "pm2", "proxy", "namespace", "scale", "failure"];
+    let all = [
+        "rollout",
+        "pm2",
+        "proxy",
+        "namespace",
+        "scale",
+        "failure",
+        "cluster",
+    ];
     let chosen: Vec<&str> = if args.sections.is_empty() {
         all.to_vec()
     } else {
@@ -179,6 +189,7 @@ fn main() -> ExitCode {
             "proxy" => proxy::run(&mut report),
             "namespace" => fsbench::run(&mut report),
             "scale" => scale::run(&mut report),
+            "cluster" => cluster::run(&mut report),
             _ => failure::run(&mut report),
         };
         if let Err(e) = r {
@@ -205,6 +216,7 @@ fn section_name(s: &str) -> &'static str {
         "proxy" => "proxy",
         "namespace" => "namespace",
         "scale" => "scale",
+        "cluster" => "cluster",
         _ => "failure",
     }
 }

@@ -76,7 +76,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
 }
 
 /// The pids started in each batch, from the event log of one rollout.
-fn batches(events: &str) -> Vec<Vec<u32>> {
+pub fn batches(events: &str) -> Vec<Vec<u32>> {
     let mut out: Vec<Vec<u32>> = Vec::new();
     let mut numbers: HashMap<u32, usize> = HashMap::new();
     for line in events.lines() {
@@ -109,7 +109,7 @@ fn batches(events: &str) -> Vec<Vec<u32>> {
 }
 
 /// An instance's start-to-ready time, as it wrote it.
-fn start_to_ready(dir: &std::path::Path, pid: u32) -> Option<Duration> {
+pub fn start_to_ready(dir: &std::path::Path, pid: u32) -> Option<Duration> {
     let text = std::fs::read_to_string(dir.join(pid.to_string())).ok()?;
     let mut it = text.split_whitespace().map(|v| v.parse::<u128>());
     let (Some(Ok(start)), Some(Ok(ready))) = (it.next(), it.next()) else {

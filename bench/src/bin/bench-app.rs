@@ -25,7 +25,8 @@ fn main() {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     std::thread::sleep(Duration::from_millis(delay));
-    let listener = match TcpListener::bind(("127.0.0.1", port)) {
+    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let listener = match TcpListener::bind((host.as_str(), port)) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("bench-app: bind {port}: {e}");

@@ -152,7 +152,17 @@ struct Local {
     failures: u32,
     ok_since: Option<Instant>,
     signals_sent: u64,
+    /// Its probes have passed since it was (re)started.
+    ever_ok: bool,
+    /// Failed probes of a starting instance are told at most once per
+    /// [`QUIET`]: not until then.
+    quiet_until: Option<Instant>,
 }
+
+/// While an instance has not passed a probe yet, its failures (a server
+/// still starting refuses connections) are told the leader at most this
+/// often: they matter only for the reason a missed deadline gives.
+pub const QUIET: Duration = Duration::from_secs(1);
 
 /// The host's decisions. See the module documentation.
 #[derive(Debug)]
@@ -200,9 +210,12 @@ impl Agent {
     pub fn next_deadline(&self) -> Option<Instant> {
         self.insts
             .values()
-            .filter_map(|l| match l.run {
-                Run::Backoff(t) => Some(t),
-                _ => None,
+            .flat_map(|l| {
+                let backoff = match l.run {
+                    Run::Backoff(t) => Some(t),
+                    _ => None,
+                };
+                backoff.into_iter().chain(l.quiet_until)
             })
             .min()
     }
@@ -274,6 +287,8 @@ impl Agent {
                     failures: 0,
                     ok_since: None,
                     signals_sent,
+                    ever_ok: false,
+                    quiet_until: None,
                 },
             );
             if stop {
@@ -435,8 +450,13 @@ impl Agent {
                     l.status.ok = true;
                     l.ok_since = Some(now);
                 }
+                l.ever_ok = true;
+                l.quiet_until = None;
             }
             Err(e) => {
+                if !l.ever_ok && l.quiet_until.is_none() {
+                    l.quiet_until = Some(now + QUIET);
+                }
                 l.status.ok = false;
                 l.ok_since = None;
                 l.status.fails += 1;
@@ -455,6 +475,8 @@ impl Agent {
         l.run = Run::Starting;
         l.status.pid = None;
         l.status.ok = false;
+        l.ever_ok = false;
+        l.quiet_until = None;
         self.out.push(Do::Spawn {
             service: service.clone(),
             id,
@@ -465,7 +487,27 @@ impl Agent {
 
     /// A report for each status that changed.
     fn report(&mut self) {
+        let now = self.now;
         for ((service, id), l) in &mut self.insts {
+            if let Some(t) = l.quiet_until {
+                if now < t {
+                    // A starting instance's failures wait (see QUIET);
+                    // anything else goes now, with them.
+                    let failures_only = l.reported.as_ref().is_some_and(|r| {
+                        Status {
+                            fails: r.fails,
+                            error: r.error.clone(),
+                            lines: r.lines.clone(),
+                            ..l.status.clone()
+                        } == *r
+                    });
+                    if failures_only {
+                        continue;
+                    }
+                } else {
+                    l.quiet_until = None;
+                }
+            }
             // Nothing to say before it has a process or an end.
             let news = l.reported.is_some() || l.status.pid.is_some() || l.status.exit.is_some();
             if news && l.reported.as_ref() != Some(&l.status) {
@@ -477,5 +519,93 @@ impl Agent {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Manifest;
+
+    fn assignment() -> Assignment {
+        let m = Manifest::new("app");
+        let text = m.canonical();
+        Assignment {
+            slot: 0,
+            number: 0,
+            spec: Spec::new(m, text),
+            serving: true,
+            stop: false,
+            signal: None,
+        }
+    }
+
+    fn reports(todo: &[Do]) -> Vec<Status> {
+        todo.iter()
+            .filter_map(|d| match d {
+                Do::Report { status, .. } => status.clone(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A starting instance's refused connections are told the leader once
+    /// a second at most; its first passing probe at once.
+    #[test]
+    fn a_starting_instances_failures_are_told_at_most_once_per_quiet() {
+        let svc = ServiceName::new("web").unwrap();
+        let id = InstanceId(1);
+        let mut a = Agent::new(7);
+        let t0 = Instant::from_epoch(Duration::from_secs(100));
+        let ms = |n| t0 + Duration::from_millis(n);
+        let todo = a.handle(
+            t0,
+            Event::Assigned {
+                service: svc.clone(),
+                id,
+                assignment: Some(assignment()),
+            },
+        );
+        assert!(matches!(todo[..], [Do::Spawn { .. }]), "{todo:?}");
+        let started = Started {
+            pid: 42,
+            port: Some(5000),
+            env: String::new(),
+        };
+        let todo = a.handle(
+            ms(5),
+            Event::Spawned {
+                service: svc.clone(),
+                id,
+                result: Ok(started),
+            },
+        );
+        assert_eq!(reports(&todo)[0].pid, Some(42));
+        let fail = || Event::Probe {
+            service: svc.clone(),
+            id,
+            result: Err("connection refused".into()),
+            lines: vec![],
+        };
+        for n in [10, 15, 20, 500] {
+            assert!(reports(&a.handle(ms(n), fail())).is_empty(), "{n}");
+        }
+        assert_eq!(a.next_deadline(), Some(ms(10) + QUIET));
+        let told = reports(&a.handle(ms(1010), Event::Tick));
+        assert_eq!(told.len(), 1);
+        assert_eq!(told[0].fails, 4);
+        assert_eq!(told[0].error.as_deref(), Some("connection refused"));
+        let ok = a.handle(
+            ms(1020),
+            Event::Probe {
+                service: svc.clone(),
+                id,
+                result: Ok(()),
+                lines: vec![],
+            },
+        );
+        assert!(reports(&ok)[0].ok);
+        // Once it has passed, a failure is told at once.
+        assert_eq!(reports(&a.handle(ms(1030), fail())).len(), 1);
     }
 }

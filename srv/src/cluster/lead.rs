@@ -131,7 +131,8 @@ async fn lead_term(
     }
     let mut leader = Leader::new(link.me.clone(), link.keys.clone(), manifests);
     leader.take_over(now(), wall_ms(), state);
-    commit(link, client, &mut leader, term, now()).await?;
+    let mut held = Held::default();
+    commit(link, client, &mut leader, term, now(), &mut held, true).await?;
     let options = etcd_client::WatchOptions::new()
         .with_prefix()
         .with_start_revision(rev + 1);
@@ -140,29 +141,52 @@ async fn lead_term(
         let wake = leader
             .next_deadline()
             .map(|t| epoch + t.as_duration().saturating_sub(offset));
+        let flush = held.since.map(|t| t + HOLD);
         tokio::select! {
+            _ = sleep_until(flush) => {
+                commit(link, client, &mut leader, term, now(), &mut held, true).await?;
+                continue;
+            }
             msg = stream.message() => {
-                let resp = msg?.ok_or_else(|| Stop::Etcd("the watch ended".into()))?;
-                if resp.canceled() {
-                    return Err(Stop::Etcd(format!("watch cancelled: {}", resp.cancel_reason())));
-                }
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let Some(key) = link.keys.parse(kv.key()) else { continue };
-                    let value = match ev.event_type() {
-                        etcd_client::EventType::Put => Some(kv.value()),
-                        etcd_client::EventType::Delete => None,
-                    };
-                    match input(key, value) {
-                        Ok(Some(i)) => leader.handle(now(), wall_ms(), i),
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!("{}: {e}; left out", String::from_utf8_lossy(kv.key())),
+                let mut resp = msg?.ok_or_else(|| Stop::Etcd("the watch ended".into()))?;
+                loop {
+                    if resp.canceled() {
+                        return Err(Stop::Etcd(format!("watch cancelled: {}", resp.cancel_reason())));
+                    }
+                    feed(link, &mut leader, &resp, now());
+                    // What else has come meanwhile (a batch's hosts report
+                    // within a millisecond of each other) makes the same
+                    // round: one transaction, not one each.
+                    match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                        Ok(Ok(Some(more))) => resp = more,
+                        Ok(Ok(None)) => return Err(Stop::Etcd("the watch ended".into())),
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => break,
                     }
                 }
             }
             _ = sleep_until(wake) => leader.handle(now(), wall_ms(), Input::Tick),
         }
-        commit(link, client, &mut leader, term, now()).await?;
+        commit(link, client, &mut leader, term, now(), &mut held, false).await?;
+    }
+}
+
+/// A watch response's changes, as the leader's inputs.
+fn feed(link: &Link, leader: &mut Leader, resp: &etcd_client::WatchResponse, now: Instant) {
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let Some(key) = link.keys.parse(kv.key()) else {
+            continue;
+        };
+        let value = match ev.event_type() {
+            etcd_client::EventType::Put => Some(kv.value()),
+            etcd_client::EventType::Delete => None,
+        };
+        match input(key, value) {
+            Ok(Some(i)) => leader.handle(now, wall_ms(), i),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{}: {e}; left out", String::from_utf8_lossy(kv.key())),
+        }
     }
 }
 
@@ -215,13 +239,29 @@ fn input(key: Key, value: Option<&[u8]>) -> Result<Option<Input>, String> {
     }))
 }
 
-/// Ends a round: its writes, guarded by this term's leader key.
+/// How long a round that writes only events and snapshots may wait for
+/// the next: nothing waits on those, and the next round writes them with
+/// its own (a batch's statuses come one after another).
+const HOLD: Duration = Duration::from_millis(50);
+
+/// Writes held back: only events and snapshots, the last value per key.
+#[derive(Default)]
+struct Held {
+    ops: std::collections::BTreeMap<String, Op>,
+    since: Option<tokio::time::Instant>,
+}
+
+/// Ends a round: its writes, guarded by this term's leader key; held back
+/// (up to [`HOLD`]) when they are only events and snapshots, unless
+/// `flush`.
 async fn commit(
     link: &Link,
     client: &mut Client,
     leader: &mut Leader,
     term: i64,
     now: Instant,
+    held: &mut Held,
+    flush: bool,
 ) -> Result<(), Stop> {
     let round = leader.round(now, wall_ms());
     for (error, line) in &round.logs {
@@ -230,14 +270,31 @@ async fn commit(
             false => tracing::info!("leader: {line}"),
         }
     }
-    if round.ops.is_empty() {
+    let (events, services) = (link.keys.dir("events"), link.keys.dir("services"));
+    let lazy = |op: &Op| match op {
+        Op::Put(k, _) | Op::Delete(k) => k.starts_with(&events) || k.starts_with(&services),
+        Op::DeletePrefix(_) => false,
+    };
+    let urgent = round.ops.iter().any(|op| !lazy(op));
+    for op in round.ops {
+        let key = match &op {
+            Op::Put(k, _) | Op::Delete(k) | Op::DeletePrefix(k) => k.clone(),
+        };
+        held.ops.insert(key, op);
+    }
+    if held.ops.is_empty() {
         return Ok(());
     }
+    if !urgent && !flush {
+        held.since.get_or_insert_with(tokio::time::Instant::now);
+        return Ok(());
+    }
+    held.since = None;
     let guard = Compare::create_revision(link.keys.key(&Key::Leader), CompareOp::Equal, term);
     let mut last = 0;
     // Snapshots last: a round split in several transactions leaves a
     // snapshot behind its assignments, never ahead.
-    let mut ops = round.ops;
+    let mut ops: Vec<Op> = std::mem::take(&mut held.ops).into_values().collect();
     let services = link.keys.dir("services");
     ops.sort_by_key(|op| matches!(op, Op::Put(k, _) if k.starts_with(&services)));
     for chunk in ops.chunks(MAX_OPS) {

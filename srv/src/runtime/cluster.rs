@@ -203,8 +203,9 @@ impl Runtime {
                             continue;
                         }
                     };
-                    self.apply_routes(name, routes);
-                    routed = true;
+                    // Acked when it routed something out: that is what
+                    // the leader waits for (a drain).
+                    routed |= self.apply_routes(name, routes);
                 }
                 Key::Host(h) => {
                     let Some(host) = self.host() else { continue };
@@ -288,10 +289,15 @@ impl Runtime {
     /// Makes a service's router follow its route table: new instances
     /// routed in (local or on other hosts), those routed out drained, those
     /// gone cut.
-    fn apply_routes(&mut self, name: ServiceName, routes: Routes) {
+    fn apply_routes(&mut self, name: ServiceName, routes: Routes) -> bool {
         let Some(sid) = self.core.sid(&name) else {
-            return;
+            return false;
         };
+        // Whether it routes out what was not routed out before here.
+        let out = routes
+            .backends
+            .iter()
+            .any(|(id, b)| !b.routed && !old_out(self.cluster.as_ref(), &name, *id));
         let router = self.services.get(&sid).and_then(|r| r.router.clone());
         let old = self
             .host()
@@ -345,6 +351,7 @@ impl Runtime {
             h.routes.insert(name, routes);
         }
         self.core.touch(sid);
+        out
     }
 
     /// A service's router made anew (its port or mode changed): every
@@ -356,7 +363,9 @@ impl Runtime {
         let Some(routes) = self.host().and_then(|h| h.routes.remove(&name)) else {
             return;
         };
-        self.apply_routes(name, routes);
+        if self.apply_routes(name, routes) {
+            self.ack();
+        }
     }
 
     /// An instance routed out has nothing in flight here any more.
@@ -678,4 +687,11 @@ impl Runtime {
         h.view = Some(view.clone());
         self.views.set_cluster(view);
     }
+}
+
+/// Whether this host's table has an instance routed out already.
+fn old_out(host: Option<&Host>, name: &ServiceName, id: u64) -> bool {
+    host.and_then(|h| h.routes.get(name))
+        .and_then(|r| r.backends.get(&id))
+        .is_some_and(|b| !b.routed)
 }
