@@ -12,4 +12,4 @@ http
     }
     res.end(req.url === "/healthz" ? "ok\n" : body);
   })
-  .listen(Number(process.env.PORT), "127.0.0.1");
+  .listen(Number(process.env.PORT), process.env.HOST || "127.0.0.1");

@@ -38,7 +38,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_RETRIES: u32 = 100;
 /// Environment variables deployd sets itself for every instance, which
 /// neither `env` nor an env file may set.
-pub const RESERVED_ENV: [&str; 4] = ["PORT", "SERVICE", "INSTANCE", "VERSION"];
+pub const RESERVED_ENV: [&str; 5] = ["HOST", "PORT", "SERVICE", "INSTANCE", "VERSION"];
 /// Smallest accepted `memory_max`: 1 MiB.
 pub const MIN_MEMORY: u64 = 1 << 20;
 /// Largest accepted `memory_max`: 1 TiB.

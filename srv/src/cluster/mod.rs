@@ -382,15 +382,23 @@ async fn keep(link: Arc<Link>) {
                 }
             },
         };
-        let mut last = tokio::time::Instant::now();
+        // Kept alive until etcd itself says the lease is gone (it expired:
+        // the others took this host for lost). etcd away is no such word:
+        // when it has a leader again it renews every lease, and this host
+        // keeps its name and its instances.
         let every = link.host_timeout / 3;
-        let lost = 'alive: loop {
+        let gone = |e: &str| e.contains("lease not found");
+        'alive: loop {
+            if *link.lease.lock() != Some(lease) {
+                break 'alive;
+            }
             let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
                 Ok(k) => k,
                 Err(e) => {
-                    link.unreachable(&e.to_string());
-                    if last.elapsed() >= link.host_timeout {
-                        break 'alive true;
+                    let e = e.to_string();
+                    link.unreachable(&e);
+                    if gone(&e) {
+                        break 'alive;
                     }
                     tokio::time::sleep(RETRY).await;
                     continue;
@@ -401,34 +409,36 @@ async fn keep(link: Arc<Link>) {
                     break;
                 }
                 match tokio::time::timeout(every, stream.message()).await {
-                    Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                        last = tokio::time::Instant::now();
-                        link.reachable();
-                    }
-                    Ok(Ok(Some(_))) => break 'alive true,
+                    Ok(Ok(Some(r))) if r.ttl() > 0 => link.reachable(),
+                    Ok(Ok(Some(_))) => break 'alive,
                     Ok(Ok(None)) => break,
                     Ok(Err(e)) => {
-                        link.unreachable(&e.to_string());
+                        let e = e.to_string();
+                        link.unreachable(&e);
+                        if gone(&e) {
+                            break 'alive;
+                        }
                         break;
                     }
-                    Err(_) => link.unreachable("no answer to the lease's keep-alive"),
+                    Err(_) => {
+                        link.unreachable("no answer to the lease's keep-alive");
+                        break;
+                    }
                 }
-                if last.elapsed() >= link.host_timeout {
-                    break 'alive true;
+                if *link.lease.lock() != Some(lease) {
+                    break 'alive;
                 }
-                tokio::time::sleep(every.saturating_sub(last.elapsed().min(every))).await;
-            }
-            if last.elapsed() >= link.host_timeout {
-                break true;
+                tokio::time::sleep(every).await;
             }
             tokio::time::sleep(RETRY).await;
-        };
-        if lost {
-            tracing::warn!(
-                "this host's lease expired (etcd silent for {}s): the others took it for lost; registering again",
-                link.host_timeout.as_secs()
-            );
-            *link.lease.lock() = None;
+        }
+        tracing::warn!(
+            "this host's lease expired (etcd did not hear from it for {}s): the others took it for lost and moved its instances; registering again",
+            link.host_timeout.as_secs()
+        );
+        let mut held = link.lease.lock();
+        if *held == Some(lease) {
+            *held = None;
         }
     }
 }
