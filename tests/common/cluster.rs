@@ -31,6 +31,10 @@ pub fn etcd_bin() -> Option<PathBuf> {
 /// One etcd member.
 pub struct Member {
     pub name: String,
+    /// Where it listens.
+    pub host: String,
+    /// A program it runs under (`nsenter --net=...`), if any.
+    wrapper: Vec<String>,
     pub client: u16,
     pub peer: u16,
     dir: PathBuf,
@@ -46,8 +50,18 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts `n` members and waits until they answer.
+    /// Starts `n` members on 127.0.0.1 and waits until they answer.
     pub fn start(n: usize) -> Option<Etcd> {
+        Etcd::start_at(
+            (0..n)
+                .map(|_| ("127.0.0.1".to_string(), Vec::new()))
+                .collect(),
+        )
+    }
+
+    /// Starts a member at each (address, wrapper) and waits until they
+    /// answer.
+    pub fn start_at(at: Vec<(String, Vec<String>)>) -> Option<Etcd> {
         let bin = etcd_bin()?;
         // On tmpfs when there is one: etcd's fsyncs are its slowest part,
         // and what is measured here is deployd.
@@ -59,8 +73,12 @@ impl Etcd {
             tempfile::Builder::new().prefix("deployd-etcd").tempdir()
         }
         .expect("tempdir");
-        let mut members: Vec<Member> = (0..n)
-            .map(|i| Member {
+        let mut members: Vec<Member> = at
+            .into_iter()
+            .enumerate()
+            .map(|(i, (host, wrapper))| Member {
+                host,
+                wrapper,
                 name: format!("e{i}"),
                 client: free_port(),
                 peer: free_port(),
@@ -72,7 +90,7 @@ impl Etcd {
             .collect();
         let cluster: Vec<String> = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer))
+            .map(|m| format!("{}=http://{}:{}", m.name, m.host, m.peer))
             .collect();
         let cluster = cluster.join(",");
         let token = format!("deployd-test-{}-{}", std::process::id(), members[0].client);
@@ -93,7 +111,7 @@ impl Etcd {
         let urls: Vec<String> = self
             .members
             .iter()
-            .map(|m| format!("\"http://127.0.0.1:{}\"", m.client))
+            .map(|m| format!("\"http://{}:{}\"", m.host, m.client))
             .collect();
         format!("[{}]", urls.join(", "))
     }
@@ -124,19 +142,28 @@ impl Member {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(bin)
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let (h, c, p) = (&self.host, self.client, self.peer);
+        let child = cmd
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(&self.dir)
             .args([
                 "--listen-client-urls",
-                &format!("http://127.0.0.1:{}", self.client),
+                &format!("http://{h}:{c}"),
                 "--advertise-client-urls",
-                &format!("http://127.0.0.1:{}", self.client),
+                &format!("http://{h}:{c}"),
                 "--listen-peer-urls",
-                &format!("http://127.0.0.1:{}", self.peer),
+                &format!("http://{h}:{p}"),
                 "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{}", self.peer),
+                &format!("http://{h}:{p}"),
                 "--initial-cluster",
                 &self.cluster,
                 "--initial-cluster-token",
@@ -168,7 +195,7 @@ impl Member {
 
     /// Whether it answers `/health` with a leader.
     fn healthy(&self) -> bool {
-        super::http_get_at("127.0.0.1", self.client, "/health")
+        super::http_get_at(&self.host, self.client, "/health")
             .is_ok_and(|(status, body)| status == 200 && body.contains("\"true\""))
     }
 
@@ -202,6 +229,30 @@ impl Cluster {
         let mut hosts = Vec::new();
         for i in 1..=n {
             hosts.push(Cluster::host(&etcd, i, manifests, "")?);
+        }
+        let c = Cluster { hosts, etcd };
+        c.wait_formed(Duration::from_secs(30));
+        Some(c)
+    }
+
+    /// A 3-host cluster in network namespaces: host `i` in `net`'s
+    /// namespace `i`, with an etcd member beside it.
+    pub fn start_in(net: &super::netns::Net, manifests: &[(&str, String)]) -> Option<Cluster> {
+        if !super::fuse_available() {
+            return None;
+        }
+        let etcd = Etcd::start_at((1..=3).map(|i| (net.addr(i), net.enter(i))).collect())?;
+        let mut hosts = Vec::new();
+        for i in 1..=3 {
+            let a = net.addr(i);
+            let config = format!(
+                "bind = \"{a}\"\n[cluster]\netcd = {}\nhost = \"h{i}\"\naddress = \"{a}\"\nhost_timeout = \"3s\"\n",
+                etcd.endpoints()
+            );
+            let mut d = Deployd::prepare_with(manifests, &config)?;
+            d.wrapper = net.enter(i);
+            d.launch();
+            hosts.push(d);
         }
         let c = Cluster { hosts, etcd };
         c.wait_formed(Duration::from_secs(30));

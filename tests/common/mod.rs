@@ -9,6 +9,7 @@
 
 pub mod cluster;
 pub mod load;
+pub mod netns;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -143,6 +144,8 @@ pub struct Deployd {
     child: Option<Child>,
     /// deployd's open-file limit (soft and hard), when a test sets one.
     pub nofile: Option<u64>,
+    /// A program deployd runs under (`nsenter --net=...`), if any.
+    pub wrapper: Vec<String>,
 }
 
 impl Deployd {
@@ -217,6 +220,7 @@ impl Deployd {
             config,
             child: None,
             nofile: None,
+            wrapper: Vec::new(),
             dir,
         })
     }
@@ -238,6 +242,11 @@ impl Deployd {
             .open(self.dir.path().join("deployd.log"))
             .unwrap();
         let mut cmd = match socket {
+            None if !self.wrapper.is_empty() => {
+                let mut c = Command::new(&self.wrapper[0]);
+                c.args(&self.wrapper[1..]).arg(deployd_bin());
+                c
+            }
             None => Command::new(deployd_bin()),
             Some(fd) => {
                 // The shell's pid is deployd's once it execs.

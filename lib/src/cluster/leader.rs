@@ -549,12 +549,12 @@ impl Leader {
         let Some((host, st)) = self.statuses.get(&(service.clone(), id)).cloned() else {
             return;
         };
-        let retries = self
+        let inst = self
             .core
             .service(sid)
-            .and_then(|e| e.machine.instances().iter().find(|i| i.id() == id))
-            .map(|i| u64::from(i.spec().manifest.health_retries))
-            .unwrap_or(1);
+            .and_then(|e| e.machine.instances().iter().find(|i| i.id() == id));
+        let retries = inst.map_or(1, |i| u64::from(i.spec().manifest.health_retries));
+        let serving = inst.is_some_and(|i| i.role() == Role::Serving);
         let Some(x) = self.extra.get_mut(&sid) else {
             return;
         };
@@ -564,13 +564,22 @@ impl Leader {
         let seen = x.seen.entry(id).or_default();
         let mut inputs = Vec::new();
         if seen.boot != 0 && st.boot != seen.boot && !seen.exited {
-            // Its host's deployd started again: the process ended with
-            // the one before.
-            inputs.push(MachineInput::Exited {
-                id,
-                exit: Exit::Lost(host.to_string()),
-            });
-            seen.exited = true;
+            // Its host's deployd started again (within its lease): the
+            // process ended with the one before, and the new one started
+            // it again. A serving instance is restarted in place; any
+            // other is lost (a candidate is started again in its batch).
+            let exit = Exit::Lost(host.to_string());
+            if serving {
+                inputs.push(MachineInput::Restarted { id, exit });
+                *seen = Seen {
+                    restarts: st.restarts,
+                    fails: st.fails,
+                    ..Seen::default()
+                };
+            } else {
+                inputs.push(MachineInput::Exited { id, exit });
+                seen.exited = true;
+            }
         }
         seen.boot = st.boot;
         if !seen.exited {

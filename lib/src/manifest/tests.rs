@@ -1051,7 +1051,9 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
     let env = proptest::collection::btree_map("[A-Z_][A-Z0-9_]{0,8}", "[ -~]{0,20}", 0..4)
         .prop_map(|m| {
             m.into_iter()
-                .filter(|(k, _)| !["HOST", "PORT", "SERVICE", "INSTANCE", "VERSION"].contains(&k.as_str()))
+                .filter(|(k, _)| {
+                    !["HOST", "PORT", "SERVICE", "INSTANCE", "VERSION"].contains(&k.as_str())
+                })
                 .map(|(k, v)| (k, v.trim_end().to_string()))
                 .collect::<Vec<_>>()
         });

@@ -56,7 +56,8 @@ pub async fn lead(link: Arc<Link>, manifests: PathBuf) {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        if leader.borrow_and_update().is_some() {
+        let named = leader.borrow_and_update().clone();
+        if named.as_ref().is_some_and(|n| *n != link.me) {
             // Woken when the copy says the key changed, or now and then.
             let _ = tokio::time::timeout(Duration::from_secs(1), leader.changed()).await;
             continue;
@@ -68,10 +69,21 @@ pub async fn lead(link: Arc<Link>, manifests: PathBuf) {
                 key.clone(),
                 link.me.as_str(),
                 Some(PutOptions::new().with_lease(lease)),
-            )]);
+            )])
+            .or_else([TxnOp::get(key.clone(), None)]);
         let won = match client.txn(txn).await {
             Ok(r) if r.succeeded() => r.header().map(|h| h.revision()),
-            Ok(_) => None,
+            // The key is this host's still, under its lease: a term cut
+            // short by etcd going away (which renews leases when it
+            // comes back). This host leads again, from etcd's state.
+            Ok(r) => r.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .filter(|kv| kv.value() == link.me.as_str().as_bytes() && kv.lease() == lease)
+                    .map(|kv| kv.create_revision()),
+                _ => None,
+            }),
             Err(_) => {
                 tokio::time::sleep(super::RETRY).await;
                 continue;

@@ -63,7 +63,11 @@ pub enum Event {
         replies: Vec<(String, Reply)>,
     },
     /// This host has a (new) lease: every status and ack is written again.
-    Registered,
+    /// `again`: it had one before, which expired (it was taken for lost).
+    Registered {
+        /// It had a lease before.
+        again: bool,
+    },
     /// Whether etcd answers changed.
     Health,
     /// A command this host wrote to etcd itself (`drain`): its writer is
@@ -125,6 +129,8 @@ pub struct Link {
     next: AtomicU64,
     /// The leader, as the copy says.
     leader: watch::Sender<Option<HostName>>,
+    /// Where the copy is kept, and the copy.
+    copy: Mutex<Option<(std::path::PathBuf, watch::Receiver<Arc<Copy>>)>>,
     runtime: mpsc::UnboundedSender<Msg>,
 }
 
@@ -187,9 +193,11 @@ pub async fn join(
         waiting: Mutex::new(HashMap::new()),
         next: AtomicU64::new(0),
         leader: watch::channel(None).0,
+        copy: Mutex::new(None),
         runtime,
     });
     let first = tokio::time::timeout(Duration::from_secs(3), register(&link)).await;
+    let joined = matches!(first, Ok(Ok(_)));
     match first {
         Ok(Ok(lease)) => {
             *link.lease.lock() = Some(lease);
@@ -216,7 +224,28 @@ pub async fn join(
         }
     }
     tokio::spawn(keep(link.clone()));
-    tokio::spawn(follow(link.clone()));
+    // With etcd away, what this host last knew: it brings back what it
+    // ran, and its namespace shows the cluster as it was.
+    let copy_file = state.join("copy.json");
+    let copy = match joined {
+        true => BTreeMap::new(),
+        false => load_copy(&copy_file),
+    };
+    if !copy.is_empty() {
+        tracing::info!(
+            "etcd unreachable: starting from this host's last copy of the cluster ({} keys)",
+            copy.len()
+        );
+        let all = copy
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
+        link.tell(all, 0);
+    }
+    let (saved, saving) = watch::channel(Arc::new(copy.clone()));
+    *link.copy.lock() = Some((copy_file.clone(), saving.clone()));
+    tokio::spawn(save_copy(copy_file, saving));
+    tokio::spawn(follow(link.clone(), copy, saved));
     tokio::spawn(write(link.clone(), rx));
     tokio::spawn(lead::lead(link.clone(), manifests.to_path_buf()));
     Ok(link)
@@ -304,6 +333,28 @@ async fn register(link: &Link) -> Result<i64, Registration> {
         match decode::<HostRecord>(kv.value()) {
             Ok(rec) if rec.id != link.id => return Err(Registration::Taken(rec)),
             Ok(rec) => {
+                // This host's, from a deployd that ended (its state
+                // directory is locked: no other runs). While its lease
+                // lives, this one takes it on: the others never took the
+                // host for lost, and its slots stay here, started again.
+                let alive = client
+                    .lease_time_to_live(rec.lease, None)
+                    .await
+                    .is_ok_and(|t| t.ttl() > 0);
+                if alive {
+                    let rec = HostRecord {
+                        started_ms: link.boot,
+                        address: link.address,
+                        ..rec
+                    };
+                    let put = PutOptions::new().with_lease(rec.lease);
+                    client
+                        .put(key.clone(), encode(&rec), Some(put))
+                        .await
+                        .map_err(etcd)?;
+                    link.reachable();
+                    return Ok(rec.lease);
+                }
                 let _ = client.lease_revoke(rec.lease).await;
             }
             Err(_) => {
@@ -355,6 +406,7 @@ fn memory() -> u64 {
 /// longer than its TTL: the other hosts took this one for lost).
 async fn keep(link: Arc<Link>) {
     let mut client = link.client.clone();
+    let mut had = link.registered();
     loop {
         let current = *link.lease.lock();
         let lease = match current {
@@ -362,8 +414,9 @@ async fn keep(link: Arc<Link>) {
             None => match register(&link).await {
                 Ok(l) => {
                     *link.lease.lock() = Some(l);
-                    tracing::info!("registered again as {}, lease {l:x}", link.me);
-                    let _ = link.runtime.send(Msg::Cluster(Event::Registered));
+                    tracing::info!("registered as {}, lease {l:x}", link.me);
+                    let again = std::mem::replace(&mut had, true);
+                    let _ = link.runtime.send(Msg::Cluster(Event::Registered { again }));
                     l
                 }
                 Err(Registration::Taken(rec)) => {
@@ -446,10 +499,9 @@ async fn keep(link: Arc<Link>) {
 /// Keeps the copy of every deployd key current, and tells the runtime
 /// what changed: a full read, then a watch from there; after any break,
 /// a full read again, compared with the copy.
-async fn follow(link: Arc<Link>) {
+async fn follow(link: Arc<Link>, mut copy: Copy, saved: watch::Sender<Arc<Copy>>) {
     let mut client = link.client.clone();
     let prefix = link.keys.prefix().to_string();
-    let mut copy: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     loop {
         let got = match client
             .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
@@ -481,6 +533,7 @@ async fn follow(link: Arc<Link>) {
             }
         }
         copy = fresh;
+        saved.send_replace(Arc::new(copy.clone()));
         link.tell(changes, rev);
         let options = WatchOptions::new()
             .with_prefix()
@@ -518,6 +571,7 @@ async fn follow(link: Arc<Link>) {
                         }
                     }
                     if !changes.is_empty() {
+                        saved.send_replace(Arc::new(copy.clone()));
                         link.tell(changes, rev);
                     }
                 }
@@ -533,6 +587,54 @@ async fn follow(link: Arc<Link>) {
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// A copy of deployd's keys.
+type Copy = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// The copy as `state/cluster/copy.json` keeps it; empty if there is none.
+fn load_copy(path: &Path) -> Copy {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Copy::new();
+    };
+    match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
+        Ok(m) => m
+            .into_iter()
+            .map(|(k, v)| (k.into_bytes(), v.into_bytes()))
+            .collect(),
+        Err(e) => {
+            tracing::warn!("{}: {e}; not used", path.display());
+            Copy::new()
+        }
+    }
+}
+
+/// Keeps the copy on disk for a start while etcd is away: at once, then
+/// at most every 200 ms (and at a stop, [`Link::keep_copy`]).
+async fn save_copy(path: std::path::PathBuf, mut copy: watch::Receiver<Arc<Copy>>) {
+    while copy.changed().await.is_ok() {
+        let now = copy.borrow_and_update().clone();
+        let path = path.clone();
+        let written = tokio::task::spawn_blocking(move || write_copy(&path, &now)).await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!("cannot keep this host's copy of the cluster: {e}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn write_copy(path: &Path, copy: &Copy) -> std::io::Result<()> {
+    let text: BTreeMap<String, String> = copy
+        .iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect();
+    let bytes = serde_json::to_vec(&text).map_err(std::io::Error::other)?;
+    crate::store::write_atomic(path, &bytes, false)
 }
 
 /// Writes the host's statuses and acks with its lease, the latest value
@@ -604,6 +706,13 @@ impl Link {
     }
 
     fn unreachable(&self, why: &str) {
+        // gRPC's errors run long: the gist.
+        let why = match why.split_once("message: \"") {
+            Some((_, rest)) => rest.split('"').next().unwrap_or(rest),
+            None => why,
+        };
+        let why: String = why.chars().take(120).collect();
+        let why = why.as_str();
         let mut h = self.health.lock();
         if *h == Health::Reachable {
             *h = Health::Unreachable(SystemTime::now(), why.to_string());
@@ -820,6 +929,17 @@ impl Link {
                 "{host} drained: its instances move to other hosts a slot at a time, health-gated; see each service's events"
             ),
         ))
+    }
+
+    /// Writes the copy of the cluster as it is now (deployd stopping).
+    pub fn keep_copy(&self) {
+        let Some((path, copy)) = self.copy.lock().clone() else {
+            return;
+        };
+        let now = copy.borrow().clone();
+        if let Err(e) = write_copy(&path, &now) {
+            tracing::warn!("cannot keep this host's copy of the cluster: {e}");
+        }
     }
 
     /// Gives up the lease (deployd stopping): the leader moves this host's

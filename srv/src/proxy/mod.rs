@@ -620,6 +620,26 @@ impl Proxies {
 /// Says a line in the service's events.
 pub type Note = Box<dyn Fn(String) + Send + Sync>;
 
+/// How long a connection to an instance may take: on one host a refused
+/// or accepted connect is immediate; another host's instance that does not
+/// answer by then (its host cut off) is given up, and the request tried on
+/// another instance, rather than left to the kernel's minutes of retries.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Connects to an instance, within [`CONNECT_TIMEOUT`].
+pub async fn connect(addr: SocketAddr) -> std::io::Result<tokio::net::TcpStream> {
+    match tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer from {addr} within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        )),
+    }
+}
+
 /// How long a taken port is left before it is tried again.
 const BIND_RETRY: Duration = Duration::from_secs(2);
 

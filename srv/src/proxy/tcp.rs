@@ -66,7 +66,7 @@ async fn join(
             return (End::Unserved, None);
         };
         let backend = guard.backend().clone();
-        let mut upstream = match TcpStream::connect(backend.addr).await {
+        let mut upstream = match super::connect(backend.addr).await {
             Ok(s) => s,
             Err(_) => {
                 router.retry_elsewhere(&backend, &mut tried);

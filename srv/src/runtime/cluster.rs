@@ -119,7 +119,7 @@ impl Runtime {
                     }
                 }
             }
-            Event::Registered => {
+            Event::Registered { again } => {
                 // A new lease: what this host wrote under the old one is
                 // gone with it.
                 if let Some(h) = self.host() {
@@ -127,8 +127,23 @@ impl Runtime {
                 }
                 self.agent(agent::Event::Tick);
                 self.ack();
+                if again {
+                    self.say_everywhere(
+                        "this host was taken for lost (its lease expired while it could not reach etcd): \
+                         it joined again; what was moved meanwhile stops here",
+                    );
+                }
             }
-            Event::Health => {}
+            Event::Health => {
+                let line = match self.cluster.as_ref().map(|h| h.link.health()) {
+                    Some(Health::Unreachable(_, why)) => format!(
+                        "etcd unreachable ({why}): this host goes on running and serving what it has; \
+                         commands are refused until etcd answers"
+                    ),
+                    _ => "etcd answers again".to_string(),
+                };
+                self.say_everywhere(&line);
+            }
             Event::Done { rev, result, done } => {
                 if let Some(h) = self.host() {
                     h.after.push((rev, result, done));
@@ -245,6 +260,19 @@ impl Runtime {
             } else {
                 h.routes_rev = rev;
             }
+        }
+    }
+
+    /// A line in every service's events, this host's own (not the
+    /// cluster's: the others do not see it).
+    fn say_everywhere(&mut self, line: &str) {
+        let me = self.cluster.as_ref().map(|h| h.link.me.clone());
+        let line = match me {
+            Some(me) => format!("{me}: {line}"),
+            None => line.to_string(),
+        };
+        for sid in self.core.sids() {
+            self.log(sid, &line);
         }
     }
 
@@ -478,6 +506,8 @@ impl Runtime {
                     h.ports.insert((service.clone(), id), p);
                 }
                 self.spawned_pid(sid, id, pid);
+                // Its log is this host's again.
+                self.core.touch(sid);
                 Ok(Started { pid, port, env })
             }
             Err(exit) => {
@@ -607,7 +637,9 @@ impl Runtime {
         let Some(h) = self.cluster.as_mut() else {
             return;
         };
-        let mut names: BTreeSet<HostName> = h.hosts.keys().cloned().collect();
+        // Every host ever seen: one lost is shown `down`.
+        let mut names: BTreeSet<HostName> = h.hids.keys().cloned().collect();
+        names.extend(h.hosts.keys().cloned());
         names.extend(h.drains.iter().cloned());
         for placed in h.placed.values() {
             names.extend(placed.values().cloned());

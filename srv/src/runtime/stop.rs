@@ -25,7 +25,9 @@ impl Runtime {
     ) -> Outcome {
         let all = self.core.sids();
         if let Some(h) = &self.cluster {
-            // The leader moves this host's instances at once.
+            // The leader moves this host's instances at once; what this
+            // host knew is on disk, for a start while etcd is away.
+            h.link.keep_copy();
             h.link.leave().await;
         }
         if self.core.replacing() {

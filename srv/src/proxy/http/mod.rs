@@ -778,7 +778,7 @@ async fn checkout(b: &Backend, fresh: bool) -> io::Result<Conn> {
             }
         }
     }
-    let io = TcpStream::connect(b.addr).await?;
+    let io = super::connect(b.addr).await?;
     let _ = io.set_nodelay(true);
     Ok(Conn {
         io,
