@@ -85,6 +85,33 @@ impl Deployd {
         Deployd::new(manifests, None, &[], extra)
     }
 
+    /// As `start_configured`, run by `wrapper` (`nsenter --net=...`).
+    pub fn start_wrapped(
+        manifests: &[(String, String)],
+        wrapper: &[String],
+        extra: &str,
+    ) -> Result<Deployd, String> {
+        Deployd::new(manifests, None, wrapper, extra)
+    }
+
+    /// SIGKILL, as a crash; `relaunch` starts it again.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::fs::read_to_string("/proc/self/mountinfo")
+            .is_ok_and(|m| m.contains(&*self.mnt.to_string_lossy()))
+        {
+            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Starts the deployd process again (after `kill9`).
+    pub fn relaunch(&mut self) -> Result<(), String> {
+        self.launch()
+    }
+
     fn new(
         manifests: &[(String, String)],
         socket: Option<RawFd>,

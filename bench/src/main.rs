@@ -7,7 +7,8 @@
 //! Sections: `rollout` (rolling update overhead), `pm2` (zero downtime vs
 //! PM2), `proxy` (data path), `namespace` (FUSE reads), `scale` (1,000
 //! services), `failure` (detection times), `cluster` (three hosts
-//! through etcd against one host).
+//! through etcd against one host), `soak` (random faults on a cluster
+//! during rollouts under load).
 
 mod cluster;
 mod env;
@@ -18,6 +19,7 @@ mod pm2;
 mod proxy;
 mod rollout;
 mod scale;
+mod soak;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -30,7 +32,7 @@ use clap::Parser;
     about = "deployd's benchmarks: figures against targets"
 )]
 struct Args {
-    /// Sections to run (default: all): rollout, pm2, proxy, namespace, scale, failure, cluster
+    /// Sections to run (default: all): rollout, pm2, proxy, namespace, scale, failure, cluster, soak
     sections: Vec<String>,
     /// Also write the table as Markdown to this file
     #[arg(long)]
@@ -165,6 +167,7 @@ fn main() -> ExitCode {
         "scale",
         "failure",
         "cluster",
+        "soak",
     ];
     let chosen: Vec<&str> = if args.sections.is_empty() {
         all.to_vec()
@@ -190,6 +193,7 @@ fn main() -> ExitCode {
             "namespace" => fsbench::run(&mut report),
             "scale" => scale::run(&mut report),
             "cluster" => cluster::run(&mut report),
+            "soak" => soak::run(&mut report),
             _ => failure::run(&mut report),
         };
         if let Err(e) = r {
@@ -217,6 +221,7 @@ fn section_name(s: &str) -> &'static str {
         "namespace" => "namespace",
         "scale" => "scale",
         "cluster" => "cluster",
+        "soak" => "soak",
         _ => "failure",
     }
 }
