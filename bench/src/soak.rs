@@ -432,14 +432,11 @@ pub fn run(report: &mut Report) -> Result<(), String> {
             if (status == "none\n" || status == "failed\n") && pending.is_none() {
                 version += 1;
                 hosts[h].write_manifest("web", &manifest(version));
-                match hosts[h].ctl("active/web/ctl", "apply") {
-                    Ok(()) => {
-                        started_rollouts += 1;
-                        pending = Some(hosts[h].read("active/web/version"));
-                    }
-                    // Refused (etcd or a leader away, EAGAIN): nothing
-                    // started; tried again.
-                    Err(_) => {}
+                // A refusal (etcd or a leader away, EAGAIN) started
+                // nothing: tried again.
+                if hosts[h].ctl("active/web/ctl", "apply").is_ok() {
+                    started_rollouts += 1;
+                    pending = Some(hosts[h].read("active/web/version"));
                 }
             }
         }
