@@ -75,6 +75,15 @@ pub enum Event {
         /// On a failure, the last lines it printed.
         lines: Vec<String>,
     },
+    /// A sample of its memory over its `memory_max` (resident bytes).
+    OverMemory {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+        /// Its processes' resident memory.
+        rss: u64,
+    },
     /// Time passed.
     Tick,
 }
@@ -252,6 +261,14 @@ impl Agent {
                 result,
                 lines,
             } => self.probed(service, id, result, lines),
+            Event::OverMemory { service, id, rss } => {
+                if let Some(l) = self.insts.get_mut(&(service, id)) {
+                    if let Run::Running(_) = l.run {
+                        let n = l.status.over.map_or(0, |(n, _)| n);
+                        l.status.over = Some((n + 1, rss));
+                    }
+                }
+            }
             Event::Tick => {
                 let due: Vec<(ServiceName, InstanceId)> = self
                     .insts

@@ -612,6 +612,10 @@ impl Leader {
                 inputs.push(MachineInput::Probe { id, result: Ok(()) });
             }
             seen.ok = st.ok;
+            if let Some((n, rss)) = st.over.filter(|(n, _)| *n > seen.over) {
+                seen.over = n;
+                inputs.push(MachineInput::OverMemory { id, rss });
+            }
             if let Some(exit) = &st.exit {
                 seen.exited = true;
                 inputs.push(MachineInput::Exited {

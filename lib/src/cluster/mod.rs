@@ -196,6 +196,9 @@ pub struct Seen {
     pub restarts: u32,
     /// Whether its end was fed.
     pub exited: bool,
+    /// Samples over `memory_max` fed.
+    #[serde(default)]
+    pub over: u64,
 }
 
 /// `events/S/N`: one line of a service's events.
@@ -253,6 +256,10 @@ pub struct Status {
     pub lines: Vec<String>,
     /// A digest of the env files' variables it started with.
     pub env: String,
+    /// Samples of its memory over `memory_max` so far, and the last one
+    /// (resident bytes).
+    #[serde(default)]
+    pub over: Option<(u64, u64)>,
 }
 
 /// `routes/S`: where every host's proxy sends a service's traffic.

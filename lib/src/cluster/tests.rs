@@ -599,14 +599,15 @@ impl World {
         while self.now < limit {
             let quiet = self.queue.is_empty()
                 && self.leader.as_ref().is_some_and(|l| {
-                    l.core().services().all(|(_, e)| {
-                        e.machine.update_status() != UpdateStatus::Rolling
-                            && e.machine.instances().iter().all(|i| {
-                                matches!(i.state(), State::Ready)
-                                    || e.machine.is_stopped()
-                                    || i.spec().manifest.exec != "good"
-                            })
-                    })
+                    l.next_deadline().is_none_or(|t| t <= self.now)
+                        && l.core().services().all(|(_, e)| {
+                            e.machine.update_status() != UpdateStatus::Rolling
+                                && e.machine.instances().iter().all(|i| {
+                                    matches!(i.state(), State::Ready)
+                                        || e.machine.is_stopped()
+                                        || i.spec().manifest.exec != "good"
+                                })
+                        })
                 });
             if quiet && self.queue.is_empty() {
                 return;
@@ -984,4 +985,47 @@ fn keys_parse_back_and_refuse_what_is_not_ours() {
     ] {
         assert_eq!(k.parse(bad.as_bytes()), None, "{bad}");
     }
+}
+
+#[test]
+fn an_instance_over_memory_max_is_replaced_through_the_leader() {
+    let mut w = World::new(3);
+    w.apply(format!("{}memory_max 64M\n", manifest("good", 3, 1)));
+    w.settle();
+    w.check_converged(3, "good");
+    let (pid, slot, h, id) = w
+        .procs
+        .iter()
+        .find(|(_, p)| p.alive)
+        .map(|(pid, p)| (*pid, p.slot, p.host, p.id))
+        .unwrap();
+    w.min_routed = Some(usize::MAX);
+    w.agent(
+        h,
+        agent::Event::OverMemory {
+            service: svc(),
+            id: InstanceId(id),
+            rss: 100 << 20,
+        },
+    );
+    w.settle();
+    w.check_converged(3, "good");
+    assert!(!w.procs[&pid].alive, "{:#?}", w.events());
+    // Its slot runs a new instance; the others never stopped serving.
+    let snap = w.snapshot();
+    let now: Vec<u64> = snap
+        .machine
+        .instances()
+        .iter()
+        .filter(|i| i.slot() == slot)
+        .map(|i| i.id().0)
+        .collect();
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], id);
+    assert_eq!(w.min_routed, Some(3));
+    assert!(
+        w.events().iter().any(|e| e.contains("over memory_max")),
+        "{:#?}",
+        w.events()
+    );
 }

@@ -450,8 +450,12 @@ impl Runtime {
             }
             Msg::Probe { sid, id, result } => self.cluster_probed(sid, id, result),
             Msg::Short { sid, id, why } => self.short(sid, id, &why),
-            // memory_max needs the leader's machine: not in cluster mode yet.
-            Msg::OverMemory { .. } => {}
+            // The leader's machine decides; the agent reports the sample.
+            Msg::OverMemory { sid, id, rss } => {
+                if let Some(service) = self.core.service(sid).map(|e| e.name.clone()) {
+                    self.agent(deployd_lib::cluster::agent::Event::OverMemory { service, id, rss });
+                }
+            }
             Msg::Spawned { sid, id, result } => self.cluster_spawned(sid, id, result),
             Msg::Drained { sid, id } => self.cluster_drained(sid, id),
             Msg::Throttled { sid, id } => self.throttled(sid, id),
