@@ -152,6 +152,12 @@ fn a_rolling_update_under_load_through_every_host_loses_nothing() {
     let until = Instant::now() + Duration::from_secs(15);
     while Instant::now() < until {
         let p = c.h(3).try_read("active/web/update_progress");
+        // Until h3 learns of the apply it still shows the last rollout's
+        // completed progress.
+        if seen.is_empty() && p == "6/6\n" {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
         if !p.is_empty() && seen.last().is_none_or(|(last, _)| *last != p) {
             seen.push((p.clone(), Instant::now()));
         }
