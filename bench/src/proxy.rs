@@ -171,10 +171,11 @@ fn allocations(report: &mut Report, svc: &dyn Fn(u16, &str) -> String) -> Result
             }
         }
         let sent = send_requests(port, n, close);
+        let pid = d.pid();
         let log = d.finish();
         let _ = std::fs::remove_file(&out);
         sent?;
-        let (bytes, blocks) = dhat_total(&log).ok_or("no DHAT total in deployd's log")?;
+        let (bytes, blocks) = dhat_total(&log, pid).ok_or("no DHAT total in deployd's log")?;
         if n == 0 {
             base.push((bytes, blocks));
             continue;
@@ -206,9 +207,13 @@ fn allocations(report: &mut Report, svc: &dyn Fn(u16, &str) -> String) -> Result
     Ok(())
 }
 
-/// `==PID== Total:     84,430,269 bytes in 1,401 blocks`: bytes and blocks.
-fn dhat_total(log: &str) -> Option<(u64, u64)> {
-    let line = log.lines().find(|l| l.contains("Total:"))?;
+/// `==PID== Total:     84,430,269 bytes in 1,401 blocks`: bytes and blocks,
+/// of deployd's own process (its guard, forked at start, says its own).
+fn dhat_total(log: &str, pid: u32) -> Option<(u64, u64)> {
+    let me = format!("=={pid}==");
+    let line = log
+        .lines()
+        .find(|l| l.contains("Total:") && l.starts_with(&me))?;
     let number = |s: &str| s.replace(',', "").parse::<u64>().ok();
     let words: Vec<&str> = line.split_whitespace().collect();
     let at = words.iter().position(|w| *w == "Total:")?;

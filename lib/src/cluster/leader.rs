@@ -30,6 +30,7 @@ use std::time::Duration;
 use crate::core::{Core, Effect, Input as CoreInput, Loaded as CoreLoaded, ReplyTo};
 use crate::ctl::Verb;
 use crate::manifest;
+use crate::manifest::Version;
 use crate::name::{HostName, ServiceName};
 use crate::rollout::{
     Exit, Input as MachineInput, InstanceId, Instant, Refusal, RefusalKind, Role, Spec, State,
@@ -60,6 +61,11 @@ pub struct Round {
     pub ops: Vec<Op>,
     /// Lines for deployd's log: (is an error, line).
     pub logs: Vec<(bool, String)>,
+    /// Whether a reader may be waiting on these writes: a service's
+    /// version, `update_status` or progress changed (`wait`, a script
+    /// polling `update_progress`). Otherwise, if the writes are only
+    /// events and snapshots, the runtime may hold them for the next round.
+    pub shown: bool,
 }
 
 impl Round {
@@ -140,6 +146,8 @@ struct Extra {
     out_at: BTreeMap<InstanceId, Option<u64>>,
     next_event: u64,
     dirty: bool,
+    /// Version, update status and progress in the last snapshot written.
+    shown: Option<(Version, UpdateStatus, (u32, u32))>,
 }
 
 /// The instances a lost host had: per service, (number, slot).
@@ -421,7 +429,7 @@ impl Leader {
             queue.extend(more);
         }
         self.say_lost();
-        self.write_state();
+        let shown = self.write_state();
         let mut ops: Vec<Op> = Vec::new();
         let deletes = std::mem::take(&mut self.prefix_deletes);
         for (key, op) in std::mem::take(&mut self.puts) {
@@ -435,6 +443,7 @@ impl Leader {
         Round {
             ops,
             logs: std::mem::take(&mut self.logs),
+            shown,
         }
     }
 
@@ -1013,7 +1022,10 @@ impl Leader {
     }
 
     /// Each service's assignments, routes and snapshot, where changed.
-    fn write_state(&mut self) {
+    /// Writes what changed; whether a shown field of a service did (see
+    /// [`Round::shown`]).
+    fn write_state(&mut self) -> bool {
+        let mut shown = false;
         for sid in self.core.sids() {
             let Some(e) = self.core.service(sid) else {
                 continue;
@@ -1084,6 +1096,13 @@ impl Leader {
             }
             if x.dirty {
                 x.dirty = false;
+                let now_shown = (
+                    e.machine.version(),
+                    e.machine.update_status(),
+                    e.machine.progress(),
+                );
+                shown |= x.shown.as_ref() != Some(&now_shown);
+                x.shown = Some(now_shown);
                 let snap = Snapshot {
                     machine: e.machine.clone(),
                     history: e.history.iter().map(|(v, t)| (*v, t.to_string())).collect(),
@@ -1098,6 +1117,7 @@ impl Leader {
                 self.puts.insert(key.clone(), Op::Put(key, encode(&snap)));
             }
         }
+        shown
     }
 
     fn delete(&mut self, k: Key) {

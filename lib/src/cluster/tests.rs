@@ -105,6 +105,8 @@ struct World {
     /// When each instance was routed out, and stopped.
     routed_out: BTreeMap<u64, Instant>,
     stopped: BTreeMap<u64, Instant>,
+    /// Rounds that wrote the snapshot with no shown field changed.
+    quiet_rounds: u32,
 }
 
 impl World {
@@ -129,6 +131,7 @@ impl World {
             busy: None,
             routed_out: BTreeMap::new(),
             stopped: BTreeMap::new(),
+            quiet_rounds: 0,
         };
         for n in 1..=hosts {
             w.hosts.push(Host {
@@ -272,6 +275,22 @@ impl World {
         for (error, line) in &r.logs {
             assert!(!error, "leader: {line}");
         }
+        // `shown` says exactly whether a reader's fields changed.
+        let key = self.keys.key(&Key::Service(svc()));
+        let shown = |v: &[u8]| {
+            let m = decode::<Snapshot>(v).unwrap().machine;
+            (m.version(), m.update_status(), m.progress())
+        };
+        let before = self.kv.get(&key).map(|(v, _)| shown(v));
+        let after = r.ops.iter().find_map(|op| match op {
+            Op::Put(k, v) if *k == key => Some(shown(v)),
+            _ => None,
+        });
+        let changed = after.is_some() && after != before;
+        if after.is_some() && !changed {
+            self.quiet_rounds += 1;
+        }
+        assert!(r.shown >= changed, "{before:?} → {after:?}");
         let rev = self.txn(r.ops);
         if let Some(l) = &mut self.leader {
             l.committed(rev);
@@ -743,6 +762,8 @@ fn a_rolling_update_keeps_every_slot_routed_and_stays_even() {
             per.iter().max().unwrap() - per.iter().min().unwrap() <= 1,
             "{per:?}"
         );
+        // Rounds that only move an instance's details may wait.
+        assert!(w.quiet_rounds > 0);
         // Each slot started once at the new version.
         let v2: Vec<u32> = w
             .starts

@@ -251,9 +251,10 @@ fn input(key: Key, value: Option<&[u8]>) -> Result<Option<Input>, String> {
     }))
 }
 
-/// How long a round that writes only events and snapshots may wait for
-/// the next: nothing waits on those, and the next round writes them with
-/// its own (a batch's statuses come one after another).
+/// How long a round that writes only events and snapshots, with no
+/// service's version, status or progress changed, may wait for the next:
+/// nothing waits on those, and the next round writes them with its own (a
+/// batch's statuses come one after another).
 const HOLD: Duration = Duration::from_millis(50);
 
 /// Writes held back: only events and snapshots, the last value per key.
@@ -287,7 +288,7 @@ async fn commit(
         Op::Put(k, _) | Op::Delete(k) => k.starts_with(&events) || k.starts_with(&services),
         Op::DeletePrefix(_) => false,
     };
-    let urgent = round.ops.iter().any(|op| !lazy(op));
+    let urgent = round.shown || round.ops.iter().any(|op| !lazy(op));
     for op in round.ops {
         let key = match &op {
             Op::Put(k, _) | Op::Delete(k) | Op::DeletePrefix(k) => k.clone(),
