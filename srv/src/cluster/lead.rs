@@ -169,11 +169,11 @@ async fn lead_term(
                     // What else has come meanwhile (a batch's hosts report
                     // within a millisecond of each other) makes the same
                     // round: one transaction, not one each.
-                    match tokio::time::timeout(Duration::ZERO, stream.message()).await {
-                        Ok(Ok(Some(more))) => resp = more,
-                        Ok(Ok(None)) => return Err(Stop::Etcd("the watch ended".into())),
-                        Ok(Err(e)) => return Err(e.into()),
-                        Err(_) => break,
+                    match ready_now(stream.message()) {
+                        Some(Ok(Some(more))) => resp = more,
+                        Some(Ok(None)) => return Err(Stop::Etcd("the watch ended".into())),
+                        Some(Err(e)) => return Err(e.into()),
+                        None => break,
                     }
                 }
             }
@@ -199,6 +199,18 @@ fn feed(link: &Link, leader: &mut Leader, resp: &etcd_client::WatchResponse, now
             Ok(None) => {}
             Err(e) => tracing::warn!("{}: {e}; left out", String::from_utf8_lossy(kv.key())),
         }
+    }
+}
+
+/// `f`'s output if it has one at its first poll. Not a zero timeout: a
+/// tokio timer fires at the driver's next millisecond tick, which made
+/// every round wait up to a millisecond for nothing.
+fn ready_now<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
     }
 }
 
