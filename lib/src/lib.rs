@@ -14,6 +14,9 @@
 //! - [`core`]: the sans-I/O decision core: every service's machine and
 //!   what is decided across services (apply of every manifest, `after`,
 //!   `reexec`, storage refusals), inputs in, effects out.
+//! - [`cluster`]: several hosts through etcd, sans I/O: the keys and
+//!   records, placement, the leader (a [`core::Core`] whose effects become
+//!   keys) and each host's agent (its instances, probes, restarts).
 //! - [`order`]: the order `after` lines make between services.
 //! - [`printable`]: text made safe to show on one line (controls and
 //!   bidirectional overrides escaped).

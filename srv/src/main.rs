@@ -8,6 +8,11 @@
 //!   (`deployd_lib::core`, which owns every service's state machine and
 //!   what is decided across services): it reads what decisions need and
 //!   carries out the effects the core returns.
+//! - [`cluster`]: this host's link to etcd in a cluster (`[cluster]` in
+//!   the configuration): membership and lease, the watch that keeps the
+//!   host's copy of the keys, its writes, commands to the leader, and the
+//!   leader's task when this host leads. `runtime::cluster` applies what
+//!   the keys say to this host.
 //! - [`process`]: spawning, reaping and signalling child processes, and
 //!   tracking what they start (the guard, cgroups).
 //! - [`logfile`]: instances' output and access logs, copied to files.
