@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::env::{Deployd, free_port, sibling, wait_until};
-use crate::rollout::{batches, start_to_ready};
+use crate::rollout::{Roll, roll};
 use crate::{Report, verdict};
 
 const STARTUP_MS: u64 = 50;
@@ -100,40 +100,6 @@ fn revision(port: u16) -> Option<u64> {
     out[at..].split('"').next()?.parse().ok()
 }
 
-/// One rolling update of `name` to `tag` on `d`: wall time less the
-/// minimum, per batch; and the batches.
-fn roll(
-    d: &Deployd,
-    name: &str,
-    manifest: &dyn Fn(&str) -> String,
-    ready: &Path,
-) -> Result<(f64, usize), String> {
-    let events_from = d.read(&format!("active/{name}/events")).len();
-    d.write_manifest(name, &manifest("b"));
-    let t0 = Instant::now();
-    d.ctl(&format!("active/{name}/ctl"), "apply")?;
-    let outcome = d.read(&format!("active/{name}/wait"));
-    let wall = t0.elapsed();
-    if !outcome.starts_with("none ") {
-        return Err(format!("{name}: rollout ended with {outcome}"));
-    }
-    let events = d.read(&format!("active/{name}/events"));
-    let batches = batches(&events[events_from.min(events.len())..]);
-    let mut minimum = Duration::ZERO;
-    for pids in &batches {
-        minimum += pids
-            .iter()
-            .filter_map(|p| start_to_ready(ready, *p))
-            .max()
-            .ok_or_else(|| format!("{name}: no timing for a batch"))?;
-    }
-    let n = batches.len().max(1);
-    Ok((
-        (wall.as_secs_f64() - minimum.as_secs_f64()) * 1000.0 / n as f64,
-        n,
-    ))
-}
-
 /// Open, read, close of `path` per second, for READS.
 fn reads(path: &Path) -> f64 {
     let mut buf = [0u8; 4096];
@@ -195,7 +161,8 @@ pub fn run(report: &mut Report) -> Result<(), String> {
                 return Err(format!("{name} did not deploy"));
             }
             let rev0 = revision(ports[0]);
-            let (per_batch, count) = roll(d, &name, &manifest, ready.path())?;
+            let r = roll(d, &name, &manifest, ready.path())?;
+            let (per_batch, count) = (Roll::per_batch(r.wall, r.minimum, r.batches), r.batches);
             let writes = revision(ports[0]).zip(rev0).map(|(a, b)| a - b);
             results.push((per_batch, count, writes));
         }

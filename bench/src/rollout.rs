@@ -5,6 +5,7 @@
 //! actually needed (all zero here: no traffic, no pause).
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::env::{Deployd, sibling};
@@ -33,34 +34,15 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         if !d.settle(&name, Duration::from_secs(60)) {
             return Err(format!("{name} did not deploy"));
         }
-        let events_from = d.read(&format!("active/{name}/events")).len();
-        d.write_manifest(&name, &manifest("b"));
-        let t0 = Instant::now();
-        d.ctl(&format!("active/{name}/ctl"), "apply")?;
-        let outcome = d.read(&format!("active/{name}/wait"));
-        let wall = t0.elapsed();
-        if !outcome.starts_with("none ") {
-            return Err(format!("{name}: rollout ended with {outcome}"));
-        }
-        let events = d.read(&format!("active/{name}/events"));
-        let batches = batches(&events[events_from.min(events.len())..]);
-        let mut minimum = Duration::ZERO;
-        for pids in &batches {
-            let slowest = pids
-                .iter()
-                .filter_map(|p| start_to_ready(ready.path(), *p))
-                .max()
-                .ok_or_else(|| format!("{name}: no timing for a batch"))?;
-            minimum += slowest;
-        }
-        let count = batches.len().max(1) as f64;
-        let per_batch = (wall.as_secs_f64() - minimum.as_secs_f64()) * 1000.0 / count;
+        let Roll {
+            wall,
+            minimum,
+            batches,
+        } = roll(&d, &name, &manifest, ready.path())?;
+        let per_batch = Roll::per_batch(wall, minimum, batches);
         report.add(
             "rollout",
-            format!(
-                "rolling update, {n} instances, batch {b} ({} batches)",
-                batches.len()
-            ),
+            format!("rolling update, {n} instances, batch {b} ({batches} batches)"),
             format!(
                 "{:.0} ms wall / {:.0} ms minimum = {:.2}×: {per_batch:.1} ms per batch",
                 wall.as_secs_f64() * 1000.0,
@@ -73,6 +55,56 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         d.ctl("ctl", &format!("remove {name}"))?;
     }
     Ok(())
+}
+
+/// One rolling update's times.
+pub struct Roll {
+    /// From the `apply` write to the `wait` answer.
+    pub wall: Duration,
+    /// The sum over batches of the slowest instance's start to ready.
+    pub minimum: Duration,
+    pub batches: usize,
+}
+
+impl Roll {
+    /// deployd's own time per batch, in ms.
+    pub fn per_batch(wall: Duration, minimum: Duration, batches: usize) -> f64 {
+        (wall.as_secs_f64() - minimum.as_secs_f64()) * 1000.0 / batches.max(1) as f64
+    }
+}
+
+/// One rolling update of `name` (deployed at `manifest("a")`) to
+/// `manifest("b")` on `d`, from its `apply` to its `wait`.
+pub fn roll(
+    d: &Deployd,
+    name: &str,
+    manifest: &dyn Fn(&str) -> String,
+    ready: &Path,
+) -> Result<Roll, String> {
+    let events_from = d.read(&format!("active/{name}/events")).len();
+    d.write_manifest(name, &manifest("b"));
+    let t0 = Instant::now();
+    d.ctl(&format!("active/{name}/ctl"), "apply")?;
+    let outcome = d.read(&format!("active/{name}/wait"));
+    let wall = t0.elapsed();
+    if !outcome.starts_with("none ") {
+        return Err(format!("{name}: rollout ended with {outcome}"));
+    }
+    let events = d.read(&format!("active/{name}/events"));
+    let batches = batches(&events[events_from.min(events.len())..]);
+    let mut minimum = Duration::ZERO;
+    for pids in &batches {
+        minimum += pids
+            .iter()
+            .filter_map(|p| start_to_ready(ready, *p))
+            .max()
+            .ok_or_else(|| format!("{name}: no timing for a batch"))?;
+    }
+    Ok(Roll {
+        wall,
+        minimum,
+        batches: batches.len(),
+    })
 }
 
 /// The pids started in each batch, from the event log of one rollout.

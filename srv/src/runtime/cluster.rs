@@ -511,11 +511,7 @@ impl Runtime {
                 Ok(Started { pid, port, env })
             }
             Err(exit) => {
-                if let Some(inst) = self
-                    .services
-                    .get_mut(&sid)
-                    .and_then(|r| r.instances.remove(&id))
-                {
+                if let Some(inst) = self.take_instance(sid, id) {
                     self.release(inst);
                 }
                 Err(exit)
@@ -538,11 +534,7 @@ impl Runtime {
             router.close(id);
         }
         let mut lines = Vec::new();
-        if let Some(inst) = self
-            .services
-            .get_mut(&sid)
-            .and_then(|r| r.instances.remove(&id))
-        {
+        if let Some(inst) = self.take_instance(sid, id) {
             lines = logfile::last_lines(&inst.log, logfile::SHOWN_LINES);
             self.release(inst);
         }

@@ -338,11 +338,7 @@ impl Runtime {
                 self.feed(sid, MachineInput::Started { id, pid });
             }
             Err(exit) => {
-                if let Some(inst) = self
-                    .services
-                    .get_mut(&sid)
-                    .and_then(|r| r.instances.remove(&id))
-                {
+                if let Some(inst) = self.take_instance(sid, id) {
                     self.release(inst);
                 }
                 self.feed(sid, MachineInput::Exited { id, exit });
@@ -380,11 +376,7 @@ impl Runtime {
         self.feed(sid, MachineInput::Exited { id, exit });
         // Released once the core has it: it may ask for the output in the
         // instance's log.
-        if let Some(inst) = self
-            .services
-            .get_mut(&sid)
-            .and_then(|r| r.instances.remove(&id))
-        {
+        if let Some(inst) = self.take_instance(sid, id) {
             self.release(inst);
             self.core.touch(sid);
         }
@@ -512,6 +504,11 @@ impl Runtime {
         if !routed {
             self.core.defer(sid, MachineInput::Drained { id });
         }
+    }
+
+    /// Takes instance `id` of service `sid` out of its service's table.
+    pub(super) fn take_instance(&mut self, sid: u32, id: InstanceId) -> Option<Inst> {
+        self.services.get_mut(&sid)?.instances.remove(&id)
     }
 
     /// Frees what an exited instance held.
