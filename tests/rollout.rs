@@ -1673,9 +1673,10 @@ fn after_orders_starts_and_stops() {
 }
 
 /// `update_canary 1`: a new version replaces one instance, then the
-/// rollout pauses; `deploy apply` says so and exits 1; `resume` finishes it.
+/// rollout holds (`update_status` `canary`); `deploy apply` says so and
+/// exits 1; `deploy promote` finishes it.
 #[test]
-fn a_canary_pauses_after_its_first_instance() {
+fn a_canary_holds_after_its_first_instance_until_promote() {
     let m = |tag: &str| app_manifest(3, &format!("update_canary 1\nenv TAG={tag}\n"));
     let Some(d) = Deployd::start_settled(&[("web", m("v1"))]) else {
         return;
@@ -1685,12 +1686,14 @@ fn a_canary_pauses_after_its_first_instance() {
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
         stdout(&out).contains("web: canary: 1 of 3 instances at ")
-            && stderr(&out).contains("web: paused at 1/3; go on with: deploy resume web"),
+            && stderr(&out).contains(
+                "web: held at its canary (1/3); go on with: deploy promote web (or deploy rollback web)"
+            ),
         "{}{}",
         stdout(&out),
         stderr(&out)
     );
-    assert_eq!(d.field("active/web/update_status"), "paused");
+    assert_eq!(d.field("active/web/update_status"), "canary");
     let versions: Vec<String> = d.instances("web").iter().map(|i| i.3.clone()).collect();
     let new = d.field("active/web/version");
     assert_eq!(
@@ -1698,10 +1701,64 @@ fn a_canary_pauses_after_its_first_instance() {
         1,
         "{versions:?}"
     );
-    let out = d.deploy(&["resume", "web"]);
+    // Held, it stays held.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(d.field("active/web/update_status"), "canary");
+    let out = d.deploy(&["promote", "web"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("web: promoted: rolling out the rest"),
+        "{}",
+        stdout(&out)
+    );
     d.settle("web", LONG);
     assert!(d.instances("web").iter().all(|i| i.3 == new));
+    // Nothing holds now: promote is refused, with the reason.
+    let out = d.deploy(&["promote", "web"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("nothing to promote"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// `update_canary_auto 2s`: the canary held, then promoted by itself once
+/// it stayed ready that long; `deploy apply` follows it to the end.
+#[test]
+fn update_canary_auto_promotes_by_itself() {
+    let m = |tag: &str| {
+        app_manifest(
+            3,
+            &format!("update_canary 1\nupdate_canary_auto 2s\nenv TAG={tag}\n"),
+        )
+    };
+    let Some(d) = Deployd::start_settled(&[("web", m("v1"))]) else {
+        return;
+    };
+    d.write_manifest("web", &m("v2"));
+    let t0 = Instant::now();
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(2));
+    let said = stdout(&out);
+    assert!(
+        said.contains("promoted by itself in 2s if they stay ready with no restart")
+            && said.contains(
+                "web: canary ready for 2s with no restart: promoted; rolling out the rest"
+            )
+            && said.contains("web: deployed "),
+        "{said}"
+    );
+    let new = d.field("active/web/version");
+    assert!(d.instances("web").iter().all(|i| i.3 == new));
+    assert_eq!(d.field("active/web/update_status"), "none");
 }
 
 /// An instance printing as fast as it can is copied at its `log_rate`, no

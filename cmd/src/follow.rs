@@ -253,6 +253,12 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         let progress = ns::read_field(dir, "update_progress");
         tell!("{service}: paused at {progress}; go on with: deploy resume {service}");
         Ok(Exit::Failed)
+    } else if line.starts_with("canary ") {
+        let progress = ns::read_field(dir, "update_progress");
+        tell!(
+            "{service}: held at its canary ({progress}); go on with: deploy promote {service} (or deploy rollback {service})"
+        );
+        Ok(Exit::Failed)
     } else {
         let reason = line.strip_prefix("failed: ").unwrap_or(&line);
         tell!("{service}: failed: {reason}");

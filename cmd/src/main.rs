@@ -5,7 +5,7 @@
 //! `cat` and `echo`. `deploy check` works offline.
 //!
 //! Exit codes: 0 success; 1 the operation failed (invalid manifest, failed
-//! or paused rollout); 2 usage error; 3 deployd is not running; 4 no such
+//! paused or canary-held rollout); 2 usage error; 3 deployd is not running; 4 no such
 //! service; 5 deployd refused the command. `deploy diff`: 0 no difference, 1
 //! differences, 2 a file does not parse.
 
@@ -84,6 +84,14 @@ enum Cmd {
     },
     /// Go on with a paused rollout and follow it
     Resume {
+        /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg)]
+        service: String,
+        #[command(flatten)]
+        wait: Waiting,
+    },
+    /// Go on with a rollout held at its canary (`update_canary`) and follow it
+    Promote {
         /// The service, as in /deploy/active/SERVICE
         #[arg(value_parser = service_arg)]
         service: String,
@@ -348,6 +356,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             follow::follow(&service, &dir, start, What::Deploy)
         }
         Cmd::Resume { service, wait } => command(&ns, &service, "resume", wait, What::Deploy),
+        Cmd::Promote { service, wait } => command(&ns, &service, "promote", wait, What::Deploy),
         Cmd::Restart {
             service,
             instance,

@@ -29,6 +29,8 @@ pub enum Verb {
     Pause,
     /// Go on with a paused rollout.
     Resume,
+    /// Go on with a rollout held at its canary.
+    Promote,
     /// Roll back to the previous version, or to the given one from history.
     Rollback(Option<VersionPrefix>),
     /// Replace every instance with a fresh process of the same version, or
@@ -62,7 +64,7 @@ pub struct CommandSpec {
 }
 
 /// Every verb.
-pub const COMMANDS: [CommandSpec; 9] = [
+pub const COMMANDS: [CommandSpec; 10] = [
     CommandSpec {
         name: "apply",
         min_args: 0,
@@ -83,6 +85,13 @@ pub const COMMANDS: [CommandSpec; 9] = [
         max_args: 0,
         usage: "",
         build: |_| Ok(Verb::Resume),
+    },
+    CommandSpec {
+        name: "promote",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+        build: |_| Ok(Verb::Promote),
     },
     CommandSpec {
         name: "rollback",
@@ -148,6 +157,7 @@ impl Verb {
             Verb::Apply => "apply",
             Verb::Pause => "pause",
             Verb::Resume => "resume",
+            Verb::Promote => "promote",
             Verb::Rollback(_) => "rollback",
             Verb::Restart(_) => "restart",
             Verb::Stop => "stop",
@@ -513,6 +523,7 @@ mod tests {
             ("apply\n", Verb::Apply),
             ("pause", Verb::Pause),
             ("  resume  \n", Verb::Resume),
+            ("promote\n", Verb::Promote),
             ("rollback\n", Verb::Rollback(None)),
             ("restart\r\n", Verb::Restart(None)),
             ("restart 2\n", Verb::Restart(Some(2))),
@@ -587,7 +598,7 @@ mod tests {
     fn the_two_plan9_errors() {
         assert_eq!(
             why(parse_service(b"bogus\n")),
-            "unknown control message 'bogus'; commands: apply | pause | resume | rollback [VERSION] | restart [INSTANCE] | stop | start | remove | signal SIG [INSTANCE]"
+            "unknown control message 'bogus'; commands: apply | pause | resume | promote | rollback [VERSION] | restart [INSTANCE] | stop | start | remove | signal SIG [INSTANCE]"
         );
         assert!(why(parse_service(b"puase")).contains("(did you mean 'pause'?)"));
         assert_eq!(

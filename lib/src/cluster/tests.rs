@@ -881,6 +881,24 @@ fn pause_on_one_host_holds_the_rollout_and_resume_on_another_finishes_it() {
 }
 
 #[test]
+fn a_canary_held_through_a_new_leader_is_promoted_from_another_host() {
+    let mut w = deployed(3, 6, 1);
+    let v2 = manifest("good", 6, 2).replace("good\n", "good\nenv V=2\nupdate_canary 1\n");
+    w.apply(v2);
+    w.settle();
+    let snap = w.snapshot();
+    assert_eq!(snap.machine.update_status(), UpdateStatus::Canary);
+    assert_eq!(snap.machine.progress(), (1, 6));
+    // A new leader keeps it held at its canary.
+    w.elect();
+    w.settle();
+    assert_eq!(w.snapshot().machine.update_status(), UpdateStatus::Canary);
+    w.verb(2, Verb::Promote);
+    w.settle();
+    w.check_converged(6, "good");
+}
+
+#[test]
 fn a_drained_host_ends_with_nothing_and_undrain_then_restart_spreads_again() {
     let mut w = deployed(3, 6, 1);
     w.min_routed = Some(usize::MAX);

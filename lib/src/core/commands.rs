@@ -154,6 +154,7 @@ impl Core {
             }
             Verb::Pause => Command::Pause,
             Verb::Resume => Command::Resume,
+            Verb::Promote => Command::Promote,
             Verb::Restart(n) => Command::Restart(n),
             Verb::Stop => Command::Stop,
             Verb::Start => {
@@ -255,6 +256,7 @@ impl Core {
                 | Command::Restart(_)
                 | Command::Start
                 | Command::Resume
+                | Command::Promote
         );
         let before = Box::new(e.machine.clone());
         let handled = e.machine.handle(now, MachineInput::Command(command));
@@ -601,10 +603,7 @@ impl Core {
             if m.is_stopped() {
                 continue;
             }
-            if matches!(
-                m.update_status(),
-                UpdateStatus::Rolling | UpdateStatus::Paused
-            ) {
+            if m.update_status().in_rollout() {
                 return Err(busy(format!(
                     "{}: a rollout is in progress; reexec once it is over",
                     e.name

@@ -99,8 +99,11 @@ pub struct Manifest {
     /// `update rolling`: start or stop first in each batch.
     pub update_order: UpdateOrder,
     /// `update rolling`: instances a new version first replaces before the
-    /// rollout pauses for `resume` (or `rollback`); 0: no canary.
+    /// rollout holds for `promote` (or `rollback`); 0: no canary.
     pub update_canary: u32,
+    /// With `update_canary`: promote the canaries by themselves once they
+    /// have been ready this long with no restart; zero: wait for `promote`.
+    pub update_canary_auto: Duration,
     /// Wait between batches.
     pub update_pause: Duration,
     /// After a failed rollout, roll back to the previous version.
@@ -457,6 +460,7 @@ impl Manifest {
             update_batch: 1,
             update_order: UpdateOrder::StartFirst,
             update_canary: 0,
+            update_canary_auto: Duration::ZERO,
             update_pause: Duration::ZERO,
             auto_rollback: false,
             restart: RestartPolicy::Always,
@@ -569,6 +573,12 @@ impl Manifest {
         }
         if self.update_canary != d.update_canary {
             line(format_args!("update_canary {}", self.update_canary));
+        }
+        if self.update_canary_auto != d.update_canary_auto {
+            line(format_args!(
+                "update_canary_auto {}",
+                format_duration(self.update_canary_auto)
+            ));
         }
         if self.update_pause != d.update_pause {
             line(format_args!(

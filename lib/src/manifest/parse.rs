@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 35] = [
+const DIRECTIVES: [&str; 36] = [
     "exec",
     "dir",
     "env",
@@ -47,6 +47,7 @@ const DIRECTIVES: [&str; 35] = [
     "update_batch",
     "update_order",
     "update_canary",
+    "update_canary_auto",
     "update_pause",
     "auto_rollback",
     "restart",
@@ -805,6 +806,7 @@ impl Builder {
                     "health_deadline" => &mut m.health_deadline,
                     "min_healthy" => &mut m.min_healthy,
                     "update_pause" => &mut m.update_pause,
+                    "update_canary_auto" => &mut m.update_canary_auto,
                     "stop_timeout" => &mut m.stop_timeout,
                     "drain" => &mut m.drain,
                     "response_timeout" => {
@@ -905,6 +907,13 @@ impl Builder {
                     );
                     self.error(line, col, message);
                 }
+            }
+        }
+        if !m.update_canary_auto.is_zero() && m.update_canary == 0 {
+            if let Some((line, col)) = self.at("update_canary_auto") {
+                let message = "update_canary_auto needs update_canary N (the canaries it \
+                               promotes)";
+                self.error(line, col, message.into());
             }
         }
         if m.update_order != UpdateOrder::StartFirst && m.update == Strategy::Replace {

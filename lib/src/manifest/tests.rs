@@ -93,6 +93,16 @@ queue_timeout 3s
         "4:15: update_canary is for update rolling (replace replaces every instance at once)"
     );
     assert!(error("exec a\nupdate_canary 0\n").starts_with("2:15: update_canary must be"));
+    let c = ok("exec a\nreplicas 3\nupdate_canary 1\nupdate_canary_auto 10m\n");
+    assert_eq!(c.update_canary_auto, Duration::from_secs(600));
+    assert!(
+        c.canonical()
+            .contains("update_canary 1\nupdate_canary_auto 10m\n")
+    );
+    assert_eq!(
+        error("exec a\nreplicas 3\nupdate_canary_auto 10m\n"),
+        "3:20: update_canary_auto needs update_canary N (the canaries it promotes)"
+    );
     let o = ok("exec a\nreplicas 3\nupdate_order stop-first\n");
     assert_eq!(o.update_order, UpdateOrder::StopFirst);
     assert!(o.canonical().contains("update_order stop-first\n"));
@@ -1141,6 +1151,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             if !replace && rollback {
                 m.update_order = UpdateOrder::StopFirst;
                 m.update_canary = m.update_batch;
+                m.update_canary_auto = pause;
             }
             m.update_pause = pause;
             m.auto_rollback = rollback;
@@ -1188,7 +1199,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "access_log", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "update_canary_auto", "access_log", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

@@ -24,6 +24,7 @@ impl Service {
             pause_until: None,
             held_since: None,
             paused: false,
+            canary: None,
         });
         let msg = self.started_message();
         self.event(msg);
@@ -145,6 +146,10 @@ impl Service {
         // A pause holds the batches still to come; once the batch in
         // flight was the last, there is nothing to hold, and the rollout
         // is complete (resume would have nothing to do).
+        if r.canary.is_some() && self.canary_auto_at().is_some_and(|t| self.now >= t) {
+            self.canary_auto();
+            return true;
+        }
         if r.paused && !self.nothing_left() {
             return false;
         }
@@ -157,6 +162,52 @@ impl Service {
             r.pause_until = None;
         }
         self.next_batch()
+    }
+
+    /// When `update_canary_auto` promotes the canaries held, if it will.
+    pub(super) fn canary_auto_at(&self) -> Option<Instant> {
+        let c = self.rollout.as_ref()?.canary.as_ref()?;
+        let auto = self.target.manifest.update_canary_auto;
+        (!auto.is_zero() && !c.tried).then(|| c.since + auto)
+    }
+
+    /// `update_canary_auto` is due: promote the canaries if each is still
+    /// ready at the target with no restart since it was held, else say why
+    /// not and go on holding.
+    fn canary_auto(&mut self) {
+        let Some(c) = self.rollout.as_mut().and_then(|r| r.canary.as_mut()) else {
+            return;
+        };
+        c.tried = true;
+        let slots = c.slots.clone();
+        let mut trouble = Vec::new();
+        for (slot, restarts) in slots {
+            let now = self.slots.get(slot as usize).map_or(0, |s| s.restarts);
+            let ready = self.serving(slot).is_some_and(|i| {
+                let i = &self.instances[i];
+                i.state == State::Ready && i.spec.version == self.target.version
+            });
+            if now > restarts {
+                trouble.push(format!("the canary in slot {slot} restarted"));
+            } else if !ready {
+                trouble.push(format!("the canary in slot {slot} is not ready"));
+            }
+        }
+        let auto = format_duration(self.target.manifest.update_canary_auto);
+        if trouble.is_empty() {
+            if let Some(r) = &mut self.rollout {
+                r.canary = None;
+                r.paused = false;
+            }
+            self.event(format!(
+                "canary ready for {auto} with no restart: promoted; rolling out the rest"
+            ));
+        } else {
+            self.event(format!(
+                "canary not promoted by itself after {auto}: {}; promote or rollback",
+                trouble.join(", ")
+            ));
+        }
     }
 
     /// Whether the rollout has no slot left to replace and no instance
@@ -531,6 +582,11 @@ impl Service {
         let pause = self.target.manifest.update_pause;
         if batch.canary && more {
             r.paused = true;
+            r.canary = Some(Canary {
+                since: self.now,
+                slots: Vec::new(),
+                tried: false,
+            });
         }
         let paused = r.paused;
         if more && !pause.is_zero() {
@@ -555,9 +611,26 @@ impl Service {
             self.event("paused".into());
         }
         if batch.canary && more {
+            let restarts: Vec<(u32, u32)> = batch
+                .slots
+                .iter()
+                .map(|&s| (s, self.slots.get(s as usize).map_or(0, |x| x.restarts)))
+                .collect();
+            if let Some(c) = self.rollout.as_mut().and_then(|r| r.canary.as_mut()) {
+                c.slots = restarts;
+            }
             let (k, n) = self.progress();
+            let auto = self.target.manifest.update_canary_auto;
+            let then = if auto.is_zero() {
+                String::new()
+            } else {
+                format!(
+                    "; promoted by itself in {} if they stay ready with no restart",
+                    format_duration(auto)
+                )
+            };
             self.event(format!(
-                "canary: {k} of {n} instances at {} and ready; paused: resume rolls out the rest, rollback undoes it",
+                "canary: {k} of {n} instances at {} and ready; held: promote rolls out the rest, rollback undoes it{then}",
                 self.target.version
             ));
         }

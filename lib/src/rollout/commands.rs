@@ -22,6 +22,7 @@ impl Service {
             Command::Apply(spec) => self.apply(spec),
             Command::Pause => self.pause(),
             Command::Resume => self.resume(),
+            Command::Promote => self.promote(),
             Command::Rollback(spec) => self.rollback(spec),
             Command::Restart(None) => self.restart(),
             Command::Restart(Some(number)) => self.restart_instance(number),
@@ -145,8 +146,34 @@ impl Service {
             return refuse(RefusalKind::Invalid, "not paused");
         }
         r.paused = false;
+        if r.canary.take().is_some() {
+            self.event("resumed: rolling out the rest".into());
+            return Ok("resumed: rolling out the rest".into());
+        }
         self.event("resumed".into());
         Ok("resumed".into())
+    }
+
+    pub(super) fn promote(&mut self) -> Result<String, Refusal> {
+        let Some(r) = &mut self.rollout else {
+            return refuse(
+                RefusalKind::Invalid,
+                "nothing to promote: no rollout in progress",
+            );
+        };
+        if r.canary.is_none() {
+            let why = match r.paused {
+                true => {
+                    "nothing to promote: the rollout is paused, not held at a canary; resume goes on with it"
+                }
+                false => "nothing to promote: the rollout is not held at a canary",
+            };
+            return refuse(RefusalKind::Invalid, why);
+        }
+        r.canary = None;
+        r.paused = false;
+        self.event("promoted: rolling out the rest".into());
+        Ok("promoted: rolling out the rest".into())
     }
 
     pub(super) fn rollback(&mut self, spec: Option<Spec>) -> Result<String, Refusal> {

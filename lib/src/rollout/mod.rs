@@ -148,6 +148,8 @@ pub enum Command {
     Pause,
     /// Go on with a paused rollout.
     Resume,
+    /// Go on with a rollout held at its canary.
+    Promote,
     /// Roll back to this version, or to the previous one.
     Rollback(Option<Spec>),
     /// Replace every instance with a fresh one of the same version, or only
@@ -343,17 +345,29 @@ pub enum UpdateStatus {
     Rolling,
     /// A rollout is held by `pause` (or by a restart of deployd).
     Paused,
+    /// A rollout is held after its canaries, for `promote` (or
+    /// `update_canary_auto`).
+    Canary,
     /// The last rollout failed.
     Failed,
 }
 
 impl UpdateStatus {
+    /// Whether a rollout is under way (rolling, or held).
+    pub fn in_rollout(self) -> bool {
+        matches!(
+            self,
+            UpdateStatus::Rolling | UpdateStatus::Paused | UpdateStatus::Canary
+        )
+    }
+
     /// The word shown in `update_status`.
     pub fn name(self) -> &'static str {
         match self {
             UpdateStatus::None => "none",
             UpdateStatus::Rolling => "rolling",
             UpdateStatus::Paused => "paused",
+            UpdateStatus::Canary => "canary",
             UpdateStatus::Failed => "failed",
         }
     }
@@ -509,6 +523,20 @@ struct Rollout {
     /// be ready before it takes instances out.
     held_since: Option<Instant>,
     paused: bool,
+    /// Held after its canaries (`paused` is set too).
+    #[serde(default)]
+    canary: Option<Canary>,
+}
+
+/// A rollout held after its canaries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Canary {
+    /// When they were all ready and routed in.
+    since: Instant,
+    /// Their slots, and the restarts of each slot then.
+    slots: Vec<(u32, u32)>,
+    /// `update_canary_auto` was tried (it promotes once, or says why not).
+    tried: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -629,6 +657,7 @@ impl Service {
                 pause_until: None,
                 held_since: None,
                 paused: true,
+                canary: None,
             });
             let (k, n) = s.progress();
             s.event(format!(
@@ -792,6 +821,9 @@ impl Service {
             r.started_at = f(r.started_at);
             r.pause_until = r.pause_until.map(f);
             r.held_since = r.held_since.map(f);
+            if let Some(c) = &mut r.canary {
+                c.since = f(c.since);
+            }
         }
     }
 
@@ -838,6 +870,9 @@ impl Service {
         if let Some(t) = self.rollout.as_ref().and_then(|r| r.held_since) {
             at(t + self.target.manifest.health_deadline);
         }
+        if let Some(t) = self.canary_auto_at() {
+            at(t);
+        }
         next
     }
 
@@ -880,6 +915,7 @@ impl Service {
     /// The rollout status.
     pub fn update_status(&self) -> UpdateStatus {
         match (&self.rollout, &self.failure) {
+            (Some(r), _) if r.paused && r.canary.is_some() => UpdateStatus::Canary,
             (Some(r), _) if r.paused => UpdateStatus::Paused,
             (Some(_), _) => UpdateStatus::Rolling,
             (None, Some(_)) => UpdateStatus::Failed,
@@ -912,9 +948,17 @@ impl Service {
     }
 
     /// The line `wait` returns, or `None` while a rollout is in flight:
-    /// `none VERSION`, `paused VERSION` or `failed: REASON`.
+    /// `none VERSION`, `paused VERSION`, `canary VERSION` (held at its
+    /// canaries, with no `update_canary_auto` to come) or `failed: REASON`.
     pub fn wait_line(&self) -> Option<String> {
         match &self.rollout {
+            // Held at its canaries: `wait` follows `update_canary_auto`.
+            Some(r) if r.paused && r.batch.is_none() && r.canary.is_some() => {
+                match self.canary_auto_at() {
+                    Some(_) => None,
+                    None => Some(format!("canary {}", self.target.version)),
+                }
+            }
             Some(r) if r.paused && r.batch.is_none() => {
                 Some(format!("paused {}", self.target.version))
             }

@@ -560,11 +560,13 @@ impl Sim {
                 );
             }
         }
-        // A status line for wait exists exactly when nothing is in flight.
+        // A status line for wait exists exactly when nothing is in flight
+        // (a canary that `update_canary_auto` will promote is).
         let in_flight = svc
             .rollout
             .as_ref()
-            .is_some_and(|r| !r.paused || r.batch.is_some());
+            .is_some_and(|r| !r.paused || r.batch.is_some())
+            || svc.canary_auto_at().is_some();
         assert_eq!(svc.wait_line().is_none(), in_flight);
     }
 
@@ -3004,13 +3006,13 @@ fn canary_spec(exec: &str, n: u32, b: u32, st: Mode, canary: u32) -> Spec {
 }
 
 #[test]
-fn a_canary_pauses_the_rollout_until_resume_or_rollback() {
+fn a_canary_holds_the_rollout_until_promote_resume_or_rollback() {
     for (st, n, b) in shapes()
         .into_iter()
         .filter(|s| s.0 != Mode::Replace && s.1 > 1)
     {
         for c in 1..n {
-            for undo in [false, true] {
+            for then in ["promote", "resume", "rollback"] {
                 let mut sim = Sim::new(canary_spec("v1", n, b, st, c));
                 sim.capacity = st.capacity(n, b.max(c));
                 let v2 = canary_spec("v2", n, b, st, c);
@@ -3018,14 +3020,14 @@ fn a_canary_pauses_the_rollout_until_resume_or_rollback() {
                 sim.settle();
                 assert_eq!(
                     sim.svc.update_status(),
-                    UpdateStatus::Paused,
+                    UpdateStatus::Canary,
                     "{st:?} n={n} b={b} c={c}: {:#?}",
                     sim.events
                 );
                 assert_eq!(sim.svc.progress(), (c, n));
-                assert_eq!(sim.svc.wait_line(), Some(format!("paused {}", v2.version)));
+                assert_eq!(sim.svc.wait_line(), Some(format!("canary {}", v2.version)));
                 let line = format!(
-                    "canary: {c} of {n} instances at {} and ready; paused: resume rolls out the rest, rollback undoes it",
+                    "canary: {c} of {n} instances at {} and ready; held: promote rolls out the rest, rollback undoes it",
                     v2.version
                 );
                 assert!(sim.events.contains(&line), "{:#?}", sim.events);
@@ -3042,14 +3044,20 @@ fn a_canary_pauses_the_rollout_until_resume_or_rollback() {
                     "{:#?}",
                     sim.events
                 );
-                if undo {
-                    sim.command(Command::Rollback(None)).unwrap();
-                } else {
-                    sim.command(Command::Resume).unwrap();
+                // Held, a pause has nothing more to hold.
+                assert!(sim.command(Command::Pause).is_err());
+                let said = match then {
+                    "promote" => sim.command(Command::Promote).unwrap(),
+                    "resume" => sim.command(Command::Resume).unwrap(),
+                    _ => sim.command(Command::Rollback(None)).unwrap(),
+                };
+                if then != "rollback" {
+                    assert_eq!(said, format!("{then}d: rolling out the rest"));
+                    assert_eq!(sim.svc.update_status(), UpdateStatus::Rolling);
                 }
                 sim.settle();
                 sim.check_converged();
-                let want = if undo { "v1" } else { "v2" };
+                let want = if then == "rollback" { "v1" } else { "v2" };
                 assert_eq!(sim.svc.version(), canary_spec(want, n, b, st, c).version);
                 // Only the first batch of a new version is a canary.
                 let pauses = sim
@@ -3061,6 +3069,92 @@ fn a_canary_pauses_the_rollout_until_resume_or_rollback() {
             }
         }
     }
+}
+
+/// `spec` with `update_canary 1` and `update_canary_auto 10s`.
+fn auto_canary_spec(exec: &str) -> Spec {
+    let mut m = (*spec(exec, 3, 1, Mode::Rolling).manifest).clone();
+    m.update_canary = 1;
+    m.update_canary_auto = Duration::from_secs(10);
+    let text = m.canonical();
+    Spec::new(m, text)
+}
+
+/// Steps until the rollout is held at its canary; the instant it was.
+fn until_canary(sim: &mut Sim) -> Instant {
+    while sim.svc.update_status() != UpdateStatus::Canary {
+        assert!(sim.step(), "never held at a canary: {:#?}", sim.events);
+    }
+    sim.now
+}
+
+#[test]
+fn update_canary_auto_promotes_a_canary_that_stayed_ready() {
+    let mut sim = Sim::new(auto_canary_spec("v1"));
+    sim.command(Command::Apply(auto_canary_spec("v2"))).unwrap();
+    let held = until_canary(&mut sim);
+    // `wait` follows the window: it does not answer at the canary.
+    assert_eq!(sim.svc.wait_line(), None);
+    while sim.svc.update_status() == UpdateStatus::Canary {
+        assert!(sim.step());
+    }
+    assert_eq!(sim.now.since(held), Duration::from_secs(10));
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e == "canary ready for 10s with no restart: promoted; rolling out the rest"),
+        "{:#?}",
+        sim.events
+    );
+    sim.settle();
+    sim.check_converged();
+    assert_eq!(sim.svc.version(), auto_canary_spec("v2").version);
+}
+
+#[test]
+fn update_canary_auto_holds_a_canary_that_restarted_until_promote() {
+    let mut sim = Sim::new(auto_canary_spec("v1"));
+    let v2 = auto_canary_spec("v2");
+    sim.command(Command::Apply(v2.clone())).unwrap();
+    until_canary(&mut sim);
+    let canary = sim
+        .svc
+        .instances()
+        .iter()
+        .find(|i| i.spec().version == v2.version && i.role() == Role::Serving)
+        .map(|i| i.id().0)
+        .unwrap();
+    sim.crash(canary);
+    sim.settle();
+    // Held still, and `wait` answers: nothing will promote it by itself.
+    assert_eq!(sim.svc.update_status(), UpdateStatus::Canary);
+    assert_eq!(sim.svc.wait_line(), Some(format!("canary {}", v2.version)));
+    assert!(
+        sim.events.iter().any(|e| e
+            .starts_with("canary not promoted by itself after 10s: the canary in slot ")
+            && e.ends_with(" restarted; promote or rollback")),
+        "{:#?}",
+        sim.events
+    );
+    sim.command(Command::Promote).unwrap();
+    sim.settle();
+    sim.check_converged();
+    assert_eq!(sim.svc.version(), v2.version);
+}
+
+#[test]
+fn promote_is_refused_where_no_canary_holds() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Mode::Rolling));
+    let no = sim.command(Command::Promote).unwrap_err();
+    assert!(no.message.contains("no rollout in progress"), "{no:?}");
+    sim.command(Command::Apply(spec("v2", 3, 1, Mode::Rolling)))
+        .unwrap();
+    sim.command(Command::Pause).unwrap();
+    let no = sim.command(Command::Promote).unwrap_err();
+    assert!(no.message.contains("resume goes on with it"), "{no:?}");
+    sim.command(Command::Resume).unwrap();
+    sim.settle();
+    sim.check_converged();
 }
 
 #[test]

@@ -265,10 +265,7 @@ impl Leader {
                 .into_iter()
                 .map(|(v, t)| (v, Arc::<str>::from(t)))
                 .collect();
-            let rolling = matches!(
-                machine.update_status(),
-                UpdateStatus::Rolling | UpdateStatus::Paused
-            );
+            let rolling = machine.update_status().in_rollout();
             let sid = self.core.install(name.clone(), machine, history);
             let extra = Extra {
                 placed: snap
@@ -727,11 +724,7 @@ impl Leader {
             let (Some(e), Some(x)) = (self.core.service(sid), self.extra.get(&sid)) else {
                 continue;
             };
-            if matches!(
-                e.machine.update_status(),
-                UpdateStatus::Rolling | UpdateStatus::Paused
-            ) || e.machine.is_stopped()
-            {
+            if e.machine.update_status().in_rollout() || e.machine.is_stopped() {
                 continue;
             }
             let moving = e.machine.instances().iter().any(|i| {
