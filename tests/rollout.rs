@@ -1797,3 +1797,95 @@ fn output_past_log_rate_waits_and_is_said() {
     assert!(read >= 64 << 10, "{read}");
     assert_eq!(events.matches("prints more than").count(), 1, "{events}");
 }
+
+/// `deploy plan`: what `apply` would do, step by step, changing nothing;
+/// then `apply` does exactly that (its events compared with the plan).
+#[test]
+fn plan_says_what_apply_then_does() {
+    let m = |extra: &str| app_manifest(3, &format!("update_pause 2s\n{extra}"));
+    let Some(d) = Deployd::start_settled(&[("web", m("env TAG=v1\n"))]) else {
+        return;
+    };
+    let own = [
+        " started (pid ",
+        " healthy (",
+        " stopped (",
+        " exited (",
+        " ready (",
+    ];
+    // A step as both say it: no time stamp, no duration, no instance's
+    // own news.
+    let step = |line: &str| -> Option<String> {
+        let line = line.trim();
+        if own.iter().any(|w| line.contains(w)) || line.is_empty() {
+            return None;
+        }
+        Some(match line.rfind(" (") {
+            Some(at)
+                if line.ends_with("s)") && line[at + 2..line.len() - 2].parse::<f64>().is_ok() =>
+            {
+                line[..at].to_string()
+            }
+            _ => line.to_string(),
+        })
+    };
+    // Unchanged: nothing to do.
+    let out = d.deploy(&["plan", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("web: no-op (unchanged: already at "),
+        "{}",
+        stdout(&out)
+    );
+    // Replicas only: a scale.
+    d.write_manifest(
+        "web",
+        &m("env TAG=v1\n").replace("replicas 3", "replicas 4"),
+    );
+    let out = d.deploy(&["plan", "web"]);
+    assert!(
+        stdout(&out).starts_with("web: scale-only\n"),
+        "{}",
+        stdout(&out)
+    );
+    // A new version: three batches with two pauses.
+    d.write_manifest("web", &m("env TAG=v2\n"));
+    let events_before = d.read("active/web/events");
+    let version = d.field("active/web/version");
+    let out = d.deploy(&["plan", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let plan = stdout(&out);
+    assert!(plan.starts_with("web: rolling\n"), "{plan}");
+    for k in 1..=3 {
+        assert!(
+            plan.contains(&format!("  batch {k}/3: starting instance 3 (")),
+            "{plan}"
+        );
+        assert!(
+            plan.contains(&format!("routed out instance {}\n", k - 1)),
+            "{plan}"
+        );
+    }
+    assert!(
+        plan.contains("\nweb: takes at least 4.0s (then at "),
+        "{plan}"
+    );
+    // Nothing changed.
+    assert_eq!(d.field("active/web/version"), version);
+    assert_eq!(d.field("active/web/update_status"), "none");
+    assert_eq!(d.read("active/web/events"), events_before);
+    // apply does what the plan said.
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let events = d.read("active/web/events");
+    let done: Vec<String> = events[events_before.len()..]
+        .lines()
+        .filter_map(|l| step(l.split_once(' ').map_or(l, |(_, rest)| rest)))
+        .collect();
+    let planned: Vec<String> = plan
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .filter_map(step)
+        .collect();
+    assert_eq!(planned, done);
+}

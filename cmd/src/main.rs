@@ -226,6 +226,13 @@ enum Cmd {
         /// The host, as in /deploy/hosts/HOST
         host: String,
     },
+    /// What apply would do, step by step, doing nothing: batches, the instances
+    /// each starts and stops, pauses, and the least time it takes
+    Plan {
+        /// The service, as in /deploy/active/SERVICE (its manifest in the manifests directory)
+        #[arg(value_parser = service_arg)]
+        service: String,
+    },
     /// What apply would change: each manifest file against the one its service runs
     Diff {
         /// Manifest files, named SERVICE.manifest
@@ -332,6 +339,11 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
     match args.command {
         Cmd::Check { .. } => unreachable!("handled above"),
         Cmd::Diff { files } => diff::run(&ns, &files),
+        Cmd::Plan { service } => {
+            let (_, _, plan) = send(&ns, &service, "plan")?;
+            say!("{}", plan.trim_end());
+            Ok(Exit::Ok)
+        }
         Cmd::Reexec => reexec(&ns, &args.root),
         Cmd::Hosts { json } => hosts::list(&args.root, json),
         Cmd::Drain { host } => hosts::drain(&args.root, &host, true),

@@ -31,6 +31,8 @@ pub enum Verb {
     Resume,
     /// Go on with a rollout held at its canary.
     Promote,
+    /// Say what `apply` of the service's manifest would do, doing nothing.
+    Plan,
     /// Roll back to the previous version, or to the given one from history.
     Rollback(Option<VersionPrefix>),
     /// Replace every instance with a fresh process of the same version, or
@@ -64,7 +66,7 @@ pub struct CommandSpec {
 }
 
 /// Every verb.
-pub const COMMANDS: [CommandSpec; 10] = [
+pub const COMMANDS: [CommandSpec; 11] = [
     CommandSpec {
         name: "apply",
         min_args: 0,
@@ -92,6 +94,13 @@ pub const COMMANDS: [CommandSpec; 10] = [
         max_args: 0,
         usage: "",
         build: |_| Ok(Verb::Promote),
+    },
+    CommandSpec {
+        name: "plan",
+        min_args: 0,
+        max_args: 0,
+        usage: "",
+        build: |_| Ok(Verb::Plan),
     },
     CommandSpec {
         name: "rollback",
@@ -151,6 +160,11 @@ pub const COMMANDS: [CommandSpec; 10] = [
 ];
 
 impl Verb {
+    /// Whether the caller must load the service's manifest for it.
+    pub fn needs_manifest(&self) -> bool {
+        matches!(self, Verb::Apply | Verb::Plan)
+    }
+
     /// The verb as written in a ctl file.
     pub fn name(&self) -> &'static str {
         match self {
@@ -158,6 +172,7 @@ impl Verb {
             Verb::Pause => "pause",
             Verb::Resume => "resume",
             Verb::Promote => "promote",
+            Verb::Plan => "plan",
             Verb::Rollback(_) => "rollback",
             Verb::Restart(_) => "restart",
             Verb::Stop => "stop",
@@ -524,6 +539,7 @@ mod tests {
             ("pause", Verb::Pause),
             ("  resume  \n", Verb::Resume),
             ("promote\n", Verb::Promote),
+            ("plan\n", Verb::Plan),
             ("rollback\n", Verb::Rollback(None)),
             ("restart\r\n", Verb::Restart(None)),
             ("restart 2\n", Verb::Restart(Some(2))),
@@ -598,7 +614,7 @@ mod tests {
     fn the_two_plan9_errors() {
         assert_eq!(
             why(parse_service(b"bogus\n")),
-            "unknown control message 'bogus'; commands: apply | pause | resume | promote | rollback [VERSION] | restart [INSTANCE] | stop | start | remove | signal SIG [INSTANCE]"
+            "unknown control message 'bogus'; commands: apply | pause | resume | promote | plan | rollback [VERSION] | restart [INSTANCE] | stop | start | remove | signal SIG [INSTANCE]"
         );
         assert!(why(parse_service(b"puase")).contains("(did you mean 'pause'?)"));
         assert_eq!(

@@ -91,6 +91,12 @@ impl Core {
                 Ok(loaded) => return self.apply_spec(&service, loaded, &[], then),
                 Err(r) => Err(r),
             },
+            Verb::Plan => {
+                let planned = self
+                    .check_apply(&service, manifest)
+                    .and_then(|loaded| self.plan(&service, loaded));
+                return self.finish(then, planned);
+            }
             verb => self.command_for(&service, verb),
         };
         match checked {
@@ -129,7 +135,7 @@ impl Core {
     ) -> Result<(u32, Command), Refusal> {
         let sid = self.names.get(service).copied();
         let command = match verb {
-            Verb::Apply => unreachable!("apply is checked by check_apply"),
+            Verb::Apply | Verb::Plan => unreachable!("apply and plan are checked by check_apply"),
             Verb::Rollback(Some(prefix)) => {
                 let e = sid
                     .and_then(|s| self.services.get(&s))
@@ -206,6 +212,40 @@ impl Core {
             return self.command(sid, Command::Restart(None), then);
         }
         self.command(sid, Command::Apply(loaded.spec), then)
+    }
+
+    /// What `apply` of `loaded` would do, as [`rollout::plan`] tells it:
+    /// the same choice of command as [`Core::apply_spec`], on a copy.
+    fn plan(&self, service: &ServiceName, loaded: Loaded) -> Result<String, Refusal> {
+        let Some(sid) = self.names.get(service).copied() else {
+            let m = &loaded.spec.manifest;
+            return Ok(format!(
+                "{service}: create: {} instance{} at {}, all at once (a new service)\n",
+                m.replicas,
+                if m.replicas == 1 { "" } else { "s" },
+                loaded.spec.version
+            ));
+        };
+        let e = self
+            .services
+            .get(&sid)
+            .ok_or_else(|| self.unknown(service))?;
+        let (command, first) = match self.stale_env(sid, &loaded) {
+            Some(stale) => (
+                Command::Restart(None),
+                Some(format!(
+                    "apply: env_file changed since {} started: restarting every instance",
+                    rollout::instance_list(&stale)
+                )),
+            ),
+            None => (Command::Apply(loaded.spec), None),
+        };
+        let mut plan = rollout::plan(&e.machine, self.now, command)?;
+        if let Some(first) = first {
+            plan.kind = "env restart";
+            plan.steps.insert(0, first);
+        }
+        Ok(plan.render(service.as_str()))
     }
 
     /// When `loaded` is what the service already runs (`apply` would

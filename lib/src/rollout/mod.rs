@@ -36,6 +36,7 @@
 mod batches;
 mod commands;
 mod instance;
+mod plan;
 mod supervise;
 
 use std::borrow::Cow;
@@ -53,6 +54,7 @@ use crate::name::ServiceName;
 
 use instance::ProbeEffect;
 pub use instance::{ALLOWED, Exit, Instance, InstanceId, Role, State};
+pub use plan::{Plan, plan};
 
 /// First restart delay after an unexpected exit; doubles each time.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);

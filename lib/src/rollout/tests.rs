@@ -3400,3 +3400,109 @@ fn stories_that_broke_an_invariant() {
     )
     .unwrap();
 }
+
+/// An event line as a plan compares it: an instance's own news left out
+/// (as the plan leaves it out), durations (the real ones are longer).
+fn plan_step(line: &str) -> Option<String> {
+    let own = [
+        " started (pid ",
+        " healthy (",
+        " stopped (",
+        " exited (",
+        " ready (",
+    ];
+    if own.iter().any(|w| line.contains(w)) {
+        return None;
+    }
+    Some(match line.rfind(" (") {
+        Some(at) if line.ends_with("s)") && line[at + 2..line.len() - 2].parse::<f64>().is_ok() => {
+            line[..at].to_string()
+        }
+        _ => line.to_string(),
+    })
+}
+
+#[test]
+fn a_plan_is_what_the_command_then_does() {
+    for (st, n, b) in shapes() {
+        let with_pause = |exec: &str, replicas: u32| {
+            let mut m = (*spec(exec, replicas, b, st).manifest).clone();
+            m.update_pause = Duration::from_secs(2);
+            let text = m.canonical();
+            Spec::new(m, text)
+        };
+        for (what, command) in [
+            ("apply", Command::Apply(with_pause("v2", n))),
+            ("scale", Command::Apply(with_pause("v1", n + 1))),
+            ("restart", Command::Restart(None)),
+            ("same", Command::Apply(with_pause("v1", n))),
+        ] {
+            let mut sim = Sim::new(with_pause("v1", n));
+            sim.capacity = st.capacity(n, b);
+            sim.settle();
+            let planned = super::plan(&sim.svc, sim.now, command.clone()).unwrap();
+            let from = sim.events.len();
+            let t0 = sim.now;
+            sim.command(command).unwrap();
+            sim.settle();
+            let done: Vec<String> = sim.events[from..]
+                .iter()
+                .filter_map(|l| plan_step(l))
+                .collect();
+            let plan: Vec<String> = planned.steps.iter().filter_map(|l| plan_step(l)).collect();
+            assert_eq!(plan, done, "{st:?} n={n} b={b} {what}");
+            // The least it takes is no more than it took.
+            assert!(
+                planned.least <= sim.now.since(t0),
+                "{st:?} n={n} b={b} {what}"
+            );
+            let kind = match what {
+                "apply" => match st {
+                    Mode::Replace => "replace",
+                    _ => "rolling",
+                },
+                "scale" => "scale-only",
+                "restart" => "restart",
+                _ => "no-op",
+            };
+            assert_eq!(planned.kind, kind, "{st:?} n={n} b={b} {what}");
+            if what != "same" {
+                assert_eq!(Some(planned.end.clone()), sim.svc.wait_line());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_plan_of_three_batches_with_update_pause_takes_the_pauses() {
+    let mut sim = Sim::new(spec("v1", 3, 1, Mode::Rolling));
+    sim.settle();
+    let mut m = (*spec("v2", 3, 1, Mode::Rolling).manifest).clone();
+    m.update_pause = Duration::from_secs(2);
+    let text = m.canonical();
+    let before = sim.svc.clone();
+    let p = super::plan(&sim.svc, sim.now, Command::Apply(Spec::new(m, text))).unwrap();
+    assert_eq!(p.kind, "rolling");
+    assert_eq!(p.least, Duration::from_secs(4));
+    for k in 1..=3 {
+        assert!(
+            p.steps
+                .iter()
+                .any(|s| s.starts_with(&format!("batch {k}/3: starting instance 3 "))),
+            "{:#?}",
+            p.steps
+        );
+    }
+    let text = p.render("web");
+    assert!(
+        text.starts_with("web: rolling\n  rolling update started "),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nweb: takes at least 4.0s (then at "),
+        "{text}"
+    );
+    // Nothing of the service changed.
+    assert_eq!(format!("{:?}", sim.svc), format!("{before:?}"));
+    assert!(sim.svc.out.is_empty());
+}

@@ -574,7 +574,7 @@ impl Runtime {
     pub(super) fn cluster_ctl(&mut self, service: ServiceName, verb: Verb, done: CtlDone) {
         let Some(h) = &self.cluster else { return };
         let link = h.link.clone();
-        let manifest = (verb == Verb::Apply).then(|| {
+        let manifest = verb.needs_manifest().then(|| {
             self.load_for_apply(&service)
                 .map(|l| self.to_loaded(&l.spec))
         });

@@ -379,7 +379,7 @@ impl Runtime {
                 verb,
                 done,
             } => {
-                let manifest = (verb == Verb::Apply).then(|| self.load_for_apply(&service));
+                let manifest = verb.needs_manifest().then(|| self.load_for_apply(&service));
                 let reply = self.reply_to(done);
                 self.decide(Input::Ctl {
                     service,
