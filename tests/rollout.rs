@@ -1889,3 +1889,50 @@ fn plan_says_what_apply_then_does() {
         .collect();
     assert_eq!(planned, done);
 }
+
+/// `update_watch 3s`: a new version that crashes a second or so after its
+/// rollout completed fails in the window, and `auto_rollback` puts the old
+/// one back; `deploy apply` follows the window, exits 1 and says why.
+/// `--no-watch` returns once the new version is in place.
+#[test]
+fn a_crash_in_the_watch_window_rolls_back() {
+    let m = |extra: &str| {
+        app_manifest(
+            2,
+            &format!("update_batch 2\nupdate_watch 3s\nauto_rollback on\n{extra}"),
+        )
+    };
+    let Some(d) = Deployd::start_settled(&[("web", m("env TAG=v1\n"))]) else {
+        return;
+    };
+    let v1 = d.field("active/web/version");
+    d.write_manifest("web", &m("env TAG=v2\nenv CRASH_AFTER_MS=2000\n"));
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("; watched for 3s (update_watch)")
+            && said.contains("exited (exit status 3) ")
+            && said.contains("s after the rollout completed (update_watch 3s); rolled back to ")
+            && said.contains(&v1),
+        "{said}"
+    );
+    d.settle("web", LONG);
+    assert_eq!(d.field("active/web/version"), v1);
+    // The same version with nothing wrong, --no-watch: back at once.
+    d.write_manifest("web", &m("env TAG=v3\n"));
+    let t0 = Instant::now();
+    let out = d.deploy(&["apply", "--no-watch", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("watched for its update_watch still"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert_eq!(d.field("active/web/update_status"), "watching");
+    // The window passes: none.
+    wait_for("the window to pass", Duration::from_secs(10), || {
+        d.field("active/web/update_status") == "none"
+    });
+}

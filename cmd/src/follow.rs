@@ -21,6 +21,8 @@ pub struct Start {
     traffic: Option<Traffic>,
     /// `--timeout`: how long to follow before giving up.
     limit: Option<Duration>,
+    /// `--no-watch`: done once the new version is in place.
+    no_watch: bool,
 }
 
 impl Start {
@@ -32,12 +34,18 @@ impl Start {
             started: Instant::now(),
             traffic: Traffic::read(dir),
             limit: None,
+            no_watch: false,
         }
     }
 
     /// With `--timeout`, if given.
     pub fn limit(self, limit: Option<Duration>) -> Start {
         Start { limit, ..self }
+    }
+
+    /// With `--no-watch`: done at `update_status` `watching`.
+    pub fn no_watch(self, no_watch: bool) -> Start {
+        Start { no_watch, ..self }
     }
 }
 
@@ -50,6 +58,7 @@ impl Start {
             started: Instant::now(),
             traffic: None,
             limit: None,
+            no_watch: false,
         }
     }
 }
@@ -189,6 +198,7 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         started,
         traffic,
         limit,
+        no_watch,
     } = start;
     let mut events = Cursor::at(offset);
     // A file's mtime comes from a coarser clock.
@@ -214,6 +224,9 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
                 deployd_lib::manifest::format_duration(limit)
             );
             return Ok(Exit::Failed);
+        }
+        if no_watch && ns::read_field(dir, "update_status") == "watching" {
+            break Ok(format!("watching {}", ns::read_field(dir, "version")));
         }
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(r) => break r,
@@ -248,6 +261,12 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
                 writeln!(out, "{service}: restarted instance {n} ({v}, {took})")?
             }
         }
+        Ok(Exit::Ok)
+    } else if let Some(v) = line.strip_prefix("watching ") {
+        writeln!(
+            out,
+            "{service}: deployed {v} ({took}); watched for its update_watch still (deploy status {service})"
+        )?;
         Ok(Exit::Ok)
     } else if line.starts_with("paused ") {
         let progress = ns::read_field(dir, "update_progress");

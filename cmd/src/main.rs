@@ -261,6 +261,9 @@ struct Waiting {
     /// with it (as kubectl rollout status --timeout)
     #[arg(long, value_name = "DUR", value_parser = timeout, conflicts_with = "no_wait")]
     timeout: Option<Duration>,
+    /// Return once the new version is in place, not after its update_watch
+    #[arg(long, conflicts_with = "no_wait")]
+    no_watch: bool,
 }
 
 fn timeout(text: &str) -> Result<Duration, String> {
@@ -357,7 +360,9 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             wait,
         } => {
             let dir = ns.service_path(&service);
-            let start = follow::Start::now(&dir).limit(wait.timeout);
+            let start = follow::Start::now(&dir)
+                .limit(wait.timeout)
+                .no_watch(wait.no_watch);
             let msg = ns
                 .ctl_root(&format!("apply {service}\n"))
                 .map_err(|f| refused(&service, f))?;
@@ -460,6 +465,7 @@ fn with_arg(verb: &str, arg: Option<impl std::fmt::Display>) -> String {
 const NO_WAIT: Waiting = Waiting {
     no_wait: true,
     timeout: None,
+    no_watch: false,
 };
 
 /// Writes a command to the service's ctl file; follows the rollout it
@@ -470,7 +476,8 @@ fn command(ns: &Ns, service: &str, cmd: &str, wait: Waiting, what: What) -> Resu
         say!("{service}: {msg}");
         return Ok(Exit::Ok);
     }
-    follow::follow(service, &dir, start.limit(wait.timeout), what)
+    let start = start.limit(wait.timeout).no_watch(wait.no_watch);
+    follow::follow(service, &dir, start, what)
 }
 
 /// Writes `cmd` to the service's ctl file: the service's directory, where

@@ -106,6 +106,9 @@ pub struct Manifest {
     pub update_canary_auto: Duration,
     /// Wait between batches.
     pub update_pause: Duration,
+    /// After a new version's rollout: how long a crash, an unhealthy
+    /// instance or a restart still fails it; zero: not watched.
+    pub update_watch: Duration,
     /// After a failed rollout, roll back to the previous version.
     pub auto_rollback: bool,
     /// What happens when an instance exits outside a rollout.
@@ -462,6 +465,7 @@ impl Manifest {
             update_canary: 0,
             update_canary_auto: Duration::ZERO,
             update_pause: Duration::ZERO,
+            update_watch: Duration::ZERO,
             auto_rollback: false,
             restart: RestartPolicy::Always,
             stop_signal: Signal::Term,
@@ -584,6 +588,12 @@ impl Manifest {
             line(format_args!(
                 "update_pause {}",
                 format_duration(self.update_pause)
+            ));
+        }
+        if self.update_watch != d.update_watch {
+            line(format_args!(
+                "update_watch {}",
+                format_duration(self.update_watch)
             ));
         }
         if self.auto_rollback != d.auto_rollback {

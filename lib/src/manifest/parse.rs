@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 36] = [
+const DIRECTIVES: [&str; 37] = [
     "exec",
     "dir",
     "env",
@@ -49,6 +49,7 @@ const DIRECTIVES: [&str; 36] = [
     "update_canary",
     "update_canary_auto",
     "update_pause",
+    "update_watch",
     "auto_rollback",
     "restart",
     "stop_signal",
@@ -807,6 +808,7 @@ impl Builder {
                     "min_healthy" => &mut m.min_healthy,
                     "update_pause" => &mut m.update_pause,
                     "update_canary_auto" => &mut m.update_canary_auto,
+                    "update_watch" => &mut m.update_watch,
                     "stop_timeout" => &mut m.stop_timeout,
                     "drain" => &mut m.drain,
                     "response_timeout" => {

@@ -93,6 +93,9 @@ queue_timeout 3s
         "4:15: update_canary is for update rolling (replace replaces every instance at once)"
     );
     assert!(error("exec a\nupdate_canary 0\n").starts_with("2:15: update_canary must be"));
+    let w = ok("exec a\nupdate_watch 5m\n");
+    assert_eq!(w.update_watch, Duration::from_secs(300));
+    assert!(w.canonical().contains("update_watch 5m\n"));
     let c = ok("exec a\nreplicas 3\nupdate_canary 1\nupdate_canary_auto 10m\n");
     assert_eq!(c.update_canary_auto, Duration::from_secs(600));
     assert!(
@@ -1154,6 +1157,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
                 m.update_canary_auto = pause;
             }
             m.update_pause = pause;
+            m.update_watch = pause;
             m.auto_rollback = rollback;
             m.restart = [
                 RestartPolicy::Always,
@@ -1199,7 +1203,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "update_canary_auto", "access_log", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "update_canary_auto", "update_watch", "access_log", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

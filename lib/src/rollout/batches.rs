@@ -25,6 +25,7 @@ impl Service {
             held_since: None,
             paused: false,
             canary: None,
+            watch: None,
         });
         let msg = self.started_message();
         self.event(msg);
@@ -124,6 +125,9 @@ impl Service {
         let Some(r) = &self.rollout else {
             return false;
         };
+        if let Some(w) = r.watch.clone() {
+            return self.step_watch(w);
+        }
         if let Some(batch) = &r.batch {
             let retired = batch.retiring.iter().all(|id| self.gone(*id));
             return match batch.phase {
@@ -636,12 +640,75 @@ impl Service {
         }
     }
 
+    /// A new version in place and watched: failed by the first trouble of
+    /// one of its instances, complete once the window passed.
+    fn step_watch(&mut self, w: Watch) -> bool {
+        let window = self.target.manifest.update_watch;
+        let mut trouble = None;
+        for &(slot, restarts) in &w.slots {
+            let now = self.slots.get(slot as usize).map_or(0, |s| s.restarts);
+            let serving = self.serving(slot).map(|i| &self.instances[i]);
+            let what = match serving {
+                Some(i) if i.state == State::Exited => match &i.exit {
+                    Some(exit) => format!("exited ({exit})"),
+                    None => "exited".into(),
+                },
+                Some(i) if i.state == State::Unhealthy => "turned unhealthy".into(),
+                _ if now > restarts => "restarted".into(),
+                Some(i) if i.state == State::Ready => continue,
+                _ => "is not ready".into(),
+            };
+            let name = serving.map_or(slot, |i| i.number);
+            trouble = Some(format!("instance {name} {what}"));
+            break;
+        }
+        if let Some(what) = trouble {
+            let after = format_secs(self.now.since(w.since));
+            self.fail(format!(
+                "{what} {after} after the rollout completed (update_watch {})",
+                format_duration(window)
+            ));
+            return true;
+        }
+        if self.now >= w.since + window {
+            self.complete();
+            return true;
+        }
+        false
+    }
+
     pub(super) fn complete(&mut self) {
+        let window = self.target.manifest.update_watch;
+        if let Some(r) = &mut self.rollout {
+            if r.watch.is_none() && matches!(r.kind, Kind::Apply) && !window.is_zero() {
+                let slots = (0..self.target.manifest.replicas)
+                    .map(|s| (s, self.slots.get(s as usize).map_or(0, |x| x.restarts)))
+                    .collect();
+                r.watch = Some(Watch {
+                    since: self.now,
+                    slots,
+                });
+                let took = format_secs(self.now.since(r.started_at));
+                let noun = r.kind.noun(self.target.manifest.update);
+                let v = self.target.version;
+                self.event(format!(
+                    "{noun} complete: at {v} ({took}); watched for {} (update_watch)",
+                    format_duration(window)
+                ));
+                return;
+            }
+        }
         let Some(r) = self.rollout.take() else { return };
         let took = format_secs(self.now.since(r.started_at));
         let v = self.target.version;
         let noun = r.kind.noun(self.target.manifest.update);
-        self.event(format!("{noun} complete: at {v} ({took})"));
+        match r.watch {
+            Some(_) => self.event(format!(
+                "watched for {} with no crash, restart or failed probe: at {v} ({took})",
+                format_duration(window)
+            )),
+            None => self.event(format!("{noun} complete: at {v} ({took})")),
+        }
         self.failure = None;
         self.outcome = match r.kind {
             Kind::AutoRollback(reason) => Outcome::Failed(format!("{reason}; rolled back to {v}")),

@@ -123,6 +123,12 @@ impl Service {
         if r.paused {
             return refuse(RefusalKind::Invalid, "already paused");
         }
+        if r.watch.is_some() {
+            return refuse(
+                RefusalKind::Invalid,
+                "nothing to pause: the new version is in place and watched (update_watch); rollback undoes it",
+            );
+        }
         r.paused = true;
         let msg = match &r.batch {
             Some(b) => format!(

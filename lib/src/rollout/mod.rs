@@ -350,6 +350,8 @@ pub enum UpdateStatus {
     /// A rollout is held after its canaries, for `promote` (or
     /// `update_canary_auto`).
     Canary,
+    /// A new version is in place and watched for `update_watch`.
+    Watching,
     /// The last rollout failed.
     Failed,
 }
@@ -359,7 +361,10 @@ impl UpdateStatus {
     pub fn in_rollout(self) -> bool {
         matches!(
             self,
-            UpdateStatus::Rolling | UpdateStatus::Paused | UpdateStatus::Canary
+            UpdateStatus::Rolling
+                | UpdateStatus::Paused
+                | UpdateStatus::Canary
+                | UpdateStatus::Watching
         )
     }
 
@@ -370,6 +375,7 @@ impl UpdateStatus {
             UpdateStatus::Rolling => "rolling",
             UpdateStatus::Paused => "paused",
             UpdateStatus::Canary => "canary",
+            UpdateStatus::Watching => "watching",
             UpdateStatus::Failed => "failed",
         }
     }
@@ -528,6 +534,18 @@ struct Rollout {
     /// Held after its canaries (`paused` is set too).
     #[serde(default)]
     canary: Option<Canary>,
+    /// In place, and watched for `update_watch`.
+    #[serde(default)]
+    watch: Option<Watch>,
+}
+
+/// A new version in place, watched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Watch {
+    /// When its rollout completed.
+    since: Instant,
+    /// Every slot, and its restarts then.
+    slots: Vec<(u32, u32)>,
 }
 
 /// A rollout held after its canaries.
@@ -660,6 +678,7 @@ impl Service {
                 held_since: None,
                 paused: true,
                 canary: None,
+                watch: None,
             });
             let (k, n) = s.progress();
             s.event(format!(
@@ -826,6 +845,9 @@ impl Service {
             if let Some(c) = &mut r.canary {
                 c.since = f(c.since);
             }
+            if let Some(w) = &mut r.watch {
+                w.since = f(w.since);
+            }
         }
     }
 
@@ -875,6 +897,9 @@ impl Service {
         if let Some(t) = self.canary_auto_at() {
             at(t);
         }
+        if let Some(w) = self.rollout.as_ref().and_then(|r| r.watch.as_ref()) {
+            at(w.since + self.target.manifest.update_watch);
+        }
         next
     }
 
@@ -917,6 +942,7 @@ impl Service {
     /// The rollout status.
     pub fn update_status(&self) -> UpdateStatus {
         match (&self.rollout, &self.failure) {
+            (Some(r), _) if r.watch.is_some() => UpdateStatus::Watching,
             (Some(r), _) if r.paused && r.canary.is_some() => UpdateStatus::Canary,
             (Some(r), _) if r.paused => UpdateStatus::Paused,
             (Some(_), _) => UpdateStatus::Rolling,

@@ -3506,3 +3506,104 @@ fn a_plan_of_three_batches_with_update_pause_takes_the_pauses() {
     assert_eq!(format!("{:?}", sim.svc), format!("{before:?}"));
     assert!(sim.svc.out.is_empty());
 }
+
+/// `spec` with `update_watch 10s`, and `auto_rollback` if `auto`.
+fn watch_spec(exec: &str, auto: bool) -> Spec {
+    let mut m = (*spec(exec, 3, 1, Mode::Rolling).manifest).clone();
+    m.update_watch = Duration::from_secs(10);
+    m.auto_rollback = auto;
+    let text = m.canonical();
+    Spec::new(m, text)
+}
+
+/// Steps until the new version is in place and watched; the instant.
+fn until_watching(sim: &mut Sim) -> Instant {
+    while sim.svc.update_status() != UpdateStatus::Watching {
+        assert!(sim.step(), "never watched: {:#?}", sim.events);
+    }
+    sim.now
+}
+
+#[test]
+fn update_watch_completes_once_the_window_passed_with_nothing_failed() {
+    let mut sim = Sim::new(watch_spec("v1", false));
+    let v2 = watch_spec("v2", false);
+    sim.command(Command::Apply(v2.clone())).unwrap();
+    let since = until_watching(&mut sim);
+    assert_eq!(sim.svc.progress(), (3, 3));
+    // `wait` follows the window.
+    assert_eq!(sim.svc.wait_line(), None);
+    assert!(sim.command(Command::Pause).is_err());
+    while sim.svc.update_status() == UpdateStatus::Watching {
+        assert!(sim.step());
+    }
+    assert_eq!(sim.now.since(since), Duration::from_secs(10));
+    assert_eq!(sim.svc.wait_line(), Some(format!("none {}", v2.version)));
+    assert!(
+        sim.events.iter().any(|e| e
+            .starts_with(&format!("rolling update complete: at {} (", v2.version))
+            && e.ends_with("; watched for 10s (update_watch)")),
+        "{:#?}",
+        sim.events
+    );
+    assert!(
+        sim.events
+            .iter()
+            .any(|e| e.starts_with("watched for 10s with no crash, restart or failed probe: at ")),
+        "{:#?}",
+        sim.events
+    );
+}
+
+#[test]
+fn a_crash_in_the_watch_window_fails_the_rollout_and_auto_rollback_undoes_it() {
+    for auto in [false, true] {
+        let mut sim = Sim::new(watch_spec("v1", auto));
+        let (v1, v2) = (watch_spec("v1", auto), watch_spec("v2", auto));
+        sim.command(Command::Apply(v2.clone())).unwrap();
+        let since = until_watching(&mut sim);
+        // A second in, one of the new instances crashes.
+        while sim.now.since(since) < Duration::from_secs(1) {
+            assert!(sim.step());
+        }
+        let id = sim
+            .svc
+            .instances()
+            .iter()
+            .find(|i| i.spec().version == v2.version && i.state() == State::Ready)
+            .map(|i| i.id().0)
+            .unwrap();
+        sim.crash(id);
+        sim.settle();
+        let line = sim.svc.wait_line().unwrap();
+        assert!(
+            line.starts_with("failed: instance ")
+                && line.contains(" exited (")
+                && line.contains(") 1.")
+                && line.contains("s after the rollout completed (update_watch 10s)"),
+            "{line}"
+        );
+        if auto {
+            assert!(
+                line.ends_with(&format!("; rolled back to {}", v1.version)),
+                "{line}"
+            );
+            assert_eq!(sim.svc.version(), v1.version);
+        } else {
+            assert_eq!(sim.svc.update_status(), UpdateStatus::Failed);
+            assert_eq!(sim.svc.version(), v2.version);
+            assert_eq!(sim.svc.progress(), (3, 3));
+        }
+        if auto {
+            sim.check_converged();
+        }
+    }
+}
+
+#[test]
+fn a_plan_counts_the_watch_window() {
+    let mut sim = Sim::new(watch_spec("v1", false));
+    let p = super::plan(&sim.svc, sim.now, Command::Apply(watch_spec("v2", false))).unwrap();
+    assert_eq!(p.least, Duration::from_secs(10));
+    sim.settle();
+}
