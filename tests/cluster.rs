@@ -268,6 +268,25 @@ fn a_bad_version_fails_on_every_host_naming_host_and_instance() {
     for ip in IPS {
         assert_eq!(http_get_at(ip, port, "/").unwrap().0, 200);
     }
+    // Hooks do not run in a cluster: refused, nothing changed. A plan
+    // of what runs there, from another host, is the leader's.
+    let version = c.h(2).field("active/web/version");
+    c.h(2)
+        .write_manifest("web", &web(port, 6, "before_deploy ./migrate\n"));
+    let out = c.h(2).deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("before_deploy and after_deploy are not run in a cluster"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(c.h(2).field("active/web/version"), version);
+    c.h(2)
+        .write_manifest("web", &web(port, 6, "env TAG=next\n"));
+    let plan = stdout(&c.h(2).deploy(&["plan", "web"]));
+    assert!(plan.starts_with("web: rolling\n"), "{plan}");
+    assert!(plan.contains(": starting instance"), "{plan}");
+    assert_eq!(c.h(3).field("active/web/version"), version);
 }
 
 #[test]

@@ -1174,3 +1174,91 @@ fn two_services_cannot_share_a_public_port() {
         });
     }
 }
+
+/// Hooks: a `before_deploy` that exits 1 changes no instance, the rollout
+/// fails and what it printed is readable; an `after_deploy` that exits 1
+/// with `auto_rollback on` puts the previous version back, with no request
+/// failed under load. Each hook gets the service's env, `VERSION`,
+/// `PREVIOUS_VERSION` and `SERVICE`.
+#[test]
+fn hooks_run_around_a_rollout_and_a_failing_one_fails_it() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let base = |extra: &str| {
+        web(
+            port,
+            "http",
+            3,
+            &format!("update_pause 200ms\nauto_rollback on\nenv GREETING=hi\n{extra}"),
+        )
+    };
+    let Some(d) = Deployd::start_settled(&[("web", base("env TAG=v1\n"))]) else {
+        return;
+    };
+    let v1 = d.field("active/web/version");
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    // A failing migration: nothing changes.
+    d.write_manifest(
+        "web",
+        &base("env TAG=v2\nbefore_deploy echo migrating $SERVICE to $VERSION; echo no database >&2; exit 1\n"),
+    );
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("web: before_deploy: running echo migrating")
+            && said.contains("web: before_deploy printed: no database")
+            && said
+                .contains("web: failed: before_deploy failed: exit status 1; no instance changed")
+            && said.contains("deploy logs web --hooks"),
+        "{said}"
+    );
+    assert_eq!(d.field("active/web/update_status"), "failed");
+    let now: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
+    assert_eq!(now, pids);
+    let logs = stdout(&d.deploy(&["logs", "web", "--hooks"]));
+    let v2 = d.field("active/web/version");
+    assert!(
+        logs.contains(&format!("before_deploy of {v2}: echo migrating"))
+            && logs.contains(&format!("migrating web to {v2}"))
+            && logs.contains("no database"),
+        "{logs}"
+    );
+    // Back to v1 (its manifest again), then a smoke test that fails after
+    // the rollout, under load: rolled back, nothing failed.
+    d.write_manifest("web", &base("env TAG=v1\n"));
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(d.field("active/web/version"), v1);
+    let load = Load::start(port, &[(Client::KeepAlive, 2), (Client::Fresh, 2)], "/");
+    std::thread::sleep(Duration::from_millis(300));
+    d.write_manifest(
+        "web",
+        &base(&format!(
+            "env TAG=v3\nafter_deploy echo $GREETING $PREVIOUS_VERSION $VERSION > {}; exit 1\n",
+            seen.display()
+        )),
+    );
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        said.contains("web: after_deploy: running echo")
+            && said.contains(&format!(
+                "after_deploy failed: exit status 1; rolled back to {v1}"
+            )),
+        "{said}"
+    );
+    d.settle("web", LONG);
+    assert_eq!(d.field("active/web/version"), v1);
+    let counters = load.finish();
+    assert_eq!(counters.failed(), 0, "{:?}", counters.errors.lock());
+    // The hook saw the service's env and both versions.
+    let hook_saw = std::fs::read_to_string(&seen).unwrap();
+    let words: Vec<&str> = hook_saw.split_whitespace().collect();
+    assert!(
+        words.len() == 3 && words[0] == "hi" && words[1] == v1 && words[2] != v1,
+        "{hook_saw}"
+    );
+}

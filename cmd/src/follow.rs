@@ -281,6 +281,9 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     } else {
         let reason = line.strip_prefix("failed: ").unwrap_or(&line);
         tell!("{service}: failed: {reason}");
+        if reason.starts_with("before_deploy failed") || reason.starts_with("after_deploy failed") {
+            tell!("{service}: what the hook printed: deploy logs {service} --hooks");
+        }
         // The events showed the last lines of what the failed instance
         // printed; say where the rest is, if it printed in this rollout.
         let log = std::fs::metadata(dir.join("failed_log"));

@@ -194,6 +194,10 @@ enum Cmd {
         /// the events showed the last lines of
         #[arg(long, conflicts_with_all = ["access", "instance"])]
         failed: bool,
+        /// What the rollout hooks (before_deploy, after_deploy) printed, each
+        /// run after a `== TIME HOOK of VERSION: COMMAND` line
+        #[arg(long, conflicts_with_all = ["access", "instance", "failed", "timestamps", "since"])]
+        hooks: bool,
         /// Show the time deployd read each line of output (UTC); access
         /// log lines always begin with theirs
         #[arg(short, long, conflicts_with = "access")]
@@ -434,6 +438,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             follow,
             access,
             failed,
+            hooks,
             timestamps,
             since,
             tail,
@@ -444,6 +449,14 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 unstamped: !access && !timestamps,
                 tail,
             };
+            if hooks {
+                // Its lines carry no time stamp of their own.
+                let filter = tail::Filter {
+                    unstamped: false,
+                    ..filter
+                };
+                return tail::run(&dir, "hooks_log", follow, &filter);
+            }
             match (access, failed) {
                 (true, _) => tail::run(&dir, "access", follow, &filter),
                 (_, true) => tail::run(&dir, "failed_log", follow, &filter),

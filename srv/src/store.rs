@@ -325,6 +325,12 @@ impl Store {
         self.dir(service).join("access.log")
     }
 
+    /// `hooks_log`: what the service's rollout hooks printed, each run
+    /// after a `== TIME HOOK of VERSION: COMMAND` line.
+    pub fn hooks_log_path(&self, service: &ServiceName) -> PathBuf {
+        self.dir(service).join("hooks.log")
+    }
+
     /// `failed_log`: a hard link to the log of the last instance whose
     /// output the events showed after a failure.
     pub fn failed_log_path(&self, service: &ServiceName) -> PathBuf {

@@ -74,6 +74,8 @@ pub enum SvcFile {
     /// `failed_log`: the output of the last instance whose failure the
     /// events report.
     FailedLog,
+    /// `hooks_log`: what the rollout hooks printed.
+    HooksLog,
 }
 
 /// Where a file's bytes come from: one column of the file tables, which
@@ -95,7 +97,7 @@ pub enum Source {
 }
 
 /// The service directory's files, in listing order: name, file, source.
-pub const SVC_FILES: [(&str, SvcFile, Source); 12] = [
+pub const SVC_FILES: [(&str, SvcFile, Source); 13] = [
     ("ctl", SvcFile::Ctl, Source::Ctl),
     ("version", SvcFile::Version, Source::Snapshot),
     (
@@ -112,6 +114,7 @@ pub const SVC_FILES: [(&str, SvcFile, Source); 12] = [
     ("traffic", SvcFile::Traffic, Source::Live),
     ("access", SvcFile::Access, Source::Disk),
     ("failed_log", SvcFile::FailedLog, Source::Disk),
+    ("hooks_log", SvcFile::HooksLog, Source::Disk),
 ];
 
 /// The files of `/deploy/active/SERVICE/instances/N/`.
@@ -248,6 +251,8 @@ pub struct ServiceView {
     pub access: PathBuf,
     /// The file behind `failed_log`.
     pub failed_log: PathBuf,
+    /// The file behind `hooks_log`.
+    pub hooks_log: PathBuf,
     /// The line of `/deploy/status`.
     pub summary: String,
     /// When the service appeared.
@@ -271,7 +276,8 @@ impl ServiceView {
             | SvcFile::Wait
             | SvcFile::Traffic
             | SvcFile::Access
-            | SvcFile::FailedLog => None,
+            | SvcFile::FailedLog
+            | SvcFile::HooksLog => None,
         }
     }
 
@@ -293,6 +299,7 @@ impl ServiceView {
         match f {
             SvcFile::Access => Some(&self.access),
             SvcFile::FailedLog => Some(&self.failed_log),
+            SvcFile::HooksLog => Some(&self.hooks_log),
             _ => None,
         }
     }
@@ -360,6 +367,8 @@ pub struct Parts<'a> {
     pub access: PathBuf,
     /// The file of `failed_log`.
     pub failed_log: PathBuf,
+    /// The file of `hooks_log`.
+    pub hooks_log: PathBuf,
 }
 
 /// Renders a service; files whose content did not change keep `prev`'s mtime.
@@ -465,6 +474,7 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
         traffic: p.traffic,
         access: p.access,
         failed_log: p.failed_log,
+        hooks_log: p.hooks_log,
         summary,
         created: prev.map_or(now, |v| v.created),
         mtime: now,

@@ -275,6 +275,20 @@ pub enum Effect {
         /// The line.
         message: String,
     },
+    /// Run a hook of the service's rollout (see [`crate::rollout::Action::Hook`])
+    /// and feed [`crate::rollout::Input::Hook`] with how it went.
+    Hook {
+        /// The service.
+        sid: u32,
+        /// Which.
+        hook: crate::rollout::Hook,
+        /// The command line.
+        command: String,
+        /// Added to the service's environment.
+        env: Vec<(String, String)>,
+        /// Killed after.
+        timeout: std::time::Duration,
+    },
 }
 
 /// A service as the core holds it.
@@ -758,6 +772,18 @@ impl Core {
                 Action::RouteOut { id } => Effect::RouteOut { sid, id },
                 Action::Event(line) => Effect::Event { sid, line },
                 Action::Output { id, prefix } => Effect::ShowOutput { sid, id, prefix },
+                Action::Hook {
+                    hook,
+                    command,
+                    env,
+                    timeout,
+                } => Effect::Hook {
+                    sid,
+                    hook,
+                    command,
+                    env,
+                    timeout,
+                },
             };
             self.out.push(effect);
         }

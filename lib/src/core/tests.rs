@@ -124,6 +124,7 @@ impl World {
                 Effect::Event { sid, line } => self
                     .seen
                     .push(format!("Event {}: {line}", self.name_of(sid))),
+                Effect::Hook { .. } => panic!("no manifest here has hooks"),
                 Effect::SaveFirst {
                     ticket,
                     name,

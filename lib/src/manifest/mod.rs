@@ -53,6 +53,9 @@ pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(10);
 /// A service's manifest with every default resolved.
 ///
 /// Two manifests are equal exactly when they mean the same thing, and then
+/// `hook_timeout` when a manifest does not say.
+pub const DEFAULT_HOOK_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// they have the same [`version`](Manifest::version).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -109,6 +112,12 @@ pub struct Manifest {
     /// After a new version's rollout: how long a crash, an unhealthy
     /// instance or a restart still fails it; zero: not watched.
     pub update_watch: Duration,
+    /// Run through `/bin/sh -c` once before a new version's first batch.
+    pub before_deploy: Option<String>,
+    /// Run through `/bin/sh -c` once after a new version's last batch.
+    pub after_deploy: Option<String>,
+    /// How long a hook may run before it is killed and fails.
+    pub hook_timeout: Duration,
     /// After a failed rollout, roll back to the previous version.
     pub auto_rollback: bool,
     /// What happens when an instance exits outside a rollout.
@@ -466,6 +475,9 @@ impl Manifest {
             update_canary_auto: Duration::ZERO,
             update_pause: Duration::ZERO,
             update_watch: Duration::ZERO,
+            before_deploy: None,
+            after_deploy: None,
+            hook_timeout: DEFAULT_HOOK_TIMEOUT,
             auto_rollback: false,
             restart: RestartPolicy::Always,
             stop_signal: Signal::Term,
@@ -588,6 +600,18 @@ impl Manifest {
             line(format_args!(
                 "update_pause {}",
                 format_duration(self.update_pause)
+            ));
+        }
+        if let Some(c) = &self.before_deploy {
+            line(format_args!("before_deploy {c}"));
+        }
+        if let Some(c) = &self.after_deploy {
+            line(format_args!("after_deploy {c}"));
+        }
+        if self.hook_timeout != d.hook_timeout {
+            line(format_args!(
+                "hook_timeout {}",
+                format_duration(self.hook_timeout)
             ));
         }
         if self.update_watch != d.update_watch {

@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 37] = [
+const DIRECTIVES: [&str; 40] = [
     "exec",
     "dir",
     "env",
@@ -50,6 +50,9 @@ const DIRECTIVES: [&str; 37] = [
     "update_canary_auto",
     "update_pause",
     "update_watch",
+    "before_deploy",
+    "after_deploy",
+    "hook_timeout",
     "auto_rollback",
     "restart",
     "stop_signal",
@@ -119,6 +122,8 @@ enum Directive {
     Port(u16),
     Proxy(Proxy),
     Health(Health),
+    BeforeDeploy(String),
+    AfterDeploy(String),
     Duration(&'static str, Duration),
     HealthRetries(u32),
     Update(Strategy),
@@ -321,6 +326,8 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
     Ok(match name {
         "exec" => Directive::Exec(v.rest_of_line("a command line")?.to_string()),
         "dir" => Directive::Dir(v.rest_of_line("a path")?.to_string()),
+        "before_deploy" => Directive::BeforeDeploy(v.rest_of_line("a command line")?.to_string()),
+        "after_deploy" => Directive::AfterDeploy(v.rest_of_line("a command line")?.to_string()),
         "env" => {
             let text = v.rest_of_line("KEY=VALUE")?;
             let Some((key, value)) = text.split_once('=') else {
@@ -798,6 +805,8 @@ impl Builder {
             Directive::LogRate(n) => m.log_rate = n,
             Directive::MaxConnections(n) => m.max_connections = Some(n),
             Directive::TrustedProxies(c) => m.trusted_proxies = c,
+            Directive::BeforeDeploy(c) => m.before_deploy = Some(c),
+            Directive::AfterDeploy(c) => m.after_deploy = Some(c),
             Directive::Hosts(h) => m.hosts = h,
             Directive::Duration(name, d) => {
                 let field = match name {
@@ -809,6 +818,7 @@ impl Builder {
                     "update_pause" => &mut m.update_pause,
                     "update_canary_auto" => &mut m.update_canary_auto,
                     "update_watch" => &mut m.update_watch,
+                    "hook_timeout" => &mut m.hook_timeout,
                     "stop_timeout" => &mut m.stop_timeout,
                     "drain" => &mut m.drain,
                     "response_timeout" => {
@@ -909,6 +919,11 @@ impl Builder {
                     );
                     self.error(line, col, message);
                 }
+            }
+        }
+        if m.hook_timeout.is_zero() {
+            if let Some((line, col)) = self.at("hook_timeout") {
+                self.error(line, col, "hook_timeout must be more than 0".into());
             }
         }
         if !m.update_canary_auto.is_zero() && m.update_canary == 0 {

@@ -93,6 +93,17 @@ queue_timeout 3s
         "4:15: update_canary is for update rolling (replace replaces every instance at once)"
     );
     assert!(error("exec a\nupdate_canary 0\n").starts_with("2:15: update_canary must be"));
+    let h = ok(
+        "exec a\nbefore_deploy ./migrate --up\nafter_deploy curl -fs localhost/x\nhook_timeout 1m\n",
+    );
+    assert_eq!(h.before_deploy.as_deref(), Some("./migrate --up"));
+    assert_eq!(h.after_deploy.as_deref(), Some("curl -fs localhost/x"));
+    assert_eq!(h.hook_timeout, Duration::from_secs(60));
+    assert!(h.canonical().contains(
+        "before_deploy ./migrate --up\nafter_deploy curl -fs localhost/x\nhook_timeout 1m\n"
+    ));
+    assert_eq!(ok("exec a\n").hook_timeout, Duration::from_secs(300));
+    assert!(error("exec a\nhook_timeout 0s\n").contains("hook_timeout must be more than 0"));
     let w = ok("exec a\nupdate_watch 5m\n");
     assert_eq!(w.update_watch, Duration::from_secs(300));
     assert!(w.canonical().contains("update_watch 5m\n"));
@@ -1203,7 +1214,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "update_canary_auto", "update_watch", "access_log", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "update_canary_auto", "update_watch", "before_deploy", "after_deploy", "hook_timeout", "access_log", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",

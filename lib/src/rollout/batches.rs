@@ -26,9 +26,69 @@ impl Service {
             paused: false,
             canary: None,
             watch: None,
+            hook: None,
+            after_done: false,
         });
         let msg = self.started_message();
         self.event(msg);
+        if matches!(self.rollout.as_ref().map(|r| &r.kind), Some(Kind::Apply)) {
+            self.run_hook(Hook::Before);
+        }
+    }
+
+    /// Starts `hook` if the manifest has it: the rollout waits for it.
+    fn run_hook(&mut self, hook: Hook) -> bool {
+        let m = &self.target.manifest;
+        let command = match hook {
+            Hook::Before => m.before_deploy.clone(),
+            Hook::After => m.after_deploy.clone(),
+        };
+        let Some(command) = command else { return false };
+        let timeout = m.hook_timeout;
+        let Some(r) = &mut self.rollout else {
+            return false;
+        };
+        r.hook = Some((hook, self.now));
+        let env = vec![
+            ("VERSION".to_string(), self.target.version.to_string()),
+            ("PREVIOUS_VERSION".to_string(), r.from.to_string()),
+        ];
+        self.event(format!("{}: running {command}", hook.name()));
+        self.out.push(Action::Hook {
+            hook,
+            command,
+            env,
+            timeout,
+        });
+        true
+    }
+
+    /// A hook ended: the rollout goes on, or fails.
+    pub(super) fn hook_done(&mut self, hook: Hook, result: Result<(), String>) {
+        let Some(r) = &mut self.rollout else { return };
+        let Some((running, since)) = r.hook else {
+            return;
+        };
+        if running != hook {
+            return;
+        }
+        r.hook = None;
+        let took = format_secs(self.now.since(since));
+        match result {
+            Ok(()) => {
+                if hook == Hook::After {
+                    r.after_done = true;
+                }
+                self.event(format!("{}: done ({took})", hook.name()));
+            }
+            Err(why) => match hook {
+                Hook::Before => self.fail_as(
+                    format!("{} failed: {why}; no instance changed", hook.name()),
+                    false,
+                ),
+                Hook::After => self.fail(format!("{} failed: {why}", hook.name())),
+            },
+        }
     }
 
     pub(super) fn started_message(&self) -> String {
@@ -125,6 +185,9 @@ impl Service {
         let Some(r) = &self.rollout else {
             return false;
         };
+        if r.hook.is_some() {
+            return false;
+        }
         if let Some(w) = r.watch.clone() {
             return self.step_watch(w);
         }
@@ -678,6 +741,13 @@ impl Service {
     }
 
     pub(super) fn complete(&mut self) {
+        let after = self
+            .rollout
+            .as_ref()
+            .is_some_and(|r| matches!(r.kind, Kind::Apply) && !r.after_done && r.watch.is_none());
+        if after && self.run_hook(Hook::After) {
+            return;
+        }
         let window = self.target.manifest.update_watch;
         if let Some(r) = &mut self.rollout {
             if r.watch.is_none() && matches!(r.kind, Kind::Apply) && !window.is_zero() {
@@ -717,12 +787,19 @@ impl Service {
     }
 
     pub(super) fn fail(&mut self, reason: String) {
+        self.fail_as(reason, true);
+    }
+
+    /// Fails the rollout; `auto_rollback` applies if `may_roll_back` (not
+    /// where nothing changed to roll back: a failed `before_deploy`).
+    fn fail_as(&mut self, reason: String, may_roll_back: bool) {
         let Some(r) = &self.rollout else { return };
         let noun = r.kind.noun(self.target.manifest.update);
         self.event(format!("{noun} failed: {reason}"));
         self.cancel_batch();
         let Some(r) = self.rollout.take() else { return };
-        let auto = self.target.manifest.auto_rollback
+        let auto = may_roll_back
+            && self.target.manifest.auto_rollback
             && matches!(r.kind, Kind::Apply | Kind::Scale)
             && self.previous.is_some();
         match r.kind {

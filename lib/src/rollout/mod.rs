@@ -207,6 +207,13 @@ pub enum Input {
         /// How.
         exit: Exit,
     },
+    /// A hook ended: `Ok` if it exited 0, else what happened.
+    Hook {
+        /// Which.
+        hook: Hook,
+        /// How it went.
+        result: Result<(), String>,
+    },
     /// An instance routed out has no request or connection left.
     Drained {
         /// Which instance.
@@ -289,6 +296,38 @@ pub enum Action {
         /// `instance N printed`.
         prefix: String,
     },
+    /// Run a hook (`before_deploy`, `after_deploy`) through `/bin/sh -c`
+    /// with the service's environment and `env`, killed after `timeout`;
+    /// report [`Input::Hook`].
+    Hook {
+        /// Which.
+        hook: Hook,
+        /// The command line.
+        command: String,
+        /// `VERSION`, `PREVIOUS_VERSION`.
+        env: Vec<(String, String)>,
+        /// `hook_timeout`.
+        timeout: Duration,
+    },
+}
+
+/// A hook of a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Hook {
+    /// `before_deploy`.
+    Before,
+    /// `after_deploy`.
+    After,
+}
+
+impl Hook {
+    /// The directive's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::Before => "before_deploy",
+            Hook::After => "after_deploy",
+        }
+    }
 }
 
 /// Why a command was refused. A refused command changes nothing.
@@ -540,6 +579,12 @@ struct Rollout {
     /// In place, and watched for `update_watch`.
     #[serde(default)]
     watch: Option<Watch>,
+    /// A hook running: (which, since when); nothing moves meanwhile.
+    #[serde(default)]
+    hook: Option<(Hook, Instant)>,
+    /// `after_deploy` ran and passed.
+    #[serde(default)]
+    after_done: bool,
 }
 
 /// A new version in place, watched.
@@ -682,6 +727,8 @@ impl Service {
                 paused: true,
                 canary: None,
                 watch: None,
+                hook: None,
+                after_done: false,
             });
             let (k, n) = s.progress();
             s.event(format!(
@@ -819,6 +866,10 @@ impl Service {
                 Ok(String::new())
             }
             Input::Tick => Ok(String::new()),
+            Input::Hook { hook, result } => {
+                self.hook_done(hook, result);
+                Ok(String::new())
+            }
         };
         if result.is_ok() {
             self.drive();
@@ -850,6 +901,9 @@ impl Service {
             }
             if let Some(w) = &mut r.watch {
                 w.since = f(w.since);
+            }
+            if let Some((_, t)) = &mut r.hook {
+                *t = f(*t);
             }
         }
     }

@@ -180,6 +180,10 @@ impl World {
                         self.steps.push(line);
                     }
                 }
+                Action::Hook { hook, .. } => self.queue.push_back(Input::Hook {
+                    hook,
+                    result: Ok(()),
+                }),
                 Action::Signal { .. } | Action::RouteIn { .. } | Action::Output { .. } => {}
             }
         }

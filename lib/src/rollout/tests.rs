@@ -98,6 +98,8 @@ enum SimEvent {
     Probe(u64),
     Exit(u64, i32),
     Drained(u64),
+    /// A hook ends: passed or not.
+    Hook(Hook, bool),
 }
 
 struct Proc {
@@ -130,6 +132,9 @@ struct Sim {
     steps: usize,
     /// The most replicas a target of the service had.
     replicas_seen: u32,
+    /// The hook that fails, if one does; the hooks run, in order.
+    failing_hook: Option<Hook>,
+    hooks_run: Vec<Hook>,
 }
 
 /// A converged v1 of this shape, `k` acting steps into its rollout to v2;
@@ -175,6 +180,8 @@ impl Sim {
             capacity: 0,
             steps: 0,
             replicas_seen: 0,
+            failing_hook: None,
+            hooks_run: Vec::new(),
         };
         sim.apply(actions);
         sim
@@ -204,6 +211,13 @@ impl Sim {
     fn apply(&mut self, actions: Vec<Action>) {
         for a in actions {
             match a {
+                Action::Hook { hook, env, .. } => {
+                    assert!(env.iter().any(|(k, _)| k == "VERSION"));
+                    assert!(env.iter().any(|(k, _)| k == "PREVIOUS_VERSION"));
+                    self.hooks_run.push(hook);
+                    let ok = self.failing_hook != Some(hook);
+                    self.at(200 * MS, SimEvent::Hook(hook, ok));
+                }
                 Action::Start { id, spec, .. } => {
                     assert!(!self.procs.contains_key(&id.0), "instance id {id} reused");
                     let behaviour = *self.behaviours.get(&spec.version).unwrap_or(&GOOD);
@@ -423,6 +437,13 @@ impl Sim {
             }
             SimEvent::Drained(id) => {
                 let _ = self.feed(Input::Drained { id: InstanceId(id) });
+            }
+            SimEvent::Hook(hook, ok) => {
+                let result = match ok {
+                    true => Ok(()),
+                    false => Err("exit status 1".to_string()),
+                };
+                let _ = self.feed(Input::Hook { hook, result });
             }
         }
     }
@@ -3606,4 +3627,89 @@ fn a_plan_counts_the_watch_window() {
     let p = super::plan(&sim.svc, sim.now, Command::Apply(watch_spec("v2", false))).unwrap();
     assert_eq!(p.least, Duration::from_secs(10));
     sim.settle();
+}
+
+/// `spec` with both hooks, and `auto_rollback` if `auto`.
+fn hooks_spec(exec: &str, auto: bool) -> Spec {
+    let mut m = (*spec(exec, 3, 1, Mode::Rolling).manifest).clone();
+    m.before_deploy = Some("./migrate".into());
+    m.after_deploy = Some("./smoke-test".into());
+    m.auto_rollback = auto;
+    let text = m.canonical();
+    Spec::new(m, text)
+}
+
+#[test]
+fn before_deploy_runs_before_the_first_batch_and_after_deploy_after_the_last() {
+    let mut sim = Sim::new(hooks_spec("v1", false));
+    let v2 = hooks_spec("v2", false);
+    sim.command(Command::Apply(v2.clone())).unwrap();
+    sim.settle();
+    sim.check_converged();
+    assert_eq!(sim.hooks_run, [Hook::Before, Hook::After]);
+    let at = |what: &str| {
+        sim.events
+            .iter()
+            .position(|e| e.starts_with(what))
+            .unwrap_or_else(|| panic!("{what}: {:#?}", sim.events))
+    };
+    assert!(at("before_deploy: running ./migrate") < at("before_deploy: done"));
+    assert!(at("before_deploy: done") < at("batch 1/3: starting"));
+    assert!(at("batch 3/3 done") < at("after_deploy: running ./smoke-test"));
+    assert!(at("after_deploy: done") < at("rolling update complete"));
+    // A restart is no deploy: no hooks.
+    sim.hooks_run.clear();
+    sim.command(Command::Restart(None)).unwrap();
+    sim.settle();
+    assert!(sim.hooks_run.is_empty());
+    // The plan says them.
+    let p = super::plan(&sim.svc, sim.now, Command::Apply(hooks_spec("v3", false))).unwrap();
+    assert!(
+        p.steps
+            .iter()
+            .any(|s| s == "before_deploy: running ./migrate")
+    );
+    assert!(
+        p.steps
+            .iter()
+            .any(|s| s == "after_deploy: running ./smoke-test")
+    );
+}
+
+#[test]
+fn a_failing_before_deploy_changes_no_instance() {
+    // With auto_rollback too: there is nothing to roll back.
+    for auto in [false, true] {
+        let mut sim = Sim::new(hooks_spec("v1", auto));
+        sim.failing_hook = Some(Hook::Before);
+        let before = sim.serving();
+        sim.command(Command::Apply(hooks_spec("v2", auto))).unwrap();
+        sim.settle();
+        assert_eq!(
+            sim.failed_line(),
+            "failed: before_deploy failed: exit status 1; no instance changed"
+        );
+        assert_eq!(sim.serving(), before);
+        assert_eq!(sim.hooks_run, [Hook::Before]);
+    }
+}
+
+#[test]
+fn a_failing_after_deploy_fails_the_rollout_and_auto_rollback_undoes_it() {
+    let mut sim = Sim::new(hooks_spec("v1", true));
+    sim.failing_hook = Some(Hook::After);
+    let v1 = hooks_spec("v1", true);
+    sim.command(Command::Apply(hooks_spec("v2", true))).unwrap();
+    sim.settle();
+    assert_eq!(
+        sim.svc.wait_line().unwrap(),
+        format!(
+            "failed: after_deploy failed: exit status 1; rolled back to {}",
+            v1.version
+        )
+    );
+    sim.check_converged();
+    assert_eq!(sim.svc.version(), v1.version);
+    // The rollback is no deploy of a new version: its hooks do not run.
+    assert_eq!(sim.hooks_run, [Hook::Before, Hook::After]);
 }

@@ -719,6 +719,7 @@ mod tests {
                 traffic: None,
                 access: PathBuf::from("/nonexistent/access"),
                 failed_log: PathBuf::from("/nonexistent/failed.log"),
+                hooks_log: PathBuf::from("/nonexistent/hooks.log"),
             },
             None,
             SystemTime::now(),

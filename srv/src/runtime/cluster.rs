@@ -575,8 +575,13 @@ impl Runtime {
         let Some(h) = &self.cluster else { return };
         let link = h.link.clone();
         let manifest = verb.needs_manifest().then(|| {
-            self.load_for_apply(&service)
-                .map(|l| self.to_loaded(&l.spec))
+            self.load_for_apply(&service).and_then(|l| {
+                no_hooks(&service, &l.spec.manifest).map_err(|message| Refusal {
+                    kind: deployd_lib::rollout::RefusalKind::Invalid,
+                    message,
+                })?;
+                Ok(self.to_loaded(&l.spec))
+            })
         });
         let what = What::Service {
             service,
@@ -593,7 +598,12 @@ impl Runtime {
         let all: Manifests = self.load_all();
         let all = all.map(|list| {
             list.into_iter()
-                .map(|one| one.map(|(name, l)| (name, self.to_loaded(&l.spec))))
+                .map(|one| {
+                    one.and_then(|(name, l)| {
+                        no_hooks(&name, &l.spec.manifest)?;
+                        Ok((name, self.to_loaded(&l.spec)))
+                    })
+                })
                 .collect()
         });
         tokio::spawn(async move { done(link.command(What::ApplyAll(all)).await) });
@@ -718,4 +728,16 @@ fn old_out(host: Option<&Host>, name: &ServiceName, id: u64) -> bool {
     host.and_then(|h| h.routes.get(name))
         .and_then(|r| r.backends.get(&id))
         .is_some_and(|b| !b.routed)
+}
+
+/// Hooks run on one host: a cluster does not run them (yet), so a manifest
+/// with them is refused there, before anything changes.
+fn no_hooks(service: &ServiceName, m: &deployd_lib::manifest::Manifest) -> Result<(), String> {
+    if m.before_deploy.is_some() || m.after_deploy.is_some() {
+        return Err(format!(
+            "{service}: before_deploy and after_deploy are not run in a cluster (yet): \
+             take them out of the manifest, or run the step from a script around deploy apply"
+        ));
+    }
+    Ok(())
 }

@@ -35,6 +35,13 @@ impl Runtime {
                 }
                 Effect::ShowOutput { sid, id, prefix } => self.show_output(sid, id, &prefix),
                 Effect::Listen { sid } => self.sync_proxy(sid),
+                Effect::Hook {
+                    sid,
+                    hook,
+                    command,
+                    env,
+                    timeout,
+                } => self.run_hook(sid, hook, command, env, timeout),
                 Effect::SaveFirst {
                     ticket,
                     name,

@@ -229,7 +229,7 @@ impl Runtime {
     }
 
     /// An instance's working directory.
-    fn instance_dir(&self, m: &manifest::Manifest) -> PathBuf {
+    pub(super) fn instance_dir(&self, m: &manifest::Manifest) -> PathBuf {
         match &m.dir {
             Some(d) => self.config.manifests.join(d),
             None => self.config.manifests.clone(),

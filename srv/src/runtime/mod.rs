@@ -22,6 +22,7 @@
 
 mod cluster;
 mod effects;
+mod hooks;
 mod instances;
 mod load;
 mod services;
@@ -78,6 +79,15 @@ pub enum Msg {
         service: ServiceName,
         /// The line.
         line: String,
+    },
+    /// A rollout's hook ended.
+    Hook {
+        /// The service's number.
+        sid: u32,
+        /// Which hook.
+        hook: deployd_lib::rollout::Hook,
+        /// How it went.
+        result: Result<(), String>,
     },
     /// A probe result.
     Probe {
@@ -409,6 +419,7 @@ impl Runtime {
                 }
             }
             Msg::Probe { sid, id, result } => self.feed(sid, MachineInput::Probe { id, result }),
+            Msg::Hook { sid, hook, result } => self.hook_done(sid, hook, result),
             Msg::Short { sid, id, why } => self.short(sid, id, &why),
             Msg::OverMemory { sid, id, rss } => {
                 self.feed(sid, MachineInput::OverMemory { id, rss })
@@ -449,6 +460,8 @@ impl Runtime {
                 }
             }
             Msg::Probe { sid, id, result } => self.cluster_probed(sid, id, result),
+            // Hooks run on one host only (a cluster host refuses them).
+            Msg::Hook { .. } => {}
             Msg::Short { sid, id, why } => self.short(sid, id, &why),
             // The leader's machine decides; the agent reports the sample.
             Msg::OverMemory { sid, id, rss } => {

@@ -406,10 +406,11 @@ impl Runtime {
 
     /// Publishes a fresh snapshot of the service.
     pub(super) fn publish(&mut self, sid: u32) {
-        let (access, failed_log) = match self.core.service(sid) {
+        let (access, failed_log, hooks_log) = match self.core.service(sid) {
             Some(e) => (
                 self.store.access_path(&e.name),
                 self.store.failed_log_path(&e.name),
+                self.store.hooks_log_path(&e.name),
             ),
             None => return,
         };
@@ -453,6 +454,7 @@ impl Runtime {
                 traffic: r.router.clone(),
                 access,
                 failed_log,
+                hooks_log,
             },
             r.view.as_deref(),
             SystemTime::now(),

@@ -130,6 +130,15 @@ impl Leader {
                 }
             }
             Effect::Log { error, message } => self.logs.push((error, message)),
+            // `apply` on a cluster host refuses a manifest with hooks; one
+            // that got here all the same fails its rollout, saying why.
+            Effect::Hook { sid, hook, .. } => self.core.defer(
+                sid,
+                MachineInput::Hook {
+                    hook,
+                    result: Err("hooks do not run in a cluster".into()),
+                },
+            ),
         }
     }
 
