@@ -1262,3 +1262,75 @@ fn hooks_run_around_a_rollout_and_a_failing_one_fails_it() {
         "{hook_saw}"
     );
 }
+
+/// `health notify`: an instance is ready when it says `READY=1` on
+/// `NOTIFY_SOCKET` (sd_notify), not before, with no request failed under
+/// load; one that never says it fails the rollout at `health_deadline`;
+/// one that stops its `WATCHDOG=1` pings is replaced. `STATUS=` is shown.
+#[test]
+fn health_notify_readiness_from_the_program_and_its_watchdog() {
+    let port = free_port();
+    let m = |extra: &str| {
+        web(port, "http", 2, &format!("health_deadline 10s\n{extra}"))
+            .replace("health http /healthz", "health notify")
+    };
+    let Some(d) = Deployd::start_settled(&[("web", m("env READY_AFTER_MS=100\n"))]) else {
+        return;
+    };
+    assert_eq!(d.field("active/web/instances/0/status"), "serving");
+    // Ready two seconds after it started, and routed in only then.
+    let load = Load::start(port, &[(Client::KeepAlive, 2), (Client::Fresh, 2)], "/");
+    std::thread::sleep(Duration::from_millis(300));
+    d.write_manifest("web", &m("env READY_AFTER_MS=2000\nenv TAG=v2\n"));
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let counters = load.finish();
+    assert_eq!(counters.failed(), 0, "{:?}", counters.errors.lock());
+    assert!(counters.ok() > 100, "{}", counters.ok());
+    let events = d.read("active/web/events");
+    let healthy: Vec<f64> = events
+        .lines()
+        .filter_map(|l| l.split(" healthy (").nth(1))
+        .filter_map(|t| t.trim_end_matches("s)").parse().ok())
+        .collect();
+    // The two new ones (the first two were v1's, after 0.1 s).
+    assert!(healthy.len() >= 4, "{events}");
+    assert!(
+        healthy[healthy.len() - 2..].iter().all(|t| *t >= 2.0),
+        "{events}"
+    );
+    assert_eq!(d.field("active/web/instances/1/status"), "serving");
+    // Never ready: fails at health_deadline, saying why.
+    d.write_manifest(
+        "web",
+        &m("env READY_AFTER_MS=never\nenv TAG=v3\n")
+            .replace("health_deadline 10s", "health_deadline 2s"),
+    );
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("no READY=1 on NOTIFY_SOCKET yet (health notify)"),
+        "{}",
+        stderr(&out)
+    );
+    // A watchdog that stops: the instance is replaced.
+    d.write_manifest(
+        "web",
+        &m("env READY_AFTER_MS=100\nenv WATCHDOG_FOR_MS=1500\nwatchdog 1s\nenv TAG=v4\n"),
+    );
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let events = d.wait_events("web", "no WATCHDOG=1 within watchdog 1s", 1);
+    assert!(events.contains("unhealthy"), "{events}");
+    // Readiness from the program, liveness from a probe: a ready program
+    // whose liveness probe fails is not healthy.
+    d.settle("web", LONG);
+    d.write_manifest(
+        "web",
+        &m("env READY_AFTER_MS=100\nliveness http /healthz\nenv FAIL_HEALTH=1\n")
+            .replace("health_deadline 10s", "health_deadline 2s"),
+    );
+    let out = d.deploy(&["apply", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("HTTP 500"), "{}", stderr(&out));
+}

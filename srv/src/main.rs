@@ -49,6 +49,7 @@ mod handoff;
 mod inherit;
 mod logfile;
 mod logging;
+mod notify;
 mod probe;
 mod process;
 mod proxy;

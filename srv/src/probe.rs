@@ -71,6 +71,9 @@ pub struct Target {
     pub env: Vec<(String, String)>,
     /// For exec probes: the instance's `user`.
     pub user: Option<User>,
+    /// With `health notify`: what the program said, its `liveness` probe
+    /// and its `watchdog`.
+    pub notify: Option<(Arc<crate::notify::State>, Option<Health>, Duration)>,
 }
 
 /// Probes forever, sending each result through `report`, and each probe
@@ -85,7 +88,8 @@ pub async fn run(
 ) {
     // An exec probe's account, looked up once per instance (as its process
     // was started), not at every probe.
-    let account = match &target.health {
+    let liveness = target.notify.as_ref().and_then(|(_, l, _)| l.as_ref());
+    let account = match liveness.unwrap_or(&target.health) {
         Health::Exec { .. } => target.user.as_ref().map(host::lookup),
         _ => None,
     };
@@ -144,9 +148,26 @@ pub async fn probe(
     account: Option<&Result<Account, String>>,
     children: &Children,
 ) -> Result<(), Failure> {
+    if let (Health::Notify, Some((state, liveness, watchdog))) = (&target.health, &target.notify) {
+        state.check(*watchdog).map_err(Failure::Instance)?;
+        return match liveness {
+            Some(h) => check(h, target, account, children).await,
+            None => Ok(()),
+        };
+    }
+    check(&target.health, target, account, children).await
+}
+
+/// Runs one check of `health` on the instance.
+async fn check(
+    health: &Health,
+    target: &Target,
+    account: Option<&Result<Account, String>>,
+    children: &Children,
+) -> Result<(), Failure> {
     let work = async {
-        match (&target.health, target.port) {
-            (Health::None, _) => Ok(()),
+        match (health, target.port) {
+            (Health::None | Health::Notify, _) => Ok(()),
             (Health::Tcp, Some(port)) => tcp(target.ip, port).await.map(|_| ()),
             (Health::Http { path }, Some(port)) => http(target.ip, port, path).await,
             (Health::Exec { command }, _) => {
@@ -264,6 +285,7 @@ mod tests {
             dir: PathBuf::from("/"),
             env: vec![],
             user: None,
+            notify: None,
         }
     }
 
@@ -281,6 +303,25 @@ mod tests {
             }
         });
         port
+    }
+
+    #[tokio::test]
+    async fn notify_passes_once_ready_and_then_asks_its_liveness_probe() {
+        let children = Children::default();
+        let bad = server("500 Internal Server Error").await;
+        let state = Arc::new(crate::notify::State::default());
+        let mut t = target(Health::Notify, Some(bad));
+        t.notify = Some((state.clone(), None, Duration::ZERO));
+        assert_eq!(
+            probe(&t, None, &children).await,
+            Err("no READY=1 on NOTIFY_SOCKET yet (health notify)".into())
+        );
+        crate::notify::take(&state, "READY=1");
+        assert_eq!(probe(&t, None, &children).await, Ok(()));
+        // With a liveness probe, it decides once the program is ready.
+        let liveness = Health::Http { path: "/".into() };
+        t.notify = Some((state, Some(liveness), Duration::ZERO));
+        assert_eq!(probe(&t, None, &children).await, Err("HTTP 500".into()));
     }
 
     #[tokio::test]

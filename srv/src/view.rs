@@ -140,10 +140,12 @@ pub enum InstFile {
     Ctl,
     /// `host`: the host it runs on (in a cluster only).
     Host,
+    /// `status`: its last `STATUS=` (`health notify` only).
+    Status,
 }
 
 /// The instance directory's files, in listing order: name, file, source.
-pub const INST_FILES: [(&str, InstFile, Source); 10] = [
+pub const INST_FILES: [(&str, InstFile, Source); 11] = [
     ("pid", InstFile::Pid, Source::Snapshot),
     ("state", InstFile::State, Source::Snapshot),
     ("version", InstFile::Version, Source::Snapshot),
@@ -154,6 +156,7 @@ pub const INST_FILES: [(&str, InstFile, Source); 10] = [
     ("restarts", InstFile::Restarts, Source::Snapshot),
     ("ctl", InstFile::Ctl, Source::Ctl),
     ("host", InstFile::Host, Source::Snapshot),
+    ("status", InstFile::Status, Source::Snapshot),
 ];
 
 impl SvcFile {
@@ -195,6 +198,8 @@ pub struct InstanceView {
     pub restarts: FileData,
     /// `host`, in a cluster.
     pub host: Option<FileData>,
+    /// `status`, with `health notify`.
+    pub status: Option<FileData>,
     /// The output file behind `log`.
     pub log: Option<PathBuf>,
     /// Its process group leader, while it runs (behind `usage`).
@@ -213,6 +218,7 @@ impl InstanceView {
             InstFile::Port => Some(&self.port),
             InstFile::Restarts => Some(&self.restarts),
             InstFile::Host => self.host.as_ref(),
+            InstFile::Status => self.status.as_ref(),
             InstFile::Log | InstFile::Inflight | InstFile::Usage | InstFile::Ctl => None,
         }
     }
@@ -345,6 +351,8 @@ pub struct Runtime {
     pub host: Option<String>,
     /// It runs on another host: its pid is not this host's.
     pub remote: bool,
+    /// With `health notify`: its last `STATUS=`.
+    pub status: Option<String>,
 }
 
 /// Everything a [`ServiceView`] is built from.
@@ -406,8 +414,12 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
                 let host = rt.as_ref().and_then(|r| r.host.as_ref()).map(|h| {
                     FileData::new(&format!("{h}\n"), now, pi.and_then(|x| x.host.as_ref()))
                 });
+                let status = rt.as_ref().and_then(|r| r.status.as_ref()).map(|s| {
+                    FileData::new(&format!("{s}\n"), now, pi.and_then(|x| x.status.as_ref()))
+                });
                 InstanceView {
                     host,
+                    status,
                     id: i.id(),
                     number: i.number(),
                     pid: FileData::new(&pid, now, pi.map(|x| &x.pid)),

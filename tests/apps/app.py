@@ -10,9 +10,14 @@ GET /upgrade with "Upgrade: echo" answers 101, then echoes raw bytes
 
 Knobs (environment): NO_LISTEN=1 never listens; START_DELAY_MS waits before
 listening; CRASH_AFTER_MS exits with status 3 after that long.
+With NOTIFY_SOCKET (health notify), the sd_notify protocol: READY_AFTER_MS
+(listening at once) says STATUS=warming up, then READY=1 after that long
+(never with READY_AFTER_MS=never); WATCHDOG_FOR_MS sends WATCHDOG=1 every
+100 ms for that long, then stops.
 """
 import http.server
 import os
+import socket
 import socketserver
 import sys
 import threading
@@ -78,6 +83,31 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     request_queue_size = 128
 
 
+def notify(line):
+    addr = env["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        s.sendto(line.encode(), addr)
+    finally:
+        s.close()
+
+
+def notifier():
+    notify("STATUS=warming up")
+    after = env.get("READY_AFTER_MS", "0")
+    if after == "never":
+        return
+    time.sleep(int(after) / 1000)
+    notify("READY=1\nSTATUS=serving")
+    if env.get("WATCHDOG_FOR_MS"):
+        until = time.time() + int(env["WATCHDOG_FOR_MS"]) / 1000
+        while time.time() < until:
+            notify("WATCHDOG=1")
+            time.sleep(0.1)
+
+
 def crash(ms):
     time.sleep(ms / 1000)
     print("crashing on purpose", flush=True)
@@ -92,4 +122,6 @@ if __name__ == "__main__":
         while True:
             time.sleep(3600)
     time.sleep(int(env.get("START_DELAY_MS", "0")) / 1000)
+    if env.get("NOTIFY_SOCKET"):
+        threading.Thread(target=notifier, daemon=True).start()
     Server((env.get("HOST", "127.0.0.1"), int(env["PORT"])), Handler).serve_forever()

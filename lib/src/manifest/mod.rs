@@ -82,6 +82,12 @@ pub struct Manifest {
     pub proxy: Proxy,
     /// Readiness and health probe.
     pub health: Health,
+    /// With `health notify`: the probe that says an instance that said it
+    /// was ready is still alive (`http`, `tcp` or `exec`).
+    pub liveness: Option<Health>,
+    /// With `health notify`: an instance that sends no `WATCHDOG=1` for
+    /// this long fails its probes; zero: no watchdog.
+    pub watchdog: Duration,
     /// Time between probes.
     pub health_interval: Duration,
     /// Limit of one probe.
@@ -272,6 +278,9 @@ pub enum Health {
         /// The command line.
         command: String,
     },
+    /// The program says when it is ready: `READY=1` on `$NOTIFY_SOCKET`,
+    /// as a systemd `Type=notify` service does (sd_notify).
+    Notify,
 }
 
 /// How a rollout replaces instances.
@@ -462,6 +471,8 @@ impl Manifest {
             port: None,
             proxy: Proxy::Tcp,
             health: Health::None,
+            liveness: None,
+            watchdog: Duration::ZERO,
             health_interval: Duration::from_secs(1),
             health_timeout: Duration::from_secs(1),
             health_retries: 3,
@@ -554,7 +565,17 @@ impl Manifest {
                 Health::Tcp => line(format_args!("health tcp")),
                 Health::Http { path } => line(format_args!("health http {path}")),
                 Health::Exec { command } => line(format_args!("health exec {command}")),
+                Health::Notify => line(format_args!("health notify")),
             }
+        }
+        match &self.liveness {
+            Some(Health::Tcp) => line(format_args!("liveness tcp")),
+            Some(Health::Http { path }) => line(format_args!("liveness http {path}")),
+            Some(Health::Exec { command }) => line(format_args!("liveness exec {command}")),
+            _ => {}
+        }
+        if !self.watchdog.is_zero() {
+            line(format_args!("watchdog {}", format_duration(self.watchdog)));
         }
         let durations = [
             ("health_interval", self.health_interval, d.health_interval),

@@ -26,7 +26,7 @@ use super::{
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 40] = [
+const DIRECTIVES: [&str; 42] = [
     "exec",
     "dir",
     "env",
@@ -53,6 +53,8 @@ const DIRECTIVES: [&str; 40] = [
     "before_deploy",
     "after_deploy",
     "hook_timeout",
+    "liveness",
+    "watchdog",
     "auto_rollback",
     "restart",
     "stop_signal",
@@ -122,6 +124,7 @@ enum Directive {
     Port(u16),
     Proxy(Proxy),
     Health(Health),
+    Liveness(Health),
     BeforeDeploy(String),
     AfterDeploy(String),
     Duration(&'static str, Duration),
@@ -377,6 +380,15 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
         "log_max" => Directive::LogMax(size(v, MIN_LOG, MAX_LOG)?),
         "log_rate" => Directive::LogRate(size(v, MIN_LOG, MAX_LOG)?),
         "health" => Directive::Health(health(v)?),
+        "liveness" => match health(v)? {
+            h @ (Health::Tcp | Health::Http { .. } | Health::Exec { .. }) => Directive::Liveness(h),
+            _ => {
+                return Err(v.err(
+                    v.text.trim(),
+                    "liveness needs one of: http PATH, tcp, exec CMDLINE".into(),
+                ));
+            }
+        },
         "max_connections" => {
             Directive::MaxConnections(number(v, 1, u64::from(MAX_CONNECTIONS))? as u32)
         }
@@ -673,17 +685,17 @@ fn signal(v: &Value) -> Result<Signal, LineError> {
 }
 
 fn health(v: &Value) -> Result<Health, LineError> {
-    const WHAT: &str = "one of: http PATH, tcp, exec CMDLINE, none";
+    const WHAT: &str = "one of: http PATH, tcp, exec CMDLINE, notify, none";
     let Ok((after, kind)) = word(v.text) else {
         return Err(v.err("", format!("health needs {WHAT}")));
     };
     match kind {
-        "none" | "tcp" => {
+        "none" | "tcp" | "notify" => {
             v.end(after)?;
-            Ok(if kind == "none" {
-                Health::None
-            } else {
-                Health::Tcp
+            Ok(match kind {
+                "none" => Health::None,
+                "notify" => Health::Notify,
+                _ => Health::Tcp,
             })
         }
         "http" => {
@@ -717,7 +729,7 @@ fn health(v: &Value) -> Result<Health, LineError> {
             other,
             format!(
                 "unknown health check '{other}'{}; expected {WHAT}",
-                suggest(other, &["http", "tcp", "exec", "none"])
+                suggest(other, &["http", "tcp", "exec", "notify", "none"])
             ),
         )),
     }
@@ -790,6 +802,7 @@ impl Builder {
             Directive::Port(n) => m.port = Some(n),
             Directive::Proxy(x) => self.proxy = Some(x),
             Directive::Health(h) => self.health = Some(h),
+            Directive::Liveness(h) => m.liveness = Some(h),
             Directive::HealthRetries(n) => m.health_retries = n,
             Directive::Update(s) => m.update = s,
             Directive::UpdateBatch(Batch::Count(n)) => m.update_batch = n,
@@ -819,6 +832,7 @@ impl Builder {
                     "update_canary_auto" => &mut m.update_canary_auto,
                     "update_watch" => &mut m.update_watch,
                     "hook_timeout" => &mut m.hook_timeout,
+                    "watchdog" => &mut m.watchdog,
                     "stop_timeout" => &mut m.stop_timeout,
                     "drain" => &mut m.drain,
                     "response_timeout" => {
@@ -916,6 +930,16 @@ impl Builder {
                     let message = format!(
                         "update_canary must be at most replicas ({}), got {}",
                         m.replicas, m.update_canary
+                    );
+                    self.error(line, col, message);
+                }
+            }
+        }
+        if m.health != Health::Notify {
+            for name in ["liveness", "watchdog"] {
+                if let Some((line, col)) = self.at(name) {
+                    let message = format!(
+                        "{name} is for health notify (the program says it is ready; {name} says it is still alive)"
                     );
                     self.error(line, col, message);
                 }

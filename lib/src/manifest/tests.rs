@@ -104,6 +104,24 @@ queue_timeout 3s
     ));
     assert_eq!(ok("exec a\n").hook_timeout, Duration::from_secs(300));
     assert!(error("exec a\nhook_timeout 0s\n").contains("hook_timeout must be more than 0"));
+    let n = ok("exec a\nport 80\nhealth notify\nliveness http /alive\nwatchdog 10s\n");
+    assert_eq!(n.health, Health::Notify);
+    assert_eq!(
+        n.liveness,
+        Some(Health::Http {
+            path: "/alive".into()
+        })
+    );
+    assert_eq!(n.watchdog, Duration::from_secs(10));
+    assert!(
+        n.canonical()
+            .contains("health notify\nliveness http /alive\nwatchdog 10s\n")
+    );
+    assert_eq!(
+        error("exec a\nport 80\nliveness tcp\n"),
+        "3:10: liveness is for health notify (the program says it is ready; liveness says it is still alive)"
+    );
+    assert!(error("exec a\nhealth notify\nliveness none\n").contains("liveness needs one of"));
     let w = ok("exec a\nupdate_watch 5m\n");
     assert_eq!(w.update_watch, Duration::from_secs(300));
     assert!(w.canonical().contains("update_watch 5m\n"));
@@ -441,11 +459,11 @@ fn keyword_errors() {
 fn health_errors() {
     assert_eq!(
         error("exec a\nhealth\n"),
-        "2:7: health needs one of: http PATH, tcp, exec CMDLINE, none"
+        "2:7: health needs one of: http PATH, tcp, exec CMDLINE, notify, none"
     );
     assert_eq!(
         error("exec a\nhealth htp /\n"),
-        "2:8: unknown health check 'htp' (did you mean 'http'?); expected one of: http PATH, tcp, exec CMDLINE, none"
+        "2:8: unknown health check 'htp' (did you mean 'http'?); expected one of: http PATH, tcp, exec CMDLINE, notify, none"
     );
     assert_eq!(
         error("exec a\nhealth http\n"),

@@ -682,6 +682,7 @@ impl Fs {
                     .iter()
                     // `host` only in a cluster.
                     .filter(|(_, f, _)| *f != InstFile::Host || i.host.is_some())
+                    .filter(|(_, f, _)| *f != InstFile::Status || i.status.is_some())
                     .map(|(name, f, _)| (name.to_string(), Node::InstFile(s, n, *f)))
                     .collect()
             }

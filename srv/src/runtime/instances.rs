@@ -18,6 +18,7 @@ use tokio::task::AbortHandle;
 use super::{Msg, Runtime};
 use crate::handoff;
 use crate::logfile;
+use crate::notify;
 use crate::probe;
 use crate::process::{self, Children, Spawn, Tracking, Waiter};
 
@@ -52,6 +53,8 @@ pub struct Inst {
     memory_max: Option<u64>,
     /// What its env files said when it started ([`host::env_digest`]).
     pub env: u64,
+    /// With `health notify`: what it said on its socket.
+    pub notify: Option<Arc<notify::State>>,
 }
 
 impl Inst {
@@ -91,6 +94,7 @@ impl Inst {
             stop_timeout: m.stop_timeout,
             memory_max: m.memory_max,
             env,
+            notify: None,
         }
     }
 }
@@ -129,7 +133,31 @@ impl Runtime {
         };
         let dir = self.instance_dir(&m);
         let env_digest = host::env_digest(&files);
-        let env = instance_env(&name, &m, files, self.ip, port, slot, spec.version);
+        let mut env = instance_env(&name, &m, files, self.ip, port, slot, spec.version);
+        let notify = match m.health {
+            Health::Notify => match notify::socket(name.as_str(), id.0) {
+                Ok(sock) => {
+                    env.push(("NOTIFY_SOCKET".into(), sock.name.clone()));
+                    if !m.watchdog.is_zero() {
+                        env.push(("WATCHDOG_USEC".into(), m.watchdog.as_micros().to_string()));
+                    }
+                    Some((sock, Arc::new(notify::State::default())))
+                }
+                Err(err) => {
+                    if let Some(p) = port {
+                        self.ports.remove(&p);
+                    }
+                    let exit = match crate::short::describe(&err) {
+                        Some(why) => Exit::Short(why),
+                        None => Exit::SpawnFailed(format!("no NOTIFY_SOCKET: {err}")),
+                    };
+                    return self.not_started(sid, id, exit);
+                }
+            },
+            _ => None,
+        };
+        let notified = notify.as_ref().map(|(_, state)| state.clone());
+        let notified_view = notified.clone();
         let log = self.store.log_path(&name, self.generation, id.0);
         let (read, write) = match logfile::pipe() {
             Ok(p) => p,
@@ -177,14 +205,18 @@ impl Runtime {
                     });
             // Spawned goes first: an exit the reaper already saw is only
             // delivered by watch(), after it.
+            if let (Ok(pid), Some(state)) = (&spawned, &notified) {
+                state.pgid.store(*pid, Ordering::SeqCst);
+            }
             let _ = tx.send(Msg::Spawned { sid, id, result });
             if let Ok(pid) = spawned {
                 watch_exit(&children, &tx, flag, sid, id, pid);
             }
         });
-        let prober = self.start_prober(sid, id, &m, port, dir, env);
+        let prober = self.start_prober(sid, id, &m, port, (dir, env), notify);
         let mut inst = Inst::new(&m, port, log, log_read, prober, exited, env_digest);
         inst.pumped = Some(pumped);
+        inst.notify = notified_view;
         if let Some(r) = self.rt(sid) {
             r.instances.insert(id, inst);
         }
@@ -244,13 +276,17 @@ impl Runtime {
         id: InstanceId,
         m: &manifest::Manifest,
         port: Option<u16>,
-        dir: PathBuf,
-        env: Vec<(String, String)>,
+        (dir, env): (PathBuf, Vec<(String, String)>),
+        notify: Option<(notify::Socket, Arc<notify::State>)>,
     ) -> (Option<AbortHandle>, Arc<Notify>) {
         let poke = Arc::new(Notify::new());
         if m.health == Health::None {
             return (None, poke);
         }
+        let (sock, state) = match notify {
+            Some((sock, state)) => (Some(sock), Some(state)),
+            None => (None, None),
+        };
         let target = probe::Target {
             ip: self.ip,
             health: m.health.clone(),
@@ -260,6 +296,7 @@ impl Runtime {
             dir,
             env,
             user: m.user.clone(),
+            notify: state.clone().map(|s| (s, m.liveness.clone(), m.watchdog)),
         };
         let tx = self.tx.clone();
         let report = move |result| {
@@ -269,13 +306,24 @@ impl Runtime {
         let short = move |why| {
             let _ = tx.send(Msg::Short { sid, id, why });
         };
-        let task = tokio::spawn(probe::run(
-            target,
-            self.children.clone(),
-            poke.clone(),
-            report,
-            short,
-        ));
+        let probing = probe::run(target, self.children.clone(), poke.clone(), report, short);
+        // The socket is read as long as the instance is probed: one task.
+        let listening = {
+            let tx = self.tx.clone();
+            let changed = move || {
+                let _ = tx.send(Msg::NotifyStatus { sid });
+            };
+            let poke = poke.clone();
+            async move {
+                match (sock, state) {
+                    (Some(sock), Some(state)) => notify::serve(sock, state, poke, changed).await,
+                    _ => std::future::pending().await,
+                }
+            }
+        };
+        let task = tokio::spawn(async move {
+            tokio::join!(probing, listening);
+        });
         (Some(task.abort_handle()), poke)
     }
 
@@ -309,9 +357,29 @@ impl Runtime {
         );
         let exited = Arc::new(AtomicBool::new(false));
         watch_exit(&self.children, &self.tx, exited.clone(), sid, id, h.pid);
-        let prober = self.start_prober(sid, id, &m, h.port, self.instance_dir(&m), env);
+        // Handed on ready: it said READY=1 to the deployd before, which
+        // this one is (the same process, so the same socket name).
+        let notify = match m.health {
+            Health::Notify => match notify::socket(name.as_str(), id.0) {
+                Ok(sock) => {
+                    let state = notify::State::default();
+                    state.pgid.store(h.pid, Ordering::SeqCst);
+                    state.ready.store(true, Ordering::SeqCst);
+                    *state.pinged.lock() = Some(std::time::Instant::now());
+                    Some((sock, Arc::new(state)))
+                }
+                Err(err) => {
+                    tracing::warn!("{name}: instance {}: NOTIFY_SOCKET: {err}", h.number);
+                    None
+                }
+            },
+            _ => None,
+        };
+        let notified = notify.as_ref().map(|(_, state)| state.clone());
+        let prober = self.start_prober(sid, id, &m, h.port, (self.instance_dir(&m), env), notify);
         let mut inst = Inst::new(&m, h.port, h.log, log_read, prober, exited, env_digest);
         inst.pumped = Some(pumped);
+        inst.notify = notified;
         inst.pid = Some(h.pid);
         inst.memory = memory_watch(&self.tx, sid, id, inst.memory_max, h.pid);
         inst.start_time = h.start_time;

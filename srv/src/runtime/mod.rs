@@ -80,6 +80,11 @@ pub enum Msg {
         /// The line.
         line: String,
     },
+    /// An instance's `STATUS=` changed (`health notify`).
+    NotifyStatus {
+        /// The service's number.
+        sid: u32,
+    },
     /// A rollout's hook ended.
     Hook {
         /// The service's number.
@@ -420,6 +425,7 @@ impl Runtime {
             }
             Msg::Probe { sid, id, result } => self.feed(sid, MachineInput::Probe { id, result }),
             Msg::Hook { sid, hook, result } => self.hook_done(sid, hook, result),
+            Msg::NotifyStatus { sid } => self.core.touch(sid),
             Msg::Short { sid, id, why } => self.short(sid, id, &why),
             Msg::OverMemory { sid, id, rss } => {
                 self.feed(sid, MachineInput::OverMemory { id, rss })
@@ -462,6 +468,7 @@ impl Runtime {
             Msg::Probe { sid, id, result } => self.cluster_probed(sid, id, result),
             // Hooks run on one host only (a cluster host refuses them).
             Msg::Hook { .. } => {}
+            Msg::NotifyStatus { sid } => self.core.touch(sid),
             Msg::Short { sid, id, why } => self.short(sid, id, &why),
             // The leader's machine decides; the agent reports the sample.
             Msg::OverMemory { sid, id, rss } => {

@@ -434,12 +434,14 @@ impl Runtime {
                     log: Some(i.log.clone()),
                     host: on,
                     remote: false,
+                    status: i.notify.as_ref().map(|n| n.status.lock().clone()),
                 }),
                 None => host.map(|h| view::Runtime {
                     port: h.routed_port(&e.name, id),
                     log: None,
                     remote: on.as_deref() != Some(h.link.me.as_str()),
                     host: on,
+                    status: None,
                 }),
             }
         };
