@@ -1320,8 +1320,15 @@ fn health_notify_readiness_from_the_program_and_its_watchdog() {
     );
     let out = d.deploy(&["apply", "web"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let pids: Vec<u32> = d.instances("web").iter().map(|i| i.1).collect();
     let events = d.wait_events("web", "no WATCHDOG=1 within watchdog 1s", 1);
     assert!(events.contains("unhealthy"), "{events}");
+    // Replaced: a new process in its slot.
+    wait_for("an instance replaced", Duration::from_secs(20), || {
+        d.instances("web")
+            .iter()
+            .any(|i| i.1 != 0 && !pids.contains(&i.1))
+    });
     // Readiness from the program, liveness from a probe: a ready program
     // whose liveness probe fails is not healthy.
     d.settle("web", LONG);
