@@ -1806,18 +1806,11 @@ fn plan_says_what_apply_then_does() {
     let Some(d) = Deployd::start_settled(&[("web", m("env TAG=v1\n"))]) else {
         return;
     };
-    let own = [
-        " started (pid ",
-        " healthy (",
-        " stopped (",
-        " exited (",
-        " ready (",
-    ];
     // A step as both say it: no time stamp, no duration, no instance's
     // own news.
     let step = |line: &str| -> Option<String> {
         let line = line.trim();
-        if own.iter().any(|w| line.contains(w)) || line.is_empty() {
+        if !deployd_lib::rollout::is_step(line) || line.is_empty() {
             return None;
         }
         Some(match line.rfind(" (") {

@@ -57,7 +57,7 @@ use crate::name::ServiceName;
 
 use instance::ProbeEffect;
 pub use instance::{ALLOWED, Exit, Instance, InstanceId, Role, State};
-pub use plan::{Plan, plan};
+pub use plan::{Plan, is_step, plan};
 
 /// First restart delay after an unexpected exit; doubles each time.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);

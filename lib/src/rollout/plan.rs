@@ -176,7 +176,7 @@ impl World {
                 }
                 Action::RouteOut { id } => self.queue.push_back(Input::Drained { id }),
                 Action::Event(line) => {
-                    if shown(&line) {
+                    if is_step(&line) {
                         self.steps.push(line);
                     }
                 }
@@ -211,9 +211,10 @@ impl World {
     }
 }
 
-/// Whether an event line is a step of the plan: not an instance's own news
-/// (started with its pid, healthy after so long, stopped by its signal).
-fn shown(line: &str) -> bool {
+/// Whether an event line is a step of a plan: not an instance's own news
+/// (started with its pid, healthy after so long, stopped by its signal),
+/// which no plan can tell.
+pub fn is_step(line: &str) -> bool {
     let own = [
         " started (pid ",
         " healthy (",

@@ -3425,14 +3425,7 @@ fn stories_that_broke_an_invariant() {
 /// An event line as a plan compares it: an instance's own news left out
 /// (as the plan leaves it out), durations (the real ones are longer).
 fn plan_step(line: &str) -> Option<String> {
-    let own = [
-        " started (pid ",
-        " healthy (",
-        " stopped (",
-        " exited (",
-        " ready (",
-    ];
-    if own.iter().any(|w| line.contains(w)) {
+    if !super::is_step(line) {
         return None;
     }
     Some(match line.rfind(" (") {
