@@ -95,6 +95,8 @@ pub async fn run(
     };
     let starting = match target.health {
         Health::Exec { .. } => STARTING_EXEC,
+        // READY=1 asks for a probe at once (poke): no need to poll for it.
+        Health::Notify => target.interval,
         _ => STARTING_HTTP,
     };
     let mut healthy_once = false;
