@@ -249,7 +249,7 @@ impl Service {
         let slots = c.slots.clone();
         let mut trouble = Vec::new();
         for (slot, restarts) in slots {
-            let now = self.slots.get(slot as usize).map_or(0, |s| s.restarts);
+            let now = self.restarts(slot);
             let ready = self.serving(slot).is_some_and(|i| {
                 let i = &self.instances[i];
                 i.state == State::Ready && i.spec.version == self.target.version
@@ -678,11 +678,8 @@ impl Service {
             self.event("paused".into());
         }
         if batch.canary && more {
-            let restarts: Vec<(u32, u32)> = batch
-                .slots
-                .iter()
-                .map(|&s| (s, self.slots.get(s as usize).map_or(0, |x| x.restarts)))
-                .collect();
+            let restarts: Vec<(u32, u32)> =
+                batch.slots.iter().map(|&s| (s, self.restarts(s))).collect();
             if let Some(c) = self.rollout.as_mut().and_then(|r| r.canary.as_mut()) {
                 c.slots = restarts;
             }
@@ -709,7 +706,7 @@ impl Service {
         let window = self.target.manifest.update_watch;
         let mut trouble = None;
         for &(slot, restarts) in &w.slots {
-            let now = self.slots.get(slot as usize).map_or(0, |s| s.restarts);
+            let now = self.restarts(slot);
             let serving = self.serving(slot).map(|i| &self.instances[i]);
             let what = match serving {
                 Some(i) if i.state == State::Exited => match &i.exit {
@@ -749,24 +746,27 @@ impl Service {
             return;
         }
         let window = self.target.manifest.update_watch;
-        if let Some(r) = &mut self.rollout {
-            if r.watch.is_none() && matches!(r.kind, Kind::Apply) && !window.is_zero() {
-                let slots = (0..self.target.manifest.replicas)
-                    .map(|s| (s, self.slots.get(s as usize).map_or(0, |x| x.restarts)))
-                    .collect();
-                r.watch = Some(Watch {
-                    since: self.now,
-                    slots,
-                });
-                let took = format_secs(self.now.since(r.started_at));
-                let noun = r.kind.noun(self.target.manifest.update);
-                let v = self.target.version;
-                self.event(format!(
-                    "{noun} complete: at {v} ({took}); watched for {} (update_watch)",
-                    format_duration(window)
-                ));
-                return;
-            }
+        let watched = self
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.watch.is_none() && matches!(r.kind, Kind::Apply));
+        if watched && !window.is_zero() {
+            let slots = (0..self.target.manifest.replicas)
+                .map(|s| (s, self.restarts(s)))
+                .collect();
+            let Some(r) = &mut self.rollout else { return };
+            r.watch = Some(Watch {
+                since: self.now,
+                slots,
+            });
+            let took = format_secs(self.now.since(r.started_at));
+            let noun = r.kind.noun(self.target.manifest.update);
+            let v = self.target.version;
+            self.event(format!(
+                "{noun} complete: at {v} ({took}); watched for {} (update_watch)",
+                format_duration(window)
+            ));
+            return;
         }
         let Some(r) = self.rollout.take() else { return };
         let took = format_secs(self.now.since(r.started_at));

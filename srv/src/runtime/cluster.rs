@@ -491,11 +491,7 @@ impl Runtime {
         };
         let result = match result {
             Ok(pid) => {
-                let Some(inst) = self
-                    .services
-                    .get_mut(&sid)
-                    .and_then(|r| r.instances.get_mut(&id))
-                else {
+                let Some(inst) = self.instance_mut(sid, id) else {
                     return;
                 };
                 inst.pid = Some(pid);

@@ -120,13 +120,7 @@ impl Runtime {
         let port = if m.needs_instance_port() {
             match self.alloc_port(kept) {
                 Ok(p) => Some(p),
-                Err(err) => {
-                    let exit = match crate::short::describe(&err) {
-                        Some(why) => Exit::Short(why),
-                        None => Exit::SpawnFailed(format!("no free port: {err}")),
-                    };
-                    return self.not_started(sid, id, exit);
-                }
+                Err(err) => return self.not_started_for(sid, id, None, "no free port", &err),
             }
         } else {
             None
@@ -143,16 +137,7 @@ impl Runtime {
                     }
                     Some((sock, Arc::new(notify::State::default())))
                 }
-                Err(err) => {
-                    if let Some(p) = port {
-                        self.ports.remove(&p);
-                    }
-                    let exit = match crate::short::describe(&err) {
-                        Some(why) => Exit::Short(why),
-                        None => Exit::SpawnFailed(format!("no NOTIFY_SOCKET: {err}")),
-                    };
-                    return self.not_started(sid, id, exit);
-                }
+                Err(err) => return self.not_started_for(sid, id, port, "no NOTIFY_SOCKET", &err),
             },
             _ => None,
         };
@@ -162,14 +147,7 @@ impl Runtime {
         let (read, write) = match logfile::pipe() {
             Ok(p) => p,
             Err(err) => {
-                if let Some(p) = port {
-                    self.ports.remove(&p);
-                }
-                let exit = match crate::short::describe(&err) {
-                    Some(why) => Exit::Short(why),
-                    None => Exit::SpawnFailed(format!("no pipe for its output: {err}")),
-                };
-                return self.not_started(sid, id, exit);
+                return self.not_started_for(sid, id, port, "no pipe for its output", &err);
             }
         };
         let log_read = read.try_clone().ok();
@@ -224,6 +202,27 @@ impl Runtime {
 
     /// An instance that could not be started: the core hears so at the
     /// flush, as if it had exited.
+    /// An instance not started because `what` failed with `err`: a
+    /// shortage of deployd's own is said as one; `port`, taken for it, is
+    /// free again.
+    fn not_started_for(
+        &mut self,
+        sid: u32,
+        id: InstanceId,
+        port: Option<u16>,
+        what: &str,
+        err: &std::io::Error,
+    ) {
+        if let Some(p) = port {
+            self.ports.remove(&p);
+        }
+        let exit = match crate::short::describe(err) {
+            Some(why) => Exit::Short(why),
+            None => Exit::SpawnFailed(format!("{what}: {err}")),
+        };
+        self.not_started(sid, id, exit)
+    }
+
     fn not_started(&mut self, sid: u32, id: InstanceId, exit: Exit) {
         if self.cluster.is_some() {
             let tx = self.tx.clone();
@@ -390,11 +389,7 @@ impl Runtime {
 
     /// The spawning thread started (or failed to start) an instance's process.
     pub(super) fn spawned(&mut self, sid: u32, id: InstanceId, result: Result<u32, Exit>) {
-        let Some(inst) = self
-            .services
-            .get_mut(&sid)
-            .and_then(|r| r.instances.get_mut(&id))
-        else {
+        let Some(inst) = self.instance_mut(sid, id) else {
             return;
         };
         match result {
@@ -418,11 +413,7 @@ impl Runtime {
     /// for before it was sent.
     pub(super) fn spawned_pid(&mut self, sid: u32, id: InstanceId, pid: u32) {
         let (tx, tracking) = (self.tx.clone(), self.children.tracking().clone());
-        let Some(inst) = self
-            .services
-            .get_mut(&sid)
-            .and_then(|r| r.instances.get_mut(&id))
-        else {
+        let Some(inst) = self.instance_mut(sid, id) else {
             return;
         };
         inst.memory = memory_watch(&tx, sid, id, inst.memory_max, pid);
@@ -489,11 +480,7 @@ impl Runtime {
         timeout: Duration,
     ) {
         let tracking = self.children.tracking().clone();
-        let Some(inst) = self
-            .services
-            .get_mut(&sid)
-            .and_then(|r| r.instances.get_mut(&id))
-        else {
+        let Some(inst) = self.instance_mut(sid, id) else {
             return;
         };
         match inst.pid {
@@ -572,6 +559,11 @@ impl Runtime {
         if !routed {
             self.core.defer(sid, MachineInput::Drained { id });
         }
+    }
+
+    /// Instance `id` of service `sid`, if the runtime has it.
+    pub(super) fn instance_mut(&mut self, sid: u32, id: InstanceId) -> Option<&mut Inst> {
+        self.services.get_mut(&sid)?.instances.get_mut(&id)
     }
 
     /// Takes instance `id` of service `sid` out of its service's table.

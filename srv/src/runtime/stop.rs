@@ -206,10 +206,7 @@ impl Runtime {
             }
             // Started while stopping: stop it too.
             Some(Msg::Spawned { sid, id, result }) => {
-                let inst = self
-                    .services
-                    .get_mut(&sid)
-                    .and_then(|r| r.instances.get_mut(&id));
+                let inst = self.instance_mut(sid, id);
                 match (result, inst) {
                     (Ok(pid), Some(inst)) => {
                         inst.pid = Some(pid);
