@@ -21,14 +21,24 @@ pub const GUARD: &str = "DEPLOYD_GUARD";
 /// instance's output is deployd's pipe, not the journal.
 pub const JOURNAL_STREAM: &str = "JOURNAL_STREAM";
 
+/// The service manager's socket for deployd's own readiness (`systemd`);
+/// an instance with `health notify` gets one of deployd's instead.
+pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+/// The service manager's watchdog interval for deployd, and whose it is.
+pub const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
+pub const WATCHDOG_PID: &str = "WATCHDOG_PID";
+
 /// Every one of them.
-pub const NOT_INHERITED: [&str; 6] = [
+pub const NOT_INHERITED: [&str; 9] = [
     LISTEN_PID,
     LISTEN_FDS,
     LISTEN_FDNAMES,
     HANDOFF,
     GUARD,
     JOURNAL_STREAM,
+    NOTIFY_SOCKET,
+    WATCHDOG_USEC,
+    WATCHDOG_PID,
 ];
 
 /// The socket activation protocol's, removed before deployd replaces

@@ -56,6 +56,7 @@ mod proxy;
 mod runtime;
 mod short;
 mod store;
+mod systemd;
 mod view;
 
 use std::path::{Path, PathBuf};
@@ -84,10 +85,33 @@ struct Args {
     /// Configuration file
     #[arg(long, short, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Tells the deployd of this configuration to replace itself with the
+    /// binary now installed, keeping every instance (`reexec` on its root
+    /// ctl, wherever it is mounted), and waits for it to be back: the
+    /// systemd unit's `ExecReload`.
+    Reexec,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Reexec) = args.command {
+        return match reexec_running(&args.config) {
+            Ok(msg) => {
+                println!("{msg}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("deployd: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match try_main(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -165,6 +189,50 @@ fn try_main(args: &Args) -> Result<(), Error> {
         (Some(path), Some(exe)) => Err(reexec(&exe, &path, &tracking)),
         _ => Ok(()),
     }
+}
+
+/// `deployd reexec`: writes `reexec` to the root ctl of the deployd that
+/// runs with `config`, then waits (up to a minute) for the namespace of
+/// the deployd it becomes: its root ctl's time is when it started.
+fn reexec_running(config: &Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let ctl = config.mountpoint.join("ctl");
+    let started_at = || std::fs::metadata(&ctl).and_then(|m| m.modified()).ok();
+    let old = started_at();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&ctl)
+        .map_err(|e| format!("{}: {e} (is deployd running?)", ctl.display()))?;
+    let written = (&f).write(b"reexec\n");
+    let mut buf = vec![0u8; 4096];
+    let n = f.read_at(&mut buf, 0).unwrap_or(0);
+    let answer = String::from_utf8_lossy(&buf[..n]).trim_end().to_string();
+    drop(f);
+    if let Err(e) = written {
+        return Err(match answer.strip_prefix("error: ") {
+            Some(why) => format!("reexec refused: {why}"),
+            None => format!("reexec: {e}"),
+        });
+    }
+    let since = std::time::Instant::now();
+    while since.elapsed() < std::time::Duration::from_secs(60) {
+        let now = started_at();
+        if now.is_some() && now != old {
+            return Ok(format!(
+                "deployd: {}; back in {:.2}s",
+                answer.strip_prefix("ok: ").unwrap_or(&answer),
+                since.elapsed().as_secs_f64()
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Err(format!(
+        "not back at {} after 60s",
+        config.mountpoint.display()
+    ))
 }
 
 /// Why deployd cannot run (exit 1).

@@ -146,6 +146,8 @@ pub struct Deployd {
     pub nofile: Option<u64>,
     /// A program deployd runs under (`nsenter --net=...`), if any.
     pub wrapper: Vec<String>,
+    /// Variables set in deployd's environment.
+    pub env: Vec<(String, String)>,
 }
 
 impl Deployd {
@@ -221,6 +223,7 @@ impl Deployd {
             child: None,
             nofile: None,
             wrapper: Vec::new(),
+            env: Vec::new(),
             dir,
         })
     }
@@ -291,6 +294,7 @@ impl Deployd {
                 });
             }
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd
             .arg("--config")
             .arg(&self.config)
@@ -312,6 +316,11 @@ impl Deployd {
                 ctl.exists()
             },
         );
+    }
+
+    /// Its configuration file.
+    pub fn config(&self) -> &std::path::Path {
+        &self.config
     }
 
     pub fn log(&self) -> String {

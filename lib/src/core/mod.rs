@@ -30,6 +30,8 @@
 mod after;
 mod commands;
 pub mod history;
+mod standing;
+pub use standing::Standing;
 #[cfg(test)]
 mod tests;
 

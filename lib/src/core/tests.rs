@@ -669,3 +669,51 @@ fn an_apply_whose_env_files_changed_restarts_every_instance() {
     );
     assert!(r.unwrap().starts_with("unchanged"));
 }
+
+/// deployd's own readiness: not back while an instance is starting; back
+/// once every instance is ready, and once a service is stopped; the line
+/// counts ready instances out of replicas and names what is rolling,
+/// held or failed.
+#[test]
+fn the_host_is_back_once_no_instance_is_starting() {
+    let mut w = World::new();
+    assert_eq!(
+        w.core.standing(),
+        Standing {
+            back: true,
+            line: "0 services, 0/0 instances ready".into()
+        }
+    );
+    w.apply_all(Ok(vec![
+        Ok((name("web"), loaded(spec("web-v1", 2, "")))),
+        Ok((name("api"), loaded(spec("api-v1", 1, "")))),
+    ]))
+    .unwrap();
+    let s = w.core.standing();
+    assert!(!s.back, "{s:?}");
+    assert_eq!(s.line, "2 services, 0/3 instances ready; rolling: api, web");
+    w.settle();
+    assert_eq!(
+        w.core.standing(),
+        Standing {
+            back: true,
+            line: "2 services, 3/3 instances ready".into()
+        }
+    );
+    // A rollout: starting again, and named; old and new ready at once
+    // count once.
+    w.apply("web", loaded(spec("web-v2", 2, ""))).unwrap();
+    let s = w.core.standing();
+    assert!(!s.back, "{s:?}");
+    assert_eq!(s.line, "2 services, 3/3 instances ready; rolling: web");
+    w.settle();
+    w.ctl("api", Verb::Stop).unwrap();
+    w.settle();
+    assert_eq!(
+        w.core.standing(),
+        Standing {
+            back: true,
+            line: "2 services, 2/2 instances ready".into()
+        }
+    );
+}

@@ -253,6 +253,10 @@ pub struct Runtime {
     /// Where instances listen (`$HOST`): the loopback address, or in a
     /// cluster this host's address.
     ip: std::net::IpAddr,
+    /// deployd's service manager, told how the services stand.
+    manager: crate::systemd::Manager,
+    /// When to next ping the service manager's watchdog.
+    watchdog: Option<tokio::time::Instant>,
 }
 
 impl Runtime {
@@ -291,6 +295,8 @@ impl Runtime {
                 .as_ref()
                 .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |l| l.address),
             cluster: parts.cluster.map(cluster::Host::new),
+            manager: crate::systemd::Manager::from_env(),
+            watchdog: None,
         }
     }
 
@@ -333,7 +339,14 @@ impl Runtime {
         mut rx: mpsc::UnboundedReceiver<Msg>,
         mut signals: watch::Receiver<u32>,
     ) -> Outcome {
+        self.watchdog = self
+            .manager
+            .watchdog_every()
+            .map(|d| tokio::time::Instant::now() + d);
         loop {
+            if self.manager.is_on() {
+                self.manager.standing(&self.core.standing());
+            }
             // In a cluster the machines are the leader's: only the agent
             // has deadlines here.
             let deadline = match &self.cluster {
@@ -374,12 +387,23 @@ impl Runtime {
                         self.core.touch(sid);
                     }
                 }
+                _ = sleep_until(self.watchdog) => {
+                    self.manager.watchdog();
+                    self.watchdog = self
+                        .manager
+                        .watchdog_every()
+                        .map(|d| tokio::time::Instant::now() + d);
+                }
                 Ok(_) = signals.wait_for(|n| *n >= 1) => break,
             }
             self.settle();
             if self.core.replacing() {
                 break;
             }
+        }
+        match self.core.replacing() {
+            true => self.manager.reloading(),
+            false => self.manager.stopping(),
         }
         self.stop(&mut rx, &mut signals).await
     }
