@@ -32,6 +32,10 @@ pub struct Config {
     pub allow_other: bool,
     /// deployd's own log level.
     pub log_level: LevelFilter,
+    /// deployd's own log as JSON lines rather than text.
+    pub log_json: bool,
+    /// Where to serve `GET /metrics` (Prometheus), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
     /// With `[cluster]`: one host of several, coordinated through etcd.
     pub cluster: Option<Cluster>,
 }
@@ -70,6 +74,8 @@ struct Raw {
     bind: Option<String>,
     allow_other: Option<bool>,
     log_level: Option<String>,
+    log_format: Option<String>,
+    metrics: Option<String>,
     cluster: Option<RawCluster>,
 }
 
@@ -106,6 +112,10 @@ pub enum Invalid {
     Bind(String),
     /// `log_level` is not a level.
     LogLevel(String),
+    /// `log_format` is neither `text` nor `json`.
+    LogFormat(String),
+    /// `metrics` is not an address with a port.
+    Metrics(String),
     /// The state or manifests directory is inside the mountpoint.
     InsideMountpoint,
     /// Something of `[cluster]`: what.
@@ -128,6 +138,11 @@ impl std::fmt::Display for Invalid {
             Invalid::Bind(b) => write!(
                 f,
                 "bind: '{b}' is not an IP address (e.g. 127.0.0.1 or ::1)"
+            ),
+            Invalid::LogFormat(l) => write!(f, "log_format: '{l}' is not one of text, json"),
+            Invalid::Metrics(m) => write!(
+                f,
+                "metrics: '{m}' is not an address and port (e.g. 127.0.0.1:9464 or [::1]:9464)"
             ),
             Invalid::LogLevel(l) => write!(
                 f,
@@ -179,6 +194,15 @@ impl Config {
             "trace" => LevelFilter::TRACE,
             other => return Err(Invalid::LogLevel(other.to_string())),
         };
+        let log_json = match raw.log_format.as_deref().unwrap_or("text") {
+            "text" => false,
+            "json" => true,
+            other => return Err(Invalid::LogFormat(other.to_string())),
+        };
+        let metrics = match raw.metrics.as_deref() {
+            None => None,
+            Some(m) => Some(m.parse().map_err(|_| Invalid::Metrics(m.to_string()))?),
+        };
         let cluster = match raw.cluster {
             None => None,
             Some(c) => Some(cluster(c, dir).map_err(Invalid::Cluster)?),
@@ -191,6 +215,8 @@ impl Config {
             bind,
             allow_other: raw.allow_other.unwrap_or(false),
             log_level,
+            log_json,
+            metrics,
         };
         if config.state.starts_with(&config.mountpoint)
             || config.manifests.starts_with(&config.mountpoint)
@@ -310,15 +336,19 @@ mod tests {
         assert_eq!(c.bind, IpAddr::from([127, 0, 0, 1]));
         assert!(!c.allow_other);
         assert_eq!(c.log_level, LevelFilter::INFO);
+        assert!(!c.log_json);
+        assert_eq!(c.metrics, None);
     }
 
     #[test]
     fn every_key() {
         let c = Config::parse(
-            "mountpoint = \"/mnt/d\"\nmanifests = \"/m\"\nstate = \"/s\"\nbind = \"::1\"\nallow_other = true\nlog_level = \"debug\"\n",
+            "mountpoint = \"/mnt/d\"\nmanifests = \"/m\"\nstate = \"/s\"\nbind = \"::1\"\nallow_other = true\nlog_level = \"debug\"\nlog_format = \"json\"\nmetrics = \"127.0.0.1:9464\"\n",
             Path::new("/"),
         )
         .unwrap();
+        assert!(c.log_json);
+        assert_eq!(c.metrics, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.mountpoint, PathBuf::from("/mnt/d"));
         assert_eq!(c.bind, "::1".parse::<IpAddr>().unwrap());
         assert!(c.allow_other);
@@ -340,6 +370,13 @@ mod tests {
         assert!(e.contains("invalid type"), "{e}");
         let e = err("log_level = \"loud\"\n");
         assert!(e.starts_with("log_level: 'loud'"), "{e}");
+        let e = err("log_format = \"xml\"\n");
+        assert_eq!(e, "log_format: 'xml' is not one of text, json");
+        let e = err("metrics = \"9464\"\n");
+        assert!(
+            e.starts_with("metrics: '9464' is not an address and port"),
+            "{e}"
+        );
         let e = err("mountpoint = \"/d\"\nstate = \"/d/s\"\n");
         assert_eq!(e, "state and manifests must not be inside the mountpoint");
         let e = err("[x\n");

@@ -28,8 +28,11 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 pub const WATCHDOG_USEC: &str = "WATCHDOG_USEC";
 pub const WATCHDOG_PID: &str = "WATCHDOG_PID";
 
+/// deployd's own log filter (an instance's is its manifest's `env`).
+pub const RUST_LOG: &str = "RUST_LOG";
+
 /// Every one of them.
-pub const NOT_INHERITED: [&str; 9] = [
+pub const NOT_INHERITED: [&str; 10] = [
     LISTEN_PID,
     LISTEN_FDS,
     LISTEN_FDNAMES,
@@ -39,6 +42,7 @@ pub const NOT_INHERITED: [&str; 9] = [
     NOTIFY_SOCKET,
     WATCHDOG_USEC,
     WATCHDOG_PID,
+    RUST_LOG,
 ];
 
 /// The socket activation protocol's, removed before deployd replaces

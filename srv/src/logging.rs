@@ -7,7 +7,15 @@
 //!   info, `<7>` debug, which journald takes as the entry's priority, so
 //!   `journalctl -u deployd -p warning` shows the warnings and errors; no
 //!   time, the journal has its own;
-//! - anything else (a file, a pipe): times and levels, plain text.
+//! - anything else (a file, a pipe): times and levels, plain text;
+//! - with `log_format = "json"`, wherever it goes: a JSON object a line
+//!   (`timestamp`, `level`, `message` and the event's fields), for a log
+//!   shipper.
+//!
+//! What is logged: deployd's own lines at `log_level`, the libraries'
+//! (etcd's client, gRPC) from warnings; `RUST_LOG`, when set, replaces
+//! both with its directives (`deployd=debug,h2=warn`, as `EnvFilter`
+//! reads them).
 
 use std::ffi::OsStr;
 use std::io::IsTerminal;
@@ -15,12 +23,17 @@ use std::os::unix::fs::MetadataExt;
 
 use tracing::level_filters::LevelFilter;
 use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, Writer};
 use tracing_subscriber::registry::LookupSpan;
 
-/// Sets the log up for the process, at `level`.
-pub fn init(level: LevelFilter) {
+/// Sets the log up for the process, at `level`, as JSON lines with `json`.
+/// Returns what was wrong with `RUST_LOG`, if it could not be used (the
+/// level is used then).
+pub fn init(level: LevelFilter, json: bool) -> Option<String> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
     let stderr = std::io::stderr();
     let journal = std::fs::metadata("/proc/self/fd/2").is_ok_and(|m| {
         is_journal(
@@ -29,23 +42,42 @@ pub fn init(level: LevelFilter) {
             m.ino(),
         )
     });
-    use tracing_subscriber::layer::SubscriberExt;
-    // deployd's own lines at the level asked; the libraries' (etcd's
-    // client, gRPC) only from warnings: their debug lines are theirs.
-    let targets = tracing_subscriber::filter::Targets::new()
-        .with_default(level.min(LevelFilter::WARN))
-        .with_target("deployd", level);
-    let builder = tracing_subscriber::fmt()
-        .with_max_level(level)
+    let (filter, problem) = filter(level, std::env::var("RUST_LOG").ok().as_deref());
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(!journal && colours(stderr.is_terminal()));
-    let _ = if journal {
-        let s = builder.event_format(Journal::new()).finish().with(targets);
-        tracing::subscriber::set_global_default(s)
-    } else {
-        tracing::subscriber::set_global_default(builder.finish().with(targets))
+        .with_target(false);
+    let layer = match (json, journal) {
+        (true, _) => layer
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .boxed(),
+        (false, true) => layer.with_ansi(false).event_format(Journal::new()).boxed(),
+        (false, false) => layer.with_ansi(colours(stderr.is_terminal())).boxed(),
     };
+    let s = tracing_subscriber::registry().with(layer.with_filter(filter));
+    let _ = tracing::subscriber::set_global_default(s);
+    problem
+}
+
+/// What is logged: `RUST_LOG`'s directives when set and valid; else
+/// deployd's own lines at `level` and the libraries' (etcd's client,
+/// gRPC) only from warnings: their debug lines are theirs.
+fn filter(level: LevelFilter, rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
+    let ours = || {
+        let directives = format!("{},deployd={level}", level.min(LevelFilter::WARN));
+        EnvFilter::builder().parse_lossy(directives)
+    };
+    match rust_log.map(str::trim).filter(|v| !v.is_empty()) {
+        None => (ours(), None),
+        Some(v) => match EnvFilter::builder().parse(v) {
+            Ok(f) => (f, None),
+            Err(e) => (
+                ours(),
+                Some(format!("RUST_LOG: {e}; log_level {level} used")),
+            ),
+        },
+    }
 }
 
 /// Colours only for a person at a terminal (`NO_COLOR`, set to anything but
@@ -166,6 +198,54 @@ mod tests {
             "{first}"
         );
         assert!(!text.contains('<') && !text.contains('\x1b'), "{text}");
+    }
+
+    #[test]
+    fn json_lines_are_objects_with_the_fields_flat() {
+        let buf = Buffer::default();
+        let out = buf.clone();
+        let s = tracing_subscriber::fmt()
+            .with_writer(move || out.clone())
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .finish();
+        tracing::subscriber::with_default(s, || {
+            tracing::warn!(service = %"web", "instance 0 exited (\"oops\")");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["message"], "instance 0 exited (\"oops\")");
+        assert_eq!(v["service"], "web");
+        assert!(v["timestamp"].as_str().unwrap().ends_with('Z'), "{v}");
+    }
+
+    #[test]
+    fn rust_log_replaces_the_level_and_a_bad_one_is_said() {
+        let hint = |l, v| {
+            let (f, p) = filter(l, v);
+            (f.max_level_hint(), p)
+        };
+        assert_eq!(
+            hint(LevelFilter::INFO, None),
+            (Some(LevelFilter::INFO), None)
+        );
+        assert_eq!(
+            hint(LevelFilter::DEBUG, Some(" ")),
+            (Some(LevelFilter::DEBUG), None)
+        );
+        assert_eq!(
+            hint(LevelFilter::INFO, Some("deployd=trace,h2=warn")),
+            (Some(LevelFilter::TRACE), None)
+        );
+        let (level, problem) = hint(LevelFilter::INFO, Some("deployd=loud"));
+        assert_eq!(level, Some(LevelFilter::INFO));
+        let problem = problem.unwrap();
+        assert!(
+            problem.starts_with("RUST_LOG: ") && problem.ends_with("; log_level info used"),
+            "{problem}"
+        );
     }
 
     #[test]

@@ -134,7 +134,9 @@ fn try_main(args: &Args) -> Result<(), Error> {
     // Where this binary is now: an upgrade puts the next one there.
     let exe = std::env::current_exe().ok();
     let config = Config::load(&args.config)?;
-    logging::init(config.log_level);
+    if let Some(problem) = logging::init(config.log_level, config.log_json) {
+        tracing::warn!("{problem}");
+    }
     let guard = guard
         .inspect_err(|p| tracing::warn!("{}: {p}", process::guard::NAME))
         .ok();
