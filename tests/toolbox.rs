@@ -6,10 +6,12 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::os::unix::net::UnixDatagram;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::load::{Client, Load};
 use common::{Deployd, wait_for};
 
 /// A socket that listens as systemd does on `NOTIFY_SOCKET`: each
@@ -117,4 +119,176 @@ fn the_service_manager_hears_ready_reloading_and_stopping() {
     d.sigterm();
     manager.until("STOPPING=1", Duration::from_secs(30));
     assert_eq!(d.wait_exit(Duration::from_secs(60)), Some(0), "{}", d.log());
+}
+
+/// Metrics as Prometheus' own Python client parses them (not our parser):
+/// from `source`, a URL or a file. Each sample as `name{k="v",...}`
+/// (labels sorted) to its value.
+fn scrape(source: &str) -> HashMap<String, f64> {
+    let script = r#"
+import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+src = sys.argv[1]
+text = urllib.request.urlopen(src).read().decode() if src.startswith("http") else open(src).read()
+out = {}
+for fam in text_string_to_metric_families(text):
+    for s in fam.samples:
+        labels = ",".join('%s="%s"' % (k, v) for k, v in sorted(s.labels.items()))
+        out["%s{%s}" % (s.name, labels)] = s.value
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script, source])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Whether Prometheus' Python client is here (CI installs it).
+fn have_parser() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import prometheus_client.parser"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok || std::env::var_os("CI").is_none(),
+        "CI must install prometheus-client (pip)"
+    );
+    ok
+}
+
+/// A Prometheus server, killed when dropped.
+struct Prometheus {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    /// Debian's `prometheus`, scraping `target` every second; `None`
+    /// where it is not installed (outside CI).
+    fn scraping(dir: &std::path::Path, target: &str) -> Option<Prometheus> {
+        let have = std::process::Command::new("prometheus")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            have || std::env::var_os("CI").is_none(),
+            "CI must install prometheus (apt)"
+        );
+        if !have {
+            return None;
+        }
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: deployd\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+        .unwrap();
+        let port = common::free_port();
+        let child = std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .spawn()
+            .unwrap();
+        Some(Prometheus { child, port })
+    }
+}
+
+/// `GET /metrics` on the `metrics` address and `/deploy/metrics` parse
+/// with Prometheus' own parser; the request counter and the latency
+/// histogram move by at least the requests a load made; rollouts are
+/// counted by outcome; a real Prometheus scraping deployd sees it up.
+#[test]
+fn prometheus_scrapes_metrics_that_move_under_load() {
+    if !have_parser() {
+        return;
+    }
+    let port = common::free_port();
+    let mport = common::free_port();
+    let web = common::app_manifest(2, &format!("port {port}\n"));
+    let Some(mut d) = Deployd::prepare_with(
+        &[("web", web)],
+        &format!("metrics = \"127.0.0.1:{mport}\"\n"),
+    ) else {
+        return;
+    };
+    d.launch();
+    d.settle("web", Duration::from_secs(60));
+    let url = format!("http://127.0.0.1:{mport}/metrics");
+    let web = |k: &str| format!("{k}{{service=\"web\"}}");
+    let before = scrape(&url);
+    let requests = before[&web("deployd_requests_total")];
+    let observed = before[&web("deployd_request_duration_seconds_count")];
+
+    let load = Load::start(port, &[(Client::KeepAlive, 2), (Client::Fresh, 1)], "/");
+    std::thread::sleep(Duration::from_secs(1));
+    let counters = load.finish();
+    assert_eq!(counters.failed(), 0);
+    let n = counters.ok() as f64;
+    assert!(n > 50.0, "{n}");
+
+    let after = scrape(&url);
+    assert!(
+        after[&web("deployd_requests_total")] >= requests + n,
+        "{after:?}"
+    );
+    let count = after[&web("deployd_request_duration_seconds_count")];
+    assert!(count >= observed + n, "{after:?}");
+    let inf = after["deployd_request_duration_seconds_bucket{le=\"+Inf\",service=\"web\"}"];
+    assert_eq!(inf, count);
+    // On loopback, most answers within 100 ms.
+    let fast = after["deployd_request_duration_seconds_bucket{le=\"0.1\",service=\"web\"}"];
+    assert!(fast > count / 2.0, "{after:?}");
+    assert_eq!(after[&web("deployd_replicas")], 2.0);
+    assert_eq!(
+        after["deployd_rollouts_total{outcome=\"done\",service=\"web\"}"],
+        1.0
+    );
+    for i in ["0", "1"] {
+        let key = |k: &str| format!("{k}{{instance=\"{i}\",service=\"web\"}}");
+        assert_eq!(after[&key("deployd_instance_ready")], 1.0, "{after:?}");
+        assert!(
+            after[&key("deployd_instance_memory_bytes")] > 1e6,
+            "{after:?}"
+        );
+        assert!(
+            after[&key("deployd_instance_requests_total")] > 0.0,
+            "{after:?}"
+        );
+    }
+
+    // The same through the namespace.
+    let file = scrape(&d.path("metrics").display().to_string());
+    assert!(file[&web("deployd_requests_total")] >= after[&web("deployd_requests_total")]);
+
+    // A real Prometheus sees the target up.
+    let Some(p) = Prometheus::scraping(d.dir.path(), &format!("127.0.0.1:{mport}")) else {
+        return;
+    };
+    let mut last = String::new();
+    let up = (0..300).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        last = common::http_get_at("127.0.0.1", p.port, "/api/v1/targets")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        last.contains("\"health\":\"up\"")
+    });
+    assert!(up, "{last}");
+    d.terminate();
 }

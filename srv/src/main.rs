@@ -49,6 +49,7 @@ mod handoff;
 mod inherit;
 mod logfile;
 mod logging;
+mod metrics;
 mod notify;
 mod probe;
 mod process;
@@ -257,6 +258,8 @@ enum Error {
     /// execve of the new binary failed.
     Exec(PathBuf, std::io::Error),
     Cluster(cluster::JoinError),
+    /// The metrics address cannot be listened on.
+    Metrics(std::net::SocketAddr, std::io::Error),
 }
 
 /// What is wrong with a mountpoint.
@@ -300,6 +303,7 @@ impl std::fmt::Display for Error {
             Error::Handoff(e) => write!(f, "cannot write the handoff: {e}"),
             Error::Exec(p, e) => write!(f, "cannot run {}: {e}", p.display()),
             Error::Cluster(e) => write!(f, "{e}"),
+            Error::Metrics(a, e) => write!(f, "metrics: cannot listen on {a}: {e}"),
         }
     }
 }
@@ -357,6 +361,14 @@ async fn run(
     };
     prepare_mountpoint(&config.mountpoint)
         .map_err(|e| Error::Mountpoint(config.mountpoint.clone(), e))?;
+    let metrics = match config.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::Metrics(addr, e))?,
+        ),
+        None => None,
+    };
 
     let views = Views::default();
     let waiters = Arc::new(Waiters::default());
@@ -410,6 +422,13 @@ async fn run(
         .map_err(|e| Error::Mount("mount", config.mountpoint.clone(), e))?;
     tracing::info!("namespace mounted at {}", config.mountpoint.display());
 
+    if let Some(listener) = metrics {
+        tracing::info!(
+            "metrics at http://{}/metrics",
+            config.metrics.map_or_else(String::new, |a| a.to_string())
+        );
+        tokio::spawn(metrics::serve(listener, views.clone()));
+    }
     let w = waiters.clone();
     let published = Box::new(move |v: &view::ServiceView| w.release(v));
     let notifier = session.notifier();

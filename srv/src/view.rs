@@ -204,6 +204,10 @@ pub struct InstanceView {
     pub log: Option<PathBuf>,
     /// Its process group leader, while it runs (behind `usage`).
     pub leader: Option<u32>,
+    /// Its state, for the metrics.
+    pub now: State,
+    /// Its slot's restarts, for the metrics.
+    pub restarts_n: u32,
     /// When the instance appeared.
     pub created: SystemTime,
 }
@@ -261,6 +265,10 @@ pub struct ServiceView {
     pub hooks_log: PathBuf,
     /// The line of `/deploy/status`.
     pub summary: String,
+    /// Its instances wanted (`replicas`, none while stopped), and how its
+    /// rollouts ended: for the metrics.
+    pub replicas: u32,
+    pub tally: deployd_lib::rollout::Tally,
     /// When the service appeared.
     pub created: SystemTime,
     /// When anything in it last changed.
@@ -414,6 +422,11 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
                 let host = rt.as_ref().and_then(|r| r.host.as_ref()).map(|h| {
                     FileData::new(&format!("{h}\n"), now, pi.and_then(|x| x.host.as_ref()))
                 });
+                // The slot's count belongs to the instance serving it.
+                let restarts = match i.role() {
+                    Role::Serving => m.restarts(i.slot()),
+                    _ => 0,
+                };
                 let status = rt.as_ref().and_then(|r| r.status.as_ref()).map(|s| {
                     FileData::new(&format!("{s}\n"), now, pi.and_then(|x| x.status.as_ref()))
                 });
@@ -434,19 +447,9 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
                         pi.map(|x| &x.version),
                     ),
                     port: FileData::new(&port, now, pi.map(|x| &x.port)),
-                    // The slot's count belongs to the instance serving it.
-                    restarts: FileData::new(
-                        &format!(
-                            "{}\n",
-                            if i.role() == Role::Serving {
-                                m.restarts(i.slot())
-                            } else {
-                                0
-                            }
-                        ),
-                        now,
-                        pi.map(|x| &x.restarts),
-                    ),
+                    restarts: FileData::new(&format!("{restarts}\n"), now, pi.map(|x| &x.restarts)),
+                    now: i.state(),
+                    restarts_n: restarts,
                     log: rt.and_then(|r| r.log),
                     leader: i.pid().filter(|_| i.state() != State::Exited && !remote),
                     created: pi.map_or(now, |x| x.created),
@@ -488,6 +491,11 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
         failed_log: p.failed_log,
         hooks_log: p.hooks_log,
         summary,
+        replicas: match m.is_stopped() {
+            true => 0,
+            false => m.target().manifest.replicas,
+        },
+        tally: m.tally().clone(),
         created: prev.map_or(now, |v| v.created),
         mtime: now,
     };

@@ -780,9 +780,16 @@ impl Service {
             None => self.event(format!("{noun} complete: at {v} ({took})")),
         }
         self.failure = None;
+        let took = self.now.since(r.started_at);
         self.outcome = match r.kind {
-            Kind::AutoRollback(reason) => Outcome::Failed(format!("{reason}; rolled back to {v}")),
-            _ => Outcome::Done(v),
+            Kind::AutoRollback(reason) => {
+                self.tally.count(Ended::RolledBack, took);
+                Outcome::Failed(format!("{reason}; rolled back to {v}"))
+            }
+            _ => {
+                self.tally.count(Ended::Done, took);
+                Outcome::Done(v)
+            }
         };
     }
 
@@ -798,6 +805,8 @@ impl Service {
         self.event(format!("{noun} failed: {reason}"));
         self.cancel_batch();
         let Some(r) = self.rollout.take() else { return };
+        self.tally
+            .count(Ended::Failed, self.now.since(r.started_at));
         let auto = may_roll_back
             && self.target.manifest.auto_rollback
             && matches!(r.kind, Kind::Apply | Kind::Scale)

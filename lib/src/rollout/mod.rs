@@ -40,6 +40,7 @@ mod commands;
 mod instance;
 mod plan;
 mod supervise;
+pub mod tally;
 mod views;
 
 use std::borrow::Cow;
@@ -58,6 +59,7 @@ use crate::name::ServiceName;
 use instance::ProbeEffect;
 pub use instance::{ALLOWED, Exit, Instance, InstanceId, Role, State};
 pub use plan::{Plan, is_step, plan};
+pub use tally::{Ended, Tally};
 
 /// First restart delay after an unexpected exit; doubles each time.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -654,6 +656,9 @@ pub struct Service {
     waiting: Vec<ServiceName>,
     next_id: u64,
     outcome: Outcome,
+    /// How its rollouts ended since deployd started.
+    #[serde(default)]
+    tally: Tally,
     now: Instant,
     #[serde(skip)]
     out: Vec<Action>,
@@ -817,6 +822,7 @@ impl Service {
             removing: false,
             waiting: Vec::new(),
             next_id: 0,
+            tally: Tally::default(),
             now,
             out: Vec::new(),
         }

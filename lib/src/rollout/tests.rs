@@ -1070,6 +1070,13 @@ fn auto_rollback_returns_to_the_previous_version_and_reports_failure() {
                 .iter()
                 .any(|e| e.starts_with("automatic rollback started"))
         );
+        // The metrics' count: the first rollout (creation) done, the bad
+        // one failed, its rollback done as such; each took some time.
+        let t = sim.svc.tally();
+        let counts = [Ended::Done, Ended::Failed, Ended::RolledBack].map(|e| t.ended(e));
+        assert_eq!(counts, [1, 1, 1], "{st:?} {n} {b}");
+        assert_eq!(t.buckets.iter().sum::<u64>(), 3);
+        assert!(t.seconds > 0.0);
     }
 }
 

@@ -20,6 +20,10 @@ impl Service {
     pub fn instances(&self) -> &[Instance] {
         &self.instances
     }
+    /// How its rollouts ended since deployd started.
+    pub fn tally(&self) -> &Tally {
+        &self.tally
+    }
     /// Whether the service is stopped.
     pub fn is_stopped(&self) -> bool {
         self.stopped

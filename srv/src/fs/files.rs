@@ -239,6 +239,8 @@ impl Fs {
                     ctime: self.started,
                 }
             }
+            // Read when it is opened: counters move without a snapshot.
+            Node::Metrics => live(crate::metrics::render(&self.views), self.started),
             Node::Active => {
                 let m = self.views.with(|ns| ns.mtime).unwrap_or(self.started);
                 Content::Dir { mtime: m, ctime: m }
@@ -552,6 +554,7 @@ impl Fs {
             Node::Root => match name {
                 "ctl" if self.views.whole() => Node::RootCtl,
                 "status" => Node::Status,
+                "metrics" => Node::Metrics,
                 "active" => Node::Active,
                 "cluster" if self.views.cluster().is_some() => Node::Cluster,
                 "hosts" if self.views.cluster().is_some() => Node::Hosts,
@@ -622,6 +625,7 @@ impl Fs {
             Node::Root => {
                 let mut v = vec![
                     ("status".into(), Node::Status),
+                    ("metrics".into(), Node::Metrics),
                     ("active".into(), Node::Active),
                 ];
                 if self.views.whole() {

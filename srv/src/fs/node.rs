@@ -13,6 +13,8 @@ pub enum Node {
     RootCtl,
     /// `/status`
     Status,
+    /// `/metrics`
+    Metrics,
     /// `/active`
     Active,
     /// `/active/SERVICE`
@@ -77,6 +79,7 @@ impl Node {
             Node::Active => 4,
             Node::Cluster => 5,
             Node::Hosts => 6,
+            Node::Metrics => 7,
             Node::Host(h) => pack(TAG_HOST, h, 0, 0),
             Node::HostFile(h, f) => pack(TAG_HOST, h, 0, host_file(f)),
             Node::Service(s) => pack(TAG_SERVICE, s, 0, 0),
@@ -105,6 +108,7 @@ impl Node {
                 4 => Node::Active,
                 5 => Node::Cluster,
                 6 => Node::Hosts,
+                7 => Node::Metrics,
                 _ => return None,
             },
             (TAG_HOST, 0) => Node::Host(sid),
@@ -159,6 +163,7 @@ impl Node {
             Node::Root
             | Node::RootCtl
             | Node::Status
+            | Node::Metrics
             | Node::Active
             | Node::Cluster
             | Node::Hosts => Node::Root,
@@ -183,6 +188,7 @@ mod tests {
             Node::Root,
             Node::RootCtl,
             Node::Status,
+            Node::Metrics,
             Node::Active,
             Node::Cluster,
             Node::Hosts,
@@ -214,7 +220,7 @@ mod tests {
             assert!(seen.insert(n.ino()), "{n:?} shares an inode");
         }
         assert_eq!(Node::from_ino(0), None);
-        assert_eq!(Node::from_ino(7), None);
+        assert_eq!(Node::from_ino(8), None);
         assert_eq!(Node::from_ino((TAG_SERVICE << 56) | 200), None);
         assert_eq!(Node::from_ino(9 << 56), None);
     }

@@ -144,6 +144,62 @@ struct Counts {
     abandoned: AtomicU64,
 }
 
+/// Upper bounds, in seconds, of the request duration histogram's buckets:
+/// from half a millisecond (an answer on loopback) to ten seconds.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// How long a service's requests (http: from the head read to the response
+/// sent) or connections (tcp) took, in [`LATENCY_BUCKETS`].
+#[derive(Default)]
+pub struct Latency {
+    /// Not cumulative; the last one is past every bound.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Summed, in microseconds.
+    micros: AtomicU64,
+}
+
+/// A [`Latency`] read at once: each bucket's upper bound and count (not
+/// cumulative, as the encoder takes them; the last bound is +Inf), the
+/// count, the sum in seconds.
+pub struct LatencySnapshot {
+    pub buckets: Vec<(f64, u64)>,
+    pub count: u64,
+    pub seconds: f64,
+}
+
+impl Latency {
+    fn observe(&self, took: Duration) {
+        let s = took.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|b| s <= *b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Its counts now.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        let buckets: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+                (bound, b.load(Ordering::Relaxed))
+            })
+            .collect();
+        LatencySnapshot {
+            count: buckets.iter().map(|(_, n)| n).sum(),
+            buckets,
+            seconds: self.micros.load(Ordering::Relaxed) as f64 / 1e6,
+        }
+    }
+}
+
 impl Counts {
     fn add(&self, counter: fn(&Counts) -> &AtomicU64) {
         counter(self).fetch_add(1, Ordering::Relaxed);
@@ -163,6 +219,7 @@ pub struct Router {
     next: AtomicUsize,
     settings: RwLock<Settings>,
     totals: Counts,
+    latency: Latency,
     listener: Mutex<Option<AbortHandle>>,
     /// The listening socket, once bound: kept open when the accept loop is
     /// stopped, for a deployd replacing itself to hand on.
@@ -237,6 +294,7 @@ impl Router {
             next: AtomicUsize::new(0),
             settings: RwLock::new(settings),
             totals: Counts::default(),
+            latency: Latency::default(),
             listener: Mutex::new(None),
             socket: Mutex::new(None),
             bound_here: AtomicBool::new(false),
@@ -453,6 +511,51 @@ impl Router {
         backend.suspect();
         self.add(Some(backend), |c| &c.retried);
         tried.push(backend.id);
+    }
+
+    /// Records how long a request (http) or connection (tcp) took.
+    fn took(&self, took: Duration) {
+        self.latency.observe(took);
+    }
+
+    /// How long requests (http) or connections (tcp) took.
+    pub fn latency(&self) -> LatencySnapshot {
+        self.latency.snapshot()
+    }
+
+    /// Totals: served, errors, retried, abandoned; in flight now.
+    pub fn totals(&self) -> ([u64; 4], usize) {
+        let t = &self.totals;
+        let inflight = self.known.lock().iter().map(|b| b.inflight()).sum();
+        (
+            [
+                t.get(|c| &c.served),
+                t.get(|c| &c.errors),
+                t.get(|c| &c.retried),
+                t.get(|c| &c.abandoned),
+            ],
+            inflight,
+        )
+    }
+
+    /// Each instance's counts: its id, served, errors, retried, in flight.
+    pub fn per_instance(&self) -> Vec<(InstanceId, [u64; 3], usize)> {
+        self.known
+            .lock()
+            .iter()
+            .map(|b| {
+                let c = &b.counts;
+                (
+                    b.id,
+                    [
+                        c.get(|c| &c.served),
+                        c.get(|c| &c.errors),
+                        c.get(|c| &c.retried),
+                    ],
+                    b.inflight(),
+                )
+            })
+            .collect()
     }
 
     /// Records a request whose client left before its response was through.

@@ -40,6 +40,7 @@ pub(super) async fn serve(
     // Bytes moved: client to instance, instance to client.
     let mut moved = [0u64; 2];
     let (end, upstream) = join(&mut client, &router, &mut moved).await;
+    router.took(since.elapsed());
     if let Some(log) = router.access_log() {
         log.write_connection(&Connection {
             client: peer.ip().to_string().as_bytes(),

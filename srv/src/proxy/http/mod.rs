@@ -278,6 +278,7 @@ async fn active<'r>(
         });
         s.cbuf.consume(req.len);
         let mut served = Served::default();
+        let began = Instant::now();
         // A chunked body that is malformed in what came with its head is
         // refused before any instance is chosen: nothing reaches one.
         let keep =
@@ -287,6 +288,7 @@ async fn active<'r>(
             } else {
                 exchange(client, s, &req, router, &mut served).await
             };
+        router.took(began.elapsed());
         if let (Some(log), Some((method, target, since))) = (log, logged) {
             log.write(&Entry {
                 client: ip,
