@@ -469,7 +469,7 @@ fn timeout_ends_the_following_and_start_counts_any_ready_version() {
     assert!(err.starts_with("stubborn: not stopped after 1s ("), "{err}");
     let err = failed_with(&run(&["apply", "api", "--timeout", "soon"]), 2);
     assert!(
-        err.contains("--timeout needs a duration like 10, 10s, 500ms or 2m, got 'soon'"),
+        err.contains("--timeout needs a duration like 10, 10s, 500ms, 2m, 1h or 1d, got 'soon'"),
         "{err}"
     );
 

@@ -164,7 +164,7 @@ enum Cmd {
         /// Keep printing new events
         #[arg(short, long)]
         follow: bool,
-        /// Only events since a time ago (30s, 10m, 2h, 1d) or a UTC time
+        /// Only events since a time ago (500ms, 30s, 10m, 2h, 1d) or a UTC time
         /// (2026-12-02T01:30)
         #[arg(long, value_name = "WHEN", value_parser = tail::parse_since)]
         since: Option<String>,
@@ -202,7 +202,7 @@ enum Cmd {
         /// log lines always begin with theirs
         #[arg(short, long, conflicts_with = "access")]
         timestamps: bool,
-        /// Only lines since a time ago (30s, 10m, 2h, 1d) or a UTC time
+        /// Only lines since a time ago (500ms, 30s, 10m, 2h, 1d) or a UTC time
         /// (2026-12-02T01:30)
         #[arg(long, value_name = "WHEN", value_parser = tail::parse_since)]
         since: Option<String>,
@@ -261,7 +261,7 @@ struct Waiting {
     /// Return once deployd has accepted the command
     #[arg(long)]
     no_wait: bool,
-    /// Stop following after DUR (90s, 10m, 1h) and exit 1; deployd goes on
+    /// Stop following after DUR (500ms, 90s, 10m, 1h, 1d) and exit 1; deployd goes on
     /// with it (as kubectl rollout status --timeout)
     #[arg(long, value_name = "DUR", value_parser = timeout, conflicts_with = "no_wait")]
     timeout: Option<Duration>,

@@ -35,15 +35,13 @@ pub struct Filter {
 /// (`2026-12-02T01:30:00Z`, or any beginning of it; a space may stand for
 /// the `T`). Gives the stamp lines are compared with.
 pub fn parse_since(arg: &str) -> Result<String, String> {
-    let units = [("s", 1), ("m", 60), ("h", 3600), ("d", 86_400)];
-    let (digits, per) = units
-        .iter()
-        .find_map(|(u, n)| arg.strip_suffix(u).map(|d| (d, *n)))
-        .unwrap_or((arg, 1));
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        let secs = digits.parse::<u64>().ok().and_then(|n| n.checked_mul(per));
-        let at = secs.and_then(|s| SystemTime::now().checked_sub(Duration::from_secs(s)));
-        return Ok(stamp::at(at.unwrap_or(SystemTime::UNIX_EPOCH)));
+    // A time ago, in the grammar of every duration (500ms, 30s, 10m, 2h,
+    // 1d; a bare number is seconds).
+    if arg.starts_with(|c: char| c.is_ascii_digit()) {
+        if let Ok(ago) = deployd_lib::manifest::parse_span("--since", arg) {
+            let at = SystemTime::now().checked_sub(ago);
+            return Ok(stamp::at(at.unwrap_or(SystemTime::UNIX_EPOCH)));
+        }
     }
     // `Z` ends a stamp: one given with it, without its milliseconds,
     // compares as the whole second.
@@ -54,7 +52,7 @@ pub fn parse_since(arg: &str) -> Result<String, String> {
     match fits {
         true => Ok(t.to_string()),
         false => Err(format!(
-            "'{arg}' is neither a time ago (30s, 10m, 2h, 1d) nor a UTC time (2026-12-02T01:30)"
+            "'{arg}' is neither a time ago (500ms, 30s, 10m, 2h, 1d) nor a UTC time (2026-12-02T01:30)"
         )),
     }
 }

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::name::ServiceName;
 
 pub(crate) use parse::{col, control_char, raw_lines, utf8_line};
-pub use parse::{parse, parse_duration, position_of, position_of_after};
+pub use parse::{parse, parse_duration, parse_span, position_of, position_of_after};
 
 /// Largest accepted `replicas`.
 pub const MAX_REPLICAS: u32 = 1000;

@@ -598,9 +598,9 @@ fn quantity<'a>(
     Ok((w, amount))
 }
 
-/// A duration written as in a manifest (`10`, `10s`, `500ms`, `2m`, `1h`;
-/// at most a day), for a command-line option named `name`; the error says
-/// what was wrong as the manifest's would.
+/// A duration written as in a manifest (`10`, `10s`, `500ms`, `2m`, `1h`,
+/// `1d`; at most a day), for a command-line option named `name`; the error
+/// says what was wrong as the manifest's would.
 pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, String> {
     duration(&Value {
         line: text,
@@ -611,9 +611,34 @@ pub fn parse_duration(name: &'static str, text: &str) -> Result<Duration, String
     .map_err(|e| e.message)
 }
 
+/// A span of time in the same grammar as [`parse_duration`], with no upper
+/// bound (`--since 30d`).
+pub fn parse_span(name: &'static str, text: &str) -> Result<Duration, String> {
+    let v = Value {
+        line: text,
+        text,
+        name,
+        end_of_name: 0,
+    };
+    match quantity(&v, DURATION_WHAT, &DURATION_UNITS, 1000) {
+        Ok((_, Some(ms))) => Ok(Duration::from_millis(ms)),
+        Ok((w, None)) => Err(format!("{name}: {w} is too long")),
+        Err(e) => Err(e.message),
+    }
+}
+
+/// The units of a duration, in milliseconds; a bare number is seconds.
+const DURATION_UNITS: [(&str, u64); 5] = [
+    ("ms", 1),
+    ("s", 1000),
+    ("m", 60_000),
+    ("h", 3_600_000),
+    ("d", 86_400_000),
+];
+const DURATION_WHAT: &str = "a duration like 10, 10s, 500ms, 2m, 1h or 1d";
+
 fn duration(v: &Value) -> Result<Duration, LineError> {
-    const UNITS: [(&str, u64); 4] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)];
-    let (w, ms) = quantity(v, "a duration like 10, 10s, 500ms or 2m", &UNITS, 1000)?;
+    let (w, ms) = quantity(v, DURATION_WHAT, &DURATION_UNITS, 1000)?;
     match ms {
         Some(ms) if ms <= MAX_DURATION.as_millis() as u64 => Ok(Duration::from_millis(ms)),
         _ => Err(v.err(

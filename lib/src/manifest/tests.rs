@@ -382,15 +382,15 @@ fn number_errors() {
 fn duration_errors() {
     assert_eq!(
         error("exec a\nupdate_pause 10x\n"),
-        "2:14: update_pause needs a duration like 10, 10s, 500ms or 2m, got '10x'"
+        "2:14: update_pause needs a duration like 10, 10s, 500ms, 2m, 1h or 1d, got '10x'"
     );
     assert_eq!(
         error("exec a\ndrain 1.5s\n"),
-        "2:7: drain needs a duration like 10, 10s, 500ms or 2m, got '1.5s'"
+        "2:7: drain needs a duration like 10, 10s, 500ms, 2m, 1h or 1d, got '1.5s'"
     );
     assert_eq!(
         error("exec a\ndrain\n"),
-        "2:6: drain needs a duration like 10, 10s, 500ms or 2m"
+        "2:6: drain needs a duration like 10, 10s, 500ms, 2m, 1h or 1d"
     );
     assert_eq!(
         error("exec a\nstop_timeout 25h\n"),
@@ -869,7 +869,7 @@ fn all_errors_of_a_file_are_reported_in_line_order() {
             "1:10: replicas must be between 1 and 1000, got 0",
             "2:1: unknown directive 'update_bach' (did you mean 'update_batch'?)",
             "3:13: unknown stop_signal 'TREM' (did you mean 'TERM'?); expected 'TERM', 'INT', 'QUIT', 'HUP', 'USR1', 'USR2' or 'KILL'",
-            "4:7: drain needs a duration like 10, 10s, 500ms or 2m, got '5y'",
+            "4:7: drain needs a duration like 10, 10s, 500ms, 2m, 1h or 1d, got '5y'",
         ]
     );
 }
@@ -1272,16 +1272,32 @@ fn a_duration_for_the_command_line() {
     );
     assert_eq!(
         parse_duration("--timeout", "1.5s"),
-        Err("--timeout needs a duration like 10, 10s, 500ms or 2m, got '1.5s'".into())
+        Err("--timeout needs a duration like 10, 10s, 500ms, 2m, 1h or 1d, got '1.5s'".into())
     );
     assert_eq!(
         parse_duration("--timeout", ""),
-        Err("--timeout needs a duration like 10, 10s, 500ms or 2m".into())
+        Err("--timeout needs a duration like 10, 10s, 500ms, 2m, 1h or 1d".into())
     );
     assert_eq!(
         parse_duration("--timeout", "25h"),
         Err("--timeout must be at most 24h, got 25h".into())
     );
+    // One grammar for every duration: days too, and no bound for a span.
+    assert_eq!(
+        parse_duration("--timeout", "1d"),
+        Ok(Duration::from_secs(86_400))
+    );
+    assert_eq!(
+        parse_span("--since", "30d"),
+        Ok(Duration::from_secs(30 * 86_400))
+    );
+    assert_eq!(
+        parse_span("--since", "500ms"),
+        Ok(Duration::from_millis(500))
+    );
+    assert_eq!(parse_span("--since", "45"), Ok(Duration::from_secs(45)));
+    assert!(parse_span("--since", "99999999999999999999d").is_err());
+    assert!(parse_span("--since", "1w").is_err());
 }
 
 #[test]
