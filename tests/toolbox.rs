@@ -292,3 +292,110 @@ fn prometheus_scrapes_metrics_that_move_under_load() {
     assert!(up, "{last}");
     d.terminate();
 }
+
+/// What bash completes for `words` (the last one being completed), with
+/// the script `deploy completions bash` printed.
+fn complete_bash(d: &Deployd, words: &[&str]) -> Vec<String> {
+    let script = format!(
+        "source <(\"$0\" completions bash)\nCOMP_WORDS=({words})\nCOMP_CWORD={cword}\n\
+         _clap_complete_deploy deploy \"${{COMP_WORDS[$COMP_CWORD]}}\" \"${{COMP_WORDS[$COMP_CWORD-1]}}\"\n\
+         printf '%s\\n' \"${{COMPREPLY[@]}}\"\n",
+        words = words
+            .iter()
+            .map(|w| format!("'{w}'"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        cword = words.len() - 1,
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-c", &script])
+        .arg(common::deploy_bin())
+        .env("DEPLOY_ROOT", &d.mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    common::stdout(&out)
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// `deploy completions bash` completes commands and the services deployd
+/// runs; the manual pages render with man; `--json` output parses.
+#[test]
+fn completions_manual_pages_and_json() {
+    let Some(d) = Deployd::start_settled(&[
+        ("web", common::app_manifest(1, "")),
+        ("worker", common::app_manifest(1, "")),
+    ]) else {
+        return;
+    };
+    assert_eq!(complete_bash(&d, &["deploy", "ap"]), ["apply"]);
+    assert_eq!(
+        complete_bash(&d, &["deploy", "status", "w"]),
+        ["web", "worker"]
+    );
+    assert_eq!(complete_bash(&d, &["deploy", "stop", "wo"]), ["worker"]);
+
+    // Every command that prints state, with --json: one document, or
+    // (events, logs) a document per line.
+    let file = d.manifests.join("web.manifest").display().to_string();
+    let whole = [
+        vec!["status"],
+        vec!["status", "web"],
+        vec!["history", "web"],
+        vec!["plan", "web"],
+        vec!["diff", &file],
+        vec!["check", &file],
+    ];
+    for args in whole {
+        let mut args = args.clone();
+        args.push("--json");
+        let out = d.deploy(&args);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", common::stdout(&out)));
+        assert!(!v.is_null(), "{args:?}");
+    }
+    let history = d.deploy(&["history", "web", "--json"]);
+    let history: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    assert_eq!(history[0]["running"], true, "{history}");
+    for args in [["events", "web", "--json"], ["logs", "web", "--json"]] {
+        let out = d.deploy(&args);
+        let text = common::stdout(&out);
+        assert!(!text.is_empty(), "{args:?}");
+        for line in text.lines() {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{args:?}: {e}: {line}"));
+            assert!(v["line"].is_string(), "{line}");
+            assert!(v["time"].is_string(), "{line}");
+        }
+    }
+
+    let man = d.dir.path().join("man");
+    let out = d.deploy(&["man", &man.display().to_string()]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let out = std::process::Command::new(common::deployd_bin())
+        .arg("man")
+        .arg(&man)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    for (page, says) in [
+        ("deploy.1", "Drive deployd through its /deploy namespace"),
+        ("deploy-apply.1", "deploy apply"),
+        ("deployd.8", "Deployment server with a file namespace"),
+    ] {
+        let out = std::process::Command::new("man")
+            .arg("-l")
+            .arg(man.join(page))
+            .env("MANWIDTH", "200")
+            .output()
+            .unwrap();
+        let text = common::stdout(&out);
+        assert!(
+            out.status.success() && text.contains(says),
+            "{page}: {text}"
+        );
+    }
+}

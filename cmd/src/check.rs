@@ -14,17 +14,23 @@ use crate::{Exit, Fail};
 /// Checks every file; prints each error as `file:line:col: message` on
 /// stderr and one `file: ok` line per valid file on stdout. With `syntax`,
 /// only the language is checked, not this machine's accounts.
-pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
+pub fn run(files: &[PathBuf], syntax: bool, json: bool) -> Result<Exit, Fail> {
     let load = if syntax { manifest::load } else { host::load };
     let mut out = std::io::stdout().lock();
     let mut failed = 0;
+    // With --json: each file, its service and version or its errors.
+    let mut rows: Vec<serde_json::Value> = Vec::new();
+    let error = |rows: &mut Vec<serde_json::Value>, file: &PathBuf, e: String| match json {
+        true => rows.push(serde_json::json!({"file": file.display().to_string(), "error": e})),
+        false => tell!("{e}"),
+    };
     let mut loaded = Vec::new();
     for file in files {
         match load(file) {
             Ok(l) => loaded.push((file, l)),
             Err(e) => {
                 failed += 1;
-                tell!("{e}");
+                error(&mut rows, file, e.to_string());
             }
         }
     }
@@ -43,14 +49,23 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
                 failed += 1;
                 let (line, col) =
                     manifest::position_of_after(&l.text, first.as_str()).unwrap_or((1, 1));
-                tell!("{}:{line}:{col}: {message}", file.display());
+                error(
+                    &mut rows,
+                    file,
+                    format!("{}:{line}:{col}: {message}", file.display()),
+                );
             }
             (None, Some((_, port, other))) => {
                 failed += 1;
                 let whose = format!("also the port of {other}");
-                let error = manifest::shared_port_error(&l.text, *port, &whose);
-                tell!("{}:{error}", file.display());
+                let why = manifest::shared_port_error(&l.text, *port, &whose);
+                error(&mut rows, file, format!("{}:{why}", file.display()));
             }
+            (None, None) if json => rows.push(serde_json::json!({
+                "file": file.display().to_string(),
+                "service": l.service.as_str(),
+                "version": l.manifest.version().to_string(),
+            })),
             (None, None) => writeln!(
                 out,
                 "{}: ok ({} {})",
@@ -59,6 +74,11 @@ pub fn run(files: &[PathBuf], syntax: bool) -> Result<Exit, Fail> {
                 l.manifest.version()
             )?,
         }
+    }
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+        return Ok(if failed > 0 { Exit::Failed } else { Exit::Ok });
     }
     if failed > 0 {
         tell!(

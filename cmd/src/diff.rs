@@ -30,16 +30,24 @@ enum Change {
 /// Prints, for each file, `SERVICE: …` and a unified diff against the
 /// running manifest. Exit 0 when no file would change anything, 1 when one
 /// would, 2 when one does not parse.
-pub fn run(ns: &Ns, files: &[PathBuf]) -> Result<Exit, Fail> {
+pub fn run(ns: &Ns, files: &[PathBuf], json: bool) -> Result<Exit, Fail> {
     let mut out = std::io::stdout().lock();
     let mut differs = false;
     let mut invalid = 0;
+    // With --json: one object per file.
+    let mut rows: Vec<serde_json::Value> = Vec::new();
     for file in files {
         let loaded = match host::load(file) {
             Ok(l) => l,
             Err(e) => {
                 invalid += 1;
-                tell!("{e}");
+                match json {
+                    true => rows.push(serde_json::json!({
+                        "file": file.display().to_string(),
+                        "error": e.to_string(),
+                    })),
+                    false => tell!("{e}"),
+                }
                 continue;
             }
         };
@@ -58,6 +66,26 @@ pub fn run(ns: &Ns, files: &[PathBuf]) -> Result<Exit, Fail> {
             &new_version.to_string(),
             &loaded.text,
         );
+        differs |= matches!(change, Change::New | Change::Changed);
+        if json {
+            let mut text = Vec::new();
+            if change != Change::Unchanged(false) {
+                write_diff(&mut text, service, file, old_text, &loaded.text)?;
+            }
+            rows.push(serde_json::json!({
+                "file": file.display().to_string(),
+                "service": service,
+                "change": match change {
+                    Change::New => "new",
+                    Change::Unchanged(_) => "unchanged",
+                    Change::Changed => "changed",
+                },
+                "running_version": running.as_ref().map(|(v, _)| v.clone()),
+                "version": new_version.to_string(),
+                "diff": String::from_utf8_lossy(&text),
+            }));
+            continue;
+        }
         match &change {
             Change::New => writeln!(out, "{service}: new service ({new_version})")?,
             Change::Unchanged(false) => writeln!(out, "{service}: unchanged ({new_version})")?,
@@ -73,7 +101,10 @@ pub fn run(ns: &Ns, files: &[PathBuf]) -> Result<Exit, Fail> {
         if change != Change::Unchanged(false) {
             write_diff(&mut out, service, file, old_text, &loaded.text)?;
         }
-        differs |= matches!(change, Change::New | Change::Changed);
+    }
+    if json {
+        serde_json::to_writer_pretty(&mut out, &rows).map_err(std::io::Error::other)?;
+        writeln!(out)?;
     }
     if invalid > 0 {
         return Err(Fail::new(

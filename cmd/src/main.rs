@@ -36,7 +36,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+use clap_complete::engine::{ArgValueCandidates, CompletionCandidate};
 use deployd_lib::name::ServiceName;
 
 use crate::follow::{Until, What};
@@ -52,6 +53,10 @@ struct Args {
     /// Where deployd's namespace is mounted
     #[arg(long, global = true, env = "DEPLOY_ROOT", default_value = "/deploy")]
     root: PathBuf,
+    /// Print JSON (status, events, logs, history, diff, plan, check, hosts):
+    /// an object or array, or with events and logs an object per line
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -62,7 +67,7 @@ enum Cmd {
     /// without a service, every manifest of deployd's manifests directory
     Apply {
         /// The service (its manifest is SERVICE.manifest in deployd's manifests directory)
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: Option<String>,
         #[command(flatten)]
         wait: Waiting,
@@ -70,22 +75,19 @@ enum Cmd {
     /// Every service as a table, or one service with its instances and its last 10 events
     Status {
         /// One service
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: Option<String>,
-        /// Print JSON
-        #[arg(long)]
-        json: bool,
     },
     /// Hold the rollout after the batch in flight
     Pause {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
     },
     /// Go on with a paused rollout and follow it
     Resume {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -93,7 +95,7 @@ enum Cmd {
     /// Go on with a rollout held at its canary (`update_canary`) and follow it
     Promote {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -101,7 +103,7 @@ enum Cmd {
     /// Roll back to the previous version (or to VERSION from history) and follow it
     Rollback {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         /// A version from the service's history/: its 12 hex digits, or its first 4 or more
         version: Option<String>,
@@ -112,7 +114,7 @@ enum Cmd {
     /// only INSTANCE (its number, as in `deploy status SERVICE`)
     Restart {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         /// One instance: its replacement serves before it is stopped
         instance: Option<u32>,
@@ -123,7 +125,7 @@ enum Cmd {
     /// stays, stopped
     Stop {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -131,7 +133,7 @@ enum Cmd {
     /// Start a stopped service and wait until every instance is ready
     Start {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -139,7 +141,7 @@ enum Cmd {
     /// Stop every instance and forget the service; waits until it is gone
     Remove {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         #[command(flatten)]
         wait: Waiting,
@@ -148,7 +150,7 @@ enum Cmd {
     /// instance, or of one: to reload a configuration, reopen files
     Signal {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         /// TERM, INT, QUIT, HUP, USR1, USR2 or KILL (SIG prefix and lower
         /// case accepted)
@@ -159,7 +161,7 @@ enum Cmd {
     /// Print the service's event log
     Events {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         /// Keep printing new events
         #[arg(short, long)]
@@ -176,7 +178,7 @@ enum Cmd {
     /// access log
     Logs {
         /// The service, as in /deploy/active/SERVICE
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
         /// One instance (its number, as in `deploy status SERVICE`)
         #[arg(conflicts_with = "access")]
@@ -214,11 +216,7 @@ enum Cmd {
     /// instance and port; wait until it serves again
     Reexec,
     /// In a cluster: every host, its state, address and instances
-    Hosts {
-        /// Print JSON
-        #[arg(long)]
-        json: bool,
-    },
+    Hosts,
     /// In a cluster: move a host's instances to the others (as a rolling
     /// restart does, health-gated) and place nothing more on it
     Drain {
@@ -234,7 +232,14 @@ enum Cmd {
     /// each starts and stops, pauses, and the least time it takes
     Plan {
         /// The service, as in /deploy/active/SERVICE (its manifest in the manifests directory)
-        #[arg(value_parser = service_arg)]
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
+        service: String,
+    },
+    /// The versions kept for rollback (the last 10), newest first: which is
+    /// running, which is the previous one
+    History {
+        /// The service, as in /deploy/active/SERVICE
+        #[arg(value_parser = service_arg, add = ArgValueCandidates::new(services))]
         service: String,
     },
     /// What apply would change: each manifest file against the one its service runs
@@ -242,6 +247,18 @@ enum Cmd {
         /// Manifest files, named SERVICE.manifest
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Print the shell's completion script: commands, options and the
+    /// services deployd runs (`source <(deploy completions bash)`, or save
+    /// it where the shell loads completions from)
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
+    },
+    /// Write the manual pages (deploy.1, one per command) into DIR
+    Man {
+        /// Where to write them (made if missing)
+        dir: PathBuf,
     },
     /// Validate manifests offline; print every error with file:line:col
     Check {
@@ -338,21 +355,69 @@ fn service_arg(name: &str) -> Result<String, String> {
     ServiceName::new(name).map(|_| name.to_string())
 }
 
+/// The services deployd runs, for a shell's completion (from
+/// `$DEPLOY_ROOT` or `/deploy`: the command line is not parsed yet).
+fn services() -> Vec<CompletionCandidate> {
+    let root = std::env::var_os("DEPLOY_ROOT").unwrap_or_else(|| "/deploy".into());
+    let mut names: Vec<String> = std::fs::read_dir(std::path::Path::new(&root).join("active"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names.into_iter().map(CompletionCandidate::new).collect()
+}
+
+/// `deploy completions SHELL`: the script that has the shell ask deploy
+/// (with `COMPLETE=SHELL` in its environment) what completes a word.
+fn completions(shell: &str) -> Result<Exit, Fail> {
+    let exe = std::env::current_exe()?;
+    let status = std::process::Command::new(&exe)
+        .env("COMPLETE", shell)
+        .status()?;
+    match status.success() {
+        true => Ok(Exit::Ok),
+        false => Err(Fail::new(1, format!("no completions for {shell}"))),
+    }
+}
+
+/// `deploy man DIR`: deploy.1 and a page per command (deploy-apply.1, ...).
+fn man(dir: &std::path::Path) -> Result<Exit, Fail> {
+    std::fs::create_dir_all(dir).map_err(|e| ns::io_fail(dir, e))?;
+    let cmd = Args::command();
+    clap_mangen::generate_to(cmd, dir).map_err(|e| ns::io_fail(dir, e))?;
+    say!("manual pages written to {}", dir.display());
+    Ok(Exit::Ok)
+}
+
 fn try_main(args: Args) -> Result<Exit, Fail> {
-    if let Cmd::Check { files, syntax } = &args.command {
-        return check::run(files, *syntax);
+    match &args.command {
+        Cmd::Check { files, syntax } => return check::run(files, *syntax, args.json),
+        Cmd::Completions { shell } => return completions(shell),
+        Cmd::Man { dir } => return man(dir),
+        _ => {}
     }
     let ns = Ns::open(&args.root)?;
     match args.command {
-        Cmd::Check { .. } => unreachable!("handled above"),
-        Cmd::Diff { files } => diff::run(&ns, &files),
+        Cmd::Check { .. } | Cmd::Completions { .. } | Cmd::Man { .. } => {
+            unreachable!("handled above")
+        }
+        Cmd::Diff { files } => diff::run(&ns, &files, args.json),
         Cmd::Plan { service } => {
             let (_, _, plan) = send(&ns, &service, "plan")?;
-            say!("{}", plan.trim_end());
+            match args.json {
+                true => say!(
+                    "{}",
+                    serde_json::json!({"service": service, "steps": plan.trim_end().lines().collect::<Vec<_>>()})
+                ),
+                false => say!("{}", plan.trim_end()),
+            }
             Ok(Exit::Ok)
         }
+        Cmd::History { service } => status::history(&ns, &service, args.json),
         Cmd::Reexec => reexec(&ns, &args.root),
-        Cmd::Hosts { json } => hosts::list(&args.root, json),
+        Cmd::Hosts => hosts::list(&args.root, args.json),
         Cmd::Drain { host } => hosts::drain(&args.root, &host, true),
         Cmd::Undrain { host } => hosts::drain(&args.root, &host, false),
         Cmd::Apply {
@@ -410,14 +475,8 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
             let cmd = with_arg(&format!("signal {signal}"), instance);
             command(&ns, &service, &cmd, NO_WAIT, What::Deploy)
         }
-        Cmd::Status {
-            service: None,
-            json,
-        } => status::all(&ns, json),
-        Cmd::Status {
-            service: Some(s),
-            json,
-        } => status::one(&ns, &s, json),
+        Cmd::Status { service: None } => status::all(&ns, args.json),
+        Cmd::Status { service: Some(s) } => status::one(&ns, &s, args.json),
         Cmd::Events {
             service,
             follow,
@@ -429,6 +488,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 since,
                 unstamped: false,
                 tail,
+                json: args.json,
             };
             tail::run(&dir, "events", follow, &filter)
         }
@@ -448,6 +508,7 @@ fn try_main(args: Args) -> Result<Exit, Fail> {
                 since,
                 unstamped: !access && !timestamps,
                 tail,
+                json: args.json,
             };
             if hooks {
                 // Its lines carry no time stamp of their own.
@@ -560,6 +621,9 @@ fn refused(service: &str, f: Fail) -> Fail {
 }
 
 fn main() -> ExitCode {
+    // Asked by a shell (`COMPLETE=bash`) what completes a word: answers
+    // and exits.
+    clap_complete::CompleteEnv::with_factory(Args::command).complete();
     let args = Args::parse();
     match try_main(args) {
         Ok(exit) => ExitCode::from(exit as u8),

@@ -107,7 +107,7 @@ pub fn read_field(dir: &Path, name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn io_fail(path: &Path, e: std::io::Error) -> Fail {
+pub fn io_fail(path: &Path, e: std::io::Error) -> Fail {
     let code = match e.kind() {
         ErrorKind::NotFound => NOT_FOUND,
         _ if e.raw_os_error() == Some(libc::ENOTCONN) => NOT_RUNNING,

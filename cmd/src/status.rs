@@ -28,6 +28,9 @@ struct Detail {
     update_status: String,
     progress: String,
     state: String,
+    /// Why the last rollout failed, while `update_status` is `failed`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failure: Option<String>,
     /// From its target manifest: the account its instances run as.
     #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<String>,
@@ -289,6 +292,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
         update_status: ns::read_field(&dir, "update_status"),
         progress: ns::read_field(&dir, "update_progress"),
         state: ns::read_field(&dir, "state"),
+        failure: Some(ns::read_field(&dir, "failure")).filter(|f| !f.is_empty()),
         user: m
             .as_ref()
             .and_then(|m| m.user.as_ref())
@@ -462,6 +466,46 @@ fn print_table<R: AsRef<[S]>, S: AsRef<str>>(
         writeln!(out, "{}", line.trim_end())?;
     }
     Ok(())
+}
+
+/// `deploy history SERVICE`: the versions kept (the files of `history/`,
+/// which the namespace lists oldest first), newest first, with which one
+/// runs and which is the previous one.
+pub fn history(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
+    let dir = ns.service(service)?;
+    let current = ns::read_field(&dir, "version");
+    let previous = ns::read_field(&dir, "previous_version");
+    let history = dir.join("history");
+    let mut versions: Vec<String> = std::fs::read_dir(&history)
+        .map_err(|e| ns::io_fail(&history, e))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    versions.reverse();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let rows: Vec<serde_json::Value> = versions
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "version": v,
+                    "running": v == &current,
+                    "previous": v == &previous,
+                })
+            })
+            .collect();
+        serde_json::to_writer_pretty(&mut out, &rows).map_err(std::io::Error::other)?;
+        writeln!(out)?;
+        return Ok(Exit::Ok);
+    }
+    for v in &versions {
+        let role = match v {
+            _ if *v == current => " running",
+            _ if *v == previous => " previous",
+            _ => "",
+        };
+        writeln!(out, "{v}{role}")?;
+    }
+    Ok(Exit::Ok)
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub struct Filter {
     /// Begin with the last this many lines of each log (then `since`
     /// applies), rather than its first.
     pub tail: Option<u64>,
+    /// Each line as a JSON object (`--json`): `time` (the stamp, or null),
+    /// `instance` (logs of instances), `line`.
+    pub json: bool,
 }
 
 /// `--since`: a time ago (`30s`, `10m`, `2h`, `1d`; a bare number is
@@ -196,7 +199,7 @@ pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit
     loop {
         if let Some(chunk) = stream.at.read(&path, false) {
             stream.partial.extend_from_slice(&chunk);
-            emit(&mut out, None, &mut stream, !follow, filter)?;
+            emit(&mut out, None, None, &mut stream, !follow, filter)?;
         }
         out.flush()?;
         if !follow {
@@ -261,6 +264,7 @@ fn start(path: &Path, tail: Option<u64>) -> u64 {
 fn emit(
     out: &mut impl Write,
     label: Option<&str>,
+    instance: Option<u32>,
     stream: &mut Stream,
     all: bool,
     filter: &Filter,
@@ -278,7 +282,8 @@ fn emit(
     pending.drain(..end);
     for line in text.split_inclusive('\n') {
         let mut body = line;
-        if let Some((t, rest)) = stamp::split(line) {
+        let stamped = stamp::split(line);
+        if let Some((t, rest)) = stamped {
             if let Some(since) = &filter.since {
                 stream.shown = Some(t >= since.as_str());
             }
@@ -288,6 +293,20 @@ fn emit(
         }
         // Before any stamped line: shown unless only lines since are.
         if !stream.shown.unwrap_or(filter.since.is_none()) {
+            continue;
+        }
+        if filter.json {
+            let (time, rest) = match stamped {
+                Some((t, rest)) => (Some(t), rest),
+                None => (None, line),
+            };
+            let mut o = serde_json::Map::new();
+            o.insert("time".into(), time.into());
+            if let Some(n) = instance {
+                o.insert("instance".into(), n.into());
+            }
+            o.insert("line".into(), rest.trim_end_matches(['\n', '\r']).into());
+            writeln!(out, "{}", serde_json::Value::Object(o))?;
             continue;
         }
         match label {
@@ -379,7 +398,7 @@ pub fn logs(
             let Some(chunk) = chunk else { continue };
             stream.partial.extend_from_slice(&chunk);
             let label = instance.is_none().then(|| n.to_string());
-            emit(&mut out, label.as_deref(), stream, !follow, filter)?;
+            emit(&mut out, label.as_deref(), Some(n), stream, !follow, filter)?;
         }
         // Not while the service is away with deployd: those are kept, to
         // go on with where they were.
@@ -465,7 +484,15 @@ mod tests {
         let mut out = Vec::new();
         for (i, c) in chunks.iter().enumerate() {
             stream.partial.extend_from_slice(c.as_bytes());
-            emit(&mut out, label, &mut stream, i + 1 == chunks.len(), filter).unwrap();
+            emit(
+                &mut out,
+                label,
+                None,
+                &mut stream,
+                i + 1 == chunks.len(),
+                filter,
+            )
+            .unwrap();
         }
         String::from_utf8(out).unwrap()
     }

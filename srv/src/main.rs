@@ -97,10 +97,34 @@ enum Command {
     /// ctl, wherever it is mounted), and waits for it to be back: the
     /// systemd unit's `ExecReload`.
     Reexec,
+    /// Writes deployd's manual page (deployd.8) into DIR
+    Man {
+        /// Where to write it (made if missing)
+        dir: PathBuf,
+    },
+}
+
+/// `deployd man DIR`.
+fn man(dir: &Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    let page = clap_mangen::Man::new(Args::command()).section("8");
+    let mut out = Vec::new();
+    page.render(&mut out)?;
+    std::fs::write(dir.join("deployd.8"), out)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Man { dir }) = &args.command {
+        return match man(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("deployd: {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Reexec) = args.command {
         return match reexec_running(&args.config) {
             Ok(msg) => {

@@ -61,6 +61,9 @@ pub enum SvcFile {
     UpdateProgress,
     /// `state`: running or stopped.
     State,
+    /// `failure`: why the last rollout failed, while `update_status` is
+    /// `failed` (empty otherwise).
+    Failure,
     /// `events`: the event log.
     Events,
     /// `manifest`: the target manifest's text.
@@ -97,7 +100,7 @@ pub enum Source {
 }
 
 /// The service directory's files, in listing order: name, file, source.
-pub const SVC_FILES: [(&str, SvcFile, Source); 13] = [
+pub const SVC_FILES: [(&str, SvcFile, Source); 14] = [
     ("ctl", SvcFile::Ctl, Source::Ctl),
     ("version", SvcFile::Version, Source::Snapshot),
     (
@@ -108,6 +111,7 @@ pub const SVC_FILES: [(&str, SvcFile, Source); 13] = [
     ("update_status", SvcFile::UpdateStatus, Source::Snapshot),
     ("update_progress", SvcFile::UpdateProgress, Source::Snapshot),
     ("state", SvcFile::State, Source::Snapshot),
+    ("failure", SvcFile::Failure, Source::Snapshot),
     ("events", SvcFile::Events, Source::Events),
     ("manifest", SvcFile::Manifest, Source::Snapshot),
     ("wait", SvcFile::Wait, Source::Wait),
@@ -245,6 +249,8 @@ pub struct ServiceView {
     pub update_progress: FileData,
     /// `state`
     pub state: FileData,
+    /// `failure`
+    pub failure: FileData,
     /// `manifest`
     pub manifest: FileData,
     /// What `wait` returns; `None` while a rollout is in flight.
@@ -284,6 +290,7 @@ impl ServiceView {
             SvcFile::UpdateStatus => Some(&self.update_status),
             SvcFile::UpdateProgress => Some(&self.update_progress),
             SvcFile::State => Some(&self.state),
+            SvcFile::Failure => Some(&self.failure),
             SvcFile::Manifest => Some(&self.manifest),
             SvcFile::Ctl
             | SvcFile::Events
@@ -479,6 +486,11 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
         update_status: FileData::new(&format!("{status}\n"), now, pf(SvcFile::UpdateStatus)),
         update_progress: FileData::new(&format!("{k}/{n}\n"), now, pf(SvcFile::UpdateProgress)),
         state: FileData::new(&format!("{state}\n"), now, pf(SvcFile::State)),
+        failure: FileData::new(
+            &m.failure().map(|f| format!("{f}\n")).unwrap_or_default(),
+            now,
+            pf(SvcFile::Failure),
+        ),
         manifest: FileData::new(&m.target().text, now, pf(SvcFile::Manifest)),
         wait: m
             .wait_line()

@@ -20,6 +20,13 @@ impl Service {
     pub fn instances(&self) -> &[Instance] {
         &self.instances
     }
+    /// Why the last rollout failed, while no other is in flight.
+    pub fn failure(&self) -> Option<&str> {
+        match self.rollout {
+            None => self.failure.as_deref(),
+            Some(_) => None,
+        }
+    }
     /// How its rollouts ended since deployd started.
     pub fn tally(&self) -> &Tally {
         &self.tally
