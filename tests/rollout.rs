@@ -1247,7 +1247,7 @@ dir /
 health exec test \"$(id -u)\" = 65534
 health_interval 100ms
 health_deadline 10s
-memory_max 1G
+memory_high 1G
 ";
     let Some(d) = Deployd::start_settled(&[("svc", m.to_string())]) else {
         return;
@@ -1296,10 +1296,10 @@ memory_max 1G
     assert_eq!(d.instances("svc")[0].1, pid);
 }
 
-/// `memory_max`: an instance that grows over it is replaced with surge (its
+/// `memory_high`: an instance that grows over it is replaced with surge (its
 /// replacement routed in before it is routed out); the others are left.
 #[test]
-fn an_instance_over_memory_max_is_replaced_with_surge() {
+fn an_instance_over_memory_high_is_replaced_with_surge() {
     // Each instance polls for the flag; the one that takes it grows to
     // about 70 MB of resident memory. Idle, Python holds about 10 MB.
     let script = "\
@@ -1322,7 +1322,7 @@ while True:
     std::fs::write(d.manifests.join("hog.py"), script).unwrap();
     let flag = d.dir.path().join("grow");
     let m = format!(
-        "exec exec python3 hog.py {}\nreplicas 2\nmemory_max 30M\n",
+        "exec exec python3 hog.py {}\nreplicas 2\nmemory_high 30M\n",
         flag.display()
     );
     d.write_manifest("hog", &m);
@@ -1350,7 +1350,7 @@ while True:
     });
     let events = d.read("active/hog/events");
     let over_at = events
-        .find("over memory_max 30M; replacing it")
+        .find("over memory_high 30M; replacing it")
         .unwrap_or_else(|| panic!("{events}"));
     let line_start = events[..over_at].rfind('\n').map_or(0, |i| i + 1);
     assert!(
@@ -1370,7 +1370,7 @@ while True:
         "routed out before its replacement: {events}"
     );
     assert_eq!(
-        events.matches("over memory_max").count(),
+        events.matches("over memory_high").count(),
         1,
         "replaced more than once: {events}"
     );

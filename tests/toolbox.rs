@@ -399,3 +399,109 @@ fn completions_manual_pages_and_json() {
         );
     }
 }
+
+/// A service running `script` (Python) with `limits`, no port, healthy
+/// while it runs.
+fn limited(d_dir: &std::path::Path, name: &str, script: &str, limits: &str) -> String {
+    let path = d_dir.join(format!("{name}.py"));
+    std::fs::write(&path, script).unwrap();
+    format!(
+        "exec exec python3 {}\nhealth exec true\nhealth_interval 200ms\n{limits}",
+        path.display()
+    )
+}
+
+/// CPU seconds (user and system) of `pid` so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// The kernel holds instances to their manifest's limits: over
+/// `memory_max` it OOM-kills one (events say so, and it restarts);
+/// `cpu_max 0.5` holds a busy loop to half a core; `pids_max 50` stops a
+/// fork bomb at 50. Where the controllers are missing, `deploy check`
+/// says so at the directive.
+#[test]
+fn the_kernel_holds_instances_to_their_limits() {
+    let Some(mut d) = Deployd::prepare_with(&[], "") else {
+        return;
+    };
+    let have = deployd_lib::host::controllers();
+    let dir = d.dir.path().to_path_buf();
+    let hog = limited(
+        &dir,
+        "hog",
+        "import time\ntime.sleep(1.5)\nb = bytearray(b'x') * (200 << 20)\ntime.sleep(60)\n",
+        "memory_max 64M\n",
+    );
+    let spin = limited(&dir, "spin", "while True:\n    pass\n", "cpu_max 0.5\n");
+    let bomb = limited(
+        &dir,
+        "bomb",
+        "import os, time\nn = 0\ntry:\n    while n < 500:\n        if os.fork() == 0:\n            time.sleep(120)\n            os._exit(0)\n        n += 1\nexcept OSError as e:\n    print('fork failed after', n, e, flush=True)\ntime.sleep(120)\n",
+        "pids_max 50\n",
+    );
+    let wanted = ["memory", "cpu", "pids"];
+    if !wanted.iter().all(|c| have.contains(c)) {
+        // deploy check names what is missing, at its line.
+        d.write_manifest("hog", &hog);
+        let out = d.deploy(&[
+            "check",
+            &d.manifests.join("hog.manifest").display().to_string(),
+        ]);
+        assert!(
+            common::stderr(&out).contains("memory_max needs the cgroup memory controller"),
+            "{}",
+            common::stderr(&out)
+        );
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no cgroup controllers in CI: {have:?}"
+        );
+        return;
+    }
+    for (name, text) in [("hog", &hog), ("spin", &spin), ("bomb", &bomb)] {
+        d.write_manifest(name, text);
+    }
+    d.launch();
+    for name in ["hog", "spin", "bomb"] {
+        d.settle(name, Duration::from_secs(60));
+    }
+
+    // cpu_max 0.5: about half a core over 3 s, not the whole one it asks.
+    let pid: u32 = d.field("active/spin/instances/0/pid").parse().unwrap();
+    let (t0, c0) = (Instant::now(), cpu_seconds(pid));
+    std::thread::sleep(Duration::from_secs(3));
+    let cores = (cpu_seconds(pid) - c0) / t0.elapsed().as_secs_f64();
+    assert!(
+        (0.3..=0.65).contains(&cores),
+        "cpu_max 0.5 let it use {cores:.2} cores"
+    );
+
+    // pids_max 50: the 50th task is refused.
+    wait_for(
+        "the fork bomb to hit pids_max",
+        Duration::from_secs(30),
+        || d.instance_log("bomb", 0).contains("fork failed after"),
+    );
+    let log = d.instance_log("bomb", 0);
+    assert!(log.contains("fork failed after 49"), "{log}");
+
+    // memory_max 64M: killed by the kernel, said so, and started again.
+    let first: u32 = d.field("active/hog/instances/0/pid").parse().unwrap();
+    let events = d.wait_events("hog", "out of memory", 1);
+    assert!(
+        events.contains("killed by the kernel: out of memory, over its memory_max"),
+        "{events}"
+    );
+    wait_for("hog to be started again", Duration::from_secs(30), || {
+        d.try_read("active/hog/instances/0/pid")
+            .trim()
+            .parse::<u32>()
+            .is_ok_and(|p| p != first)
+    });
+    d.terminate();
+}

@@ -15,7 +15,14 @@ use crate::{Exit, Fail};
 /// stderr and one `file: ok` line per valid file on stdout. With `syntax`,
 /// only the language is checked, not this machine's accounts.
 pub fn run(files: &[PathBuf], syntax: bool, json: bool) -> Result<Exit, Fail> {
-    let load = if syntax { manifest::load } else { host::load };
+    // Beyond the language: what the manifest needs of this machine, its
+    // accounts and its cgroup controllers.
+    let have = host::controllers();
+    let on_host = |f: &std::path::Path| host::check_limits(f, host::load(f)?, &have);
+    let load = |f: &std::path::Path| match syntax {
+        true => manifest::load(f),
+        false => on_host(f),
+    };
     let mut out = std::io::stdout().lock();
     let mut failed = 0;
     // With --json: each file, its service and version or its errors.

@@ -34,9 +34,9 @@ struct Detail {
     /// From its target manifest: the account its instances run as.
     #[serde(skip_serializing_if = "Option::is_none")]
     user: Option<String>,
-    /// From its target manifest: `memory_max`, bytes.
+    /// From its target manifest: `memory_high`, bytes.
     #[serde(skip_serializing_if = "Option::is_none")]
-    memory_max: Option<u64>,
+    memory_high: Option<u64>,
     /// From its target manifest: the services it starts after.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     after: Vec<String>,
@@ -297,7 +297,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
             .as_ref()
             .and_then(|m| m.user.as_ref())
             .map(|u| u.to_string()),
-        memory_max: m.as_ref().and_then(|m| m.memory_max),
+        memory_high: m.as_ref().and_then(|m| m.memory_high),
         after: m
             .as_ref()
             .map(|m| m.after.iter().map(|s| s.to_string()).collect())
@@ -329,7 +329,7 @@ pub fn one(ns: &Ns, service: &str, json: bool) -> Result<Exit, Fail> {
     if let Some(u) = &d.user {
         writeln!(out, "  {:<17} {u}", "user")?;
     }
-    if let Some(n) = d.memory_max {
+    if let Some(n) = d.memory_high {
         writeln!(out, "  {:<17} {}", "memory max", manifest::format_size(n))?;
     }
     if !d.after.is_empty() {

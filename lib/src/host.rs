@@ -186,6 +186,71 @@ pub fn load(path: &Path) -> Result<Loaded, LoadError> {
     }
 }
 
+/// The manifest's limits (`memory_max`, `cpu_max`, `pids_max`) whose
+/// controller is not among `available`: an error at each such directive;
+/// `loaded` as it was if there is none.
+pub fn check_limits(file: &Path, loaded: Loaded, available: &[&str]) -> Result<Loaded, LoadError> {
+    let m = &loaded.manifest;
+    let asked = [
+        ("memory_max", "memory", m.memory_max.is_some()),
+        ("cpu_max", "cpu", m.cpu_max.is_some()),
+        ("pids_max", "pids", m.pids_max.is_some()),
+    ];
+    let diagnostics: Vec<Diagnostic> = asked
+        .into_iter()
+        .filter(|(_, c, asked)| *asked && !available.contains(c))
+        .map(|(directive, c, _)| {
+            let (line, col) = manifest::position_of(&loaded.text, directive)
+                .first()
+                .copied()
+                .unwrap_or((1, 1));
+            Diagnostic {
+                line,
+                col,
+                message: format!(
+                    "{directive} needs the cgroup {c} controller, which this host does not give deployd (cgroup v2 with {c} delegated to deployd's cgroup, or a cgroup v1 {c} hierarchy)"
+                ),
+            }
+        })
+        .collect();
+    match diagnostics.is_empty() {
+        true => Ok(loaded),
+        false => Err(LoadError::Invalid {
+            file: file.display().to_string(),
+            diagnostics,
+        }),
+    }
+}
+
+/// The limit controllers this host has at all: those cgroup v2's root
+/// offers, and those mounted as cgroup v1 hierarchies. (deployd knows its
+/// own: whether they are delegated to its cgroup.)
+pub fn controllers() -> Vec<&'static str> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v2 = String::new();
+    let mut v1: Vec<String> = Vec::new();
+    for line in info.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let mut r = right.split(' ');
+        let (kind, options) = (r.next().unwrap_or(""), r.nth(1).unwrap_or(""));
+        let at = left.split(' ').nth(4).unwrap_or("");
+        match kind {
+            "cgroup2" => {
+                v2 = std::fs::read_to_string(Path::new(at).join("cgroup.controllers"))
+                    .unwrap_or_default()
+            }
+            "cgroup" => v1.extend(options.split(',').map(str::to_owned)),
+            _ => {}
+        }
+    }
+    ["memory", "cpu", "pids"]
+        .into_iter()
+        .filter(|c| v2.split_whitespace().any(|w| w == *c) || v1.iter().any(|o| o == c))
+        .collect()
+}
+
 fn is_id(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }

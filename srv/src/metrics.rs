@@ -100,7 +100,11 @@ fn usage(services: &[Arc<ServiceView>]) -> Vec<(usize, u32, u64, f64)> {
         for i in &v.instances {
             if let Some(leader) = i.leader {
                 let u = crate::process::procfs::usage(leader);
-                out.push((s, i.number, u.rss, u.cpu.as_secs_f64()));
+                let memory = match &i.memory_file {
+                    Some(f) => crate::process::procfs::memory(leader, Some(f)),
+                    None => u.rss,
+                };
+                out.push((s, i.number, memory, u.cpu.as_secs_f64()));
             }
         }
     }
@@ -295,7 +299,7 @@ impl Collector for Scrape {
         let mut f = family(
             &mut enc,
             "instance_memory_bytes",
-            "Resident memory of the instance's processes.",
+            "Memory of the instance's processes: its cgroup's count where a memory controller keeps one, else their resident memory.",
             Gauge,
         )?;
         for (s, n, rss, _) in &used {

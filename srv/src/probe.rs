@@ -247,6 +247,7 @@ async fn exec(
         env: target.env.clone(),
         output: None,
         account,
+        limits: Default::default(),
     })
     .map_err(|e| match crate::short::describe(&e) {
         Some(why) => Failure::Deployd(why),

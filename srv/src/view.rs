@@ -208,6 +208,8 @@ pub struct InstanceView {
     pub log: Option<PathBuf>,
     /// Its process group leader, while it runs (behind `usage`).
     pub leader: Option<u32>,
+    /// The cgroup file that counts its memory, where one does.
+    pub memory_file: Option<PathBuf>,
     /// Its state, for the metrics.
     pub now: State,
     /// Its slot's restarts, for the metrics.
@@ -368,6 +370,8 @@ pub struct Runtime {
     pub remote: bool,
     /// With `health notify`: its last `STATUS=`.
     pub status: Option<String>,
+    /// The cgroup file that counts its memory, where one does.
+    pub memory_file: Option<PathBuf>,
 }
 
 /// Everything a [`ServiceView`] is built from.
@@ -457,6 +461,7 @@ pub fn build(p: Parts<'_>, prev: Option<&ServiceView>, now: SystemTime) -> Servi
                     restarts: FileData::new(&format!("{restarts}\n"), now, pi.map(|x| &x.restarts)),
                     now: i.state(),
                     restarts_n: restarts,
+                    memory_file: rt.as_ref().and_then(|r| r.memory_file.clone()),
                     log: rt.and_then(|r| r.log),
                     leader: i.pid().filter(|_| i.state() != State::Exited && !remote),
                     created: pi.map_or(now, |x| x.created),

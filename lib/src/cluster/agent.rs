@@ -75,7 +75,7 @@ pub enum Event {
         /// On a failure, the last lines it printed.
         lines: Vec<String>,
     },
-    /// A sample of its memory over its `memory_max` (resident bytes).
+    /// A sample of its memory over its `memory_high` (resident bytes).
     OverMemory {
         /// The service.
         service: ServiceName,

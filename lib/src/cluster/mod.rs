@@ -196,7 +196,7 @@ pub struct Seen {
     pub restarts: u32,
     /// Whether its end was fed.
     pub exited: bool,
-    /// Samples over `memory_max` fed.
+    /// Samples over `memory_high` fed.
     #[serde(default)]
     pub over: u64,
 }
@@ -256,7 +256,7 @@ pub struct Status {
     pub lines: Vec<String>,
     /// A digest of the env files' variables it started with.
     pub env: String,
-    /// Samples of its memory over `memory_max` so far, and the last one
+    /// Samples of its memory over `memory_high` so far, and the last one
     /// (resident bytes).
     #[serde(default)]
     pub over: Option<(u64, u64)>,

@@ -1027,9 +1027,9 @@ fn keys_parse_back_and_refuse_what_is_not_ours() {
 }
 
 #[test]
-fn an_instance_over_memory_max_is_replaced_through_the_leader() {
+fn an_instance_over_memory_high_is_replaced_through_the_leader() {
     let mut w = World::new(3);
-    w.apply(format!("{}memory_max 64M\n", manifest("good", 3, 1)));
+    w.apply(format!("{}memory_high 64M\n", manifest("good", 3, 1)));
     w.settle();
     w.check_converged(3, "good");
     let (pid, slot, h, id) = w
@@ -1063,7 +1063,7 @@ fn an_instance_over_memory_max_is_replaced_through_the_leader() {
     assert_ne!(now[0], id);
     assert_eq!(w.min_routed, Some(3));
     assert!(
-        w.events().iter().any(|e| e.contains("over memory_max")),
+        w.events().iter().any(|e| e.contains("over memory_high")),
         "{:#?}",
         w.events()
     );

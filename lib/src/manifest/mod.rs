@@ -39,9 +39,14 @@ pub const MAX_RETRIES: u32 = 100;
 /// Environment variables deployd sets itself for every instance, which
 /// neither `env` nor an env file may set.
 pub const RESERVED_ENV: [&str; 5] = ["HOST", "PORT", "SERVICE", "INSTANCE", "VERSION"];
-/// Smallest accepted `memory_max`: 1 MiB.
+/// Largest `cpu_max`, in hundredths of a core: 1024 cores.
+pub const MAX_CPU: u32 = 102_400;
+/// `pids_max`'s range (the kernel's `pid_max` is at most 4194304).
+pub const MIN_PIDS: u64 = 1;
+pub const MAX_PIDS: u64 = 4_194_304;
+/// Smallest accepted `memory_max` or `memory_high`: 1 MiB.
 pub const MIN_MEMORY: u64 = 1 << 20;
-/// Largest accepted `memory_max`: 1 TiB.
+/// Largest accepted `memory_high`: 1 TiB.
 pub const MAX_MEMORY: u64 = 1 << 40;
 /// Smallest accepted `log_max`: 64 KiB.
 pub const MIN_LOG: u64 = 64 << 10;
@@ -132,8 +137,18 @@ pub struct Manifest {
     pub stop_signal: Signal,
     /// Time between `stop_signal` and SIGKILL.
     pub stop_timeout: Duration,
-    /// Resident memory, in bytes, above which a ready instance is replaced.
+    /// Resident memory, in bytes, above which a ready instance is replaced
+    /// (sampled by deployd, the instance replaced with surge).
+    pub memory_high: Option<u64>,
+    /// The memory, in bytes, the kernel lets the instance's processes use
+    /// together (its cgroup's `memory.max`): past it they are OOM-killed.
     pub memory_max: Option<u64>,
+    /// CPU time the instance's processes may use together, in hundredths
+    /// of a core (its cgroup's `cpu.max`).
+    pub cpu_max: Option<u32>,
+    /// How many processes and threads the instance may have at once (its
+    /// cgroup's `pids.max`).
+    pub pids_max: Option<u32>,
     /// Size of an instance's log, in bytes, past which it is moved to `.1`.
     pub log_max: u64,
     /// Bytes of output a second an instance may write before its writes
@@ -457,7 +472,22 @@ impl Proxy {
 /// With `health none`, how long a new instance must run to be ready.
 pub const RUNNING_FOR: Duration = Duration::from_secs(1);
 
+/// Hundredths of a core as `cpu_max` writes them: `0.5`, `1.25`, `2`.
+pub fn format_cores(c: u32) -> String {
+    match (c / 100, c % 100) {
+        (w, 0) => w.to_string(),
+        (w, f) if f % 10 == 0 => format!("{w}.{}", f / 10),
+        (w, f) => format!("{w}.{f:02}"),
+    }
+}
+
 impl Manifest {
+    /// Whether it asks the kernel for limits (`memory_max`, `cpu_max`,
+    /// `pids_max`).
+    pub fn has_limits(&self) -> bool {
+        self.memory_max.is_some() || self.cpu_max.is_some() || self.pids_max.is_some()
+    }
+
     /// A manifest running `exec` with every other directive at its default.
     pub fn new(exec: impl Into<String>) -> Manifest {
         Manifest {
@@ -493,7 +523,10 @@ impl Manifest {
             restart: RestartPolicy::Always,
             stop_signal: Signal::Term,
             stop_timeout: Duration::from_secs(10),
+            memory_high: None,
             memory_max: None,
+            cpu_max: None,
+            pids_max: None,
             log_max: 1 << 20,
             log_rate: 8 << 20,
             drain: Duration::from_secs(5),
@@ -650,8 +683,17 @@ impl Manifest {
         if self.stop_signal != d.stop_signal {
             line(format_args!("stop_signal {}", self.stop_signal.name()));
         }
+        if let Some(bytes) = self.memory_high {
+            line(format_args!("memory_high {}", format_size(bytes)));
+        }
         if let Some(bytes) = self.memory_max {
             line(format_args!("memory_max {}", format_size(bytes)));
+        }
+        if let Some(c) = self.cpu_max {
+            line(format_args!("cpu_max {}", format_cores(c)));
+        }
+        if let Some(n) = self.pids_max {
+            line(format_args!("pids_max {n}"));
         }
         if self.log_max != d.log_max {
             line(format_args!("log_max {}", format_size(self.log_max)));

@@ -20,13 +20,14 @@ use nom::{IResult, Parser};
 use crate::name::{HostName, ServiceName};
 
 use super::{
-    Cidr, Diagnostic, Health, MAX_CONNECTIONS, MAX_DURATION, MAX_LINE, MAX_LOG, MAX_MEMORY,
-    MAX_REPLICAS, MAX_RETRIES, MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG, MIN_MEMORY, Manifest, Proxy,
-    RESERVED_ENV, RestartPolicy, Signal, Strategy, UpdateOrder, User, format_duration,
+    Cidr, Diagnostic, Health, MAX_CONNECTIONS, MAX_CPU, MAX_DURATION, MAX_LINE, MAX_LOG,
+    MAX_MEMORY, MAX_PIDS, MAX_REPLICAS, MAX_RETRIES, MAX_SIZE, MIN_HEALTH_INTERVAL, MIN_LOG,
+    MIN_MEMORY, MIN_PIDS, Manifest, Proxy, RESERVED_ENV, RestartPolicy, Signal, Strategy,
+    UpdateOrder, User, format_duration,
 };
 
 /// Every directive of the language, for suggestions and repetition checks.
-const DIRECTIVES: [&str; 42] = [
+const DIRECTIVES: [&str; 45] = [
     "exec",
     "dir",
     "env",
@@ -59,7 +60,10 @@ const DIRECTIVES: [&str; 42] = [
     "restart",
     "stop_signal",
     "stop_timeout",
+    "memory_high",
     "memory_max",
+    "cpu_max",
+    "pids_max",
     "log_max",
     "log_rate",
     "drain",
@@ -138,7 +142,10 @@ enum Directive {
     AccessLog(bool),
     Restart(RestartPolicy),
     StopSignal(Signal),
+    MemoryHigh(u64),
     MemoryMax(u64),
+    CpuMax(u32),
+    PidsMax(u32),
     LogMax(u64),
     LogRate(u64),
     MaxConnections(u32),
@@ -376,7 +383,10 @@ fn parse_value(name: &'static str, v: &Value) -> Result<Directive, LineError> {
             ],
         )?),
         "stop_signal" => Directive::StopSignal(signal(v)?),
+        "memory_high" => Directive::MemoryHigh(size(v, MIN_MEMORY, MAX_MEMORY)?),
         "memory_max" => Directive::MemoryMax(size(v, MIN_MEMORY, MAX_MEMORY)?),
+        "cpu_max" => Directive::CpuMax(cores(v)?),
+        "pids_max" => Directive::PidsMax(number(v, MIN_PIDS, MAX_PIDS)? as u32),
         "log_max" => Directive::LogMax(size(v, MIN_LOG, MAX_LOG)?),
         "log_rate" => Directive::LogRate(size(v, MIN_LOG, MAX_LOG)?),
         "health" => Directive::Health(health(v)?),
@@ -540,6 +550,36 @@ fn number(v: &Value, min: u64, max: u64) -> Result<u64, LineError> {
         _ => Err(v.err(
             w,
             format!("{} must be between {min} and {max}, got {w}", v.name),
+        )),
+    }
+}
+
+/// `cpu_max`: cores, a number with at most two decimals (`0.5`, `1.5`,
+/// `2`), in hundredths of a core, between 0.01 and 1024.
+fn cores(v: &Value) -> Result<u32, LineError> {
+    let w = v.one_word("a number of cores like 0.5, 1.5 or 2")?;
+    let (whole, frac) = w.split_once('.').unwrap_or((w, ""));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let ok = digits(whole) && (frac.is_empty() || (digits(frac) && frac.len() <= 2));
+    if !ok {
+        return Err(v.err(
+            w,
+            format!("cpu_max needs a number of cores like 0.5, 1.5 or 2, got '{w}'"),
+        ));
+    }
+    let hundredths = whole
+        .parse::<u32>()
+        .ok()
+        .and_then(|n| n.checked_mul(100))
+        .and_then(|n| n.checked_add(format!("{frac:0<2}").parse::<u32>().ok()?));
+    match hundredths {
+        Some(n) if (1..=MAX_CPU).contains(&n) => Ok(n),
+        _ => Err(v.err(
+            w,
+            format!(
+                "cpu_max must be between 0.01 and {} cores, got {w}",
+                MAX_CPU / 100
+            ),
         )),
     }
 }
@@ -838,7 +878,10 @@ impl Builder {
             Directive::AccessLog(b) => m.access_log = b,
             Directive::Restart(r) => m.restart = r,
             Directive::StopSignal(s) => m.stop_signal = s,
+            Directive::MemoryHigh(n) => m.memory_high = Some(n),
             Directive::MemoryMax(n) => m.memory_max = Some(n),
+            Directive::CpuMax(n) => m.cpu_max = Some(n),
+            Directive::PidsMax(n) => m.pids_max = Some(n),
             Directive::LogMax(n) => m.log_max = n,
             Directive::LogRate(n) => m.log_rate = n,
             Directive::MaxConnections(n) => m.max_connections = Some(n),

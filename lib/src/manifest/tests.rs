@@ -674,61 +674,67 @@ fn env_files_keep_their_order_and_may_not_repeat() {
 }
 
 #[test]
-fn memory_max_forms_and_errors() {
-    assert_eq!(ok("exec a\n").memory_max, None);
-    assert_eq!(ok("exec a\nmemory_max 512M\n").memory_max, Some(512 << 20));
+fn memory_high_forms_and_errors() {
+    assert_eq!(ok("exec a\n").memory_high, None);
     assert_eq!(
-        ok("exec a\nmemory_max 1G  # one\n").memory_max,
+        ok("exec a\nmemory_high 512M\n").memory_high,
+        Some(512 << 20)
+    );
+    assert_eq!(
+        ok("exec a\nmemory_high 1G  # one\n").memory_high,
         Some(1 << 30)
     );
     assert_eq!(
-        ok("exec a\nmemory_max 1536K\n").memory_max,
+        ok("exec a\nmemory_high 1536K\n").memory_high,
         Some(1536 << 10)
     );
-    assert_eq!(ok("exec a\nmemory_max 1T\n").memory_max, Some(1 << 40));
-    assert_eq!(ok("exec a\nmemory_max 2097152\n").memory_max, Some(2 << 20));
+    assert_eq!(ok("exec a\nmemory_high 1T\n").memory_high, Some(1 << 40));
+    assert_eq!(
+        ok("exec a\nmemory_high 2097152\n").memory_high,
+        Some(2 << 20)
+    );
     // Canonical: the largest exact unit.
     assert!(
-        ok("exec a\nmemory_max 2048M\n")
+        ok("exec a\nmemory_high 2048M\n")
             .canonical()
-            .contains("memory_max 2G\n")
+            .contains("memory_high 2G\n")
     );
     assert!(
-        ok("exec a\nmemory_max 1536K\n")
+        ok("exec a\nmemory_high 1536K\n")
             .canonical()
-            .contains("memory_max 1536K\n")
+            .contains("memory_high 1536K\n")
     );
     assert!(
-        ok("exec a\nmemory_max 1048577\n")
+        ok("exec a\nmemory_high 1048577\n")
             .canonical()
-            .contains("memory_max 1048577\n")
+            .contains("memory_high 1048577\n")
     );
-    let what = "memory_max needs a size like 512M, 1G or 1536K";
-    assert_eq!(error("exec a\nmemory_max\n"), format!("2:11: {what}"));
+    let what = "memory_high needs a size like 512M, 1G or 1536K";
+    assert_eq!(error("exec a\nmemory_high\n"), format!("2:12: {what}"));
     assert_eq!(
-        error("exec a\nmemory_max 512MB\n"),
-        format!("2:12: {what}, got '512MB'")
-    );
-    assert_eq!(
-        error("exec a\nmemory_max 1.5G\n"),
-        format!("2:12: {what}, got '1.5G'")
+        error("exec a\nmemory_high 512MB\n"),
+        format!("2:13: {what}, got '512MB'")
     );
     assert_eq!(
-        error("exec a\nmemory_max -1\n"),
-        format!("2:12: {what}, got '-1'")
-    );
-    let range = "memory_max must be between 1M and 1T";
-    assert_eq!(
-        error("exec a\nmemory_max 1000K\n"),
-        format!("2:12: {range}, got 1000K")
+        error("exec a\nmemory_high 1.5G\n"),
+        format!("2:13: {what}, got '1.5G'")
     );
     assert_eq!(
-        error("exec a\nmemory_max 2T\n"),
-        format!("2:12: {range}, got 2T")
+        error("exec a\nmemory_high -1\n"),
+        format!("2:13: {what}, got '-1'")
+    );
+    let range = "memory_high must be between 1M and 1T";
+    assert_eq!(
+        error("exec a\nmemory_high 1000K\n"),
+        format!("2:13: {range}, got 1000K")
     );
     assert_eq!(
-        error("exec a\nmemory_max 99999999999999999999G\n"),
-        format!("2:12: {range}, got 99999999999999999999G")
+        error("exec a\nmemory_high 2T\n"),
+        format!("2:13: {range}, got 2T")
+    );
+    assert_eq!(
+        error("exec a\nmemory_high 99999999999999999999G\n"),
+        format!("2:13: {range}, got 99999999999999999999G")
     );
 }
 
@@ -921,7 +927,7 @@ fn version_changes_with_every_semantic_change() {
         "exec ./app\nreplicas 3\nport 80\ndir x\n",
         "exec ./app\nreplicas 3\nport 80\nenv A=1\n",
         "exec ./app\nreplicas 3\nport 80\nuser nobody\n",
-        "exec ./app\nreplicas 3\nport 80\nmemory_max 512M\n",
+        "exec ./app\nreplicas 3\nport 80\nmemory_high 512M\n",
         "exec ./app\nreplicas 3\nport 80\nenv_file web.env\n",
         "exec ./app\nreplicas 3\nport 80\nlog_max 10M\n",
         "exec ./app\nreplicas 3\nport 80\nuser nobody:nogroup\n",
@@ -1143,7 +1149,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             proptest::collection::btree_set("[a-z0-9][a-z0-9-]{0,62}", 0..3),
         ),
     )
-        .prop_map(|(a, b, c, d, e, (batch, memory_max, log_max, after))| {
+        .prop_map(|(a, b, c, d, e, (batch, memory_high, log_max, after))| {
             let (exec, dir, env, replicas, env_files, user) = a;
             let (port, proxy, health) = b;
             let (interval, timeout, retries, grace) = c;
@@ -1197,7 +1203,7 @@ fn manifest_strategy() -> impl Gen<Value = Manifest> {
             m.stop_timeout = stop_timeout;
             m.drain = drain;
             m.queue_timeout = queue;
-            m.memory_max = memory_max;
+            m.memory_high = memory_high;
             m.log_max = log_max;
             // Only with proxy http, and never 0.
             m.response_timeout =
@@ -1232,7 +1238,7 @@ proptest! {
                     "exec", "dir", "env", "env_file", "user", "replicas", "port", "proxy", "health", "health_interval",
                     "health_timeout", "health_retries", "health_grace", "health_deadline",
                     "min_healthy", "update", "update_batch", "update_pause", "auto_rollback",
-                    "restart", "stop_signal", "stop_timeout", "memory_max", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "update_canary_auto", "update_watch", "before_deploy", "after_deploy", "hook_timeout", "access_log", "#", "",
+                    "restart", "stop_signal", "stop_timeout", "memory_high", "log_max", "log_rate", "drain", "queue_timeout", "response_timeout", "after", "update_order", "update_canary", "update_canary_auto", "update_watch", "before_deploy", "after_deploy", "hook_timeout", "access_log", "#", "",
                 ]),
                 "[ \t]{0,2}",
                 "[ -~\t]{0,12}",
@@ -1308,4 +1314,68 @@ fn a_port_is_one_services() {
     assert_eq!(super::shared_ports(services), vec![(&api, 8080, &web)]);
     let apart = [(&web, Some(8080)), (&api, Some(8081)), (&db, None)];
     assert!(super::shared_ports(apart).is_empty());
+}
+
+/// The kernel's limits: `memory_max` a size, `cpu_max` cores with up to two
+/// decimals, `pids_max` a count; each shown back as written and part of
+/// the version; errors located and worded.
+#[test]
+fn hard_limits_forms_and_errors() {
+    let m = ok("exec a\nmemory_max 64M\ncpu_max 0.5\npids_max 50\n");
+    assert_eq!(
+        (m.memory_max, m.cpu_max, m.pids_max),
+        (Some(64 << 20), Some(50), Some(50))
+    );
+    assert!(m.has_limits());
+    assert!(!ok("exec a\nmemory_high 64M\n").has_limits());
+    for (text, hundredths) in [
+        ("1.5", 150),
+        ("2", 200),
+        ("0.01", 1),
+        ("1.25", 125),
+        ("1024", 102_400),
+    ] {
+        assert_eq!(
+            ok(&format!("exec a\ncpu_max {text}\n")).cpu_max,
+            Some(hundredths)
+        );
+        assert_eq!(format_cores(hundredths), text);
+    }
+    let canonical = m.canonical();
+    for line in ["memory_max 64M\n", "cpu_max 0.5\n", "pids_max 50\n"] {
+        assert!(canonical.contains(line), "{canonical}");
+    }
+    assert_ne!(
+        m.version(),
+        ok("exec a\nmemory_max 64M\ncpu_max 0.5\n").version()
+    );
+    let what = "cpu_max needs a number of cores like 0.5, 1.5 or 2";
+    assert_eq!(
+        error("exec a\ncpu_max 1.555\n"),
+        format!("2:9: {what}, got '1.555'")
+    );
+    assert_eq!(
+        error("exec a\ncpu_max half\n"),
+        format!("2:9: {what}, got 'half'")
+    );
+    assert_eq!(
+        error("exec a\ncpu_max .5\n"),
+        format!("2:9: {what}, got '.5'")
+    );
+    assert_eq!(
+        error("exec a\ncpu_max 0\n"),
+        "2:9: cpu_max must be between 0.01 and 1024 cores, got 0"
+    );
+    assert_eq!(
+        error("exec a\ncpu_max 2000\n"),
+        "2:9: cpu_max must be between 0.01 and 1024 cores, got 2000"
+    );
+    assert_eq!(
+        error("exec a\npids_max 0\n"),
+        "2:10: pids_max must be between 1 and 4194304, got 0"
+    );
+    assert_eq!(
+        error("exec a\nmemory_max 10K\n"),
+        "2:12: memory_max must be between 1M and 1T, got 10K"
+    );
 }

@@ -383,7 +383,7 @@ impl Service {
         if stop_first || (m.update == Strategy::Replace && !fills) {
             // Stop the batch's old instances, and any beyond replicas, first:
             // every one still alive there, including one a failed batch
-            // started or one replaced over memory_max still serving.
+            // started or one replaced over memory_high still serving.
             let old: Vec<usize> = (0..self.instances.len())
                 .filter(|&i| {
                     let inst = &self.instances[i];

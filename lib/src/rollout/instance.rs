@@ -111,6 +111,9 @@ pub enum Exit {
     Code(i32),
     /// A signal killed it.
     Signal(i32),
+    /// The kernel killed it (SIGKILL) for using more memory than its
+    /// `memory_max` lets its cgroup have.
+    OutOfMemory,
     /// It could not be started at all.
     SpawnFailed(String),
     /// deployd could not start it for a shortage of its own (descriptors,
@@ -143,6 +146,9 @@ impl fmt::Display for Exit {
                 Some((_, name)) => write!(f, "killed by SIG{name}"),
                 None => write!(f, "killed by signal {s}"),
             },
+            Exit::OutOfMemory => {
+                f.write_str("killed by the kernel: out of memory, over its memory_max")
+            }
             Exit::SpawnFailed(e) => write!(f, "could not start: {e}"),
             Exit::Short(e) => write!(f, "not started: {e}"),
             Exit::Lost(host) => write!(f, "lost with host {host}"),

@@ -19,7 +19,7 @@
 //! are routed in, the slot's old instance is routed out, drained and stopped
 //! (*retiring*). Outside the batch, a serving instance that exits is restarted
 //! at its slot's version, with exponential backoff. One that grows over its
-//! `memory_max` turns retiring while it stays ready and routed in: its slot
+//! `memory_high` turns retiring while it stays ready and routed in: its slot
 //! starts a fresh instance, and the old one drains once that one is ready.
 //!
 //! Decisions are taken by [`Service::drive`] from the whole state after every
@@ -222,7 +222,7 @@ pub enum Input {
         id: InstanceId,
     },
     /// An instance's processes hold more resident memory than its
-    /// `memory_max`: the caller samples it and reports each sample over.
+    /// `memory_high`: the caller samples it and reports each sample over.
     OverMemory {
         /// Which instance.
         id: InstanceId,

@@ -196,7 +196,7 @@ impl Service {
         }
     }
 
-    /// A ready instance over its `memory_max` is replaced with surge, as a
+    /// A ready instance over its `memory_high` is replaced with surge, as a
     /// rolling restart of its slot alone: it becomes retiring but stays
     /// ready and routed in, its slot starts a fresh instance (after the
     /// slot's restart backoff), and only once that one is ready is the old
@@ -214,7 +214,7 @@ impl Service {
     pub(super) fn over_memory(&mut self, id: InstanceId, rss: u64) {
         let Some(i) = self.find(id) else { return };
         let inst = &self.instances[i];
-        let Some(limit) = inst.spec.manifest.memory_max else {
+        let Some(limit) = inst.spec.manifest.memory_high else {
             return;
         };
         let (slot, number, policy) = (inst.slot, inst.number, inst.spec.manifest.restart);
@@ -233,7 +233,7 @@ impl Service {
         let replace = policy != RestartPolicy::Never;
         let stop_first = self.stop_first();
         self.event(format!(
-            "instance {number} uses {} of memory, over memory_max {}; {}",
+            "instance {number} uses {} of memory, over memory_high {}; {}",
             format_bytes(rss),
             crate::manifest::format_size(limit),
             if !replace {
@@ -434,7 +434,7 @@ impl Service {
                     self.stop_now(i);
                     changed = true;
                 }
-                // Replaced over memory_max (the only way to be ready and
+                // Replaced over memory_high (the only way to be ready and
                 // retiring): it goes once its slot serves again, or when the
                 // slot itself goes (a stop retires it with the rest).
                 State::Ready

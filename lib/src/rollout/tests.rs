@@ -2211,9 +2211,9 @@ fn adopt_leaves_what_does_not_fit_and_refuses_mid_rollout() {
     assert_eq!(adopted.service.update_status(), UpdateStatus::Paused);
 }
 
-fn with_memory_max(replicas: u32, restart: RestartPolicy) -> Spec {
+fn with_memory_high(replicas: u32, restart: RestartPolicy) -> Spec {
     let mut m = (*spec("v1", replicas, 1, Strategy::Rolling).manifest).clone();
-    m.memory_max = Some(100 << 20);
+    m.memory_high = Some(100 << 20);
     m.restart = restart;
     let text = m.canonical();
     Spec::new(m, text)
@@ -2228,9 +2228,9 @@ fn over(sim: &mut Sim, id: u64, rss: u64) {
 }
 
 #[test]
-fn over_memory_max_is_replaced_with_surge() {
+fn over_memory_high_is_replaced_with_surge() {
     for replicas in [1, 3] {
-        let mut sim = Sim::new(with_memory_max(replicas, RestartPolicy::Always));
+        let mut sim = Sim::new(with_memory_high(replicas, RestartPolicy::Always));
         // Never fewer routed in than replicas, not even with one replica.
         sim.capacity = replicas as usize;
         let old = sim.serving()[&0].0;
@@ -2240,7 +2240,7 @@ fn over_memory_max_is_replaced_with_surge() {
         over(&mut sim, old, 150 << 20);
         assert_eq!(
             sim.events,
-            ["instance 0 uses 150.0M of memory, over memory_max 100M; \
+            ["instance 0 uses 150.0M of memory, over memory_high 100M; \
               replacing it (it serves until its replacement is ready)"]
         );
         assert!(
@@ -2266,17 +2266,17 @@ fn over_memory_max_is_replaced_with_surge() {
 }
 
 /// Under stop-first, a host has no room for an extra instance: an instance
-/// over its memory_max is routed out, drained and stopped before its
+/// over its memory_high is routed out, drained and stopped before its
 /// replacement starts, one slot at a time, never more than replicas alive.
 #[test]
-fn over_memory_max_under_stop_first_stops_before_it_starts() {
+fn over_memory_high_under_stop_first_stops_before_it_starts() {
     let mut sim = Sim::new(mem_spec("v1", 3, 1, Mode::StopFirst));
     sim.capacity = 2;
     let old = sim.serving()[&1].0;
     over(&mut sim, old, 150 << 20);
     assert_eq!(
         sim.events,
-        ["instance 1 uses 150.0M of memory, over memory_max 100M; \
+        ["instance 1 uses 150.0M of memory, over memory_high 100M; \
           replacing it (stop-first: stopping it before its replacement starts)"]
     );
     assert!(!sim.routed.contains(&old), "still routed in");
@@ -2302,8 +2302,8 @@ fn over_memory_max_under_stop_first_stops_before_it_starts() {
 }
 
 #[test]
-fn over_memory_max_replaces_one_slot_at_a_time() {
-    let mut sim = Sim::new(with_memory_max(3, RestartPolicy::Always));
+fn over_memory_high_replaces_one_slot_at_a_time() {
+    let mut sim = Sim::new(with_memory_high(3, RestartPolicy::Always));
     sim.capacity = 3;
     let ids: Vec<u64> = sim.serving().values().map(|(id, _)| *id).collect();
     for id in &ids {
@@ -2312,7 +2312,7 @@ fn over_memory_max_replaces_one_slot_at_a_time() {
     let replacing = |sim: &Sim| {
         sim.events
             .iter()
-            .filter(|e| e.contains("over memory_max"))
+            .filter(|e| e.contains("over memory_high"))
             .count()
     };
     assert_eq!(replacing(&sim), 1, "{:#?}", sim.events);
@@ -2331,8 +2331,8 @@ fn over_memory_max_replaces_one_slot_at_a_time() {
 }
 
 #[test]
-fn over_memory_max_keeps_serving_while_its_replacement_fails() {
-    let s = with_memory_max(1, RestartPolicy::Always);
+fn over_memory_high_keeps_serving_while_its_replacement_fails() {
+    let s = with_memory_high(1, RestartPolicy::Always);
     let v = s.version;
     let mut sim = Sim::new(s);
     sim.capacity = 1;
@@ -2359,9 +2359,9 @@ fn over_memory_max_keeps_serving_while_its_replacement_fails() {
 }
 
 #[test]
-fn over_memory_max_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops() {
+fn over_memory_high_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops() {
     // restart never: drained and stopped, the slot held.
-    let mut sim = Sim::new(with_memory_max(2, RestartPolicy::Never));
+    let mut sim = Sim::new(with_memory_high(2, RestartPolicy::Never));
     let id = sim.serving()[&1].0;
     over(&mut sim, id, 150 << 20);
     assert!(!sim.routed.contains(&id));
@@ -2377,8 +2377,8 @@ fn over_memory_max_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops()
     assert_eq!(sim.svc.progress(), (1, 2));
 
     // A slot in a rollout's batch is the rollout's to replace.
-    let mut sim = Sim::new(with_memory_max(2, RestartPolicy::Always));
-    let mut m = (*with_memory_max(2, RestartPolicy::Always).manifest).clone();
+    let mut sim = Sim::new(with_memory_high(2, RestartPolicy::Always));
+    let mut m = (*with_memory_high(2, RestartPolicy::Always).manifest).clone();
     m.exec = "v2".into();
     sim.command(Command::Apply(Spec::new(m, "v2"))).unwrap();
     let id = sim.serving()[&0].0;
@@ -2389,7 +2389,7 @@ fn over_memory_max_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops()
     sim.check_converged();
 
     // Stopped meanwhile: the old one goes too.
-    let mut sim = Sim::new(with_memory_max(1, RestartPolicy::Always));
+    let mut sim = Sim::new(with_memory_high(1, RestartPolicy::Always));
     let id = sim.serving()[&0].0;
     over(&mut sim, id, 150 << 20);
     sim.command(Command::Stop).unwrap();
@@ -2399,10 +2399,10 @@ fn over_memory_max_is_left_to_a_rollout_or_a_stop_and_restart_never_only_stops()
     assert!(sim.routed.is_empty());
 }
 
-/// `spec` with a memory_max.
+/// `spec` with a memory_high.
 fn mem_spec(exec: &str, n: u32, b: u32, st: impl Into<Mode>) -> Spec {
     let mut m = (*spec(exec, n, b, st).manifest).clone();
-    m.memory_max = Some(100 << 20);
+    m.memory_high = Some(100 << 20);
     let text = m.canonical();
     Spec::new(m, text)
 }
@@ -2422,7 +2422,7 @@ fn all_over(sim: &mut Sim) {
 }
 
 #[test]
-fn over_memory_max_at_every_step_of_a_rollout_still_converges() {
+fn over_memory_high_at_every_step_of_a_rollout_still_converges() {
     for (st, n, b) in shapes() {
         for k in 0..=clean_steps(st, n, b) {
             let mut sim = Sim::new(mem_spec("v1", n, b, st));
@@ -2469,7 +2469,7 @@ fn a_rollout_restart_or_scale_during_a_memory_replacement_converges() {
 
 #[test]
 fn restarts_count_what_the_machine_restarted_until_a_rollout() {
-    let mut sim = Sim::new(with_memory_max(2, RestartPolicy::Always));
+    let mut sim = Sim::new(with_memory_high(2, RestartPolicy::Always));
     assert_eq!((sim.svc.restarts(0), sim.svc.restarts(1)), (0, 0));
     // A crash, an unhealthy instance, a memory replacement: three restarts.
     let id = sim.serving()[&1].0;
@@ -2499,7 +2499,7 @@ fn restarts_count_what_the_machine_restarted_until_a_rollout() {
     .unwrap();
     assert_eq!(restored.restarts(1), 3);
     // A rollout starts the count again.
-    let mut m = (*with_memory_max(2, RestartPolicy::Always).manifest).clone();
+    let mut m = (*with_memory_high(2, RestartPolicy::Always).manifest).clone();
     m.exec = "v2".into();
     sim.command(Command::Apply(Spec::new(m, "v2"))).unwrap();
     sim.settle();

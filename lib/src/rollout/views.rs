@@ -129,7 +129,7 @@ impl Service {
     /// How many times the instance of `slot` was started again outside a
     /// rollout since the slot's version was committed: after it exited (by
     /// the restart policy), failed its health checks or deadline, or
-    /// outgrew `memory_max`. kubectl's RESTARTS, PM2's ↺. A rollout or the
+    /// outgrew `memory_high`. kubectl's RESTARTS, PM2's ↺. A rollout or the
     /// `restart` command starts the count again.
     pub fn restarts(&self, slot: u32) -> u32 {
         self.slots.get(slot as usize).map_or(0, |s| s.restarts)

@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
+use super::limits;
+
 /// deployd's tree of cgroups, once [`init`] found cgroup v2 usable; a
 /// cheap handle to share.
 #[derive(Clone)]
@@ -89,6 +91,10 @@ struct Pool {
     /// Set once clone3 with `CLONE_INTO_CGROUP` failed for want of
     /// support: children move themselves in from then on.
     no_clone3: Arc<AtomicBool>,
+    /// The controllers enabled for the instances' cgroups in the tree.
+    v2: Vec<&'static str>,
+    /// The others, from cgroup v1 hierarchies: each one's tree.
+    v1: Vec<(&'static str, PathBuf)>,
 }
 
 #[derive(Default)]
@@ -101,6 +107,8 @@ struct State {
     by_leader: HashMap<u32, String>,
     /// Held after `reexec` until the instance in it is taken back.
     held: Vec<String>,
+    /// An ended instance's cgroups in v1 hierarchies, removed once empty.
+    dead_v1: Vec<PathBuf>,
     next: u64,
     /// When an instance last took a cgroup.
     last_take: Option<Instant>,
@@ -117,7 +125,11 @@ pub struct Place {
     /// Whether clone3 was found not to start children in cgroups here;
     /// the launcher sets it the first time it is refused so.
     pub no_clone3: Arc<AtomicBool>,
+    /// Its cgroups in v1 hierarchies, for its limits.
+    pub v1: super::limits::V1Place,
     name: String,
+    /// Limits were written into it: not to be used by another.
+    limited: bool,
 }
 
 /// Sets up deployd's tree: removes the trees of deployds that are gone
@@ -149,12 +161,44 @@ pub fn init(keep: bool) -> Result<Cgroups, CgroupError> {
             false => state.held.push(name),
         }
     }
+    let v2 = enable_controllers(&tree);
+    let missing: Vec<&'static str> = limits::CONTROLLERS
+        .into_iter()
+        .filter(|c| !v2.contains(c))
+        .collect();
+    let name = tree.file_name().map(|n| n.to_owned()).unwrap_or_default();
+    let v1: Vec<(&'static str, PathBuf)> = limits::v1_cgroups(&missing)
+        .into_iter()
+        .filter_map(|(c, own)| {
+            let own = strip_leaf(&own);
+            // Those of deployds gone (their processes went with their v2
+            // trees): empty, removed.
+            for gone in children(&own).into_iter().filter(|n| is_gone(n)) {
+                let t = own.join(gone);
+                for leaf in children(&t) {
+                    let _ = std::fs::remove_dir(t.join(leaf));
+                }
+                let _ = std::fs::remove_dir(t);
+            }
+            let t = own.join(&name);
+            match std::fs::create_dir(&t) {
+                Ok(()) => Some((c, t)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Some((c, t)),
+                Err(e) => {
+                    tracing::debug!("cgroup v1 {c}: {}: {e}", t.display());
+                    None
+                }
+            }
+        })
+        .collect();
     let pool = Arc::new(Pool {
         tree,
         dir,
         state: Mutex::new(state),
         wake: Condvar::new(),
         no_clone3: Arc::new(AtomicBool::new(false)),
+        v2,
+        v1,
     });
     let keeper = pool.clone();
     std::thread::Builder::new()
@@ -169,8 +213,84 @@ pub fn init(keep: bool) -> Result<Cgroups, CgroupError> {
 pub fn tree_for(deployd: u32) -> Result<PathBuf, CgroupError> {
     let mount = cgroup2_mount().ok_or(CgroupError::NotMounted)?;
     let own = cgroup_of("self").ok_or(CgroupError::NoCgroup)?;
-    let dir = mount.join(own.trim_start_matches('/'));
+    let dir = strip_leaf(&mount.join(own.trim_start_matches('/')));
     Ok(dir.join(format!("deployd-{deployd}")))
+}
+
+/// deployd's cgroup: `dir`, or its parent when `dir` is the leaf deployd
+/// moved itself into ([`limits::LEAF`]).
+fn strip_leaf(dir: &Path) -> PathBuf {
+    match dir.file_name().is_some_and(|n| n == limits::LEAF) {
+        true => dir.parent().unwrap_or(dir).to_path_buf(),
+        false => dir.to_path_buf(),
+    }
+}
+
+/// Enables the limits' controllers for the instances' cgroups under
+/// `tree`, where the kernel lets it; returns those enabled. deployd's
+/// cgroup (the tree's parent) must pass them on, which it may only while
+/// no process sits in it: deployd and its guard move into a leaf of their
+/// own first, if nothing else is there (a cgroup deployd does not own is
+/// left as it is).
+fn enable_controllers(tree: &Path) -> Vec<&'static str> {
+    let Some(parent) = tree.parent() else {
+        return Vec::new();
+    };
+    let read = |p: &Path, f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+    let words =
+        |text: String| -> Vec<String> { text.split_whitespace().map(str::to_owned).collect() };
+    let available = words(read(parent, "cgroup.controllers"));
+    let wanted: Vec<&'static str> = limits::CONTROLLERS
+        .into_iter()
+        .filter(|c| available.iter().any(|a| a == c))
+        .collect();
+    if wanted.is_empty() {
+        return Vec::new();
+    }
+    let passed = words(read(parent, "cgroup.subtree_control"));
+    let root = parent.join("cgroup.procs").exists() && !parent.join("cgroup.events").exists();
+    if !wanted.iter().all(|c| passed.iter().any(|p| p == c)) && !root {
+        // Only deployd and its guard (its child) may be moved.
+        let me = std::process::id();
+        let procs = procs(parent);
+        let ours = procs
+            .iter()
+            .all(|&p| p == me || super::procfs::parent_of(p) == Some(me));
+        if !ours {
+            tracing::debug!(
+                "{}: other processes share deployd's cgroup; no limits from cgroup v2",
+                parent.display()
+            );
+            return Vec::new();
+        }
+        let leaf = parent.join(limits::LEAF);
+        let moved = match std::fs::create_dir(&leaf) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e),
+        }
+        .and_then(|()| {
+            procs
+                .iter()
+                .try_for_each(|p| std::fs::write(leaf.join("cgroup.procs"), p.to_string()))
+        });
+        if let Err(e) = moved {
+            tracing::debug!("{}: {e}; no limits from cgroup v2", leaf.display());
+            return Vec::new();
+        }
+    }
+    let enable =
+        |dir: &Path, c: &str| std::fs::write(dir.join("cgroup.subtree_control"), format!("+{c}"));
+    wanted
+        .into_iter()
+        .filter(|c| match enable(parent, c).and_then(|()| enable(tree, c)) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("cgroup v2 {c}: {e}");
+                false
+            }
+        })
+        .collect()
 }
 
 /// The cgroup v2 path (from the mount's root) of the process `pid`
@@ -208,20 +328,23 @@ fn cgroup2_mount() -> Option<PathBuf> {
 /// killing what was left in them (the guard of a deployd killed does this
 /// already; this is for one whose guard was killed with it).
 fn sweep(dir: &Path) {
-    for name in children(dir) {
-        let Some(pid) = name
-            .strip_prefix("deployd-")
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // Gone, or its pid taken by another program since. (A deployd
-        // binary under another name, `deployd-next`, still counts.)
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if pid != std::process::id() && !comm.starts_with("deployd") {
-            kill_tree(&dir.join(name));
-        }
+    for name in children(dir).into_iter().filter(|n| is_gone(n)) {
+        kill_tree(&dir.join(name));
     }
+}
+
+/// Whether `name` is the tree of a deployd no longer running: gone, or its
+/// pid taken by another program since. (A deployd binary under another
+/// name, `deployd-next`, still counts.)
+fn is_gone(name: &str) -> bool {
+    let Some(pid) = name
+        .strip_prefix("deployd-")
+        .and_then(|p| p.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    pid != std::process::id() && !comm.starts_with("deployd")
 }
 
 /// The names of the directories in `dir`.
@@ -245,12 +368,24 @@ fn keep_ready(pool: &Pool) {
     let mut failed = false;
     loop {
         // Soon again while some have yet to empty or be made.
-        let wait = match failed || (s.dead.is_empty() && s.free.len() >= READY) {
-            true => Duration::from_millis(500),
-            false => Duration::from_millis(20),
-        };
+        let wait =
+            match failed || (s.dead.is_empty() && s.dead_v1.is_empty() && s.free.len() >= READY) {
+                true => Duration::from_millis(500),
+                false => Duration::from_millis(20),
+            };
         failed = false;
         pool.wake.wait_for(&mut s, wait);
+        // Their processes are gone with the v2 cgroup's (not there:
+        // nothing to remove).
+        let v1 = std::mem::take(&mut s.dead_v1);
+        if !v1.is_empty() {
+            let left: Vec<PathBuf> = parking_lot::MutexGuard::unlocked(&mut s, || {
+                v1.into_iter()
+                    .filter(|d| !limits::remove(std::slice::from_ref(d)))
+                    .collect()
+            });
+            s.dead_v1.extend(left);
+        }
         // One cgroup at a time, the lock released meanwhile, each time
         // asking again whether a batch is starting.
         loop {
@@ -301,10 +436,26 @@ impl Cgroups {
         &self.pool.tree
     }
 
-    /// A cgroup for an instance about to start: an empty one from the
-    /// pool, or, if it ran dry, one made now.
-    pub fn take(&self) -> Option<Place> {
+    /// The controllers instances can be held to limits with, here.
+    pub fn controllers(&self) -> Vec<&'static str> {
+        let p = &self.pool;
+        let mut v = p.v2.clone();
+        v.extend(p.v1.iter().map(|(c, _)| *c));
+        v
+    }
+
+    /// A cgroup for an instance about to start, with `limits` written into
+    /// it: an empty one from the pool, or, if it ran dry, one made now.
+    /// `Ok(None)`: none could be made (the instance runs without, tracked
+    /// by its process group); `Err`: its limits cannot be set.
+    pub fn take(&self, limits: &limits::Limits) -> Result<Option<Place>, String> {
         let pool = &self.pool;
+        let have = self.controllers();
+        if let Some((c, directive)) = limits.needs().into_iter().find(|(c, _)| !have.contains(c)) {
+            return Err(format!(
+                "{directive} needs the {c} controller, which deployd does not have here (cgroup v2 with {c} delegated to deployd, or a cgroup v1 {c} hierarchy)"
+            ));
+        }
         let (name, made) = {
             let mut s = pool.state.lock();
             let name = s.free.pop();
@@ -318,19 +469,36 @@ impl Cgroups {
         let dir = pool.tree.join(&name);
         if !made {
             if let Err(e) = std::fs::create_dir(&dir) {
+                if !limits.is_empty() {
+                    return Err(format!("{}: {e}", dir.display()));
+                }
                 tracing::warn!("{}: {e}; the instance runs without a cgroup", dir.display());
-                return None;
+                return Ok(None);
             }
         }
+        let unused = |why: String| {
+            let mut s = pool.state.lock();
+            s.dead.push(name.clone());
+            why
+        };
+        let v2: Vec<_> = limits
+            .files(false)
+            .into_iter()
+            .filter(|(c, _, _)| pool.v2.contains(c))
+            .collect();
+        limits::write_all(&dir, &v2).map_err(unused)?;
+        let v1 = limits::place_v1(&pool.v1, &name, limits).map_err(unused)?;
         let fd = open_dir(&dir).ok();
-        Some(Place {
+        Ok(Some(Place {
             tree: pool.dir.as_raw_fd(),
-            dir: CString::new(name.as_str()).ok()?,
-            procs: CString::new(format!("{name}/cgroup.procs")).ok()?,
+            dir: CString::new(name.as_str()).map_err(|e| e.to_string())?,
+            procs: CString::new(format!("{name}/cgroup.procs")).map_err(|e| e.to_string())?,
             fd,
             no_clone3: pool.no_clone3.clone(),
+            v1,
+            limited: !limits.is_empty(),
             name,
-        })
+        }))
     }
 
     /// The instance given `place` runs, led by `pid` (or did not start).
@@ -340,9 +508,43 @@ impl Cgroups {
             Some(pid) => {
                 s.by_leader.insert(pid, place.name);
             }
+            // Never used, and holding another's limits: removed.
+            None if place.limited => {
+                s.dead.push(place.name);
+                s.dead_v1.extend(place.v1.dirs);
+            }
             // Never used: free again.
             None => s.free.push(place.name),
         }
+    }
+
+    /// The file that counts the memory of the instance led by `pid`, where
+    /// a memory controller counts it.
+    pub fn memory_file(&self, pid: u32) -> Option<PathBuf> {
+        let p = &self.pool;
+        let name = p.state.lock().by_leader.get(&pid)?.clone();
+        if p.v2.contains(&"memory") {
+            return Some(p.tree.join(name).join("memory.current"));
+        }
+        let (_, t) = p.v1.iter().find(|(c, _)| *c == "memory")?;
+        let f = t.join(name).join("memory.usage_in_bytes");
+        f.exists().then_some(f)
+    }
+
+    /// How often the kernel killed a process of the instance led by `pid`
+    /// for want of memory (its `memory_max`).
+    pub fn oom_kills(&self, pid: u32) -> u64 {
+        let p = &self.pool;
+        let Some(name) = p.state.lock().by_leader.get(&pid).cloned() else {
+            return 0;
+        };
+        let mut dirs = vec![p.tree.join(&name)];
+        dirs.extend(
+            p.v1.iter()
+                .filter(|(c, _)| *c == "memory")
+                .map(|(_, t)| t.join(&name)),
+        );
+        dirs.iter().map(|d| limits::oom_kills(d)).max().unwrap_or(0)
     }
 
     /// After `reexec`: the instance led by `pid`, taken back, is in the
@@ -396,6 +598,8 @@ impl Cgroups {
         let mut s = self.pool.state.lock();
         if let Some(name) = s.by_leader.remove(&pid) {
             kill(&self.pool.tree.join(&name));
+            let v1: Vec<PathBuf> = self.pool.v1.iter().map(|(_, t)| t.join(&name)).collect();
+            s.dead_v1.extend(v1);
             s.dead.push(name);
             self.pool.wake.notify_one();
         }
@@ -406,6 +610,12 @@ impl Cgroups {
     /// instances.
     pub fn release(&self) {
         kill_tree(&self.pool.tree);
+        for (_, t) in &self.pool.v1 {
+            for leaf in children(t) {
+                let _ = std::fs::remove_dir(t.join(leaf));
+            }
+            let _ = std::fs::remove_dir(t);
+        }
     }
 }
 

@@ -51,6 +51,9 @@ struct Plan {
     cgroup: libc::c_int,
     cgroup_dir: *const libc::c_char,
     cgroup_procs: *const libc::c_char,
+    /// `cgroup.procs` of its cgroups in v1 hierarchies (for its limits),
+    /// open: the child writes itself in, or does not start.
+    v1_procs: Vec<libc::c_int>,
     /// Descriptors to close without close_range (kernels before 5.9).
     max_fd: libc::c_int,
     /// The step that failed in the child (0: none), and its errno.
@@ -65,6 +68,7 @@ const STEP_CHDIR: i32 = 1;
 const STEP_DUP: i32 = 2;
 const STEP_EXEC: i32 = 3;
 const STEP_USER: i32 = 4;
+const STEP_CGROUP_V1: i32 = 5;
 
 /// Runs `words[0]` with arguments `words[1..]` in `dir`, as the leader of a
 /// new process group, with deployd's environment minus `remove` plus `env`,
@@ -142,6 +146,9 @@ pub fn launch(
         cgroup: cgroup.map_or(-1, |c| c.tree),
         cgroup_dir: cgroup.map_or(std::ptr::null(), |c| c.dir.as_ptr()),
         cgroup_procs: cgroup.map_or(std::ptr::null(), |c| c.procs.as_ptr()),
+        v1_procs: cgroup.map_or(Vec::new(), |c| {
+            c.v1.procs.iter().map(|f| f.as_raw_fd()).collect()
+        }),
         max_fd: open_files_limit(),
         step: AtomicI32::new(0),
         errno: AtomicI32::new(0),
@@ -238,6 +245,10 @@ pub fn launch(
                     format!("{err} (entering {}{who})", dir.display()),
                 ),
                 STEP_DUP => std::io::Error::new(err.kind(), format!("{err} (dup2)")),
+                STEP_CGROUP_V1 => std::io::Error::new(
+                    err.kind(),
+                    format!("{err} (joining its cgroup for memory_max, cpu_max or pids_max)"),
+                ),
                 STEP_USER => {
                     let who = account.map_or(String::new(), |a| {
                         format!(" to uid {} gid {}", a.uid, a.gid)
@@ -437,6 +448,13 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
                 // "0": the writer.
                 libc::write(fd, b"0".as_ptr().cast(), 1);
                 libc::close(fd);
+            }
+        }
+        // Its limits in v1 hierarchies: held to them from the first, or
+        // not started.
+        for &fd in &plan.v1_procs {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(STEP_CGROUP_V1);
             }
         }
         // Raw system calls, not libc's wrappers: in a multithreaded process

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 pub mod cgroup;
 pub mod guard;
 mod launch;
+pub mod limits;
 pub mod procfs;
 mod reap;
 mod spawn;
@@ -87,6 +88,26 @@ impl Tracking {
         }
     }
 
+    /// The controllers instances can be held to limits with, here.
+    pub fn controllers(&self) -> Vec<&'static str> {
+        self.cgroups
+            .as_ref()
+            .map(cgroup::Cgroups::controllers)
+            .unwrap_or_default()
+    }
+
+    /// The file that counts the memory of the instance led by `pid`, if
+    /// a cgroup controller does.
+    pub fn memory_file(&self, pid: u32) -> Option<std::path::PathBuf> {
+        self.cgroups.as_ref()?.memory_file(pid)
+    }
+
+    /// How often the kernel killed a process of the instance led by `pid`
+    /// for want of memory.
+    pub fn oom_kills(&self, pid: u32) -> u64 {
+        self.cgroups.as_ref().map_or(0, |c| c.oom_kills(pid))
+    }
+
     /// The cgroups, where there are.
     pub fn cgroups(&self) -> Option<&cgroup::Cgroups> {
         self.cgroups.as_ref()
@@ -101,9 +122,19 @@ impl Tracking {
     /// [`spawn`], for an instance: in a cgroup of its own if there is
     /// cgroup v2, and the guard kills what is left of its group if deployd
     /// dies without stopping it.
+    /// With limits (`memory_max`, `cpu_max`, `pids_max`) that cannot be
+    /// set here, it is not started: the error says why.
     pub fn spawn(&self, s: Spawn<'_>) -> std::io::Result<u32> {
         let _order = self.order.lock();
-        let place = self.cgroups.as_ref().and_then(cgroup::Cgroups::take);
+        let place = match &self.cgroups {
+            Some(c) => c.take(&s.limits).map_err(std::io::Error::other)?,
+            None if !s.limits.is_empty() => {
+                return Err(std::io::Error::other(
+                    "memory_max, cpu_max and pids_max need cgroups, which deployd does not have here",
+                ));
+            }
+            None => None,
+        };
         let pid = spawn::spawn_in(s, place.as_ref());
         if let (Some(place), Some(cgroups)) = (place, &self.cgroups) {
             cgroups.placed(place, pid.as_ref().ok().copied());

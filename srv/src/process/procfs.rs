@@ -1,8 +1,9 @@
 //! What `/proc` says about processes: when one started (with its pid, what
 //! names it for good), what an instance's processes use (`usage`, and the
-//! samples `memory_max` is held to), and the groups a deployd that died
+//! samples `memory_high` is held to), and the groups a deployd that died
 //! left running, which the next one kills.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, killpg};
@@ -40,22 +41,33 @@ impl Usage {
     }
 }
 
-/// How often an instance with `memory_max` has its memory sampled.
+/// How often an instance with `memory_high` has its memory sampled.
 pub const MEMORY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Samples the resident memory of the process tree led by `leader` every
-/// [`MEMORY_INTERVAL`] (as [`usage`] reads it) and calls `over` with each
-/// sample above `limit`. Runs until aborted; an exited leader reads as 0.
-pub async fn watch_memory(leader: u32, limit: u64, over: impl Fn(u64)) {
+/// Samples the memory of the instance led by `leader` every
+/// [`MEMORY_INTERVAL`] ([`memory`]) and calls `over` with each sample above
+/// `limit`. Runs until aborted; an exited leader reads as 0.
+pub async fn watch_memory(leader: u32, cgroup: Option<PathBuf>, limit: u64, over: impl Fn(u64)) {
     let mut tick = tokio::time::interval(MEMORY_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let rss = usage(leader).rss;
+        let rss = memory(leader, cgroup.as_deref());
         if rss > limit {
             over(rss);
         }
     }
+}
+
+/// The memory an instance uses: its cgroup's count (`memory.current`, or
+/// v1's `memory.usage_in_bytes`) where it has one, which holds what its
+/// processes started even after they left its tree (a daemon reparented
+/// to deployd); else the resident memory of its process tree ([`usage`]).
+pub fn memory(leader: u32, cgroup: Option<&Path>) -> u64 {
+    cgroup
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| usage(leader).rss)
 }
 
 /// Most processes one instance's usage walks (a fork bomb stays cheap to read).
@@ -112,10 +124,16 @@ pub fn usage(leader: u32) -> Usage {
 /// The fields of `/proc/PID/stat` that [`usage`] needs.
 struct ProcStat {
     state: char,
+    ppid: u32,
     pgrp: u32,
     /// utime + stime + cutime + cstime, in clock ticks.
     ticks: u64,
     rss_pages: u64,
+}
+
+/// The parent of `pid`, while it runs.
+pub(crate) fn parent_of(pid: u32) -> Option<u32> {
+    proc_stat(pid).map(|st| st.ppid)
 }
 
 /// The process group `pid` is in, while it runs.
@@ -130,6 +148,7 @@ fn proc_stat(pid: u32) -> Option<ProcStat> {
     let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
     Some(ProcStat {
         state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
         pgrp: f.get(2)?.parse().ok()?,
         ticks: num(11)? + num(12)? + num(13)? + num(14)?,
         rss_pages: num(21)?,
@@ -214,6 +233,7 @@ mod tests {
             env: Vec::new(),
             output: Some(w),
             account: None,
+            limits: Default::default(),
         })
         .expect("spawn");
         let mut line = String::new();

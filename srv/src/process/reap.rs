@@ -93,6 +93,12 @@ impl Children {
             };
             let (pid, exit) = match status {
                 WaitStatus::Exited(pid, code) => (pid, Exit::Code(code)),
+                // Its cgroup says whether the kernel's OOM killer sent it.
+                WaitStatus::Signaled(pid, Signal::SIGKILL, _)
+                    if self.tracking.oom_kills(pid.as_raw() as u32) > 0 =>
+                {
+                    (pid, Exit::OutOfMemory)
+                }
                 WaitStatus::Signaled(pid, sig, _) => (pid, Exit::Signal(sig as i32)),
                 _ => continue,
             };

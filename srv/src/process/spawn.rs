@@ -68,6 +68,8 @@ pub struct Spawn<'a> {
     /// The account to run as (`user`, looked up by the caller); `None`:
     /// deployd's own.
     pub account: Option<&'a Account>,
+    /// The kernel's limits on what it starts (instances only).
+    pub limits: super::limits::Limits,
 }
 
 /// The words of a command line that means the same with or without a

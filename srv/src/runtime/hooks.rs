@@ -83,6 +83,7 @@ impl Runtime {
                         env,
                         output: Some(log),
                         account: account.as_ref(),
+                        limits: Default::default(),
                     })
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e),

@@ -40,8 +40,10 @@ pub struct Inst {
     /// deployd replacing itself to hand on (the log pump owns the first).
     pub log_read: Option<OwnedFd>,
     prober: Option<AbortHandle>,
-    /// Samples its memory, with `memory_max`, once its pid is known.
+    /// Samples its memory, with `memory_high`, once its pid is known.
     memory: Option<AbortHandle>,
+    /// The cgroup file that counts its memory, where one does.
+    pub memory_file: Option<std::path::PathBuf>,
     /// Asks the prober for a probe now.
     pub poke: Arc<Notify>,
     pub exited: Arc<AtomicBool>,
@@ -50,7 +52,7 @@ pub struct Inst {
     pumped: Option<tokio::sync::oneshot::Receiver<()>>,
     pub stop_signal: i32,
     pub stop_timeout: Duration,
-    memory_max: Option<u64>,
+    memory_high: Option<u64>,
     /// What its env files said when it started ([`host::env_digest`]).
     pub env: u64,
     /// With `health notify`: what it said on its socket.
@@ -87,12 +89,13 @@ impl Inst {
             log_read,
             prober,
             memory: None,
+            memory_file: None,
             poke,
             exited,
             pumped: None,
             stop_signal: m.stop_signal.number(),
             stop_timeout: m.stop_timeout,
-            memory_max: m.memory_max,
+            memory_high: m.memory_high,
             env,
             notify: None,
         }
@@ -159,6 +162,7 @@ impl Runtime {
         let (tx, children, flag) = (self.tx.clone(), self.children.clone(), exited.clone());
         let (command, spawn_dir, spawn_env) = (m.exec.clone(), dir.clone(), env.clone());
         let user = m.user.clone();
+        let limits = crate::process::limits::Limits::of(&m);
         self.spawner.submit(move || {
             // Looked up at each start, as a login would, on the spawning
             // thread (NSS may be slow): the account may have changed since
@@ -170,6 +174,7 @@ impl Runtime {
                     env: spawn_env,
                     output: Some(write),
                     account: account.as_ref(),
+                    limits,
                 }),
                 Err(e) => Err(std::io::Error::new(std::io::ErrorKind::NotFound, e)),
             };
@@ -380,7 +385,8 @@ impl Runtime {
         inst.pumped = Some(pumped);
         inst.notify = notified;
         inst.pid = Some(h.pid);
-        inst.memory = memory_watch(&self.tx, sid, id, inst.memory_max, h.pid);
+        inst.memory_file = self.children.tracking().memory_file(h.pid);
+        inst.memory = memory_watch(&self.tx, sid, id, &inst, h.pid);
         inst.start_time = h.start_time;
         if let Some(r) = self.rt(sid) {
             r.instances.insert(id, inst);
@@ -416,7 +422,8 @@ impl Runtime {
         let Some(inst) = self.instance_mut(sid, id) else {
             return;
         };
-        inst.memory = memory_watch(&tx, sid, id, inst.memory_max, pid);
+        inst.memory_file = tracking.memory_file(pid);
+        inst.memory = memory_watch(&tx, sid, id, inst, pid);
         if let Some((signal, timeout)) = inst.stop_asked.take() {
             stop_group(&tracking, pid, signal, timeout, inst.exited.clone());
         }
@@ -661,14 +668,20 @@ fn memory_watch(
     tx: &mpsc::UnboundedSender<Msg>,
     sid: u32,
     id: InstanceId,
-    limit: Option<u64>,
+    inst: &Inst,
     pid: u32,
 ) -> Option<AbortHandle> {
-    let limit = limit?;
+    let limit = inst.memory_high?;
     let tx = tx.clone();
-    let task = tokio::spawn(process::procfs::watch_memory(pid, limit, move |rss| {
-        let _ = tx.send(Msg::OverMemory { sid, id, rss });
-    }));
+    let file = inst.memory_file.clone();
+    let task = tokio::spawn(process::procfs::watch_memory(
+        pid,
+        file,
+        limit,
+        move |rss| {
+            let _ = tx.send(Msg::OverMemory { sid, id, rss });
+        },
+    ));
     Some(task.abort_handle())
 }
 

@@ -54,7 +54,8 @@ impl Runtime {
                 }
             }
         }
-        host::load(path)
+        let loaded = host::load(path)?;
+        host::check_limits(path, loaded, &self.children.tracking().controllers())
     }
 
     /// A manifest as an `apply` takes it, with the instances whose env

@@ -115,7 +115,7 @@ pub enum Msg {
         /// `deployd is short of WHAT (ERROR)`.
         why: String,
     },
-    /// A sample of an instance's memory above its `memory_max`.
+    /// A sample of an instance's memory above its `memory_high`.
     OverMemory {
         /// The service's number.
         sid: u32,

@@ -435,6 +435,7 @@ impl Runtime {
                     host: on,
                     remote: false,
                     status: i.notify.as_ref().map(|n| n.status.lock().clone()),
+                    memory_file: i.memory_file.clone(),
                 }),
                 None => host.map(|h| view::Runtime {
                     port: h.routed_port(&e.name, id),
@@ -442,6 +443,7 @@ impl Runtime {
                     remote: on.as_deref() != Some(h.link.me.as_str()),
                     host: on,
                     status: None,
+                    memory_file: None,
                 }),
             }
         };
