@@ -293,6 +293,16 @@ fn prometheus_scrapes_metrics_that_move_under_load() {
     d.terminate();
 }
 
+/// `PATH` with the directory of the `deploy` under test first.
+fn path_with_deploy() -> std::ffi::OsString {
+    let bin = common::deploy_bin();
+    let mut dirs = vec![bin.parent().unwrap().to_path_buf()];
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
+    std::env::join_paths(dirs).unwrap()
+}
+
 /// What bash completes for `words` (the last one being completed), with
 /// the script `deploy completions bash` printed.
 fn complete_bash(d: &Deployd, words: &[&str]) -> Vec<String> {
@@ -311,6 +321,8 @@ fn complete_bash(d: &Deployd, words: &[&str]) -> Vec<String> {
         .args(["-c", &script])
         .arg(common::deploy_bin())
         .env("DEPLOY_ROOT", &d.mnt)
+        // The script runs the `deploy` on the PATH, as once installed.
+        .env("PATH", path_with_deploy())
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));

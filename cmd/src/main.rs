@@ -372,8 +372,12 @@ fn services() -> Vec<CompletionCandidate> {
 /// `deploy completions SHELL`: the script that has the shell ask deploy
 /// (with `COMPLETE=SHELL` in its environment) what completes a word.
 fn completions(shell: &str) -> Result<Exit, Fail> {
+    use std::os::unix::process::CommandExt;
+    // Named `deploy`, the script has the shell run the `deploy` on its
+    // PATH: the one installed, not the file that wrote the script.
     let exe = std::env::current_exe()?;
     let status = std::process::Command::new(&exe)
+        .arg0("deploy")
         .env("COMPLETE", shell)
         .status()?;
     match status.success() {

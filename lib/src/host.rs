@@ -13,7 +13,7 @@
 //! apply takes effect at the next start, as with systemd's `User=` and
 //! `EnvironmentFile=`.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::path::Path;
 
 use crate::envfile;
@@ -271,115 +271,57 @@ struct Passwd {
     home: Option<String>,
 }
 
-/// Calls a reentrant getpw*/getgr* function with a buffer that grows on
-/// ERANGE. `call` returns the function's result code and whether it found
-/// an entry.
-fn with_buffer<T>(
-    what: &str,
-    mut call: impl FnMut(&mut [libc::c_char]) -> (libc::c_int, Option<T>),
-) -> Result<Option<T>, String> {
-    let mut size = 1024;
-    loop {
-        let mut buf = vec![0 as libc::c_char; size];
-        match call(&mut buf) {
-            (0, found) => return Ok(found),
-            (libc::ERANGE, _) if size < 1 << 20 => size *= 4,
-            // "Not found" is 0 with no entry, but some NSS modules say ENOENT.
-            (libc::ENOENT, _) | (libc::ESRCH, _) => return Ok(None),
-            (e, _) => {
-                return Err(format!(
-                    "cannot look up {what}: {}",
-                    std::io::Error::from_raw_os_error(e)
-                ));
-            }
-        }
-    }
+/// What a lookup of the account databases (NSS, through nix) met, for
+/// `what`.
+fn lookup_error(what: &str, e: nix::errno::Errno) -> String {
+    format!("cannot look up {what}: {}", std::io::Error::from(e))
 }
 
-/// # Safety
-/// `pw` must have been filled in by a successful getpw*_r call whose buffer
-/// is still alive.
-unsafe fn passwd_of(pw: &libc::passwd) -> Passwd {
-    let text = |p: *const libc::c_char| {
-        // SAFETY: getpw*_r points these into its buffer, NUL-terminated.
-        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
-    };
+fn passwd_of(u: nix::unistd::User) -> Passwd {
+    let home = u.dir.to_string_lossy().into_owned();
     Passwd {
-        uid: pw.pw_uid,
-        gid: Some(pw.pw_gid),
-        name: text(pw.pw_name),
-        home: text(pw.pw_dir).filter(|h| !h.is_empty()),
+        uid: u.uid.as_raw(),
+        gid: Some(u.gid.as_raw()),
+        name: Some(u.name),
+        home: Some(home).filter(|h| !h.is_empty()),
     }
 }
 
 fn passwd_by_name(name: &str) -> Result<Option<Passwd>, String> {
-    let c = CString::new(name).map_err(|_| format!("user '{name}' contains a NUL byte"))?;
-    // SAFETY: `c` is a NUL-terminated name that outlives the call.
-    passwd(&format!("user '{name}'"), |pw, buf, len, out| unsafe {
-        libc::getpwnam_r(c.as_ptr(), pw, buf, len, out)
-    })
+    if name.contains('\0') {
+        return Err(format!("user '{name}' contains a NUL byte"));
+    }
+    nix::unistd::User::from_name(name)
+        .map(|u| u.map(passwd_of))
+        .map_err(|e| lookup_error(&format!("user '{name}'"), e))
 }
 
 fn passwd_by_uid(uid: u32) -> Result<Option<Passwd>, String> {
-    // SAFETY: getpwuid_r takes the uid by value.
-    passwd(&format!("uid {uid}"), |pw, buf, len, out| unsafe {
-        libc::getpwuid_r(uid, pw, buf, len, out)
-    })
-}
-
-/// Calls getpwnam_r or getpwuid_r (`get`, given the entry, the buffer, its
-/// length and where to say whether it found one).
-fn passwd(
-    what: &str,
-    get: impl Fn(*mut libc::passwd, *mut libc::c_char, usize, *mut *mut libc::passwd) -> libc::c_int,
-) -> Result<Option<Passwd>, String> {
-    with_buffer(what, |buf| {
-        // SAFETY: every pointer is to memory we own for the call; the
-        // entry's strings point into `buf`, read before it is dropped.
-        unsafe {
-            let mut pw: libc::passwd = std::mem::zeroed();
-            let mut out: *mut libc::passwd = std::ptr::null_mut();
-            let r = get(&mut pw, buf.as_mut_ptr(), buf.len(), &mut out);
-            (r, (!out.is_null()).then(|| passwd_of(&pw)))
-        }
-    })
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .map(|u| u.map(passwd_of))
+        .map_err(|e| lookup_error(&format!("uid {uid}"), e))
 }
 
 fn group_by_name(name: &str) -> Result<Option<u32>, String> {
-    let c = CString::new(name).map_err(|_| format!("group '{name}' contains a NUL byte"))?;
-    with_buffer(&format!("group '{name}'"), |buf| {
-        // SAFETY: every pointer is to memory we own for the call.
-        unsafe {
-            let mut gr: libc::group = std::mem::zeroed();
-            let mut out: *mut libc::group = std::ptr::null_mut();
-            let r = libc::getgrnam_r(c.as_ptr(), &mut gr, buf.as_mut_ptr(), buf.len(), &mut out);
-            (r, (!out.is_null()).then_some(gr.gr_gid))
-        }
-    })
+    if name.contains('\0') {
+        return Err(format!("group '{name}' contains a NUL byte"));
+    }
+    nix::unistd::Group::from_name(name)
+        .map(|g| g.map(|g| g.gid.as_raw()))
+        .map_err(|e| lookup_error(&format!("group '{name}'"), e))
 }
 
 /// The groups `name` belongs to, `gid` first, as initgroups would set them.
 fn group_list(name: &str, gid: u32) -> Result<Vec<u32>, String> {
     let c = CString::new(name).map_err(|_| format!("user '{name}' contains a NUL byte"))?;
-    let mut n: libc::c_int = 32;
-    loop {
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let asked = n;
-        // SAFETY: `groups` has room for `n` ids; getgrouplist writes at
-        // most that many and sets `n` to how many there are.
-        let r = unsafe { libc::getgrouplist(c.as_ptr(), gid, groups.as_mut_ptr(), &mut n) };
-        if r >= 0 {
-            groups.truncate(n.max(0) as usize);
-            return Ok(groups);
-        }
-        if n <= asked {
-            // No growth asked for: it failed for another reason.
-            if asked >= 65536 {
-                return Err(format!("cannot list the groups of '{name}'"));
-            }
-            n = asked * 2;
-        }
-    }
+    nix::unistd::getgrouplist(&c, nix::unistd::Gid::from_raw(gid))
+        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
+        .map_err(|e| {
+            format!(
+                "cannot list the groups of '{name}': {}",
+                std::io::Error::from(e)
+            )
+        })
 }
 
 #[cfg(test)]

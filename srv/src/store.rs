@@ -407,7 +407,10 @@ pub fn open_private_append(path: &Path) -> std::io::Result<File> {
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory,
-/// fsynced if `durable`, then renamed over `path`.
+/// fsynced if `durable`, then renamed over `path`; if `durable`, the
+/// directory is fsynced after the rename too, so that what deployd
+/// acknowledged survives a power cut (the rename itself is the
+/// directory's to keep).
 /// An error is the OS's own (`No space left on device (os error 28)`,
 /// its errno kept for the namespace to answer with), not tempfile's
 /// wrapping of it, which names the temporary file.
@@ -420,6 +423,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result
             tmp.as_file().sync_all()?;
         }
         tmp.persist(path).map_err(|e| e.error)?;
+        if durable {
+            fs::File::open(dir)?.sync_all()?;
+        }
         Ok(())
     };
     write().map_err(os_error)

@@ -152,9 +152,9 @@ fn listener(fd: RawFd) -> Result<TcpListener, NotAListener> {
     // SAFETY: systemd passed it to this process for it to own, and nothing
     // else in deployd has taken it.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    if int_opt(fd, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
-        || int_opt(fd, libc::SO_ACCEPTCONN) != Some(1)
-    {
+    let sock = socket2::SockRef::from(&owned);
+    let stream = sock.r#type().is_ok_and(|t| t == socket2::Type::STREAM);
+    if !stream || !sock.is_listener().unwrap_or(false) {
         return Err(NotAListener::NotListening);
     }
     let l = TcpListener::from(owned);
@@ -164,20 +164,4 @@ fn listener(fd: RawFd) -> Result<TcpListener, NotAListener> {
     }
     l.set_nonblocking(true).map_err(NotAListener::Os)?;
     Ok(l)
-}
-
-fn int_opt(fd: RawFd, name: libc::c_int) -> Option<libc::c_int> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes an int and its length into ours.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then_some(v)
 }

@@ -880,38 +880,14 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// where in tcp mode nothing else would ever close it, and an instance
 /// behind deployd cannot probe the client itself.
 fn tune_listener(l: &TcpListener) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = l.as_raw_fd();
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1)?;
-    set_int_opt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 60)?;
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10)?;
-    set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 6)
-}
-
-/// Sets an integer socket option.
-fn set_int_opt(
-    fd: std::os::fd::RawFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> std::io::Result<()> {
-    // SAFETY: setsockopt reads an int we own, on a descriptor the caller
-    // holds open.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    let sock = socket2::SockRef::from(l);
+    sock.set_tcp_nodelay(true)?;
+    sock.set_keepalive(true)?;
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(6);
+    sock.set_tcp_keepalive(&probes)
 }
 
 impl Router {

@@ -870,6 +870,5 @@ impl AsyncRead for Upstream<'_, '_> {
 }
 
 fn quickack(io: &TcpStream) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(io);
-    let _ = super::set_int_opt(fd, libc::IPPROTO_TCP, libc::TCP_QUICKACK, 1);
+    let _ = socket2::SockRef::from(io).set_tcp_quickack(true);
 }
