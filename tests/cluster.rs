@@ -177,9 +177,18 @@ fn a_rolling_update_under_load_through_every_host_loses_nothing() {
                 .unwrap_or(99)
         })
         .collect();
+    // An instance may flap under a loaded machine (a probe missed, then
+    // passed): progress dips and comes back. What may not happen is a
+    // step past the next batch, or a batch before its update_pause.
     assert!(steps.len() >= 3 && steps.ends_with(&[2, 3]), "{seen:?}");
-    assert!(steps.windows(2).all(|w| w[1] == w[0] + 1), "{seen:?}");
-    for w in seen.windows(2).skip(1) {
+    assert!(steps.windows(2).all(|w| w[1] <= w[0] + 1), "{seen:?}");
+    let mut highs: Vec<(u32, Instant)> = Vec::new();
+    for (k, (_, at)) in steps.iter().zip(&seen) {
+        if highs.last().is_none_or(|(top, _)| k > top) {
+            highs.push((*k, *at));
+        }
+    }
+    for w in highs.windows(2).skip(1) {
         assert!(w[1].1 - w[0].1 >= Duration::from_millis(900), "{seen:?}");
     }
     // Paused on h3, it holds; resumed on h2, it finishes.
@@ -305,7 +314,10 @@ fn drain_moves_a_hosts_instances_under_load_and_undrain_then_restart_spreads_the
     );
     let out = c.h(1).deploy(&["drain", "h2"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(c.h(3).field("hosts/h2/state"), "draining");
+    // Written to etcd when drain answers; h3 learns it from its watch.
+    wait_for("h3 to see h2 draining", Duration::from_secs(10), || {
+        c.h(3).try_read("hosts/h2/state") == "draining\n"
+    });
     wait_for("h2 to hold nothing", Duration::from_secs(60), || {
         placement(&c)["h2"].is_empty()
             && c.h(1).try_read("active/web/update_progress") == "6/6\n"
