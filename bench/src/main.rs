@@ -13,6 +13,7 @@
 mod cluster;
 mod env;
 mod failure;
+mod follow;
 mod fsbench;
 mod hellofs;
 mod pm2;
@@ -32,7 +33,7 @@ use clap::Parser;
     about = "deployd's benchmarks: figures against targets"
 )]
 struct Args {
-    /// Sections to run (default: all): rollout, pm2, proxy, namespace, scale, failure, cluster, soak
+    /// Sections to run (default: all): rollout, pm2, proxy, namespace, follow, scale, failure, cluster, soak
     sections: Vec<String>,
     /// Also write the table as Markdown to this file
     #[arg(long)]
@@ -164,6 +165,7 @@ fn main() -> ExitCode {
         "pm2",
         "proxy",
         "namespace",
+        "follow",
         "scale",
         "failure",
         "cluster",
@@ -191,6 +193,7 @@ fn main() -> ExitCode {
             "pm2" => pm2::run(&mut report),
             "proxy" => proxy::run(&mut report),
             "namespace" => fsbench::run(&mut report),
+            "follow" => follow::run(&mut report),
             "scale" => scale::run(&mut report),
             "cluster" => cluster::run(&mut report),
             "soak" => soak::run(&mut report),
@@ -219,6 +222,7 @@ fn section_name(s: &str) -> &'static str {
         "pm2" => "pm2",
         "proxy" => "proxy",
         "namespace" => "namespace",
+        "follow" => "follow",
         "scale" => "scale",
         "cluster" => "cluster",
         "soak" => "soak",

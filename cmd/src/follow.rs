@@ -212,8 +212,11 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     // Not locked for the whole rollout: `apply` of every manifest follows
     // several side by side, a line at a time.
     let mut out = std::io::stdout();
+    // A wait on `events` that said readable and brought nothing: this
+    // deployd cannot wait so; the loop sleeps instead.
+    let mut ready = false;
     let outcome = loop {
-        print_events(&mut out, service, dir, &mut events)?;
+        let new = print_events(&mut out, service, dir, &mut events)?;
         if let Some(limit) = limit.filter(|l| started.elapsed() >= *l) {
             let (status, progress) = (
                 ns::read_field(dir, "update_status"),
@@ -228,11 +231,18 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
         if no_watch && ns::read_field(dir, "update_status") == "watching" {
             break Ok(format!("watching {}", ns::read_field(dir, "version")));
         }
-        match rx.recv_timeout(Duration::from_millis(100)) {
+        match rx.try_recv() {
             Ok(r) => break r,
-            Err(mpsc::RecvTimeoutError::Timeout) => continue,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Err(mpsc::TryRecvError::Disconnected) => {
                 return Err(Fail::new(1, "lost track of the rollout".into()));
+            }
+            // The next event as it is appended (or 100 ms, to look at
+            // the rollout's end and the timeout).
+            Err(mpsc::TryRecvError::Empty) => {
+                if ready && !new {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                ready = events.wait(&dir.join("events"), Duration::from_millis(100));
             }
         }
     };

@@ -14,6 +14,9 @@ use crate::ns;
 use crate::{Exit, Fail};
 
 const POLL: Duration = Duration::from_millis(200);
+/// How long a follower of `events` waits for a line before it looks
+/// whether the service is still there.
+const IDLE: Duration = Duration::from_secs(1);
 
 /// Which lines of a log are printed, and how.
 #[derive(Debug, Default, Clone)]
@@ -133,6 +136,32 @@ impl Cursor {
         Some(data)
     }
 
+    /// Waits, up to `timeout`, until the file at `path` (the `events` file,
+    /// which deployd lets `poll` wait on) holds more than the cursor has
+    /// read: a reader learns of a line the moment it is appended, and
+    /// costs nothing meanwhile. Whether `poll` said readable (a deployd
+    /// that cannot wait so says it at once, every time).
+    pub fn wait(&self, path: &Path, timeout: Duration) -> bool {
+        let Ok(f) = std::fs::File::open(path) else {
+            std::thread::sleep(POLL);
+            return false;
+        };
+        // A read where the cursor is tells deployd how far this reader is.
+        let mut one = [0u8; 1];
+        if f.read_at(&mut one, self.offset).is_ok_and(|n| n > 0) {
+            return true;
+        }
+        let mut fd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&f),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one pollfd we own, for a descriptor open for the call.
+        let r = unsafe { libc::poll(&mut fd, 1, ms) };
+        r > 0
+    }
+
     /// Checks that the bytes before the cursor are still those it read
     /// last; if not, puts it after them where they now are, or at the start
     /// if they are gone (a file begun again).
@@ -196,8 +225,15 @@ pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit
         ..Stream::default()
     };
     let mut out = std::io::stdout().lock();
+    // `events` can be waited on (poll); other files are read again every
+    // POLL. A wait that said readable and brought nothing means this
+    // deployd cannot wait so: POLL then too.
+    let waits = file == "events";
+    let mut ready = false;
     loop {
+        let mut new = false;
         if let Some(chunk) = stream.at.read(&path, false) {
+            new = !chunk.is_empty();
             stream.partial.extend_from_slice(&chunk);
             emit(&mut out, None, None, &mut stream, !follow, filter)?;
         }
@@ -209,7 +245,10 @@ pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit
             say_removed(dir);
             return Ok(Exit::Ok);
         }
-        std::thread::sleep(POLL);
+        if !waits || (ready && !new) {
+            std::thread::sleep(POLL);
+        }
+        ready = waits && stream.at.wait(&path, IDLE);
     }
 }
 

@@ -490,6 +490,7 @@ async fn run(
     let outcome = runtime.run(rx, counted).await;
     sweeper.abort();
     waiters.shutdown();
+    views.wake_followers();
     let released = release_mount(&config.mountpoint).await;
     match session.umount_and_join() {
         // Its own unmount finds nothing left to unmount.

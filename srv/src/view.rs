@@ -681,6 +681,16 @@ impl Views {
         ns.by_sid.get(&sid).cloned()
     }
 
+    /// Wakes every follower of every service's `events` (before an
+    /// unmount, which a file held open would hold up).
+    pub fn wake_followers(&self) {
+        let logs: Vec<Arc<EventLog>> =
+            self.with(|ns| ns.by_sid.values().map(|v| v.events.clone()).collect());
+        for log in logs {
+            log.close();
+        }
+    }
+
     /// Runs `f` on the whole namespace under the read lock; keep it short.
     pub fn with<T>(&self, f: impl FnOnce(&Namespace) -> T) -> T {
         f(&self.inner.read())
@@ -689,17 +699,74 @@ impl Views {
 
 /// A service's event log in memory: the end of the log on disk plus what
 /// was appended since.
-#[derive(Debug)]
 pub struct EventLog {
     inner: RwLock<(Vec<u8>, SystemTime)>,
+    /// Readers waiting for the next line (a `poll` on an open `events`),
+    /// by their handle: each called once, at the next append.
+    waiting: parking_lot::Mutex<HashMap<u64, Box<dyn FnOnce() + Send>>>,
+    /// deployd is unmounting: no reader is to wait any more.
+    closing: std::sync::atomic::AtomicBool,
 }
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("len", &self.stat().0)
+            .finish()
+    }
+}
+
+/// Readers one log keeps waiting for its next line at most (one per open
+/// handle; a later wait of the same handle replaces its earlier one).
+const MAX_WAITING: usize = 4096;
 
 impl EventLog {
     /// A log holding `initial`.
     pub fn new(initial: Vec<u8>) -> EventLog {
         EventLog {
             inner: RwLock::new((initial, SystemTime::now())),
+            waiting: parking_lot::Mutex::new(HashMap::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Calls `wake` at the next append, once: the reader with handle
+    /// `handle` waits for the next line. `false` if too many wait already
+    /// (the reader falls back to reading again later).
+    pub fn wake_on_append(&self, handle: u64, wake: Box<dyn FnOnce() + Send>) -> bool {
+        let mut w = self.waiting.lock();
+        if w.len() >= MAX_WAITING && !w.contains_key(&handle) {
+            return false;
+        }
+        w.insert(handle, wake);
+        true
+    }
+
+    /// deployd is about to unmount: every reader waiting is woken and
+    /// none waits from now on (a follower closes its file, and opens it
+    /// again later, on the next deployd's mount).
+    pub fn close(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// Whether readers are to wait no more ([`EventLog::close`]).
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wakes every reader waiting for a line now.
+    fn wake_all(&self) {
+        let woken = std::mem::take(&mut *self.waiting.lock());
+        for (_, wake) in woken {
+            wake();
+        }
+    }
+
+    /// A handle closed: it waits no more.
+    pub fn forget(&self, handle: u64) {
+        self.waiting.lock().remove(&handle);
     }
 
     /// Appends a complete line. Past [`EVENTS_IN_MEMORY`], the older half is
@@ -718,6 +785,8 @@ impl EventLog {
                 .map_or(data.len(), |p| half + p + 1);
             data.drain(..cut);
         }
+        drop(g);
+        self.wake_all();
     }
 
     /// Length in bytes and last change.

@@ -115,8 +115,9 @@ pub type Listing = Arc<Vec<(String, Node)>>;
 pub enum Open {
     /// A snapshot taken at open.
     Bytes(Arc<[u8]>),
-    /// The service's live event log.
-    Events(Arc<EventLog>),
+    /// The service's live event log, and where the last read through this
+    /// handle ended (what `poll` compares the log's length with).
+    Events(Arc<EventLog>, std::sync::atomic::AtomicU64),
     /// An output file on disk.
     Log(File),
     /// A ctl file; holds the result of the last command written through it.
@@ -431,7 +432,7 @@ impl Fs {
                 Some(Ok(file)) => Open::Log(file),
                 _ => Open::Bytes(Arc::from(Vec::new())),
             },
-            Content::Events { log, .. } => Open::Events(log),
+            Content::Events { log, .. } => Open::Events(log, Default::default()),
             Content::Ctl { of, .. } => Open::Ctl {
                 of,
                 last: Arc::default(),
@@ -448,7 +449,11 @@ impl Fs {
     pub(super) fn read_open(&self, open: &Open, offset: u64, size: u32) -> Result<Reading, Errno> {
         let data = match open {
             Open::Bytes(b) => slice(b, offset, size).to_vec(),
-            Open::Events(log) => log.read(offset, size as usize),
+            Open::Events(log, end) => {
+                let d = log.read(offset, size as usize);
+                end.store(offset + d.len() as u64, std::sync::atomic::Ordering::SeqCst);
+                d
+            }
             Open::Log(f) => {
                 let mut buf = vec![0u8; size as usize];
                 let n = f.read_at(&mut buf, offset).map_err(|_| Errno::EIO)?;

@@ -271,8 +271,54 @@ impl Filesystem for Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.open.lock().remove(&fh.0);
+        if let Some(open) = self.open.lock().remove(&fh.0) {
+            if let Open::Events(log, _) = &*open {
+                log.forget(fh.0);
+            }
+        }
         reply.ok();
+    }
+
+    /// `events` is readable when it holds more than the last read through
+    /// this handle got (or was trimmed since); else the kernel is told at
+    /// the next line (`deploy events -f` waits so, and costs nothing
+    /// while nothing happens). Every other file is always readable.
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        ph: fuser::PollNotifier,
+        _events: fuser::PollEvents,
+        flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        let readable = fuser::PollEvents::POLLIN | fuser::PollEvents::POLLRDNORM;
+        let open = match self.handle(fh) {
+            Ok(o) => o,
+            Err(e) => return reply.error(e),
+        };
+        let Open::Events(log, end) = &*open else {
+            return reply.poll(readable);
+        };
+        let changed = || log.is_closing() || log.stat().0 != end.load(Ordering::SeqCst);
+        if changed() {
+            return reply.poll(readable);
+        }
+        if flags.contains(fuser::PollFlags::FUSE_POLL_SCHEDULE_NOTIFY) {
+            // Asked before looking again: a line appended in between
+            // wakes it, or is seen now.
+            let wake = Box::new(move || {
+                let _ = ph.notify();
+            });
+            if !log.wake_on_append(fh.0, wake) {
+                return reply.poll(readable);
+            }
+        }
+        match changed() {
+            true => reply.poll(readable),
+            false => reply.poll(fuser::PollEvents::empty()),
+        }
     }
 
     // The namespace's shape is deployd's: nothing is created, removed,
