@@ -22,13 +22,20 @@ fn append(d: &Deployd, i: usize) {
 }
 
 pub fn run(report: &mut Report) -> Result<(), String> {
-    let d = Deployd::start(&[(
-        "w".to_string(),
-        "exec sleep 100000\nhealth exec true\n".to_string(),
-    )])?;
-    if !d.settle("w", Duration::from_secs(30)) {
-        return Err("w did not settle".into());
+    // `w` for events; `talk`, for logs, prints the time (UTC, in seconds)
+    // every 50 ms.
+    let talk = "exec python3 -c 'import time; [(print(repr(time.time()), flush=True), time.sleep(0.05)) for _ in iter(int, 1)]'\nhealth exec true\n";
+    let d = Deployd::start(&[
+        (
+            "w".to_string(),
+            "exec sleep 100000\nhealth exec true\n".to_string(),
+        ),
+        ("talk".to_string(), talk.to_string()),
+    ])?;
+    if !d.settle("w", Duration::from_secs(30)) || !d.settle("talk", Duration::from_secs(30)) {
+        return Err("w or talk did not settle".into());
     }
+    let logs = logs_latency(&d)?;
     let mut child = Command::new(sibling("deploy"))
         .args(["events", "w", "-f", "-n", "0"])
         .env("DEPLOY_ROOT", &d.mnt)
@@ -114,6 +121,13 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     );
     report.add(
         SECTION,
+        "output line to printed line, deploy logs -f (p50 / p99)",
+        format!("{:.2} / {:.2} ms", logs.0, logs.1),
+        "p99 ≤ 10 ms",
+        verdict(logs.1 <= 10.0),
+    );
+    report.add(
+        SECTION,
         "idle follower, CPU over 10 s",
         format!("{:.3} s", idle),
         "≈ 0 (≤ 0.01 s)",
@@ -121,4 +135,37 @@ pub fn run(report: &mut Report) -> Result<(), String> {
     );
     d.finish();
     Ok(())
+}
+
+/// From the moment `talk` printed a line (the time it prints) to the
+/// moment `deploy logs talk 0 -f` printed it: p50 and p99 of 200, in ms.
+fn logs_latency(d: &Deployd) -> Result<(f64, f64), String> {
+    let mut child = Command::new(sibling("deploy"))
+        .args(["logs", "talk", "0", "-f", "-n", "0"])
+        .env("DEPLOY_ROOT", &d.mnt)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("deploy logs -f: {e}"))?;
+    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let mut took = Vec::new();
+    while took.len() < 200 {
+        let line = lines
+            .next()
+            .ok_or("the follower ended")?
+            .map_err(|e| e.to_string())?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| e.to_string())?
+            .as_secs_f64();
+        let printed: f64 = line
+            .trim()
+            .parse()
+            .map_err(|_| format!("unexpected line {line:?}"))?;
+        took.push((now - printed) * 1000.0);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    took.sort_by(f64::total_cmp);
+    Ok((percentile(&took, 50.0), percentile(&took, 99.0)))
 }

@@ -136,30 +136,10 @@ impl Cursor {
         Some(data)
     }
 
-    /// Waits, up to `timeout`, until the file at `path` (the `events` file,
-    /// which deployd lets `poll` wait on) holds more than the cursor has
-    /// read: a reader learns of a line the moment it is appended, and
-    /// costs nothing meanwhile. Whether `poll` said readable (a deployd
-    /// that cannot wait so says it at once, every time).
+    /// Waits, up to `timeout`, until the file at `path` holds more than
+    /// the cursor has read ([`wait_any`]).
     pub fn wait(&self, path: &Path, timeout: Duration) -> bool {
-        let Ok(f) = std::fs::File::open(path) else {
-            std::thread::sleep(POLL);
-            return false;
-        };
-        // A read where the cursor is tells deployd how far this reader is.
-        let mut one = [0u8; 1];
-        if f.read_at(&mut one, self.offset).is_ok_and(|n| n > 0) {
-            return true;
-        }
-        let mut fd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&f),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-        // SAFETY: one pollfd we own, for a descriptor open for the call.
-        let r = unsafe { libc::poll(&mut fd, 1, ms) };
-        r > 0
+        wait_any(&[(path.to_path_buf(), self.offset)], timeout)
     }
 
     /// Checks that the bytes before the cursor are still those it read
@@ -198,6 +178,44 @@ impl Cursor {
     }
 }
 
+/// Waits, up to `timeout`, until one of `files` holds more than its
+/// reader has read (each file with where its reader is): deployd lets
+/// `poll` wait on its files and wakes it as a line is appended, so a
+/// follower learns of a line the moment it is written and costs nothing
+/// meanwhile. Whether `poll` said readable (a deployd that cannot wait so
+/// says it at once, every time: the caller then reads again on its own
+/// clock).
+pub fn wait_any(files: &[(std::path::PathBuf, u64)], timeout: Duration) -> bool {
+    let open: Vec<std::fs::File> = files
+        .iter()
+        .filter_map(|(path, _)| std::fs::File::open(path).ok())
+        .collect();
+    if open.len() < files.len() || open.is_empty() {
+        // Gone, or deployd away for a moment: look again soon.
+        std::thread::sleep(POLL);
+        return false;
+    }
+    // A read where each reader is tells deployd how far it is.
+    let mut one = [0u8; 1];
+    for (f, (_, offset)) in open.iter().zip(files) {
+        if f.read_at(&mut one, *offset).is_ok_and(|n| n > 0) {
+            return true;
+        }
+    }
+    let mut fds: Vec<libc::pollfd> = open
+        .iter()
+        .map(|f| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(f),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: pollfds we own, for descriptors open for the call.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    r > 0
+}
+
 /// What `f` holds from `from` to its end (as far as it reads).
 fn read_rest(f: &std::fs::File, from: u64) -> Vec<u8> {
     let mut data = Vec::new();
@@ -225,10 +243,8 @@ pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit
         ..Stream::default()
     };
     let mut out = std::io::stdout().lock();
-    // `events` can be waited on (poll); other files are read again every
-    // POLL. A wait that said readable and brought nothing means this
-    // deployd cannot wait so: POLL then too.
-    let waits = file == "events";
+    // A wait that said readable and brought nothing means this deployd
+    // cannot wait so: it is read again every POLL then.
     let mut ready = false;
     loop {
         let mut new = false;
@@ -245,10 +261,10 @@ pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit
             say_removed(dir);
             return Ok(Exit::Ok);
         }
-        if !waits || (ready && !new) {
+        if ready && !new {
             std::thread::sleep(POLL);
         }
-        ready = waits && stream.at.wait(&path, IDLE);
+        ready = stream.at.wait(&path, IDLE);
     }
 }
 
@@ -392,7 +408,13 @@ pub fn logs(
     let mut seen: HashMap<String, Stream> = HashMap::new();
     let mut out = std::io::stdout().lock();
     let mut first = true;
+    let mut ready = false;
     loop {
+        // What to wait on next: each live instance's log where it was
+        // read to, and the events (an instance started or replaced says
+        // so there).
+        let mut watch: Vec<(std::path::PathBuf, u64)> = Vec::new();
+        let mut new = false;
         if follow && removed(dir) {
             say_removed(dir);
             return Ok(Exit::Ok);
@@ -435,6 +457,8 @@ pub fn logs(
             stream.at = at;
             live.insert(key);
             let Some(chunk) = chunk else { continue };
+            new |= !chunk.is_empty();
+            watch.push((log.clone(), stream.at.offset));
             stream.partial.extend_from_slice(&chunk);
             let label = instance.is_none().then(|| n.to_string());
             emit(&mut out, label.as_deref(), Some(n), stream, !follow, filter)?;
@@ -449,7 +473,13 @@ pub fn logs(
         if !follow {
             return Ok(Exit::Ok);
         }
-        std::thread::sleep(POLL);
+        if ready && !new {
+            std::thread::sleep(POLL);
+        }
+        let events = dir.join("events");
+        let len = std::fs::metadata(&events).map_or(0, |m| m.len());
+        watch.push((events, len));
+        ready = wait_any(&watch, IDLE);
     }
 }
 

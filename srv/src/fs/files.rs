@@ -118,8 +118,9 @@ pub enum Open {
     /// The service's live event log, and where the last read through this
     /// handle ended (what `poll` compares the log's length with).
     Events(Arc<EventLog>, std::sync::atomic::AtomicU64),
-    /// An output file on disk.
-    Log(File),
+    /// An output file on disk, and where the last read through this handle
+    /// ended (what `poll` compares the file's length with).
+    Log(File, std::sync::atomic::AtomicU64),
     /// A ctl file; holds the result of the last command written through it.
     Ctl {
         of: CtlOf,
@@ -429,7 +430,7 @@ impl Fs {
             Content::Bytes { data, .. } => Open::Bytes(data),
             // Nothing written yet (or never: `access_log off`): empty.
             Content::Disk { path, .. } => match path.map(File::open) {
-                Some(Ok(file)) => Open::Log(file),
+                Some(Ok(file)) => Open::Log(file, Default::default()),
                 _ => Open::Bytes(Arc::from(Vec::new())),
             },
             Content::Events { log, .. } => Open::Events(log, Default::default()),
@@ -454,10 +455,11 @@ impl Fs {
                 end.store(offset + d.len() as u64, std::sync::atomic::Ordering::SeqCst);
                 d
             }
-            Open::Log(f) => {
+            Open::Log(f, end) => {
                 let mut buf = vec![0u8; size as usize];
                 let n = f.read_at(&mut buf, offset).map_err(|_| Errno::EIO)?;
                 buf.truncate(n);
+                end.store(offset + n as u64, std::sync::atomic::Ordering::SeqCst);
                 buf
             }
             Open::Ctl { of, last } => match &*last.lock() {

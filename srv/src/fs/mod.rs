@@ -26,6 +26,7 @@
 //! the write is answered once the runtime has acted and persisted, and the
 //! result can be read back on the same file descriptor.
 
+mod disk;
 mod files;
 mod node;
 mod wait;
@@ -97,6 +98,45 @@ impl Fs {
 
     fn handle(&self, fh: FileHandle) -> Result<Arc<Open>, Errno> {
         self.open.lock().get(&fh.0).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// A file on disk is readable when it holds more than the last read
+    /// through this handle got (or less: begun again); else inotify wakes
+    /// the kernel when it is written.
+    fn poll_disk(
+        &self,
+        file: &std::fs::File,
+        end: &AtomicU64,
+        fh: u64,
+        ph: fuser::PollNotifier,
+        flags: fuser::PollFlags,
+        reply: fuser::ReplyPoll,
+    ) {
+        let readable = fuser::PollEvents::POLLIN | fuser::PollEvents::POLLRDNORM;
+        let Some(disk) = self.waiters.disk() else {
+            return reply.poll(readable);
+        };
+        let changed = || {
+            disk.is_closing()
+                || file
+                    .metadata()
+                    .map_or(true, |m| m.len() != end.load(Ordering::SeqCst))
+        };
+        if changed() {
+            return reply.poll(readable);
+        }
+        if flags.contains(fuser::PollFlags::FUSE_POLL_SCHEDULE_NOTIFY) {
+            let wake = Box::new(move || {
+                let _ = ph.notify();
+            });
+            if !disk.wait(file, fh, wake) {
+                return reply.poll(readable);
+            }
+        }
+        match changed() {
+            true => reply.poll(readable),
+            false => reply.poll(fuser::PollEvents::empty()),
+        }
     }
 
     /// Answers a read now, or parks it (a `wait` mid-rollout) under the
@@ -272,8 +312,14 @@ impl Filesystem for Fs {
         reply: ReplyEmpty,
     ) {
         if let Some(open) = self.open.lock().remove(&fh.0) {
-            if let Open::Events(log, _) = &*open {
-                log.forget(fh.0);
+            match &*open {
+                Open::Events(log, _) => log.forget(fh.0),
+                Open::Log(..) => {
+                    if let Some(d) = self.waiters.disk() {
+                        d.forget(fh.0);
+                    }
+                }
+                _ => {}
             }
         }
         reply.ok();
@@ -298,6 +344,9 @@ impl Filesystem for Fs {
             Ok(o) => o,
             Err(e) => return reply.error(e),
         };
+        if let Open::Log(file, end) = &*open {
+            return self.poll_disk(file, end, fh.0, ph, flags, reply);
+        }
         let Open::Events(log, end) = &*open else {
             return reply.poll(readable);
         };

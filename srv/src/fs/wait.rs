@@ -21,10 +21,12 @@ pub(super) struct Parked {
     pub reply: ReplyData,
 }
 
-/// Parked reads of `wait` files.
+/// Parked reads of `wait` files, and readers of files on disk waiting for
+/// more (their inotify thread started with the first).
 #[derive(Default)]
 pub struct Waiters {
     pub(super) parked: Mutex<Vec<Parked>>,
+    disk: std::sync::OnceLock<Option<Arc<super::disk::DiskWaiters>>>,
 }
 
 impl Waiters {
@@ -81,11 +83,22 @@ impl Waiters {
         }
     }
 
-    /// Answers every parked read: deployd is stopping.
+    /// Answers every parked read and wakes every reader waiting on a
+    /// file: deployd is stopping (or replacing itself) and unmounts.
     pub fn shutdown(&self) {
         for p in std::mem::take(&mut *self.parked.lock()) {
             p.reply.error(Errno::EIO);
         }
+        if let Some(Some(d)) = self.disk.get() {
+            d.close();
+        }
+    }
+
+    /// The waiters on files on disk, if inotify can be had.
+    pub(super) fn disk(&self) -> Option<&Arc<super::disk::DiskWaiters>> {
+        self.disk
+            .get_or_init(super::disk::DiskWaiters::start)
+            .as_ref()
     }
 }
 
