@@ -614,7 +614,16 @@ fn without_an_etcd_quorum_every_host_serves_and_restarts_and_refuses_commands() 
     let fresh = fresh_pid();
     std::thread::sleep(Duration::from_secs(3));
     let counters = load.finish();
-    assert_eq!(counters.failed(), 0, "{:?}", counters.errors.lock());
+    // A SIGKILL can land between the head and the body an instance
+    // writes: that one response is cut short for its client, as behind
+    // any proxy. Nothing else may fail.
+    let errors = counters.errors.lock().clone();
+    let cut = errors.iter().filter(|e| e.contains("cut short")).count() as u64;
+    assert!(
+        counters.failed() == cut && cut <= 1,
+        "{} failed: {errors:?}",
+        counters.failed()
+    );
     // etcd back: every host converges, nothing restarted.
     let mut expected: Vec<u32> = pids(&c)
         .into_iter()
