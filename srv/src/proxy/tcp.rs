@@ -40,14 +40,15 @@ pub(super) async fn serve(
     // Bytes moved: client to instance, instance to client.
     let mut moved = [0u64; 2];
     let (end, upstream) = join(&mut client, &router, &mut moved).await;
-    router.took(since.elapsed());
+    let took = since.elapsed();
+    router.took(took);
     if let Some(log) = router.access_log() {
         log.write_connection(&Connection {
             client: peer.ip().to_string().as_bytes(),
             end,
             from_client: moved[0],
             to_client: moved[1],
-            took: since.elapsed(),
+            took,
             upstream,
         });
     }

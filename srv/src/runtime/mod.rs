@@ -257,6 +257,9 @@ pub struct Runtime {
     manager: crate::systemd::Manager,
     /// When to next ping the service manager's watchdog.
     watchdog: Option<tokio::time::Instant>,
+    /// A service's snapshot was published since the service manager was
+    /// last told how the services stand (nothing else changes it).
+    standing_stale: bool,
 }
 
 impl Runtime {
@@ -297,6 +300,7 @@ impl Runtime {
             cluster: parts.cluster.map(cluster::Host::new),
             manager: crate::systemd::Manager::from_env(),
             watchdog: None,
+            standing_stale: true,
         }
     }
 
@@ -344,7 +348,7 @@ impl Runtime {
             .watchdog_every()
             .map(|d| tokio::time::Instant::now() + d);
         loop {
-            if self.manager.is_on() {
+            if self.manager.is_on() && std::mem::take(&mut self.standing_stale) {
                 self.manager.standing(&self.core.standing());
             }
             // In a cluster the machines are the leader's: only the agent

@@ -406,6 +406,7 @@ impl Runtime {
 
     /// Publishes a fresh snapshot of the service.
     pub(super) fn publish(&mut self, sid: u32) {
+        self.standing_stale = true;
         let (access, failed_log, hooks_log) = match self.core.service(sid) {
             Some(e) => (
                 self.store.access_path(&e.name),
@@ -481,6 +482,7 @@ impl Runtime {
             tracing::warn!("{name}: cannot delete its state: {err}");
         }
         self.views.remove(sid);
+        self.standing_stale = true;
         (self.hooks.removed)(name);
         tracing::info!(service = %name, "removed");
     }

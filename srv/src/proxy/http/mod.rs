@@ -272,13 +272,13 @@ async fn active<'r>(
         deadline = None;
         // With an access log: the request line, kept for its line.
         let log = router.access_log();
+        let began = Instant::now();
         let logged = log.as_ref().map(|_| {
             let (method, target) = request_line(&s.cbuf.filled()[..req.len]);
-            (method.to_vec(), target.to_vec(), Instant::now())
+            (method.to_vec(), target.to_vec())
         });
         s.cbuf.consume(req.len);
         let mut served = Served::default();
-        let began = Instant::now();
         // A chunked body that is malformed in what came with its head is
         // refused before any instance is chosen: nothing reaches one.
         let keep =
@@ -288,14 +288,15 @@ async fn active<'r>(
             } else {
                 exchange(client, s, &req, router, &mut served).await
             };
-        router.took(began.elapsed());
-        if let (Some(log), Some((method, target, since))) = (log, logged) {
+        let took = began.elapsed();
+        router.took(took);
+        if let (Some(log), Some((method, target))) = (log, logged) {
             log.write(&Entry {
                 client: ip,
                 method: &method,
                 target: &target,
                 status: served.status,
-                took: since.elapsed(),
+                took,
                 upstream: served.upstream,
             });
         }
