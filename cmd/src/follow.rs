@@ -212,9 +212,7 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
     // Not locked for the whole rollout: `apply` of every manifest follows
     // several side by side, a line at a time.
     let mut out = std::io::stdout();
-    // A wait on `events` that said readable and brought nothing: this
-    // deployd cannot wait so; the loop sleeps instead.
-    let mut ready = false;
+    let mut waiter = crate::tail::Waiter::default();
     let outcome = loop {
         let new = print_events(&mut out, service, dir, &mut events)?;
         if let Some(limit) = limit.filter(|l| started.elapsed() >= *l) {
@@ -239,10 +237,8 @@ pub fn follow(service: &str, dir: &Path, start: Start, what: What) -> Result<Exi
             // The next event as it is appended (or 100 ms, to look at
             // the rollout's end and the timeout).
             Err(mpsc::TryRecvError::Empty) => {
-                if ready && !new {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                ready = events.wait(&dir.join("events"), Duration::from_millis(100));
+                let at = [(dir.join("events"), events.offset())];
+                waiter.wait(&at, Duration::from_millis(100), new);
             }
         }
     };

@@ -136,10 +136,9 @@ impl Cursor {
         Some(data)
     }
 
-    /// Waits, up to `timeout`, until the file at `path` holds more than
-    /// the cursor has read ([`wait_any`]).
-    pub fn wait(&self, path: &Path, timeout: Duration) -> bool {
-        wait_any(&[(path.to_path_buf(), self.offset)], timeout)
+    /// Where the cursor is in its file: what a wait on it starts from.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// Checks that the bytes before the cursor are still those it read
@@ -178,14 +177,34 @@ impl Cursor {
     }
 }
 
+/// A follower's wait between its reads: on the files themselves
+/// ([`wait_any`]), or, once a wait said readable and the read after it
+/// brought nothing (a deployd whose files cannot be waited on), for a
+/// while on its own clock.
+#[derive(Default)]
+pub struct Waiter {
+    ready: bool,
+}
+
+impl Waiter {
+    /// Waits up to `timeout` for more in `files` (each with where its
+    /// reader is); `new`: whether the read before brought anything.
+    pub fn wait(&mut self, files: &[(std::path::PathBuf, u64)], timeout: Duration, new: bool) {
+        if self.ready && !new {
+            std::thread::sleep(timeout.min(POLL));
+        }
+        self.ready = wait_any(files, timeout);
+    }
+}
+
 /// Waits, up to `timeout`, until one of `files` holds more than its
 /// reader has read (each file with where its reader is): deployd lets
 /// `poll` wait on its files and wakes it as a line is appended, so a
 /// follower learns of a line the moment it is written and costs nothing
 /// meanwhile. Whether `poll` said readable (a deployd that cannot wait so
-/// says it at once, every time: the caller then reads again on its own
+/// says it at once, every time: [`Waiter`] then reads again on its own
 /// clock).
-pub fn wait_any(files: &[(std::path::PathBuf, u64)], timeout: Duration) -> bool {
+fn wait_any(files: &[(std::path::PathBuf, u64)], timeout: Duration) -> bool {
     let open: Vec<std::fs::File> = files
         .iter()
         .filter_map(|(path, _)| std::fs::File::open(path).ok())
@@ -243,9 +262,7 @@ pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit
         ..Stream::default()
     };
     let mut out = std::io::stdout().lock();
-    // A wait that said readable and brought nothing means this deployd
-    // cannot wait so: it is read again every POLL then.
-    let mut ready = false;
+    let mut waiter = Waiter::default();
     loop {
         let mut new = false;
         if let Some(chunk) = stream.at.read(&path, false) {
@@ -261,10 +278,7 @@ pub fn run(dir: &Path, file: &str, follow: bool, filter: &Filter) -> Result<Exit
             say_removed(dir);
             return Ok(Exit::Ok);
         }
-        if ready && !new {
-            std::thread::sleep(POLL);
-        }
-        ready = stream.at.wait(&path, IDLE);
+        waiter.wait(&[(path.clone(), stream.at.offset)], IDLE, new);
     }
 }
 
@@ -408,7 +422,7 @@ pub fn logs(
     let mut seen: HashMap<String, Stream> = HashMap::new();
     let mut out = std::io::stdout().lock();
     let mut first = true;
-    let mut ready = false;
+    let mut waiter = Waiter::default();
     loop {
         // What to wait on next: each live instance's log where it was
         // read to, and the events (an instance started or replaced says
@@ -473,13 +487,10 @@ pub fn logs(
         if !follow {
             return Ok(Exit::Ok);
         }
-        if ready && !new {
-            std::thread::sleep(POLL);
-        }
         let events = dir.join("events");
         let len = std::fs::metadata(&events).map_or(0, |m| m.len());
         watch.push((events, len));
-        ready = wait_any(&watch, IDLE);
+        waiter.wait(&watch, IDLE, new);
     }
 }
 
