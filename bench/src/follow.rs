@@ -21,6 +21,28 @@ fn append(d: &Deployd, i: usize) {
     let _ = d.ctl("active/w/ctl", &format!("bench-{i}\n"));
 }
 
+/// `deploy ARGS` on `d`'s namespace, and the lines it prints.
+fn follower(
+    d: &Deployd,
+    args: &[&str],
+) -> Result<
+    (
+        std::process::Child,
+        std::io::Lines<BufReader<std::process::ChildStdout>>,
+    ),
+    String,
+> {
+    let mut child = Command::new(sibling("deploy"))
+        .args(args)
+        .env("DEPLOY_ROOT", &d.mnt)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("deploy {}: {e}", args.join(" ")))?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    Ok((child, BufReader::new(out).lines()))
+}
+
 pub fn run(report: &mut Report) -> Result<(), String> {
     // `w` for events; `talk`, for logs, prints the time (UTC, in seconds)
     // every 50 ms.
@@ -36,14 +58,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         return Err("w or talk did not settle".into());
     }
     let logs = logs_latency(&d)?;
-    let mut child = Command::new(sibling("deploy"))
-        .args(["events", "w", "-f", "-n", "0"])
-        .env("DEPLOY_ROOT", &d.mnt)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("deploy events -f: {e}"))?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let (mut child, mut lines) = follower(&d, &["events", "w", "-f", "-n", "0"])?;
     std::thread::sleep(Duration::from_millis(300));
     let mut took = Vec::with_capacity(EVENTS);
     for i in 0..EVENTS {
@@ -140,14 +155,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
 /// From the moment `talk` printed a line (the time it prints) to the
 /// moment `deploy logs talk 0 -f` printed it: p50 and p99 of 200, in ms.
 fn logs_latency(d: &Deployd) -> Result<(f64, f64), String> {
-    let mut child = Command::new(sibling("deploy"))
-        .args(["logs", "talk", "0", "-f", "-n", "0"])
-        .env("DEPLOY_ROOT", &d.mnt)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("deploy logs -f: {e}"))?;
-    let mut lines = BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
+    let (mut child, mut lines) = follower(d, &["logs", "talk", "0", "-f", "-n", "0"])?;
     let mut took = Vec::new();
     while took.len() < 200 {
         let line = lines
