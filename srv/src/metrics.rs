@@ -41,31 +41,30 @@ struct Scrape {
     services: Vec<Arc<ServiceView>>,
 }
 
-type Labels<'a> = Vec<(&'static str, &'a str)>;
+type Labels = Vec<(&'static str, String)>;
 
 /// One metric family, its values written as they are gathered.
-struct Family<'e, 'a> {
+struct Family<'e> {
     metric: prometheus_client::encoding::MetricEncoder<'e>,
-    _labels: std::marker::PhantomData<Labels<'a>>,
 }
 
-impl<'e> Family<'e, '_> {
-    fn counter(&mut self, labels: &Labels<'_>, v: u64) -> std::fmt::Result {
+impl Family<'_> {
+    fn counter(&mut self, labels: &Labels, v: u64) -> std::fmt::Result {
         self.metric
             .encode_family(labels)?
             .encode_counter::<NoLabelSet, _, u64>(&v, None)
     }
-    fn counter_f(&mut self, labels: &Labels<'_>, v: f64) -> std::fmt::Result {
+    fn counter_f(&mut self, labels: &Labels, v: f64) -> std::fmt::Result {
         self.metric
             .encode_family(labels)?
             .encode_counter::<NoLabelSet, _, u64>(&v, None)
     }
-    fn gauge(&mut self, labels: &Labels<'_>, v: i64) -> std::fmt::Result {
+    fn gauge(&mut self, labels: &Labels, v: i64) -> std::fmt::Result {
         self.metric.encode_family(labels)?.encode_gauge(&v)
     }
     fn histogram(
         &mut self,
-        labels: &Labels<'_>,
+        labels: &Labels,
         sum: f64,
         count: u64,
         buckets: &[(f64, u64)],
@@ -76,20 +75,19 @@ impl<'e> Family<'e, '_> {
     }
 }
 
-fn family<'e, 'a>(
+fn family<'e>(
     enc: &'e mut DescriptorEncoder<'_>,
     name: &'e str,
     help: &str,
     kind: MetricType,
-) -> Result<Family<'e, 'a>, std::fmt::Error> {
+) -> Result<Family<'e>, std::fmt::Error> {
     Ok(Family {
         metric: enc.encode_descriptor(name, help, None, kind)?,
-        _labels: std::marker::PhantomData,
     })
 }
 
-fn svc(v: &ServiceView) -> Labels<'_> {
-    vec![("service", v.name.as_str())]
+fn svc(v: &ServiceView) -> Labels {
+    vec![("service", v.name.to_string())]
 }
 
 /// What each instance's processes use: (service, instance number, rss
@@ -179,7 +177,7 @@ impl Collector for Scrape {
         for v in svcs {
             for how in [Ended::Done, Ended::Failed, Ended::RolledBack] {
                 let mut l = svc(v);
-                l.push(("outcome", how.name()));
+                l.push(("outcome", how.name().to_string()));
                 f.counter(&l, v.tally.ended(how))?;
             }
         }
@@ -208,21 +206,11 @@ impl Collector for Scrape {
         }
 
         // Per instance.
-        let numbers: Vec<Vec<(u32, String)>> = svcs
-            .iter()
-            .map(|v| {
-                v.instances
-                    .iter()
-                    .map(|i| (i.number, i.number.to_string()))
-                    .collect()
-            })
-            .collect();
-        let inst = |s: usize, n: u32| -> Labels<'_> {
-            let number = numbers[s]
-                .iter()
-                .find(|(x, _)| *x == n)
-                .map_or("", |(_, t)| t.as_str());
-            vec![("service", svcs[s].name.as_str()), ("instance", number)]
+        let inst = |s: usize, n: u32| -> Labels {
+            vec![
+                ("service", svcs[s].name.to_string()),
+                ("instance", n.to_string()),
+            ]
         };
         let mut f = family(
             &mut enc,
