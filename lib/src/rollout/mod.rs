@@ -132,11 +132,46 @@ impl Serialize for Spec {
 impl<'de> Deserialize<'de> for Spec {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Spec, D::Error> {
         let text = String::deserialize(d)?;
+        if let Some(spec) = read_back::get(&text) {
+            return Ok(spec);
+        }
         let m = crate::manifest::parse(text.as_bytes()).map_err(|e| {
             let first = e.first().map(|d| d.message.clone()).unwrap_or_default();
             serde::de::Error::custom(format!("a saved manifest does not parse: {first}"))
         })?;
-        Ok(Spec::new(m, text))
+        let spec = Spec::new(m, text);
+        read_back::keep(&spec);
+        Ok(spec)
+    }
+}
+
+/// The specs read back lately, by text. A machine's snapshot holds its
+/// target's and each instance's, most of them the same text, and a host of
+/// a cluster reads one at every round of the leader: each text is parsed
+/// once, not once per instance per round.
+mod read_back {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use super::Spec;
+
+    /// Kept at most; past it the cache starts again empty.
+    const MOST: usize = 256;
+
+    static SPECS: Mutex<Option<HashMap<Arc<str>, Spec>>> = Mutex::new(None);
+
+    pub(super) fn get(text: &str) -> Option<Spec> {
+        let specs = SPECS.lock().unwrap_or_else(|e| e.into_inner());
+        specs.as_ref()?.get(text).cloned()
+    }
+
+    pub(super) fn keep(spec: &Spec) {
+        let mut specs = SPECS.lock().unwrap_or_else(|e| e.into_inner());
+        let specs = specs.get_or_insert_with(HashMap::new);
+        if specs.len() >= MOST {
+            specs.clear();
+        }
+        specs.insert(spec.text.clone(), spec.clone());
     }
 }
 

@@ -3713,3 +3713,20 @@ fn a_failing_after_deploy_fails_the_rollout_and_auto_rollback_undoes_it() {
     // The rollback is no deploy of a new version: its hooks do not run.
     assert_eq!(sim.hooks_run, [Hook::Before, Hook::After]);
 }
+
+/// A spec read back twice from the same text is parsed once: the second
+/// shares the first's manifest.
+#[test]
+fn a_spec_read_back_twice_is_parsed_once() {
+    let text = "exec sleep 1000\nreplicas 3\nenv READ_BACK=once\n";
+    let json = serde_json::to_string(text).unwrap();
+    let a: Spec = serde_json::from_str(&json).unwrap();
+    let b: Spec = serde_json::from_str(&json).unwrap();
+    assert!(Arc::ptr_eq(&a.manifest, &b.manifest));
+    assert_eq!(a.manifest.replicas, 3);
+    let other: Spec = serde_json::from_str(&json.replace("once", "twice")).unwrap();
+    assert!(!Arc::ptr_eq(&a.manifest, &other.manifest));
+    assert_ne!(a.version, other.version);
+    // Text that does not parse is still refused.
+    assert!(serde_json::from_str::<Spec>("\"replicas many\\n\"").is_err());
+}
