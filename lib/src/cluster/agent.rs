@@ -84,6 +84,14 @@ pub enum Event {
         /// Its processes' resident memory.
         rss: u64,
     },
+    /// Every host has let go of this routed-out instance
+    /// ([`super::LetGo::released`]): one assigned to `retire` stops now.
+    Released {
+        /// The service.
+        service: ServiceName,
+        /// The instance.
+        id: InstanceId,
+    },
     /// Time passed.
     Tick,
 }
@@ -202,6 +210,15 @@ impl Agent {
             .map(|((s, id), l)| (s, *id, &l.assign))
     }
 
+    /// The running instances assigned to `retire`: each stops once every
+    /// host has let go of it.
+    pub fn retiring(&self) -> impl Iterator<Item = (&ServiceName, InstanceId)> {
+        self.insts
+            .iter()
+            .filter(|(_, l)| l.assign.retire && !l.assign.stop && matches!(l.run, Run::Running(_)))
+            .map(|((s, id), _)| (s, *id))
+    }
+
     /// Whether it has this instance (running or not).
     pub fn has(&self, service: &ServiceName, id: InstanceId) -> bool {
         self.insts.contains_key(&(service.clone(), id))
@@ -267,6 +284,15 @@ impl Agent {
                         let n = l.status.over.map_or(0, |(n, _)| n);
                         l.status.over = Some((n + 1, rss));
                     }
+                }
+            }
+            Event::Released { service, id } => {
+                let retire = self
+                    .insts
+                    .get(&(service.clone(), id))
+                    .is_some_and(|l| l.assign.retire);
+                if retire {
+                    self.stop(&service, id);
                 }
             }
             Event::Tick => {
@@ -553,8 +579,74 @@ mod tests {
             spec: Spec::new(m, text),
             serving: true,
             stop: false,
+            retire: false,
             signal: None,
         }
+    }
+
+    /// An instance assigned to `retire` stops when it is released; one
+    /// that is not keeps running (the leader's `stop` alone ends it).
+    #[test]
+    fn a_released_instance_stops_only_if_assigned_to_retire() {
+        let svc = ServiceName::new("web").unwrap();
+        let t0 = Instant::from_epoch(Duration::from_secs(100));
+        let mut a = Agent::new(7);
+        for (n, retire) in [(1, true), (2, false)] {
+            let id = InstanceId(n);
+            a.handle(
+                t0,
+                Event::Assigned {
+                    service: svc.clone(),
+                    id,
+                    assignment: Some(assignment()),
+                },
+            );
+            let started = Started {
+                pid: 40 + n as u32,
+                port: Some(5000),
+                env: String::new(),
+            };
+            a.handle(
+                t0,
+                Event::Spawned {
+                    service: svc.clone(),
+                    id,
+                    result: Ok(started),
+                },
+            );
+            let assignment = Assignment {
+                retire,
+                serving: false,
+                ..assignment()
+            };
+            let todo = a.handle(
+                t0,
+                Event::Assigned {
+                    service: svc.clone(),
+                    id,
+                    assignment: Some(assignment),
+                },
+            );
+            assert!(
+                !todo.iter().any(|d| matches!(d, Do::Stop { .. })),
+                "{todo:?}"
+            );
+        }
+        let retiring: Vec<InstanceId> = a.retiring().map(|(_, id)| id).collect();
+        assert_eq!(retiring, [InstanceId(1)]);
+        for n in [1, 2] {
+            let todo = a.handle(
+                t0,
+                Event::Released {
+                    service: svc.clone(),
+                    id: InstanceId(n),
+                },
+            );
+            let stops = todo.iter().filter(|d| matches!(d, Do::Stop { .. })).count();
+            assert_eq!(stops, usize::from(n == 1), "instance {n}: {todo:?}");
+        }
+        // Stopping: no longer waiting to be released.
+        assert_eq!(a.retiring().count(), 0);
     }
 
     fn reports(todo: &[Do]) -> Vec<Status> {

@@ -224,6 +224,12 @@ pub struct Assignment {
     pub serving: bool,
     /// Stop it (its `stop_signal`, SIGKILL after `stop_timeout`).
     pub stop: bool,
+    /// Routed out to be stopped: its host stops it as soon as every host
+    /// has let go of it ([`LetGo`]), without waiting for the leader to
+    /// hear the acks and write `stop` (which follows all the same, and
+    /// alone stops it at the `drain` limit).
+    #[serde(default)]
+    pub retire: bool,
     /// Signals asked so far and the last one: a host sends it when the
     /// count passes what it has sent.
     pub signal: Option<(u64, Signal)>,
@@ -288,6 +294,73 @@ pub struct Ack {
     /// Instances routed out that still have requests or connections
     /// through this host's proxies.
     pub busy: Vec<(ServiceName, u64)>,
+}
+
+/// Whether every host in `hosts` has let go of instance `id` of
+/// `service`, routed out at revision `out`: each one's ack is of that
+/// route table or a later one, and none has anything in flight on it.
+pub fn let_go<'a>(
+    hosts: impl IntoIterator<Item = &'a HostName>,
+    acks: &BTreeMap<HostName, Ack>,
+    out: u64,
+    service: &ServiceName,
+    id: u64,
+) -> bool {
+    hosts.into_iter().all(|h| {
+        acks.get(h)
+            .is_some_and(|a| a.rev >= out && !a.busy.iter().any(|(s, i)| s == service && *i == id))
+    })
+}
+
+/// What a host knows of the drains under way, from its copy of etcd:
+/// the hosts up, their acks, and the revision at which each instance was
+/// routed out. Every host sees the same revisions in the same order, so
+/// each reaches the leader's verdict ([`let_go`]) on its own, a watch
+/// hop and a transaction sooner.
+#[derive(Debug, Default)]
+pub struct LetGo {
+    hosts: std::collections::BTreeSet<HostName>,
+    acks: BTreeMap<HostName, Ack>,
+    out: BTreeMap<(ServiceName, u64), u64>,
+}
+
+impl LetGo {
+    /// Host `h` is up (its key is there) or not.
+    pub fn host(&mut self, h: &HostName, up: bool) {
+        match up {
+            true => self.hosts.insert(h.clone()),
+            false => self.hosts.remove(h),
+        };
+    }
+
+    /// Host `h`'s ack, or its deletion.
+    pub fn ack(&mut self, h: &HostName, ack: Option<Ack>) {
+        match ack {
+            Some(a) => self.acks.insert(h.clone(), a),
+            None => self.acks.remove(h),
+        };
+    }
+
+    /// A service's route table as written at revision `rev`: an instance
+    /// routed out keeps the revision it was first seen so.
+    pub fn routes(&mut self, service: &ServiceName, routes: &Routes, rev: u64) {
+        self.out.retain(|(s, id), _| {
+            s != service || routes.backends.get(id).is_some_and(|b| !b.routed)
+        });
+        for (id, b) in &routes.backends {
+            if !b.routed {
+                self.out.entry((service.clone(), *id)).or_insert(rev);
+            }
+        }
+    }
+
+    /// Whether every host up has let go of the instance; false while it
+    /// is not routed out.
+    pub fn released(&self, service: &ServiceName, id: u64) -> bool {
+        self.out
+            .get(&(service.clone(), id))
+            .is_some_and(|out| let_go(&self.hosts, &self.acks, *out, service, id))
+    }
 }
 
 /// A manifest as a host loaded it for `apply`.

@@ -45,7 +45,9 @@ fn manifest(exec: &str, replicas: u32, batch: u32) -> String {
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Ev {
-    /// Deliver the changes since this revision to a watcher.
+    /// Deliver the changes since the last delivery to a watcher: a host's
+    /// up to the revision given (what etcd had sent when it was due), the
+    /// leader's all there are.
     Watch(Watcher),
     Started(usize, u64, u32),
     Healthy(usize, u64, u32),
@@ -59,7 +61,7 @@ enum Ev {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Watcher {
     Leader,
-    Host(usize),
+    Host(usize, u64),
 }
 
 #[derive(Debug)]
@@ -78,6 +80,8 @@ struct Host {
     up: bool,
     /// Revision of the last change it saw.
     seen: u64,
+    /// Its view of the drains under way.
+    let_go: LetGo,
 }
 
 struct World {
@@ -107,6 +111,8 @@ struct World {
     stopped: BTreeMap<u64, Instant>,
     /// Rounds that wrote the snapshot with no shown field changed.
     quiet_rounds: u32,
+    /// Instances a host stopped on its own once every host let go.
+    released: u32,
 }
 
 impl World {
@@ -132,12 +138,14 @@ impl World {
             routed_out: BTreeMap::new(),
             stopped: BTreeMap::new(),
             quiet_rounds: 0,
+            released: 0,
         };
         for n in 1..=hosts {
             w.hosts.push(Host {
                 agent: Agent::new(n as u64),
                 up: true,
                 seen: 0,
+                let_go: LetGo::default(),
             });
             let record = HostRecord {
                 address: IpAddr::V4(Ipv4Addr::new(127, 0, 0, n as u8 + 1)),
@@ -199,7 +207,7 @@ impl World {
         }
         self.at(MS, Ev::Watch(Watcher::Leader));
         for h in 0..self.hosts.len() {
-            self.at(MS, Ev::Watch(Watcher::Host(h)));
+            self.at(MS, Ev::Watch(Watcher::Host(h, rev)));
         }
         self.check_routes();
         rev
@@ -380,7 +388,7 @@ impl World {
         self.round();
     }
 
-    fn watch_host(&mut self, h: usize) {
+    fn watch_host(&mut self, h: usize, upto: u64) {
         if !self.hosts[h].up {
             return;
         }
@@ -388,10 +396,10 @@ impl World {
         let changes: Vec<(u64, String, Option<Vec<u8>>)> = self
             .log
             .iter()
-            .filter(|(rev, _, _)| *rev > seen)
+            .filter(|(rev, _, _)| *rev > seen && *rev <= upto)
             .cloned()
             .collect();
-        self.hosts[h].seen = self.rev;
+        self.hosts[h].seen = self.hosts[h].seen.max(upto);
         let me = host(h + 1);
         let mut routes_rev = None;
         for (rev, k, v) in changes {
@@ -407,9 +415,29 @@ impl World {
                         },
                     );
                 }
-                Key::Routes(_) => routes_rev = Some(rev),
+                Key::Routes(service) => {
+                    routes_rev = Some(rev);
+                    let routes = v.map(|v| decode(&v).unwrap()).unwrap_or_default();
+                    self.hosts[h].let_go.routes(&service, &routes, rev);
+                }
+                Key::Ack(from) => {
+                    let ack = v.map(|v| decode(&v).unwrap());
+                    self.hosts[h].let_go.ack(&from, ack);
+                }
+                Key::Host(name) => self.hosts[h].let_go.host(&name, v.is_some()),
                 _ => {}
             }
+        }
+        // What every host has let go of stops here without the leader.
+        let released: Vec<(ServiceName, InstanceId)> = self.hosts[h]
+            .agent
+            .retiring()
+            .filter(|(s, id)| self.hosts[h].let_go.released(s, id.0))
+            .map(|(s, id)| (s.clone(), id))
+            .collect();
+        for (service, id) in released {
+            self.released += 1;
+            self.agent(h, agent::Event::Released { service, id });
         }
         // Its proxies follow the new tables at once, with nothing in
         // flight, or (`busy`) with requests on what is routed out for a
@@ -539,7 +567,7 @@ impl World {
         let svc = svc();
         match e {
             Ev::Watch(Watcher::Leader) => self.watch_leader(),
-            Ev::Watch(Watcher::Host(h)) => self.watch_host(h),
+            Ev::Watch(Watcher::Host(h, upto)) => self.watch_host(h, upto),
             Ev::Started(h, id, pid) => {
                 if !self.hosts[h].up || !self.procs[&pid].alive {
                     return;
@@ -772,6 +800,9 @@ fn a_rolling_update_keeps_every_slot_routed_and_stays_even() {
             .map(|(_, n)| *n)
             .collect();
         assert_eq!(v2, vec![1; replicas as usize]);
+        // Every old instance was stopped by its host as soon as the acks
+        // let go of it, not a leader's round later.
+        assert_eq!(w.released, replicas, "{replicas} {batch}");
     }
 }
 
@@ -926,6 +957,8 @@ fn a_routed_out_instance_is_stopped_once_every_host_has_let_go_of_it() {
     w.settle();
     w.check_converged(3, "good");
     assert_eq!(w.stopped.len(), 3);
+    // Each by its own host, once the busy host's ack let go of it.
+    assert_eq!(w.released, 3);
     for (id, stopped) in &w.stopped {
         let out = w.routed_out[id];
         assert!(
@@ -1067,4 +1100,45 @@ fn an_instance_over_memory_high_is_replaced_through_the_leader() {
         "{:#?}",
         w.events()
     );
+}
+
+#[test]
+fn let_go_waits_for_every_host_up_to_ack_the_table_and_let_go() {
+    let (s, id) = (svc(), 7);
+    let backend = |routed| Backend {
+        host: host(1),
+        addr: "127.0.0.2:9000".parse().unwrap(),
+        routed,
+    };
+    let table = |routed| Routes {
+        backends: BTreeMap::from([(id, backend(routed))]),
+    };
+    let ack = |rev, busy: bool| Ack {
+        rev,
+        busy: if busy { vec![(svc(), id)] } else { vec![] },
+    };
+    let mut g = LetGo::default();
+    for n in 1..=3 {
+        g.host(&host(n), true);
+    }
+    g.routes(&s, &table(true), 10);
+    assert!(!g.released(&s, id), "routed in");
+    g.routes(&s, &table(false), 12);
+    // A later table keeps the revision it was first routed out at.
+    g.routes(&s, &table(false), 15);
+    g.ack(&host(1), Some(ack(12, false)));
+    g.ack(&host(2), Some(ack(11, false)));
+    g.ack(&host(3), Some(ack(13, true)));
+    assert!(!g.released(&s, id), "host 2 is behind, host 3 busy");
+    g.ack(&host(2), Some(ack(12, false)));
+    assert!(!g.released(&s, id), "host 3 busy");
+    // A host gone counts no more.
+    g.host(&host(3), false);
+    assert!(g.released(&s, id));
+    g.host(&host(3), true);
+    g.ack(&host(3), Some(ack(14, false)));
+    assert!(g.released(&s, id));
+    // Routed in again: nothing to let go of.
+    g.routes(&s, &table(true), 16);
+    assert!(!g.released(&s, id));
 }

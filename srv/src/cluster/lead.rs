@@ -263,10 +263,12 @@ fn input(key: Key, value: Option<&[u8]>) -> Result<Option<Input>, String> {
     }))
 }
 
-/// How long a round that writes only events and snapshots, with no
-/// service's version, status or progress changed, may wait for the next:
-/// nothing waits on those, and the next round writes them with its own (a
-/// batch's statuses come one after another).
+/// How long a round that writes only events, snapshots and the deletion
+/// of ended instances' assignments, with no service's version, status or
+/// progress changed, may wait for the next: nothing waits on those, and
+/// the next round writes them with its own (a batch's statuses come one
+/// after another, and each transaction held back is one fewer that the
+/// next status's round queues behind in etcd).
 const HOLD: Duration = Duration::from_millis(50);
 
 /// Writes held back: only events and snapshots, the last value per key.
@@ -296,8 +298,13 @@ async fn commit(
         }
     }
     let (events, services) = (link.keys.dir("events"), link.keys.dir("services"));
+    let assign = link.keys.dir("assign");
     let lazy = |op: &Op| match op {
-        Op::Put(k, _) | Op::Delete(k) => k.starts_with(&events) || k.starts_with(&services),
+        Op::Put(k, _) => k.starts_with(&events) || k.starts_with(&services),
+        // An ended instance's assignment: its host waits for nothing.
+        Op::Delete(k) => {
+            k.starts_with(&events) || k.starts_with(&services) || k.starts_with(&assign)
+        }
         Op::DeletePrefix(_) => false,
     };
     let urgent = round.shown || round.ops.iter().any(|op| !lazy(op));

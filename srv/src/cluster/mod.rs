@@ -90,6 +90,9 @@ pub struct Change {
     pub key: Key,
     /// Its new value; `None`: deleted.
     pub value: Option<Vec<u8>>,
+    /// The revision that changed it (after a full read, a deletion's is
+    /// the read's).
+    pub rev: u64,
 }
 
 /// Whether etcd answers.
@@ -238,7 +241,8 @@ pub async fn join(
         );
         let all = copy
             .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            // Revision 0: not known.
+            .map(|(k, v)| (k.clone(), Some(v.clone()), 0))
             .collect();
         link.tell(all, 0);
     }
@@ -522,14 +526,15 @@ async fn follow(link: Arc<Link>, mut copy: Copy, saved: watch::Sender<Arc<Copy>>
             .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
             .collect();
         let mut changes = Vec::new();
-        for (k, v) in &fresh {
-            if copy.get(k) != Some(v) {
-                changes.push((k.clone(), Some(v.clone())));
+        for kv in got.kvs() {
+            if copy.get(kv.key()) != Some(&kv.value().to_vec()) {
+                let rev = kv.mod_revision() as u64;
+                changes.push((kv.key().to_vec(), Some(kv.value().to_vec()), rev));
             }
         }
         for k in copy.keys() {
             if !fresh.contains_key(k) {
-                changes.push((k.clone(), None));
+                changes.push((k.clone(), None, rev));
             }
         }
         copy = fresh;
@@ -559,14 +564,15 @@ async fn follow(link: Arc<Link>, mut copy: Copy, saved: watch::Sender<Arc<Copy>>
                     for ev in resp.events() {
                         let Some(kv) = ev.kv() else { continue };
                         let key = kv.key().to_vec();
+                        let at = kv.mod_revision() as u64;
                         match ev.event_type() {
                             etcd_client::EventType::Put => {
                                 copy.insert(key.clone(), kv.value().to_vec());
-                                changes.push((key, Some(kv.value().to_vec())));
+                                changes.push((key, Some(kv.value().to_vec()), at));
                             }
                             etcd_client::EventType::Delete => {
                                 copy.remove(&key);
-                                changes.push((key, None));
+                                changes.push((key, None, at));
                             }
                         }
                     }
@@ -756,10 +762,10 @@ impl Link {
 
     /// Hands what a batch of keys changed to the runtime; answers this
     /// host's commands.
-    fn tell(&self, raw: Vec<(Vec<u8>, Option<Vec<u8>>)>, rev: u64) {
+    fn tell(&self, raw: Vec<(Vec<u8>, Option<Vec<u8>>, u64)>, rev: u64) {
         let mut changes = Vec::with_capacity(raw.len());
         let mut replies = Vec::new();
-        for (k, value) in raw {
+        for (k, value, at) in raw {
             let Some(key) = self.keys.parse(&k) else {
                 continue;
             };
@@ -783,7 +789,11 @@ impl Link {
                 }
                 _ => {}
             }
-            changes.push(Change { key, value });
+            changes.push(Change {
+                key,
+                value,
+                rev: at,
+            });
         }
         let _ = self.runtime.send(Msg::Cluster(Event::Changes {
             changes,

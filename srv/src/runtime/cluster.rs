@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use deployd_lib::cluster::agent::{self, Agent, Do, Started};
 use deployd_lib::cluster::{
-    Ack, EventRecord, HostRecord, Key, Loaded, Routes, Snapshot, What, decode, encode,
+    Ack, EventRecord, HostRecord, Key, LetGo, Loaded, Routes, Snapshot, What, decode, encode,
 };
 use deployd_lib::core::Manifests;
 use deployd_lib::ctl::Verb;
@@ -55,6 +55,8 @@ pub struct Host {
     applied: u64,
     /// Writers waiting for the copy to reach their write's revision.
     after: Vec<(u64, Result<String, Refusal>, CtlDone)>,
+    /// Which routed-out instances every host has let go of.
+    let_go: LetGo,
 }
 
 impl Host {
@@ -75,6 +77,7 @@ impl Host {
             view: None,
             applied: 0,
             after: Vec::new(),
+            let_go: LetGo::default(),
         }
     }
 
@@ -165,8 +168,42 @@ impl Runtime {
     }
 
     fn changes(&mut self, changes: Vec<Change>, rev: u64) {
-        // Snapshots first: what else a round wrote finds its service.
-        let (services, rest): (Vec<Change>, Vec<Change>) = changes
+        let me = match &self.cluster {
+            Some(h) => h.link.me.clone(),
+            None => return,
+        };
+        // What the leader waits for goes first: route tables and this
+        // host's assignments of services already here, so that an ack
+        // leaves, and an instance starts or stops, before the (larger)
+        // snapshots are decoded. A service's snapshot still comes before
+        // what else a round wrote for a service new here.
+        let removed: BTreeSet<ServiceName> = changes
+            .iter()
+            .filter_map(|c| match &c.key {
+                Key::Service(n) if c.value.is_none() => Some(n.clone()),
+                _ => None,
+            })
+            .collect();
+        let known = |n: &ServiceName| self.core.sid(n).is_some() && !removed.contains(n);
+        let (early, late): (Vec<Change>, Vec<Change>) =
+            changes.into_iter().partition(|c| match &c.key {
+                Key::Routes(n) => known(n),
+                Key::Assign(h, n, _) => *h == me && known(n),
+                _ => false,
+            });
+        let mut routed = false;
+        for c in early {
+            routed |= self.change(c, &me);
+        }
+        let mut acked = false;
+        if routed && !late.iter().any(|c| matches!(c.key, Key::Routes(_))) {
+            if let Some(h) = self.host() {
+                h.routes_rev = rev;
+            }
+            self.ack();
+            acked = true;
+        }
+        let (services, rest): (Vec<Change>, Vec<Change>) = late
             .into_iter()
             .partition(|c| matches!(c.key, Key::Service(_)));
         for c in services {
@@ -174,93 +211,129 @@ impl Runtime {
                 self.mirror(name, c.value.as_deref());
             }
         }
-        let me = match &self.cluster {
-            Some(h) => h.link.me.clone(),
-            None => return,
-        };
-        let mut routed = false;
         for c in rest {
-            match c.key {
-                Key::Event(name, _) => {
-                    let Some(v) = c.value else { continue };
-                    let Some(sid) = self.core.sid(&name) else {
-                        continue;
-                    };
-                    match decode::<EventRecord>(&v) {
-                        Ok(e) => {
-                            let at = SystemTime::UNIX_EPOCH + Duration::from_millis(e.ms);
-                            self.log_at(sid, &e.line, at);
-                        }
-                        Err(e) => tracing::warn!("{name}: an event in etcd: {e}"),
-                    }
-                }
-                Key::Assign(h, service, id) if h == me => {
-                    let assignment = match c.value.as_deref().map(decode) {
-                        None => None,
-                        Some(Ok(a)) => Some(a),
-                        Some(Err(e)) => {
-                            tracing::warn!("{service}: assignment {}: {e}", id.0);
-                            continue;
-                        }
-                    };
-                    self.agent(agent::Event::Assigned {
-                        service,
-                        id,
-                        assignment,
-                    });
-                }
-                Key::Routes(name) => {
-                    let routes = match c.value.as_deref().map(decode::<Routes>) {
-                        None => Routes::default(),
-                        Some(Ok(r)) => r,
-                        Some(Err(e)) => {
-                            tracing::warn!("{name}: route table: {e}");
-                            continue;
-                        }
-                    };
-                    // Acked when it routed something out: that is what
-                    // the leader waits for (a drain).
-                    routed |= self.apply_routes(name, routes);
-                }
-                Key::Host(h) => {
-                    let Some(host) = self.host() else { continue };
-                    match c.value.as_deref().map(decode::<HostRecord>) {
-                        Some(Ok(r)) => {
-                            host.hosts.insert(h, r);
-                        }
-                        Some(Err(e)) => tracing::warn!("host {h}: {e}"),
-                        None => {
-                            host.hosts.remove(&h);
-                        }
-                    }
-                }
-                Key::Drain(h) => {
-                    let Some(host) = self.host() else { continue };
-                    match c.value {
-                        Some(_) => host.drains.insert(h),
-                        None => host.drains.remove(&h),
-                    };
-                }
-                Key::Leader => {
-                    let Some(host) = self.host() else { continue };
-                    host.leader = c
-                        .value
-                        .as_deref()
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .and_then(|s| HostName::new(s).ok());
-                }
-                _ => {}
-            }
+            routed |= self.change(c, &me);
         }
         if let Some(h) = self.host() {
             h.applied = h.applied.max(rev);
-            if routed || h.routes_rev == 0 {
-                h.routes_rev = rev;
+            let first = h.routes_rev == 0;
+            h.routes_rev = rev;
+            if (routed || first) && !acked {
                 self.ack();
-            } else {
-                h.routes_rev = rev;
             }
         }
+        self.retire_released();
+    }
+
+    /// Stops what this host was assigned to retire once every host has
+    /// let go of it: the acks that tell the leader tell this host too.
+    fn retire_released(&mut self) {
+        let Some(h) = &self.cluster else { return };
+        let released: Vec<(ServiceName, InstanceId)> = h
+            .agent
+            .retiring()
+            .filter(|(s, id)| h.let_go.released(s, id.0))
+            .map(|(s, id)| (s.clone(), id))
+            .collect();
+        for (service, id) in released {
+            self.agent(agent::Event::Released { service, id });
+        }
+    }
+
+    /// One key's change (not a snapshot's); whether it routed something
+    /// out here.
+    fn change(&mut self, c: Change, me: &HostName) -> bool {
+        match c.key {
+            Key::Event(name, _) => {
+                let Some(v) = c.value else { return false };
+                let Some(sid) = self.core.sid(&name) else {
+                    return false;
+                };
+                match decode::<EventRecord>(&v) {
+                    Ok(e) => {
+                        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(e.ms);
+                        self.log_at(sid, &e.line, at);
+                    }
+                    Err(e) => tracing::warn!("{name}: an event in etcd: {e}"),
+                }
+            }
+            Key::Assign(h, service, id) if h == *me => {
+                let assignment = match c.value.as_deref().map(decode) {
+                    None => None,
+                    Some(Ok(a)) => Some(a),
+                    Some(Err(e)) => {
+                        tracing::warn!("{service}: assignment {}: {e}", id.0);
+                        return false;
+                    }
+                };
+                self.agent(agent::Event::Assigned {
+                    service,
+                    id,
+                    assignment,
+                });
+            }
+            Key::Routes(name) => {
+                let routes = match c.value.as_deref().map(decode::<Routes>) {
+                    None => Routes::default(),
+                    Some(Ok(r)) => r,
+                    Some(Err(e)) => {
+                        tracing::warn!("{name}: route table: {e}");
+                        return false;
+                    }
+                };
+                if let Some(h) = self.cluster.as_mut().filter(|_| c.rev > 0) {
+                    h.let_go.routes(&name, &routes, c.rev);
+                }
+                // Acked when it routed something out: that is what
+                // the leader waits for (a drain).
+                return self.apply_routes(name, routes);
+            }
+            Key::Ack(h) => {
+                let Some(host) = self.host() else {
+                    return false;
+                };
+                match c.value.as_deref().map(decode::<Ack>).transpose() {
+                    Ok(ack) => host.let_go.ack(&h, ack),
+                    Err(e) => tracing::warn!("host {h}'s ack: {e}"),
+                }
+            }
+            Key::Host(h) => {
+                let Some(host) = self.host() else {
+                    return false;
+                };
+                host.let_go.host(&h, c.value.is_some());
+                match c.value.as_deref().map(decode::<HostRecord>) {
+                    Some(Ok(r)) => {
+                        host.hosts.insert(h, r);
+                    }
+                    Some(Err(e)) => tracing::warn!("host {h}: {e}"),
+                    None => {
+                        host.hosts.remove(&h);
+                    }
+                }
+            }
+            Key::Drain(h) => {
+                let Some(host) = self.host() else {
+                    return false;
+                };
+                match c.value {
+                    Some(_) => host.drains.insert(h),
+                    None => host.drains.remove(&h),
+                };
+            }
+            Key::Leader => {
+                let Some(host) = self.host() else {
+                    return false;
+                };
+                host.leader = c
+                    .value
+                    .as_deref()
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|s| HostName::new(s).ok());
+            }
+            _ => {}
+        }
+        false
     }
 
     /// A line in every service's events, this host's own (not the

@@ -298,6 +298,7 @@ impl Leader {
                     spec: i.spec().clone(),
                     serving: i.role() == Role::Serving,
                     stop: x.stopping.contains(&id) || i.state() == State::Stopping,
+                    retire: i.role() == Role::Retiring && i.state() == State::Draining,
                     signal: x.signals.get(&id).copied(),
                 };
                 if x.written.get(&id) != Some(&a) {

@@ -692,12 +692,7 @@ impl Leader {
             };
             for (id, at) in &x.out_at {
                 let Some(rev) = at else { continue };
-                let done = self.hosts.keys().all(|h| {
-                    self.acks.get(h).is_some_and(|a| {
-                        a.rev >= *rev && !a.busy.iter().any(|(s, i)| s == name && *i == id.0)
-                    })
-                });
-                if done {
+                if super::let_go(self.hosts.keys(), &self.acks, *rev, name, id.0) {
                     drained.push((*sid, *id));
                 }
             }
