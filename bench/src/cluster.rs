@@ -21,6 +21,10 @@ const STARTUP_MS: u64 = 50;
 /// Target: a cluster's batch costs at most this much more than one host's.
 const TARGET_EXTRA_MS: f64 = 20.0;
 const READS: Duration = Duration::from_secs(2);
+/// etcd writes one after another on a batch's path in a cluster: the new
+/// instances' ready statuses, the route table, the hosts' acks, the old
+/// instances' exits, the next batch's assignments.
+const PATH_WRITES: usize = 5;
 
 /// One etcd member, killed on drop.
 struct Member(Child);
@@ -100,6 +104,39 @@ fn revision(port: u16) -> Option<u64> {
     out[at..].split('"').next()?.parse().ok()
 }
 
+/// One put through etcd's JSON gateway, answered once committed: the
+/// time it took, or None if it failed.
+fn put_once(port: u16) -> Option<Duration> {
+    let t = Instant::now();
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    // `/bench/probe` = "L2JlbmNoL3Byb2Jl", "x" = "eA==".
+    let body = "{\"key\":\"L2JlbmNoL3Byb2Jl\",\"value\":\"eA==\"}";
+    write!(
+        s,
+        "POST /v3/kv/put HTTP/1.1\r\nHost: e\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.contains("\"revision\"").then(|| t.elapsed())
+}
+
+/// etcd's own write latency in this run, the reference a cluster's batch
+/// is made of: `n` puts one after another; p50 and p90 in ms.
+fn put_latency(port: u16, n: usize) -> Option<(f64, f64)> {
+    let mut d: Vec<f64> = (0..n)
+        .filter_map(|_| put_once(port))
+        .map(|t| t.as_secs_f64() * 1000.0)
+        .collect();
+    if d.len() < n / 2 {
+        return None;
+    }
+    d.sort_by(f64::total_cmp);
+    Some((d[d.len() / 2], d[d.len() * 9 / 10]))
+}
+
 /// Open, read, close of `path` per second, for READS.
 fn reads(path: &Path) -> f64 {
     let mut buf = [0u8; 4096];
@@ -168,6 +205,7 @@ pub fn run(report: &mut Report) -> Result<(), String> {
         }
         let (one, _, _) = results[0];
         let (many, count, writes) = results[1];
+        let put = put_latency(ports[0], 40);
         report.add(
             "cluster",
             format!("rolling update, {n} instances, batch {b} ({count} batches): deployd's time per batch"),
@@ -178,6 +216,15 @@ pub fn run(report: &mut Report) -> Result<(), String> {
             format!("≤ {TARGET_EXTRA_MS:.0} ms more than one host"),
             verdict(many - one <= TARGET_EXTRA_MS),
         );
+        if let Some((p50, p90)) = put {
+            report.info(
+                "cluster",
+                "etcd's own write, one put at a time, after that update (reference)",
+                format!(
+                    "p50 {p50:.1} ms, p90 {p90:.1} ms; a batch's path holds {PATH_WRITES} writes one after another"
+                ),
+            );
+        }
         if let Some(w) = writes {
             report.info(
                 "cluster",
