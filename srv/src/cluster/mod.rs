@@ -133,7 +133,7 @@ pub struct Link {
     /// The leader, as the copy says.
     leader: watch::Sender<Option<HostName>>,
     /// Where the copy is kept, and the copy.
-    copy: Mutex<Option<(std::path::PathBuf, watch::Receiver<Arc<Copy>>)>>,
+    copy: Mutex<Option<(std::path::PathBuf, Arc<Mutex<Copy>>)>>,
     runtime: mpsc::UnboundedSender<Msg>,
 }
 
@@ -246,10 +246,11 @@ pub async fn join(
             .collect();
         link.tell(all, 0);
     }
-    let (saved, saving) = watch::channel(Arc::new(copy.clone()));
-    *link.copy.lock() = Some((copy_file.clone(), saving.clone()));
-    tokio::spawn(save_copy(copy_file, saving));
-    tokio::spawn(follow(link.clone(), copy, saved));
+    let copy = Arc::new(Mutex::new(copy));
+    let (changed, saving) = watch::channel(());
+    *link.copy.lock() = Some((copy_file.clone(), copy.clone()));
+    tokio::spawn(save_copy(copy_file, copy.clone(), saving));
+    tokio::spawn(follow(link.clone(), copy, changed));
     tokio::spawn(write(link.clone(), rx));
     tokio::spawn(lead::lead(link.clone(), manifests.to_path_buf()));
     Ok(link)
@@ -503,7 +504,7 @@ async fn keep(link: Arc<Link>) {
 /// Keeps the copy of every deployd key current, and tells the runtime
 /// what changed: a full read, then a watch from there; after any break,
 /// a full read again, compared with the copy.
-async fn follow(link: Arc<Link>, mut copy: Copy, saved: watch::Sender<Arc<Copy>>) {
+async fn follow(link: Arc<Link>, copy: Arc<Mutex<Copy>>, changed: watch::Sender<()>) {
     let mut client = link.client.clone();
     let prefix = link.keys.prefix().to_string();
     loop {
@@ -525,20 +526,24 @@ async fn follow(link: Arc<Link>, mut copy: Copy, saved: watch::Sender<Arc<Copy>>
             .iter()
             .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
             .collect();
-        let mut changes = Vec::new();
-        for kv in got.kvs() {
-            if copy.get(kv.key()) != Some(&kv.value().to_vec()) {
-                let rev = kv.mod_revision() as u64;
-                changes.push((kv.key().to_vec(), Some(kv.value().to_vec()), rev));
+        let changes = {
+            let mut held = copy.lock();
+            let mut changes = Vec::new();
+            for kv in got.kvs() {
+                if held.get(kv.key()).map(Vec::as_slice) != Some(kv.value()) {
+                    let rev = kv.mod_revision() as u64;
+                    changes.push((kv.key().to_vec(), Some(kv.value().to_vec()), rev));
+                }
             }
-        }
-        for k in copy.keys() {
-            if !fresh.contains_key(k) {
-                changes.push((k.clone(), None, rev));
+            for k in held.keys() {
+                if !fresh.contains_key(k) {
+                    changes.push((k.clone(), None, rev));
+                }
             }
-        }
-        copy = fresh;
-        saved.send_replace(Arc::new(copy.clone()));
+            *held = fresh;
+            changes
+        };
+        changed.send_replace(());
         link.tell(changes, rev);
         let options = WatchOptions::new()
             .with_prefix()
@@ -560,24 +565,11 @@ async fn follow(link: Arc<Link>, mut copy: Copy, saved: watch::Sender<Arc<Copy>>
                         break;
                     }
                     let rev = resp.header().map_or(0, |h| h.revision()) as u64;
-                    let mut changes = Vec::new();
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let key = kv.key().to_vec();
-                        let at = kv.mod_revision() as u64;
-                        match ev.event_type() {
-                            etcd_client::EventType::Put => {
-                                copy.insert(key.clone(), kv.value().to_vec());
-                                changes.push((key, Some(kv.value().to_vec()), at));
-                            }
-                            etcd_client::EventType::Delete => {
-                                copy.remove(&key);
-                                changes.push((key, None, at));
-                            }
-                        }
-                    }
+                    let changes = apply(&mut copy.lock(), &resp);
                     if !changes.is_empty() {
-                        saved.send_replace(Arc::new(copy.clone()));
+                        // The saver takes the copy when it writes it
+                        // (every 200 ms at most), not at every change.
+                        changed.send_replace(());
                         link.tell(changes, rev);
                     }
                 }
@@ -593,6 +585,31 @@ async fn follow(link: Arc<Link>, mut copy: Copy, saved: watch::Sender<Arc<Copy>>
         }
         tokio::time::sleep(RETRY).await;
     }
+}
+
+/// A watch response's events, applied to the copy; the changes, each
+/// with its revision.
+fn apply(
+    copy: &mut Copy,
+    resp: &etcd_client::WatchResponse,
+) -> Vec<(Vec<u8>, Option<Vec<u8>>, u64)> {
+    let mut changes = Vec::new();
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let key = kv.key().to_vec();
+        let at = kv.mod_revision() as u64;
+        match ev.event_type() {
+            etcd_client::EventType::Put => {
+                copy.insert(key.clone(), kv.value().to_vec());
+                changes.push((key, Some(kv.value().to_vec()), at));
+            }
+            etcd_client::EventType::Delete => {
+                copy.remove(&key);
+                changes.push((key, None, at));
+            }
+        }
+    }
+    changes
 }
 
 /// A copy of deployd's keys.
@@ -617,9 +634,14 @@ fn load_copy(path: &Path) -> Copy {
 
 /// Keeps the copy on disk for a start while etcd is away: at once, then
 /// at most every 200 ms (and at a stop, [`Link::keep_copy`]).
-async fn save_copy(path: std::path::PathBuf, mut copy: watch::Receiver<Arc<Copy>>) {
-    while copy.changed().await.is_ok() {
-        let now = copy.borrow_and_update().clone();
+async fn save_copy(
+    path: std::path::PathBuf,
+    copy: Arc<Mutex<Copy>>,
+    mut changed: watch::Receiver<()>,
+) {
+    while changed.changed().await.is_ok() {
+        changed.borrow_and_update();
+        let now = copy.lock().clone();
         let path = path.clone();
         let written = tokio::task::spawn_blocking(move || write_copy(&path, &now)).await;
         if let Ok(Err(e)) = written {
@@ -946,7 +968,7 @@ impl Link {
         let Some((path, copy)) = self.copy.lock().clone() else {
             return;
         };
-        let now = copy.borrow().clone();
+        let now = copy.lock().clone();
         if let Err(e) = write_copy(&path, &now) {
             tracing::warn!("cannot keep this host's copy of the cluster: {e}");
         }
