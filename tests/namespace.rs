@@ -719,3 +719,58 @@ fn diff_says_what_apply_would_change() {
     let out = d.deploy(&["diff", web_arg]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
 }
+
+/// The kernel keeps a service's snapshot files (their attributes and
+/// pages) between opens; deployd has it drop each one before it answers
+/// the write that changed it. So a fresh `cat` in another process, after
+/// each acknowledged change, never shows an older value: 1,500 pauses and
+/// resumes, each checked, while another reader keeps the file in the
+/// kernel's cache.
+#[test]
+fn a_read_after_an_acknowledged_change_never_sees_an_older_value() {
+    let extra = "update_batch 1\nupdate_pause 1h\n";
+    let Some(d) = Deployd::start_settled(&[("web", app_manifest(2, extra))]) else {
+        return;
+    };
+    d.write_manifest("web", &app_manifest(2, &format!("{extra}env TAG=fresh\n")));
+    assert!(d.deploy(&["apply", "web", "--no-wait"]).status.success());
+    wait_for("the first batch", LONG, || {
+        d.try_read("active/web/update_progress") == "1/2\n"
+    });
+    assert_eq!(d.field("active/web/update_status"), "rolling");
+    let status = d.path("active/web/update_status");
+    let ctl = d.path("active/web/ctl");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hammer = {
+        let (status, stop) = (status.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = std::fs::read_to_string(&status).unwrap_or_else(|e| format!("error {e}"));
+                assert!(s == "paused\n" || s == "rolling\n", "{s:?}");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let cat = |path: &std::path::Path| {
+        let out = std::process::Command::new("cat")
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for i in 0..1500 {
+        for (command, want) in [("pause", "paused\n"), ("resume", "rolling\n")] {
+            std::fs::write(&ctl, format!("{command}\n"))
+                .unwrap_or_else(|e| panic!("{command} (round {i}): {e}"));
+            assert_eq!(cat(&status), want, "after {command}, round {i}");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let reads = hammer.join().unwrap();
+    assert!(reads > 1000, "the other reader read {reads} times");
+    // The progress of the rollout held all along.
+    assert_eq!(cat(&d.path("active/web/update_progress")), "1/2\n");
+}

@@ -454,12 +454,31 @@ async fn run(
         tokio::spawn(metrics::serve(listener, views.clone()));
     }
     let w = waiters.clone();
-    let published = Box::new(move |v: &view::ServiceView| w.release(v));
     let notifier = session.notifier();
+    let kernel = session.notifier();
+    let published = Box::new(
+        move |old: Option<&view::ServiceView>, new: &view::ServiceView| {
+            // The kernel keeps what it read of a service's snapshot files:
+            // what changed is dropped now, after the new snapshot is in
+            // place and before whoever caused the change is answered.
+            let changed = fs::changed(old, new);
+            let dir = fuser::INodeNo(fs::Node::Service(new.sid).ino());
+            // ENOENT: the kernel had nothing of it.
+            for name in changed.names {
+                let _ = kernel.inval_entry(dir, std::ffi::OsStr::new(name));
+            }
+            for ino in changed.inodes {
+                let _ = kernel.inval_inode(fuser::INodeNo(ino), 0, 0);
+            }
+            w.release(new)
+        },
+    );
     let removed = Box::new(move |name: &deployd_lib::name::ServiceName| {
         let active = fuser::INodeNo(fs::Node::Active.ino());
         // ENOENT: the kernel did not have the name cached.
         let _ = notifier.inval_entry(active, std::ffi::OsStr::new(name.as_str()));
+        // Nor `/active`'s attributes and listing.
+        let _ = notifier.inval_inode(active, 0, 0);
     });
     let mut runtime = Runtime::new(Parts {
         config: config.clone(),

@@ -84,6 +84,12 @@ enum Content {
         mtime: SystemTime,
         ctime: SystemTime,
     },
+    /// A file the kernel caches ([`Node::cached`]): a snapshot's, with its
+    /// generation (its inode number's).
+    Kept {
+        data: crate::view::FileData,
+        ctime: SystemTime,
+    },
     /// A file on disk, if it exists yet.
     Disk {
         path: Option<PathBuf>,
@@ -258,14 +264,10 @@ impl Fs {
                 let v = self.view(s)?;
                 let ctime = v.created;
                 match f.source() {
-                    Source::Snapshot => {
-                        let d = v.file(f).ok_or(Errno::ENOENT)?;
-                        Content::Bytes {
-                            data: d.data.clone(),
-                            mtime: d.mtime,
-                            ctime,
-                        }
-                    }
+                    Source::Snapshot => Content::Kept {
+                        data: v.file(f).ok_or(Errno::ENOENT)?.clone(),
+                        ctime,
+                    },
                     Source::Live => live(v.live(f).ok_or(Errno::ENOENT)?, ctime),
                     Source::Disk => Content::Disk {
                         path: v.disk(f).map(Path::to_path_buf),
@@ -374,9 +376,14 @@ impl Fs {
 
     /// A node's attributes.
     pub(super) fn attr(&self, node: Node) -> Result<FileAttr, Errno> {
+        let mut generation = 0;
         let (size, mtime, ctime) = match self.content(node)? {
             Content::Dir { mtime, ctime } => (0, mtime, ctime),
             Content::Bytes { data, mtime, ctime } => (data.len() as u64, mtime, ctime),
+            Content::Kept { data, ctime } => {
+                generation = data.generation;
+                (data.data.len() as u64, data.mtime, ctime)
+            }
             Content::Disk { path, ctime } => {
                 let (len, m) = disk_stat(path.as_deref(), ctime);
                 (len, m, ctime)
@@ -397,7 +404,7 @@ impl Fs {
             (FileType::RegularFile, 0o444, 1)
         };
         Ok(FileAttr {
-            ino: INodeNo(node.ino()),
+            ino: INodeNo(node.ino_at(generation)),
             size,
             blocks: size.div_ceil(512),
             atime: mtime,
@@ -428,6 +435,7 @@ impl Fs {
         Ok(match self.content(node)? {
             Content::Dir { .. } => return Err(Errno::EISDIR),
             Content::Bytes { data, .. } => Open::Bytes(data),
+            Content::Kept { data, .. } => Open::Bytes(data.data),
             // Nothing written yet (or never: `access_log off`): empty.
             Content::Disk { path, .. } => match path.map(File::open) {
                 Some(Ok(file)) => Open::Log(file, Default::default()),
@@ -443,6 +451,44 @@ impl Fs {
                 answer: Arc::default(),
             },
         })
+    }
+
+    /// Opens `node` by its inode number `ino`; whether the kernel may keep
+    /// what it reads: only a cached file's, at the generation `ino` names,
+    /// so that what the kernel keeps of an inode is always that inode's
+    /// content. An older inode (a name looked up just before it changed)
+    /// opens the content now, read past the kernel's cache.
+    pub(super) fn open_ino(
+        &self,
+        node: Node,
+        ino: u64,
+        flags: OpenFlags,
+    ) -> Result<(Open, bool), Errno> {
+        let Node::SvcFile(s, f) = node else {
+            return Ok((self.open_node(node, flags)?, false));
+        };
+        if !node.cached() {
+            return Ok((self.open_node(node, flags)?, false));
+        }
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return Err(Errno::EACCES);
+        }
+        let d = self.view(s)?.file(f).ok_or(Errno::ENOENT)?.clone();
+        Ok((
+            Open::Bytes(d.data),
+            d.generation == Node::generation_of(ino),
+        ))
+    }
+
+    /// The generation of a file the kernel caches, as published now;
+    /// `None` for any other node.
+    pub(super) fn generation(&self, node: Node) -> Result<Option<u32>, Errno> {
+        match node {
+            Node::SvcFile(s, f) if node.cached() => {
+                Ok(Some(self.view(s)?.file(f).ok_or(Errno::ENOENT)?.generation))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// A read of an open file: its bytes now, or [`Reading::Later`] for a
@@ -741,6 +787,87 @@ mod tests {
         views.set_whole();
         let (tx, rx) = mpsc::unbounded_channel();
         (Fs::new(views, tx, Arc::new(Waiters::default())), rx)
+    }
+
+    /// A view of `web` (sid 7) running `text`, built over `prev`.
+    fn view_of(text: &str, prev: Option<&ServiceView>) -> ServiceView {
+        let spec = Spec::new(manifest::parse(text.as_bytes()).unwrap(), text);
+        let (machine, _) = Service::create(Instant::default(), spec.clone());
+        let name = ServiceName::new("web").unwrap();
+        let events = Arc::new(EventLog::new(Vec::new()));
+        let runtime = |_| None;
+        crate::view::build(
+            crate::view::Parts {
+                sid: 7,
+                name: &name,
+                machine: &machine,
+                history: &[(spec.version, spec.text.clone())],
+                events: &events,
+                runtime: &runtime,
+                traffic: None,
+                access: PathBuf::from("/nonexistent/access"),
+                failed_log: PathBuf::from("/nonexistent/failed.log"),
+                hooks_log: PathBuf::from("/nonexistent/hooks.log"),
+            },
+            prev,
+            SystemTime::now(),
+        )
+    }
+
+    /// What the kernel is told to drop at a publish: the names of the
+    /// cached files whose content changed (each a new inode now) and the
+    /// directories when their mtime did. An inode of an older content is
+    /// stale; the current one opens and reads that content.
+    #[test]
+    fn a_changed_file_is_a_new_inode_and_the_old_one_is_stale() {
+        let a = view_of("exec app\nreplicas 2\n", None);
+        let first = crate::fs::changed(None, &a);
+        assert!(first.names.is_empty());
+        assert_eq!(first.inodes, [Node::Active.ino()]);
+        let same = view_of("exec app\nreplicas 2\n", Some(&a));
+        assert_eq!(crate::fs::changed(Some(&a), &same), Default::default());
+        let b = view_of("exec app\nreplicas 3\n", Some(&a));
+        let changed = crate::fs::changed(Some(&a), &b);
+        assert_eq!(changed.names, ["version", "update_progress", "manifest"]);
+        let dirs: Vec<u64> = [Node::Service(7), Node::History(7), Node::Instances(7)]
+            .into_iter()
+            .map(Node::ino)
+            .collect();
+        assert_eq!(changed.inodes, dirs);
+        for n in [
+            SvcFile::Events,
+            SvcFile::Wait,
+            SvcFile::Ctl,
+            SvcFile::Traffic,
+        ] {
+            assert!(!Node::SvcFile(7, n).cached(), "{n:?}");
+        }
+        let views = Views::default();
+        views.publish(Arc::new(a));
+        views.set_whole();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let fs = Fs::new(views.clone(), tx, Arc::new(Waiters::default()));
+        let node = Node::SvcFile(7, SvcFile::UpdateProgress);
+        let old = fs.attr(node).unwrap().ino.0;
+        assert_eq!(old, node.ino_at(0));
+        views.publish(Arc::new(b));
+        let new = fs.attr(node).unwrap().ino.0;
+        assert_eq!(new, node.ino_at(1));
+        let rd = OpenFlags(libc::O_RDONLY);
+        // The old inode opens what is there now, past the kernel's cache;
+        // the new one, for the kernel to keep.
+        for (ino, keep) in [(old, false), (new, true)] {
+            let (open, kept) = fs.open_ino(node, ino, rd).unwrap();
+            assert_eq!(kept, keep);
+            let Reading::Data(d) = fs.read_open(&open, 0, 4096).unwrap() else {
+                panic!("a cached file's read waits");
+            };
+            assert_eq!(d, b"0/3\n");
+        }
+        assert_eq!(fs.attr_of_ino(old).err(), Some(Errno::ESTALE));
+        // Nodes the kernel does not keep have one number.
+        let events = Node::SvcFile(7, SvcFile::Events);
+        assert_eq!(events.ino_at(5), events.ino());
     }
 
     fn read_all(fs: &Fs, node: Node) -> Result<String, Errno> {

@@ -18,7 +18,11 @@
 //! - [`files`]: what each file is, and its reads and writes.
 //! - [`wait`]: reads of `wait` parked until their rollout settles.
 //!
-//! A status file is copied out of the snapshot when it is opened, so every
+//! A service's snapshot files and directories are kept by the kernel
+//! ([`Node::cached`]): long attribute TTLs, pages kept across opens, and
+//! each dropped by a notification when a published snapshot changes it
+//! ([`changed`]); their reads get the snapshot published last. Any other
+//! status file is copied out of the snapshot when it is opened, so every
 //! read of one open sees the same content. Reads of `wait` while a rollout is
 //! in flight are parked and answered when it settles (or when the reader is
 //! gone: fuser does not deliver interrupts, so a sweeper checks). Writes to a
@@ -54,8 +58,59 @@ pub use node::Node;
 use wait::Parked;
 pub use wait::{SWEEP, Waiters};
 
-/// Attributes are never cached: sizes and mtimes change all the time.
+/// Attributes are not cached, but for the files the kernel keeps
+/// ([`Node::cached`]): sizes and mtimes change all the time.
 const TTL: Duration = Duration::ZERO;
+
+/// How long the kernel may keep what it has of a file it caches
+/// ([`Node::cached`]): until told the file changed, in practice.
+const CACHED: Duration = Duration::from_secs(3600);
+
+/// The attribute TTL of `node`.
+fn attr_ttl(node: Node) -> Duration {
+    if node.cached() { CACHED } else { TTL }
+}
+
+/// What the kernel must drop of a service's cached nodes ([`Node::cached`])
+/// between two of its snapshots.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Names in the service's directory of files whose content changed:
+    /// each is a new inode now, which the next lookup finds.
+    pub names: Vec<&'static str>,
+    /// Its directories, whose mtime changed.
+    pub inodes: Vec<u64>,
+}
+
+/// What changed between two snapshots of a service, for the kernel.
+pub fn changed(old: Option<&crate::view::ServiceView>, new: &crate::view::ServiceView) -> Changed {
+    let Some(old) = old else {
+        // A new service: nothing of it was there to cache, but `/active`
+        // lists it now.
+        return Changed {
+            names: Vec::new(),
+            inodes: vec![Node::Active.ino()],
+        };
+    };
+    let sid = new.sid;
+    let names = crate::view::SVC_FILES
+        .iter()
+        .filter(|(_, f, _)| Node::SvcFile(sid, *f).cached())
+        .filter(|(_, f, _)| match (old.file(*f), new.file(*f)) {
+            (Some(a), Some(b)) => a.generation != b.generation,
+            _ => true,
+        })
+        .map(|(name, _, _)| *name)
+        .collect();
+    let inodes = match old.mtime != new.mtime {
+        true => [Node::Service(sid), Node::History(sid), Node::Instances(sid)]
+            .into_iter()
+            .map(Node::ino)
+            .collect(),
+        false => Vec::new(),
+    };
+    Changed { names, inodes }
+}
 
 /// How long the kernel may keep a name whose inode never changes (see
 /// [`Node::stable_name`]); a removed service's name is dropped at once by a
@@ -200,6 +255,26 @@ fn node(ino: INodeNo) -> Result<Node, Errno> {
     Node::from_ino(ino.0).ok_or(Errno::ENOENT)
 }
 
+impl Fs {
+    /// The attributes of `ino`. A file the kernel caches whose content
+    /// changed since this inode was its number is stale (`ESTALE`: the
+    /// kernel looks its name up again and finds the new one).
+    fn attr_of(&self, ino: INodeNo) -> Result<(Node, fuser::FileAttr), Errno> {
+        let n = node(ino)?;
+        Ok((n, self.attr_of_ino(ino.0)?))
+    }
+
+    /// The attributes of inode `ino`, `ESTALE` for a cached file's older
+    /// content.
+    pub(crate) fn attr_of_ino(&self, ino: u64) -> Result<fuser::FileAttr, Errno> {
+        let attr = self.attr(node(INodeNo(ino))?)?;
+        match attr.ino.0 == ino {
+            true => Ok(attr),
+            false => Err(Errno::ESTALE),
+        }
+    }
+}
+
 impl Filesystem for Fs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = node(parent).and_then(|p| {
@@ -210,15 +285,15 @@ impl Filesystem for Fs {
         match r {
             Ok((n, attr)) => {
                 let entry = if n.stable_name() { STABLE } else { TTL };
-                reply.entry_with_ttls(&TTL, &entry, &attr, Generation(0))
+                reply.entry_with_ttls(&attr_ttl(n), &entry, &attr, Generation(0))
             }
             Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match node(ino).and_then(|n| self.attr(n)) {
-            Ok(attr) => reply.attr(&TTL, &attr),
+        match self.attr_of(ino) {
+            Ok((n, attr)) => reply.attr(&attr_ttl(n), &attr),
             Err(e) => reply.error(e),
         }
     }
@@ -253,11 +328,18 @@ impl Filesystem for Fs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match node(ino).and_then(|n| self.open_node(n, flags)) {
-            Ok(open) => {
+        match node(ino).and_then(|n| self.open_ino(n, ino.0, flags)) {
+            Ok((open, keep)) => {
+                // The pages of a file the kernel caches are its content at
+                // this inode's generation: kept across opens. Any other
+                // file is read from here every time.
+                let flags = match keep {
+                    true => FopenFlags::FOPEN_KEEP_CACHE,
+                    false => FopenFlags::FOPEN_DIRECT_IO,
+                };
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 self.open.lock().insert(fh, Arc::new(open));
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+                reply.opened(FileHandle(fh), flags);
             }
             Err(e) => reply.error(e),
         }
@@ -455,7 +537,13 @@ impl Filesystem for Fs {
         match node(ino) {
             Ok(n) if n.is_dir() => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-                reply.opened(FileHandle(fh), FopenFlags::empty());
+                // `/active`'s listing the kernel keeps, until a service
+                // comes or goes.
+                let flags = match n {
+                    Node::Active => FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                    _ => FopenFlags::empty(),
+                };
+                reply.opened(FileHandle(fh), flags);
             }
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(e),
@@ -511,7 +599,11 @@ impl Filesystem for Fs {
             } else {
                 FileType::RegularFile
             };
-            if reply.add(INodeNo(n.ino()), (i + 1) as u64, kind, &name) {
+            let ino = match self.generation(n) {
+                Ok(Some(g)) => n.ino_at(g),
+                _ => n.ino(),
+            };
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, &name) {
                 break;
             }
         }

@@ -148,6 +148,39 @@ impl Node {
         !matches!(self, Node::Instance(..) | Node::HistoryFile(..))
     }
 
+    /// The inode number of this node's content at `generation`: a file
+    /// the kernel caches is a new inode at each change of its content
+    /// (its generation in the bits a service's files leave unused), as
+    /// if the new content were renamed into place; any other node's
+    /// number is [`Node::ino`].
+    pub fn ino_at(self, generation: u32) -> u64 {
+        match self {
+            Node::SvcFile(..) if self.cached() => {
+                self.ino() | (u64::from(generation & MAX_SUB) << 8)
+            }
+            _ => self.ino(),
+        }
+    }
+
+    /// The generation an inode number of a cached file names.
+    pub fn generation_of(ino: u64) -> u32 {
+        ((ino >> 8) & u64::from(MAX_SUB)) as u32
+    }
+
+    /// Whether the kernel may keep this node's attributes (and a file's
+    /// pages, `/active`'s listing): `/active`, a service's directories and
+    /// its files rendered into its snapshot (`version`, `update_progress`,
+    /// ...). Each is dropped from the kernel's cache when a snapshot that
+    /// changes it is published ([`super::changed`]), `/active` when a
+    /// service comes or goes; every other node is asked for at each use.
+    pub fn cached(self) -> bool {
+        match self {
+            Node::Active | Node::Service(_) | Node::History(_) | Node::Instances(_) => true,
+            Node::SvcFile(_, f) => f.source() == crate::view::Source::Snapshot,
+            _ => false,
+        }
+    }
+
     pub fn writable(self) -> bool {
         matches!(
             self,

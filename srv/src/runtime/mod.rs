@@ -180,10 +180,15 @@ pub enum Msg {
     },
 }
 
+/// Called with each published snapshot and the one it replaced.
+pub type Published = Box<dyn Fn(Option<&ServiceView>, &ServiceView) + Send + Sync>;
+
 /// What the namespace must hear about, besides the snapshots it reads.
 pub struct Hooks {
-    /// Every published snapshot (the namespace answers parked reads).
-    pub published: Box<dyn Fn(&ServiceView) + Send + Sync>,
+    /// Every published snapshot, with the one it replaced (the namespace
+    /// answers parked reads, and has the kernel drop what it cached of
+    /// the files that changed).
+    pub published: Published,
     /// A service forgotten (the namespace drops its name from the kernel's
     /// cache).
     pub removed: Box<dyn Fn(&ServiceName) + Send + Sync>,

@@ -464,9 +464,9 @@ impl Runtime {
             r.view.as_deref(),
             SystemTime::now(),
         ));
-        r.view = Some(view.clone());
+        let old = r.view.replace(view.clone());
         self.views.publish(view.clone());
-        (self.hooks.published)(&view);
+        (self.hooks.published)(old.as_deref(), &view);
     }
 
     /// The service is gone: its state deleted, out of the namespace, its
