@@ -32,14 +32,11 @@ pub struct FileData {
     pub data: Arc<[u8]>,
     /// When they last changed.
     pub mtime: SystemTime,
-    /// How many times they changed (modulo [`GENERATIONS`]): a file the
-    /// kernel caches is a new inode at each change, as if renamed into
-    /// place (see `fs::Node::cached`).
+    /// How many times they changed (wrapping): a file the kernel caches
+    /// is a new inode at each change, as if renamed into place (see
+    /// `fs::Node::ino_at`).
     pub generation: u32,
 }
-
-/// Generations of a file's content told apart in its inode number.
-pub const GENERATIONS: u32 = 1 << 24;
 
 impl FileData {
     fn new(text: &str, now: SystemTime, prev: Option<&FileData>) -> FileData {
@@ -48,7 +45,7 @@ impl FileData {
             _ => FileData {
                 data: Arc::from(text.as_bytes()),
                 mtime: now,
-                generation: prev.map_or(0, |p| (p.generation + 1) % GENERATIONS),
+                generation: prev.map_or(0, |p| p.generation.wrapping_add(1)),
             },
         }
     }

@@ -474,10 +474,7 @@ impl Fs {
             return Err(Errno::EACCES);
         }
         let d = self.view(s)?.file(f).ok_or(Errno::ENOENT)?.clone();
-        Ok((
-            Open::Bytes(d.data),
-            d.generation == Node::generation_of(ino),
-        ))
+        Ok((Open::Bytes(d.data), node.ino_at(d.generation) == ino))
     }
 
     /// The generation of a file the kernel caches, as published now;
@@ -760,28 +757,12 @@ mod tests {
     /// A namespace with one service of two instances, `web` (sid 7), and
     /// the receiving end of what its writes send.
     fn namespace() -> (Fs, mpsc::UnboundedReceiver<Msg>) {
-        let text = "exec app\nreplicas 2\n";
-        let spec = Spec::new(manifest::parse(text.as_bytes()).unwrap(), text);
-        let (machine, _) = Service::create(Instant::default(), spec.clone());
-        let name = ServiceName::new("web").unwrap();
-        let events = Arc::new(EventLog::new(b"t0 one\n".to_vec()));
-        let runtime = |_| None;
-        let view = crate::view::build(
-            crate::view::Parts {
-                sid: 7,
-                name: &name,
-                machine: &machine,
-                history: &[(spec.version, spec.text.clone())],
-                events: &events,
-                runtime: &runtime,
-                traffic: None,
-                access: PathBuf::from("/nonexistent/access"),
-                failed_log: PathBuf::from("/nonexistent/failed.log"),
-                hooks_log: PathBuf::from("/nonexistent/hooks.log"),
-            },
-            None,
-            SystemTime::now(),
-        );
+        over(view_of("exec app\nreplicas 2\n", b"t0 one\n", None))
+    }
+
+    /// A namespace of `view` alone, and the receiving end of what its
+    /// writes send.
+    fn over(view: ServiceView) -> (Fs, mpsc::UnboundedReceiver<Msg>) {
         let views = Views::default();
         views.publish(Arc::new(view));
         views.set_whole();
@@ -789,12 +770,13 @@ mod tests {
         (Fs::new(views, tx, Arc::new(Waiters::default())), rx)
     }
 
-    /// A view of `web` (sid 7) running `text`, built over `prev`.
-    fn view_of(text: &str, prev: Option<&ServiceView>) -> ServiceView {
+    /// A view of `web` (sid 7) running `text` with `events`, built over
+    /// `prev`.
+    fn view_of(text: &str, events: &[u8], prev: Option<&ServiceView>) -> ServiceView {
         let spec = Spec::new(manifest::parse(text.as_bytes()).unwrap(), text);
         let (machine, _) = Service::create(Instant::default(), spec.clone());
         let name = ServiceName::new("web").unwrap();
-        let events = Arc::new(EventLog::new(Vec::new()));
+        let events = Arc::new(EventLog::new(events.to_vec()));
         let runtime = |_| None;
         crate::view::build(
             crate::view::Parts {
@@ -820,13 +802,13 @@ mod tests {
     /// stale; the current one opens and reads that content.
     #[test]
     fn a_changed_file_is_a_new_inode_and_the_old_one_is_stale() {
-        let a = view_of("exec app\nreplicas 2\n", None);
+        let a = view_of("exec app\nreplicas 2\n", b"", None);
         let first = crate::fs::changed(None, &a);
         assert!(first.names.is_empty());
         assert_eq!(first.inodes, [Node::Active.ino()]);
-        let same = view_of("exec app\nreplicas 2\n", Some(&a));
+        let same = view_of("exec app\nreplicas 2\n", b"", Some(&a));
         assert_eq!(crate::fs::changed(Some(&a), &same), Default::default());
-        let b = view_of("exec app\nreplicas 3\n", Some(&a));
+        let b = view_of("exec app\nreplicas 3\n", b"", Some(&a));
         let changed = crate::fs::changed(Some(&a), &b);
         assert_eq!(changed.names, ["version", "update_progress", "manifest"]);
         let dirs: Vec<u64> = [Node::Service(7), Node::History(7), Node::Instances(7)]
@@ -842,15 +824,11 @@ mod tests {
         ] {
             assert!(!Node::SvcFile(7, n).cached(), "{n:?}");
         }
-        let views = Views::default();
-        views.publish(Arc::new(a));
-        views.set_whole();
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let fs = Fs::new(views.clone(), tx, Arc::new(Waiters::default()));
+        let (fs, _rx) = over(a);
         let node = Node::SvcFile(7, SvcFile::UpdateProgress);
         let old = fs.attr(node).unwrap().ino.0;
         assert_eq!(old, node.ino_at(0));
-        views.publish(Arc::new(b));
+        fs.views.publish(Arc::new(b));
         let new = fs.attr(node).unwrap().ino.0;
         assert_eq!(new, node.ino_at(1));
         let rd = OpenFlags(libc::O_RDONLY);
@@ -864,7 +842,7 @@ mod tests {
             };
             assert_eq!(d, b"0/3\n");
         }
-        assert_eq!(fs.attr_of_ino(old).err(), Some(Errno::ESTALE));
+        assert_eq!(fs.attr_of(INodeNo(old)).err(), Some(Errno::ESTALE));
         // Nodes the kernel does not keep have one number.
         let events = Node::SvcFile(7, SvcFile::Events);
         assert_eq!(events.ino_at(5), events.ino());

@@ -261,15 +261,9 @@ impl Fs {
     /// kernel looks its name up again and finds the new one).
     fn attr_of(&self, ino: INodeNo) -> Result<(Node, fuser::FileAttr), Errno> {
         let n = node(ino)?;
-        Ok((n, self.attr_of_ino(ino.0)?))
-    }
-
-    /// The attributes of inode `ino`, `ESTALE` for a cached file's older
-    /// content.
-    pub(crate) fn attr_of_ino(&self, ino: u64) -> Result<fuser::FileAttr, Errno> {
-        let attr = self.attr(node(INodeNo(ino))?)?;
-        match attr.ino.0 == ino {
-            true => Ok(attr),
+        let attr = self.attr(n)?;
+        match attr.ino == ino {
+            true => Ok((n, attr)),
             false => Err(Errno::ESTALE),
         }
     }

@@ -162,11 +162,6 @@ impl Node {
         }
     }
 
-    /// The generation an inode number of a cached file names.
-    pub fn generation_of(ino: u64) -> u32 {
-        ((ino >> 8) & u64::from(MAX_SUB)) as u32
-    }
-
     /// Whether the kernel may keep this node's attributes (and a file's
     /// pages, `/active`'s listing): `/active`, a service's directories and
     /// its files rendered into its snapshot (`version`, `update_progress`,
