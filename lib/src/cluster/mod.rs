@@ -313,26 +313,17 @@ pub fn let_go<'a>(
 }
 
 /// What a host knows of the drains under way, from its copy of etcd:
-/// the hosts up, their acks, and the revision at which each instance was
-/// routed out. Every host sees the same revisions in the same order, so
-/// each reaches the leader's verdict ([`let_go`]) on its own, a watch
-/// hop and a transaction sooner.
+/// the hosts' acks, and the revision at which each instance was routed
+/// out. Every host sees the same revisions in the same order, so each
+/// reaches the leader's verdict ([`let_go`]) on its own, a watch hop and
+/// a transaction sooner.
 #[derive(Debug, Default)]
 pub struct LetGo {
-    hosts: std::collections::BTreeSet<HostName>,
     acks: BTreeMap<HostName, Ack>,
     out: BTreeMap<(ServiceName, u64), u64>,
 }
 
 impl LetGo {
-    /// Host `h` is up (its key is there) or not.
-    pub fn host(&mut self, h: &HostName, up: bool) {
-        match up {
-            true => self.hosts.insert(h.clone()),
-            false => self.hosts.remove(h),
-        };
-    }
-
     /// Host `h`'s ack, or its deletion.
     pub fn ack(&mut self, h: &HostName, ack: Option<Ack>) {
         match ack {
@@ -354,12 +345,17 @@ impl LetGo {
         }
     }
 
-    /// Whether every host up has let go of the instance; false while it
-    /// is not routed out.
-    pub fn released(&self, service: &ServiceName, id: u64) -> bool {
+    /// Whether every host in `hosts` (those up) has let go of the
+    /// instance; false while it is not routed out.
+    pub fn released<'a>(
+        &self,
+        hosts: impl IntoIterator<Item = &'a HostName>,
+        service: &ServiceName,
+        id: u64,
+    ) -> bool {
         self.out
             .get(&(service.clone(), id))
-            .is_some_and(|out| let_go(&self.hosts, &self.acks, *out, service, id))
+            .is_some_and(|out| let_go(hosts, &self.acks, *out, service, id))
     }
 }
 

@@ -80,8 +80,9 @@ struct Host {
     up: bool,
     /// Revision of the last change it saw.
     seen: u64,
-    /// Its view of the drains under way.
+    /// Its view of the drains under way, and of the hosts up.
     let_go: LetGo,
+    hosts_up: BTreeSet<HostName>,
 }
 
 struct World {
@@ -146,6 +147,7 @@ impl World {
                 up: true,
                 seen: 0,
                 let_go: LetGo::default(),
+                hosts_up: BTreeSet::new(),
             });
             let record = HostRecord {
                 address: IpAddr::V4(Ipv4Addr::new(127, 0, 0, n as u8 + 1)),
@@ -424,15 +426,22 @@ impl World {
                     let ack = v.map(|v| decode(&v).unwrap());
                     self.hosts[h].let_go.ack(&from, ack);
                 }
-                Key::Host(name) => self.hosts[h].let_go.host(&name, v.is_some()),
+                Key::Host(name) => {
+                    let up = &mut self.hosts[h].hosts_up;
+                    match v {
+                        Some(_) => up.insert(name),
+                        None => up.remove(&name),
+                    };
+                }
                 _ => {}
             }
         }
         // What every host has let go of stops here without the leader.
-        let released: Vec<(ServiceName, InstanceId)> = self.hosts[h]
+        let this = &self.hosts[h];
+        let released: Vec<(ServiceName, InstanceId)> = this
             .agent
             .retiring()
-            .filter(|(s, id)| self.hosts[h].let_go.released(s, id.0))
+            .filter(|(s, id)| this.let_go.released(&this.hosts_up, s, id.0))
             .map(|(s, id)| (s.clone(), id))
             .collect();
         for (service, id) in released {
@@ -1118,27 +1127,25 @@ fn let_go_waits_for_every_host_up_to_ack_the_table_and_let_go() {
         busy: if busy { vec![(svc(), id)] } else { vec![] },
     };
     let mut g = LetGo::default();
-    for n in 1..=3 {
-        g.host(&host(n), true);
-    }
+    let mut up: BTreeSet<HostName> = (1..=3).map(host).collect();
     g.routes(&s, &table(true), 10);
-    assert!(!g.released(&s, id), "routed in");
+    assert!(!g.released(&up, &s, id), "routed in");
     g.routes(&s, &table(false), 12);
     // A later table keeps the revision it was first routed out at.
     g.routes(&s, &table(false), 15);
     g.ack(&host(1), Some(ack(12, false)));
     g.ack(&host(2), Some(ack(11, false)));
     g.ack(&host(3), Some(ack(13, true)));
-    assert!(!g.released(&s, id), "host 2 is behind, host 3 busy");
+    assert!(!g.released(&up, &s, id), "host 2 is behind, host 3 busy");
     g.ack(&host(2), Some(ack(12, false)));
-    assert!(!g.released(&s, id), "host 3 busy");
+    assert!(!g.released(&up, &s, id), "host 3 busy");
     // A host gone counts no more.
-    g.host(&host(3), false);
-    assert!(g.released(&s, id));
-    g.host(&host(3), true);
+    up.remove(&host(3));
+    assert!(g.released(&up, &s, id));
+    up.insert(host(3));
     g.ack(&host(3), Some(ack(14, false)));
-    assert!(g.released(&s, id));
+    assert!(g.released(&up, &s, id));
     // Routed in again: nothing to let go of.
     g.routes(&s, &table(true), 16);
-    assert!(!g.released(&s, id));
+    assert!(!g.released(&up, &s, id));
 }

@@ -91,8 +91,8 @@ pub struct Change {
     /// Its new value; `None`: deleted.
     pub value: Option<Vec<u8>>,
     /// The revision that changed it (after a full read, a deletion's is
-    /// the read's).
-    pub rev: u64,
+    /// the read's); `None` from the copy kept on disk.
+    pub rev: Option<u64>,
 }
 
 /// Whether etcd answers.
@@ -241,8 +241,7 @@ pub async fn join(
         );
         let all = copy
             .iter()
-            // Revision 0: not known.
-            .map(|(k, v)| (k.clone(), Some(v.clone()), 0))
+            .map(|(k, v)| (k.clone(), Some(v.clone()), None))
             .collect();
         link.tell(all, 0);
     }
@@ -532,12 +531,12 @@ async fn follow(link: Arc<Link>, copy: Arc<Mutex<Copy>>, changed: watch::Sender<
             for kv in got.kvs() {
                 if held.get(kv.key()).map(Vec::as_slice) != Some(kv.value()) {
                     let rev = kv.mod_revision() as u64;
-                    changes.push((kv.key().to_vec(), Some(kv.value().to_vec()), rev));
+                    changes.push((kv.key().to_vec(), Some(kv.value().to_vec()), Some(rev)));
                 }
             }
             for k in held.keys() {
                 if !fresh.contains_key(k) {
-                    changes.push((k.clone(), None, rev));
+                    changes.push((k.clone(), None, Some(rev)));
                 }
             }
             *held = fresh;
@@ -589,15 +588,12 @@ async fn follow(link: Arc<Link>, copy: Arc<Mutex<Copy>>, changed: watch::Sender<
 
 /// A watch response's events, applied to the copy; the changes, each
 /// with its revision.
-fn apply(
-    copy: &mut Copy,
-    resp: &etcd_client::WatchResponse,
-) -> Vec<(Vec<u8>, Option<Vec<u8>>, u64)> {
+fn apply(copy: &mut Copy, resp: &etcd_client::WatchResponse) -> Vec<Raw> {
     let mut changes = Vec::new();
     for ev in resp.events() {
         let Some(kv) = ev.kv() else { continue };
         let key = kv.key().to_vec();
-        let at = kv.mod_revision() as u64;
+        let at = Some(kv.mod_revision() as u64);
         match ev.event_type() {
             etcd_client::EventType::Put => {
                 copy.insert(key.clone(), kv.value().to_vec());
@@ -611,6 +607,9 @@ fn apply(
     }
     changes
 }
+
+/// A key's change as etcd said it: key, value (`None`: deleted), revision.
+type Raw = (Vec<u8>, Option<Vec<u8>>, Option<u64>);
 
 /// A copy of deployd's keys.
 type Copy = BTreeMap<Vec<u8>, Vec<u8>>;
@@ -784,7 +783,7 @@ impl Link {
 
     /// Hands what a batch of keys changed to the runtime; answers this
     /// host's commands.
-    fn tell(&self, raw: Vec<(Vec<u8>, Option<Vec<u8>>, u64)>, rev: u64) {
+    fn tell(&self, raw: Vec<Raw>, rev: u64) {
         let mut changes = Vec::with_capacity(raw.len());
         let mut replies = Vec::new();
         for (k, value, at) in raw {

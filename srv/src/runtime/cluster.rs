@@ -232,7 +232,7 @@ impl Runtime {
         let released: Vec<(ServiceName, InstanceId)> = h
             .agent
             .retiring()
-            .filter(|(s, id)| h.let_go.released(s, id.0))
+            .filter(|(s, id)| h.let_go.released(h.hosts.keys(), s, id.0))
             .map(|(s, id)| (s.clone(), id))
             .collect();
         for (service, id) in released {
@@ -281,8 +281,8 @@ impl Runtime {
                         return false;
                     }
                 };
-                if let Some(h) = self.cluster.as_mut().filter(|_| c.rev > 0) {
-                    h.let_go.routes(&name, &routes, c.rev);
+                if let (Some(h), Some(rev)) = (self.cluster.as_mut(), c.rev) {
+                    h.let_go.routes(&name, &routes, rev);
                 }
                 // Acked when it routed something out: that is what
                 // the leader waits for (a drain).
@@ -301,7 +301,6 @@ impl Runtime {
                 let Some(host) = self.host() else {
                     return false;
                 };
-                host.let_go.host(&h, c.value.is_some());
                 match c.value.as_deref().map(decode::<HostRecord>) {
                     Some(Ok(r)) => {
                         host.hosts.insert(h, r);
