@@ -61,8 +61,11 @@ impl DiskWaiters {
                 let mut w = self.waiting.lock();
                 events
                     .iter()
-                    .filter_map(|e| w.remove(&e.wd))
-                    .flat_map(HashMap::into_values)
+                    .filter_map(|e| Some((e.wd, w.remove(&e.wd)?)))
+                    .flat_map(|(wd, handles)| {
+                        self.unwatch(wd);
+                        handles.into_values()
+                    })
                     .collect()
             };
             for wake in woken {
@@ -103,10 +106,23 @@ impl DiskWaiters {
     /// A handle closed: it waits no more.
     pub fn forget(&self, fh: u64) {
         let mut w = self.waiting.lock();
-        for handles in w.values_mut() {
+        w.retain(|wd, handles| {
             handles.remove(&fh);
-        }
-        w.retain(|_, h| !h.is_empty());
+            let keep = !handles.is_empty();
+            if !keep {
+                self.unwatch(*wd);
+            }
+            keep
+        });
+    }
+
+    /// Drops a watch nobody waits on, so that writes to its file (an
+    /// instance's output, written all the time) wake nothing here. Called
+    /// with `waiting` held: a wait on the same file after it adds the
+    /// watch again.
+    fn unwatch(&self, wd: WatchDescriptor) {
+        // EINVAL: the file is gone, and its watch with it.
+        let _ = self.inotify.rm_watch(wd);
     }
 
     /// deployd is about to unmount: every waiting reader is woken, and
@@ -114,8 +130,11 @@ impl DiskWaiters {
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
         let woken: Vec<Wake> = std::mem::take(&mut *self.waiting.lock())
-            .into_values()
-            .flat_map(HashMap::into_values)
+            .into_iter()
+            .flat_map(|(wd, handles)| {
+                self.unwatch(wd);
+                handles.into_values()
+            })
             .collect();
         for wake in woken {
             wake();
