@@ -86,41 +86,39 @@ fn etcd(dir: &Path) -> Result<(Vec<Member>, Vec<u16>), String> {
     Ok((members, ports))
 }
 
-/// etcd's current revision: one more per write (a put or a transaction),
-/// read through its JSON gateway.
-fn revision(port: u16) -> Option<u64> {
+/// A POST of `body` to etcd's JSON gateway at `path`: the answer, which
+/// names the revision etcd is at.
+fn gateway(port: u16, path: &str, body: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let body = "{\"key\":\"AA==\"}";
     write!(
         s,
-        "POST /v3/kv/range HTTP/1.1\r\nHost: e\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: e\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
+    out.contains("\"revision\"").then_some(out)
+}
+
+/// etcd's current revision: one more per write (a put or a transaction).
+fn revision(port: u16) -> Option<u64> {
+    let out = gateway(port, "/v3/kv/range", "{\"key\":\"AA==\"}")?;
     let at = out.find("\"revision\":\"")? + 12;
     out[at..].split('"').next()?.parse().ok()
 }
 
-/// One put through etcd's JSON gateway, answered once committed: the
-/// time it took, or None if it failed.
+/// One put, answered once committed: the time it took.
 fn put_once(port: u16) -> Option<Duration> {
     let t = Instant::now();
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     // `/bench/probe` = "L2JlbmNoL3Byb2Jl", "x" = "eA==".
-    let body = "{\"key\":\"L2JlbmNoL3Byb2Jl\",\"value\":\"eA==\"}";
-    write!(
-        s,
-        "POST /v3/kv/put HTTP/1.1\r\nHost: e\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.contains("\"revision\"").then(|| t.elapsed())
+    gateway(
+        port,
+        "/v3/kv/put",
+        "{\"key\":\"L2JlbmNoL3Byb2Jl\",\"value\":\"eA==\"}",
+    )?;
+    Some(t.elapsed())
 }
 
 /// etcd's own write latency in this run, the reference a cluster's batch
