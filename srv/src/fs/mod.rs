@@ -19,11 +19,12 @@
 //! - [`wait`]: reads of `wait` parked until their rollout settles.
 //!
 //! A service's snapshot files and directories are kept by the kernel
-//! ([`Node::cached`]): long attribute TTLs, pages kept across opens, and
-//! each dropped by a notification when a published snapshot changes it
-//! ([`changed`]); their reads get the snapshot published last. Any other
-//! status file is copied out of the snapshot when it is opened, so every
-//! read of one open sees the same content. Reads of `wait` while a rollout is
+//! ([`Node::cached`]): long attribute TTLs, pages kept across opens. A
+//! file whose content changes is a new inode ([`Node::ino_at`]), and the
+//! kernel is told to drop the old name when the snapshot that changes it
+//! is published ([`changed`]). Every status file is copied out of the
+//! snapshot when it is opened, so every read of one open sees the same
+//! content. Reads of `wait` while a rollout is
 //! in flight are parked and answered when it settles (or when the reader is
 //! gone: fuser does not deliver interrupts, so a sweeper checks). Writes to a
 //! `ctl` file are parsed here (with lib's parser) and sent to the runtime;
