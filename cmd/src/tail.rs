@@ -70,6 +70,8 @@ struct Stream {
     at: Cursor,
     partial: Vec<u8>,
     shown: Option<bool>,
+    /// Rounds in a row its process was under no number.
+    missed: u8,
 }
 
 /// Whether the service whose directory is `dir` was removed: deployd is
@@ -462,6 +464,8 @@ pub fn logs(
                 at: Cursor::at(if first { start(&log, filter.tail) } else { 0 }),
                 ..Stream::default()
             });
+            // Seen: kept, whatever this read gives.
+            live.insert(key);
             let mut at = stream.at.clone();
             let chunk = at.read(&log, false);
             // Renumbered or replaced between the reads: next time.
@@ -469,7 +473,6 @@ pub fn logs(
                 continue;
             }
             stream.at = at;
-            live.insert(key);
             let Some(chunk) = chunk else { continue };
             new |= !chunk.is_empty();
             watch.push((log.clone(), stream.at.offset));
@@ -478,9 +481,14 @@ pub fn logs(
             emit(&mut out, label.as_deref(), Some(n), stream, !follow, filter)?;
         }
         // Not while the service is away with deployd: those are kept, to
-        // go on with where they were.
+        // go on with where they were. A process is forgotten once it was
+        // under no number two rounds in a row: a renumbering between the
+        // listing and the reads can hide it for one.
         if dir.is_dir() {
-            seen.retain(|k, _| live.contains(k));
+            seen.retain(|k, s| {
+                s.missed = if live.contains(k) { 0 } else { s.missed + 1 };
+                s.missed < 2
+            });
         }
         first = false;
         out.flush()?;
